@@ -1,0 +1,61 @@
+# agent-workspaces: build, install, test.
+#
+#   make                 release build
+#   make install DESTDIR=... prefix=/usr
+#   make up              bring the service up for real and show it answering busctl
+#                        (on a systemd host: installs it; elsewhere: in a disposable test host)
+#   make down            stop the test host that `make up` started
+#   make test            the whole test suite: unit and contract tests, then the system tests
+#                        against real systemd, machined, polkit and journald in a test host
+#   make lint            rustfmt and clippy, warnings are errors
+
+prefix ?= /usr
+libexecdir ?= $(prefix)/libexec
+datadir ?= $(prefix)/share
+systemdsystemunitdir ?= $(prefix)/lib/systemd/system
+CARGO ?= cargo
+TESTHOST := tests/testhost/testhost.sh
+
+.PHONY: all build install uninstall up down test unit-test system-test lint
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+install: build
+	install -Dm755 target/release/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaced
+	install -Dm644 dbus/org.agent.Workspaces.conf $(DESTDIR)$(datadir)/dbus-1/system.d/org.agent.Workspaces.conf
+	install -Dm644 dbus/org.agent.Workspaces.service $(DESTDIR)$(datadir)/dbus-1/system-services/org.agent.Workspaces.service
+	install -Dm644 dbus/org.agent.Workspaces.xml $(DESTDIR)$(datadir)/dbus-1/interfaces/org.agent.Workspaces.xml
+	install -Dm644 polkit/org.agent.workspaces.policy $(DESTDIR)$(datadir)/polkit-1/actions/org.agent.workspaces.policy
+	install -d $(DESTDIR)$(systemdsystemunitdir)
+	sed 's|/usr/libexec/agent-workspaced|$(libexecdir)/agent-workspaced|' systemd/agent-workspaced.service \
+		> $(DESTDIR)$(systemdsystemunitdir)/agent-workspaced.service
+	chmod 644 $(DESTDIR)$(systemdsystemunitdir)/agent-workspaced.service
+
+uninstall:
+	rm -f $(DESTDIR)$(libexecdir)/agent-workspaced \
+		$(DESTDIR)$(datadir)/dbus-1/system.d/org.agent.Workspaces.conf \
+		$(DESTDIR)$(datadir)/dbus-1/system-services/org.agent.Workspaces.service \
+		$(DESTDIR)$(datadir)/dbus-1/interfaces/org.agent.Workspaces.xml \
+		$(DESTDIR)$(datadir)/polkit-1/actions/org.agent.workspaces.policy \
+		$(DESTDIR)$(systemdsystemunitdir)/agent-workspaced.service
+
+up:
+	tests/up.sh
+
+down:
+	$(TESTHOST) down
+
+test: unit-test system-test
+
+unit-test:
+	$(CARGO) test --locked
+
+system-test:
+	tests/system/run.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings

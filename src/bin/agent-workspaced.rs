@@ -1,0 +1,200 @@
+//! agent-workspaced: the agent-workspaces system service. Owns `org.agent.Workspaces` on the
+//! system bus; run by systemd (`agent-workspaced.service`, bus-activatable).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use libsystemd::daemon::{NotifyState, notify};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+
+use agent_workspaces::core::messages;
+use agent_workspaces::core::{Manager, Ports};
+use agent_workspaces::dbus::{self, BUS_NAME};
+use agent_workspaces::system::config::{self, Config, IsolationMode};
+use agent_workspaces::system::exec::{CgroupTree, HostExecutor, Isolation};
+use agent_workspaces::system::logging;
+use agent_workspaces::system::store::{Dirs, FileStore};
+
+/// Exit code for a configuration error (sysexits EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "The agent-workspaces system service (org.agent.Workspaces)"
+)]
+struct Args {
+    /// Configuration file; a missing file means every default.
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// State directory (records, host workspaces). systemd passes it as $STATE_DIRECTORY.
+    #[arg(
+        long,
+        env = "STATE_DIRECTORY",
+        default_value = "/var/lib/agent-workspaces"
+    )]
+    state_dir: PathBuf,
+    /// D-Bus address to serve on instead of the system bus.
+    #[arg(long)]
+    bus_address: Option<String>,
+    /// Where logs go.
+    #[arg(long, value_enum, default_value = "auto")]
+    log_target: logging::Target,
+}
+
+fn fail(code: u8, message: String) -> ExitCode {
+    error!("{message}");
+    eprintln!("agent-workspaced: {message}");
+    let _ = notify(false, &[NotifyState::Status(message)]);
+    ExitCode::from(code)
+}
+
+fn notify_or_warn(states: &[NotifyState]) {
+    if let Err(e) = notify(false, states) {
+        warn!("Cannot notify systemd: {e}");
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = logging::init(args.log_target) {
+        eprintln!("agent-workspaced: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_CONFIG, format!("Bad configuration: {e}")),
+    };
+    match run(args, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, e),
+    }
+}
+
+async fn run(args: Args, config: Config) -> Result<(), String> {
+    // systemd may pass several directories separated by ':'; the first is ours.
+    let state_dir = PathBuf::from(
+        args.state_dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("/var/lib/agent-workspaces"),
+    );
+    let isolation = match config.exec_isolation {
+        IsolationMode::Cgroup => Isolation::Cgroup(CgroupTree::setup().map_err(|e| {
+            format!(
+                "Cannot set up per-command cgroups: {e}. To run without them (weaker: a command that \
+                 leaves its process group survives a timeout), set [exec] isolation = \"process-group\""
+            )
+        })?),
+        IsolationMode::ProcessGroup => {
+            warn!("Commands run in process groups, not cgroups ([exec] isolation = \"process-group\")");
+            Isolation::ProcessGroup
+        }
+    };
+    let store = FileStore::open(state_dir.join("records")).map_err(|e| e.to_string())?;
+    let (events, receiver) = dbus::objects::EventQueue::new();
+    let host_dir = config
+        .host_workspace_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("host"));
+    let manager = Arc::new(Manager::new(
+        Ports {
+            store: Arc::new(store),
+            dirs: Arc::new(Dirs::new(state_dir.join("workspaces"))),
+            executor: Arc::new(HostExecutor::new(isolation)),
+            events: Arc::new(events.clone()),
+        },
+        host_dir,
+        config.exec,
+    ));
+    manager.load().map_err(|e| e.to_string())?;
+
+    let builder = match &args.bus_address {
+        Some(a) => zbus::connection::Builder::address(a.as_str()),
+        None => zbus::connection::Builder::system(),
+    };
+    let conn = builder
+        .build()
+        .await
+        .map_err(|e| format!("Cannot connect to the bus: {e}"))?;
+    dbus::serve(&conn, manager.clone(), events, receiver)
+        .await
+        .map_err(|e| format!("Cannot serve the D-Bus objects: {e}"))?;
+    match conn
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
+        .await
+    {
+        Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => {}
+        Ok(reply) => {
+            return Err(format!(
+                "Cannot own {BUS_NAME}: {reply:?} (another instance runs)"
+            ));
+        }
+        Err(e) => return Err(format!("Cannot own {BUS_NAME}: {e}")),
+    }
+    info!(
+        message_id = messages::SERVICE_STARTED,
+        "agent-workspaced {} serving {BUS_NAME} with {} workspaces",
+        env!("CARGO_PKG_VERSION"),
+        manager.list().len()
+    );
+    notify_or_warn(&[
+        NotifyState::Ready,
+        NotifyState::Status(format!("Serving {BUS_NAME}")),
+    ]);
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&args.config, &config, &manager),
+        }
+    }
+
+    notify_or_warn(&[NotifyState::Stopping]);
+    info!("Stopping: releasing {BUS_NAME} and ending running commands");
+    if let Err(e) = conn.release_name(BUS_NAME).await {
+        warn!("Cannot release {BUS_NAME}: {e}");
+    }
+    manager.shutdown();
+    // Give cancelled calls a moment to send their replies before the connection closes.
+    for _ in 0..100 {
+        if manager.running_execs() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
+
+fn reload(path: &std::path::Path, started_with: &Config, manager: &Manager) {
+    notify_or_warn(&[NotifyState::Reloading]);
+    match Config::load(path) {
+        Ok(new) => {
+            manager.set_limits(new.exec);
+            if new.host_workspace_dir != started_with.host_workspace_dir
+                || new.exec_isolation != started_with.exec_isolation
+            {
+                warn!("host_workspace_dir and [exec] isolation take effect at the next restart");
+            }
+            info!(
+                message_id = messages::CONFIG_RELOADED,
+                "Reloaded {}",
+                path.display()
+            );
+        }
+        Err(e) => error!("Reload failed, keeping the previous configuration: {e}"),
+    }
+    notify_or_warn(&[NotifyState::Ready]);
+}

@@ -1,0 +1,480 @@
+//! The workspace manager: every operation on workspaces, over the ports. One implementation per
+//! operation, whatever the transport. Invariants:
+//! - a workspace is in the registry iff its record is on disk (except while being created);
+//! - names are unique; the default host workspace always exists and is never destroyed;
+//! - mutations of one workspace (update, destroy) are serialized by its operation lock;
+//! - destroy cancels the workspace's running execs and waits for them before removing anything.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::error::{Error, Result};
+use super::messages;
+use super::names::{DEFAULT_HOST, new_id};
+use super::ports::{Event, Events, ExecOutcome, ExecRequest, Executor, HostDirs, Store};
+use super::spec::{Changes, CreateSpec, ExecLimits, ExecParams};
+use super::workspace::{Field, Status, Workspace, WorkspaceType};
+
+/// The environment every command starts from, before the workspace's and the call's variables.
+pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub struct Ports {
+    pub store: Arc<dyn Store>,
+    pub dirs: Arc<dyn HostDirs>,
+    pub executor: Arc<dyn Executor>,
+    pub events: Arc<dyn Events>,
+}
+
+struct Entry {
+    ws: Workspace,
+    /// Serializes update and destroy of this workspace.
+    ops: Arc<tokio::sync::Mutex<()>>,
+    /// Running execs, so destroy can wait for them.
+    execs: TaskTracker,
+    /// Cancels this workspace's running execs.
+    cancel: CancellationToken,
+}
+
+impl Entry {
+    fn new(ws: Workspace, shutdown: &CancellationToken) -> Self {
+        Self {
+            ws,
+            ops: Arc::default(),
+            execs: TaskTracker::new(),
+            cancel: shutdown.child_token(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    by_id: HashMap<String, Entry>,
+    /// Names of workspaces being created, so two creates cannot take one name.
+    reserved: HashSet<String>,
+}
+
+impl Registry {
+    fn resolve(&self, key: &str) -> Result<&Entry> {
+        self.by_id
+            .get(key)
+            .or_else(|| self.by_id.values().find(|e| e.ws.name == key))
+            .ok_or_else(|| Error::NoSuchWorkspace(key.to_owned()))
+    }
+
+    fn name_taken(&self, name: &str) -> bool {
+        self.reserved.contains(name) || self.by_id.values().any(|e| e.ws.name == name)
+    }
+}
+
+pub struct Manager {
+    ports: Ports,
+    default_host_dir: PathBuf,
+    limits: RwLock<ExecLimits>,
+    registry: Mutex<Registry>,
+    execs_running: AtomicUsize,
+    shutdown: CancellationToken,
+}
+
+fn now_usec() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Decrements the global exec count however the exec ends.
+struct RunningGuard<'a>(&'a AtomicUsize);
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Manager {
+    pub fn new(ports: Ports, default_host_dir: PathBuf, limits: ExecLimits) -> Self {
+        Self {
+            ports,
+            default_host_dir,
+            limits: RwLock::new(limits),
+            registry: Mutex::default(),
+            execs_running: AtomicUsize::new(0),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    fn reg(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // No code panics while holding the lock; a poisoned lock still holds consistent data.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn limits(&self) -> ExecLimits {
+        *self.limits.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_limits(&self, limits: ExecLimits) {
+        *self.limits.write().unwrap_or_else(PoisonError::into_inner) = limits;
+    }
+
+    /// Loads the stored records, finishes destroys a crash interrupted, and makes sure the
+    /// default host workspace exists. Call once, before serving.
+    pub fn load(&self) -> Result<()> {
+        let mut loaded = Vec::new();
+        for ws in self.ports.store.load_all() {
+            if ws.status == Status::Destroying {
+                info!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "Finishing the destroy of workspace {} interrupted by a restart", ws.name);
+                self.remove_files(&ws)?;
+                continue;
+            }
+            loaded.push(ws);
+        }
+        let mut reg = self.reg();
+        for ws in loaded {
+            if reg.name_taken(&ws.name) {
+                warn!(message_id = messages::RECORD_CORRUPT, workspace_id = %ws.id,
+                      workspace_name = %ws.name,
+                      "Skipping record {}: its name '{}' is already used by another record", ws.id, ws.name);
+                continue;
+            }
+            let entry = Entry::new(ws, &self.shutdown);
+            reg.by_id.insert(entry.ws.id.clone(), entry);
+        }
+        let host = match reg.by_id.get(DEFAULT_HOST) {
+            Some(e) if e.ws.path == self.default_host_dir => None,
+            Some(e) => Some(Workspace {
+                path: self.default_host_dir.clone(),
+                ..e.ws.clone()
+            }),
+            None => Some(Workspace {
+                id: DEFAULT_HOST.into(),
+                name: DEFAULT_HOST.into(),
+                workspace_type: WorkspaceType::Host,
+                status: Status::Ready,
+                error_message: String::new(),
+                path: self.default_host_dir.clone(),
+                owns_path: false,
+                distro: None,
+                env_vars: BTreeMap::new(),
+                init_script: String::new(),
+                skills: Vec::new(),
+                tools: Vec::new(),
+                template: String::new(),
+                created_at_usec: now_usec(),
+            }),
+        };
+        if let Some(host) = host {
+            self.ports.store.save(&host)?;
+            let entry = Entry::new(host, &self.shutdown);
+            reg.by_id.insert(DEFAULT_HOST.into(), entry);
+        }
+        drop(reg);
+        self.ports.dirs.ensure(&self.default_host_dir)
+    }
+
+    /// Every workspace, the default host workspace first, then by creation time.
+    pub fn list(&self) -> Vec<Workspace> {
+        let mut all: Vec<_> = self.reg().by_id.values().map(|e| e.ws.clone()).collect();
+        all.sort_by_key(|w| (!w.is_default_host(), w.created_at_usec, w.id.clone()));
+        all
+    }
+
+    /// Looks a workspace up by id or name.
+    pub fn get(&self, key: &str) -> Result<Workspace> {
+        self.reg().resolve(key).map(|e| e.ws.clone())
+    }
+
+    pub async fn create(&self, spec: CreateSpec) -> Result<Workspace> {
+        let v = spec.validate()?;
+        if v.workspace_type == WorkspaceType::Container {
+            return Err(Error::NotSupported(format!(
+                "Cannot create workspace '{}': container workspaces are not available in this version",
+                v.name
+            )));
+        }
+        for (key, used) in [
+            ("skills", !v.skills.is_empty()),
+            ("tools", !v.tools.is_empty()),
+            ("template", !v.template.is_empty()),
+        ] {
+            if used {
+                return Err(Error::NotSupported(format!(
+                    "Cannot create workspace '{}': '{key}' needs the Library, which is not available in this version",
+                    v.name
+                )));
+            }
+        }
+        {
+            let mut reg = self.reg();
+            if reg.name_taken(&v.name) {
+                return Err(Error::WorkspaceExists(format!(
+                    "Workspace '{}' already exists",
+                    v.name
+                )));
+            }
+            reg.reserved.insert(v.name.clone());
+        }
+        let result = self.create_reserved(v.clone());
+        let mut reg = self.reg();
+        reg.reserved.remove(&v.name);
+        let ws = result?;
+        reg.by_id
+            .insert(ws.id.clone(), Entry::new(ws.clone(), &self.shutdown));
+        drop(reg);
+        info!(message_id = messages::WORKSPACE_CREATED, workspace_id = %ws.id,
+              workspace_name = %ws.name, workspace_type = ws.workspace_type.as_str(),
+              path = %ws.path.display(),
+              "Created {} workspace {} ({})", ws.workspace_type.as_str(), ws.name, ws.id);
+        self.ports.events.emit(Event::Added { id: ws.id.clone() });
+        Ok(ws)
+    }
+
+    fn create_reserved(&self, v: super::spec::ValidCreate) -> Result<Workspace> {
+        let id = new_id();
+        let (path, owns_path) = match v.path {
+            Some(p) => (p, false),
+            None => (self.ports.dirs.default_dir(&id), true),
+        };
+        self.ports.dirs.ensure(&path)?;
+        let ws = Workspace {
+            id,
+            name: v.name,
+            workspace_type: v.workspace_type,
+            status: Status::Ready,
+            error_message: String::new(),
+            path,
+            owns_path,
+            distro: v.distro,
+            env_vars: v.env_vars,
+            init_script: v.init_script,
+            skills: v.skills,
+            tools: v.tools,
+            template: v.template,
+            created_at_usec: now_usec(),
+        };
+        if let Err(e) = self.ports.store.save(&ws) {
+            if ws.owns_path {
+                let _ = self.ports.dirs.remove_tree(&ws.path);
+            }
+            return Err(e);
+        }
+        Ok(ws)
+    }
+
+    /// The operation lock and id of a workspace, looked up by id or name.
+    fn ops_lock(&self, key: &str) -> Result<(String, Arc<tokio::sync::Mutex<()>>)> {
+        let reg = self.reg();
+        let e = reg.resolve(key)?;
+        Ok((e.ws.id.clone(), e.ops.clone()))
+    }
+
+    pub async fn update(&self, key: &str, changes: Changes) -> Result<Workspace> {
+        changes.validate()?;
+        let (id, ops) = self.ops_lock(key)?;
+        let _op = ops.lock().await;
+        let mut ws = self
+            .reg()
+            .by_id
+            .get(&id)
+            .map(|e| e.ws.clone())
+            .ok_or_else(|| Error::NoSuchWorkspace(key.to_owned()))?;
+        if ws.status == Status::Destroying {
+            return Err(Error::NotReady {
+                workspace: ws.name,
+                status: Status::Destroying.to_string(),
+            });
+        }
+        let mut fields = Vec::new();
+        let mut keys = Vec::new();
+        if let Some(env) = changes.env_vars {
+            if env.keys().ne(ws.env_vars.keys()) {
+                fields.push(Field::EnvVarNames);
+            }
+            ws.env_vars = env;
+            keys.push("env_vars");
+        }
+        if let Some(script) = changes.init_script {
+            ws.init_script = script;
+            keys.push("init_script");
+        }
+        self.ports.store.save(&ws)?;
+        if let Some(e) = self.reg().by_id.get_mut(&id) {
+            e.ws = ws.clone();
+        }
+        info!(message_id = messages::WORKSPACE_UPDATED, workspace_id = %ws.id,
+              workspace_name = %ws.name, changed = keys.join(","),
+              "Updated workspace {}: {}", ws.name, keys.join(", "));
+        if !fields.is_empty() {
+            self.ports.events.emit(Event::Changed { id, fields });
+        }
+        Ok(ws)
+    }
+
+    pub async fn destroy(&self, key: &str) -> Result<()> {
+        let (id, ops) = self.ops_lock(key)?;
+        if id == DEFAULT_HOST {
+            return Err(Error::Protected(DEFAULT_HOST.into()));
+        }
+        let _op = ops.lock().await;
+        let (ws, execs, cancel) = {
+            let mut reg = self.reg();
+            let e = reg
+                .by_id
+                .get_mut(&id)
+                .ok_or_else(|| Error::NoSuchWorkspace(key.to_owned()))?;
+            e.ws.status = Status::Destroying;
+            (e.ws.clone(), e.execs.clone(), e.cancel.clone())
+        };
+        // Persisted first, so a crash from here on finishes the destroy at the next start.
+        self.ports.store.save(&ws)?;
+        self.ports.events.emit(Event::Changed {
+            id: id.clone(),
+            fields: vec![Field::Status],
+        });
+        cancel.cancel();
+        execs.close();
+        execs.wait().await;
+        if let Err(e) = self.remove_files(&ws) {
+            self.set_error(&id, &e.to_string());
+            return Err(e);
+        }
+        self.reg().by_id.remove(&id);
+        info!(message_id = messages::WORKSPACE_DESTROYED, workspace_id = %ws.id,
+              workspace_name = %ws.name, "Destroyed workspace {} ({})", ws.name, ws.id);
+        self.ports.events.emit(Event::Removed { id });
+        Ok(())
+    }
+
+    fn remove_files(&self, ws: &Workspace) -> Result<()> {
+        if ws.owns_path {
+            self.ports.dirs.remove_tree(&ws.path)?;
+        }
+        self.ports.store.remove(&ws.id)
+    }
+
+    fn set_error(&self, id: &str, message: &str) {
+        let ws = {
+            let mut reg = self.reg();
+            let Some(e) = reg.by_id.get_mut(id) else {
+                return;
+            };
+            e.ws.status = Status::Error;
+            e.ws.error_message = message.to_owned();
+            e.ws.clone()
+        };
+        if let Err(e) = self.ports.store.save(&ws) {
+            warn!(workspace_id = %ws.id, "Could not save the error state of {}: {e}", ws.name);
+        }
+        self.ports.events.emit(Event::Changed {
+            id: id.to_owned(),
+            fields: vec![Field::Status, Field::ErrorMessage],
+        });
+    }
+
+    /// Runs a command in a workspace. `caller_gone` fires when the caller disconnects; the
+    /// command is then killed.
+    pub async fn exec(
+        &self,
+        key: &str,
+        params: ExecParams,
+        caller_gone: CancellationToken,
+    ) -> Result<ExecOutcome> {
+        let limits = self.limits();
+        let timeout_secs = params.validate(&limits)?;
+        let (ws, _running_exec, cancel) = {
+            let reg = self.reg();
+            let e = reg.resolve(key)?;
+            if e.ws.status != Status::Ready {
+                return Err(Error::NotReady {
+                    workspace: e.ws.name.clone(),
+                    status: e.ws.status.to_string(),
+                });
+            }
+            (e.ws.clone(), e.execs.token(), e.cancel.child_token())
+        };
+        let running = self.execs_running.fetch_add(1, Ordering::SeqCst) + 1;
+        let _guard = RunningGuard(&self.execs_running);
+        if running > limits.max_concurrent {
+            return Err(Error::LimitsExceeded(format!(
+                "Too many ongoing operations: cannot run a command in workspace '{}', {} commands are running (max_concurrent)",
+                ws.name, limits.max_concurrent
+            )));
+        }
+        let mut env = BTreeMap::from([
+            ("PATH".to_owned(), BASE_PATH.to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        ]);
+        env.extend(ws.env_vars.clone());
+        env.extend(params.env);
+        let cwd = match params.cwd {
+            None => ws.path.clone(),
+            Some(c) => ws.path.join(c),
+        };
+        let request = ExecRequest {
+            workspace_id: ws.id.clone(),
+            command: params.command,
+            env,
+            cwd,
+            stdin: params.stdin,
+            timeout: Duration::from_secs(timeout_secs.into()),
+            output_cap: limits.max_output_bytes,
+        };
+        let run = self.ports.executor.run(request, cancel.clone());
+        tokio::pin!(run);
+        let outcome = tokio::select! {
+            r = &mut run => r,
+            () = caller_gone.cancelled() => { cancel.cancel(); run.await }
+        }?;
+        if cancel.is_cancelled() && !outcome.timed_out {
+            let why = if caller_gone.is_cancelled() {
+                "the caller disconnected"
+            } else if self.shutdown.is_cancelled() {
+                "the service is stopping"
+            } else {
+                "the workspace is being destroyed"
+            };
+            warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                  "Command in workspace {} was killed: {why}", ws.name);
+            return Err(Error::JobFailed(format!(
+                "Command in workspace '{}' was killed: {why}",
+                ws.name
+            )));
+        }
+        info!(message_id = messages::EXEC_FINISHED, workspace_id = %ws.id,
+              workspace_name = %ws.name, exit_code = outcome.exit_code,
+              timed_out = outcome.timed_out, duration_usec = outcome.duration.as_micros() as u64,
+              "Command in workspace {} finished: exit code {}{} after {:.3}s",
+              ws.name, outcome.exit_code, if outcome.timed_out { " (timed out)" } else { "" },
+              outcome.duration.as_secs_f64());
+        Ok(outcome)
+    }
+
+    /// Verbs of container workspaces: refused for host workspaces, and until containers exist,
+    /// that is every workspace.
+    pub fn container_only(&self, key: &str, verb: &str) -> Result<Workspace> {
+        let ws = self.get(key)?;
+        Err(Error::NotSupported(format!(
+            "Cannot {verb} workspace '{}': it is a {} workspace, and only container workspaces support {verb}",
+            ws.name,
+            ws.workspace_type.as_str()
+        )))
+    }
+
+    /// Cancels every running exec; used when the service stops.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Manager {
+    /// Commands running now, in every workspace.
+    pub fn running_execs(&self) -> usize {
+        self.execs_running.load(Ordering::SeqCst)
+    }
+}

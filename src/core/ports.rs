@@ -1,0 +1,79 @@
+//! What the core needs from the outside world. `system/` implements these for real; tests use
+//! in-memory fakes. Nothing here does I/O itself.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::error::Result;
+use super::workspace::{Field, Workspace};
+
+/// Durable storage of workspace records.
+pub trait Store: Send + Sync {
+    /// Every readable record. Unreadable ones are reported (journal) and skipped by the store:
+    /// they stay on disk untouched, and loading never fails because of one.
+    fn load_all(&self) -> Vec<Workspace>;
+    /// Writes a record atomically: after a crash either the old or the new record is there.
+    fn save(&self, ws: &Workspace) -> Result<()>;
+    fn remove(&self, id: &str) -> Result<()>;
+}
+
+/// Host workspace directories.
+pub trait HostDirs: Send + Sync {
+    /// Creates `path` (and parents) if missing, mode 0700 for directories it creates.
+    fn ensure(&self, path: &Path) -> Result<()>;
+    /// Removes a directory tree the service created.
+    fn remove_tree(&self, path: &Path) -> Result<()>;
+    /// The directory for a new host workspace with this id, when the caller chose none.
+    fn default_dir(&self, id: &str) -> PathBuf;
+}
+
+/// One command to run, fully resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// Used to name the command's cgroup and log lines.
+    pub workspace_id: String,
+    /// Run as `/bin/bash -c COMMAND` (`/bin/sh -c` where there is no bash).
+    pub command: String,
+    /// The complete environment (nothing is inherited from the service).
+    pub env: BTreeMap<String, String>,
+    pub cwd: PathBuf,
+    pub stdin: Vec<u8>,
+    pub timeout: Duration,
+    /// Cap per output stream; the rest is read and dropped, and the stream is flagged.
+    pub output_cap: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecOutcome {
+    /// The exit status, 128+N for death by signal N, -1 on timeout.
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub timed_out: bool,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub duration: Duration,
+}
+
+/// Runs commands. Contract: when `run` returns, every process the command started is gone,
+/// whether it exited, timed out or `cancel` fired (then `Err(JobFailed)` or an outcome).
+#[async_trait]
+pub trait Executor: Send + Sync {
+    async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
+}
+
+/// What happened, for the transport layers (D-Bus objects and signals). Delivered in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Added { id: String },
+    Changed { id: String, fields: Vec<Field> },
+    Removed { id: String },
+}
+
+pub trait Events: Send + Sync {
+    fn emit(&self, event: Event);
+}

@@ -1,0 +1,391 @@
+//! Requests as the core sees them, already typed by the transport layer (D-Bus `a{sv}`, JSON),
+//! and the value checks every transport shares.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::error::{Error, Result};
+use super::names::{validate_env_name, validate_name};
+use super::workspace::{Distro, WorkspaceType};
+
+/// Size limits on caller input. Oversized values are refused with `InvalidArgs` naming the key.
+pub mod limits {
+    /// Linux refuses a single argument longer than this (MAX_ARG_STRLEN is 128 KiB including NUL).
+    pub const COMMAND_MAX: usize = 128 * 1024 - 1;
+    pub const INIT_SCRIPT_MAX: usize = 1024 * 1024;
+    pub const ENV_VARS_MAX: usize = 256;
+    pub const ENV_VALUE_MAX: usize = 32 * 1024;
+    pub const STDIN_MAX: usize = 8 * 1024 * 1024;
+    pub const PATH_MAX: usize = 4095;
+    pub const LIST_MAX: usize = 256;
+}
+
+/// `CreateWorkspace` input.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateSpec {
+    pub name: Option<String>,
+    pub workspace_type: Option<String>,
+    pub distro: Option<String>,
+    pub env_vars: Option<BTreeMap<String, String>>,
+    pub init_script: Option<String>,
+    pub skills: Option<Vec<String>>,
+    pub tools: Option<Vec<String>>,
+    pub template: Option<String>,
+    pub path: Option<String>,
+}
+
+/// `UpdateWorkspace` input: only the keys present change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub env_vars: Option<BTreeMap<String, String>>,
+    pub init_script: Option<String>,
+}
+
+/// `Exec` input.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecParams {
+    pub command: String,
+    pub timeout_secs: Option<u32>,
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub stdin: Vec<u8>,
+}
+
+/// A create request after every check: what the manager acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidCreate {
+    pub name: String,
+    pub workspace_type: WorkspaceType,
+    pub distro: Option<Distro>,
+    pub env_vars: BTreeMap<String, String>,
+    pub init_script: String,
+    pub skills: Vec<String>,
+    pub tools: Vec<String>,
+    pub template: String,
+    pub path: Option<PathBuf>,
+}
+
+fn invalid(key: &str, why: impl std::fmt::Display) -> Error {
+    Error::InvalidArgs(format!("Invalid '{key}': {why}"))
+}
+
+pub fn check_env(key: &str, env: &BTreeMap<String, String>) -> Result<()> {
+    if env.len() > limits::ENV_VARS_MAX {
+        return Err(invalid(
+            key,
+            format!("{} variables, at most {}", env.len(), limits::ENV_VARS_MAX),
+        ));
+    }
+    for (name, value) in env {
+        validate_env_name(name).map_err(|e| invalid(key, e))?;
+        if value.len() > limits::ENV_VALUE_MAX {
+            return Err(invalid(
+                key,
+                format!(
+                    "value of {name} is {} bytes, at most {}",
+                    value.len(),
+                    limits::ENV_VALUE_MAX
+                ),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(invalid(key, format!("value of {name} contains a NUL byte")));
+        }
+    }
+    Ok(())
+}
+
+fn check_init_script(script: &str) -> Result<()> {
+    if script.len() > limits::INIT_SCRIPT_MAX {
+        return Err(invalid(
+            "init_script",
+            format!(
+                "{} bytes, at most {}",
+                script.len(),
+                limits::INIT_SCRIPT_MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_list(key: &str, items: &[String]) -> Result<()> {
+    if items.len() > limits::LIST_MAX {
+        return Err(invalid(
+            key,
+            format!("at most {} entries", limits::LIST_MAX),
+        ));
+    }
+    Ok(())
+}
+
+impl CreateSpec {
+    /// Checks every value; nothing has been changed when this fails.
+    pub fn validate(self) -> Result<ValidCreate> {
+        let name = self
+            .name
+            .ok_or_else(|| invalid("name", "missing: every workspace needs a name"))?;
+        validate_name(&name).map_err(|e| invalid("name", e))?;
+        let workspace_type = match self.workspace_type.as_deref() {
+            None => WorkspaceType::Host,
+            Some(t) => t.parse().map_err(|e| invalid("workspace_type", e))?,
+        };
+        let distro = match self.distro.as_deref() {
+            None | Some("") => None,
+            Some(d) => Some(d.parse::<Distro>().map_err(|e| invalid("distro", e))?),
+        };
+        if workspace_type == WorkspaceType::Host && distro.is_some() {
+            return Err(invalid("distro", "only container workspaces have a distro"));
+        }
+        let env_vars = self.env_vars.unwrap_or_default();
+        check_env("env_vars", &env_vars)?;
+        let init_script = self.init_script.unwrap_or_default();
+        check_init_script(&init_script)?;
+        let skills = self.skills.unwrap_or_default();
+        check_list("skills", &skills)?;
+        let tools = self.tools.unwrap_or_default();
+        check_list("tools", &tools)?;
+        let path = match self.path {
+            None => None,
+            Some(p) => {
+                if workspace_type != WorkspaceType::Host {
+                    return Err(invalid("path", "only host workspaces take a path"));
+                }
+                if !p.starts_with('/') || p.len() > limits::PATH_MAX || p.contains('\0') {
+                    return Err(invalid(
+                        "path",
+                        format!("'{}' is not an absolute path", p.escape_default()),
+                    ));
+                }
+                if p.split('/').any(|c| c == "..") {
+                    return Err(invalid("path", "'..' is not allowed"));
+                }
+                Some(PathBuf::from(p))
+            }
+        };
+        Ok(ValidCreate {
+            name,
+            workspace_type,
+            distro,
+            env_vars,
+            init_script,
+            skills,
+            tools,
+            template: self.template.unwrap_or_default(),
+            path,
+        })
+    }
+}
+
+impl Changes {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(env) = &self.env_vars {
+            check_env("env_vars", env)?;
+        }
+        if let Some(script) = &self.init_script {
+            check_init_script(script)?;
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.env_vars.is_none() && self.init_script.is_none()
+    }
+}
+
+/// Exec limits from the configuration; reloadable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecLimits {
+    pub default_timeout_secs: u32,
+    pub max_timeout_secs: u32,
+    pub max_output_bytes: usize,
+    pub max_concurrent: usize,
+}
+
+impl Default for ExecLimits {
+    fn default() -> Self {
+        Self {
+            default_timeout_secs: 300,
+            max_timeout_secs: 3600,
+            max_output_bytes: 1024 * 1024,
+            max_concurrent: 64,
+        }
+    }
+}
+
+impl ExecParams {
+    /// Checks the request against the limits; returns the timeout to use.
+    pub fn validate(&self, limits: &ExecLimits) -> Result<u32> {
+        if self.command.is_empty() {
+            return Err(invalid("command", "empty"));
+        }
+        if self.command.len() > limits::COMMAND_MAX {
+            return Err(invalid(
+                "command",
+                format!(
+                    "{} bytes, at most {}",
+                    self.command.len(),
+                    limits::COMMAND_MAX
+                ),
+            ));
+        }
+        if self.command.contains('\0') {
+            return Err(invalid("command", "contains a NUL byte"));
+        }
+        let timeout = self.timeout_secs.unwrap_or(limits.default_timeout_secs);
+        if timeout == 0 || timeout > limits.max_timeout_secs {
+            return Err(invalid(
+                "timeout_secs",
+                format!(
+                    "{timeout} is out of range: 1 to {} seconds (the configured maximum)",
+                    limits.max_timeout_secs
+                ),
+            ));
+        }
+        if let Some(cwd) = &self.cwd {
+            if cwd.is_empty() || cwd.len() > limits::PATH_MAX || cwd.contains('\0') {
+                return Err(invalid("cwd", "must be a non-empty path"));
+            }
+        }
+        check_env("env", &self.env)?;
+        if self.stdin.len() > limits::STDIN_MAX {
+            return Err(invalid(
+                "stdin",
+                format!("{} bytes, at most {}", self.stdin.len(), limits::STDIN_MAX),
+            ));
+        }
+        Ok(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> CreateSpec {
+        CreateSpec {
+            name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    fn key_of(e: Error) -> String {
+        match e {
+            Error::InvalidArgs(m) => m,
+            other => panic!("expected InvalidArgs, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_spec_is_a_host_workspace() {
+        let v = spec("web").validate().unwrap();
+        assert_eq!(v.workspace_type, WorkspaceType::Host);
+        assert_eq!(v.name, "web");
+        assert!(v.env_vars.is_empty() && v.path.is_none());
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases: Vec<(CreateSpec, &str)> = vec![
+            (CreateSpec::default(), "'name'"),
+            (spec("Bad"), "'name'"),
+            (
+                CreateSpec {
+                    workspace_type: Some("vm".into()),
+                    ..spec("a")
+                },
+                "'workspace_type'",
+            ),
+            (
+                CreateSpec {
+                    workspace_type: Some("container".into()),
+                    distro: Some("gentoo".into()),
+                    ..spec("a")
+                },
+                "'distro'",
+            ),
+            (
+                CreateSpec {
+                    env_vars: Some([("1X".to_string(), "v".to_string())].into()),
+                    ..spec("a")
+                },
+                "'env_vars'",
+            ),
+            (
+                CreateSpec {
+                    env_vars: Some([("X".to_string(), "v".repeat(40_000))].into()),
+                    ..spec("a")
+                },
+                "'env_vars'",
+            ),
+            (
+                CreateSpec {
+                    init_script: Some("x".repeat(limits::INIT_SCRIPT_MAX + 1)),
+                    ..spec("a")
+                },
+                "'init_script'",
+            ),
+            (
+                CreateSpec {
+                    path: Some("relative/dir".into()),
+                    ..spec("a")
+                },
+                "'path'",
+            ),
+            (
+                CreateSpec {
+                    path: Some("/srv/../etc".into()),
+                    ..spec("a")
+                },
+                "'path'",
+            ),
+        ];
+        for (s, key) in cases {
+            let msg = key_of(s.clone().validate().unwrap_err());
+            assert!(
+                msg.contains(key),
+                "{s:?}: message {msg:?} does not name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn exec_timeout_bounds_name_the_maximum() {
+        let limits = ExecLimits::default();
+        let p = |t| ExecParams {
+            command: "true".into(),
+            timeout_secs: Some(t),
+            ..Default::default()
+        };
+        assert_eq!(p(1).validate(&limits), Ok(1));
+        assert_eq!(p(3600).validate(&limits), Ok(3600));
+        for bad in [0, 3601] {
+            let msg = key_of(p(bad).validate(&limits).unwrap_err());
+            assert!(
+                msg.contains("timeout_secs") && msg.contains("3600"),
+                "{msg}"
+            );
+        }
+        let default = ExecParams {
+            command: "true".into(),
+            ..Default::default()
+        };
+        assert_eq!(default.validate(&limits), Ok(300));
+    }
+
+    #[test]
+    fn exec_refuses_oversized_command_and_stdin() {
+        let limits = ExecLimits::default();
+        let big = ExecParams {
+            command: "x".repeat(limits::COMMAND_MAX + 1),
+            ..Default::default()
+        };
+        assert!(key_of(big.validate(&limits).unwrap_err()).contains("'command'"));
+        let stdin = ExecParams {
+            command: "cat".into(),
+            stdin: vec![0; limits::STDIN_MAX + 1],
+            ..Default::default()
+        };
+        assert!(key_of(stdin.validate(&limits).unwrap_err()).contains("'stdin'"));
+    }
+}

@@ -1,0 +1,178 @@
+//! `a{sv}` arguments into the core's typed requests. Every key is checked for its exact D-Bus
+//! type; an unknown key or a wrong type is `InvalidArgs` naming the key.
+
+use std::collections::{BTreeMap, HashMap};
+
+use zbus::OwnedVariant;
+
+use super::error::{BusError, Result};
+use crate::core::spec::{Changes, CreateSpec, ExecParams};
+
+pub type Dict = HashMap<String, OwnedVariant>;
+
+struct Args {
+    map: Dict,
+    what: &'static str,
+    known: &'static [&'static str],
+}
+
+impl Args {
+    fn new(map: Dict, what: &'static str, known: &'static [&'static str]) -> Result<Self> {
+        if let Some(key) = map.keys().find(|k| !known.contains(&k.as_str())) {
+            let mut keys: Vec<_> = known.to_vec();
+            keys.sort_unstable();
+            return Err(BusError::invalid_args(format!(
+                "Unknown key '{}' in {what}; known keys: {}",
+                key.escape_default(),
+                keys.join(", ")
+            )));
+        }
+        Ok(Self { map, what, known })
+    }
+
+    fn take<T>(&mut self, key: &str, signature: &str) -> Result<Option<T>>
+    where
+        T: TryFrom<OwnedVariant, Error = zbus::Error>,
+    {
+        debug_assert!(self.known.contains(&key));
+        let Some(v) = self.map.remove(key) else {
+            return Ok(None);
+        };
+        let got = v.value_signature().to_string();
+        if got != signature {
+            return Err(BusError::invalid_args(format!(
+                "Invalid '{key}' in {}: expected type '{signature}', got '{got}'",
+                self.what
+            )));
+        }
+        T::try_from(v)
+            .map(Some)
+            .map_err(|e| BusError::invalid_args(format!("Invalid '{key}' in {}: {e}", self.what)))
+    }
+
+    fn env(&mut self, key: &str) -> Result<Option<BTreeMap<String, String>>> {
+        self.take::<HashMap<String, String>>(key, "a{ss}")
+            .map(|m| m.map(|m| m.into_iter().collect()))
+    }
+}
+
+const SPEC_KEYS: &[&str] = &[
+    "name",
+    "workspace_type",
+    "distro",
+    "env_vars",
+    "init_script",
+    "skills",
+    "tools",
+    "template",
+    "path",
+];
+
+pub fn create_spec(map: Dict) -> Result<CreateSpec> {
+    let mut a = Args::new(map, "the workspace spec", SPEC_KEYS)?;
+    Ok(CreateSpec {
+        name: a.take("name", "s")?,
+        workspace_type: a.take("workspace_type", "s")?,
+        distro: a.take("distro", "s")?,
+        env_vars: a.env("env_vars")?,
+        init_script: a.take("init_script", "s")?,
+        skills: a.take("skills", "as")?,
+        tools: a.take("tools", "as")?,
+        template: a.take("template", "s")?,
+        path: a.take("path", "s")?,
+    })
+}
+
+pub fn changes(map: Dict) -> Result<Changes> {
+    let mut a = Args::new(map, "the changes", &["env_vars", "init_script"])?;
+    Ok(Changes {
+        env_vars: a.env("env_vars")?,
+        init_script: a.take("init_script", "s")?,
+    })
+}
+
+pub fn exec_params(command: String, map: Dict) -> Result<ExecParams> {
+    let mut a = Args::new(
+        map,
+        "the exec options",
+        &["timeout_secs", "cwd", "env", "stdin"],
+    )?;
+    Ok(ExecParams {
+        command,
+        timeout_secs: a.take("timeout_secs", "u")?,
+        cwd: a.take("cwd", "s")?,
+        env: a.env("env")?.unwrap_or_default(),
+        stdin: a.take("stdin", "ay")?.unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dict(items: Vec<(&str, OwnedVariant)>) -> Dict {
+        items.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    fn s(v: &str) -> OwnedVariant {
+        OwnedVariant::try_from(zbus::Variant::from(v)).unwrap()
+    }
+
+    #[test]
+    fn parses_every_spec_key() {
+        let env: HashMap<String, String> = [("A".to_string(), "1".to_string())].into();
+        let spec = create_spec(dict(vec![
+            ("name", s("web")),
+            ("workspace_type", s("host")),
+            ("env_vars", env.into()),
+            ("path", s("/srv/web")),
+            (
+                "skills",
+                OwnedVariant::try_from(zbus::Variant::from(vec!["a"])).unwrap(),
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(spec.name.as_deref(), Some("web"));
+        assert_eq!(spec.env_vars.unwrap()["A"], "1");
+        assert_eq!(spec.skills.unwrap(), vec!["a".to_string()]);
+        assert_eq!(spec.path.as_deref(), Some("/srv/web"));
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_type_name_the_key() {
+        let e = create_spec(dict(vec![("colour", s("red"))])).unwrap_err();
+        assert!(e.message().contains("'colour'"), "{e}");
+        let e = create_spec(dict(vec![("name", OwnedVariant::from(5u32))])).unwrap_err();
+        assert!(
+            e.message().contains("'name'") && e.message().contains("'u'"),
+            "{e}"
+        );
+        let e = exec_params(
+            "true".into(),
+            dict(vec![("timeout_secs", OwnedVariant::from(5i32))]),
+        )
+        .unwrap_err();
+        assert!(e.message().contains("'timeout_secs'"), "{e}");
+        assert_eq!(e.error_name(), "org.freedesktop.DBus.Error.InvalidArgs");
+    }
+
+    #[test]
+    fn exec_options() {
+        let p = exec_params(
+            "cat".into(),
+            dict(vec![
+                ("timeout_secs", OwnedVariant::from(9u32)),
+                (
+                    "stdin",
+                    OwnedVariant::try_from(zbus::Variant::from(vec![1u8, 2])).unwrap(),
+                ),
+                ("cwd", s("sub")),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (p.timeout_secs, p.stdin, p.cwd.as_deref()),
+            (Some(9), vec![1, 2], Some("sub"))
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! Client proxies for `org.agent.Workspaces`, for the CLI, the HTTP bridge and the tests.
+
+use std::collections::HashMap;
+
+use zbus::{OwnedObjectPath, OwnedVariant, Variant, proxy};
+
+/// Options and specs as sent: `a{sv}`.
+pub type Args<'a> = HashMap<&'a str, Variant<'a>>;
+
+/// `Exec` reply: exit code, stdout, stderr, timed out, info.
+pub type ExecReply = (i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>);
+
+#[proxy(
+    interface = "org.agent.Workspaces",
+    default_service = "org.agent.Workspaces",
+    default_path = "/org/agent/Workspaces"
+)]
+pub trait Workspaces {
+    fn create_workspace(&self, spec: Args<'_>) -> zbus::Result<OwnedObjectPath>;
+    fn list_workspaces(
+        &self,
+    ) -> zbus::Result<Vec<(String, String, String, String, OwnedObjectPath)>>;
+    fn get_workspace(&self, workspace: &str) -> zbus::Result<OwnedObjectPath>;
+    fn update_workspace(&self, workspace: &str, changes: Args<'_>) -> zbus::Result<()>;
+    fn destroy_workspace(&self, workspace: &str) -> zbus::Result<()>;
+    fn exec(&self, workspace: &str, command: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
+    fn build_workspace(&self, workspace: &str) -> zbus::Result<()>;
+    fn get_init_log(&self, workspace: &str, max_lines: u32) -> zbus::Result<(String, u32)>;
+    fn sync_workspace(&self, workspace: &str) -> zbus::Result<()>;
+    fn list_templates(&self) -> zbus::Result<Vec<(String, String, String)>>;
+
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+
+    #[zbus(signal)]
+    fn workspace_new(&self, id: String, path: OwnedObjectPath) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn workspace_removed(&self, id: String, path: OwnedObjectPath) -> zbus::Result<()>;
+}
+
+#[proxy(
+    interface = "org.agent.Workspaces.Workspace",
+    default_service = "org.agent.Workspaces"
+)]
+pub trait Workspace {
+    fn exec(&self, command: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
+    fn update(&self, changes: Args<'_>) -> zbus::Result<()>;
+    fn destroy(&self) -> zbus::Result<()>;
+    fn build(&self) -> zbus::Result<()>;
+
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "Type")]
+    fn workspace_type(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn status(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn error_message(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn path(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn env_var_names(&self) -> zbus::Result<Vec<String>>;
+    #[zbus(property)]
+    fn created_at(&self) -> zbus::Result<u64>;
+}

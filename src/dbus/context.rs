@@ -1,0 +1,204 @@
+//! The operations behind both the manager object and the per-workspace objects: validate the
+//! arguments, authorize the caller, call the core, convert the result. One implementation per
+//! operation, whichever object the call came in on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use zbus::message::Header;
+use zbus::{Connection, OwnedObjectPath, OwnedVariant};
+
+use super::args::{self, Dict};
+use super::auth::{Action, Authorizer};
+use super::error::{BusError, Result};
+use super::objects::{EventQueue, workspace_path};
+use crate::core::Manager;
+use crate::core::workspace::WorkspaceType;
+
+/// `Exec` and `RerunInit` reply: exit code, stdout, stderr, timed out, info.
+pub type ExecReply = (i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>);
+
+/// Cancels what a caller started when it leaves the bus.
+#[derive(Clone, Default)]
+pub struct Disconnects {
+    tokens: Arc<Mutex<HashMap<String, CancellationToken>>>,
+}
+
+impl Disconnects {
+    /// Watches `NameOwnerChanged` for unique names that lose their owner.
+    pub async fn watch(conn: &Connection) -> zbus::Result<Self> {
+        let this = Self::default();
+        let proxy = zbus::fdo::DBusProxy::new(conn).await?;
+        let mut lost = proxy
+            .receive_name_owner_changed_with_args(&[(2, "")])
+            .await?;
+        let tokens = this.tokens.clone();
+        tokio::spawn(async move {
+            while let Some(signal) = lost.next().await {
+                let Ok(args) = signal.args() else { continue };
+                let name = args.name().to_string();
+                if name.starts_with(':') {
+                    let token = tokens
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&name);
+                    if let Some(token) = token {
+                        token.cancel();
+                    }
+                }
+            }
+        });
+        Ok(this)
+    }
+
+    fn token_for(&self, sender: &str) -> CancellationToken {
+        self.tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(sender.to_owned())
+            .or_default()
+            .child_token()
+    }
+}
+
+#[derive(Clone)]
+pub struct Context {
+    pub manager: Arc<Manager>,
+    pub auth: Authorizer,
+    pub disconnects: Disconnects,
+    pub events: EventQueue,
+}
+
+impl Context {
+    /// Looks the workspace up and checks that the caller may run `verb` on it.
+    async fn authorize(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        action: Action,
+        verb: &str,
+    ) -> Result<crate::core::workspace::Workspace> {
+        let ws = self.manager.get(key)?;
+        self.auth.check(header, action, &ws.name, verb).await?;
+        Ok(ws)
+    }
+
+    pub async fn create(&self, header: &Header<'_>, spec: Dict) -> Result<OwnedObjectPath> {
+        let spec = args::create_spec(spec)?;
+        let checked = spec.clone().validate()?;
+        self.auth
+            .check(header, Action::Manage, &checked.name, "create")
+            .await?;
+        if checked.path.is_some() {
+            self.auth
+                .check(
+                    header,
+                    Action::ExecHost,
+                    &checked.name,
+                    "choose a host path for",
+                )
+                .await?;
+        }
+        let ws = self.manager.create(spec).await?;
+        self.events.flush().await;
+        Ok(workspace_path(&ws.id))
+    }
+
+    pub fn list(&self) -> Vec<(String, String, String, String, OwnedObjectPath)> {
+        self.manager
+            .list()
+            .into_iter()
+            .map(|w| {
+                let path = workspace_path(&w.id);
+                (
+                    w.id,
+                    w.name,
+                    w.workspace_type.as_str().to_owned(),
+                    w.status.as_str().to_owned(),
+                    path,
+                )
+            })
+            .collect()
+    }
+
+    pub fn get(&self, key: &str) -> Result<OwnedObjectPath> {
+        Ok(workspace_path(&self.manager.get(key)?.id))
+    }
+
+    pub async fn update(&self, header: &Header<'_>, key: &str, changes: Dict) -> Result<()> {
+        let changes = args::changes(changes)?;
+        changes.validate()?;
+        self.authorize(header, key, Action::Manage, "update")
+            .await?;
+        self.manager.update(key, changes).await?;
+        self.events.flush().await;
+        Ok(())
+    }
+
+    pub async fn destroy(&self, header: &Header<'_>, key: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, "destroy")
+            .await?;
+        self.manager.destroy(key).await?;
+        self.events.flush().await;
+        Ok(())
+    }
+
+    pub async fn exec(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        command: String,
+        options: Dict,
+    ) -> Result<ExecReply> {
+        let params = args::exec_params(command, options)?;
+        params.validate(&self.manager.limits())?;
+        let ws = self.manager.get(key)?;
+        let action = match ws.workspace_type {
+            WorkspaceType::Host => Action::ExecHost,
+            WorkspaceType::Container => Action::Exec,
+        };
+        self.auth.check(header, action, &ws.name, "exec in").await?;
+        let gone = match header.sender() {
+            Some(sender) => self.disconnects.token_for(sender.as_str()),
+            None => CancellationToken::new(),
+        };
+        let o = self.manager.exec(&ws.id, params, gone).await?;
+        let info = HashMap::from([
+            (
+                "stdout_truncated".to_owned(),
+                OwnedVariant::from(o.stdout_truncated),
+            ),
+            (
+                "stderr_truncated".to_owned(),
+                OwnedVariant::from(o.stderr_truncated),
+            ),
+            (
+                "duration_usec".to_owned(),
+                OwnedVariant::from(o.duration.as_micros() as u64),
+            ),
+        ]);
+        Ok((o.exit_code, o.stdout, o.stderr, o.timed_out, info))
+    }
+
+    /// Verbs that only container workspaces have.
+    pub async fn container_verb(&self, header: &Header<'_>, key: &str, verb: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, verb).await?;
+        self.manager.container_only(key, verb)?;
+        Ok(())
+    }
+
+    pub async fn sync(&self, header: &Header<'_>, key: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, "sync").await?;
+        Err(library_unavailable())
+    }
+}
+
+/// The Library (skills, tools, templates) arrives in a later version.
+pub fn library_unavailable() -> BusError {
+    BusError::new(
+        format!("{}NotSupported", super::error::PREFIX),
+        "The Library (skills, tools, templates) is not available in this version",
+    )
+}

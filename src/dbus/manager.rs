@@ -1,0 +1,186 @@
+//! The manager object `/org/agent/Workspaces`, interface `org.agent.Workspaces`. Methods that
+//! take `s workspace` accept the id or the name, and run the same code as the per-workspace
+//! object's method.
+
+use std::collections::HashMap;
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{OwnedObjectPath, OwnedVariant, interface};
+
+use super::args::Dict;
+use super::context::{Context, library_unavailable};
+use super::error::Result;
+
+pub const BUS_NAME: &str = "org.agent.Workspaces";
+pub const MANAGER_PATH: &str = "/org/agent/Workspaces";
+
+pub struct ManagerObject {
+    ctx: Context,
+}
+
+impl ManagerObject {
+    pub fn new(ctx: Context) -> Self {
+        Self { ctx }
+    }
+}
+
+#[interface(name = "org.agent.Workspaces", introspection_docs = false)]
+impl ManagerObject {
+    #[zbus(out_args("path"))]
+    async fn create_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        spec: Dict,
+    ) -> Result<OwnedObjectPath> {
+        self.ctx.create(&header, spec).await
+    }
+
+    #[zbus(out_args("workspaces"))]
+    async fn list_workspaces(&self) -> Vec<(String, String, String, String, OwnedObjectPath)> {
+        self.ctx.list()
+    }
+
+    #[zbus(out_args("path"))]
+    async fn get_workspace(&self, workspace: &str) -> Result<OwnedObjectPath> {
+        self.ctx.get(workspace)
+    }
+
+    async fn update_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        changes: Dict,
+    ) -> Result<()> {
+        self.ctx.update(&header, workspace, changes).await
+    }
+
+    async fn destroy_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<()> {
+        self.ctx.destroy(&header, workspace).await
+    }
+
+    #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]
+    async fn exec(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        command: String,
+        options: Dict,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
+        self.ctx.exec(&header, workspace, command, options).await
+    }
+
+    async fn build_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<()> {
+        self.ctx.container_verb(&header, workspace, "build").await
+    }
+
+    async fn rebuild_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<()> {
+        self.ctx.container_verb(&header, workspace, "rebuild").await
+    }
+
+    async fn start_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<()> {
+        self.ctx.container_verb(&header, workspace, "start").await
+    }
+
+    async fn stop_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<()> {
+        self.ctx.container_verb(&header, workspace, "stop").await
+    }
+
+    #[zbus(out_args("content", "total_lines"))]
+    async fn get_init_log(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        max_lines: u32,
+    ) -> Result<(String, u32)> {
+        let _ = max_lines;
+        self.ctx
+            .container_verb(&header, workspace, "read the init log of")
+            .await?;
+        Ok((String::new(), 0))
+    }
+
+    #[zbus(out_args("info"))]
+    async fn get_debug_info(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<HashMap<String, OwnedVariant>> {
+        self.ctx
+            .container_verb(&header, workspace, "read debug info of")
+            .await?;
+        Ok(HashMap::new())
+    }
+
+    #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]
+    async fn rerun_init(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        options: Dict,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
+        let _ = options;
+        self.ctx
+            .container_verb(&header, workspace, "rerun the init script of")
+            .await?;
+        Ok((0, Vec::new(), Vec::new(), false, HashMap::new()))
+    }
+
+    async fn sync_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<()> {
+        self.ctx.sync(&header, workspace).await
+    }
+
+    #[zbus(out_args("templates"))]
+    async fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
+        Err(library_unavailable())
+    }
+
+    #[zbus(out_args("template"))]
+    async fn get_template(&self, name: &str) -> Result<HashMap<String, OwnedVariant>> {
+        let _ = name;
+        Err(library_unavailable())
+    }
+
+    #[zbus(property)]
+    async fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    #[zbus(signal)]
+    pub async fn workspace_new(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        path: OwnedObjectPath,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn workspace_removed(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        path: OwnedObjectPath,
+    ) -> zbus::Result<()>;
+}

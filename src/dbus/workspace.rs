@@ -1,0 +1,191 @@
+//! One object per workspace, interface `org.agent.Workspaces.Workspace`: the manager's
+//! methods without the workspace argument, and the workspace's public properties. Env var
+//! values are never a property: only their names are.
+
+use std::collections::HashMap;
+
+use zbus::message::Header;
+use zbus::{OwnedVariant, interface};
+
+use super::args::Dict;
+use super::context::Context;
+use super::error::Result;
+use crate::core::workspace::Workspace;
+
+pub struct WorkspaceObject {
+    id: String,
+    ctx: Context,
+}
+
+impl WorkspaceObject {
+    pub fn new(id: String, ctx: Context) -> Self {
+        Self { id, ctx }
+    }
+
+    fn ws(&self) -> zbus::fdo::Result<Workspace> {
+        self.ctx
+            .manager
+            .get(&self.id)
+            .map_err(|e| zbus::fdo::Error::UnknownObject(e.to_string()))
+    }
+}
+
+#[interface(name = "org.agent.Workspaces.Workspace", introspection_docs = false)]
+impl WorkspaceObject {
+    #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]
+    async fn exec(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        command: String,
+        options: Dict,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
+        self.ctx.exec(&header, &self.id, command, options).await
+    }
+
+    async fn update(&self, #[zbus(header)] header: Header<'_>, changes: Dict) -> Result<()> {
+        self.ctx.update(&header, &self.id, changes).await
+    }
+
+    async fn destroy(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
+        self.ctx.destroy(&header, &self.id).await
+    }
+
+    async fn build(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
+        self.ctx.container_verb(&header, &self.id, "build").await
+    }
+
+    async fn rebuild(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
+        self.ctx.container_verb(&header, &self.id, "rebuild").await
+    }
+
+    async fn start(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
+        self.ctx.container_verb(&header, &self.id, "start").await
+    }
+
+    async fn stop(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
+        self.ctx.container_verb(&header, &self.id, "stop").await
+    }
+
+    #[zbus(out_args("content", "total_lines"))]
+    async fn get_init_log(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        max_lines: u32,
+    ) -> Result<(String, u32)> {
+        let _ = max_lines;
+        self.ctx
+            .container_verb(&header, &self.id, "read the init log of")
+            .await?;
+        Ok((String::new(), 0))
+    }
+
+    #[zbus(out_args("info"))]
+    async fn get_debug_info(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<HashMap<String, OwnedVariant>> {
+        self.ctx
+            .container_verb(&header, &self.id, "read debug info of")
+            .await?;
+        Ok(HashMap::new())
+    }
+
+    #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]
+    async fn rerun_init(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        options: Dict,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
+        let _ = options;
+        self.ctx
+            .container_verb(&header, &self.id, "rerun the init script of")
+            .await?;
+        Ok((0, Vec::new(), Vec::new(), false, HashMap::new()))
+    }
+
+    async fn sync(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
+        self.ctx.sync(&header, &self.id).await
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn name(&self) -> zbus::fdo::Result<String> {
+        Ok(self.ws()?.name)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn r#type(&self) -> zbus::fdo::Result<String> {
+        Ok(self.ws()?.workspace_type.as_str().to_owned())
+    }
+
+    #[zbus(property)]
+    async fn status(&self) -> zbus::fdo::Result<String> {
+        Ok(self.ws()?.status.as_str().to_owned())
+    }
+
+    #[zbus(property)]
+    async fn error_message(&self) -> zbus::fdo::Result<String> {
+        Ok(self.ws()?.error_message)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn path(&self) -> zbus::fdo::Result<String> {
+        Ok(self.ws()?.path.display().to_string())
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn distro(&self) -> zbus::fdo::Result<String> {
+        Ok(self
+            .ws()?
+            .distro
+            .map(|d| d.as_str())
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    #[zbus(property)]
+    async fn env_var_names(&self) -> zbus::fdo::Result<Vec<String>> {
+        Ok(self.ws()?.env_vars.into_keys().collect())
+    }
+
+    #[zbus(property)]
+    async fn skills(&self) -> zbus::fdo::Result<Vec<String>> {
+        Ok(self.ws()?.skills)
+    }
+
+    #[zbus(property)]
+    async fn tools(&self) -> zbus::fdo::Result<Vec<String>> {
+        Ok(self.ws()?.tools)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn template(&self) -> zbus::fdo::Result<String> {
+        Ok(self.ws()?.template)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn created_at(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.ws()?.created_at_usec)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn machine_name(&self) -> zbus::fdo::Result<String> {
+        // Containers register with machined under their workspace name; host workspaces have none.
+        let ws = self.ws()?;
+        Ok(match ws.workspace_type {
+            crate::core::workspace::WorkspaceType::Container => ws.name,
+            crate::core::workspace::WorkspaceType::Host => String::new(),
+        })
+    }
+
+    #[zbus(property)]
+    async fn network(&self) -> zbus::fdo::Result<String> {
+        // Container networking arrives with container workspaces; host workspaces have none.
+        self.ws()?;
+        Ok(String::new())
+    }
+}

@@ -1,0 +1,160 @@
+//! `/etc/agent-workspaces/config.toml`. Every key is optional; a file that does not parse, an
+//! unknown key or a value out of range is an error naming the line, never a silent default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::core::spec::ExecLimits;
+
+pub const DEFAULT_PATH: &str = "/etc/agent-workspaces/config.toml";
+/// Largest per-stream output cap: two streams must fit well inside the system bus's 32 MiB
+/// message limit.
+pub const OUTPUT_CAP_LIMIT: u64 = 8 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Directory of the default `host` workspace. Read at start only.
+    pub host_workspace_dir: Option<PathBuf>,
+    pub exec: ExecLimits,
+    pub exec_isolation: IsolationMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationMode {
+    Cgroup,
+    ProcessGroup,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    host_workspace_dir: Option<PathBuf>,
+    #[serde(default)]
+    exec: ExecSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ExecSection {
+    default_timeout_secs: Option<u32>,
+    max_timeout_secs: Option<u32>,
+    max_output_bytes: Option<u64>,
+    max_concurrent: Option<u32>,
+    isolation: Option<IsolationMode>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host_workspace_dir: None,
+            exec: ExecLimits::default(),
+            exec_isolation: IsolationMode::Cgroup,
+        }
+    }
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let d = ExecLimits::default();
+        let e = file.exec;
+        let exec = ExecLimits {
+            default_timeout_secs: e.default_timeout_secs.unwrap_or(d.default_timeout_secs),
+            max_timeout_secs: e.max_timeout_secs.unwrap_or(d.max_timeout_secs),
+            max_output_bytes: e.max_output_bytes.unwrap_or(d.max_output_bytes as u64) as usize,
+            max_concurrent: e.max_concurrent.unwrap_or(d.max_concurrent as u32) as usize,
+        };
+        if exec.max_timeout_secs == 0 {
+            return Err("exec.max_timeout_secs must be at least 1".into());
+        }
+        if exec.default_timeout_secs == 0 || exec.default_timeout_secs > exec.max_timeout_secs {
+            return Err(format!(
+                "exec.default_timeout_secs must be between 1 and exec.max_timeout_secs ({})",
+                exec.max_timeout_secs
+            ));
+        }
+        if exec.max_output_bytes as u64 > OUTPUT_CAP_LIMIT {
+            return Err(format!(
+                "exec.max_output_bytes must be at most {OUTPUT_CAP_LIMIT}"
+            ));
+        }
+        if exec.max_concurrent == 0 {
+            return Err("exec.max_concurrent must be at least 1".into());
+        }
+        if let Some(dir) = &file.host_workspace_dir {
+            if !dir.is_absolute() {
+                return Err("host_workspace_dir must be an absolute path".into());
+            }
+        }
+        Ok(Self {
+            host_workspace_dir: file.host_workspace_dir,
+            exec,
+            exec_isolation: e.isolation.unwrap_or(IsolationMode::Cgroup),
+        })
+    }
+
+    /// Reads the file; a missing file is the defaults (every key is optional).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn reads_every_key() {
+        let c = Config::parse(
+            "host_workspace_dir = \"/srv/host\"\n[exec]\ndefault_timeout_secs = 10\nmax_timeout_secs = 20\n\
+             max_output_bytes = 4096\nmax_concurrent = 3\nisolation = \"process-group\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.host_workspace_dir.as_deref(),
+            Some(Path::new("/srv/host"))
+        );
+        assert_eq!(
+            c.exec,
+            ExecLimits {
+                default_timeout_secs: 10,
+                max_timeout_secs: 20,
+                max_output_bytes: 4096,
+                max_concurrent: 3
+            }
+        );
+        assert_eq!(c.exec_isolation, IsolationMode::ProcessGroup);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = Config::parse("[exec]\nmax_timeout_secs = 10\nbogus = 1\n").unwrap_err();
+        assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
+        let e = Config::parse("[exec]\nmax_timeout_secs = \"ten\"\n").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn refuses_out_of_range_values() {
+        for text in [
+            "[exec]\nmax_timeout_secs = 0",
+            "[exec]\ndefault_timeout_secs = 100\nmax_timeout_secs = 10",
+            "[exec]\nmax_output_bytes = 100000000",
+            "[exec]\nmax_concurrent = 0",
+            "host_workspace_dir = \"relative\"",
+        ] {
+            assert!(Config::parse(text).is_err(), "{text}");
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! Runs host commands. Each command gets a cgroup of its own below the service's delegated
+//! cgroup (`Delegate=yes`), so a timeout or a cancel ends its whole process tree at once with
+//! `cgroup.kill`; when the command's shell exits, whatever it left running is ended the same way.
+//! Output is read while the command runs (a full pipe never blocks it) and capped per stream.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::core::error::{Error, Result};
+use crate::core::ports::{ExecOutcome, ExecRequest, Executor};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// How the process tree of a command is contained.
+pub enum Isolation {
+    /// A cgroup per command below the service's delegated cgroup (the default).
+    Cgroup(CgroupTree),
+    /// A process group per command: for running the daemon by hand outside systemd. Weaker: a
+    /// process that leaves its process group (setsid) survives a timeout.
+    ProcessGroup,
+}
+
+/// The service's delegated cgroup v2 subtree: `<unit cgroup>/daemon` holds the service itself,
+/// `<unit cgroup>/exec-N` one command each (cgroup v2 allows no processes in inner nodes).
+pub struct CgroupTree {
+    base: PathBuf,
+    next: AtomicU64,
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+impl CgroupTree {
+    /// Finds the service's own cgroup, checks that it is a delegated unit cgroup, moves the
+    /// service into `daemon/` below it and removes `exec-*` cgroups a previous run left.
+    pub fn setup() -> std::result::Result<Self, String> {
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or("no cgroup v2 membership in /proc/self/cgroup")?
+            .trim()
+            .to_owned();
+        let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| is_cgroup2(p))
+            .ok_or("no cgroup v2 hierarchy mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified")?;
+        let rel = rel.strip_suffix("/daemon").unwrap_or(&rel).to_owned();
+        let unit = rel.rsplit('/').next().unwrap_or("");
+        if !(unit.ends_with(".service") || unit.ends_with(".scope")) {
+            return Err(format!(
+                "the service's cgroup '{rel}' is not a systemd unit's: run it as agent-workspaced.service (Delegate=yes)"
+            ));
+        }
+        let base = mount.join(rel.trim_start_matches('/'));
+        if !base.join("cgroup.kill").exists() {
+            return Err(format!(
+                "{} has no cgroup.kill (Linux 5.14 or later is needed)",
+                base.display()
+            ));
+        }
+        let daemon = base.join("daemon");
+        fs::create_dir_all(&daemon).map_err(|e| {
+            format!(
+                "cannot create {} (is Delegate=yes set?): {e}",
+                daemon.display()
+            )
+        })?;
+        fs::write(daemon.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(|e| format!("cannot move the service into {}: {e}", daemon.display()))?;
+        let tree = Self {
+            base,
+            next: AtomicU64::new(1),
+        };
+        tree.remove_stale();
+        Ok(tree)
+    }
+
+    fn remove_stale(&self) {
+        let Ok(entries) = fs::read_dir(&self.base) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("exec-") {
+                let dir = e.path();
+                let _ = fs::write(dir.join("cgroup.kill"), "1");
+                if let Err(err) = remove_cgroup_blocking(&dir) {
+                    warn!(
+                        "Cannot remove stale command cgroup {}: {err}",
+                        dir.display()
+                    );
+                }
+            }
+        }
+    }
+
+    fn create(&self) -> io::Result<CommandCgroup> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let dir = self.base.join(format!("exec-{n}"));
+        fs::create_dir(&dir)?;
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join("cgroup.procs"));
+        match procs {
+            Ok(f) => Ok(CommandCgroup {
+                dir,
+                procs: OwnedFd::from(f),
+            }),
+            Err(e) => {
+                let _ = fs::remove_dir(&dir);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn remove_cgroup_blocking(dir: &Path) -> io::Result<()> {
+    for _ in 0..500 {
+        match fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            other => return other,
+        }
+    }
+    fs::remove_dir(dir)
+}
+
+struct CommandCgroup {
+    dir: PathBuf,
+    /// Open before fork, so the child only has to write(2) to it.
+    procs: OwnedFd,
+}
+
+impl CommandCgroup {
+    fn kill(&self) {
+        if let Err(e) = fs::write(self.dir.join("cgroup.kill"), "1") {
+            warn!("Cannot kill {}: {e}", self.dir.display());
+        }
+    }
+
+    /// Waits until the killed processes are gone, then removes the cgroup.
+    async fn remove(self) {
+        for _ in 0..2500 {
+            match fs::remove_dir(&self.dir) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
+                Err(e) => {
+                    warn!("Cannot remove {}: {e}", self.dir.display());
+                    return;
+                }
+                Ok(()) => return,
+            }
+        }
+        warn!(
+            "{} still has processes 5 s after cgroup.kill",
+            self.dir.display()
+        );
+    }
+}
+
+pub struct HostExecutor {
+    isolation: Isolation,
+}
+
+impl HostExecutor {
+    pub fn new(isolation: Isolation) -> Self {
+        Self { isolation }
+    }
+}
+
+/// Reads a stream to its end, keeping the first `cap` bytes.
+async fn read_capped<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> (Vec<u8>, bool) {
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                truncated |= n > room;
+            }
+        }
+    }
+    (kept, truncated)
+}
+
+/// 128+N for death by signal N, as shells report it.
+pub fn exit_code_of(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+fn shell() -> &'static str {
+    if Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    }
+}
+
+enum Ending {
+    Exited(io::Result<ExitStatus>),
+    TimedOut,
+    Cancelled,
+}
+
+#[async_trait]
+impl Executor for HostExecutor {
+    async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
+        if !req.cwd.is_dir() {
+            return Err(Error::InvalidArgs(format!(
+                "Invalid 'cwd': {} is not a directory",
+                req.cwd.display()
+            )));
+        }
+        let shell = shell();
+        let mut cmd = tokio::process::Command::new(shell);
+        cmd.arg("-c")
+            .arg(&req.command)
+            .env_clear()
+            .envs(&req.env)
+            .current_dir(&req.cwd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let cgroup = match &self.isolation {
+            Isolation::Cgroup(tree) => {
+                let cg = tree.create().map_err(|e| {
+                    Error::JobFailed(format!("Cannot create a cgroup for the command: {e}"))
+                })?;
+                let fd = cg.procs.as_raw_fd();
+                // SAFETY: only write(2) runs between fork and exec; the fd was opened before.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
+                            Ok(())
+                        } else {
+                            Err(io::Error::last_os_error())
+                        }
+                    });
+                }
+                Some(cg)
+            }
+            Isolation::ProcessGroup => None,
+        };
+        let start = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    cg.remove().await;
+                }
+                return Err(Error::JobFailed(format!("Cannot start {shell}: {e}")));
+            }
+        };
+        let pid = child.id();
+        if let Some(mut stdin) = child.stdin.take() {
+            let data = req.stdin;
+            // A command that does not read its stdin closes the pipe: that is not an error.
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&data).await;
+            });
+        }
+        let cap = req.output_cap;
+        let stdout = child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(read_capped(s, cap)));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(read_capped(s, cap)));
+
+        let ending = tokio::select! {
+            s = child.wait() => Ending::Exited(s),
+            () = tokio::time::sleep(req.timeout) => Ending::TimedOut,
+            () = cancel.cancelled() => Ending::Cancelled,
+        };
+        let duration = start.elapsed();
+        // End everything the command left running; its pipes then reach end of file.
+        match &cgroup {
+            Some(cg) => cg.kill(),
+            None => {
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        let status = match ending {
+            Ending::Exited(s) => Some(s),
+            Ending::TimedOut | Ending::Cancelled => {
+                let _ = child.wait().await;
+                None
+            }
+        };
+        let collect = |t: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>| async move {
+            match t {
+                Some(t) => t.await.unwrap_or_default(),
+                None => Default::default(),
+            }
+        };
+        let (stdout, stdout_truncated) = collect(stdout).await;
+        let (stderr, stderr_truncated) = collect(stderr).await;
+        if let Some(cg) = cgroup {
+            cg.remove().await;
+        }
+        let timed_out = status.is_none() && !cancel.is_cancelled();
+        let exit_code = match status {
+            Some(Ok(s)) => exit_code_of(s),
+            Some(Err(e)) => {
+                return Err(Error::JobFailed(format!(
+                    "Cannot wait for the command: {e}"
+                )));
+            }
+            None => -1,
+        };
+        Ok(ExecOutcome {
+            exit_code,
+            stdout,
+            stderr,
+            timed_out,
+            stdout_truncated,
+            stderr_truncated,
+            duration,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn req(cmd: &str) -> ExecRequest {
+        ExecRequest {
+            workspace_id: "t".into(),
+            command: cmd.into(),
+            env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
+            cwd: std::env::temp_dir(),
+            stdin: Vec::new(),
+            timeout: Duration::from_secs(10),
+            output_cap: 1024 * 1024,
+        }
+    }
+
+    async fn run(r: ExecRequest) -> ExecOutcome {
+        HostExecutor::new(Isolation::ProcessGroup)
+            .run(r, CancellationToken::new())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn separates_streams_and_keeps_exit_code() {
+        let o = run(req("printf out; printf err >&2; exit 7")).await;
+        assert_eq!(
+            (o.exit_code, &o.stdout[..], &o.stderr[..]),
+            (7, &b"out"[..], &b"err"[..])
+        );
+        assert!(!o.timed_out);
+    }
+
+    #[tokio::test]
+    async fn signal_death_is_128_plus_n() {
+        assert_eq!(run(req("kill -TERM $$")).await.exit_code, 128 + 15);
+    }
+
+    #[tokio::test]
+    async fn delivers_stdin_env_and_cwd() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = req("cat; echo \"$GREETING\"; pwd");
+        r.stdin = b"from stdin\n".to_vec();
+        r.env.insert("GREETING".into(), "hello".into());
+        r.cwd = dir.path().to_path_buf();
+        let o = run(r).await;
+        let want = format!("from stdin\nhello\n{}\n", dir.path().display());
+        assert_eq!(String::from_utf8_lossy(&o.stdout), want);
+    }
+
+    #[tokio::test]
+    async fn large_output_does_not_block_and_is_capped() {
+        let mut r = req("head -c 3000000 /dev/zero; echo done >&2");
+        r.output_cap = 1000;
+        let o = run(r).await;
+        assert_eq!(o.exit_code, 0);
+        assert_eq!(o.stdout.len(), 1000);
+        assert!(o.stdout_truncated && !o.stderr_truncated);
+        assert_eq!(o.stderr, b"done\n");
+    }
+
+    #[tokio::test]
+    async fn timeout_keeps_output_and_kills_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("pid");
+        let mut r = req(&format!(
+            "sleep 1000 & echo $! > {}; echo started; wait",
+            marker.display()
+        ));
+        r.timeout = Duration::from_millis(300);
+        let o = run(r).await;
+        assert!(o.timed_out);
+        assert_eq!(o.exit_code, -1);
+        assert_eq!(o.stdout, b"started\n");
+        let pid: i32 = fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
+        // The grandchild was killed; give the kernel a moment to reap it (it is reparented).
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.is_empty() || stat.split(' ').nth(2) == Some("Z")
+        });
+        assert!(gone, "sleep 1000 (pid {pid}) survived the timeout");
+    }
+
+    #[tokio::test]
+    async fn cancel_ends_the_command() {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            t.cancel();
+        });
+        let started = Instant::now();
+        let o = HostExecutor::new(Isolation::ProcessGroup)
+            .run(req("sleep 30"), token)
+            .await
+            .unwrap();
+        assert!(!o.timed_out && o.exit_code == -1);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn missing_cwd_is_invalid_args() {
+        let mut r = req("true");
+        r.cwd = "/nonexistent/dir".into();
+        let e = HostExecutor::new(Isolation::ProcessGroup)
+            .run(r, CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgs(m) if m.contains("'cwd'")));
+    }
+}
