@@ -1,1 +1,975 @@
+//! System tests: the installed service on a real system bus, with real systemd, polkitd and
+//! journald, inside the disposable test host. Run them with `make system-test`.
 
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use support::*;
+use zbus::Variant;
+
+const MSG_CREATED: &str = "52d12c4aa538474f87b33f983311001a";
+const MSG_DESTROYED: &str = "819011e31a6147de918401f3d54b1c99";
+const MSG_EXEC: &str = "67a62a897fde43ffa65994fbd1d33813";
+const MSG_CORRUPT: &str = "4168556b63f447afb5dcaf1568d91b57";
+
+fn no_options() -> agent_workspaces::dbus::client::Args<'static> {
+    HashMap::new()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_activation_starts_the_service() {
+    require_test_host();
+    systemctl(&format!("stop {UNIT}"));
+    assert_ne!(
+        sh(&format!("systemctl is-active {UNIT}")).stdout.trim(),
+        "active"
+    );
+    let conn = bus().await;
+    let list = manager(&conn).await.list_workspaces().await.unwrap();
+    assert!(
+        list.iter().any(|w| w.0 == "host" && w.3 == "ready"),
+        "{list:?}"
+    );
+    assert_eq!(
+        sh(&format!("systemctl is-active {UNIT}")).stdout.trim(),
+        "active"
+    );
+    let version = manager(&conn).await.version().await.unwrap();
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+}
+
+/// Interfaces of an introspection document: name -> (members, properties) in a canonical form.
+fn interfaces(xml: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc =
+        roxmltree::Document::parse_with_options(xml, options).expect("introspection XML parses");
+    let mut out = BTreeMap::new();
+    for iface in doc.descendants().filter(|n| n.has_tag_name("interface")) {
+        let name = iface.attribute("name").unwrap_or_default().to_owned();
+        if !name.starts_with("org.agent.") {
+            continue;
+        }
+        let mut members = BTreeSet::new();
+        for m in iface.children().filter(|n| n.is_element()) {
+            let args: Vec<String> = m
+                .children()
+                .filter(|n| n.has_tag_name("arg"))
+                .map(|a| {
+                    format!(
+                        "{}:{}:{}",
+                        a.attribute("name").unwrap_or("-"),
+                        a.attribute("type").unwrap_or("-"),
+                        a.attribute("direction").unwrap_or("-")
+                    )
+                })
+                .collect();
+            let annotations: Vec<String> = m
+                .children()
+                .filter(|n| n.has_tag_name("annotation"))
+                .map(|a| {
+                    format!(
+                        "{}={}",
+                        a.attribute("name").unwrap_or(""),
+                        a.attribute("value").unwrap_or("")
+                    )
+                })
+                .collect();
+            members.insert(format!(
+                "{} {} type={} access={} args=[{}] annotations=[{}]",
+                m.tag_name().name(),
+                m.attribute("name").unwrap_or_default(),
+                m.attribute("type").unwrap_or("-"),
+                m.attribute("access").unwrap_or("-"),
+                args.join(","),
+                annotations.join(",")
+            ));
+        }
+        out.insert(name, members);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_introspection_equals_the_checked_in_xml() {
+    require_test_host();
+    let conn = bus().await;
+    let introspect = |path: &'static str| {
+        let conn = conn.clone();
+        async move {
+            zbus::fdo::IntrospectableProxy::builder(&conn)
+                .destination("org.agent.Workspaces")
+                .path(path)
+                .build()
+                .await
+                .unwrap()
+                .introspect()
+                .await
+                .unwrap()
+        }
+    };
+    let mut live = interfaces(&introspect("/org/agent/Workspaces").await);
+    live.extend(interfaces(
+        &introspect("/org/agent/Workspaces/workspace/host").await,
+    ));
+    let installed =
+        std::fs::read_to_string("/usr/share/dbus-1/interfaces/org.agent.Workspaces.xml")
+            .expect("the interface XML is installed");
+    let checked_in = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dbus/org.agent.Workspaces.xml"
+    ))
+    .unwrap();
+    assert_eq!(installed, checked_in);
+    let documented = interfaces(&checked_in);
+    assert_eq!(
+        documented.keys().collect::<Vec<_>>(),
+        ["org.agent.Workspaces", "org.agent.Workspaces.Workspace"]
+    );
+    for (name, members) in &documented {
+        let got = live
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not served"));
+        let missing: Vec<_> = members.difference(got).collect();
+        let extra: Vec<_> = got.difference(members).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{name}: documented but not served: {missing:#?}\nserved but not documented: {extra:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_list_get_update_destroy_with_signals_and_properties() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let mut new = m.receive_workspace_new().await.unwrap();
+    let mut removed = m.receive_workspace_removed().await.unwrap();
+    let name = unique("crud");
+    let path = m
+        .create_workspace(spec(vec![
+            ("name", Variant::from(name.as_str())),
+            ("env_vars", env_variant(&[("API_KEY", "s3cret")])),
+        ]))
+        .await
+        .unwrap();
+    let ws = workspace(&conn, &path).await;
+    let id = ws.id().await.unwrap();
+    let signal = new.next().await.unwrap();
+    let args = signal.args().unwrap();
+    assert_eq!((args.id.as_str(), &args.path), (id.as_str(), &path));
+    assert!(
+        path.as_str()
+            .starts_with("/org/agent/Workspaces/workspace/")
+    );
+    assert_eq!(ws.name().await.unwrap(), name);
+    assert_eq!(ws.workspace_type().await.unwrap(), "host");
+    assert_eq!(ws.status().await.unwrap(), "ready");
+    assert_eq!(ws.env_var_names().await.unwrap(), ["API_KEY"]);
+    let dir = ws.path().await.unwrap();
+    assert!(std::path::Path::new(&dir).is_dir(), "{dir} exists");
+
+    let listed = m.list_workspaces().await.unwrap();
+    assert!(listed.iter().any(|w| w.0 == id
+        && w.1 == name
+        && w.2 == "host"
+        && w.3 == "ready"
+        && w.4 == path));
+    assert_eq!(m.get_workspace(&name).await.unwrap(), path);
+    assert_eq!(m.get_workspace(&id).await.unwrap(), path);
+    let managed = zbus::fdo::ObjectManagerProxy::builder(&conn)
+        .destination("org.agent.Workspaces")
+        .path("/org/agent/Workspaces")
+        .build()
+        .await
+        .unwrap()
+        .get_managed_objects()
+        .await
+        .unwrap();
+    assert!(managed.keys().any(|p| p.as_str() == path.as_str()));
+
+    let props = zbus::fdo::PropertiesProxy::builder(&conn)
+        .destination("org.agent.Workspaces")
+        .path(path.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut changes = props.receive_properties_changed().await.unwrap();
+    m.update_workspace(
+        &name,
+        spec(vec![("env_vars", env_variant(&[("OTHER", "1")]))]),
+    )
+    .await
+    .unwrap();
+    let changed = changes.next().await.unwrap();
+    let changed = changed.args().unwrap();
+    assert!(changed.changed_properties().contains_key("EnvVarNames"));
+    assert_eq!(ws.env_var_names().await.unwrap(), ["OTHER"]);
+    let (_, out, ..) = m
+        .exec(&name, "echo $OTHER-${API_KEY:-unset}", no_options())
+        .await
+        .unwrap();
+    assert_eq!(out, b"1-unset\n");
+
+    m.destroy_workspace(&id).await.unwrap();
+    let gone = removed.next().await.unwrap();
+    assert_eq!(gone.args().unwrap().id, id);
+    assert_error(
+        m.get_workspace(&name).await,
+        "org.agent.Workspaces.Error.NoSuchWorkspace",
+        &name,
+    );
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "the workspace directory is removed"
+    );
+    assert!(!std::path::Path::new(&format!("{STATE}/records/{id}.json")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_returns_exact_streams_codes_env_cwd_and_stdin() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("exec");
+    m.create_workspace(spec(vec![
+        ("name", Variant::from(name.as_str())),
+        (
+            "env_vars",
+            env_variant(&[("FROM_WS", "ws"), ("BOTH", "ws")]),
+        ),
+    ]))
+    .await
+    .unwrap();
+    let dir = workspace(&conn, &m.get_workspace(&name).await.unwrap())
+        .await
+        .path()
+        .await
+        .unwrap();
+
+    let (code, out, err, timed_out, info) = m
+        .exec(
+            &name,
+            "printf 'out\\r\\n'; printf 'err\\n' >&2; exit 42",
+            no_options(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, &out[..], &err[..], timed_out),
+        (42, &b"out\r\n"[..], &b"err\n"[..], false)
+    );
+    assert_eq!(
+        info.get("stdout_truncated")
+            .map(|v| bool::try_from(v).unwrap()),
+        Some(false)
+    );
+    assert!(u64::try_from(info.get("duration_usec").unwrap()).unwrap() > 0);
+
+    let (code, ..) = m.exec(&name, "kill -KILL $$", no_options()).await.unwrap();
+    assert_eq!(code, 128 + 9);
+
+    let call_env = env_variant(&[("BOTH", "call"), ("ONLY_CALL", "c")]);
+    let (_, out, ..) = m
+        .exec(
+            &name,
+            "echo $FROM_WS $BOTH $ONLY_CALL; pwd; echo $HOME; echo $LANG",
+            spec(vec![("env", call_env)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!("ws call c\n{dir}\n/root\nC.UTF-8\n")
+    );
+
+    ok(&format!("mkdir -p {dir}/sub"));
+    let (_, out, ..) = m
+        .exec(&name, "pwd", spec(vec![("cwd", Variant::from("sub"))]))
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), format!("{dir}/sub\n"));
+    let (_, out, ..) = m
+        .exec(&name, "pwd", spec(vec![("cwd", Variant::from("/tmp"))]))
+        .await
+        .unwrap();
+    assert_eq!(out, b"/tmp\n");
+
+    let input: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let (code, out, ..) = m
+        .exec(
+            &name,
+            "cat",
+            spec(vec![("stdin", Variant::from(input.clone()))]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        out == input,
+        "stdin comes back byte-exact ({} bytes)",
+        out.len()
+    );
+    let (_, out, ..) = m.exec(&name, "cat; echo end", no_options()).await.unwrap();
+    assert_eq!(out, b"end\n", "no stdin option means empty stdin");
+
+    let (code, out, err, _, info) = m
+        .exec(
+            &name,
+            "head -c 3000000 /dev/zero; head -c 10 /dev/zero >&2",
+            no_options(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, out.len(), err.len()),
+        (0, 1024 * 1024, 10),
+        "stdout is capped at 1 MiB"
+    );
+    assert_eq!(
+        bool::try_from(info.get("stdout_truncated").unwrap()).unwrap(),
+        true
+    );
+    assert_eq!(
+        bool::try_from(info.get("stderr_truncated").unwrap()).unwrap(),
+        false
+    );
+
+    let (_, out, ..) = m
+        .exec(&name, "cat /proc/self/cgroup", no_options())
+        .await
+        .unwrap();
+    let cgroup = String::from_utf8(out).unwrap();
+    assert!(
+        cgroup.contains(&format!("/system.slice/{UNIT}/exec-")),
+        "each command runs in a cgroup of its own below the service: {cgroup}"
+    );
+    m.destroy_workspace(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_kills_every_process_and_keeps_the_output() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let (code, out, err, timed_out, _) = m
+        .exec(
+            "host",
+            "sleep 1000 & echo $!; echo started >&2; wait",
+            spec(vec![("timeout_secs", Variant::from(1u32))]),
+        )
+        .await
+        .unwrap();
+    assert!(timed_out);
+    assert_eq!(code, -1);
+    assert_eq!(
+        err, b"started\n",
+        "output produced before the timeout is kept"
+    );
+    let pid: u32 = String::from_utf8(out).unwrap().trim().parse().unwrap();
+    wait_for(
+        "the background sleep to be killed",
+        Duration::from_secs(5),
+        || pid_gone(pid).then_some(()),
+    );
+    let leftovers = sh(&format!(
+        "ls -d /sys/fs/cgroup/system.slice/{UNIT}/exec-* 2>/dev/null"
+    ))
+    .stdout;
+    assert_eq!(leftovers, "", "no command cgroup is left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_execs_on_one_workspace_all_succeed() {
+    require_test_host();
+    const N: usize = 16;
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("conc");
+    m.create_workspace(named(&name)).await.unwrap();
+    // Each command waits until all N have started: serialized execs would never get there.
+    let calls = (0..N).map(|i| {
+        let m = m.clone();
+        let name = name.clone();
+        async move {
+            let cmd = format!(
+                "touch started-{i}; while [ $(ls started-* | wc -l) -lt {N} ]; do sleep 0.05; done; echo {i}"
+            );
+            m.exec(&name, &cmd, spec(vec![("timeout_secs", Variant::from(60u32))])).await
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    for (i, r) in results.into_iter().enumerate() {
+        let (code, out, err, timed_out, _) = r.unwrap();
+        assert_eq!(
+            (code, timed_out),
+            (0, false),
+            "exec {i}: {}",
+            String::from_utf8_lossy(&err)
+        );
+        assert_eq!(out, format!("{i}\n").into_bytes());
+    }
+    m.destroy_workspace(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_disconnects_cancels_its_exec() {
+    require_test_host();
+    let marker = format!("/tmp/{}", unique("disconnect"));
+    let caller = bus().await;
+    let m = manager(&caller).await;
+    let cmd = format!("sleep 1000 & echo $! > {marker}; wait");
+    let call = tokio::spawn(async move { m.exec("host", &cmd, HashMap::new()).await });
+    let pid: u32 = wait_for("the command to start", Duration::from_secs(10), || {
+        std::fs::read_to_string(&marker).ok()?.trim().parse().ok()
+    });
+    call.abort();
+    drop(caller);
+    wait_for(
+        "the command of a vanished caller to be killed",
+        Duration::from_secs(10),
+        || pid_gone(pid).then_some(()),
+    );
+    let _ = std::fs::remove_file(&marker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_during_exec_ends_the_command_first() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("busy");
+    m.create_workspace(named(&name)).await.unwrap();
+    let runner = m.clone();
+    let n = name.clone();
+    let call = tokio::spawn(async move {
+        runner
+            .exec(&n, "touch running; sleep 1000", HashMap::new())
+            .await
+    });
+    let dir = workspace(&conn, &m.get_workspace(&name).await.unwrap())
+        .await
+        .path()
+        .await
+        .unwrap();
+    wait_for("the command to start", Duration::from_secs(10), || {
+        std::path::Path::new(&format!("{dir}/running"))
+            .exists()
+            .then_some(())
+    });
+    m.destroy_workspace(&name).await.unwrap();
+    assert_error(
+        call.await.unwrap(),
+        "org.agent.Workspaces.Error.JobFailed",
+        "destroyed",
+    );
+    assert_error(
+        m.get_workspace(&name).await,
+        "org.agent.Workspaces.Error.NoSuchWorkspace",
+        &name,
+    );
+}
+
+/// Not a test on its own: `polkit_refuses_...` runs this test binary again as `nobody` with
+/// `AW_CLIENT_CALL` set, so an unprivileged zbus client makes one call and prints the outcome.
+#[tokio::test]
+#[ignore = "run by polkit_refuses_an_unprivileged_caller_until_a_rule_allows_it"]
+async fn unprivileged_client_call() {
+    let Ok(call) = std::env::var("AW_CLIENT_CALL") else {
+        return;
+    };
+    let name = std::env::var("AW_CLIENT_NAME").unwrap_or_default();
+    let flags = match std::env::var("AW_CLIENT_INTERACTIVE").as_deref() {
+        Ok("1") => zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH,
+        _ => zbus::proxy::MethodFlags::empty(),
+    };
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let p = m.inner();
+    let result: zbus::Result<String> = match call.as_str() {
+        "list" => p
+            .call_with_flags::<_, _, Vec<(String, String, String, String, zbus::OwnedObjectPath)>>(
+                "ListWorkspaces",
+                flags,
+                &(),
+            )
+            .await
+            .map(|r| format!("{:?}", r.unwrap_or_default().len())),
+        "create" => p
+            .call_with_flags::<_, _, zbus::OwnedObjectPath>(
+                "CreateWorkspace",
+                flags,
+                &(named(&name),),
+            )
+            .await
+            .map(|r| format!("{r:?}")),
+        "exec" => p
+            .call_with_flags::<_, _, agent_workspaces::dbus::client::ExecReply>(
+                "Exec",
+                flags,
+                &(name.as_str(), "id -u", no_options()),
+            )
+            .await
+            .map(|r| {
+                format!(
+                    "{:?}",
+                    r.map(|r| (r.0, String::from_utf8_lossy(&r.1).into_owned()))
+                )
+            }),
+        other => panic!("unknown AW_CLIENT_CALL {other}"),
+    };
+    match result {
+        Ok(detail) => println!("RESULT ok\t{detail}"),
+        Err(e) => {
+            let (name, msg) = error_of(&e);
+            println!("RESULT {name}\t{msg}");
+        }
+    }
+}
+
+/// Runs one call as `nobody` (uid 65534) through `unprivileged_client_call`: (outcome, message).
+fn call_as_nobody(call: &str, name: &str, interactive: bool) -> (String, String) {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "unprivileged_client_call",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("AW_CLIENT_CALL", call)
+        .env("AW_CLIENT_NAME", name)
+        .env("AW_CLIENT_INTERACTIVE", if interactive { "1" } else { "0" })
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run the test binary as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
+        .unwrap_or_else(|| {
+            panic!(
+                "no result from the unprivileged client: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let (outcome, message) = line.split_once('\t').unwrap_or((line, ""));
+    (outcome.to_owned(), message.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polkit_refuses_an_unprivileged_caller_until_a_rule_allows_it() {
+    require_test_host();
+    let rule = "/etc/polkit-1/rules.d/50-agent-workspaces-test.rules";
+    let _ = std::fs::remove_file(rule);
+    let name = unique("polkit");
+
+    // Reading is public; the bus policy lets everyone call, the service asks polkit.
+    assert_eq!(call_as_nobody("list", "", false).0, "ok");
+    let (outcome, msg) = call_as_nobody("create", &name, false);
+    assert_eq!(
+        outcome, "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+        "{msg}"
+    );
+    assert!(
+        msg.contains("create workspace") && msg.contains("org.agent.workspaces.manage"),
+        "{msg}"
+    );
+    // A caller that allows interaction but has no authentication agent is refused.
+    let (outcome, msg) = call_as_nobody("create", &name, true);
+    assert_eq!(outcome, "org.freedesktop.DBus.Error.AccessDenied", "{msg}");
+    assert!(msg.contains("Not authorized to create workspace"), "{msg}");
+    let (outcome, msg) = call_as_nobody("exec", "host", false);
+    assert_eq!(
+        outcome, "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+        "{msg}"
+    );
+    assert!(msg.contains("org.agent.workspaces.exec-host"), "{msg}");
+    // The same through busctl, a real command-line client.
+    let create = format!(
+        "call org.agent.Workspaces /org/agent/Workspaces org.agent.Workspaces CreateWorkspace 'a{{sv}}' 1 name s {name}"
+    );
+    let refused = busctl_as_nobody(&format!("--allow-interactive-authorization=no {create}"));
+    assert!(
+        refused
+            .stderr
+            .contains("Interactive authentication required to create workspace"),
+        "{}",
+        refused.stderr
+    );
+    let conn = bus().await;
+    assert_error(
+        manager(&conn).await.get_workspace(&name).await,
+        "org.agent.Workspaces.Error.NoSuchWorkspace",
+        &name,
+    );
+
+    std::fs::write(
+        rule,
+        "polkit.addRule(function(action, subject) {\n  if (action.id.indexOf(\"org.agent.workspaces.\") == 0 && subject.user == \"nobody\")\n    return polkit.Result.YES;\n});\n",
+    )
+    .unwrap();
+    let created = wait_for("polkitd to load the rule", Duration::from_secs(15), || {
+        let (outcome, detail) = call_as_nobody("create", &name, false);
+        (outcome == "ok").then_some(detail)
+    });
+    assert!(
+        created.contains("/org/agent/Workspaces/workspace/"),
+        "{created}"
+    );
+    let (outcome, detail) = call_as_nobody("exec", &name, false);
+    assert_eq!(outcome, "ok");
+    assert!(detail.contains("(0, \"0\\n\")"), "runs as root: {detail}");
+    let via_busctl = busctl_as_nobody(&format!(
+        "call org.agent.Workspaces /org/agent/Workspaces org.agent.Workspaces Exec 'ssa{{sv}}' {name} true 0"
+    ));
+    assert_eq!(via_busctl.code, 0, "{}", via_busctl.stderr);
+    std::fs::remove_file(rule).unwrap();
+    manager(&conn).await.destroy_workspace(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_tells_a_workspace_story_without_secrets() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("journal");
+    let secret = unique("secret-value");
+    let path = m
+        .create_workspace(spec(vec![
+            ("name", Variant::from(name.as_str())),
+            ("env_vars", env_variant(&[("TOKEN", &secret)])),
+        ]))
+        .await
+        .unwrap();
+    let id = workspace(&conn, &path).await.id().await.unwrap();
+    let stdin_secret = unique("stdin-secret");
+    m.exec(
+        &name,
+        "cat >/dev/null; exit 3",
+        spec(vec![(
+            "stdin",
+            Variant::from(stdin_secret.as_bytes().to_vec()),
+        )]),
+    )
+    .await
+    .unwrap();
+    m.destroy_workspace(&name).await.unwrap();
+    let entries = wait_for("the journal entries", Duration::from_secs(10), || {
+        let e = journal(&format!("WORKSPACE_ID={id}"));
+        e.iter()
+            .any(|e| e["MESSAGE_ID"] == MSG_DESTROYED)
+            .then_some(e)
+    });
+    let ids: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e["MESSAGE_ID"].as_str())
+        .collect();
+    assert_eq!(ids, [MSG_CREATED, MSG_EXEC, MSG_DESTROYED], "{entries:#?}");
+    for e in &entries {
+        assert_eq!(e["WORKSPACE_NAME"], name.as_str());
+        assert_eq!(e["_SYSTEMD_UNIT"], UNIT);
+    }
+    let exec = &entries[1];
+    assert_eq!(exec["EXIT_CODE"], "3");
+    assert!(
+        exec["DURATION_USEC"]
+            .as_str()
+            .is_some_and(|d| d.parse::<u64>().is_ok())
+    );
+    let all = sh("journalctl -b -o export --no-pager").stdout;
+    assert!(!all.contains(&secret), "an env value reached the journal");
+    assert!(!all.contains(&stdin_secret), "stdin reached the journal");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_every_workspace() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let names = [unique("keep"), unique("keep")];
+    for n in &names {
+        m.create_workspace(spec(vec![
+            ("name", Variant::from(n.as_str())),
+            ("env_vars", env_variant(&[("VALUE", n)])),
+        ]))
+        .await
+        .unwrap();
+    }
+    let before = m.list_workspaces().await.unwrap();
+    restart_service();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    assert_eq!(m.list_workspaces().await.unwrap(), before);
+    for n in &names {
+        let (_, out, ..) = m.exec(n, "echo $VALUE", HashMap::new()).await.unwrap();
+        assert_eq!(
+            out,
+            format!("{n}\n").into_bytes(),
+            "env values survive the restart"
+        );
+        m.destroy_workspace(n).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_record_is_reported_and_skipped() {
+    require_test_host();
+    let conn = bus().await;
+    let keep = unique("intact");
+    manager(&conn)
+        .await
+        .create_workspace(named(&keep))
+        .await
+        .unwrap();
+    let bogus = uuid::Uuid::new_v4();
+    let file = format!("{STATE}/records/{bogus}.json");
+    std::fs::write(&file, "{\"schema_version\": 1, \"workspace\": {\"id\": ").unwrap();
+    restart_service();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let list = m.list_workspaces().await.unwrap();
+    assert!(list.iter().any(|w| w.1 == keep) && list.iter().any(|w| w.0 == "host"));
+    assert!(!list.iter().any(|w| w.0 == bogus.to_string()));
+    let reported = wait_for(
+        "the corrupt record to be reported",
+        Duration::from_secs(10),
+        || {
+            let e = journal(&format!("MESSAGE_ID={MSG_CORRUPT}"));
+            e.into_iter()
+                .find(|e| e["MESSAGE"].as_str().is_some_and(|m| m.contains(&file)))
+        },
+    );
+    assert_eq!(reported["PRIORITY"], "4", "reported as a warning");
+    assert!(
+        std::path::Path::new(&file).exists(),
+        "the file is kept for inspection"
+    );
+    std::fs::remove_file(&file).unwrap();
+    m.destroy_workspace(&keep).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_input_gets_its_named_error_and_changes_nothing() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let existing = unique("exists");
+    m.create_workspace(named(&existing)).await.unwrap();
+    let before = m.list_workspaces().await.unwrap();
+    let records = || ok(&format!("ls {STATE}/records"));
+    let records_before = records();
+    let invalid = "org.freedesktop.DBus.Error.InvalidArgs";
+
+    assert_error(
+        m.create_workspace(named("Bad_Name")).await,
+        invalid,
+        "'name'",
+    );
+    assert_error(m.create_workspace(HashMap::new()).await, invalid, "'name'");
+    assert_error(
+        m.create_workspace(named("1b4e28ba-2fa1-11d2-883f-0016d3cca427"))
+            .await,
+        invalid,
+        "'name'",
+    );
+    assert_error(
+        m.create_workspace(spec(vec![
+            ("name", Variant::from("ok")),
+            ("colour", Variant::from("red")),
+        ]))
+        .await,
+        invalid,
+        "'colour'",
+    );
+    assert_error(
+        m.create_workspace(spec(vec![("name", Variant::from(7u32))]))
+            .await,
+        invalid,
+        "'name'",
+    );
+    assert_error(
+        m.create_workspace(spec(vec![
+            ("name", Variant::from("ok")),
+            ("workspace_type", Variant::from("container")),
+            ("distro", Variant::from("gentoo")),
+        ]))
+        .await,
+        invalid,
+        "'distro'",
+    );
+    let big = "x".repeat(40_000);
+    assert_error(
+        m.create_workspace(spec(vec![
+            ("name", Variant::from("ok")),
+            ("env_vars", env_variant(&[("BIG", &big)])),
+        ]))
+        .await,
+        invalid,
+        "'env_vars'",
+    );
+    assert_error(
+        m.create_workspace(named(&existing)).await,
+        "org.agent.Workspaces.Error.WorkspaceExists",
+        &existing,
+    );
+    assert_error(
+        m.create_workspace(spec(vec![
+            ("name", Variant::from("ok")),
+            ("workspace_type", Variant::from("container")),
+            ("distro", Variant::from("debian-bookworm")),
+        ]))
+        .await,
+        "org.agent.Workspaces.Error.NotSupported",
+        "container",
+    );
+    assert_error(
+        m.update_workspace(&existing, spec(vec![("name", Variant::from("other"))]))
+            .await,
+        invalid,
+        "'name'",
+    );
+    assert_error(
+        m.update_workspace("missing", spec(vec![("init_script", Variant::from("x"))]))
+            .await,
+        "org.agent.Workspaces.Error.NoSuchWorkspace",
+        "missing",
+    );
+    assert_error(
+        m.destroy_workspace("host").await,
+        "org.agent.Workspaces.Error.Protected",
+        "host",
+    );
+    assert_error(
+        m.destroy_workspace("missing").await,
+        "org.agent.Workspaces.Error.NoSuchWorkspace",
+        "missing",
+    );
+    assert_error(
+        m.exec(
+            "host",
+            "true",
+            spec(vec![("timeout_secs", Variant::from(0u32))]),
+        )
+        .await,
+        invalid,
+        "3600",
+    );
+    assert_error(
+        m.exec(
+            "host",
+            "true",
+            spec(vec![("timeout_secs", Variant::from(3601u32))]),
+        )
+        .await,
+        invalid,
+        "timeout_secs",
+    );
+    assert_error(
+        m.exec(
+            "host",
+            "true",
+            spec(vec![("cwd", Variant::from("/nonexistent"))]),
+        )
+        .await,
+        invalid,
+        "'cwd'",
+    );
+    assert_error(
+        m.exec("missing", "true", HashMap::new()).await,
+        "org.agent.Workspaces.Error.NoSuchWorkspace",
+        "missing",
+    );
+    assert_error(
+        m.build_workspace("host").await,
+        "org.agent.Workspaces.Error.NotSupported",
+        "host",
+    );
+    assert_error(
+        m.get_init_log(&existing, 10).await,
+        "org.agent.Workspaces.Error.NotSupported",
+        &existing,
+    );
+
+    assert_eq!(m.list_workspaces().await.unwrap(), before);
+    assert_eq!(
+        records(),
+        records_before,
+        "no record was written or removed"
+    );
+    m.destroy_workspace(&existing).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_new_limits_and_a_bad_file_keeps_the_old_ones() {
+    require_test_host();
+    let config = "/etc/agent-workspaces/config.toml";
+    std::fs::create_dir_all("/etc/agent-workspaces").unwrap();
+    std::fs::write(
+        config,
+        "[exec]\nmax_timeout_secs = 5\ndefault_timeout_secs = 5\n",
+    )
+    .unwrap();
+    systemctl(&format!("reload {UNIT}"));
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    assert_error(
+        m.exec(
+            "host",
+            "true",
+            spec(vec![("timeout_secs", Variant::from(6u32))]),
+        )
+        .await,
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "1 to 5 seconds",
+    );
+    std::fs::write(config, "[exec]\nmax_timeout_secs = \"many\"\n").unwrap();
+    systemctl(&format!("reload {UNIT}"));
+    assert_eq!(
+        sh(&format!("systemctl is-active {UNIT}")).stdout.trim(),
+        "active"
+    );
+    assert_error(
+        m.exec(
+            "host",
+            "true",
+            spec(vec![("timeout_secs", Variant::from(6u32))]),
+        )
+        .await,
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "1 to 5 seconds",
+    );
+    let failed = journal(&format!("_SYSTEMD_UNIT={UNIT} PRIORITY=3"));
+    assert!(
+        failed
+            .iter()
+            .any(|e| e["MESSAGE"].as_str().is_some_and(|m| m.contains("line 2"))),
+        "the reload error names the line"
+    );
+    // A bad file at start is a clear failure, never a silent default.
+    let start = sh(&format!("systemctl restart {UNIT}"));
+    assert_ne!(start.code, 0);
+    let status = sh(&format!("systemctl show -p StatusText --value {UNIT}")).stdout;
+    assert!(status.contains("line 2"), "{status}");
+    std::fs::remove_file(config).unwrap();
+    systemctl(&format!("reset-failed {UNIT}"));
+    restart_service();
+    let conn = bus().await;
+    manager(&conn)
+        .await
+        .exec(
+            "host",
+            "true",
+            spec(vec![("timeout_secs", Variant::from(600u32))]),
+        )
+        .await
+        .unwrap();
+}

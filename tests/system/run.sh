@@ -1,0 +1,45 @@
+#!/bin/bash
+# Runs the system tests: boots a fresh disposable test host (real systemd, D-Bus, journald,
+# machined, polkitd; see tests/testhost/testhost.sh), installs the service into it with
+# `make install`, runs the tests of tests/system inside it as a transient unit, saves its journal
+# to target/system-test/journal.txt and takes the test host down again.
+#
+#   KEEP_TESTHOST=1 tests/system/run.sh     leave the test host up afterwards, for debugging
+#   tests/system/run.sh TESTNAME            pass a filter (or other libtest flags) to the tests
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+testhost=tests/testhost/testhost.sh
+artifacts=$repo/target/system-test
+mkdir -p "$artifacts"
+
+[ "$(id -u)" = 0 ] || { echo "system tests need root (they boot a test host)" >&2; exit 1; }
+
+cargo build --release --locked
+bin=$(cargo test --locked --test system --no-run 2>&1 | tee "$artifacts/build.log" |
+      sed -n 's/^ *Executable .*(\(.*\))$/\1/p' | tail -1)
+if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+  cat "$artifacts/build.log" >&2
+  echo "no system test binary" >&2
+  exit 1
+fi
+
+finish() {
+  local rc=$?
+  "$testhost" journal "$artifacts/journal.txt" >/dev/null 2>&1 || true
+  if [ "${KEEP_TESTHOST:-0}" = 1 ]; then
+    echo "test host left running (KEEP_TESTHOST=1): $testhost enter / $testhost down" >&2
+  else
+    "$testhost" down >/dev/null 2>&1 || true
+  fi
+  [ "$rc" = 0 ] || echo "system tests failed; the test host's journal is in $artifacts/journal.txt" >&2
+  exit "$rc"
+}
+trap finish EXIT
+
+"$testhost" down >/dev/null
+"$testhost" up >/dev/null
+"$testhost" install
+"$testhost" run -E AGENT_WORKSPACES_TESTHOST=1 -- \
+  "$repo/$bin" --test-threads=1 "$@"

@@ -1,0 +1,170 @@
+//! Helpers for the system tests, which run inside the real-systemd test host (as a transient
+//! unit started by `tests/system/run.sh`) against the installed service.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agent_workspaces::dbus::client::{Args, WorkspaceProxy, WorkspacesProxy};
+use zbus::{Connection, DBusError, Variant};
+
+pub const UNIT: &str = "agent-workspaced.service";
+pub const STATE: &str = "/var/lib/agent-workspaces";
+
+/// Refuses to run anywhere but in the test host: these tests restart system services and
+/// write polkit rules.
+pub fn require_test_host() {
+    assert!(
+        std::env::var_os("AGENT_WORKSPACES_TESTHOST").is_some()
+            && std::path::Path::new("/run/systemd/system").exists(),
+        "the system tests run inside the disposable test host: use `make system-test`"
+    );
+}
+
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs a shell command and returns what it did.
+pub fn sh(script: &str) -> Out {
+    let o = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("run /bin/sh");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Runs a shell command that must succeed; returns its stdout.
+pub fn ok(script: &str) -> String {
+    let o = sh(script);
+    assert_eq!(o.code, 0, "`{script}` failed: {}{}", o.stdout, o.stderr);
+    o.stdout
+}
+
+/// Polls `f` until it returns `Some`, for at most `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub async fn bus() -> Connection {
+    Connection::system()
+        .await
+        .expect("connect to the system bus")
+}
+
+pub async fn manager(conn: &Connection) -> WorkspacesProxy<'static> {
+    WorkspacesProxy::new(conn).await.expect("manager proxy")
+}
+
+pub async fn workspace(conn: &Connection, path: &zbus::OwnedObjectPath) -> WorkspaceProxy<'static> {
+    WorkspaceProxy::builder(conn)
+        .path(path.clone())
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("workspace proxy")
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+pub fn spec<'a>(items: Vec<(&'a str, Variant<'a>)>) -> Args<'a> {
+    items.into_iter().collect()
+}
+
+pub fn named(name: &str) -> Args<'_> {
+    spec(vec![("name", Variant::from(name))])
+}
+
+pub fn env_variant(pairs: &[(&str, &str)]) -> Variant<'static> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Variant::from(map)
+}
+
+/// The D-Bus error name and message of a failed call.
+pub fn error_of(e: &zbus::Error) -> (String, String) {
+    match e {
+        zbus::Error::MethodError(name, msg, _) => {
+            (name.to_string(), msg.clone().unwrap_or_default())
+        }
+        zbus::Error::FDO(f) => (
+            f.name().to_string(),
+            f.description().unwrap_or_default().to_owned(),
+        ),
+        other => (format!("{other:?}"), other.to_string()),
+    }
+}
+
+/// Asserts that `r` failed with `name` and a message containing `needle`.
+pub fn assert_error<T: std::fmt::Debug>(r: zbus::Result<T>, name: &str, needle: &str) {
+    let e = r.expect_err(&format!("expected {name}"));
+    let (got, msg) = error_of(&e);
+    assert_eq!(got, name, "message: {msg}");
+    assert!(
+        msg.contains(needle),
+        "{got}: '{msg}' does not contain '{needle}'"
+    );
+}
+
+pub fn systemctl(args: &str) -> String {
+    ok(&format!("systemctl {args}"))
+}
+
+pub fn restart_service() {
+    systemctl(&format!("restart {UNIT}"));
+    assert_eq!(
+        sh(&format!("systemctl is-active {UNIT}")).stdout.trim(),
+        "active"
+    );
+}
+
+/// Journal entries of this boot matching `matches` (journalctl field matches), as JSON objects.
+pub fn journal(matches: &str) -> Vec<serde_json::Value> {
+    sh(&format!("journalctl -b -o json --no-pager {matches}"))
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Is the process gone (or a zombie nobody reaped yet)?
+pub fn pid_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Runs busctl as the unprivileged user `nobody`.
+pub fn busctl_as_nobody(args: &str) -> Out {
+    sh(&format!(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups busctl --system {args}"
+    ))
+}
