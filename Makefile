@@ -8,6 +8,7 @@
 #   make test            the whole test suite: unit and contract tests, then the system tests
 #                        against real systemd, machined, polkit and journald in a test host
 #   make lint            rustfmt and clippy, warnings are errors
+#   make bench           exec latency through D-Bus against baselines, in the test host
 
 prefix ?= /usr
 libexecdir ?= $(prefix)/libexec
@@ -16,7 +17,7 @@ systemdsystemunitdir ?= $(prefix)/lib/systemd/system
 CARGO ?= cargo
 TESTHOST := tests/testhost/testhost.sh
 
-.PHONY: all build install uninstall up down test unit-test system-test lint
+.PHONY: all build install uninstall up down test unit-test system-test lint bench
 
 all: build
 
@@ -59,3 +60,6 @@ system-test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+bench:
+	tests/bench.sh

@@ -228,7 +228,7 @@ impl Manager {
         drop(reg);
         info!(message_id = messages::WORKSPACE_CREATED, workspace_id = %ws.id,
               workspace_name = %ws.name, workspace_type = ws.workspace_type.as_str(),
-              path = %ws.path.display(),
+              workspace_path = %ws.path.display(),
               "Created {} workspace {} ({})", ws.workspace_type.as_str(), ws.name, ws.id);
         self.ports.events.emit(Event::Added { id: ws.id.clone() });
         Ok(ws)

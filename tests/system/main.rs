@@ -120,11 +120,10 @@ async fn live_introspection_equals_the_checked_in_xml() {
     let installed =
         std::fs::read_to_string("/usr/share/dbus-1/interfaces/org.agent.Workspaces.xml")
             .expect("the interface XML is installed");
-    let checked_in = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dbus/org.agent.Workspaces.xml"
-    ))
-    .unwrap();
+    let repo =
+        std::env::var("TESTHOST_REPO").expect("run by testhost.sh, which sets TESTHOST_REPO");
+    let checked_in =
+        std::fs::read_to_string(format!("{repo}/dbus/org.agent.Workspaces.xml")).unwrap();
     assert_eq!(installed, checked_in);
     let documented = interfaces(&checked_in);
     assert_eq!(
@@ -230,6 +229,43 @@ async fn create_list_get_update_destroy_with_signals_and_properties() {
         "the workspace directory is removed"
     );
     assert!(!std::path::Path::new(&format!("{STATE}/records/{id}.json")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chosen_host_path_is_used_and_never_deleted() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("chosen");
+    let dir = format!("/srv/{name}");
+    let path = m
+        .create_workspace(spec(vec![
+            ("name", Variant::from(name.as_str())),
+            ("path", Variant::from(dir.as_str())),
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(workspace(&conn, &path).await.path().await.unwrap(), dir);
+    let (_, out, ..) = m
+        .exec(&name, "pwd; touch kept", no_options())
+        .await
+        .unwrap();
+    assert_eq!(out, format!("{dir}\n").into_bytes());
+    m.destroy_workspace(&name).await.unwrap();
+    assert!(
+        std::path::Path::new(&format!("{dir}/kept")).exists(),
+        "a directory the caller chose survives destroy"
+    );
+    ok(&format!("rm -r {dir}"));
+    assert_error(
+        m.create_workspace(spec(vec![
+            ("name", Variant::from("rel")),
+            ("path", Variant::from("srv/x")),
+        ]))
+        .await,
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "'path'",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,6 +741,12 @@ async fn a_restart_keeps_every_workspace() {
         .unwrap();
     }
     let before = m.list_workspaces().await.unwrap();
+    systemctl(&format!("stop {UNIT}"));
+    let stopped = systemctl(&format!("show -p Result -p ExecMainStatus {UNIT}"));
+    assert_eq!(
+        stopped, "Result=success\nExecMainStatus=0\n",
+        "SIGTERM is a clean stop: exit 0, no stop timeout, no SIGKILL"
+    );
     restart_service();
     let conn = bus().await;
     let m = manager(&conn).await;

@@ -34,6 +34,9 @@ BOOT_TIMEOUT=180 # seconds until the test host must be ready
 STOP_TIMEOUT=20  # seconds for a graceful poweroff before SIGKILL
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# The repository is mounted here inside, whatever its path outside (a clone below /tmp, say: the
+# test host's systemd cleans its own /tmp at boot, so nothing may be shared there).
+REPO_INSIDE=/srv/agent-workspaces
 PROG=$0
 TESTHOST_DIR=${TESTHOST_DIR:-/var/tmp/agent-workspaces-testhost}
 TESTHOST_CACHE=${TESTHOST_CACHE:-/var/cache/agent-workspaces-testhost}
@@ -69,8 +72,10 @@ Commands:
   enter       interactive shell inside the test host (nsenter into all its namespaces)
   run [-u USER] [-E VAR=VAL]... -- CMD [ARGS...]
               run CMD inside as a transient service unit (systemd-run --pipe --wait), as USER if
-              given, in the caller's working directory (the repository and the cache are mounted at
-              the same paths inside). stdin is /dev/null; CMD's exit status is returned.
+              given, in the caller's working directory. The repository is mounted at
+              /srv/agent-workspaces inside (paths into it, in the working directory and in the
+              arguments, are translated; $TESTHOST_REPO says where it is), the cache at its own path.
+              stdin is /dev/null; CMD's exit status is returned.
   install     make -C <repo> install DESTDIR=/proc/<leader>/root prefix=/usr, then reload systemd
               and dbus-daemon inside. The script builds nothing itself; the Makefile's install
               target builds the release binary if needed.
@@ -163,15 +168,13 @@ check_config() {
 		# nspawn runs with a private, empty /run: nothing below /run is visible to it
 		path_is_under "$path" /run && die "$var=$path must not be below /run"
 	done
-	# The repository and the cache appear at the same path inside. Below these the test host's
-	# systemd keeps its own (temporary) file systems, so they must not be shared there.
-	for var in TESTHOST_CACHE REPO; do
-		path=${!var}
-		for bad in /proc /sys /dev /tmp /var/tmp; do
-			path_is_under "$path" "$bad" && die "$var=$path must not be below $bad"
-		done
-		[ "$path" != / ] || die "$var must not be /"
+	# The cache appears at the same path inside. Below these the test host's systemd keeps its
+	# own (temporary) file systems, so it must not be shared there.
+	path=$TESTHOST_CACHE
+	for bad in /proc /sys /dev /tmp /var/tmp; do
+		path_is_under "$path" "$bad" && die "TESTHOST_CACHE=$path must not be below $bad"
 	done
+	[ "$path" != / ] || die "TESTHOST_CACHE must not be /"
 	return 0
 }
 
@@ -422,7 +425,7 @@ start_nspawn() {
 	local args=(
 		--directory="$ROOTFS" --machine="$TESTHOST_NAME" --boot
 		--register=no --keep-unit --console=read-only --volatile=overlay --link-journal=no
-		--bind="$BUS_DIR:/run/dbus" --bind="$REPO" --bind="$TESTHOST_CACHE"
+		--bind="$BUS_DIR:/run/dbus" --bind="$REPO:$REPO_INSIDE" --bind="$TESTHOST_CACHE"
 	)
 	[ ! -f "$CONSOLE_LOG" ] || mv -f "$CONSOLE_LOG" "$CONSOLE_LOG.prev"
 	rm -f "$BUS_SOCKET" "$SUPERVISOR_PID_FILE" "$CGROUP_LIST_FILE"
@@ -547,7 +550,7 @@ Test host '$TESTHOST_NAME' is up: $version, state $state.
   shell:        $PROG enter
   install:      $PROG install     (the repo's 'make install' into the test host, then reloads)
   journal:      $PROG journal FILE
-  shared:       $REPO and $TESTHOST_CACHE (same paths inside, read-write)
+  shared:       $REPO as $REPO_INSIDE, $TESTHOST_CACHE at the same path (read-write)
   console log:  $CONSOLE_LOG
   stop:         $PROG down
 EOF
@@ -630,7 +633,15 @@ cmd_enter() {
 	require_running
 	# shellcheck disable=SC2016 # expanded by the inner bash
 	exec nsenter -t "$LEADER" -a env -i PATH="$INSIDE_PATH" LANG=C.UTF-8 TERM="${TERM:-dumb}" HOME=/root \
-		bash -c 'cd -- "$1" 2>/dev/null || cd /; exec bash -l' testhost-enter "$PWD"
+		bash -c 'cd -- "$1" 2>/dev/null || cd /; exec bash -l' testhost-enter "$(inside_path "$PWD")"
+}
+
+inside_path() { # a path into the repository, as seen inside the test host; anything else unchanged
+	case $1 in
+	"$REPO") printf '%s\n' "$REPO_INSIDE" ;;
+	"$REPO"/*) printf '%s\n' "$REPO_INSIDE/${1#"$REPO"/}" ;;
+	*) printf '%s\n' "$1" ;;
+	esac
 }
 
 cmd_run() {
@@ -658,15 +669,22 @@ cmd_run() {
 	done
 	(($#)) || die "run: no command (usage: run [-u USER] [-E VAR=VAL]... -- CMD ARGS...)"
 	require_running
-	[ -d "/proc/$LEADER/root$PWD" ] ||
-		die "run: the working directory $PWD does not exist inside the test host (shared: $REPO, $TESTHOST_CACHE)"
-	if [ "$PWD" != / ] && ! path_is_under "$PWD" "$REPO" && ! path_is_under "$PWD" "$TESTHOST_CACHE"; then
-		log "note: $PWD is not shared with the test host; the command runs in the test host's own $PWD"
+	# Paths into the repository (the working directory, and arguments) are translated to where
+	# the repository is mounted inside.
+	local wd args=() arg
+	wd=$(inside_path "$PWD")
+	for arg in "$@"; do args+=("$(inside_path "$arg")"); done
+	set -- "${args[@]}"
+	[ -d "/proc/$LEADER/root$wd" ] ||
+		die "run: the working directory $wd does not exist inside the test host (shared: $REPO as $REPO_INSIDE, $TESTHOST_CACHE)"
+	if [ "$wd" != / ] && ! path_is_under "$wd" "$REPO_INSIDE" && ! path_is_under "$wd" "$TESTHOST_CACHE"; then
+		log "note: $wd is not shared with the test host; the command runs in the test host's own $wd"
 	fi
+	setenv+=("--setenv=TESTHOST_REPO=$REPO_INSIDE")
 	local props=()
 	[ -z "$user" ] || props+=(--property="User=$user")
 	exec nsenter -t "$LEADER" -a env -i PATH="$INSIDE_PATH" LANG=C.UTF-8 \
-		systemd-run --pipe --wait --quiet --collect --working-directory="$PWD" \
+		systemd-run --pipe --wait --quiet --collect --working-directory="$wd" \
 		"${props[@]}" "${setenv[@]}" -- "$@" </dev/null
 }
 

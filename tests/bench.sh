@@ -1,0 +1,13 @@
+#!/bin/bash
+# `make bench`: boots the test host, installs the service, and runs benches/exec_latency.rs
+# inside it. Prints latency figures and ratios against baselines measured in the same run.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+testhost=tests/testhost/testhost.sh
+bin=$(cargo bench --locked --bench exec_latency --no-run 2>&1 |
+      sed -n 's/^ *Executable .*(\(.*\))$/\1/p' | tail -1)
+[ -x "$bin" ] || { echo "no benchmark binary" >&2; exit 1; }
+"$testhost" up >/dev/null
+"$testhost" install >/dev/null
+"$testhost" run -- "$repo/$bin"
