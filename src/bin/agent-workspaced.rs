@@ -16,9 +16,11 @@ use agent_workspaces::core::messages;
 use agent_workspaces::core::{Manager, Ports};
 use agent_workspaces::dbus::{self, BUS_NAME};
 use agent_workspaces::system::config::{self, Config, IsolationMode};
+use agent_workspaces::system::containers::NspawnContainers;
 use agent_workspaces::system::exec::{CgroupTree, HostExecutor, Isolation};
 use agent_workspaces::system::logging;
 use agent_workspaces::system::store::{Dirs, FileStore};
+use agent_workspaces::system::systemd::Systemd;
 
 /// Exit code for a configuration error (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
@@ -45,6 +47,16 @@ struct Args {
     /// Where logs go.
     #[arg(long, value_enum, default_value = "auto")]
     log_target: logging::Target,
+    #[command(subcommand)]
+    command: Option<Internal>,
+}
+
+/// Not for users: what the service's own transient units run.
+#[derive(clap::Subcommand)]
+enum Internal {
+    /// Build a container tree from a build plan (run by agent-workspace-build-NAME.service).
+    #[command(hide = true)]
+    BuildTree { plan: PathBuf },
 }
 
 fn fail(code: u8, message: String) -> ExitCode {
@@ -63,6 +75,9 @@ fn notify_or_warn(states: &[NotifyState]) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Internal::BuildTree { plan }) = &args.command {
+        return ExitCode::from(agent_workspaces::system::build::main(plan));
+    }
     if let Err(e) = logging::init(args.log_target) {
         eprintln!("agent-workspaced: {e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -99,6 +114,25 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         }
     };
     let store = FileStore::open(state_dir.join("records")).map_err(|e| e.to_string())?;
+    let builder = match &args.bus_address {
+        Some(a) => zbus::connection::Builder::address(a.as_str()),
+        None => zbus::connection::Builder::system(),
+    };
+    let conn = builder
+        .build()
+        .await
+        .map_err(|e| format!("Cannot connect to the bus: {e}"))?;
+    let systemd = Systemd::new(&conn)
+        .await
+        .map_err(|e| format!("Cannot reach systemd on the bus: {e}"))?;
+    let program = std::env::current_exe().map_err(|e| format!("Cannot find this program: {e}"))?;
+    let containers = NspawnContainers::new(
+        systemd,
+        config.container.clone(),
+        &state_dir,
+        program,
+        config.exec.max_output_bytes,
+    );
     let (events, receiver) = dbus::objects::EventQueue::new();
     let host_dir = config
         .host_workspace_dir
@@ -109,21 +143,14 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             store: Arc::new(store),
             dirs: Arc::new(Dirs::new(state_dir.join("workspaces"))),
             executor: Arc::new(HostExecutor::new(isolation)),
+            containers: Arc::new(containers),
             events: Arc::new(events.clone()),
         },
         host_dir,
         config.exec,
     ));
     manager.load().map_err(|e| e.to_string())?;
-
-    let builder = match &args.bus_address {
-        Some(a) => zbus::connection::Builder::address(a.as_str()),
-        None => zbus::connection::Builder::system(),
-    };
-    let conn = builder
-        .build()
-        .await
-        .map_err(|e| format!("Cannot connect to the bus: {e}"))?;
+    manager.reconcile();
     dbus::serve(&conn, manager.clone(), events, receiver)
         .await
         .map_err(|e| format!("Cannot serve the D-Bus objects: {e}"))?;

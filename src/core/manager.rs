@@ -18,19 +18,38 @@ use tracing::{info, warn};
 use super::error::{Error, Result};
 use super::messages;
 use super::names::{DEFAULT_HOST, new_id};
-use super::ports::{Event, Events, ExecOutcome, ExecRequest, Executor, HostDirs, Store};
+use super::ports::{
+    Containers, Event, Events, ExecOutcome, ExecRequest, Executor, HostDirs, Store,
+};
 use super::spec::{Changes, CreateSpec, ExecLimits, ExecParams};
 use super::workspace::{Field, Status, Workspace, WorkspaceType};
 
 /// The environment every command starts from, before the workspace's and the call's variables.
 pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The environment of a command: a minimal base, then the workspace's variables, then the
+/// call's (later wins).
+pub fn command_env(ws: &Workspace, call: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("PATH".to_owned(), BASE_PATH.to_owned()),
+        ("HOME".to_owned(), "/root".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ]);
+    env.extend(ws.env_vars.clone());
+    env.extend(call);
+    env
+}
+
 pub struct Ports {
     pub store: Arc<dyn Store>,
     pub dirs: Arc<dyn HostDirs>,
     pub executor: Arc<dyn Executor>,
+    pub containers: Arc<dyn Containers>,
     pub events: Arc<dyn Events>,
 }
+
+/// Where a container's workspace directory is, inside the container.
+pub const CONTAINER_WORKDIR: &str = "/workspace";
 
 struct Entry {
     ws: Workspace,
@@ -80,6 +99,8 @@ pub struct Manager {
     registry: Mutex<Registry>,
     execs_running: AtomicUsize,
     shutdown: CancellationToken,
+    /// Container records found `destroying` at load; `reconcile` finishes them.
+    unfinished_destroys: Mutex<Vec<Workspace>>,
 }
 
 fn now_usec() -> u64 {
@@ -105,6 +126,7 @@ impl Manager {
             registry: Mutex::default(),
             execs_running: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
+            unfinished_destroys: Mutex::default(),
         }
     }
 
@@ -129,7 +151,14 @@ impl Manager {
             if ws.status == Status::Destroying {
                 info!(workspace_id = %ws.id, workspace_name = %ws.name,
                       "Finishing the destroy of workspace {} interrupted by a restart", ws.name);
-                self.remove_files(&ws)?;
+                if ws.is_container() {
+                    self.unfinished_destroys
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(ws);
+                } else {
+                    self.remove_files_blocking(&ws)?;
+                }
                 continue;
             }
             loaded.push(ws);
@@ -166,6 +195,8 @@ impl Manager {
                 tools: Vec::new(),
                 template: String::new(),
                 created_at_usec: now_usec(),
+                network: Default::default(),
+                limits: Default::default(),
             }),
         };
         if let Some(host) = host {
@@ -189,14 +220,8 @@ impl Manager {
         self.reg().resolve(key).map(|e| e.ws.clone())
     }
 
-    pub async fn create(&self, spec: CreateSpec) -> Result<Workspace> {
+    pub async fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<Workspace> {
         let v = spec.validate()?;
-        if v.workspace_type == WorkspaceType::Container {
-            return Err(Error::NotSupported(format!(
-                "Cannot create workspace '{}': container workspaces are not available in this version",
-                v.name
-            )));
-        }
         for (key, used) in [
             ("skills", !v.skills.is_empty()),
             ("tools", !v.tools.is_empty()),
@@ -219,33 +244,61 @@ impl Manager {
             }
             reg.reserved.insert(v.name.clone());
         }
-        let result = self.create_reserved(v.clone());
-        let mut reg = self.reg();
-        reg.reserved.remove(&v.name);
-        let ws = result?;
-        reg.by_id
-            .insert(ws.id.clone(), Entry::new(ws.clone(), &self.shutdown));
-        drop(reg);
+        let build_now = v.build_on_create;
+        if build_now && self.builds_running() >= self.limits().max_concurrent_builds {
+            return Err(Error::LimitsExceeded(format!(
+                "Too many ongoing operations: cannot build workspace '{}' now (max_concurrent_builds); nothing was created",
+                v.name
+            )));
+        }
+        let result = self.create_reserved(v.clone()).await;
+        let ws = {
+            let mut reg = self.reg();
+            reg.reserved.remove(&v.name);
+            let ws = result?;
+            reg.by_id
+                .insert(ws.id.clone(), Entry::new(ws.clone(), &self.shutdown));
+            ws
+        };
         info!(message_id = messages::WORKSPACE_CREATED, workspace_id = %ws.id,
               workspace_name = %ws.name, workspace_type = ws.workspace_type.as_str(),
               workspace_path = %ws.path.display(),
               "Created {} workspace {} ({})", ws.workspace_type.as_str(), ws.name, ws.id);
         self.ports.events.emit(Event::Added { id: ws.id.clone() });
+        if build_now {
+            // The workspace exists now: a build that cannot start leaves it pending, it does
+            // not fail the create.
+            if let Err(e) = self.build(&ws.id, false).await {
+                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "Created {} but could not start its build: {e}", ws.name);
+            }
+            return self.get(&ws.id);
+        }
         Ok(ws)
     }
 
-    fn create_reserved(&self, v: super::spec::ValidCreate) -> Result<Workspace> {
+    async fn create_reserved(&self, v: super::spec::ValidCreate) -> Result<Workspace> {
         let id = new_id();
+        let container = v.workspace_type == WorkspaceType::Container;
         let (path, owns_path) = match v.path {
             Some(p) => (p, false),
+            None if container => (self.ports.containers.tree_path(&v.name), true),
             None => (self.ports.dirs.default_dir(&id), true),
         };
-        self.ports.dirs.ensure(&path)?;
+        if container {
+            self.ports.containers.check_name_free(&v.name).await?;
+        } else {
+            self.ports.dirs.ensure(&path)?;
+        }
         let ws = Workspace {
             id,
             name: v.name,
             workspace_type: v.workspace_type,
-            status: Status::Ready,
+            status: if container {
+                Status::Pending
+            } else {
+                Status::Ready
+            },
             error_message: String::new(),
             path,
             owns_path,
@@ -256,9 +309,11 @@ impl Manager {
             tools: v.tools,
             template: v.template,
             created_at_usec: now_usec(),
+            network: v.network,
+            limits: v.limits,
         };
         if let Err(e) = self.ports.store.save(&ws) {
-            if ws.owns_path {
+            if ws.owns_path && !container {
                 let _ = self.ports.dirs.remove_tree(&ws.path);
             }
             return Err(e);
@@ -337,9 +392,16 @@ impl Manager {
             fields: vec![Field::Status],
         });
         cancel.cancel();
+        if ws.is_container() {
+            // Ends a running build and the container, and with it every command inside.
+            if let Err(e) = self.ports.containers.stop(&ws).await {
+                self.set_error(&id, &e.to_string());
+                return Err(e);
+            }
+        }
         execs.close();
         execs.wait().await;
-        if let Err(e) = self.remove_files(&ws) {
+        if let Err(e) = self.remove_files(&ws).await {
             self.set_error(&id, &e.to_string());
             return Err(e);
         }
@@ -350,7 +412,20 @@ impl Manager {
         Ok(())
     }
 
-    fn remove_files(&self, ws: &Workspace) -> Result<()> {
+    async fn remove_files(&self, ws: &Workspace) -> Result<()> {
+        if ws.is_container() {
+            self.ports.containers.remove(ws).await?;
+            return self.ports.store.remove(&ws.id);
+        }
+        self.remove_files_blocking(ws)
+    }
+
+    /// At load: host directories only; an interrupted container destroy is finished by
+    /// `reconcile`, which can talk to systemd.
+    fn remove_files_blocking(&self, ws: &Workspace) -> Result<()> {
+        if ws.is_container() {
+            return Ok(());
+        }
         if ws.owns_path {
             self.ports.dirs.remove_tree(&ws.path)?;
         }
@@ -405,16 +480,15 @@ impl Manager {
                 ws.name, limits.max_concurrent
             )));
         }
-        let mut env = BTreeMap::from([
-            ("PATH".to_owned(), BASE_PATH.to_owned()),
-            ("HOME".to_owned(), "/root".to_owned()),
-            ("LANG".to_owned(), "C.UTF-8".to_owned()),
-        ]);
-        env.extend(ws.env_vars.clone());
-        env.extend(params.env);
+        let env = command_env(&ws, params.env);
+        let workdir = if ws.is_container() {
+            PathBuf::from(CONTAINER_WORKDIR)
+        } else {
+            ws.path.clone()
+        };
         let cwd = match params.cwd {
-            None => ws.path.clone(),
-            Some(c) => ws.path.join(c),
+            None => workdir,
+            Some(c) => workdir.join(c),
         };
         let request = ExecRequest {
             workspace_id: ws.id.clone(),
@@ -425,7 +499,16 @@ impl Manager {
             timeout: Duration::from_secs(timeout_secs.into()),
             output_cap: limits.max_output_bytes,
         };
-        let run = self.ports.executor.run(request, cancel.clone());
+        let run = async {
+            if ws.is_container() {
+                self.ports
+                    .containers
+                    .exec(&ws, request, cancel.clone())
+                    .await
+            } else {
+                self.ports.executor.run(request, cancel.clone()).await
+            }
+        };
         tokio::pin!(run);
         let outcome = tokio::select! {
             r = &mut run => r,
@@ -455,15 +538,256 @@ impl Manager {
         Ok(outcome)
     }
 
-    /// Verbs of container workspaces: refused for host workspaces, and until containers exist,
-    /// that is every workspace.
-    pub fn container_only(&self, key: &str, verb: &str) -> Result<Workspace> {
+    /// The workspace, if it is a container; `NotSupported` for host workspaces.
+    pub fn container(&self, key: &str, verb: &str) -> Result<Workspace> {
         let ws = self.get(key)?;
-        Err(Error::NotSupported(format!(
-            "Cannot {verb} workspace '{}': it is a {} workspace, and only container workspaces support {verb}",
-            ws.name,
-            ws.workspace_type.as_str()
-        )))
+        if !ws.is_container() {
+            return Err(Error::NotSupported(format!(
+                "Cannot {verb} workspace '{}': it is a host workspace, and only container workspaces support {verb}",
+                ws.name
+            )));
+        }
+        Ok(ws)
+    }
+
+    /// Starts building a container workspace (`rebuild`: also when it is ready) and returns
+    /// once the build has started. `Busy` while a build runs.
+    pub async fn build(self: &Arc<Self>, key: &str, rebuild: bool) -> Result<()> {
+        let verb = if rebuild { "rebuild" } else { "build" };
+        let ws = self.container(key, verb)?;
+        let (id, ops) = self.ops_lock(&ws.id)?;
+        let _op = ops.lock().await;
+        let limits = self.limits();
+        let (ws, tracker) = {
+            let mut reg = self.reg();
+            let building = reg
+                .by_id
+                .values()
+                .filter(|e| e.ws.status == Status::Building)
+                .count();
+            let e = reg
+                .by_id
+                .get_mut(&id)
+                .ok_or_else(|| Error::NoSuchWorkspace(key.to_owned()))?;
+            match e.ws.status {
+                Status::Building => {
+                    return Err(Error::Busy(format!(
+                        "Workspace '{}' is already building",
+                        e.ws.name
+                    )));
+                }
+                Status::Destroying => {
+                    return Err(Error::NotReady {
+                        workspace: e.ws.name.clone(),
+                        status: e.ws.status.to_string(),
+                    });
+                }
+                Status::Ready if !rebuild => return Ok(()),
+                _ => {}
+            }
+            if building >= limits.max_concurrent_builds {
+                return Err(Error::LimitsExceeded(format!(
+                    "Too many ongoing operations: cannot build workspace '{}', {building} builds are running (max_concurrent_builds)",
+                    e.ws.name
+                )));
+            }
+            e.ws.status = Status::Building;
+            e.ws.error_message.clear();
+            (e.ws.clone(), e.execs.clone())
+        };
+        self.ports.store.save(&ws)?;
+        self.ports.events.emit(Event::Changed {
+            id: id.clone(),
+            fields: vec![Field::Status, Field::ErrorMessage],
+        });
+        info!(workspace_id = %ws.id, workspace_name = %ws.name,
+              "Building container workspace {} ({})", ws.name,
+              ws.distro.map(|d| d.as_str()).unwrap_or("?"));
+        let this = self.clone();
+        tracker.spawn(async move { this.run_build(ws).await });
+        Ok(())
+    }
+
+    /// After `load`: picks up what a restart interrupted. Builds still running in their units
+    /// are awaited and finished; interrupted container destroys are completed. Nothing stays
+    /// `building` or `destroying` for good.
+    pub fn reconcile(self: &Arc<Self>) {
+        let pending: Vec<(Workspace, TaskTracker)> = self
+            .reg()
+            .by_id
+            .values()
+            .filter(|e| e.ws.is_container() && e.ws.status == Status::Building)
+            .map(|e| (e.ws.clone(), e.execs.clone()))
+            .collect();
+        for (ws, tracker) in pending {
+            info!(workspace_id = %ws.id, workspace_name = %ws.name,
+                  "Resuming the build of {} after a restart", ws.name);
+            let this = self.clone();
+            tracker.spawn(async move { this.run_build_from(ws, true).await });
+        }
+        for ws in std::mem::take(
+            &mut *self
+                .unfinished_destroys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        ) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let containers = &this.ports.containers;
+                let done = async {
+                    containers.stop(&ws).await?;
+                    containers.remove(&ws).await?;
+                    this.ports.store.remove(&ws.id)
+                }
+                .await;
+                match done {
+                    Ok(()) => {
+                        info!(message_id = messages::WORKSPACE_DESTROYED, workspace_id = %ws.id,
+                                    workspace_name = %ws.name, "Destroyed workspace {} ({})", ws.name, ws.id)
+                    }
+                    Err(e) => {
+                        warn!(workspace_id = %ws.id, "Cannot finish destroying {}: {e}", ws.name)
+                    }
+                }
+            });
+        }
+    }
+
+    async fn run_build(&self, ws: Workspace) {
+        self.run_build_from(ws, false).await
+    }
+
+    async fn run_build_from(&self, ws: Workspace, resumed: bool) {
+        let limits = self.limits();
+        let containers = &self.ports.containers;
+        let result = async {
+            if resumed {
+                containers.wait_build(&ws).await?;
+            } else {
+                containers.stop(&ws).await?;
+                containers.build_tree(&ws).await?;
+            }
+            containers.start(&ws).await?;
+            if !ws.init_script.is_empty() {
+                self.init(&ws, Duration::from_secs(limits.init_timeout_secs.into()))
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.finish_build(&ws.id, Status::Ready, "");
+                info!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "Container workspace {} is ready", ws.name);
+            }
+            Err(e) => {
+                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "Build of container workspace {} failed: {e}", ws.name);
+                containers.log(&ws, &format!("== build failed: {e}")).await;
+                self.finish_build(&ws.id, Status::Error, &e.to_string());
+            }
+        }
+    }
+
+    /// Ends a build: only a workspace still `building` changes (a destroy may have begun).
+    fn finish_build(&self, id: &str, status: Status, message: &str) {
+        let ws = {
+            let mut reg = self.reg();
+            let Some(e) = reg.by_id.get_mut(id) else {
+                return;
+            };
+            if e.ws.status != Status::Building {
+                return;
+            }
+            e.ws.status = status;
+            e.ws.error_message = message.to_owned();
+            e.ws.clone()
+        };
+        if let Err(e) = self.ports.store.save(&ws) {
+            warn!(workspace_id = %ws.id, "Could not save the state of {}: {e}", ws.name);
+        }
+        self.ports.events.emit(Event::Changed {
+            id: id.to_owned(),
+            fields: vec![Field::Status, Field::ErrorMessage],
+        });
+    }
+
+    /// Runs the init script; a failure is an error naming the exit code and the log.
+    async fn init(&self, ws: &Workspace, timeout: Duration) -> Result<ExecOutcome> {
+        let outcome = self
+            .ports
+            .containers
+            .run_init(ws, timeout, self.shutdown.child_token())
+            .await?;
+        if outcome.timed_out {
+            return Err(Error::JobFailed(format!(
+                "The init script of workspace '{}' timed out after {} s; see the init log",
+                ws.name,
+                timeout.as_secs()
+            )));
+        }
+        if outcome.exit_code != 0 {
+            return Err(Error::JobFailed(format!(
+                "The init script of workspace '{}' failed with exit code {}; see the init log",
+                ws.name, outcome.exit_code
+            )));
+        }
+        Ok(outcome)
+    }
+
+    /// Runs the init script again in the ready container, like `exec`; never changes the
+    /// workspace's status.
+    pub async fn rerun_init(&self, key: &str, timeout_secs: Option<u32>) -> Result<ExecOutcome> {
+        let ws = self.container(key, "rerun the init script of")?;
+        if ws.status != Status::Ready {
+            return Err(Error::NotReady {
+                workspace: ws.name,
+                status: ws.status.to_string(),
+            });
+        }
+        let limits = self.limits();
+        let timeout = timeout_secs.unwrap_or(limits.init_timeout_secs);
+        if timeout == 0 || timeout > limits.init_timeout_secs {
+            return Err(Error::InvalidArgs(format!(
+                "Invalid 'timeout_secs': {timeout} is out of range: 1 to {} seconds (init_timeout_secs)",
+                limits.init_timeout_secs
+            )));
+        }
+        self.ports
+            .containers
+            .run_init(
+                &ws,
+                Duration::from_secs(timeout.into()),
+                self.shutdown.child_token(),
+            )
+            .await
+    }
+
+    pub async fn start(&self, key: &str) -> Result<()> {
+        let ws = self.ready_container(key, "start")?;
+        self.ports.containers.start(&ws).await
+    }
+
+    pub async fn stop(&self, key: &str) -> Result<()> {
+        let ws = self.ready_container(key, "stop")?;
+        self.ports.containers.stop(&ws).await
+    }
+
+    pub async fn init_log(&self, key: &str, max_lines: u32) -> Result<(String, u32)> {
+        let ws = self.container(key, "read the init log of")?;
+        self.ports.containers.init_log(&ws, max_lines).await
+    }
+
+    fn ready_container(&self, key: &str, verb: &str) -> Result<Workspace> {
+        let ws = self.container(key, verb)?;
+        if ws.status != Status::Ready {
+            return Err(Error::NotReady {
+                workspace: ws.name,
+                status: ws.status.to_string(),
+            });
+        }
+        Ok(ws)
     }
 
     /// Cancels every running exec; used when the service stops.
@@ -473,6 +797,14 @@ impl Manager {
 }
 
 impl Manager {
+    fn builds_running(&self) -> usize {
+        self.reg()
+            .by_id
+            .values()
+            .filter(|e| e.ws.status == Status::Building)
+            .count()
+    }
+
     /// Commands running now, in every workspace.
     pub fn running_execs(&self) -> usize {
         self.execs_running.load(Ordering::SeqCst)

@@ -66,6 +66,45 @@ pub trait Executor: Send + Sync {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
 }
 
+/// Container workspaces: trees, units, machines. Every method is given the workspace record.
+#[async_trait]
+pub trait Containers: Send + Sync {
+    /// The container tree of a workspace with this name.
+    fn tree_path(&self, name: &str) -> PathBuf;
+    /// `WorkspaceExists` when a machine, an image or a tree of this name exists already.
+    async fn check_name_free(&self, name: &str) -> Result<()>;
+    /// Makes the container tree from scratch in a transient build unit; returns when the unit
+    /// has finished. Errors name the failing step.
+    async fn build_tree(&self, ws: &Workspace) -> Result<()>;
+    /// After a restart of the service: waits for a build unit that is still running, then tells
+    /// whether the tree is complete (Ok) or the build failed or was interrupted (Err).
+    async fn wait_build(&self, ws: &Workspace) -> Result<()>;
+    /// Starts the container unit (registered with machined) unless it runs.
+    async fn start(&self, ws: &Workspace) -> Result<()>;
+    /// Stops the build and container units, if any.
+    async fn stop(&self, ws: &Workspace) -> Result<()>;
+    /// Runs a command inside the running container (starting it if needed).
+    async fn exec(
+        &self,
+        ws: &Workspace,
+        req: ExecRequest,
+        cancel: CancellationToken,
+    ) -> Result<ExecOutcome>;
+    /// Runs the init script inside the container, appending its output to the init log.
+    async fn run_init(
+        &self,
+        ws: &Workspace,
+        timeout: Duration,
+        cancel: CancellationToken,
+    ) -> Result<ExecOutcome>;
+    /// The last `max_lines` lines of the init log (all when 0) and its total line count.
+    async fn init_log(&self, ws: &Workspace, max_lines: u32) -> Result<(String, u32)>;
+    /// Appends a line to the init log.
+    async fn log(&self, ws: &Workspace, line: &str);
+    /// Removes tree, logs and leftovers; the units must be stopped.
+    async fn remove(&self, ws: &Workspace) -> Result<()>;
+}
+
 /// What happened, for the transport layers (D-Bus objects and signals). Delivered in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

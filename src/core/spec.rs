@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::error::{Error, Result};
 use super::names::{validate_env_name, validate_name};
-use super::workspace::{Distro, WorkspaceType};
+use super::workspace::{Distro, Limits, Network, WorkspaceType};
 
 /// Size limits on caller input. Oversized values are refused with `InvalidArgs` naming the key.
 pub mod limits {
@@ -32,6 +32,11 @@ pub struct CreateSpec {
     pub tools: Option<Vec<String>>,
     pub template: Option<String>,
     pub path: Option<String>,
+    pub build_on_create: Option<bool>,
+    pub network: Option<String>,
+    pub memory_max: Option<u64>,
+    pub cpu_quota_percent: Option<u32>,
+    pub tasks_max: Option<u64>,
 }
 
 /// `UpdateWorkspace` input: only the keys present change.
@@ -63,6 +68,9 @@ pub struct ValidCreate {
     pub tools: Vec<String>,
     pub template: String,
     pub path: Option<PathBuf>,
+    pub build_on_create: bool,
+    pub network: Network,
+    pub limits: Limits,
 }
 
 fn invalid(key: &str, why: impl std::fmt::Display) -> Error {
@@ -137,6 +145,43 @@ impl CreateSpec {
         if workspace_type == WorkspaceType::Host && distro.is_some() {
             return Err(invalid("distro", "only container workspaces have a distro"));
         }
+        if workspace_type == WorkspaceType::Container && distro.is_none() {
+            return Err(invalid(
+                "distro",
+                "missing: a container workspace needs one of ubuntu-noble, ubuntu-jammy, debian-bookworm, arch-linux",
+            ));
+        }
+        let network = match self.network.as_deref() {
+            None => Network::Host,
+            Some(n) => n.parse().map_err(|e| invalid("network", e))?,
+        };
+        let limits = Limits {
+            memory_max: self.memory_max,
+            cpu_quota_percent: self.cpu_quota_percent,
+            tasks_max: self.tasks_max,
+        };
+        if workspace_type == WorkspaceType::Host {
+            for (key, set) in [
+                ("network", self.network.is_some()),
+                ("memory_max", limits.memory_max.is_some()),
+                ("cpu_quota_percent", limits.cpu_quota_percent.is_some()),
+                ("tasks_max", limits.tasks_max.is_some()),
+                ("build_on_create", self.build_on_create.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(key, "only container workspaces take it"));
+                }
+            }
+        }
+        if limits.memory_max == Some(0) {
+            return Err(invalid("memory_max", "must be at least 1 byte"));
+        }
+        if limits.cpu_quota_percent == Some(0) {
+            return Err(invalid("cpu_quota_percent", "must be at least 1"));
+        }
+        if limits.tasks_max == Some(0) {
+            return Err(invalid("tasks_max", "must be at least 1"));
+        }
         let env_vars = self.env_vars.unwrap_or_default();
         check_env("env_vars", &env_vars)?;
         let init_script = self.init_script.unwrap_or_default();
@@ -173,6 +218,9 @@ impl CreateSpec {
             tools,
             template: self.template.unwrap_or_default(),
             path,
+            build_on_create: self.build_on_create.unwrap_or(false),
+            network,
+            limits,
         })
     }
 }
@@ -200,6 +248,10 @@ pub struct ExecLimits {
     pub max_timeout_secs: u32,
     pub max_output_bytes: usize,
     pub max_concurrent: usize,
+    /// Container builds at once; more is `LimitsExceeded`.
+    pub max_concurrent_builds: usize,
+    /// How long an init script may run.
+    pub init_timeout_secs: u32,
 }
 
 impl Default for ExecLimits {
@@ -209,6 +261,8 @@ impl Default for ExecLimits {
             max_timeout_secs: 3600,
             max_output_bytes: 1024 * 1024,
             max_concurrent: 64,
+            max_concurrent_builds: 2,
+            init_timeout_secs: 1800,
         }
     }
 }

@@ -74,6 +74,88 @@ impl Executor for FakeExec {
     }
 }
 
+/// Records calls; a build waits until `release_build` is notified.
+#[derive(Default)]
+struct FakeContainers {
+    calls: Mutex<Vec<String>>,
+    release_build: tokio::sync::Notify,
+}
+impl FakeContainers {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn call(&self, c: String) {
+        self.calls.lock().unwrap().push(c);
+    }
+}
+#[async_trait]
+impl Containers for FakeContainers {
+    fn tree_path(&self, name: &str) -> PathBuf {
+        PathBuf::from("/machines").join(name)
+    }
+    async fn check_name_free(&self, name: &str) -> Result<()> {
+        if name == "taken" {
+            return Err(Error::WorkspaceExists("machine 'taken' exists".into()));
+        }
+        Ok(())
+    }
+    async fn build_tree(&self, ws: &Workspace) -> Result<()> {
+        self.call(format!("build {}", ws.name));
+        self.release_build.notified().await;
+        Ok(())
+    }
+    async fn wait_build(&self, ws: &Workspace) -> Result<()> {
+        self.call(format!("wait_build {}", ws.name));
+        Ok(())
+    }
+    async fn start(&self, ws: &Workspace) -> Result<()> {
+        self.call(format!("start {}", ws.name));
+        Ok(())
+    }
+    async fn stop(&self, ws: &Workspace) -> Result<()> {
+        self.call(format!("stop {}", ws.name));
+        Ok(())
+    }
+    async fn exec(
+        &self,
+        ws: &Workspace,
+        req: ExecRequest,
+        _: CancellationToken,
+    ) -> Result<ExecOutcome> {
+        self.call(format!(
+            "exec {} {} in {}",
+            ws.name,
+            req.command,
+            req.cwd.display()
+        ));
+        Ok(ExecOutcome::default())
+    }
+    async fn run_init(
+        &self,
+        ws: &Workspace,
+        _: Duration,
+        _: CancellationToken,
+    ) -> Result<ExecOutcome> {
+        self.call(format!("init {}", ws.name));
+        Ok(ExecOutcome {
+            exit_code: if ws.init_script.contains("fail") {
+                1
+            } else {
+                0
+            },
+            ..Default::default()
+        })
+    }
+    async fn init_log(&self, _: &Workspace, _: u32) -> Result<(String, u32)> {
+        Ok((String::new(), 0))
+    }
+    async fn log(&self, _: &Workspace, _: &str) {}
+    async fn remove(&self, ws: &Workspace) -> Result<()> {
+        self.call(format!("remove {}", ws.name));
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct EventLog(Mutex<Vec<Event>>);
 impl Events for EventLog {
@@ -87,6 +169,7 @@ struct Fixture {
     store: Arc<MemStore>,
     dirs: Arc<MemDirs>,
     exec: Arc<FakeExec>,
+    containers: Arc<FakeContainers>,
     events: Arc<EventLog>,
 }
 
@@ -94,11 +177,13 @@ fn fixture_with(store: Arc<MemStore>, limits: ExecLimits) -> Fixture {
     let dirs = Arc::new(MemDirs::default());
     let exec = Arc::new(FakeExec::default());
     let events = Arc::new(EventLog::default());
+    let containers = Arc::new(FakeContainers::default());
     let manager = Arc::new(Manager::new(
         Ports {
             store: store.clone(),
             dirs: dirs.clone(),
             executor: exec.clone(),
+            containers: containers.clone(),
             events: events.clone(),
         },
         "/state/host".into(),
@@ -110,6 +195,7 @@ fn fixture_with(store: Arc<MemStore>, limits: ExecLimits) -> Fixture {
         store,
         dirs,
         exec,
+        containers,
         events,
     }
 }
@@ -216,12 +302,12 @@ async fn duplicate_names_and_refused_kinds_change_nothing() {
         f.manager.create(spec("host")).await,
         Err(Error::WorkspaceExists(_))
     ));
-    let mut container = spec("box");
+    let mut container = spec("taken");
     container.workspace_type = Some("container".into());
     container.distro = Some("debian-bookworm".into());
     assert!(matches!(
         f.manager.create(container).await,
-        Err(Error::NotSupported(_))
+        Err(Error::WorkspaceExists(_))
     ));
     assert!(matches!(
         f.manager.create(spec("Bad")).await,
@@ -375,4 +461,111 @@ async fn exec_in_a_missing_workspace_and_bad_timeouts() {
     let r = f.manager.exec("host", p, CancellationToken::new()).await;
     assert!(matches!(r, Err(Error::InvalidArgs(m)) if m.contains("3600")));
     assert!(f.exec.0.lock().unwrap().is_empty(), "nothing ran");
+}
+
+fn container(name: &str, init: &str) -> CreateSpec {
+    CreateSpec {
+        name: Some(name.into()),
+        workspace_type: Some("container".into()),
+        distro: Some("debian-bookworm".into()),
+        init_script: Some(init.into()),
+        ..Default::default()
+    }
+}
+
+async fn wait_status(f: &Fixture, name: &str, want: Status) -> Workspace {
+    for _ in 0..1000 {
+        let ws = f.manager.get(name).unwrap();
+        if ws.status == want {
+            return ws;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("{name} never reached {want}");
+}
+
+#[tokio::test]
+async fn container_lifecycle_pending_building_ready() {
+    let f = fixture();
+    let ws = f.manager.create(container("box", "echo hi")).await.unwrap();
+    assert_eq!(ws.status, Status::Pending);
+    assert_eq!(ws.path, Path::new("/machines/box"));
+    assert!(matches!(
+        f.manager
+            .exec("box", exec("true"), CancellationToken::new())
+            .await,
+        Err(Error::NotReady { .. })
+    ));
+    f.manager.build("box", false).await.unwrap();
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Building);
+    assert!(matches!(
+        f.manager.build("box", false).await,
+        Err(Error::Busy(_))
+    ));
+    f.containers.release_build.notify_one();
+    wait_status(&f, "box", Status::Ready).await;
+    assert_eq!(
+        f.containers.calls(),
+        ["stop box", "build box", "start box", "init box"]
+    );
+    f.manager
+        .exec("box", exec("ls"), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.containers.calls().last().unwrap(),
+        "exec box ls in /workspace"
+    );
+    f.manager.destroy("box").await.unwrap();
+    assert!(
+        f.containers
+            .calls()
+            .ends_with(&["stop box".to_string(), "remove box".to_string()])
+    );
+    assert!(f.manager.get("box").is_err());
+}
+
+#[tokio::test]
+async fn a_failing_init_script_is_an_error_with_a_message() {
+    let f = fixture();
+    f.manager.create(container("bad", "fail")).await.unwrap();
+    f.manager.build("bad", false).await.unwrap();
+    f.containers.release_build.notify_one();
+    let ws = wait_status(&f, "bad", Status::Error).await;
+    assert!(
+        ws.error_message.contains("exit code 1"),
+        "{}",
+        ws.error_message
+    );
+    assert_eq!(
+        f.store.0.lock().unwrap()[&ws.id].status,
+        Status::Error,
+        "persisted"
+    );
+}
+
+#[tokio::test]
+async fn build_verbs_on_host_workspaces_are_not_supported() {
+    let f = fixture();
+    assert!(matches!(
+        f.manager.build("host", false).await,
+        Err(Error::NotSupported(_))
+    ));
+    assert!(matches!(
+        f.manager.init_log("host", 5).await,
+        Err(Error::NotSupported(_))
+    ));
+}
+
+#[tokio::test]
+async fn restart_resumes_a_build_that_was_running() {
+    let first = fixture();
+    let ws = first.manager.create(container("box", "")).await.unwrap();
+    let mut building = ws.clone();
+    building.status = Status::Building;
+    first.store.save(&building).unwrap();
+    let second = fixture_with(first.store.clone(), ExecLimits::default());
+    second.manager.reconcile();
+    wait_status(&second, "box", Status::Ready).await;
+    assert_eq!(second.containers.calls(), ["wait_build box", "start box"]);
 }

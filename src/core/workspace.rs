@@ -115,6 +115,46 @@ impl FromStr for Distro {
     }
 }
 
+/// A container's network: the host's, or a private one with only `lo`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    #[default]
+    Host,
+    Private,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Private => "private",
+        }
+    }
+}
+
+impl FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "host" => Ok(Self::Host),
+            "private" => Ok(Self::Private),
+            _ => Err(format!(
+                "unknown network '{}': expected 'host' or 'private'",
+                s.escape_default()
+            )),
+        }
+    }
+}
+
+/// Resource limits of a container, applied as unit properties.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory_max: Option<u64>,
+    pub cpu_quota_percent: Option<u32>,
+    pub tasks_max: Option<u64>,
+}
+
 /// One workspace, as stored and as served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workspace {
@@ -144,11 +184,19 @@ pub struct Workspace {
     pub template: String,
     /// Microseconds since the Unix epoch.
     pub created_at_usec: u64,
+    #[serde(default)]
+    pub network: Network,
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 impl Workspace {
     pub fn is_default_host(&self) -> bool {
         self.id == super::names::DEFAULT_HOST
+    }
+
+    pub fn is_container(&self) -> bool {
+        self.workspace_type == WorkspaceType::Container
     }
 }
 

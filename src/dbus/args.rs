@@ -66,6 +66,11 @@ const SPEC_KEYS: &[&str] = &[
     "tools",
     "template",
     "path",
+    "build_on_create",
+    "network",
+    "memory_max",
+    "cpu_quota_percent",
+    "tasks_max",
 ];
 
 pub fn create_spec(map: Dict) -> Result<CreateSpec> {
@@ -80,6 +85,11 @@ pub fn create_spec(map: Dict) -> Result<CreateSpec> {
         tools: a.take("tools", "as")?,
         template: a.take("template", "s")?,
         path: a.take("path", "s")?,
+        build_on_create: a.take("build_on_create", "b")?,
+        network: a.take("network", "s")?,
+        memory_max: a.take("memory_max", "t")?,
+        cpu_quota_percent: a.take("cpu_quota_percent", "u")?,
+        tasks_max: a.take("tasks_max", "t")?,
     })
 }
 
@@ -104,6 +114,12 @@ pub fn exec_params(command: String, map: Dict) -> Result<ExecParams> {
         env: a.env("env")?.unwrap_or_default(),
         stdin: a.take("stdin", "ay")?.unwrap_or_default(),
     })
+}
+
+/// `RerunInit` options: `timeout_secs` u.
+pub fn rerun_options(map: Dict) -> Result<Option<u32>> {
+    let mut a = Args::new(map, "the rerun-init options", &["timeout_secs"])?;
+    a.take("timeout_secs", "u")
 }
 
 #[cfg(test)]

@@ -165,34 +165,85 @@ impl Context {
             None => CancellationToken::new(),
         };
         let o = self.manager.exec(&ws.id, params, gone).await?;
-        let info = HashMap::from([
-            (
-                "stdout_truncated".to_owned(),
-                OwnedVariant::from(o.stdout_truncated),
-            ),
-            (
-                "stderr_truncated".to_owned(),
-                OwnedVariant::from(o.stderr_truncated),
-            ),
-            (
-                "duration_usec".to_owned(),
-                OwnedVariant::from(o.duration.as_micros() as u64),
-            ),
-        ]);
-        Ok((o.exit_code, o.stdout, o.stderr, o.timed_out, info))
+        Ok(exec_reply(o))
     }
 
-    /// Verbs that only container workspaces have.
+    /// Verbs that only container workspaces have and that are not available yet.
     pub async fn container_verb(&self, header: &Header<'_>, key: &str, verb: &str) -> Result<()> {
         self.authorize(header, key, Action::Manage, verb).await?;
-        self.manager.container_only(key, verb)?;
+        let ws = self.manager.container(key, verb)?;
+        Err(BusError::new(
+            format!("{}NotSupported", super::error::PREFIX),
+            format!(
+                "Cannot {verb} workspace '{}': not available in this version",
+                ws.name
+            ),
+        ))
+    }
+
+    pub async fn build(&self, header: &Header<'_>, key: &str, rebuild: bool) -> Result<()> {
+        let verb = if rebuild { "rebuild" } else { "build" };
+        self.authorize(header, key, Action::Manage, verb).await?;
+        self.manager.build(key, rebuild).await?;
+        self.events.flush().await;
         Ok(())
+    }
+
+    pub async fn start(&self, header: &Header<'_>, key: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, "start").await?;
+        Ok(self.manager.start(key).await?)
+    }
+
+    pub async fn stop(&self, header: &Header<'_>, key: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, "stop").await?;
+        Ok(self.manager.stop(key).await?)
+    }
+
+    pub async fn init_log(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        max_lines: u32,
+    ) -> Result<(String, u32)> {
+        self.authorize(header, key, Action::Manage, "read the init log of")
+            .await?;
+        Ok(self.manager.init_log(key, max_lines).await?)
+    }
+
+    pub async fn rerun_init(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        options: Dict,
+    ) -> Result<ExecReply> {
+        let timeout = args::rerun_options(options)?;
+        self.authorize(header, key, Action::Manage, "rerun the init script of")
+            .await?;
+        Ok(exec_reply(self.manager.rerun_init(key, timeout).await?))
     }
 
     pub async fn sync(&self, header: &Header<'_>, key: &str) -> Result<()> {
         self.authorize(header, key, Action::Manage, "sync").await?;
         Err(library_unavailable())
     }
+}
+
+fn exec_reply(o: crate::core::ports::ExecOutcome) -> ExecReply {
+    let info = HashMap::from([
+        (
+            "stdout_truncated".to_owned(),
+            OwnedVariant::from(o.stdout_truncated),
+        ),
+        (
+            "stderr_truncated".to_owned(),
+            OwnedVariant::from(o.stderr_truncated),
+        ),
+        (
+            "duration_usec".to_owned(),
+            OwnedVariant::from(o.duration.as_micros() as u64),
+        ),
+    ]);
+    (o.exit_code, o.stdout, o.stderr, o.timed_out, info)
 }
 
 /// The Library (skills, tools, templates) arrives in a later version.

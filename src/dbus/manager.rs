@@ -79,7 +79,7 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.container_verb(&header, workspace, "build").await
+        self.ctx.build(&header, workspace, false).await
     }
 
     async fn rebuild_workspace(
@@ -87,7 +87,7 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.container_verb(&header, workspace, "rebuild").await
+        self.ctx.build(&header, workspace, true).await
     }
 
     async fn start_workspace(
@@ -95,7 +95,7 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.container_verb(&header, workspace, "start").await
+        self.ctx.start(&header, workspace).await
     }
 
     async fn stop_workspace(
@@ -103,7 +103,7 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.container_verb(&header, workspace, "stop").await
+        self.ctx.stop(&header, workspace).await
     }
 
     #[zbus(out_args("content", "total_lines"))]
@@ -113,11 +113,7 @@ impl ManagerObject {
         workspace: &str,
         max_lines: u32,
     ) -> Result<(String, u32)> {
-        let _ = max_lines;
-        self.ctx
-            .container_verb(&header, workspace, "read the init log of")
-            .await?;
-        Ok((String::new(), 0))
+        self.ctx.init_log(&header, workspace, max_lines).await
     }
 
     #[zbus(out_args("info"))]
@@ -139,11 +135,7 @@ impl ManagerObject {
         workspace: &str,
         options: Dict,
     ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
-        let _ = options;
-        self.ctx
-            .container_verb(&header, workspace, "rerun the init script of")
-            .await?;
-        Ok((0, Vec::new(), Vec::new(), false, HashMap::new()))
+        self.ctx.rerun_init(&header, workspace, options).await
     }
 
     async fn sync_workspace(

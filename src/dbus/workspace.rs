@@ -51,19 +51,19 @@ impl WorkspaceObject {
     }
 
     async fn build(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.container_verb(&header, &self.id, "build").await
+        self.ctx.build(&header, &self.id, false).await
     }
 
     async fn rebuild(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.container_verb(&header, &self.id, "rebuild").await
+        self.ctx.build(&header, &self.id, true).await
     }
 
     async fn start(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.container_verb(&header, &self.id, "start").await
+        self.ctx.start(&header, &self.id).await
     }
 
     async fn stop(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.container_verb(&header, &self.id, "stop").await
+        self.ctx.stop(&header, &self.id).await
     }
 
     #[zbus(out_args("content", "total_lines"))]
@@ -72,11 +72,7 @@ impl WorkspaceObject {
         #[zbus(header)] header: Header<'_>,
         max_lines: u32,
     ) -> Result<(String, u32)> {
-        let _ = max_lines;
-        self.ctx
-            .container_verb(&header, &self.id, "read the init log of")
-            .await?;
-        Ok((String::new(), 0))
+        self.ctx.init_log(&header, &self.id, max_lines).await
     }
 
     #[zbus(out_args("info"))]
@@ -96,11 +92,7 @@ impl WorkspaceObject {
         #[zbus(header)] header: Header<'_>,
         options: Dict,
     ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
-        let _ = options;
-        self.ctx
-            .container_verb(&header, &self.id, "rerun the init script of")
-            .await?;
-        Ok((0, Vec::new(), Vec::new(), false, HashMap::new()))
+        self.ctx.rerun_init(&header, &self.id, options).await
     }
 
     async fn sync(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
@@ -184,8 +176,11 @@ impl WorkspaceObject {
 
     #[zbus(property)]
     async fn network(&self) -> zbus::fdo::Result<String> {
-        // Container networking arrives with container workspaces; host workspaces have none.
-        self.ws()?;
-        Ok(String::new())
+        let ws = self.ws()?;
+        Ok(if ws.is_container() {
+            ws.network.as_str().to_owned()
+        } else {
+            String::new()
+        })
     }
 }

@@ -1,11 +1,14 @@
 //! `/etc/agent-workspaces/config.toml`. Every key is optional; a file that does not parse, an
 //! unknown key or a value out of range is an error naming the line, never a silent default.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::core::spec::ExecLimits;
+use crate::core::workspace::Distro;
+use crate::system::distro::DistroSettings;
 
 pub const DEFAULT_PATH: &str = "/etc/agent-workspaces/config.toml";
 /// Largest per-stream output cap: two streams must fit well inside the system bus's 32 MiB
@@ -18,6 +21,45 @@ pub struct Config {
     pub host_workspace_dir: Option<PathBuf>,
     pub exec: ExecLimits,
     pub exec_isolation: IsolationMode,
+    pub container: ContainerConfig,
+}
+
+/// Where container trees, caches and logs live, and how builds run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerConfig {
+    /// Container trees: `<machines_dir>/<name>` (machinectl list-images shows them).
+    pub machines_dir: PathBuf,
+    /// Cached base trees per distro and settings, and the package cache.
+    pub cache_dir: PathBuf,
+    /// Init logs: `<log_dir>/<id>/init.log`.
+    pub log_dir: PathBuf,
+    /// A build unit that runs longer is stopped (an unreachable mirror never hangs).
+    pub build_timeout_secs: u32,
+    pub distros: BTreeMap<&'static str, (Distro, DistroSettings)>,
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        Self {
+            machines_dir: "/var/lib/machines".into(),
+            cache_dir: "/var/cache/agent-workspaces".into(),
+            log_dir: "/var/log/agent-workspaces".into(),
+            build_timeout_secs: 1800,
+            distros: Distro::ALL
+                .into_iter()
+                .map(|d| (d.as_str(), (d, DistroSettings::default_for(d))))
+                .collect(),
+        }
+    }
+}
+
+impl ContainerConfig {
+    pub fn distro(&self, d: Distro) -> DistroSettings {
+        self.distros
+            .get(d.as_str())
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| DistroSettings::default_for(d))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -33,6 +75,30 @@ struct File {
     host_workspace_dir: Option<PathBuf>,
     #[serde(default)]
     exec: ExecSection,
+    #[serde(default)]
+    container: ContainerSection,
+    #[serde(default)]
+    distro: BTreeMap<String, DistroSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ContainerSection {
+    machines_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    log_dir: Option<PathBuf>,
+    max_concurrent_builds: Option<u32>,
+    build_timeout_secs: Option<u32>,
+    init_timeout_secs: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DistroSection {
+    mirror: Option<String>,
+    keyring: Option<PathBuf>,
+    verify_signatures: Option<bool>,
+    packages: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -51,6 +117,7 @@ impl Default for Config {
             host_workspace_dir: None,
             exec: ExecLimits::default(),
             exec_isolation: IsolationMode::Cgroup,
+            container: ContainerConfig::default(),
         }
     }
 }
@@ -65,7 +132,65 @@ impl Config {
             max_timeout_secs: e.max_timeout_secs.unwrap_or(d.max_timeout_secs),
             max_output_bytes: e.max_output_bytes.unwrap_or(d.max_output_bytes as u64) as usize,
             max_concurrent: e.max_concurrent.unwrap_or(d.max_concurrent as u32) as usize,
+            max_concurrent_builds: file
+                .container
+                .max_concurrent_builds
+                .unwrap_or(d.max_concurrent_builds as u32)
+                as usize,
+            init_timeout_secs: file
+                .container
+                .init_timeout_secs
+                .unwrap_or(d.init_timeout_secs),
         };
+        if exec.max_concurrent_builds == 0 || exec.init_timeout_secs == 0 {
+            return Err(
+                "container.max_concurrent_builds and container.init_timeout_secs must be at least 1"
+                    .into(),
+            );
+        }
+        let mut container = ContainerConfig::default();
+        let c = file.container;
+        for (dir, field) in [
+            (c.machines_dir, &mut container.machines_dir),
+            (c.cache_dir, &mut container.cache_dir),
+            (c.log_dir, &mut container.log_dir),
+        ] {
+            if let Some(dir) = dir {
+                if !dir.is_absolute() {
+                    return Err(format!(
+                        "container directories must be absolute paths, got {}",
+                        dir.display()
+                    ));
+                }
+                *field = dir;
+            }
+        }
+        if let Some(t) = c.build_timeout_secs {
+            if t == 0 {
+                return Err("container.build_timeout_secs must be at least 1".into());
+            }
+            container.build_timeout_secs = t;
+        }
+        for (name, section) in file.distro {
+            let (distro, settings) = container
+                .distros
+                .values_mut()
+                .find(|(d, _)| d.as_str() == name)
+                .ok_or_else(|| format!("[distro.{name}]: unknown distro"))?;
+            let _ = distro;
+            if let Some(m) = section.mirror {
+                settings.mirror = m;
+            }
+            if let Some(k) = section.keyring {
+                settings.keyring = Some(k);
+            }
+            if let Some(v) = section.verify_signatures {
+                settings.verify_signatures = v;
+            }
+            if let Some(p) = section.packages {
+                settings.packages = p;
+            }
+        }
         if exec.max_timeout_secs == 0 {
             return Err("exec.max_timeout_secs must be at least 1".into());
         }
@@ -92,6 +217,7 @@ impl Config {
             host_workspace_dir: file.host_workspace_dir,
             exec,
             exec_isolation: e.isolation.unwrap_or(IsolationMode::Cgroup),
+            container,
         })
     }
 
@@ -131,7 +257,8 @@ mod tests {
                 default_timeout_secs: 10,
                 max_timeout_secs: 20,
                 max_output_bytes: 4096,
-                max_concurrent: 3
+                max_concurrent: 3,
+                ..ExecLimits::default()
             }
         );
         assert_eq!(c.exec_isolation, IsolationMode::ProcessGroup);
@@ -143,6 +270,23 @@ mod tests {
         assert!(e.contains("line 3") && e.contains("bogus"), "{e}");
         let e = Config::parse("[exec]\nmax_timeout_secs = \"ten\"\n").unwrap_err();
         assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn container_and_distro_sections() {
+        let c = Config::parse(
+            "[container]\ncache_dir = \"/srv/cache\"\nmax_concurrent_builds = 1\n\
+             [distro.arch-linux]\nverify_signatures = false\nmirror = \"http://127.0.0.1/arch\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.container.cache_dir, Path::new("/srv/cache"));
+        assert_eq!(c.exec.max_concurrent_builds, 1);
+        let arch = c.container.distro(Distro::ArchLinux);
+        assert!(!arch.verify_signatures);
+        assert_eq!(arch.mirror, "http://127.0.0.1/arch");
+        assert!(c.container.distro(Distro::DebianBookworm).verify_signatures);
+        let e = Config::parse("[distro.gentoo]\nmirror = \"x\"\n").unwrap_err();
+        assert!(e.contains("gentoo"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `cgroup.kill`; when the command's shell exits, whatever it left running is ended the same way.
 //! Output is read while the command runs (a full pipe never blocks it) and capped per stream.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -35,13 +36,20 @@ pub enum Isolation {
 /// `<unit cgroup>/exec-N` one command each (cgroup v2 allows no processes in inner nodes).
 pub struct CgroupTree {
     base: PathBuf,
-    next: AtomicU64,
 }
 
 fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
         .unwrap_or(false)
+}
+
+/// Where the cgroup v2 hierarchy is mounted.
+pub fn cgroup2_mount() -> Option<&'static Path> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| is_cgroup2(p))
 }
 
 impl CgroupTree {
@@ -84,10 +92,7 @@ impl CgroupTree {
         })?;
         fs::write(daemon.join("cgroup.procs"), std::process::id().to_string())
             .map_err(|e| format!("cannot move the service into {}: {e}", daemon.display()))?;
-        let tree = Self {
-            base,
-            next: AtomicU64::new(1),
-        };
+        let tree = Self { base };
         tree.remove_stale();
         Ok(tree)
     }
@@ -110,9 +115,19 @@ impl CgroupTree {
         }
     }
 
-    fn create(&self) -> io::Result<CommandCgroup> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let dir = self.base.join(format!("exec-{n}"));
+    /// The cgroup below which host commands run.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+}
+
+/// Numbers command cgroups (`exec-N`), unique for the life of the service.
+static NEXT_COMMAND: AtomicU64 = AtomicU64::new(1);
+
+impl CommandCgroup {
+    fn create(parent: &Path) -> io::Result<Self> {
+        let n = NEXT_COMMAND.fetch_add(1, Ordering::Relaxed);
+        let dir = parent.join(format!("exec-{n}"));
         fs::create_dir(&dir)?;
         let procs = fs::OpenOptions::new()
             .write(true)
@@ -228,6 +243,156 @@ enum Ending {
     Cancelled,
 }
 
+/// How a command's process tree is contained.
+pub enum Containment<'a> {
+    /// In a new cgroup `exec-N` below this (delegated) cgroup.
+    CgroupBelow(&'a Path),
+    /// In a new process group.
+    ProcessGroup,
+}
+
+/// One command to run and collect.
+pub struct Command<'a> {
+    pub argv: &'a [String],
+    pub env: &'a BTreeMap<String, String>,
+    /// Working directory of the started program (None: the service's).
+    pub cwd: Option<&'a Path>,
+    pub stdin: Vec<u8>,
+    pub timeout: Duration,
+    pub output_cap: usize,
+}
+
+/// Runs a command to its end, its timeout or `cancel`, reading its output as it comes; then
+/// ends every process it left in its cgroup (or process group).
+pub async fn run_contained(
+    c: Command<'_>,
+    containment: Containment<'_>,
+    cancel: &CancellationToken,
+) -> Result<ExecOutcome> {
+    let program = c
+        .argv
+        .first()
+        .ok_or_else(|| Error::JobFailed("empty command line".into()))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(&c.argv[1..])
+        .env_clear()
+        .envs(c.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(cwd) = c.cwd {
+        cmd.current_dir(cwd);
+    }
+    let cgroup = match containment {
+        Containment::CgroupBelow(parent) => {
+            let cg = CommandCgroup::create(parent).map_err(|e| {
+                Error::JobFailed(format!(
+                    "Cannot create a cgroup for the command below {}: {e}",
+                    parent.display()
+                ))
+            })?;
+            let fd = cg.procs.as_raw_fd();
+            // SAFETY: only write(2) runs between fork and exec; the fd was opened before.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                });
+            }
+            Some(cg)
+        }
+        Containment::ProcessGroup => None,
+    };
+    let start = Instant::now();
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(cg) = cgroup {
+                cg.remove().await;
+            }
+            return Err(Error::JobFailed(format!("Cannot start {program}: {e}")));
+        }
+    };
+    let pid = child.id();
+    if let Some(mut stdin) = child.stdin.take() {
+        let data = c.stdin;
+        // A command that does not read its stdin closes the pipe: that is not an error.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&data).await;
+        });
+    }
+    let cap = c.output_cap;
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| tokio::spawn(read_capped(s, cap)));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| tokio::spawn(read_capped(s, cap)));
+
+    let ending = tokio::select! {
+        s = child.wait() => Ending::Exited(s),
+        () = tokio::time::sleep(c.timeout) => Ending::TimedOut,
+        () = cancel.cancelled() => Ending::Cancelled,
+    };
+    let duration = start.elapsed();
+    // End everything the command left running; its pipes then reach end of file.
+    match &cgroup {
+        Some(cg) => cg.kill(),
+        None => {
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let status = match ending {
+        Ending::Exited(s) => Some(s),
+        Ending::TimedOut | Ending::Cancelled => {
+            let _ = child.wait().await;
+            None
+        }
+    };
+    let collect = |t: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>| async move {
+        match t {
+            Some(t) => t.await.unwrap_or_default(),
+            None => Default::default(),
+        }
+    };
+    let (stdout, stdout_truncated) = collect(stdout).await;
+    let (stderr, stderr_truncated) = collect(stderr).await;
+    if let Some(cg) = cgroup {
+        cg.remove().await;
+    }
+    let timed_out = status.is_none() && !cancel.is_cancelled();
+    let exit_code = match status {
+        Some(Ok(s)) => exit_code_of(s),
+        Some(Err(e)) => {
+            return Err(Error::JobFailed(format!(
+                "Cannot wait for the command: {e}"
+            )));
+        }
+        None => -1,
+    };
+    Ok(ExecOutcome {
+        exit_code,
+        stdout,
+        stderr,
+        timed_out,
+        stdout_truncated,
+        stderr_truncated,
+        duration,
+    })
+}
+
 #[async_trait]
 impl Executor for HostExecutor {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
@@ -237,121 +402,20 @@ impl Executor for HostExecutor {
                 req.cwd.display()
             )));
         }
-        let shell = shell();
-        let mut cmd = tokio::process::Command::new(shell);
-        cmd.arg("-c")
-            .arg(&req.command)
-            .env_clear()
-            .envs(&req.env)
-            .current_dir(&req.cwd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let cgroup = match &self.isolation {
-            Isolation::Cgroup(tree) => {
-                let cg = tree.create().map_err(|e| {
-                    Error::JobFailed(format!("Cannot create a cgroup for the command: {e}"))
-                })?;
-                let fd = cg.procs.as_raw_fd();
-                // SAFETY: only write(2) runs between fork and exec; the fd was opened before.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
-                            Ok(())
-                        } else {
-                            Err(io::Error::last_os_error())
-                        }
-                    });
-                }
-                Some(cg)
-            }
-            Isolation::ProcessGroup => None,
+        let argv = [shell().to_owned(), "-c".to_owned(), req.command];
+        let containment = match &self.isolation {
+            Isolation::Cgroup(tree) => Containment::CgroupBelow(tree.base()),
+            Isolation::ProcessGroup => Containment::ProcessGroup,
         };
-        let start = Instant::now();
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                if let Some(cg) = cgroup {
-                    cg.remove().await;
-                }
-                return Err(Error::JobFailed(format!("Cannot start {shell}: {e}")));
-            }
+        let command = Command {
+            argv: &argv,
+            env: &req.env,
+            cwd: Some(&req.cwd),
+            stdin: req.stdin,
+            timeout: req.timeout,
+            output_cap: req.output_cap,
         };
-        let pid = child.id();
-        if let Some(mut stdin) = child.stdin.take() {
-            let data = req.stdin;
-            // A command that does not read its stdin closes the pipe: that is not an error.
-            tokio::spawn(async move {
-                let _ = stdin.write_all(&data).await;
-            });
-        }
-        let cap = req.output_cap;
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| tokio::spawn(read_capped(s, cap)));
-        let stderr = child
-            .stderr
-            .take()
-            .map(|s| tokio::spawn(read_capped(s, cap)));
-
-        let ending = tokio::select! {
-            s = child.wait() => Ending::Exited(s),
-            () = tokio::time::sleep(req.timeout) => Ending::TimedOut,
-            () = cancel.cancelled() => Ending::Cancelled,
-        };
-        let duration = start.elapsed();
-        // End everything the command left running; its pipes then reach end of file.
-        match &cgroup {
-            Some(cg) => cg.kill(),
-            None => {
-                if let Some(pid) = pid {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        let status = match ending {
-            Ending::Exited(s) => Some(s),
-            Ending::TimedOut | Ending::Cancelled => {
-                let _ = child.wait().await;
-                None
-            }
-        };
-        let collect = |t: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>| async move {
-            match t {
-                Some(t) => t.await.unwrap_or_default(),
-                None => Default::default(),
-            }
-        };
-        let (stdout, stdout_truncated) = collect(stdout).await;
-        let (stderr, stderr_truncated) = collect(stderr).await;
-        if let Some(cg) = cgroup {
-            cg.remove().await;
-        }
-        let timed_out = status.is_none() && !cancel.is_cancelled();
-        let exit_code = match status {
-            Some(Ok(s)) => exit_code_of(s),
-            Some(Err(e)) => {
-                return Err(Error::JobFailed(format!(
-                    "Cannot wait for the command: {e}"
-                )));
-            }
-            None => -1,
-        };
-        Ok(ExecOutcome {
-            exit_code,
-            stdout,
-            stderr,
-            timed_out,
-            stdout_truncated,
-            stderr_truncated,
-            duration,
-        })
+        run_contained(command, containment, &cancel).await
     }
 }
 

@@ -1,7 +1,11 @@
 //! Adapters to the machine: record store and directories on disk, host command execution,
 //! configuration, logging. Implements the ports of `core`.
 
+pub mod build;
 pub mod config;
+pub mod containers;
+pub mod distro;
 pub mod exec;
 pub mod logging;
 pub mod store;
+pub mod systemd;

@@ -193,6 +193,8 @@ mod tests {
             tools: vec![],
             template: String::new(),
             created_at_usec: 7,
+            network: Default::default(),
+            limits: Default::default(),
         }
     }
 

@@ -867,11 +867,30 @@ async fn each_bad_input_gets_its_named_error_and_changes_nothing() {
         m.create_workspace(spec(vec![
             ("name", Variant::from("ok")),
             ("workspace_type", Variant::from("container")),
-            ("distro", Variant::from("debian-bookworm")),
         ]))
         .await,
-        "org.agent.Workspaces.Error.NotSupported",
-        "container",
+        invalid,
+        "'distro'",
+    );
+    assert_error(
+        m.create_workspace(spec(vec![
+            ("name", Variant::from("ok")),
+            ("workspace_type", Variant::from("container")),
+            ("distro", Variant::from("debian-bookworm")),
+            ("network", Variant::from("wifi")),
+        ]))
+        .await,
+        invalid,
+        "'network'",
+    );
+    assert_error(
+        m.create_workspace(spec(vec![
+            ("name", Variant::from("ok")),
+            ("memory_max", Variant::from(5u64)),
+        ]))
+        .await,
+        invalid,
+        "'memory_max'",
     );
     assert_error(
         m.update_workspace(&existing, spec(vec![("name", Variant::from("other"))]))
@@ -955,9 +974,10 @@ async fn reload_applies_new_limits_and_a_bad_file_keeps_the_old_ones() {
     require_test_host();
     let config = "/etc/agent-workspaces/config.toml";
     std::fs::create_dir_all("/etc/agent-workspaces").unwrap();
+    let original = std::fs::read_to_string(config).unwrap_or_default();
     std::fs::write(
         config,
-        "[exec]\nmax_timeout_secs = 5\ndefault_timeout_secs = 5\n",
+        format!("[exec]\nmax_timeout_secs = 5\ndefault_timeout_secs = 5\n{original}"),
     )
     .unwrap();
     systemctl(&format!("reload {UNIT}"));
@@ -974,6 +994,7 @@ async fn reload_applies_new_limits_and_a_bad_file_keeps_the_old_ones() {
         "1 to 5 seconds",
     );
     std::fs::write(config, "[exec]\nmax_timeout_secs = \"many\"\n").unwrap();
+    // (line 2 of this file is the bad one)
     systemctl(&format!("reload {UNIT}"));
     assert_eq!(
         sh(&format!("systemctl is-active {UNIT}")).stdout.trim(),
@@ -1001,7 +1022,7 @@ async fn reload_applies_new_limits_and_a_bad_file_keeps_the_old_ones() {
     assert_ne!(start.code, 0);
     let status = sh(&format!("systemctl show -p StatusText --value {UNIT}")).stdout;
     assert!(status.contains("line 2"), "{status}");
-    std::fs::remove_file(config).unwrap();
+    std::fs::write(config, original).unwrap();
     systemctl(&format!("reset-failed {UNIT}"));
     restart_service();
     let conn = bus().await;
@@ -1014,4 +1035,239 @@ async fn reload_applies_new_limits_and_a_bad_file_keeps_the_old_ones() {
         )
         .await
         .unwrap();
+}
+
+/// Polls a workspace's Status until it leaves `building`/`pending`; returns the final status.
+async fn wait_built(conn: &zbus::Connection, name: &str, limit: Duration) -> String {
+    let m = manager(conn).await;
+    let ws = workspace(conn, &m.get_workspace(name).await.unwrap()).await;
+    let start = std::time::Instant::now();
+    loop {
+        let status = ws.status().await.unwrap();
+        if status != "building" && status != "pending" {
+            return status;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{name} still {status} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn container_spec<'a>(
+    name: &'a str,
+    extra: Vec<(&'a str, Variant<'a>)>,
+) -> agent_workspaces::dbus::client::Args<'a> {
+    let mut items = vec![
+        ("name", Variant::from(name)),
+        ("workspace_type", Variant::from("container")),
+        ("distro", Variant::from("debian-bookworm")),
+    ];
+    items.extend(extra);
+    spec(items)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("box");
+    let init =
+        "#!/bin/sh\nset -e\necho \"$GREETING from init\" > /workspace/from-init\necho init-ran\n";
+    let path = m
+        .create_workspace(container_spec(
+            &name,
+            vec![
+                ("env_vars", env_variant(&[("GREETING", "hello")])),
+                ("init_script", Variant::from(init)),
+            ],
+        ))
+        .await
+        .unwrap();
+    let ws = workspace(&conn, &path).await;
+    assert_eq!(ws.status().await.unwrap(), "pending");
+    m.build_workspace(&name).await.unwrap();
+    assert_error(
+        m.build_workspace(&name).await,
+        "org.agent.Workspaces.Error.Busy",
+        &name,
+    );
+    let status = wait_built(&conn, &name, Duration::from_secs(1200)).await;
+    let (log, _) = m.get_init_log(&name, 0).await.unwrap();
+    assert_eq!(
+        status,
+        "ready",
+        "error: {}\ninit log:\n{log}",
+        ws.error_message().await.unwrap()
+    );
+    assert!(
+        log.contains("== step unpack") && log.contains("init-ran"),
+        "{log}"
+    );
+
+    let (code, out, err, ..) = m
+        .exec(
+            &name,
+            "cat /workspace/from-init; echo $GREETING; pwd; grep VERSION_CODENAME /etc/os-release; echo oops >&2",
+            no_options(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{}", String::from_utf8_lossy(&err));
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "hello from init\nhello\n/workspace\nVERSION_CODENAME=bookworm\n"
+    );
+    assert_eq!(err, b"oops\n", "stderr separate, no terminal in between");
+    assert!(
+        ok("machinectl list --no-legend").contains(&name),
+        "machinectl list shows it"
+    );
+    assert!(ok("machinectl list-images --no-legend").contains(&name));
+    let unit = format!("agent-workspace-{name}.service");
+    assert_eq!(
+        sh(&format!("systemctl is-active {unit}")).stdout.trim(),
+        "active"
+    );
+
+    // Output larger than a pipe buffer comes back whole, without blocking.
+    let (_, out, ..) = m
+        .exec(&name, "head -c 200000 /dev/zero", no_options())
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 200_000);
+
+    // 32 concurrent execs: each waits until all have started.
+    const N: usize = 32;
+    let calls = (0..N).map(|i| {
+        let m = m.clone();
+        let name = name.clone();
+        async move {
+            let cmd = format!(
+                "touch /workspace/c-{i}; while [ $(ls /workspace | grep -c '^c-') -lt {N} ]; do sleep 0.05; done; echo {i}"
+            );
+            m.exec(&name, &cmd, spec(vec![("timeout_secs", Variant::from(120u32))])).await
+        }
+    });
+    for (i, r) in futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let (code, out, err, timed_out, _) = r.unwrap();
+        assert_eq!(
+            (code, timed_out),
+            (0, false),
+            "exec {i}: {}",
+            String::from_utf8_lossy(&err)
+        );
+        assert_eq!(out, format!("{i}\n").into_bytes());
+    }
+
+    // A timeout leaves no process behind in the container, and the workspace keeps working.
+    let (code, out, _, timed_out, _) = m
+        .exec(
+            &name,
+            "sleep 1000 & echo started; wait",
+            spec(vec![("timeout_secs", Variant::from(1u32))]),
+        )
+        .await
+        .unwrap();
+    assert_eq!((code, timed_out, &out[..]), (-1, true, &b"started\n"[..]));
+    let count = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^sleep 1000' || true";
+    let (_, out, ..) = m.exec(&name, count, no_options()).await.unwrap();
+    assert_eq!(out, b"0\n", "the timed-out command's sleep is gone");
+
+    // The container shares the test host's network: a loopback listener is reachable.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected");
+    let (code, out, ..) = m.exec(&name, &probe, no_options()).await.unwrap();
+    assert_eq!((code, &out[..]), (0, &b"connected\n"[..]));
+
+    // Rerun the init script without a rebuild; the log grows, the status stays ready.
+    let (_, before) = m.get_init_log(&name, 1).await.unwrap();
+    let p = m.inner();
+    let (code, out, ..): agent_workspaces::dbus::client::ExecReply = p
+        .call("RerunInit", &(name.as_str(), no_options()))
+        .await
+        .unwrap();
+    assert_eq!((code, &out[..]), (0, &b"init-ran\n"[..]));
+    let (_, after) = m.get_init_log(&name, 1).await.unwrap();
+    assert!(
+        after > before,
+        "rerun-init adds to the init log ({before} -> {after} lines)"
+    );
+    assert_eq!(ws.status().await.unwrap(), "ready");
+
+    // A private network has only lo, and the loopback listener is out of reach.
+    let private = unique("private");
+    m.create_workspace(container_spec(
+        &private,
+        vec![
+            ("network", Variant::from("private")),
+            ("build_on_create", Variant::from(true)),
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_built(&conn, &private, Duration::from_secs(300)).await,
+        "ready"
+    );
+    let (_, out, ..) = m
+        .exec(
+            &private,
+            "ls /sys/class/net; awk 'NR > 1' /proc/net/route | wc -l",
+            no_options(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, b"lo\n0\n", "only lo, and no routes");
+    let (code, ..) = m.exec(&private, &probe, no_options()).await.unwrap();
+    assert_ne!(
+        code, 0,
+        "the test host's loopback listener is unreachable from a private network"
+    );
+    drop(listener);
+
+    // A failing init script: status error, a message naming the exit code, the log kept.
+    let failing = unique("failing");
+    m.create_workspace(container_spec(
+        &failing,
+        vec![("init_script", Variant::from("echo about-to-fail\nexit 3\n"))],
+    ))
+    .await
+    .unwrap();
+    m.build_workspace(&failing).await.unwrap();
+    assert_eq!(
+        wait_built(&conn, &failing, Duration::from_secs(300)).await,
+        "error"
+    );
+    let failed = workspace(&conn, &m.get_workspace(&failing).await.unwrap()).await;
+    let message = failed.error_message().await.unwrap();
+    assert!(message.contains("exit code 3"), "{message}");
+    let (log, _) = m.get_init_log(&failing, 0).await.unwrap();
+    assert!(log.contains("about-to-fail"), "{log}");
+
+    // Destroy leaves no unit, machine, tree or record behind.
+    let mut ids = Vec::new();
+    for n in [&name, &private, &failing] {
+        let w = workspace(&conn, &m.get_workspace(n).await.unwrap()).await;
+        ids.push(w.id().await.unwrap());
+        m.destroy_workspace(n).await.unwrap();
+    }
+    for (n, id) in [&name, &private, &failing].into_iter().zip(ids) {
+        assert_eq!(
+            ok(&format!(
+                "systemctl list-units --all --no-legend 'agent-workspace*{n}*'"
+            )),
+            ""
+        );
+        assert!(!ok("machinectl list --no-legend").contains(n.as_str()));
+        assert!(!std::path::Path::new(&format!("/var/lib/machines/{n}")).exists());
+        assert!(!std::path::Path::new(&format!("{STATE}/records/{id}.json")).exists());
+    }
 }
