@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use agent_workspaces::dbus::client::WorkspacesProxy;
 
 const ROUNDS: usize = 300;
+/// Per-exec systemd-nspawn is slow; fewer rounds of it.
+const NSPAWN_ROUNDS: usize = 40;
 const WARMUP: usize = 20;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -24,6 +26,63 @@ fn report(label: &str, mut samples: Vec<Duration>) -> Duration {
         samples.len()
     );
     p50
+}
+
+async fn time_n<F, Fut>(rounds: usize, mut f: F) -> Vec<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..WARMUP.min(rounds) {
+        f().await;
+    }
+    let mut out = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        f().await;
+        out.push(t.elapsed());
+    }
+    out
+}
+
+async fn run_ok(argv: Vec<String>) {
+    let s = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .expect("spawn");
+    assert!(s.success(), "{argv:?} failed");
+}
+
+/// Creates a debian-bookworm container workspace and waits until it is ready; returns the time.
+async fn build_container(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name: &str) -> Duration {
+    use zbus::Variant;
+    let t = Instant::now();
+    let spec: HashMap<&str, Variant<'_>> = HashMap::from([
+        ("name", Variant::from(name)),
+        ("workspace_type", Variant::from("container")),
+        ("distro", Variant::from("debian-bookworm")),
+        ("build_on_create", Variant::from(true)),
+    ]);
+    let path = m.create_workspace(spec).await.expect("create container");
+    let ws = agent_workspaces::dbus::client::WorkspaceProxy::builder(conn)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("proxy");
+    loop {
+        match ws.status().await.expect("status").as_str() {
+            "ready" => return t.elapsed(),
+            "error" => panic!(
+                "build failed: {}",
+                ws.error_message().await.unwrap_or_default()
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 async fn time_async<F, Fut>(mut f: F) -> Vec<Duration>
@@ -103,5 +162,106 @@ async fn main() {
         futures_util::future::join_all((0..clients).map(|_| client())).await;
         let rate = (clients * per_client) as f64 / t.elapsed().as_secs_f64();
         println!("throughput with {clients} concurrent clients: {rate:>8.1} execs/s");
+    }
+
+    println!();
+    println!("container workspace (debian-bookworm, base tree cached)");
+    let pid = std::process::id();
+    let name = format!("bench-{pid}");
+    let other = format!("bench-nspawn-{pid}");
+    let built = build_container(&conn, &m, &name).await;
+    println!(
+        "{:<48} {:>8.3} s",
+        "cached build: create -> ready",
+        built.as_secs_f64()
+    );
+    m.exec(&name, "true", HashMap::new())
+        .await
+        .expect("the first exec starts the container");
+    let leader = String::from_utf8(
+        tokio::process::Command::new("machinectl")
+            .args(["show", "-p", "Leader", "--value", &name])
+            .output()
+            .await
+            .expect("machinectl")
+            .stdout,
+    )
+    .expect("utf8")
+    .trim()
+    .to_owned();
+    let floor = report(
+        "floor: nsenter -t <leader> -a /bin/true",
+        time_async(|| {
+            run_ok(
+                ["nsenter", "-t", &leader, "-a", "/bin/true"]
+                    .map(String::from)
+                    .to_vec(),
+            )
+        })
+        .await,
+    );
+    let cexec = {
+        let m = m.clone();
+        let name = name.clone();
+        report(
+            "Exec(container, 'true') through D-Bus",
+            time_async(|| {
+                let m = m.clone();
+                let name = name.clone();
+                async move {
+                    let (code, ..) = m.exec(&name, "true", HashMap::new()).await.expect("exec");
+                    assert_eq!(code, 0);
+                }
+            })
+            .await,
+        )
+    };
+    build_container(&conn, &m, &other).await;
+    m.inner()
+        .call::<_, _, ()>("StopWorkspace", &(other.as_str(),))
+        .await
+        .expect("stop");
+    let tree = format!("/var/lib/machines/{other}");
+    let nspawn = report(
+        "baseline to beat: systemd-nspawn -D <tree> /bin/true",
+        time_n(NSPAWN_ROUNDS, || {
+            run_ok(
+                [
+                    "systemd-nspawn",
+                    "-q",
+                    "--register=no",
+                    "-D",
+                    &tree,
+                    "/bin/true",
+                ]
+                .map(String::from)
+                .to_vec(),
+            )
+        })
+        .await,
+    );
+    println!(
+        "ratio Exec / nsenter floor p50: {:.2}x (target: at most 3x)",
+        cexec.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "ratio per-exec nspawn / Exec p50: {:.2}x (target: at least 5x)",
+        nspawn.as_secs_f64() / cexec.as_secs_f64()
+    );
+    for clients in [1usize, 8] {
+        let per_client = 50;
+        let t = Instant::now();
+        let client = || async {
+            for _ in 0..per_client {
+                let (code, ..) = m.exec(&name, "true", HashMap::new()).await.expect("exec");
+                assert_eq!(code, 0);
+            }
+        };
+        futures_util::future::join_all((0..clients).map(|_| client())).await;
+        let rate = (clients * per_client) as f64 / t.elapsed().as_secs_f64();
+        println!("container throughput with {clients} concurrent clients: {rate:>8.1} execs/s");
+    }
+    for n in [&name, &other] {
+        m.destroy_workspace(n).await.expect("destroy");
     }
 }

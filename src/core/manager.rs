@@ -619,6 +619,15 @@ impl Manager {
             .filter(|e| e.ws.is_container() && e.ws.status == Status::Building)
             .map(|e| (e.ws.clone(), e.execs.clone()))
             .collect();
+        let known: Vec<String> = self
+            .reg()
+            .by_id
+            .values()
+            .filter(|e| e.ws.is_container())
+            .map(|e| e.ws.name.clone())
+            .collect();
+        let this = self.clone();
+        tokio::spawn(async move { this.ports.containers.clean_orphans(&known).await });
         for (ws, tracker) in pending {
             info!(workspace_id = %ws.id, workspace_name = %ws.name,
                   "Resuming the build of {} after a restart", ws.name);
@@ -777,6 +786,22 @@ impl Manager {
     pub async fn init_log(&self, key: &str, max_lines: u32) -> Result<(String, u32)> {
         let ws = self.container(key, "read the init log of")?;
         self.ports.containers.init_log(&ws, max_lines).await
+    }
+
+    /// The debug report of a container workspace: its record's state plus what the system says.
+    pub async fn debug_info(&self, key: &str) -> Result<super::ports::DebugInfo> {
+        use super::ports::DebugValue::{Str, U64};
+        let ws = self.container(key, "read debug info of")?;
+        let mut info = self.ports.containers.debug_info(&ws).await?;
+        info.insert("status".into(), Str(ws.status.as_str().into()));
+        info.insert("error_message".into(), Str(ws.error_message.clone()));
+        info.insert("network".into(), Str(ws.network.as_str().into()));
+        info.insert(
+            "distro".into(),
+            Str(ws.distro.map(|d| d.as_str()).unwrap_or_default().into()),
+        );
+        info.insert("created_at_usec".into(), U64(ws.created_at_usec));
+        Ok(info)
     }
 
     fn ready_container(&self, key: &str, verb: &str) -> Result<Workspace> {

@@ -66,6 +66,18 @@ pub trait Executor: Send + Sync {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
 }
 
+/// One value of a debug report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DebugValue {
+    Str(String),
+    U64(u64),
+    Bool(bool),
+    List(Vec<String>),
+}
+
+/// A debug report: key -> value.
+pub type DebugInfo = BTreeMap<String, DebugValue>;
+
 /// Container workspaces: trees, units, machines. Every method is given the workspace record.
 #[async_trait]
 pub trait Containers: Send + Sync {
@@ -101,6 +113,12 @@ pub trait Containers: Send + Sync {
     async fn init_log(&self, ws: &Workspace, max_lines: u32) -> Result<(String, u32)>;
     /// Appends a line to the init log.
     async fn log(&self, ws: &Workspace, line: &str);
+    /// At start: reports trees and units of containers that have no record (`known` are the
+    /// names of container workspaces), and removes what is clearly the service's own leftover
+    /// (half-built trees, units it started).
+    async fn clean_orphans(&self, known: &[String]);
+    /// What the tree, the units and machined say about this container.
+    async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo>;
     /// Removes tree, logs and leftovers; the units must be stopped.
     async fn remove(&self, ws: &Workspace) -> Result<()>;
 }

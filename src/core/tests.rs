@@ -150,6 +150,12 @@ impl Containers for FakeContainers {
         Ok((String::new(), 0))
     }
     async fn log(&self, _: &Workspace, _: &str) {}
+    async fn clean_orphans(&self, known: &[String]) {
+        self.call(format!("clean_orphans {}", known.join(",")));
+    }
+    async fn debug_info(&self, _: &Workspace) -> Result<DebugInfo> {
+        Ok(DebugInfo::new())
+    }
     async fn remove(&self, ws: &Workspace) -> Result<()> {
         self.call(format!("remove {}", ws.name));
         Ok(())
@@ -567,5 +573,14 @@ async fn restart_resumes_a_build_that_was_running() {
     let second = fixture_with(first.store.clone(), ExecLimits::default());
     second.manager.reconcile();
     wait_status(&second, "box", Status::Ready).await;
-    assert_eq!(second.containers.calls(), ["wait_build box", "start box"]);
+    let calls = second.containers.calls();
+    assert!(
+        calls.contains(&"wait_build box".to_string())
+            && calls.ends_with(&["start box".to_string()]),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&"clean_orphans box".to_string()),
+        "{calls:?}"
+    );
 }

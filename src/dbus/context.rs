@@ -168,17 +168,28 @@ impl Context {
         Ok(exec_reply(o))
     }
 
-    /// Verbs that only container workspaces have and that are not available yet.
-    pub async fn container_verb(&self, header: &Header<'_>, key: &str, verb: &str) -> Result<()> {
-        self.authorize(header, key, Action::Manage, verb).await?;
-        let ws = self.manager.container(key, verb)?;
-        Err(BusError::new(
-            format!("{}NotSupported", super::error::PREFIX),
-            format!(
-                "Cannot {verb} workspace '{}': not available in this version",
-                ws.name
-            ),
-        ))
+    pub async fn debug_info(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+    ) -> Result<HashMap<String, OwnedVariant>> {
+        use crate::core::ports::DebugValue;
+        self.authorize(header, key, Action::Manage, "read debug info of")
+            .await?;
+        let info = self.manager.debug_info(key).await?;
+        Ok(info
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    DebugValue::Str(s) => OwnedVariant::try_from(zbus::Variant::from(s)),
+                    DebugValue::U64(n) => Ok(OwnedVariant::from(n)),
+                    DebugValue::Bool(b) => Ok(OwnedVariant::from(b)),
+                    DebugValue::List(l) => OwnedVariant::try_from(zbus::Variant::from(l)),
+                };
+                // Plain strings, numbers and lists always convert (no file descriptors).
+                (k, v.unwrap_or_else(|_| OwnedVariant::from(false)))
+            })
+            .collect())
     }
 
     pub async fn build(&self, header: &Header<'_>, key: &str, rebuild: bool) -> Result<()> {

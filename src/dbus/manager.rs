@@ -122,10 +122,7 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<HashMap<String, OwnedVariant>> {
-        self.ctx
-            .container_verb(&header, workspace, "read debug info of")
-            .await?;
-        Ok(HashMap::new())
+        self.ctx.debug_info(&header, workspace).await
     }
 
     #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]

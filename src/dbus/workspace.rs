@@ -80,10 +80,7 @@ impl WorkspaceObject {
         &self,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<HashMap<String, OwnedVariant>> {
-        self.ctx
-            .container_verb(&header, &self.id, "read debug info of")
-            .await?;
-        Ok(HashMap::new())
+        self.ctx.debug_info(&header, &self.id).await
     }
 
     #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]

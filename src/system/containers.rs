@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use zbus::OwnedVariant;
 
 use super::build::{BuildPlan, BuildResult};
@@ -21,7 +21,7 @@ use super::exec::{Command, Containment, cgroup2_mount, run_contained};
 use super::systemd::{Systemd, prop};
 use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
-use crate::core::ports::{Containers, ExecOutcome, ExecRequest};
+use crate::core::ports::{Containers, DebugInfo, DebugValue, ExecOutcome, ExecRequest};
 use crate::core::workspace::{Network, Workspace};
 
 /// The init log is cut back to its last half when it grows past this.
@@ -452,6 +452,179 @@ impl Containers for NspawnContainers {
         self.append_log(ws, format!("{line}\n").as_bytes()).await;
     }
 
+    async fn clean_orphans(&self, known: &[String]) {
+        let is_known = |name: &str| known.iter().any(|k| k == name);
+        if let Ok(entries) = fs::read_dir(&self.config.machines_dir) {
+            for e in entries.flatten() {
+                let file = e.file_name().to_string_lossy().into_owned();
+                let path = e.path();
+                if let Some(name) = file.strip_suffix(".partial") {
+                    // Only a build of ours makes <name>.partial with a configured tree inside.
+                    if !is_known(name) && path.join("workspace").is_dir() {
+                        warn!(
+                            "Removing {}, a half-built tree without a workspace record",
+                            path.display()
+                        );
+                        let _ = fs::remove_dir_all(&path);
+                    }
+                } else if !is_known(&file) && path.join(".agent-workspaces").is_dir() {
+                    warn!(
+                        "The container tree {} has no workspace record; it is left in place (remove it with: machinectl remove {file})",
+                        path.display()
+                    );
+                }
+            }
+        }
+        match self
+            .systemd
+            .units_matching("agent-workspace-*.service")
+            .await
+        {
+            Ok(units) => {
+                for (unit, description, _) in units {
+                    let base = unit.strip_suffix(".service").unwrap_or(&unit);
+                    // agent-workspace-build-x is the build unit of x, or the unit of "build-x".
+                    let names = [
+                        base.strip_prefix("agent-workspace-"),
+                        base.strip_prefix("agent-workspace-build-"),
+                    ];
+                    let known_unit = names.iter().flatten().any(|n| is_known(n));
+                    let name = if known_unit {
+                        ""
+                    } else {
+                        names[0].unwrap_or("")
+                    };
+                    let ours = description.starts_with("Agent workspace ")
+                        || description.starts_with("Build of agent workspace ");
+                    if !name.is_empty() && !is_known(name) && ours {
+                        warn!("Stopping {unit}: it belongs to no workspace record");
+                        if let Err(e) = self.systemd.stop(&unit).await {
+                            warn!("Cannot stop {unit}: {e}");
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!("Cannot look for leftover units: {e}"),
+        }
+    }
+
+    async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo> {
+        use DebugValue::{Bool, List, Str, U64};
+        let tree = self.tree_path(&ws.name);
+        let mut info = DebugInfo::new();
+        info.insert("tree".into(), Str(tree.display().to_string()));
+        info.insert("tree_exists".into(), Bool(tree.is_dir()));
+        let t = tree.clone();
+        let size = tokio::task::spawn_blocking(move || tree_size(&t))
+            .await
+            .unwrap_or(0);
+        info.insert("tree_size_bytes".into(), U64(size));
+        let present: Vec<String> = ["bin", "etc", "usr", "var", "tmp", "root", "workspace"]
+            .into_iter()
+            .filter(|d| tree.join(d).is_dir())
+            .map(String::from)
+            .collect();
+        info.insert("directories".into(), List(present));
+        let shell = ["bin/bash", "bin/sh"]
+            .into_iter()
+            .find(|s| tree.join(s).exists())
+            .map(|s| format!("/{s}"))
+            .unwrap_or_default();
+        info.insert("shell".into(), Str(shell));
+        let script = tree.join(".agent-workspaces/init");
+        info.insert(
+            "init_script_present".into(),
+            Bool(!ws.init_script.is_empty()),
+        );
+        let changed = fs::metadata(&script)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_micros() as u64);
+        info.insert("init_script_changed_usec".into(), U64(changed));
+        let os = fs::read_to_string(tree.join("etc/os-release"))
+            .or_else(|_| fs::read_to_string(tree.join("usr/lib/os-release")))
+            .unwrap_or_default();
+        let pretty = os
+            .lines()
+            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+            .unwrap_or("")
+            .trim_matches('"')
+            .to_owned();
+        info.insert("os_release".into(), Str(pretty));
+        let leader = self.systemd.machine_leader(&ws.name).await?;
+        info.insert(
+            "machine_state".into(),
+            Str(if leader.is_some() {
+                "running"
+            } else {
+                "stopped"
+            }
+            .into()),
+        );
+        info.insert("leader".into(), U64(leader.map_or(0, u64::from)));
+        let unit = unit_name(&ws.name);
+        let state = self.systemd.unit_state(&unit).await?;
+        info.insert("unit".into(), Str(unit));
+        info.insert(
+            "unit_state".into(),
+            Str(state
+                .as_ref()
+                .map_or("not loaded".into(), |s| s.active_state.clone())),
+        );
+        let build_unit = build_unit_name(&ws.name);
+        let build_state = self.systemd.unit_state(&build_unit).await?;
+        info.insert("build_unit".into(), Str(build_unit));
+        let (_, result_path) = self.plan_paths(ws);
+        let build_result = match (build_state, fs::read(&result_path)) {
+            (Some(s), _) => format!("{} ({})", s.active_state, s.result),
+            (None, Ok(bytes)) => serde_json::from_slice::<BuildResult>(&bytes)
+                .map(|r| {
+                    if r.ok {
+                        "success".into()
+                    } else {
+                        format!("failed in step {}: {}", r.step, r.message)
+                    }
+                })
+                .unwrap_or_default(),
+            (None, Err(_)) => "not running".into(),
+        };
+        info.insert("build_result".into(), Str(build_result));
+        // Limits are unit properties; whether the kernel enforces them depends on the cgroup
+        // controllers delegated here. Say so rather than pretend.
+        let controllers: Vec<String> = cgroup2_mount()
+            .and_then(|m| fs::read_to_string(m.join("cgroup.controllers")).ok())
+            .map(|c| c.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let l = ws.limits;
+        let mut missing = Vec::new();
+        for (set, controller, key) in [
+            (l.memory_max.is_some(), "memory", "memory_max"),
+            (l.cpu_quota_percent.is_some(), "cpu", "cpu_quota_percent"),
+            (l.tasks_max.is_some(), "pids", "tasks_max"),
+        ] {
+            if set && !controllers.iter().any(|c| c == controller) {
+                missing.push(format!("{key} is set but the {controller} controller is not available, so it is not enforced"));
+            }
+        }
+        info.insert("memory_max".into(), U64(l.memory_max.unwrap_or(0)));
+        info.insert(
+            "cpu_quota_percent".into(),
+            U64(l.cpu_quota_percent.map_or(0, u64::from)),
+        );
+        info.insert("tasks_max".into(), U64(l.tasks_max.unwrap_or(0)));
+        info.insert("cgroup_controllers".into(), List(controllers));
+        info.insert("limits_enforced".into(), Bool(missing.is_empty()));
+        info.insert("limits_note".into(), Str(missing.join("; ")));
+        let (_, lines) = self.init_log(ws, 1).await?;
+        info.insert(
+            "init_log".into(),
+            Str(self.log_path(ws).display().to_string()),
+        );
+        info.insert("init_log_lines".into(), U64(u64::from(lines)));
+        Ok(info)
+    }
+
     async fn remove(&self, ws: &Workspace) -> Result<()> {
         let tree = self.tree_path(&ws.name);
         let mut partial = tree.clone().into_os_string();
@@ -472,6 +645,30 @@ impl Containers for NspawnContainers {
         let _ = fs::remove_file(result);
         Ok(())
     }
+}
+
+/// Bytes of regular files below `dir`, not following symlinks. (No same-device check: on an
+/// overlay file system files and directories report different devices. The container's own
+/// mounts live in its mount namespace and are not seen from here.)
+fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total += m.len();
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]

@@ -143,6 +143,16 @@ impl Systemd {
         }))
     }
 
+    /// Loaded units matching a glob pattern: (name, description, active state).
+    pub async fn units_matching(&self, pattern: &str) -> Result<Vec<(String, String, String)>> {
+        let units = self
+            .manager
+            .list_units_by_patterns(Vec::new(), vec![pattern.to_owned()])
+            .await
+            .map_err(|e| bus_error("Cannot list units", e))?;
+        Ok(units.into_iter().map(|u| (u.0, u.1, u.3)).collect())
+    }
+
     /// The leader PID of a registered machine, or None when machined does not know it.
     pub async fn machine_leader(&self, name: &str) -> Result<Option<u32>> {
         match self.machines.get_machine(name.to_owned()).await {

@@ -1271,3 +1271,184 @@ async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
         assert!(!std::path::Path::new(&format!("{STATE}/records/{id}.json")).exists());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_survive_restarts_and_a_daemon_killed_mid_build() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let steady = unique("steady");
+    m.create_workspace(container_spec(
+        &steady,
+        vec![
+            ("build_on_create", Variant::from(true)),
+            ("memory_max", Variant::from(1u64 << 30)),
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_built(&conn, &steady, Duration::from_secs(600)).await,
+        "ready"
+    );
+    let unit = format!("agent-workspace-{steady}.service");
+    assert_eq!(
+        systemctl(&format!("show -p MemoryMax --value {unit}")).trim(),
+        "1073741824"
+    );
+
+    // The debug report.
+    let info: HashMap<String, zbus::OwnedVariant> = m
+        .inner()
+        .call("GetDebugInfo", &(steady.as_str(),))
+        .await
+        .unwrap();
+    let s = |k: &str| String::try_from(info[k].try_clone().unwrap()).unwrap();
+    let b = |k: &str| bool::try_from(&info[k]).unwrap();
+    let u = |k: &str| u64::try_from(&info[k]).unwrap();
+    assert_eq!(s("status"), "ready");
+    assert_eq!(s("tree"), format!("/var/lib/machines/{steady}"));
+    assert!(
+        b("tree_exists") && u("tree_size_bytes") > 50_000_000,
+        "{}",
+        u("tree_size_bytes")
+    );
+    assert!(
+        s("os_release").contains("Debian GNU/Linux 12"),
+        "{}",
+        s("os_release")
+    );
+    assert_eq!(s("shell"), "/bin/bash");
+    assert_eq!(
+        (s("machine_state"), s("unit_state")),
+        ("running".into(), "active".into())
+    );
+    assert!(u("leader") > 1);
+    let controllers =
+        Vec::<String>::try_from(info["cgroup_controllers"].try_clone().unwrap()).unwrap();
+    assert_eq!(u("memory_max"), 1 << 30);
+    if controllers.iter().any(|c| c == "memory") {
+        assert!(b("limits_enforced"));
+    } else {
+        assert!(
+            !b("limits_enforced") && s("limits_note").contains("memory controller"),
+            "{}",
+            s("limits_note")
+        );
+    }
+    let dirs = Vec::<String>::try_from(info["directories"].try_clone().unwrap()).unwrap();
+    assert!(dirs.contains(&"workspace".to_string()) && dirs.contains(&"etc".to_string()));
+
+    // A restart of the service keeps the container running.
+    let leader = u("leader");
+    restart_service();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    assert_eq!(
+        sh(&format!("systemctl is-active {unit}")).stdout.trim(),
+        "active"
+    );
+    let (code, out, ..) = m
+        .exec(&steady, "echo still-here", HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!((code, &out[..]), (0, &b"still-here\n"[..]));
+    let now = ok(&format!("machinectl show -p Leader --value {steady}"));
+    assert_eq!(
+        now.trim(),
+        leader.to_string(),
+        "the same container, not a new one"
+    );
+
+    // kill -9 of the service while a build unit runs: the build is picked up after the restart.
+    let killed = unique("killed");
+    let init = "echo started-init\nsleep 1\necho finished-init\n";
+    m.create_workspace(container_spec(
+        &killed,
+        vec![("init_script", Variant::from(init))],
+    ))
+    .await
+    .unwrap();
+    m.build_workspace(&killed).await.unwrap();
+    let build_unit = format!("agent-workspace-build-{killed}.service");
+    wait_for("the build unit to run", Duration::from_secs(60), || {
+        let state = sh(&format!("systemctl is-active {build_unit}")).stdout;
+        matches!(state.trim(), "active" | "activating").then_some(())
+    });
+    systemctl(&format!("kill --signal=KILL {UNIT}"));
+    wait_for(
+        "systemd to restart the killed service",
+        Duration::from_secs(30),
+        || {
+            let active = sh(&format!("systemctl show -p ActiveState --value {UNIT}")).stdout;
+            let restarts = sh(&format!("systemctl show -p NRestarts --value {UNIT}")).stdout;
+            (active.trim() == "active" && restarts.trim() != "0").then_some(())
+        },
+    );
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    assert_eq!(
+        wait_built(&conn, &killed, Duration::from_secs(300)).await,
+        "ready"
+    );
+    let (log, _) = m.get_init_log(&killed, 0).await.unwrap();
+    assert!(log.contains("finished-init"), "{log}");
+    let journal_text = sh(&format!("journalctl -b -u {UNIT} --no-pager")).stdout;
+    assert!(
+        journal_text.contains(&format!("Resuming the build of {killed}")),
+        "reconciled after the restart"
+    );
+
+    for n in [&steady, &killed] {
+        m.destroy_workspace(n).await.unwrap();
+        assert_eq!(
+            sh(&format!("systemctl is-active agent-workspace-{n}.service"))
+                .stdout
+                .trim(),
+            "inactive"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_mirrors_and_missing_keyrings_fail_clearly_and_quickly() {
+    require_test_host();
+    let config = "/etc/agent-workspaces/config.toml";
+    let original = std::fs::read_to_string(config).unwrap_or_default();
+    // Port 9 on the test host's loopback: nothing listens, so the probe is refused at once.
+    std::fs::write(
+        config,
+        format!("{original}\n[distro.debian-bookworm]\nmirror = \"http://127.0.0.1:9/debian\"\n"),
+    )
+    .unwrap();
+    restart_service();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let offline = unique("offline");
+    let keyless = unique("keyless");
+    m.create_workspace(container_spec(&offline, vec![]))
+        .await
+        .unwrap();
+    let mut noble = container_spec(&keyless, vec![]);
+    noble.insert("distro", Variant::from("ubuntu-noble"));
+    m.create_workspace(noble).await.unwrap();
+    for (name, needle) in [
+        (
+            &offline,
+            "step 'mirror': the mirror does not answer: http://127.0.0.1:9/debian/dists/bookworm/Release",
+        ),
+        (&keyless, "step 'check'"),
+    ] {
+        m.build_workspace(name).await.unwrap();
+        assert_eq!(
+            wait_built(&conn, name, Duration::from_secs(120)).await,
+            "error"
+        );
+        let ws = workspace(&conn, &m.get_workspace(name).await.unwrap()).await;
+        let message = ws.error_message().await.unwrap();
+        assert!(message.contains(needle), "{name}: {message}");
+        m.destroy_workspace(name).await.unwrap();
+    }
+    std::fs::write(config, original).unwrap();
+    restart_service();
+}
