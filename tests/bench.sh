@@ -10,4 +10,6 @@ bin=$(cargo bench --locked --bench exec_latency --no-run 2>&1 |
 [ -x "$bin" ] || { echo "no benchmark binary" >&2; exit 1; }
 "$testhost" up >/dev/null
 "$testhost" install >/dev/null
+tests/testhost/configure-service.sh
+"$testhost" run -- systemctl try-restart agent-workspaced
 "$testhost" run -- "$repo/$bin"

@@ -48,6 +48,7 @@ else
   echo "PID 1 is not systemd here: booting a disposable test host with real systemd" >&2
   "$testhost" up >/dev/null
   "$testhost" install
+  tests/testhost/configure-service.sh
   demo "$testhost run --"
   cat <<EOT
 

@@ -1202,6 +1202,58 @@ async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
     );
     assert_eq!(ws.status().await.unwrap(), "ready");
 
+    // The journal has the workspace's build and init output under its id.
+    let id = ws.id().await.unwrap();
+    let story = wait_for(
+        "the init output in the journal",
+        Duration::from_secs(10),
+        || {
+            let text = sh(&format!(
+                "journalctl -b -o cat --no-pager WORKSPACE_ID={id}"
+            ))
+            .stdout;
+            (text.contains("init: init-ran") && text.contains("== step unpack")).then_some(text)
+        },
+    );
+    assert!(story.contains("Created container workspace"), "{story}");
+
+    // Stop and start: the machine goes away and comes back on first use.
+    m.inner()
+        .call::<_, _, ()>("StopWorkspace", &(name.as_str(),))
+        .await
+        .unwrap();
+    assert!(!ok("machinectl list --no-legend").contains(&name));
+    let (code, out, ..) = m
+        .exec(&name, "cat /workspace/from-init", no_options())
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, &out[..]),
+        (0, &b"hello from init\n"[..]),
+        "started again on first use"
+    );
+
+    // Rebuild starts from a fresh tree and runs the init script again.
+    m.exec(&name, "touch /workspace/before-rebuild", no_options())
+        .await
+        .unwrap();
+    m.inner()
+        .call::<_, _, ()>("RebuildWorkspace", &(name.as_str(),))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_built(&conn, &name, Duration::from_secs(300)).await,
+        "ready"
+    );
+    let (_, out, ..) = m
+        .exec(&name, "ls /workspace | grep -v '^c-'", no_options())
+        .await
+        .unwrap();
+    assert_eq!(
+        out, b"from-init\n",
+        "a fresh tree, with the init script's file again"
+    );
+
     // A private network has only lo, and the loopback listener is out of reach.
     let private = unique("private");
     m.create_workspace(container_spec(

@@ -41,10 +41,6 @@ trap finish EXIT
 "$testhost" down >/dev/null
 "$testhost" up >/dev/null
 "$testhost" install
-# Container base trees are cached outside the test host, so only the first run debootstraps.
-cache=${TESTHOST_CACHE:-/var/cache/agent-workspaces-testhost}
-leader=$("$testhost" env | sed -n 's/^export TESTHOST_LEADER=//p')
-mkdir -p "/proc/$leader/root/etc/agent-workspaces"
-printf '[container]\ncache_dir = "%s/service"\n' "$cache" >"/proc/$leader/root/etc/agent-workspaces/config.toml"
+tests/testhost/configure-service.sh
 "$testhost" run -E AGENT_WORKSPACES_TESTHOST=1 -- \
   "$repo/$bin" --test-threads=1 "$@"
