@@ -85,21 +85,12 @@ async fn build_container(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name:
     }
 }
 
-async fn time_async<F, Fut>(mut f: F) -> Vec<Duration>
+async fn time_async<F, Fut>(f: F) -> Vec<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    for _ in 0..WARMUP {
-        f().await;
-    }
-    let mut out = Vec::with_capacity(ROUNDS);
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        f().await;
-        out.push(t.elapsed());
-    }
-    out
+    time_n(ROUNDS, f).await
 }
 
 #[tokio::main]

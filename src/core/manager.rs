@@ -433,17 +433,26 @@ impl Manager {
     }
 
     fn set_error(&self, id: &str, message: &str) {
+        self.set_status(id, Status::Error, message, None);
+    }
+
+    /// Sets status and error message, persists and announces them; with `only_from`, only a
+    /// workspace in that status changes.
+    fn set_status(&self, id: &str, status: Status, message: &str, only_from: Option<Status>) {
         let ws = {
             let mut reg = self.reg();
             let Some(e) = reg.by_id.get_mut(id) else {
                 return;
             };
-            e.ws.status = Status::Error;
+            if only_from.is_some_and(|s| s != e.ws.status) {
+                return;
+            }
+            e.ws.status = status;
             e.ws.error_message = message.to_owned();
             e.ws.clone()
         };
         if let Err(e) = self.ports.store.save(&ws) {
-            warn!(workspace_id = %ws.id, "Could not save the error state of {}: {e}", ws.name);
+            warn!(workspace_id = %ws.id, "Could not save the state of {}: {e}", ws.name);
         }
         self.ports.events.emit(Event::Changed {
             id: id.to_owned(),
@@ -701,25 +710,7 @@ impl Manager {
 
     /// Ends a build: only a workspace still `building` changes (a destroy may have begun).
     fn finish_build(&self, id: &str, status: Status, message: &str) {
-        let ws = {
-            let mut reg = self.reg();
-            let Some(e) = reg.by_id.get_mut(id) else {
-                return;
-            };
-            if e.ws.status != Status::Building {
-                return;
-            }
-            e.ws.status = status;
-            e.ws.error_message = message.to_owned();
-            e.ws.clone()
-        };
-        if let Err(e) = self.ports.store.save(&ws) {
-            warn!(workspace_id = %ws.id, "Could not save the state of {}: {e}", ws.name);
-        }
-        self.ports.events.emit(Event::Changed {
-            id: id.to_owned(),
-            fields: vec![Field::Status, Field::ErrorMessage],
-        });
+        self.set_status(id, status, message, Some(Status::Building));
     }
 
     /// Runs the init script; a failure is an error naming the exit code and the log.

@@ -248,16 +248,11 @@ impl Containers for NspawnContainers {
         info!(workspace_id = %ws.id, workspace_name = %ws.name, unit = %unit,
               "Starting {unit} to build the tree of {}", ws.name);
         let started = self.systemd.start_transient(&unit, props).await;
-        let result: Option<BuildResult> = fs::read(&result_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let result = read_result(&result_path);
         let _ = fs::remove_file(&plan_path);
         match (started, result) {
             (Ok(()), Some(r)) if r.ok => Ok(()),
-            (_, Some(r)) if !r.ok => Err(Error::JobFailed(format!(
-                "Build of '{}' failed in step '{}': {}",
-                ws.name, r.step, r.message
-            ))),
+            (_, Some(r)) => Err(build_failed(ws, &r)),
             (Err(e), _) => Err(Error::JobFailed(format!(
                 "Build of '{}' failed: {e} (builds are stopped after build_timeout_secs = {})",
                 ws.name, self.config.build_timeout_secs
@@ -282,16 +277,11 @@ impl Containers for NspawnContainers {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let (plan, result_path) = self.plan_paths(ws);
-        let result: Option<BuildResult> = fs::read(&result_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let result = read_result(&result_path);
         let _ = fs::remove_file(plan);
         match result {
             Some(r) if r.ok => Ok(()),
-            Some(r) => Err(Error::JobFailed(format!(
-                "Build of '{}' failed in step '{}': {}",
-                ws.name, r.step, r.message
-            ))),
+            Some(r) => Err(build_failed(ws, &r)),
             None if self.tree_path(&ws.name).join("workspace").is_dir() => Ok(()),
             None => Err(Error::JobFailed(format!(
                 "The build of '{}' was interrupted; run RebuildWorkspace",
@@ -576,18 +566,11 @@ impl Containers for NspawnContainers {
         let build_state = self.systemd.unit_state(&build_unit).await?;
         info.insert("build_unit".into(), Str(build_unit));
         let (_, result_path) = self.plan_paths(ws);
-        let build_result = match (build_state, fs::read(&result_path)) {
+        let build_result = match (build_state, read_result(&result_path)) {
             (Some(s), _) => format!("{} ({})", s.active_state, s.result),
-            (None, Ok(bytes)) => serde_json::from_slice::<BuildResult>(&bytes)
-                .map(|r| {
-                    if r.ok {
-                        "success".into()
-                    } else {
-                        format!("failed in step {}: {}", r.step, r.message)
-                    }
-                })
-                .unwrap_or_default(),
-            (None, Err(_)) => "not running".into(),
+            (None, Some(r)) if r.ok => "success".into(),
+            (None, Some(r)) => format!("failed in step {}: {}", r.step, r.message),
+            (None, None) => "not running".into(),
         };
         info.insert("build_result".into(), Str(build_result));
         // Limits are unit properties; whether the kernel enforces them depends on the cgroup
@@ -645,6 +628,20 @@ impl Containers for NspawnContainers {
         let _ = fs::remove_file(result);
         Ok(())
     }
+}
+
+/// The outcome a build unit left, if any.
+fn read_result(path: &Path) -> Option<BuildResult> {
+    fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn build_failed(ws: &Workspace, r: &BuildResult) -> Error {
+    Error::JobFailed(format!(
+        "Build of '{}' failed in step '{}': {}",
+        ws.name, r.step, r.message
+    ))
 }
 
 /// Bytes of regular files below `dir`, not following symlinks. (No same-device check: on an
