@@ -18,6 +18,7 @@ use agent_workspaces::dbus::{self, BUS_NAME};
 use agent_workspaces::system::config::{self, Config, IsolationMode};
 use agent_workspaces::system::containers::NspawnContainers;
 use agent_workspaces::system::exec::{CgroupTree, HostExecutor, Isolation};
+use agent_workspaces::system::library::FsLibrary;
 use agent_workspaces::system::logging;
 use agent_workspaces::system::store::{Dirs, FileStore};
 use agent_workspaces::system::systemd::Systemd;
@@ -144,6 +145,12 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             dirs: Arc::new(Dirs::new(state_dir.join("workspaces"))),
             executor: Arc::new(HostExecutor::new(isolation)),
             containers: Arc::new(containers),
+            library: Arc::new(FsLibrary::new(
+                config
+                    .library_path
+                    .clone()
+                    .unwrap_or_else(|| state_dir.join("library")),
+            )),
             events: Arc::new(events.clone()),
         },
         host_dir,

@@ -24,6 +24,15 @@ pub enum Error {
     NotSupported(String),
     #[error("Workspace '{0}' is the default host workspace and cannot be destroyed")]
     Protected(String),
+    #[error("Skill '{0}' is not in the Library")]
+    NoSuchSkill(String),
+    #[error("Tool '{0}' is not in the Library")]
+    NoSuchTool(String),
+    #[error("Template '{0}' is not in the Library")]
+    NoSuchTemplate(String),
+    /// The Library is missing, unreadable, or holds a malformed file; the message says which.
+    #[error("{0}")]
+    Library(String),
     /// The service's own files could not be read or written.
     #[error("{0}")]
     Io(String),

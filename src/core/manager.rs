@@ -19,9 +19,10 @@ use super::error::{Error, Result};
 use super::messages;
 use super::names::{DEFAULT_HOST, new_id};
 use super::ports::{
-    Containers, Event, Events, ExecOutcome, ExecRequest, Executor, HostDirs, Store,
+    Containers, Event, Events, ExecOutcome, ExecRequest, Executor, HostDirs, Library, Store,
 };
 use super::spec::{Changes, CreateSpec, ExecLimits, ExecParams};
+use super::template::{Template, merge};
 use super::workspace::{Field, Status, Workspace, WorkspaceType};
 
 /// The environment every command starts from, before the workspace's and the call's variables.
@@ -45,6 +46,7 @@ pub struct Ports {
     pub dirs: Arc<dyn HostDirs>,
     pub executor: Arc<dyn Executor>,
     pub containers: Arc<dyn Containers>,
+    pub library: Arc<dyn Library>,
     pub events: Arc<dyn Events>,
 }
 
@@ -205,7 +207,16 @@ impl Manager {
             reg.by_id.insert(DEFAULT_HOST.into(), entry);
         }
         drop(reg);
-        self.ports.dirs.ensure(&self.default_host_dir)
+        self.ports.dirs.ensure(&self.default_host_dir)?;
+        if let Ok(host) = self.get(DEFAULT_HOST) {
+            if let Err(e) = self.install_library(&host) {
+                warn!(
+                    workspace_id = DEFAULT_HOST,
+                    "Cannot give the host workspace the Library's skills: {e}"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Every workspace, the default host workspace first, then by creation time.
@@ -221,18 +232,24 @@ impl Manager {
     }
 
     pub async fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<Workspace> {
-        let v = spec.validate()?;
-        for (key, used) in [
-            ("skills", !v.skills.is_empty()),
-            ("tools", !v.tools.is_empty()),
-            ("template", !v.template.is_empty()),
-        ] {
-            if used {
-                return Err(Error::NotSupported(format!(
-                    "Cannot create workspace '{}': '{key}' needs the Library, which is not available in this version",
-                    v.name
-                )));
+        let spec = match spec.template.as_deref() {
+            None | Some("") => spec,
+            Some(name) => {
+                super::names::validate_library_name("template", name)
+                    .map_err(|e| Error::InvalidArgs(format!("Invalid 'template': {e}")))?;
+                let t = self.ports.library.template(name)?;
+                merge(&t, spec)
             }
+        };
+        let v = spec.validate()?;
+        for (key, names) in [("skills", &v.skills), ("tools", &v.tools)] {
+            for n in names {
+                super::names::validate_library_name(&key[..key.len() - 1], n)
+                    .map_err(|e| Error::InvalidArgs(format!("Invalid '{key}': {e}")))?;
+            }
+        }
+        if !v.skills.is_empty() || !v.tools.is_empty() {
+            self.ports.library.check(&v.skills, &v.tools)?;
         }
         {
             let mut reg = self.reg();
@@ -265,6 +282,12 @@ impl Manager {
               workspace_path = %ws.path.display(),
               "Created {} workspace {} ({})", ws.workspace_type.as_str(), ws.name, ws.id);
         self.ports.events.emit(Event::Added { id: ws.id.clone() });
+        if !ws.is_container() && (!ws.skills.is_empty() || !ws.tools.is_empty()) {
+            if let Err(e) = self.install_library(&ws) {
+                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "Cannot install the skills and tools of {}: {e}", ws.name);
+            }
+        }
         if build_now {
             // The workspace exists now: a build that cannot start leaves it pending, it does
             // not fail the create.
@@ -357,7 +380,28 @@ impl Manager {
             ws.init_script = script;
             keys.push("init_script");
         }
+        let library_changed = changes.skills.is_some() || changes.tools.is_some();
+        if let Some(skills) = changes.skills {
+            if skills != ws.skills {
+                fields.push(Field::Skills);
+            }
+            ws.skills = skills;
+            keys.push("skills");
+        }
+        if let Some(tools) = changes.tools {
+            if tools != ws.tools {
+                fields.push(Field::Tools);
+            }
+            ws.tools = tools;
+            keys.push("tools");
+        }
+        if library_changed {
+            self.ports.library.check(&ws.skills, &ws.tools)?;
+        }
         self.ports.store.save(&ws)?;
+        if library_changed && self.library_dir_exists(&ws) {
+            self.install_library(&ws)?;
+        }
         if let Some(e) = self.reg().by_id.get_mut(&id) {
             e.ws = ws.clone();
         }
@@ -547,6 +591,57 @@ impl Manager {
         Ok(outcome)
     }
 
+    /// Where a workspace's `.opencode/` lives, seen from the host.
+    fn workspace_dir(&self, ws: &Workspace) -> PathBuf {
+        if ws.is_container() {
+            self.ports.containers.tree_path(&ws.name).join("workspace")
+        } else {
+            ws.path.clone()
+        }
+    }
+
+    /// A container's workspace directory exists once it is built.
+    fn library_dir_exists(&self, ws: &Workspace) -> bool {
+        !ws.is_container() || self.workspace_dir(ws).is_dir()
+    }
+
+    /// Copies the workspace's skills and tools (the default host workspace: every skill).
+    fn install_library(&self, ws: &Workspace) -> Result<()> {
+        let skills = if ws.is_default_host() {
+            self.ports.library.skills()?
+        } else {
+            ws.skills.clone()
+        };
+        self.ports
+            .library
+            .install(&self.workspace_dir(ws), &skills, &ws.tools)
+    }
+
+    /// `SyncWorkspace`: copies the skills and tools again from the Library as it is now.
+    pub async fn sync(&self, key: &str) -> Result<()> {
+        let ws = self.get(key)?;
+        if !self.library_dir_exists(&ws) {
+            return Err(Error::NotReady {
+                workspace: ws.name,
+                status: ws.status.to_string(),
+            });
+        }
+        self.install_library(&ws)?;
+        info!(workspace_id = %ws.id, workspace_name = %ws.name,
+              "Synced skills and tools of {} from the Library", ws.name);
+        Ok(())
+    }
+
+    pub fn templates(&self) -> Result<Vec<Template>> {
+        self.ports.library.templates()
+    }
+
+    pub fn template(&self, name: &str) -> Result<Template> {
+        super::names::validate_library_name("template", name)
+            .map_err(|e| Error::InvalidArgs(format!("Invalid 'name': {e}")))?;
+        self.ports.library.template(name)
+    }
+
     /// The workspace, if it is a container; `NotSupported` for host workspaces.
     pub fn container(&self, key: &str, verb: &str) -> Result<Workspace> {
         let ws = self.get(key)?;
@@ -685,6 +780,7 @@ impl Manager {
                 containers.stop(&ws).await?;
                 containers.build_tree(&ws).await?;
             }
+            self.install_library(&ws)?;
             containers.start(&ws).await?;
             if !ws.init_script.is_empty() {
                 self.init(&ws, Duration::from_secs(limits.init_timeout_secs.into()))

@@ -7,6 +7,7 @@ pub mod messages;
 pub mod names;
 pub mod ports;
 pub mod spec;
+pub mod template;
 pub mod workspace;
 
 pub use error::{Error, Result};

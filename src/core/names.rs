@@ -100,6 +100,24 @@ pub fn validate_env_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the name of a skill, tool or template: one path element of at most 255 bytes, not
+/// `.`/`..`, not hidden, no `/`, `\\` or control characters, so it can never leave the Library
+/// or the workspace.
+pub fn validate_library_name(kind: &str, name: &str) -> Result<(), String> {
+    let bad = name.is_empty()
+        || name.len() > 255
+        || name.starts_with('.')
+        || name.contains(['/', '\\'])
+        || name.chars().any(|c| c.is_control());
+    if bad {
+        return Err(format!(
+            "'{}' is not a valid {kind} name (one path element, not hidden, no '/')",
+            name.escape_default()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +173,51 @@ mod tests {
         }
         assert_eq!(bus_label_unescape("a_zz"), None);
         assert_eq!(bus_label_unescape("a-b"), None);
+    }
+
+    #[test]
+    fn library_names_cannot_leave_the_library() {
+        for ok in ["python-dev", "a.b", "x_1", "ünï"] {
+            assert!(validate_library_name("skill", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc",
+            ".hidden",
+            "a\\b",
+            "a\nb",
+            &"x".repeat(256),
+        ] {
+            assert!(validate_library_name("skill", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Every generated name is either refused or a single, non-escaping path element.
+    #[test]
+    fn generated_library_names_never_escape() {
+        use std::path::{Component, Path};
+        let alphabet = ['a', '.', '/', '\\', '-', '\0', 'é', ' ', '\n'];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 7) as usize;
+            let name: String = (0..len)
+                .map(|i| alphabet[((seed >> (i * 5)) % alphabet.len() as u64) as usize])
+                .collect();
+            if validate_library_name("skill", &name).is_ok() {
+                let joined = Path::new("/lib/skill").join(&name);
+                let comps: Vec<_> = joined.components().collect();
+                assert_eq!(comps.len(), 4, "{name:?} is one element");
+                assert!(matches!(comps[3], Component::Normal(_)), "{name:?}");
+                assert!(joined.starts_with("/lib/skill"));
+            }
+        }
     }
 
     #[test]

@@ -66,6 +66,21 @@ pub trait Executor: Send + Sync {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
 }
 
+/// The Library: skills, tools and templates, read afresh on every use.
+pub trait Library: Send + Sync {
+    /// Every skill's name.
+    fn skills(&self) -> Result<Vec<String>>;
+    /// Checks names (`InvalidArgs` for names that would leave the Library, `NoSuchSkill`,
+    /// `NoSuchTool`) before anything changes.
+    fn check(&self, skills: &[String], tools: &[String]) -> Result<()>;
+    /// Makes `<dir>/.opencode/skill/` and `.opencode/tool/` hold exactly these entries, copied
+    /// with their modes.
+    fn install(&self, dir: &Path, skills: &[String], tools: &[String]) -> Result<()>;
+    /// Every readable template; malformed ones are reported (journal) and left out.
+    fn templates(&self) -> Result<Vec<crate::core::template::Template>>;
+    fn template(&self, name: &str) -> Result<crate::core::template::Template>;
+}
+
 /// One value of a debug report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DebugValue {

@@ -44,6 +44,8 @@ pub struct CreateSpec {
 pub struct Changes {
     pub env_vars: Option<BTreeMap<String, String>>,
     pub init_script: Option<String>,
+    pub skills: Option<Vec<String>>,
+    pub tools: Option<Vec<String>>,
 }
 
 /// `Exec` input.
@@ -233,11 +235,16 @@ impl Changes {
         if let Some(script) = &self.init_script {
             check_init_script(script)?;
         }
+        for (key, list) in [("skills", &self.skills), ("tools", &self.tools)] {
+            if let Some(list) = list {
+                check_list(key, list)?;
+                for n in list {
+                    super::names::validate_library_name(&key[..key.len() - 1], n)
+                        .map_err(|e| invalid(key, e))?;
+                }
+            }
+        }
         Ok(())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.env_vars.is_none() && self.init_script.is_none()
     }
 }
 

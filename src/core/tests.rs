@@ -162,6 +162,50 @@ impl Containers for FakeContainers {
     }
 }
 
+/// A Library with skills a, b and tool t, and template "tpl"; records installs.
+#[derive(Default)]
+struct FakeLibrary(Mutex<Vec<String>>);
+impl Library for FakeLibrary {
+    fn skills(&self) -> Result<Vec<String>> {
+        Ok(vec!["a".into(), "b".into()])
+    }
+    fn check(&self, skills: &[String], tools: &[String]) -> Result<()> {
+        if let Some(s) = skills.iter().find(|s| !["a", "b"].contains(&s.as_str())) {
+            return Err(Error::NoSuchSkill(s.clone()));
+        }
+        if let Some(t) = tools.iter().find(|t| t.as_str() != "t") {
+            return Err(Error::NoSuchTool(t.clone()));
+        }
+        Ok(())
+    }
+    fn install(&self, dir: &Path, skills: &[String], tools: &[String]) -> Result<()> {
+        self.check(skills, tools)?;
+        self.0.lock().unwrap().push(format!(
+            "{} skills={} tools={}",
+            dir.display(),
+            skills.join(","),
+            tools.join(",")
+        ));
+        Ok(())
+    }
+    fn templates(&self) -> Result<Vec<super::template::Template>> {
+        Ok(vec![self.template("tpl")?])
+    }
+    fn template(&self, name: &str) -> Result<super::template::Template> {
+        if name != "tpl" {
+            return Err(Error::NoSuchTemplate(name.into()));
+        }
+        Ok(super::template::Template {
+            name: "tpl".into(),
+            distro: Some("debian-bookworm".into()),
+            skills: vec!["a".into()],
+            env_vars: [("FROM".into(), "template".into())].into(),
+            init_script: Some("echo from template".into()),
+            ..Default::default()
+        })
+    }
+}
+
 #[derive(Default)]
 struct EventLog(Mutex<Vec<Event>>);
 impl Events for EventLog {
@@ -176,6 +220,7 @@ struct Fixture {
     dirs: Arc<MemDirs>,
     exec: Arc<FakeExec>,
     containers: Arc<FakeContainers>,
+    library: Arc<FakeLibrary>,
     events: Arc<EventLog>,
 }
 
@@ -184,12 +229,14 @@ fn fixture_with(store: Arc<MemStore>, limits: ExecLimits) -> Fixture {
     let exec = Arc::new(FakeExec::default());
     let events = Arc::new(EventLog::default());
     let containers = Arc::new(FakeContainers::default());
+    let library = Arc::new(FakeLibrary::default());
     let manager = Arc::new(Manager::new(
         Ports {
             store: store.clone(),
             dirs: dirs.clone(),
             executor: exec.clone(),
             containers: containers.clone(),
+            library: library.clone(),
             events: events.clone(),
         },
         "/state/host".into(),
@@ -202,6 +249,7 @@ fn fixture_with(store: Arc<MemStore>, limits: ExecLimits) -> Fixture {
         dirs,
         exec,
         containers,
+        library,
         events,
     }
 }
@@ -254,7 +302,7 @@ async fn create_get_by_id_or_name_update_destroy() {
 
     let changes = Changes {
         env_vars: Some([("B".to_string(), "2".to_string())].into()),
-        init_script: None,
+        ..Default::default()
     };
     let updated = f.manager.update("web", changes).await.unwrap();
     assert_eq!(updated.env_vars.keys().collect::<Vec<_>>(), ["B"]);
@@ -583,4 +631,85 @@ async fn restart_resumes_a_build_that_was_running() {
         calls.contains(&"clean_orphans box".to_string()),
         "{calls:?}"
     );
+}
+
+#[tokio::test]
+async fn the_default_host_workspace_gets_every_skill() {
+    let f = fixture();
+    assert_eq!(
+        f.library.0.lock().unwrap()[0],
+        "/state/host skills=a,b tools="
+    );
+}
+
+#[tokio::test]
+async fn skills_and_tools_are_installed_updated_and_checked() {
+    let f = fixture();
+    let mut s = spec("web");
+    s.skills = Some(vec!["a".into(), "b".into()]);
+    s.tools = Some(vec!["t".into()]);
+    let ws = f.manager.create(s).await.unwrap();
+    let installs = f.library.0.lock().unwrap().clone();
+    assert_eq!(
+        installs.last().unwrap(),
+        &format!("{} skills=a,b tools=t", ws.path.display())
+    );
+    let mut unknown = spec("other");
+    unknown.skills = Some(vec!["zzz".into()]);
+    assert_eq!(
+        f.manager.create(unknown).await,
+        Err(Error::NoSuchSkill("zzz".into()))
+    );
+    assert!(f.manager.get("other").is_err(), "nothing created");
+    let escape = Changes {
+        skills: Some(vec!["../x".into()]),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.manager.update("web", escape).await,
+        Err(Error::InvalidArgs(_))
+    ));
+    let fewer = Changes {
+        skills: Some(vec!["b".into()]),
+        ..Default::default()
+    };
+    f.manager.update("web", fewer).await.unwrap();
+    assert_eq!(f.manager.get("web").unwrap().skills, ["b"]);
+    assert!(
+        f.library
+            .0
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .ends_with("skills=b tools=t")
+    );
+}
+
+#[tokio::test]
+async fn a_template_gives_defaults_and_builds_at_once() {
+    let f = fixture();
+    let s = CreateSpec {
+        name: Some("from-tpl".into()),
+        template: Some("tpl".into()),
+        env_vars: Some([("MINE".to_string(), "x".to_string())].into()),
+        ..Default::default()
+    };
+    let ws = f.manager.create(s).await.unwrap();
+    assert!(ws.is_container());
+    assert_eq!(ws.template, "tpl");
+    assert_eq!(ws.skills, ["a"]);
+    assert_eq!(ws.env_vars.keys().collect::<Vec<_>>(), ["FROM", "MINE"]);
+    assert_eq!(ws.init_script, "echo from template");
+    assert_eq!(ws.status, Status::Building, "a template builds at once");
+    let missing = CreateSpec {
+        name: Some("x".into()),
+        template: Some("nope".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        f.manager.create(missing).await,
+        Err(Error::NoSuchTemplate("nope".into()))
+    );
+    assert!(f.manager.get("x").is_err());
 }

@@ -94,10 +94,16 @@ pub fn create_spec(map: Dict) -> Result<CreateSpec> {
 }
 
 pub fn changes(map: Dict) -> Result<Changes> {
-    let mut a = Args::new(map, "the changes", &["env_vars", "init_script"])?;
+    let mut a = Args::new(
+        map,
+        "the changes",
+        &["env_vars", "init_script", "skills", "tools"],
+    )?;
     Ok(Changes {
         env_vars: a.env("env_vars")?,
         init_script: a.take("init_script", "s")?,
+        skills: a.take("skills", "as")?,
+        tools: a.take("tools", "as")?,
     })
 }
 

@@ -235,7 +235,52 @@ impl Context {
 
     pub async fn sync(&self, header: &Header<'_>, key: &str) -> Result<()> {
         self.authorize(header, key, Action::Manage, "sync").await?;
-        Err(library_unavailable())
+        Ok(self.manager.sync(key).await?)
+    }
+
+    pub fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
+        Ok(self
+            .manager
+            .templates()?
+            .into_iter()
+            .map(|t| (t.name, t.description, t.distro.unwrap_or_default()))
+            .collect())
+    }
+
+    /// A template as `a{sv}`; env var names only, never values.
+    pub fn get_template(&self, name: &str) -> Result<HashMap<String, OwnedVariant>> {
+        let t = self.manager.template(name)?;
+        let s = |v: String| OwnedVariant::try_from(zbus::Variant::from(v));
+        let l = |v: Vec<String>| OwnedVariant::try_from(zbus::Variant::from(v));
+        let mut out = vec![
+            ("name", s(t.name)),
+            ("description", s(t.description)),
+            ("distro", s(t.distro.unwrap_or_default())),
+            (
+                "workspace_type",
+                s(t.workspace_type.unwrap_or_else(|| "container".into())),
+            ),
+            ("skills", l(t.skills)),
+            ("tools", l(t.tools)),
+            ("env_var_names", l(t.env_vars.into_keys().collect())),
+            ("init_script", s(t.init_script.unwrap_or_default())),
+        ];
+        if let Some(n) = t.network {
+            out.push(("network", s(n)));
+        }
+        let mut map: HashMap<String, OwnedVariant> = HashMap::new();
+        for (k, v) in out {
+            map.insert(k.to_owned(), v.map_err(BusError::from)?);
+        }
+        for (k, v) in [("memory_max", t.memory_max), ("tasks_max", t.tasks_max)] {
+            if let Some(v) = v {
+                map.insert(k.to_owned(), OwnedVariant::from(v));
+            }
+        }
+        if let Some(c) = t.cpu_quota_percent {
+            map.insert("cpu_quota_percent".to_owned(), OwnedVariant::from(c));
+        }
+        Ok(map)
     }
 }
 
@@ -255,12 +300,4 @@ fn exec_reply(o: crate::core::ports::ExecOutcome) -> ExecReply {
         ),
     ]);
     (o.exit_code, o.stdout, o.stderr, o.timed_out, info)
-}
-
-/// The Library (skills, tools, templates) arrives in a later version.
-pub fn library_unavailable() -> BusError {
-    BusError::new(
-        format!("{}NotSupported", super::error::PREFIX),
-        "The Library (skills, tools, templates) is not available in this version",
-    )
 }

@@ -85,6 +85,10 @@ impl From<CoreError> for BusError {
             CoreError::JobFailed(_) => "JobFailed",
             CoreError::NotSupported(_) => "NotSupported",
             CoreError::Protected(_) => "Protected",
+            CoreError::NoSuchSkill(_) => "NoSuchSkill",
+            CoreError::NoSuchTool(_) => "NoSuchTool",
+            CoreError::NoSuchTemplate(_) => "NoSuchTemplate",
+            CoreError::Library(_) => "LibraryError",
         };
         Self::new(format!("{PREFIX}{name}"), message)
     }

@@ -9,7 +9,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{OwnedObjectPath, OwnedVariant, interface};
 
 use super::args::Dict;
-use super::context::{Context, library_unavailable};
+use super::context::Context;
 use super::error::Result;
 
 pub const BUS_NAME: &str = "org.agent.Workspaces";
@@ -145,13 +145,12 @@ impl ManagerObject {
 
     #[zbus(out_args("templates"))]
     async fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
-        Err(library_unavailable())
+        self.ctx.list_templates()
     }
 
     #[zbus(out_args("template"))]
     async fn get_template(&self, name: &str) -> Result<HashMap<String, OwnedVariant>> {
-        let _ = name;
-        Err(library_unavailable())
+        self.ctx.get_template(name)
     }
 
     #[zbus(property)]

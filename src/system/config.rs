@@ -19,6 +19,9 @@ pub const OUTPUT_CAP_LIMIT: u64 = 8 * 1024 * 1024;
 pub struct Config {
     /// Directory of the default `host` workspace. Read at start only.
     pub host_workspace_dir: Option<PathBuf>,
+    /// The Library (skills, tools, templates); default `<state>/library`. Read at start only
+    /// (its contents are read afresh on every use).
+    pub library_path: Option<PathBuf>,
     pub exec: ExecLimits,
     pub exec_isolation: IsolationMode,
     pub container: ContainerConfig,
@@ -73,6 +76,7 @@ pub enum IsolationMode {
 #[serde(deny_unknown_fields)]
 struct File {
     host_workspace_dir: Option<PathBuf>,
+    library_path: Option<PathBuf>,
     #[serde(default)]
     exec: ExecSection,
     #[serde(default)]
@@ -115,6 +119,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             host_workspace_dir: None,
+            library_path: None,
             exec: ExecLimits::default(),
             exec_isolation: IsolationMode::Cgroup,
             container: ContainerConfig::default(),
@@ -213,7 +218,13 @@ impl Config {
                 return Err("host_workspace_dir must be an absolute path".into());
             }
         }
+        if let Some(dir) = &file.library_path {
+            if !dir.is_absolute() {
+                return Err("library_path must be an absolute path".into());
+            }
+        }
         Ok(Self {
+            library_path: file.library_path,
             host_workspace_dir: file.host_workspace_dir,
             exec,
             exec_isolation: e.isolation.unwrap_or(IsolationMode::Cgroup),

@@ -6,6 +6,7 @@ pub mod config;
 pub mod containers;
 pub mod distro;
 pub mod exec;
+pub mod library;
 pub mod logging;
 pub mod store;
 pub mod systemd;
