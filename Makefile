@@ -26,17 +26,25 @@ build:
 
 install: build
 	install -Dm755 target/release/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaced
+	install -Dm755 target/release/agent-workspaces-http $(DESTDIR)$(libexecdir)/agent-workspaces-http
+	install -Dm644 sysusers/agent-workspaces-http.conf $(DESTDIR)$(prefix)/lib/sysusers.d/agent-workspaces-http.conf
+	install -Dm644 polkit/50-agent-workspaces-http.rules $(DESTDIR)$(datadir)/polkit-1/rules.d/50-agent-workspaces-http.rules
 	install -Dm644 dbus/org.agent.Workspaces.conf $(DESTDIR)$(datadir)/dbus-1/system.d/org.agent.Workspaces.conf
 	install -Dm644 dbus/org.agent.Workspaces.service $(DESTDIR)$(datadir)/dbus-1/system-services/org.agent.Workspaces.service
 	install -Dm644 dbus/org.agent.Workspaces.xml $(DESTDIR)$(datadir)/dbus-1/interfaces/org.agent.Workspaces.xml
 	install -Dm644 polkit/org.agent.workspaces.policy $(DESTDIR)$(datadir)/polkit-1/actions/org.agent.workspaces.policy
 	install -d $(DESTDIR)$(systemdsystemunitdir)
-	sed 's|/usr/libexec/agent-workspaced|$(libexecdir)/agent-workspaced|' systemd/agent-workspaced.service \
-		> $(DESTDIR)$(systemdsystemunitdir)/agent-workspaced.service
-	chmod 644 $(DESTDIR)$(systemdsystemunitdir)/agent-workspaced.service
+	for unit in agent-workspaced.service agent-workspaces-http.service agent-workspaces-http.socket; do \
+		sed 's|/usr/libexec/|$(libexecdir)/|' systemd/$$unit > $(DESTDIR)$(systemdsystemunitdir)/$$unit && \
+		chmod 644 $(DESTDIR)$(systemdsystemunitdir)/$$unit || exit 1; \
+	done
 
 uninstall:
-	rm -f $(DESTDIR)$(libexecdir)/agent-workspaced \
+	rm -f $(DESTDIR)$(libexecdir)/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaces-http \
+		$(DESTDIR)$(prefix)/lib/sysusers.d/agent-workspaces-http.conf \
+		$(DESTDIR)$(datadir)/polkit-1/rules.d/50-agent-workspaces-http.rules \
+		$(DESTDIR)$(systemdsystemunitdir)/agent-workspaces-http.service \
+		$(DESTDIR)$(systemdsystemunitdir)/agent-workspaces-http.socket \
 		$(DESTDIR)$(datadir)/dbus-1/system.d/org.agent.Workspaces.conf \
 		$(DESTDIR)$(datadir)/dbus-1/system-services/org.agent.Workspaces.service \
 		$(DESTDIR)$(datadir)/dbus-1/interfaces/org.agent.Workspaces.xml \

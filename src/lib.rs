@@ -13,4 +13,5 @@
 
 pub mod core;
 pub mod dbus;
+pub mod http;
 pub mod system;

@@ -1720,3 +1720,221 @@ async fn the_library_gives_workspaces_their_skills_tools_and_templates() {
     }
     std::fs::remove_dir_all(&library).unwrap();
 }
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// Runs curl against the socket-activated bridge; returns (HTTP status, body as JSON or text).
+fn curl(method: &str, path: &str, token: Option<&str>, args: &str) -> (u16, serde_json::Value) {
+    let auth = token.map_or(String::new(), |t| format!("-H 'Authorization: Bearer {t}'"));
+    let out = sh(&format!(
+        "curl -sS -o /tmp/aw-body -w '%{{http_code}}' -X {method} {auth} {args} 'http://127.0.0.1:7600{path}'"
+    ));
+    let status: u16 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("curl: {}{}", out.stdout, out.stderr));
+    let body = std::fs::read_to_string("/tmp/aw-body").unwrap_or_default();
+    let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
+    (status, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_bridge_serves_the_documented_calls() {
+    require_test_host();
+    let library = write_library();
+    ok("systemd-sysusers");
+    std::fs::write("/etc/agent-workspaces/api-token", format!("{TOKEN}\n")).unwrap();
+    ok("chmod 600 /etc/agent-workspaces/api-token");
+    systemctl("start agent-workspaces-http.socket");
+    let bridge = "agent-workspaces-http.service";
+    assert_ne!(
+        sh(&format!("systemctl is-active {bridge}")).stdout.trim(),
+        "active"
+    );
+
+    // No token, a wrong token: 401, nothing done.
+    let (status, body) = curl("GET", "/api/workspaces", None, "");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert_eq!(
+        sh(&format!("systemctl is-active {bridge}")).stdout.trim(),
+        "active",
+        "socket-activated"
+    );
+    let (status, _) = curl(
+        "POST",
+        "/api/workspaces",
+        Some("wrong-token-000000000"),
+        "-d '{\"name\": \"nope\"}'",
+    );
+    assert_eq!(status, 401);
+
+    // The documented examples (host and token replaced).
+    let name = unique("python-project");
+    let (status, body) = curl(
+        "POST",
+        "/api/workspaces",
+        Some(TOKEN),
+        &format!(
+            "-H 'Content-Type: application/json' -d '{{\"name\": \"{name}\", \"workspace_type\": \"container\", \"distro\": \"ubuntu-noble\", \"skills\": [\"python-dev\"], \"init_script\": \"#!/bin/bash\\napt install -y python3 python3-pip\"}}'"
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (body["name"].as_str(), body["status"].as_str()),
+        (Some(name.as_str()), Some("pending"))
+    );
+    assert_eq!(body["skills"], serde_json::json!(["python-dev"]));
+
+    let project = unique("my-project");
+    let (status, body) = curl(
+        "POST",
+        "/api/workspaces",
+        Some(TOKEN),
+        &format!("-d '{{\"name\": \"{project}\", \"template\": \"fullstack\"}}'"),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["template"], "fullstack");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let ready = wait_for(
+        "the template workspace to build",
+        Duration::from_secs(600),
+        || {
+            let (_, body) = curl("GET", &format!("/api/workspaces/{id}"), Some(TOKEN), "");
+            (body["status"] != "building").then_some(body)
+        },
+    );
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["error_message"], "");
+
+    let (status, body) = curl(
+        "POST",
+        &format!("/api/workspaces/{id}/exec"),
+        Some(TOKEN),
+        "-d '{\"command\": \"cat /workspace/template-env; echo oops >&2; exit 3\"}'",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        serde_json::json!({"exit_code": 3, "stdout": "yes\n", "stderr": "oops\n", "timed_out": false})
+    );
+    let (status, body) = curl(
+        "GET",
+        &format!("/api/workspaces/{project}/init-log"),
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(status, 200);
+    assert!(
+        body["content"]
+            .as_str()
+            .unwrap()
+            .contains("== init script finished: exit code 0"),
+        "{body}"
+    );
+    let (status, body) = curl(
+        "GET",
+        &format!("/api/workspaces/{id}/debug"),
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("ready")),
+        "{body}"
+    );
+    assert_eq!(body["machine_state"], "running");
+    let (status, body) = curl(
+        "POST",
+        &format!("/api/workspaces/{id}/rerun-init"),
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(
+        (status, body["exit_code"].as_i64()),
+        (200, Some(0)),
+        "{body}"
+    );
+    let (status, body) = curl("GET", "/api/templates", Some(TOKEN), "");
+    assert_eq!(status, 200);
+    assert_eq!(body[0]["name"], "fullstack");
+
+    // Errors: 400 naming the field, 404, 409, 413.
+    let (status, body) = curl(
+        "POST",
+        "/api/workspaces",
+        Some(TOKEN),
+        "-d '{\"name\": \"Bad Name\"}'",
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'name'"),
+        "{body}"
+    );
+    let (status, body) = curl("POST", "/api/workspaces", Some(TOKEN), "-d '{\"name\": 5}'");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = curl("GET", "/api/workspaces/no-such-one", Some(TOKEN), "");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, _) = curl(
+        "POST",
+        "/api/workspaces",
+        Some(TOKEN),
+        &format!("-d '{{\"name\": \"{project}\"}}'"),
+    );
+    assert_eq!(status, 409);
+    ok("head -c 17000000 /dev/zero > /tmp/aw-big");
+    let (status, body) = curl(
+        "POST",
+        &format!("/api/workspaces/{id}/exec"),
+        Some(TOKEN),
+        "--data-binary @/tmp/aw-big",
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("too_large"))
+    );
+
+    // Without the shipped polkit rule the service refuses the bridge's user: 403.
+    let rule = "/usr/share/polkit-1/rules.d/50-agent-workspaces-http.rules";
+    let saved = std::fs::read_to_string(rule).unwrap();
+    std::fs::remove_file(rule).unwrap();
+    let refused = wait_for("polkitd to drop the rule", Duration::from_secs(15), || {
+        let (status, body) = curl(
+            "POST",
+            "/api/workspaces",
+            Some(TOKEN),
+            "-d '{\"name\": \"refused\"}'",
+        );
+        (status == 403).then_some(body)
+    });
+    assert_eq!(refused["error"]["code"], "forbidden");
+    std::fs::write(rule, saved).unwrap();
+    wait_for(
+        "polkitd to load the rule again",
+        Duration::from_secs(15),
+        || {
+            let (status, _) = curl(
+                "DELETE",
+                &format!("/api/workspaces/{name}"),
+                Some(TOKEN),
+                "",
+            );
+            (status == 204).then_some(())
+        },
+    );
+
+    let (status, _) = curl("DELETE", &format!("/api/workspaces/{id}"), Some(TOKEN), "");
+    assert_eq!(status, 204);
+    let (status, _) = curl("GET", &format!("/api/workspaces/{id}"), Some(TOKEN), "");
+    assert_eq!(status, 404);
+    // In case a create slipped through before polkitd dropped the rule.
+    curl("DELETE", "/api/workspaces/refused", Some(TOKEN), "");
+    std::fs::remove_dir_all(&library).unwrap();
+}

@@ -1,0 +1,113 @@
+//! agent-workspaces-http: the REST bridge. Serves `/api/...` over HTTP and calls
+//! `org.agent.Workspaces` on the system bus. Socket-activated by
+//! `agent-workspaces-http.socket`, or `--listen ADDR` by hand. Refuses to start without a token.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+use agent_workspaces::http::{AppState, serve};
+use agent_workspaces::system::logging;
+
+#[derive(Parser)]
+#[command(version, about = "REST bridge for org.agent.Workspaces")]
+struct Args {
+    /// Listen here instead of on the socket systemd passes (e.g. 127.0.0.1:7600).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// File holding the API token (default: the systemd credential `api-token`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// D-Bus address of the service's bus instead of the system bus.
+    #[arg(long)]
+    bus_address: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    log_target: logging::Target,
+}
+
+fn token(args: &Args) -> Result<String, String> {
+    let path = match &args.token_file {
+        Some(p) => p.clone(),
+        None => std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|d| PathBuf::from(d).join("api-token"))
+            .ok_or(
+                "no API token: pass --token-file, or run under systemd with \
+                    LoadCredential=api-token:/etc/agent-workspaces/api-token",
+            )?,
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the API token {}: {e}", path.display()))?;
+    let token = text.trim().to_owned();
+    if token.len() < 16 {
+        return Err(format!(
+            "the API token in {} is shorter than 16 characters; refusing to run with it",
+            path.display()
+        ));
+    }
+    Ok(token)
+}
+
+fn listener(args: &Args) -> Result<std::net::TcpListener, String> {
+    if let Some(addr) = args.listen {
+        return std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"));
+    }
+    let fds = libsystemd::activation::receive_descriptors(true)
+        .map_err(|e| format!("no socket from systemd and no --listen: {e}"))?;
+    let fd = fds
+        .into_iter()
+        .next()
+        .ok_or("no socket from systemd and no --listen")?;
+    // SAFETY: systemd passed this descriptor to us, and nothing else owns it.
+    Ok(unsafe { std::net::TcpListener::from_raw_fd(fd.into_raw_fd()) })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = logging::init(args.log_target) {
+        eprintln!("agent-workspaces-http: {e}");
+        return ExitCode::from(78);
+    }
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("agent-workspaces-http: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let token = token(&args)?;
+    let std_listener = listener(&args)?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+    let builder = match &args.bus_address {
+        Some(a) => zbus::connection::Builder::address(a.as_str()),
+        None => zbus::connection::Builder::system(),
+    };
+    let conn = builder
+        .build()
+        .await
+        .map_err(|e| format!("cannot connect to the bus: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    info!("agent-workspaces-http serving on {local}");
+    let _ = libsystemd::daemon::notify(false, &[libsystemd::daemon::NotifyState::Ready]);
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let shutdown = async move {
+        let _ = term.recv().await;
+    };
+    serve(listener, Arc::new(AppState { conn, token }), shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,594 @@
+//! The REST bridge: HTTP in front of the D-Bus API, so authorization, validation and logs stay
+//! in the service. The only module that knows HTTP. Every route calls one D-Bus method; errors
+//! come back as `{"error": {"code", "message"}}` with a status that fits the D-Bus error name.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use subtle::ConstantTimeEq;
+use tracing::{info, warn};
+use zbus::{OwnedVariant, Variant};
+
+use crate::dbus::client::WorkspacesProxy;
+
+/// Largest request body accepted (an exec's stdin travels in it).
+pub const BODY_LIMIT: usize = 16 * 1024 * 1024;
+
+pub struct AppState {
+    pub conn: zbus::Connection,
+    pub token: String,
+}
+
+/// A client-facing error: a stable code and a message; details go to the journal.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Maps a D-Bus error to its HTTP status and code.
+pub fn status_of(error_name: &str) -> (StatusCode, &'static str) {
+    let short = error_name.rsplit('.').next().unwrap_or("");
+    match (error_name.starts_with("org.agent.Workspaces.Error."), short) {
+        (true, "NoSuchWorkspace") => (StatusCode::NOT_FOUND, "not_found"),
+        (true, "NoSuchSkill") => (StatusCode::BAD_REQUEST, "no_such_skill"),
+        (true, "NoSuchTool") => (StatusCode::BAD_REQUEST, "no_such_tool"),
+        (true, "NoSuchTemplate") => (StatusCode::BAD_REQUEST, "no_such_template"),
+        (true, "WorkspaceExists") => (StatusCode::CONFLICT, "exists"),
+        (true, "Busy") => (StatusCode::CONFLICT, "busy"),
+        (true, "NotReady") => (StatusCode::CONFLICT, "not_ready"),
+        (true, "Protected") => (StatusCode::CONFLICT, "protected"),
+        (true, "LimitsExceeded") => (StatusCode::TOO_MANY_REQUESTS, "limits_exceeded"),
+        (true, "NotSupported") => (StatusCode::BAD_REQUEST, "not_supported"),
+        (true, "JobFailed") => (StatusCode::INTERNAL_SERVER_ERROR, "job_failed"),
+        (true, "LibraryError") => (StatusCode::INTERNAL_SERVER_ERROR, "library_error"),
+        (false, "InvalidArgs") => (StatusCode::BAD_REQUEST, "invalid_argument"),
+        (false, "AccessDenied" | "InteractiveAuthorizationRequired") => {
+            (StatusCode::FORBIDDEN, "forbidden")
+        }
+        (
+            false,
+            "ServiceUnknown" | "NameHasNoOwner" | "NoReply" | "Disconnected" | "Spawn.ChildExited",
+        ) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
+impl From<zbus::Error> for ApiError {
+    fn from(e: zbus::Error) -> Self {
+        let (name, message) = match &e {
+            zbus::Error::MethodError(name, msg, _) => {
+                (name.to_string(), msg.clone().unwrap_or_default())
+            }
+            zbus::Error::FDO(f) => {
+                use zbus::DBusError;
+                (
+                    f.name().to_string(),
+                    f.description().unwrap_or_default().to_owned(),
+                )
+            }
+            zbus::Error::InputOutput(_) => (
+                "org.freedesktop.DBus.Error.Disconnected".into(),
+                String::new(),
+            ),
+            other => (String::new(), other.to_string()),
+        };
+        let (status, code) = status_of(&name);
+        match status {
+            StatusCode::INTERNAL_SERVER_ERROR if code == "internal" => {
+                warn!("D-Bus call failed: {name}: {message}");
+                Self::new(status, code, "internal error; see the service's journal")
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                warn!("The service is unreachable: {name}: {message}");
+                Self::new(status, code, "the workspace service is unreachable")
+            }
+            _ => Self::new(status, code, message),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn require_token(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(state.token.as_bytes())) && !given.is_empty() {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid 'Authorization: Bearer <token>' header is required",
+        )
+        .into_response()
+    }
+}
+
+/// Every route of the API.
+pub fn app(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/api/workspaces", post(create).get(list))
+        .route(
+            "/api/workspaces/{id}",
+            get(get_one).patch(update).delete(destroy),
+        )
+        .route("/api/workspaces/{id}/build", post(build))
+        .route("/api/workspaces/{id}/rebuild", post(rebuild))
+        .route("/api/workspaces/{id}/exec", post(exec))
+        .route("/api/workspaces/{id}/init-log", get(init_log))
+        .route("/api/workspaces/{id}/debug", get(debug))
+        .route("/api/workspaces/{id}/rerun-init", post(rerun_init))
+        .route("/api/workspaces/{id}/sync", post(sync))
+        .route("/api/templates", get(templates))
+        .layer(from_fn_with_state(state.clone(), require_token));
+    api.layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn manager(state: &AppState) -> ApiResult<WorkspacesProxy<'static>> {
+    Ok(WorkspacesProxy::new(&state.conn).await?)
+}
+
+/// A request body as JSON, whatever Content-Type the client sent (curl -d sends a form type).
+fn body_json(body: Result<Bytes, BytesRejection>) -> ApiResult<Map<String, Value>> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the request body is larger than {BODY_LIMIT} bytes"),
+            )
+        } else {
+            ApiError::bad_request(r.body_text())
+        }
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// JSON fields to `a{sv}`, each with its D-Bus type; an unknown field or a wrong type is 400
+/// naming the field.
+fn to_dict(
+    fields: Map<String, Value>,
+    known: &[(&str, &str)],
+) -> ApiResult<HashMap<String, Variant<'static>>> {
+    let mut out = HashMap::new();
+    for (key, value) in fields {
+        if value.is_null() {
+            continue;
+        }
+        let Some((_, ty)) = known.iter().find(|(k, _)| *k == key) else {
+            let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
+            return Err(ApiError::bad_request(format!(
+                "unknown field '{key}'; known fields: {}",
+                names.join(", ")
+            )));
+        };
+        let wrong = || ApiError::bad_request(format!("field '{key}' must be {}", describe(ty)));
+        let v: Variant<'static> = match (*ty, &value) {
+            ("s", Value::String(s)) => Variant::from(s.clone()),
+            ("b", Value::Bool(b)) => Variant::from(*b),
+            ("u", Value::Number(n)) => Variant::from(
+                n.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(wrong)?,
+            ),
+            ("t", Value::Number(n)) => Variant::from(n.as_u64().ok_or_else(wrong)?),
+            ("as", Value::Array(items)) => Variant::from(
+                items
+                    .iter()
+                    .map(|i| i.as_str().map(str::to_owned).ok_or_else(wrong))
+                    .collect::<ApiResult<Vec<String>>>()?,
+            ),
+            ("a{ss}", Value::Object(m)) => Variant::from(
+                m.iter()
+                    .map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(wrong)?.to_owned())))
+                    .collect::<ApiResult<HashMap<String, String>>>()?,
+            ),
+            ("ay", Value::String(s)) => Variant::from(s.as_bytes().to_vec()),
+            _ => return Err(wrong()),
+        };
+        out.insert(key, v);
+    }
+    Ok(out)
+}
+
+fn describe(ty: &str) -> &'static str {
+    match ty {
+        "s" | "ay" => "a string",
+        "b" => "true or false",
+        "u" | "t" => "a non-negative integer",
+        "as" => "an array of strings",
+        _ => "an object of strings",
+    }
+}
+
+fn borrow<'a>(d: &'a HashMap<String, Variant<'static>>) -> HashMap<&'a str, Variant<'static>> {
+    d.iter()
+        // Plain values hold no file descriptors, so cloning cannot fail.
+        .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.as_str(), v)))
+        .collect()
+}
+
+fn variant_json(v: &Variant<'_>) -> Value {
+    match v {
+        Variant::Str(s) => Value::String(s.to_string()),
+        Variant::Bool(b) => Value::Bool(*b),
+        Variant::U8(n) => json!(n),
+        Variant::U16(n) => json!(n),
+        Variant::U32(n) => json!(n),
+        Variant::U64(n) => json!(n),
+        Variant::I16(n) => json!(n),
+        Variant::I32(n) => json!(n),
+        Variant::I64(n) => json!(n),
+        Variant::F64(n) => json!(n),
+        Variant::ObjectPath(p) => Value::String(p.to_string()),
+        Variant::Array(a) => Value::Array(a.iter().map(variant_json).collect()),
+        Variant::Variant(inner) => variant_json(inner),
+        other => Value::String(format!("{other:?}")),
+    }
+}
+
+/// The workspace as JSON, from its object's properties.
+async fn workspace_json(state: &AppState, key: &str) -> ApiResult<Value> {
+    let path = manager(state).await?.get_workspace(key).await?;
+    let props = zbus::fdo::PropertiesProxy::builder(&state.conn)
+        .destination("org.agent.Workspaces")
+        .path(path)
+        .build()
+        .await?;
+    let all = props
+        .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+            "org.agent.Workspaces.Workspace",
+        ))
+        .await
+        .map_err(zbus::Error::from)?;
+    let field = |k: &str| all.get(k).map(|v| variant_json(v)).unwrap_or(Value::Null);
+    Ok(json!({
+        "id": field("Id"),
+        "name": field("Name"),
+        "workspace_type": field("Type"),
+        "status": field("Status"),
+        "error_message": field("ErrorMessage"),
+        "path": field("Path"),
+        "distro": field("Distro"),
+        "env_var_names": field("EnvVarNames"),
+        "skills": field("Skills"),
+        "tools": field("Tools"),
+        "template": field("Template"),
+        "created_at": field("CreatedAt"),
+        "machine_name": field("MachineName"),
+        "network": field("Network"),
+    }))
+}
+
+const CREATE_FIELDS: &[(&str, &str)] = &[
+    ("name", "s"),
+    ("workspace_type", "s"),
+    ("distro", "s"),
+    ("skills", "as"),
+    ("tools", "as"),
+    ("env_vars", "a{ss}"),
+    ("init_script", "s"),
+    ("template", "s"),
+    ("path", "s"),
+    ("build_on_create", "b"),
+    ("network", "s"),
+    ("memory_max", "t"),
+    ("cpu_quota_percent", "u"),
+    ("tasks_max", "t"),
+];
+
+async fn create(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let spec = to_dict(body_json(body)?, CREATE_FIELDS)?;
+    let path = manager(&state)
+        .await?
+        .create_workspace(borrow(&spec))
+        .await?;
+    let id = path.as_str().rsplit('/').next().unwrap_or_default();
+    let id = crate::core::names::bus_label_unescape(id).unwrap_or_default();
+    info!(workspace_id = %id, "REST: created workspace");
+    Ok((
+        StatusCode::CREATED,
+        Json(workspace_json(&state, &id).await?),
+    ))
+}
+
+async fn list(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    let all = manager(&state).await?.list_workspaces().await?;
+    let mut out = Vec::with_capacity(all.len());
+    for (id, ..) in all {
+        out.push(workspace_json(&state, &id).await?);
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+async fn get_one(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(workspace_json(&state, &id).await?))
+}
+
+async fn update(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let changes = to_dict(
+        body_json(body)?,
+        &[
+            ("env_vars", "a{ss}"),
+            ("skills", "as"),
+            ("tools", "as"),
+            ("init_script", "s"),
+            ("limits", "a{ss}"),
+            ("network", "s"),
+        ],
+    )?;
+    manager(&state)
+        .await?
+        .update_workspace(&id, borrow(&changes))
+        .await?;
+    Ok(Json(workspace_json(&state, &id).await?))
+}
+
+async fn destroy(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    manager(&state).await?.destroy_workspace(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn build(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    manager(&state).await?.build_workspace(&id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(workspace_json(&state, &id).await?),
+    ))
+}
+
+async fn rebuild(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let m = manager(&state).await?;
+    m.inner()
+        .call::<_, _, ()>("RebuildWorkspace", &(id.as_str(),))
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(workspace_json(&state, &id).await?),
+    ))
+}
+
+fn exec_json(reply: crate::dbus::client::ExecReply) -> Json<Value> {
+    let (exit_code, stdout, stderr, timed_out, _) = reply;
+    Json(json!({
+        "exit_code": exit_code,
+        "stdout": String::from_utf8_lossy(&stdout),
+        "stderr": String::from_utf8_lossy(&stderr),
+        "timed_out": timed_out,
+    }))
+}
+
+async fn exec(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let mut fields = body_json(body)?;
+    let command = match fields.remove("command") {
+        Some(Value::String(c)) => c,
+        Some(_) => return Err(ApiError::bad_request("field 'command' must be a string")),
+        None => return Err(ApiError::bad_request("field 'command' is required")),
+    };
+    let options = to_dict(
+        fields,
+        &[
+            ("timeout_secs", "u"),
+            ("cwd", "s"),
+            ("env", "a{ss}"),
+            ("stdin", "ay"),
+        ],
+    )?;
+    let reply = manager(&state)
+        .await?
+        .exec(&id, &command, borrow(&options))
+        .await?;
+    Ok(exec_json(reply))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    max_lines: Option<u32>,
+}
+
+async fn init_log(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Json<Value>> {
+    let (content, total) = manager(&state)
+        .await?
+        .get_init_log(&id, q.max_lines.unwrap_or(0))
+        .await?;
+    Ok(Json(json!({"content": content, "total_lines": total})))
+}
+
+async fn debug(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let m = manager(&state).await?;
+    let info: HashMap<String, OwnedVariant> =
+        m.inner().call("GetDebugInfo", &(id.as_str(),)).await?;
+    let map: Map<String, Value> = info
+        .iter()
+        .map(|(k, v)| (k.clone(), variant_json(v)))
+        .collect();
+    Ok(Json(Value::Object(map)))
+}
+
+async fn rerun_init(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let options = to_dict(body_json(body)?, &[("timeout_secs", "u")])?;
+    let m = manager(&state).await?;
+    let reply: crate::dbus::client::ExecReply = m
+        .inner()
+        .call("RerunInit", &(id.as_str(), borrow(&options)))
+        .await?;
+    Ok(exec_json(reply))
+}
+
+async fn sync(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    manager(&state).await?.sync_workspace(&id).await?;
+    Ok(Json(workspace_json(&state, &id).await?))
+}
+
+async fn templates(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    let all = manager(&state).await?.list_templates().await?;
+    Ok(Json(Value::Array(
+        all.into_iter()
+            .map(|(name, description, distro)| {
+                json!({"name": name, "description": description, "distro": distro})
+            })
+            .collect(),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dbus_errors_map_to_statuses() {
+        for (name, status) in [
+            ("org.agent.Workspaces.Error.NoSuchWorkspace", 404),
+            ("org.agent.Workspaces.Error.WorkspaceExists", 409),
+            ("org.agent.Workspaces.Error.Busy", 409),
+            ("org.freedesktop.DBus.Error.InvalidArgs", 400),
+            ("org.freedesktop.DBus.Error.AccessDenied", 403),
+            (
+                "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
+                403,
+            ),
+            ("org.freedesktop.DBus.Error.ServiceUnknown", 503),
+            ("org.freedesktop.DBus.Error.IOError", 500),
+        ] {
+            assert_eq!(status_of(name).0.as_u16(), status, "{name}");
+        }
+    }
+
+    #[test]
+    fn json_fields_become_typed_dbus_values() {
+        let body: Map<String, Value> = serde_json::from_str(
+            r#"{"name":"p","skills":["a"],"env_vars":{"K":"v"},"build_on_create":true,"memory_max":5}"#,
+        )
+        .unwrap();
+        let d = to_dict(body, CREATE_FIELDS).unwrap();
+        assert_eq!(d["name"].value_signature().to_string(), "s");
+        assert_eq!(d["skills"].value_signature().to_string(), "as");
+        assert_eq!(d["env_vars"].value_signature().to_string(), "a{ss}");
+        assert_eq!(d["memory_max"].value_signature().to_string(), "t");
+        let bad: Map<String, Value> = serde_json::from_str(r#"{"name":5}"#).unwrap();
+        assert!(
+            to_dict(bad, CREATE_FIELDS)
+                .unwrap_err()
+                .message
+                .contains("'name'")
+        );
+        let unknown: Map<String, Value> = serde_json::from_str(r#"{"colour":"red"}"#).unwrap();
+        assert!(
+            to_dict(unknown, CREATE_FIELDS)
+                .unwrap_err()
+                .message
+                .contains("'colour'")
+        );
+    }
+
+    #[test]
+    fn bodies_are_json_whatever_the_content_type() {
+        let m = body_json(Ok(Bytes::from_static(br#"{"command": "true"}"#))).unwrap();
+        assert_eq!(m["command"], "true");
+        assert!(body_json(Ok(Bytes::from_static(b"[1]"))).is_err());
+        assert!(body_json(Ok(Bytes::from_static(b"  "))).unwrap().is_empty());
+    }
+}
