@@ -11,6 +11,7 @@
 #   make bench           exec latency through D-Bus against baselines, in the test host
 
 prefix ?= /usr
+bindir ?= $(prefix)/bin
 libexecdir ?= $(prefix)/libexec
 datadir ?= $(prefix)/share
 systemdsystemunitdir ?= $(prefix)/lib/systemd/system
@@ -27,6 +28,7 @@ build:
 install: build
 	install -Dm755 target/release/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaced
 	install -Dm755 target/release/agent-workspaces-http $(DESTDIR)$(libexecdir)/agent-workspaces-http
+	install -Dm755 target/release/workspacectl $(DESTDIR)$(bindir)/workspacectl
 	install -Dm644 sysusers/agent-workspaces-http.conf $(DESTDIR)$(prefix)/lib/sysusers.d/agent-workspaces-http.conf
 	install -Dm644 polkit/50-agent-workspaces-http.rules $(DESTDIR)$(datadir)/polkit-1/rules.d/50-agent-workspaces-http.rules
 	install -Dm644 dbus/org.agent.Workspaces.conf $(DESTDIR)$(datadir)/dbus-1/system.d/org.agent.Workspaces.conf
@@ -41,6 +43,7 @@ install: build
 
 uninstall:
 	rm -f $(DESTDIR)$(libexecdir)/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaces-http \
+		$(DESTDIR)$(bindir)/workspacectl \
 		$(DESTDIR)$(prefix)/lib/sysusers.d/agent-workspaces-http.conf \
 		$(DESTDIR)$(datadir)/polkit-1/rules.d/50-agent-workspaces-http.rules \
 		$(DESTDIR)$(systemdsystemunitdir)/agent-workspaces-http.service \

@@ -1938,3 +1938,63 @@ async fn the_rest_bridge_serves_the_documented_calls() {
     curl("DELETE", "/api/workspaces/refused", Some(TOKEN), "");
     std::fs::remove_dir_all(&library).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspacectl_round_trips_and_propagates_exit_codes() {
+    require_test_host();
+    let name = unique("ctl");
+    ok(&format!("workspacectl create {name} --env GREETING=hi"));
+    assert!(ok("workspacectl list").contains(&name));
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&format!("workspacectl status {name} --json"))).unwrap();
+    assert_eq!(
+        (status["Status"].as_str(), status["Type"].as_str()),
+        (Some("ready"), Some("host"))
+    );
+    let run = sh(&format!(
+        "workspacectl exec {name} -- sh -c 'echo $GREETING; echo err >&2; exit 7'"
+    ));
+    assert_eq!(
+        (run.code, run.stdout.as_str(), run.stderr.as_str()),
+        (7, "hi\n", "err\n")
+    );
+    let quoted = sh(&format!(
+        "workspacectl exec {name} -- printf '%s|' 'a b' \"it's\""
+    ));
+    assert_eq!(
+        quoted.stdout, "a b|it's|",
+        "arguments keep their boundaries"
+    );
+    let timeout = sh(&format!("workspacectl exec {name} --timeout 1 -- sleep 30"));
+    assert_eq!(timeout.code, 124);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&format!("workspacectl --json exec {name} -- echo x"))).unwrap();
+    assert_eq!(json["stdout"], "x\n");
+    let refused = sh(&format!(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups workspacectl destroy {name}"
+    ));
+    assert_eq!(refused.code, 1);
+    assert!(
+        refused
+            .stderr
+            .contains("Not authorized to destroy workspace"),
+        "{}",
+        refused.stderr
+    );
+    let bad = sh(&format!("workspacectl build {name}"));
+    assert_eq!(bad.code, 1);
+    assert!(
+        bad.stderr.contains("only container workspaces"),
+        "{}",
+        bad.stderr
+    );
+    ok(&format!("workspacectl destroy {name}"));
+    let gone = sh(&format!("workspacectl status {name}"));
+    assert_eq!(gone.code, 1);
+    assert!(
+        gone.stderr
+            .contains(&format!("No workspace '{name}' known")),
+        "{}",
+        gone.stderr
+    );
+}

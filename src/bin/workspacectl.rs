@@ -1,0 +1,462 @@
+//! workspacectl: a machinectl-like command for agent workspaces. A client of
+//! `org.agent.Workspaces` on the system bus; calls allow interactive authorization, so polkit
+//! can ask the user for a password.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use zbus::proxy::MethodFlags;
+use zbus::{OwnedObjectPath, OwnedVariant, Variant};
+
+#[derive(Parser)]
+#[command(version, about = "Manage agent workspaces (org.agent.Workspaces)")]
+struct Cli {
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// D-Bus address instead of the system bus.
+    #[arg(long, global = true)]
+    bus_address: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List workspaces.
+    List,
+    /// Show a workspace's properties.
+    Status {
+        workspace: String,
+    },
+    /// Create a workspace.
+    Create {
+        name: Option<String>,
+        #[arg(long = "type")]
+        workspace_type: Option<String>,
+        #[arg(long)]
+        distro: Option<String>,
+        #[arg(long)]
+        template: Option<String>,
+        #[arg(long = "skill")]
+        skills: Vec<String>,
+        #[arg(long = "tool")]
+        tools: Vec<String>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// File holding the init script.
+        #[arg(long)]
+        init_script: Option<PathBuf>,
+        #[arg(long)]
+        network: Option<String>,
+        /// Build at once (containers).
+        #[arg(long)]
+        build: bool,
+        /// Take the spec from a JSON file (the REST API's create body).
+        #[arg(long, conflicts_with_all = ["name", "template"])]
+        from_json: Option<PathBuf>,
+    },
+    Build {
+        workspace: String,
+    },
+    Rebuild {
+        workspace: String,
+    },
+    Destroy {
+        workspace: String,
+    },
+    /// Run a command; exits with its exit code (124 on timeout).
+    Exec {
+        workspace: String,
+        #[arg(long)]
+        timeout: Option<u32>,
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    InitLog {
+        workspace: String,
+        #[arg(short = 'n', long, default_value_t = 0)]
+        lines: u32,
+    },
+    Debug {
+        workspace: String,
+    },
+    RerunInit {
+        workspace: String,
+    },
+    Sync {
+        workspace: String,
+    },
+    Templates,
+}
+
+type Dict = HashMap<String, Variant<'static>>;
+
+struct Client {
+    proxy: zbus::Proxy<'static>,
+    conn: zbus::Connection,
+}
+
+impl Client {
+    async fn call<B, R>(&self, method: &str, body: &B) -> zbus::Result<R>
+    where
+        B: serde::Serialize + zbus::DynamicType,
+        R: for<'d> zbus::wire::DynamicDeserialize<'d>,
+    {
+        self.proxy
+            .call_with_flags(method, MethodFlags::ALLOW_INTERACTIVE_AUTH, body)
+            .await?
+            .ok_or_else(|| zbus::Error::Failure(format!("{method} returned nothing")))
+    }
+
+    async fn properties(
+        &self,
+        path: OwnedObjectPath,
+    ) -> zbus::Result<HashMap<String, OwnedVariant>> {
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination("org.agent.Workspaces")
+            .path(path)
+            .build()
+            .await?;
+        Ok(props
+            .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+                "org.agent.Workspaces.Workspace",
+            ))
+            .await?)
+    }
+}
+
+fn variant_json(v: &Variant<'_>) -> Value {
+    match v {
+        Variant::Str(s) => json!(s.as_str()),
+        Variant::Bool(b) => json!(b),
+        Variant::U32(n) => json!(n),
+        Variant::U64(n) => json!(n),
+        Variant::I32(n) => json!(n),
+        Variant::Array(a) => Value::Array(a.iter().map(variant_json).collect()),
+        other => json!(format!("{other:?}")),
+    }
+}
+
+fn dict_json(d: &HashMap<String, OwnedVariant>) -> Value {
+    let mut m: Vec<_> = d.iter().collect();
+    m.sort_by(|a, b| a.0.cmp(b.0));
+    Value::Object(
+        m.into_iter()
+            .map(|(k, v)| (k.clone(), variant_json(v)))
+            .collect(),
+    )
+}
+
+fn print_dict(json_out: bool, d: &HashMap<String, OwnedVariant>) {
+    let v = dict_json(d);
+    if json_out {
+        println!("{v:#}");
+        return;
+    }
+    if let Value::Object(m) = v {
+        for (k, v) in m {
+            let text = match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            println!("{k:>24}: {text}");
+        }
+    }
+}
+
+/// Shell-quotes one argument (so `exec NAME -- ls "a b"` runs what was typed).
+fn quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn spec_from_json(path: &PathBuf) -> Result<Dict, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let Value::Object(m) =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+    else {
+        return Err(format!("{}: not a JSON object", path.display()));
+    };
+    let mut d = Dict::new();
+    for (k, v) in m {
+        let var = match v {
+            Value::String(s) => Variant::from(s),
+            Value::Bool(b) => Variant::from(b),
+            Value::Number(n) => match k.as_str() {
+                "cpu_quota_percent" | "timeout_secs" => Variant::from(
+                    n.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or(format!("'{k}' must be a small integer"))?,
+                ),
+                _ => Variant::from(
+                    n.as_u64()
+                        .ok_or(format!("'{k}' must be a non-negative integer"))?,
+                ),
+            },
+            Value::Array(a) => Variant::from(
+                a.into_iter()
+                    .map(|i| {
+                        i.as_str()
+                            .map(String::from)
+                            .ok_or(format!("'{k}' must hold strings"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            Value::Object(o) => Variant::from(
+                o.into_iter()
+                    .map(|(a, b)| {
+                        Ok((
+                            a,
+                            b.as_str()
+                                .ok_or(format!("'{k}' must map to strings"))?
+                                .to_owned(),
+                        ))
+                    })
+                    .collect::<Result<HashMap<String, String>, String>>()?,
+            ),
+            Value::Null => continue,
+        };
+        d.insert(k, var);
+    }
+    Ok(d)
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let conn = match &cli.bus_address {
+        Some(a) => zbus::connection::Builder::address(a.as_str()).build().await,
+        None => zbus::Connection::system().await,
+    }
+    .map_err(|e| format!("cannot connect to the bus: {e}"))?;
+    let proxy = zbus::Proxy::new(
+        &conn,
+        "org.agent.Workspaces",
+        "/org/agent/Workspaces",
+        "org.agent.Workspaces",
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let c = Client { proxy, conn };
+    let e = |e: zbus::Error| match e {
+        zbus::Error::MethodError(_, Some(msg), _) => msg,
+        zbus::Error::FDO(f) => f.to_string(),
+        other => other.to_string(),
+    };
+    let json_out = cli.json;
+    match cli.command {
+        Command::List => {
+            let all: Vec<(String, String, String, String, OwnedObjectPath)> =
+                c.call("ListWorkspaces", &()).await.map_err(e)?;
+            if json_out {
+                let v: Vec<Value> = all
+                    .iter()
+                    .map(|w| json!({"id": w.0, "name": w.1, "workspace_type": w.2, "status": w.3}))
+                    .collect();
+                println!("{:#}", Value::Array(v));
+            } else {
+                println!("{:<38} {:<24} {:<10} STATUS", "ID", "NAME", "TYPE");
+                for w in &all {
+                    println!("{:<38} {:<24} {:<10} {}", w.0, w.1, w.2, w.3);
+                }
+                println!("\n{} workspaces listed.", all.len());
+            }
+        }
+        Command::Status { workspace } => {
+            let path: OwnedObjectPath = c
+                .call("GetWorkspace", &(workspace.as_str(),))
+                .await
+                .map_err(e)?;
+            print_dict(json_out, &c.properties(path).await.map_err(e)?);
+        }
+        Command::Create {
+            name,
+            workspace_type,
+            distro,
+            template,
+            skills,
+            tools,
+            env,
+            init_script,
+            network,
+            build,
+            from_json,
+        } => {
+            let mut spec = match &from_json {
+                Some(p) => spec_from_json(p)?,
+                None => Dict::new(),
+            };
+            let mut put = |k: &str, v: Option<Variant<'static>>| {
+                if let Some(v) = v {
+                    spec.insert(k.to_owned(), v);
+                }
+            };
+            put("name", name.map(Variant::from));
+            put("workspace_type", workspace_type.map(Variant::from));
+            put("distro", distro.map(Variant::from));
+            put("template", template.map(Variant::from));
+            put("network", network.map(Variant::from));
+            put(
+                "skills",
+                (!skills.is_empty()).then(|| Variant::from(skills)),
+            );
+            put("tools", (!tools.is_empty()).then(|| Variant::from(tools)));
+            put("build_on_create", build.then(|| Variant::from(true)));
+            if !env.is_empty() {
+                let map = env
+                    .iter()
+                    .map(|kv| {
+                        kv.split_once('=')
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .ok_or(format!("--env {kv}: expected KEY=VALUE"))
+                    })
+                    .collect::<Result<HashMap<String, String>, String>>()?;
+                put("env_vars", Some(Variant::from(map)));
+            }
+            if let Some(p) = init_script {
+                let script =
+                    std::fs::read_to_string(&p).map_err(|err| format!("{}: {err}", p.display()))?;
+                put("init_script", Some(Variant::from(script)));
+            }
+            let path: OwnedObjectPath = c.call("CreateWorkspace", &(spec,)).await.map_err(e)?;
+            print_dict(json_out, &c.properties(path).await.map_err(e)?);
+        }
+        Command::Build { workspace } => c
+            .call::<_, ()>("BuildWorkspace", &(workspace.as_str(),))
+            .await
+            .map_err(e)?,
+        Command::Rebuild { workspace } => c
+            .call::<_, ()>("RebuildWorkspace", &(workspace.as_str(),))
+            .await
+            .map_err(e)?,
+        Command::Destroy { workspace } => c
+            .call::<_, ()>("DestroyWorkspace", &(workspace.as_str(),))
+            .await
+            .map_err(e)?,
+        Command::Sync { workspace } => c
+            .call::<_, ()>("SyncWorkspace", &(workspace.as_str(),))
+            .await
+            .map_err(e)?,
+        Command::Exec {
+            workspace,
+            timeout,
+            command,
+        } => {
+            let line = if command.len() == 1 {
+                command[0].clone()
+            } else {
+                command
+                    .iter()
+                    .map(|a| quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let mut options = Dict::new();
+            if let Some(t) = timeout {
+                options.insert("timeout_secs".into(), Variant::from(t));
+            }
+            let (code, out, err, timed_out, _): agent_workspaces::dbus::client::ExecReply = c
+                .call("Exec", &(workspace.as_str(), line.as_str(), options))
+                .await
+                .map_err(e)?;
+            if json_out {
+                println!(
+                    "{:#}",
+                    json!({"exit_code": code, "stdout": String::from_utf8_lossy(&out), "stderr": String::from_utf8_lossy(&err), "timed_out": timed_out})
+                );
+            } else {
+                let _ = std::io::stdout().write_all(&out);
+                let _ = std::io::stderr().write_all(&err);
+            }
+            let status = if timed_out {
+                124
+            } else {
+                code.clamp(0, 255) as u8
+            };
+            return Ok(ExitCode::from(status));
+        }
+        Command::InitLog { workspace, lines } => {
+            let (content, total): (String, u32) = c
+                .call("GetInitLog", &(workspace.as_str(), lines))
+                .await
+                .map_err(e)?;
+            if json_out {
+                println!("{:#}", json!({"content": content, "total_lines": total}));
+            } else {
+                print!("{content}");
+            }
+        }
+        Command::Debug { workspace } => {
+            let info: HashMap<String, OwnedVariant> = c
+                .call("GetDebugInfo", &(workspace.as_str(),))
+                .await
+                .map_err(e)?;
+            print_dict(json_out, &info);
+        }
+        Command::RerunInit { workspace } => {
+            let (code, out, err, timed_out, _): agent_workspaces::dbus::client::ExecReply = c
+                .call("RerunInit", &(workspace.as_str(), Dict::new()))
+                .await
+                .map_err(e)?;
+            let _ = std::io::stdout().write_all(&out);
+            let _ = std::io::stderr().write_all(&err);
+            return Ok(ExitCode::from(if timed_out {
+                124
+            } else {
+                code.clamp(0, 255) as u8
+            }));
+        }
+        Command::Templates => {
+            let all: Vec<(String, String, String)> =
+                c.call("ListTemplates", &()).await.map_err(e)?;
+            if json_out {
+                let v: Vec<Value> = all
+                    .iter()
+                    .map(|t| json!({"name": t.0, "description": t.1, "distro": t.2}))
+                    .collect();
+                println!("{:#}", Value::Array(v));
+            } else {
+                println!("{:<24} {:<18} DESCRIPTION", "NAME", "DISTRO");
+                for t in &all {
+                    println!("{:<24} {:<18} {}", t.0, t.2, t.1);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("workspacectl: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote;
+
+    #[test]
+    fn quoting_keeps_arguments_whole() {
+        assert_eq!(quote("ls"), "ls");
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("it's"), "'it'\\''s'");
+        assert_eq!(quote(""), "''");
+        assert_eq!(quote("$HOME"), "'$HOME'");
+    }
+}
