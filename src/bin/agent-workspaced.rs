@@ -115,12 +115,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         }
     };
     let store = FileStore::open(state_dir.join("records")).map_err(|e| e.to_string())?;
-    let builder = match &args.bus_address {
-        Some(a) => zbus::connection::Builder::address(a.as_str()),
-        None => zbus::connection::Builder::system(),
-    };
-    let conn = builder
-        .build()
+    let conn = agent_workspaces::dbus::client::connect(args.bus_address.as_deref())
         .await
         .map_err(|e| format!("Cannot connect to the bus: {e}"))?;
     let systemd = Systemd::new(&conn)

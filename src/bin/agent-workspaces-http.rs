@@ -92,12 +92,7 @@ async fn run(args: Args) -> Result<(), String> {
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
-    let builder = match &args.bus_address {
-        Some(a) => zbus::connection::Builder::address(a.as_str()),
-        None => zbus::connection::Builder::system(),
-    };
-    let conn = builder
-        .build()
+    let conn = agent_workspaces::dbus::client::connect(args.bus_address.as_deref())
         .await
         .map_err(|e| format!("cannot connect to the bus: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;

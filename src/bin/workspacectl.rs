@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use zbus::proxy::MethodFlags;
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
+use agent_workspaces::dbus::client::{ExecReply, connect, variant_json};
+
 #[derive(Parser)]
 #[command(version, about = "Manage agent workspaces (org.agent.Workspaces)")]
 struct Cli {
@@ -131,18 +133,6 @@ impl Client {
     }
 }
 
-fn variant_json(v: &Variant<'_>) -> Value {
-    match v {
-        Variant::Str(s) => json!(s.as_str()),
-        Variant::Bool(b) => json!(b),
-        Variant::U32(n) => json!(n),
-        Variant::U64(n) => json!(n),
-        Variant::I32(n) => json!(n),
-        Variant::Array(a) => Value::Array(a.iter().map(variant_json).collect()),
-        other => json!(format!("{other:?}")),
-    }
-}
-
 fn dict_json(d: &HashMap<String, OwnedVariant>) -> Value {
     let mut m: Vec<_> = d.iter().collect();
     m.sort_by(|a, b| a.0.cmp(b.0));
@@ -151,6 +141,15 @@ fn dict_json(d: &HashMap<String, OwnedVariant>) -> Value {
             .map(|(k, v)| (k.clone(), variant_json(v)))
             .collect(),
     )
+}
+
+/// The exit status for a command's outcome: its own, or 124 (timeout(1)'s) when it timed out.
+fn exit_status(code: i32, timed_out: bool) -> ExitCode {
+    ExitCode::from(if timed_out {
+        124
+    } else {
+        code.clamp(0, 255) as u8
+    })
 }
 
 fn print_dict(json_out: bool, d: &HashMap<String, OwnedVariant>) {
@@ -234,11 +233,9 @@ fn spec_from_json(path: &PathBuf) -> Result<Dict, String> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
-    let conn = match &cli.bus_address {
-        Some(a) => zbus::connection::Builder::address(a.as_str()).build().await,
-        None => zbus::Connection::system().await,
-    }
-    .map_err(|e| format!("cannot connect to the bus: {e}"))?;
+    let conn = connect(cli.bus_address.as_deref())
+        .await
+        .map_err(|e| format!("cannot connect to the bus: {e}"))?;
     let proxy = zbus::Proxy::new(
         &conn,
         "org.agent.Workspaces",
@@ -365,7 +362,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             if let Some(t) = timeout {
                 options.insert("timeout_secs".into(), Variant::from(t));
             }
-            let (code, out, err, timed_out, _): agent_workspaces::dbus::client::ExecReply = c
+            let (code, out, err, timed_out, _): ExecReply = c
                 .call("Exec", &(workspace.as_str(), line.as_str(), options))
                 .await
                 .map_err(e)?;
@@ -378,12 +375,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 let _ = std::io::stdout().write_all(&out);
                 let _ = std::io::stderr().write_all(&err);
             }
-            let status = if timed_out {
-                124
-            } else {
-                code.clamp(0, 255) as u8
-            };
-            return Ok(ExitCode::from(status));
+            return Ok(exit_status(code, timed_out));
         }
         Command::InitLog { workspace, lines } => {
             let (content, total): (String, u32) = c
@@ -404,17 +396,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             print_dict(json_out, &info);
         }
         Command::RerunInit { workspace } => {
-            let (code, out, err, timed_out, _): agent_workspaces::dbus::client::ExecReply = c
+            let (code, out, err, timed_out, _): ExecReply = c
                 .call("RerunInit", &(workspace.as_str(), Dict::new()))
                 .await
                 .map_err(e)?;
             let _ = std::io::stdout().write_all(&out);
             let _ = std::io::stderr().write_all(&err);
-            return Ok(ExitCode::from(if timed_out {
-                124
-            } else {
-                code.clamp(0, 255) as u8
-            }));
+            return Ok(exit_status(code, timed_out));
         }
         Command::Templates => {
             let all: Vec<(String, String, String)> =

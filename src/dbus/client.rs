@@ -4,6 +4,35 @@ use std::collections::HashMap;
 
 use zbus::{OwnedObjectPath, OwnedVariant, Variant, proxy};
 
+/// Connects to the system bus, or to `address` when given (tests, private buses).
+pub async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
+    match address {
+        Some(a) => zbus::connection::Builder::address(a).build().await,
+        None => zbus::Connection::system().await,
+    }
+}
+
+/// A D-Bus value as JSON, for the bridge and the CLI.
+pub fn variant_json(v: &Variant<'_>) -> serde_json::Value {
+    use serde_json::{Value, json};
+    match v {
+        Variant::Str(s) => Value::String(s.to_string()),
+        Variant::Bool(b) => Value::Bool(*b),
+        Variant::U8(n) => json!(n),
+        Variant::U16(n) => json!(n),
+        Variant::U32(n) => json!(n),
+        Variant::U64(n) => json!(n),
+        Variant::I16(n) => json!(n),
+        Variant::I32(n) => json!(n),
+        Variant::I64(n) => json!(n),
+        Variant::F64(n) => json!(n),
+        Variant::ObjectPath(p) => Value::String(p.to_string()),
+        Variant::Array(a) => Value::Array(a.iter().map(variant_json).collect()),
+        Variant::Variant(inner) => variant_json(inner),
+        other => Value::String(format!("{other:?}")),
+    }
+}
+
 /// Options and specs as sent: `a{sv}`.
 pub type Args<'a> = HashMap<&'a str, Variant<'a>>;
 

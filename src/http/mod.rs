@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 use zbus::{OwnedVariant, Variant};
 
-use crate::dbus::client::WorkspacesProxy;
+use crate::dbus::client::{WorkspacesProxy, variant_json};
 
 /// Largest request body accepted (an exec's stdin travels in it).
 pub const BODY_LIMIT: usize = 16 * 1024 * 1024;
@@ -272,25 +272,6 @@ fn borrow<'a>(d: &'a HashMap<String, Variant<'static>>) -> HashMap<&'a str, Vari
         // Plain values hold no file descriptors, so cloning cannot fail.
         .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.as_str(), v)))
         .collect()
-}
-
-fn variant_json(v: &Variant<'_>) -> Value {
-    match v {
-        Variant::Str(s) => Value::String(s.to_string()),
-        Variant::Bool(b) => Value::Bool(*b),
-        Variant::U8(n) => json!(n),
-        Variant::U16(n) => json!(n),
-        Variant::U32(n) => json!(n),
-        Variant::U64(n) => json!(n),
-        Variant::I16(n) => json!(n),
-        Variant::I32(n) => json!(n),
-        Variant::I64(n) => json!(n),
-        Variant::F64(n) => json!(n),
-        Variant::ObjectPath(p) => Value::String(p.to_string()),
-        Variant::Array(a) => Value::Array(a.iter().map(variant_json).collect()),
-        Variant::Variant(inner) => variant_json(inner),
-        other => Value::String(format!("{other:?}")),
-    }
 }
 
 /// The workspace as JSON, from its object's properties.
