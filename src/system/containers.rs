@@ -155,7 +155,12 @@ impl NspawnContainers {
         Ok(mount.join(rel.trim().trim_start_matches('/')))
     }
 
+    /// The running container's leader, starting the container first if it is not running.
+    /// One machined lookup on the exec path when it runs (start() would look it up again).
     async fn leader(&self, ws: &Workspace) -> Result<u32> {
+        if let Some(leader) = self.systemd.machine_leader(&ws.name).await? {
+            return Ok(leader);
+        }
         self.start(ws).await?;
         self.systemd.machine_leader(&ws.name).await?.ok_or_else(|| {
             Error::JobFailed(format!(
