@@ -102,7 +102,13 @@ async fn run(args: Args) -> Result<(), String> {
     let shutdown = async move {
         let _ = term.recv().await;
     };
-    serve(listener, Arc::new(AppState { conn, token }), shutdown)
+    let bus_address = args.bus_address.clone();
+    let state = AppState {
+        conn,
+        bus_address,
+        token,
+    };
+    serve(listener, Arc::new(state), shutdown)
         .await
         .map_err(|e| e.to_string())
 }

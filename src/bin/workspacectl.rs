@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use zbus::proxy::MethodFlags;
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
+use std::os::fd::AsFd;
+
 use agent_workspaces::dbus::client::{ExecReply, connect, variant_json};
 
 #[derive(Parser)]
@@ -167,6 +169,23 @@ fn print_dict(json_out: bool, d: &HashMap<String, OwnedVariant>) {
             println!("{k:>24}: {text}");
         }
     }
+}
+
+/// Copies of descriptors 0, 1 and 2; /dev/null stands in for one that is closed.
+fn own_streams() -> std::io::Result<[std::os::fd::OwnedFd; 3]> {
+    let get = |fd: std::os::fd::BorrowedFd<'_>, write: bool| match fd.try_clone_to_owned() {
+        Ok(fd) => Ok(fd),
+        Err(_) => std::fs::OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .open("/dev/null")
+            .map(Into::into),
+    };
+    Ok([
+        get(std::io::stdin().as_fd(), false)?,
+        get(std::io::stdout().as_fd(), true)?,
+        get(std::io::stderr().as_fd(), true)?,
+    ])
 }
 
 /// Shell-quotes one argument (so `exec NAME -- ls "a b"` runs what was typed).
@@ -362,19 +381,35 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             if let Some(t) = timeout {
                 options.insert("timeout_secs".into(), Variant::from(t));
             }
-            let (code, out, err, timed_out, _): ExecReply = c
-                .call("Exec", &(workspace.as_str(), line.as_str(), options))
-                .await
-                .map_err(e)?;
             if json_out {
+                let (code, out, err, timed_out, _): ExecReply = c
+                    .call("Exec", &(workspace.as_str(), line.as_str(), options))
+                    .await
+                    .map_err(e)?;
                 println!(
                     "{:#}",
                     json!({"exit_code": code, "stdout": String::from_utf8_lossy(&out), "stderr": String::from_utf8_lossy(&err), "timed_out": timed_out})
                 );
-            } else {
-                let _ = std::io::stdout().write_all(&out);
-                let _ = std::io::stderr().write_all(&err);
+                return Ok(exit_status(code, timed_out));
             }
+            // The command gets this process's own stdin, stdout and stderr: its output
+            // appears as it is produced, and it can read what is typed or piped in.
+            let [stdin, stdout, stderr] = own_streams()
+                .map_err(|err| format!("workspacectl: cannot pass the standard streams: {err}"))?;
+            let (code, timed_out, _): (i32, bool, HashMap<String, OwnedVariant>) = c
+                .call(
+                    "ExecWithFds",
+                    &(
+                        workspace.as_str(),
+                        line.as_str(),
+                        zbus::Fd::from(stdin.as_fd()),
+                        zbus::Fd::from(stdout.as_fd()),
+                        zbus::Fd::from(stderr.as_fd()),
+                        options,
+                    ),
+                )
+                .await
+                .map_err(e)?;
             return Ok(exit_status(code, timed_out));
         }
         Command::InitLog { workspace, lines } => {

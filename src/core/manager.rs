@@ -548,7 +548,7 @@ impl Manager {
             command: params.command,
             env,
             cwd,
-            stdin: params.stdin,
+            io: params.io,
             timeout: Duration::from_secs(timeout_secs.into()),
             output_cap: limits.max_output_bytes,
         };

@@ -2,6 +2,7 @@
 //! in-memory fakes. Nothing here does I/O itself.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,8 +32,28 @@ pub trait HostDirs: Send + Sync {
     fn default_dir(&self, id: &str) -> PathBuf;
 }
 
+/// Where a command's standard streams come from and go to.
+#[derive(Debug)]
+pub enum ExecIo {
+    /// stdin from these bytes; stdout and stderr collected into the outcome, capped.
+    Collect { stdin: Vec<u8> },
+    /// The caller's own descriptors: the command reads and writes them directly, as it runs;
+    /// nothing is collected and nothing passes through the service's memory.
+    Pass {
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+}
+
+impl Default for ExecIo {
+    fn default() -> Self {
+        Self::Collect { stdin: Vec::new() }
+    }
+}
+
 /// One command to run, fully resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct ExecRequest {
     /// Used to name the command's cgroup and log lines.
     pub workspace_id: String,
@@ -41,9 +62,9 @@ pub struct ExecRequest {
     /// The complete environment (nothing is inherited from the service).
     pub env: BTreeMap<String, String>,
     pub cwd: PathBuf,
-    pub stdin: Vec<u8>,
+    pub io: ExecIo,
     pub timeout: Duration,
-    /// Cap per output stream; the rest is read and dropped, and the stream is flagged.
+    /// Cap per collected output stream; the rest is read and dropped, and the stream is flagged.
     pub output_cap: usize,
 }
 
@@ -51,6 +72,7 @@ pub struct ExecRequest {
 pub struct ExecOutcome {
     /// The exit status, 128+N for death by signal N, -1 on timeout.
     pub exit_code: i32,
+    /// Empty when the streams were passed (`ExecIo::Pass`).
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub timed_out: bool,

@@ -49,13 +49,13 @@ pub struct Changes {
 }
 
 /// `Exec` input.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ExecParams {
     pub command: String,
     pub timeout_secs: Option<u32>,
     pub cwd: Option<String>,
     pub env: BTreeMap<String, String>,
-    pub stdin: Vec<u8>,
+    pub io: crate::core::ports::ExecIo,
 }
 
 /// A create request after every check: what the manager acts on.
@@ -309,11 +309,13 @@ impl ExecParams {
             }
         }
         check_env("env", &self.env)?;
-        if self.stdin.len() > limits::STDIN_MAX {
-            return Err(invalid(
-                "stdin",
-                format!("{} bytes, at most {}", self.stdin.len(), limits::STDIN_MAX),
-            ));
+        if let crate::core::ports::ExecIo::Collect { stdin } = &self.io {
+            if stdin.len() > limits::STDIN_MAX {
+                return Err(invalid(
+                    "stdin",
+                    format!("{} bytes, at most {}", stdin.len(), limits::STDIN_MAX),
+                ));
+            }
         }
         Ok(timeout)
     }
@@ -444,7 +446,9 @@ mod tests {
         assert!(key_of(big.validate(&limits).unwrap_err()).contains("'command'"));
         let stdin = ExecParams {
             command: "cat".into(),
-            stdin: vec![0; limits::STDIN_MAX + 1],
+            io: crate::core::ports::ExecIo::Collect {
+                stdin: vec![0; limits::STDIN_MAX + 1],
+            },
             ..Default::default()
         };
         assert!(key_of(stdin.validate(&limits).unwrap_err()).contains("'stdin'"));

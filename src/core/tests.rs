@@ -409,7 +409,7 @@ async fn exec_environment_layers_base_workspace_and_call() {
         .exec("web", p, CancellationToken::new())
         .await
         .unwrap();
-    let req = f.exec.0.lock().unwrap()[0].clone();
+    let req = f.exec.0.lock().unwrap().remove(0);
     assert_eq!(req.env["A"], "ws");
     assert_eq!(req.env["B"], "call", "the call's env wins");
     assert_eq!(req.env["HOME"], "/root");

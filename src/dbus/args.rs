@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use zbus::OwnedVariant;
 
 use super::error::{BusError, Result};
+use crate::core::ports::ExecIo;
 use crate::core::spec::{Changes, CreateSpec, ExecParams};
 
 pub type Dict = HashMap<String, OwnedVariant>;
@@ -107,18 +108,30 @@ pub fn changes(map: Dict) -> Result<Changes> {
     })
 }
 
+/// `Exec` options: `timeout_secs` u, `cwd` s, `env` a{ss}, `stdin` ay.
 pub fn exec_params(command: String, map: Dict) -> Result<ExecParams> {
     let mut a = Args::new(
         map,
         "the exec options",
         &["timeout_secs", "cwd", "env", "stdin"],
     )?;
+    let stdin = a.take("stdin", "ay")?.unwrap_or_default();
+    exec_common(command, a, ExecIo::Collect { stdin })
+}
+
+/// `ExecWithFds` options: those of `Exec` but `stdin`, which is a descriptor of its own.
+pub fn exec_fds_params(command: String, map: Dict, io: ExecIo) -> Result<ExecParams> {
+    let a = Args::new(map, "the exec options", &["timeout_secs", "cwd", "env"])?;
+    exec_common(command, a, io)
+}
+
+fn exec_common(command: String, mut a: Args, io: ExecIo) -> Result<ExecParams> {
     Ok(ExecParams {
         command,
         timeout_secs: a.take("timeout_secs", "u")?,
         cwd: a.take("cwd", "s")?,
         env: a.env("env")?.unwrap_or_default(),
-        stdin: a.take("stdin", "ay")?.unwrap_or_default(),
+        io,
     })
 }
 
@@ -192,9 +205,18 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(
-            (p.timeout_secs, p.stdin, p.cwd.as_deref()),
-            (Some(9), vec![1, 2], Some("sub"))
-        );
+        assert!(matches!(&p.io, ExecIo::Collect { stdin } if stdin == &[1, 2]));
+        assert_eq!((p.timeout_secs, p.cwd.as_deref()), (Some(9), Some("sub")));
+        // With descriptors, stdin is one of them: the option is unknown.
+        let e = exec_fds_params(
+            "cat".into(),
+            dict(vec![(
+                "stdin",
+                OwnedVariant::try_from(zbus::Variant::from(vec![1u8])).unwrap(),
+            )]),
+            ExecIo::default(),
+        )
+        .unwrap_err();
+        assert!(e.message().contains("'stdin'"), "{e}");
     }
 }

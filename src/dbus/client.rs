@@ -39,6 +39,9 @@ pub type Args<'a> = HashMap<&'a str, Variant<'a>>;
 /// `Exec` reply: exit code, stdout, stderr, timed out, info.
 pub type ExecReply = (i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>);
 
+/// `ExecWithFds` reply: exit code, timed out, info.
+pub type ExecFdsReply = (i32, bool, HashMap<String, OwnedVariant>);
+
 #[proxy(
     interface = "org.agent.Workspaces",
     default_service = "org.agent.Workspaces",
@@ -53,6 +56,15 @@ pub trait Workspaces {
     fn update_workspace(&self, workspace: &str, changes: Args<'_>) -> zbus::Result<()>;
     fn destroy_workspace(&self, workspace: &str) -> zbus::Result<()>;
     fn exec(&self, workspace: &str, command: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
+    fn exec_with_fds(
+        &self,
+        workspace: &str,
+        command: &str,
+        stdin: zbus::Fd<'_>,
+        stdout: zbus::Fd<'_>,
+        stderr: zbus::Fd<'_>,
+        options: Args<'_>,
+    ) -> zbus::Result<ExecFdsReply>;
     fn build_workspace(&self, workspace: &str) -> zbus::Result<()>;
     fn get_init_log(&self, workspace: &str, max_lines: u32) -> zbus::Result<(String, u32)>;
     fn sync_workspace(&self, workspace: &str) -> zbus::Result<()>;

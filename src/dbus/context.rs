@@ -12,13 +12,13 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 
 use super::args::{self, Dict};
 use super::auth::{Action, Authorizer};
+use super::client::{ExecFdsReply, ExecReply};
 use super::error::{BusError, Result};
 use super::objects::{EventQueue, workspace_path};
 use crate::core::Manager;
+use crate::core::ports::ExecIo;
+use crate::core::spec::ExecParams;
 use crate::core::workspace::WorkspaceType;
-
-/// `Exec` and `RerunInit` reply: exit code, stdout, stderr, timed out, info.
-pub type ExecReply = (i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>);
 
 /// Cancels what a caller started when it leaves the bus.
 #[derive(Clone, Default)]
@@ -153,6 +153,38 @@ impl Context {
         options: Dict,
     ) -> Result<ExecReply> {
         let params = args::exec_params(command, options)?;
+        Ok(exec_reply(self.run(header, key, params).await?))
+    }
+
+    /// `Exec` with the caller's descriptors as the command's stdin, stdout and stderr.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn exec_with_fds(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        command: String,
+        stdin: zbus::OwnedFd,
+        stdout: zbus::OwnedFd,
+        stderr: zbus::OwnedFd,
+        options: Dict,
+    ) -> Result<ExecFdsReply> {
+        let io = ExecIo::Pass {
+            stdin: stdin.into(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        };
+        let params = args::exec_fds_params(command, options, io)?;
+        let o = self.run(header, key, params).await?;
+        let info = HashMap::from([duration_info(&o)]);
+        Ok((o.exit_code, o.timed_out, info))
+    }
+
+    async fn run(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        params: ExecParams,
+    ) -> Result<crate::core::ports::ExecOutcome> {
         params.validate(&self.manager.limits())?;
         let ws = self.manager.get(key)?;
         let action = match ws.workspace_type {
@@ -164,8 +196,7 @@ impl Context {
             Some(sender) => self.disconnects.token_for(sender.as_str()),
             None => CancellationToken::new(),
         };
-        let o = self.manager.exec(&ws.id, params, gone).await?;
-        Ok(exec_reply(o))
+        Ok(self.manager.exec(&ws.id, params, gone).await?)
     }
 
     pub async fn debug_info(
@@ -294,10 +325,14 @@ fn exec_reply(o: crate::core::ports::ExecOutcome) -> ExecReply {
             "stderr_truncated".to_owned(),
             OwnedVariant::from(o.stderr_truncated),
         ),
-        (
-            "duration_usec".to_owned(),
-            OwnedVariant::from(o.duration.as_micros() as u64),
-        ),
+        duration_info(&o),
     ]);
     (o.exit_code, o.stdout, o.stderr, o.timed_out, info)
+}
+
+fn duration_info(o: &crate::core::ports::ExecOutcome) -> (String, OwnedVariant) {
+    (
+        "duration_usec".to_owned(),
+        OwnedVariant::from(o.duration.as_micros() as u64),
+    )
 }

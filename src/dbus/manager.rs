@@ -74,6 +74,25 @@ impl ManagerObject {
         self.ctx.exec(&header, workspace, command, options).await
     }
 
+    /// `Exec` with the caller's own descriptors as the command's stdin, stdout and stderr:
+    /// output reaches the caller as it is produced, and nothing is collected.
+    #[zbus(out_args("exit_code", "timed_out", "info"))]
+    #[allow(clippy::too_many_arguments)]
+    async fn exec_with_fds(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        command: String,
+        stdin: zbus::OwnedFd,
+        stdout: zbus::OwnedFd,
+        stderr: zbus::OwnedFd,
+        options: Dict,
+    ) -> Result<(i32, bool, HashMap<String, OwnedVariant>)> {
+        self.ctx
+            .exec_with_fds(&header, workspace, command, stdin, stdout, stderr, options)
+            .await
+    }
+
     async fn build_workspace(
         &self,
         #[zbus(header)] header: Header<'_>,

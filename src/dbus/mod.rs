@@ -45,3 +45,49 @@ pub async fn serve(
     events.flush().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    fn read(path: &str) -> String {
+        std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    /// The bus policy lets callers reach every method of the interface file, and only those:
+    /// a method missing from the policy would be refused by dbus-daemon before polkit is asked.
+    #[test]
+    fn the_bus_policy_allows_exactly_the_documented_methods() {
+        let xml = read("dbus/org.agent.Workspaces.xml");
+        let options = roxmltree::ParsingOptions {
+            allow_dtd: true,
+            ..Default::default()
+        };
+        let doc = roxmltree::Document::parse_with_options(&xml, options).unwrap();
+        let mut methods = BTreeSet::new();
+        for iface in doc.descendants().filter(|n| n.has_tag_name("interface")) {
+            for m in iface.children().filter(|n| n.has_tag_name("method")) {
+                methods.insert(format!(
+                    "{}.{}",
+                    iface.attribute("name").unwrap(),
+                    m.attribute("name").unwrap()
+                ));
+            }
+        }
+        let conf = read("dbus/org.agent.Workspaces.conf");
+        let doc = roxmltree::Document::parse_with_options(&conf, options).unwrap();
+        let allowed: BTreeSet<String> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("allow"))
+            .filter(|n| n.attribute("send_destination") == Some(super::BUS_NAME))
+            .filter_map(|n| {
+                let iface = n.attribute("send_interface")?;
+                let member = n.attribute("send_member")?;
+                iface
+                    .starts_with(super::BUS_NAME)
+                    .then(|| format!("{iface}.{member}"))
+            })
+            .collect();
+        assert_eq!(allowed, methods);
+    }
+}

@@ -42,6 +42,21 @@ impl WorkspaceObject {
         self.ctx.exec(&header, &self.id, command, options).await
     }
 
+    #[zbus(out_args("exit_code", "timed_out", "info"))]
+    async fn exec_with_fds(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        command: String,
+        stdin: zbus::OwnedFd,
+        stdout: zbus::OwnedFd,
+        stderr: zbus::OwnedFd,
+        options: Dict,
+    ) -> Result<(i32, bool, HashMap<String, OwnedVariant>)> {
+        self.ctx
+            .exec_with_fds(&header, &self.id, command, stdin, stdout, stderr, options)
+            .await
+    }
+
     async fn update(&self, #[zbus(header)] header: Header<'_>, changes: Dict) -> Result<()> {
         self.ctx.update(&header, &self.id, changes).await
     }

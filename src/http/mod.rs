@@ -5,12 +5,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{Next, from_fn_with_state};
+use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,11 +22,15 @@ use zbus::{OwnedVariant, Variant};
 
 use crate::dbus::client::{WorkspacesProxy, variant_json};
 
+mod stream;
+
 /// Largest request body accepted (an exec's stdin travels in it).
 pub const BODY_LIMIT: usize = 16 * 1024 * 1024;
 
 pub struct AppState {
     pub conn: zbus::Connection,
+    /// Where `conn` goes (None: the system bus); streaming execs open their own connection.
+    pub bus_address: Option<String>,
     pub token: String,
 }
 
@@ -162,23 +166,124 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/api/workspaces/{id}/rerun-init", post(rerun_init))
         .route("/api/workspaces/{id}/sync", post(sync))
         .route("/api/templates", get(templates))
+        // The token is checked first: nothing of an unauthorized request's body is read.
+        .layer(from_fn(read_body))
         .layer(from_fn_with_state(state.clone(), require_token));
-    api.layer(DefaultBodyLimit::max(BODY_LIMIT))
+    api.layer(DefaultBodyLimit::disable())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` completes.
+/// Largest request head (request line and headers); more is answered 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Time a client has to send a request head, and how long an idle kept-alive connection stays.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send a whole request body; slower is answered 408.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a stop waits for running requests (streaming execs included).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `shutdown` completes. Plain HTTP/1.1 with the limits
+/// above, so that slow or idle clients cannot pin the bridge.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let app = app(state);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, say: wait rather than spin.
+                    warn!("Cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
+        .is_err()
+    {
+        warn!("Stopping with requests still running after {SHUTDOWN_GRACE:?}");
+    }
+    Ok(())
+}
+
+/// Reads the whole request body within [`BODY_TIMEOUT`] and [`BODY_LIMIT`], before any
+/// handler runs; handlers then take it as `Bytes`.
+async fn read_body(request: Request, next: Next) -> Response {
+    use futures_util::StreamExt;
+    let (parts, body) = request.into_parts();
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body is larger than {BODY_LIMIT} bytes"),
+        )
+        .into_response()
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return too_large();
+    }
+    let read = async {
+        let mut data = body.into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(format!("cannot read the request body: {e}")).into_response()
+            })?;
+            if bytes.len() + chunk.len() > BODY_LIMIT {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(response)) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+        )
+        .into_response(),
+    }
 }
 
 async fn manager(state: &AppState) -> ApiResult<WorkspacesProxy<'static>> {
@@ -186,18 +291,7 @@ async fn manager(state: &AppState) -> ApiResult<WorkspacesProxy<'static>> {
 }
 
 /// A request body as JSON, whatever Content-Type the client sent (curl -d sends a form type).
-fn body_json(body: Result<Bytes, BytesRejection>) -> ApiResult<Map<String, Value>> {
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("the request body is larger than {BODY_LIMIT} bytes"),
-            )
-        } else {
-            ApiError::bad_request(r.body_text())
-        }
-    })?;
+fn body_json(bytes: Bytes) -> ApiResult<Map<String, Value>> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -274,22 +368,29 @@ fn borrow<'a>(d: &'a HashMap<String, Variant<'static>>) -> HashMap<&'a str, Vari
         .collect()
 }
 
+const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
+
 /// The workspace as JSON, from its object's properties.
 async fn workspace_json(state: &AppState, key: &str) -> ApiResult<Value> {
     let path = manager(state).await?.get_workspace(key).await?;
     let props = zbus::fdo::PropertiesProxy::builder(&state.conn)
-        .destination("org.agent.Workspaces")
+        .destination(crate::dbus::BUS_NAME)
         .path(path)
         .build()
         .await?;
     let all = props
         .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
-            "org.agent.Workspaces.Workspace",
+            WORKSPACE_IFACE,
         ))
         .await
         .map_err(zbus::Error::from)?;
+    Ok(workspace_from(&all))
+}
+
+/// The REST form of a workspace object's properties.
+fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
     let field = |k: &str| all.get(k).map(|v| variant_json(v)).unwrap_or(Value::Null);
-    Ok(json!({
+    json!({
         "id": field("Id"),
         "name": field("Name"),
         "workspace_type": field("Type"),
@@ -304,7 +405,7 @@ async fn workspace_json(state: &AppState, key: &str) -> ApiResult<Value> {
         "created_at": field("CreatedAt"),
         "machine_name": field("MachineName"),
         "network": field("Network"),
-    }))
+    })
 }
 
 const CREATE_FIELDS: &[(&str, &str)] = &[
@@ -326,7 +427,7 @@ const CREATE_FIELDS: &[(&str, &str)] = &[
 
 async fn create(
     State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
+    body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let spec = to_dict(body_json(body)?, CREATE_FIELDS)?;
     let path = manager(&state)
@@ -342,13 +443,32 @@ async fn create(
     ))
 }
 
+/// Every workspace in one bus call (the ObjectManager's), oldest first.
 async fn list(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
-    let all = manager(&state).await?.list_workspaces().await?;
-    let mut out = Vec::with_capacity(all.len());
-    for (id, ..) in all {
-        out.push(workspace_json(&state, &id).await?);
-    }
-    Ok(Json(Value::Array(out)))
+    let objects = zbus::fdo::ObjectManagerProxy::builder(&state.conn)
+        .destination(crate::dbus::BUS_NAME)
+        .path(crate::dbus::MANAGER_PATH)
+        .build()
+        .await?
+        .get_managed_objects()
+        .await
+        .map_err(zbus::Error::from)?;
+    let mut all: Vec<Value> = objects
+        .values()
+        .filter_map(|ifaces| {
+            ifaces
+                .iter()
+                .find(|(name, _)| name.as_str() == WORKSPACE_IFACE)
+                .map(|(_, props)| workspace_from(props))
+        })
+        .collect();
+    all.sort_by_key(|w| {
+        (
+            w["created_at"].as_u64(),
+            w["name"].as_str().map(str::to_owned),
+        )
+    });
+    Ok(Json(Value::Array(all)))
 }
 
 async fn get_one(
@@ -361,7 +481,7 @@ async fn get_one(
 async fn update(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let changes = to_dict(
         body_json(body)?,
@@ -424,31 +544,48 @@ fn exec_json(reply: crate::dbus::client::ExecReply) -> Json<Value> {
     }))
 }
 
+const EXEC_OPTIONS: &[(&str, &str)] = &[("timeout_secs", "u"), ("cwd", "s"), ("env", "a{ss}")];
+
 async fn exec(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<Value>> {
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let mut fields = body_json(body)?;
     let command = match fields.remove("command") {
         Some(Value::String(c)) => c,
         Some(_) => return Err(ApiError::bad_request("field 'command' must be a string")),
         None => return Err(ApiError::bad_request("field 'command' is required")),
     };
-    let options = to_dict(
-        fields,
-        &[
-            ("timeout_secs", "u"),
-            ("cwd", "s"),
-            ("env", "a{ss}"),
-            ("stdin", "ay"),
-        ],
-    )?;
+    let stdin = match fields.remove("stdin") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.into_bytes()),
+        Some(_) => return Err(ApiError::bad_request("field 'stdin' must be a string")),
+    };
+    let options = to_dict(fields, EXEC_OPTIONS)?;
+    if wants_event_stream(&headers) {
+        return stream::exec(state, id, command, options, stdin).await;
+    }
+    let mut options = options;
+    if let Some(stdin) = stdin {
+        options.insert("stdin".into(), Variant::from(stdin));
+    }
     let reply = manager(&state)
         .await?
         .exec(&id, &command, borrow(&options))
         .await?;
-    Ok(exec_json(reply))
+    Ok(exec_json(reply).into_response())
+}
+
+/// Whether the client asked for server-sent events (`Accept: text/event-stream`).
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.split(';').next().unwrap_or("").trim() == "text/event-stream")
 }
 
 #[derive(Deserialize)]
@@ -485,7 +622,7 @@ async fn debug(
 async fn rerun_init(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let options = to_dict(body_json(body)?, &[("timeout_secs", "u")])?;
     let m = manager(&state).await?;
@@ -567,9 +704,9 @@ mod tests {
 
     #[test]
     fn bodies_are_json_whatever_the_content_type() {
-        let m = body_json(Ok(Bytes::from_static(br#"{"command": "true"}"#))).unwrap();
+        let m = body_json(Bytes::from_static(br#"{"command": "true"}"#)).unwrap();
         assert_eq!(m["command"], "true");
-        assert!(body_json(Ok(Bytes::from_static(b"[1]"))).is_err());
-        assert!(body_json(Ok(Bytes::from_static(b"  "))).unwrap().is_empty());
+        assert!(body_json(Bytes::from_static(b"[1]")).is_err());
+        assert!(body_json(Bytes::from_static(b"  ")).unwrap().is_empty());
     }
 }

@@ -21,7 +21,7 @@ use super::exec::{Command, Containment, cgroup2_mount, run_contained};
 use super::systemd::{Systemd, prop};
 use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
-use crate::core::ports::{Containers, DebugInfo, DebugValue, ExecOutcome, ExecRequest};
+use crate::core::ports::{Containers, DebugInfo, DebugValue, ExecIo, ExecOutcome, ExecRequest};
 use crate::core::workspace::{Network, Workspace};
 
 /// The init log is cut back to its last half when it grows past this.
@@ -365,7 +365,7 @@ impl Containers for NspawnContainers {
             argv: &argv,
             env: &req.env,
             cwd: None,
-            stdin: req.stdin,
+            io: req.io,
             timeout: req.timeout,
             output_cap: req.output_cap,
         };
@@ -395,7 +395,7 @@ impl Containers for NspawnContainers {
             command,
             env: command_env(ws, Default::default()),
             cwd: CONTAINER_WORKDIR.into(),
-            stdin: Vec::new(),
+            io: ExecIo::default(),
             timeout,
             output_cap: self.output_cap,
         };

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::core::error::{Error, Result};
-use crate::core::ports::{ExecOutcome, ExecRequest, Executor};
+use crate::core::ports::{ExecIo, ExecOutcome, ExecRequest, Executor};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -257,7 +257,7 @@ pub struct Command<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// Working directory of the started program (None: the service's).
     pub cwd: Option<&'a Path>,
-    pub stdin: Vec<u8>,
+    pub io: ExecIo,
     pub timeout: Duration,
     pub output_cap: usize,
 }
@@ -277,14 +277,27 @@ pub async fn run_contained(
     cmd.args(&c.argv[1..])
         .env_clear()
         .envs(c.env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     if let Some(cwd) = c.cwd {
         cmd.current_dir(cwd);
     }
+    let stdin_data = match c.io {
+        ExecIo::Collect { stdin } => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            Some(stdin)
+        }
+        ExecIo::Pass {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            cmd.stdin(stdin).stdout(stdout).stderr(stderr);
+            None
+        }
+    };
     let cgroup = match containment {
         Containment::CgroupBelow(parent) => {
             let cg = CommandCgroup::create(parent).map_err(|e| {
@@ -318,9 +331,10 @@ pub async fn run_contained(
             return Err(Error::JobFailed(format!("Cannot start {program}: {e}")));
         }
     };
+    // The command has its own copies of passed descriptors now; close the service's.
+    drop(cmd);
     let pid = child.id();
-    if let Some(mut stdin) = child.stdin.take() {
-        let data = c.stdin;
+    if let (Some(mut stdin), Some(data)) = (child.stdin.take(), stdin_data) {
         // A command that does not read its stdin closes the pipe: that is not an error.
         tokio::spawn(async move {
             let _ = stdin.write_all(&data).await;
@@ -411,7 +425,7 @@ impl Executor for HostExecutor {
             argv: &argv,
             env: &req.env,
             cwd: Some(&req.cwd),
-            stdin: req.stdin,
+            io: req.io,
             timeout: req.timeout,
             output_cap: req.output_cap,
         };
@@ -430,7 +444,7 @@ mod tests {
             command: cmd.into(),
             env: BTreeMap::from([("PATH".into(), "/usr/bin:/bin".into())]),
             cwd: std::env::temp_dir(),
-            stdin: Vec::new(),
+            io: ExecIo::default(),
             timeout: Duration::from_secs(10),
             output_cap: 1024 * 1024,
         }
@@ -462,12 +476,54 @@ mod tests {
     async fn delivers_stdin_env_and_cwd() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = req("cat; echo \"$GREETING\"; pwd");
-        r.stdin = b"from stdin\n".to_vec();
+        r.io = ExecIo::Collect {
+            stdin: b"from stdin\n".to_vec(),
+        };
         r.env.insert("GREETING".into(), "hello".into());
         r.cwd = dir.path().to_path_buf();
         let o = run(r).await;
         let want = format!("from stdin\nhello\n{}\n", dir.path().display());
         assert_eq!(String::from_utf8_lossy(&o.stdout), want);
+    }
+
+    #[tokio::test]
+    async fn passed_descriptors_are_the_commands_own_streams_live() {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let pipe = || {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+            (fs::File::from(r), fs::File::from(w))
+        };
+        let (stdin_r, mut stdin_w) = pipe();
+        let (stdout_r, stdout_w) = pipe();
+        let (mut stderr_r, stderr_w) = pipe();
+        let mut r = req("echo first; read line; echo \"got $line\" >&2; exit 4");
+        r.io = ExecIo::Pass {
+            stdin: stdin_r.into(),
+            stdout: stdout_w.into(),
+            stderr: stderr_w.into(),
+        };
+        let task = tokio::spawn(run(r));
+        // The first line arrives while the command still waits for its input: it is live.
+        let mut out = tokio::task::spawn_blocking(move || {
+            let mut out = BufReader::new(stdout_r);
+            let mut first = String::new();
+            out.read_line(&mut first).unwrap();
+            assert_eq!(first, "first\n");
+            out
+        })
+        .await
+        .unwrap();
+        stdin_w.write_all(b"go\n").unwrap();
+        drop(stdin_w);
+        let o = task.await.unwrap();
+        assert_eq!(o.exit_code, 4);
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "", "stdout ends with the command");
+        assert!(o.stdout.is_empty() && o.stderr.is_empty());
+        let mut err = String::new();
+        stderr_r.read_to_string(&mut err).unwrap();
+        assert_eq!(err, "got go\n");
     }
 
     #[tokio::test]

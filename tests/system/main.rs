@@ -1739,14 +1739,19 @@ fn curl(method: &str, path: &str, token: Option<&str>, args: &str) -> (u16, serd
     (status, json)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rest_bridge_serves_the_documented_calls() {
-    require_test_host();
-    let library = write_library();
+/// Sets up the bridge as an operator would: its user, the token, the socket.
+fn bridge_socket_up() {
     ok("systemd-sysusers");
     std::fs::write("/etc/agent-workspaces/api-token", format!("{TOKEN}\n")).unwrap();
     ok("chmod 600 /etc/agent-workspaces/api-token");
     systemctl("start agent-workspaces-http.socket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_bridge_serves_the_documented_calls() {
+    require_test_host();
+    let library = write_library();
+    bridge_socket_up();
     let bridge = "agent-workspaces-http.service";
     assert_ne!(
         sh(&format!("systemctl is-active {bridge}")).stdout.trim(),
@@ -1859,6 +1864,75 @@ async fn the_rest_bridge_serves_the_documented_calls() {
     let (status, body) = curl("GET", "/api/templates", Some(TOKEN), "");
     assert_eq!(status, 200);
     assert_eq!(body[0]["name"], "fullstack");
+
+    // The list has both, with their status.
+    let (status, list) = curl("GET", "/api/workspaces", Some(TOKEN), "");
+    assert_eq!(status, 200);
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{project} not listed: {list}"));
+    assert_eq!(
+        (listed["name"].as_str(), listed["status"].as_str()),
+        (Some(project.as_str()), Some("ready"))
+    );
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["name"] == name.as_str())
+    );
+
+    // The documented python3 example, in a Debian container whose init script installs it
+    // as the documented one does (the Ubuntu archive is out of reach here).
+    let py = unique("python-bookworm");
+    let (status, body) = curl(
+        "POST",
+        "/api/workspaces",
+        Some(TOKEN),
+        &format!(
+            "-d '{{\"name\": \"{py}\", \"workspace_type\": \"container\", \"distro\": \"debian-bookworm\", \"init_script\": \"#!/bin/bash\\napt install -y python3\"}}'"
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    if body["status"] == "pending" {
+        let (status, body) = curl(
+            "POST",
+            &format!("/api/workspaces/{py}/build"),
+            Some(TOKEN),
+            "",
+        );
+        assert_eq!(status, 202, "{body}");
+    }
+    let built = wait_for(
+        "the python workspace to build",
+        Duration::from_secs(600),
+        || {
+            let (_, body) = curl("GET", &format!("/api/workspaces/{py}"), Some(TOKEN), "");
+            (body["status"] != "building" && body["status"] != "pending").then_some(body)
+        },
+    );
+    assert_eq!(built["status"], "ready", "{built}");
+    let (status, body) = curl(
+        "POST",
+        &format!("/api/workspaces/{py}/exec"),
+        Some(TOKEN),
+        "-d '{\"command\": \"python3 --version\"}'",
+    );
+    assert_eq!(status, 200, "{body}");
+    let version = body["stdout"].as_str().unwrap();
+    assert!(
+        version.starts_with("Python 3.") && version.ends_with('\n') && version.lines().count() == 1,
+        "{body}"
+    );
+    assert_eq!(
+        body,
+        serde_json::json!({"exit_code": 0, "stdout": version, "stderr": "", "timed_out": false})
+    );
+    let (status, _) = curl("DELETE", &format!("/api/workspaces/{py}"), Some(TOKEN), "");
+    assert_eq!(status, 204);
 
     // Errors: 400 naming the field, 404, 409, 413.
     let (status, body) = curl(
@@ -1997,4 +2071,291 @@ async fn workspacectl_round_trips_and_propagates_exit_codes() {
         "{}",
         gone.stderr
     );
+}
+
+/// Sends `request` as it is on a new connection to the bridge, then returns all the bridge
+/// answers until it closes the connection; fails if it has not within 90 seconds.
+fn raw_http(request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect("127.0.0.1:7600").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        panic!(
+            "the bridge kept the connection open: {e}; so far: {}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Starts a streaming exec with curl; its stdout is the event stream.
+fn sse_exec(workspace: &str, body: &str) -> std::process::Child {
+    std::process::Command::new("curl")
+        .args(["-sS", "-N", "-X", "POST"])
+        .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
+        .args(["-H", "Accept: text/event-stream", "-d", body])
+        .arg(format!(
+            "http://127.0.0.1:7600/api/workspaces/{workspace}/exec"
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The next server-sent event: (name, data as JSON); None at the end of the stream.
+fn next_event(r: &mut impl std::io::BufRead) -> Option<(String, serde_json::Value)> {
+    let (mut name, mut data) = (String::new(), String::new());
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            return None;
+        }
+        let line = line.trim_end_matches('\n');
+        if line.is_empty() {
+            if !data.is_empty() {
+                return Some((name, serde_json::from_str(&data).unwrap()));
+            }
+        } else if let Some(v) = line.strip_prefix("event:") {
+            name = v.trim_start().to_owned();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.strip_prefix(' ').unwrap_or(v));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_bridge_streams_exec_and_bounds_slow_clients() {
+    require_test_host();
+    bridge_socket_up();
+    let ws = unique("stream");
+    let (status, body) = curl(
+        "POST",
+        "/api/workspaces",
+        Some(TOKEN),
+        &format!("-d '{{\"name\": \"{ws}\"}}'"),
+    );
+    assert_eq!(status, 201, "{body}");
+
+    // The first line arrives while the command still runs: it waits for a file that is made
+    // only after that line was read here.
+    let go = format!("/var/tmp/{ws}-go");
+    let mut curl_sse = sse_exec(
+        &ws,
+        &format!(
+            r#"{{"command": "echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second >&2; printf 'no newline'; exit 5"}}"#
+        ),
+    );
+    let mut events = std::io::BufReader::new(curl_sse.stdout.take().unwrap());
+    let first = next_event(&mut events).expect("a first event");
+    assert_eq!(first, ("stdout".to_owned(), serde_json::json!("first\n")));
+    assert!(
+        curl_sse.try_wait().unwrap().is_none(),
+        "the stream is still open"
+    );
+    std::fs::write(&go, "").unwrap();
+    let mut rest = Vec::new();
+    while let Some(ev) = next_event(&mut events) {
+        rest.push(ev);
+    }
+    assert!(curl_sse.wait().unwrap().success());
+    let text = |stream: &str| -> String {
+        rest.iter()
+            .filter(|(n, _)| n == stream)
+            .map(|(_, d)| d.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(text("stderr"), "second\n");
+    assert_eq!(text("stdout"), "no newline");
+    assert_eq!(
+        rest.last().unwrap(),
+        &(
+            "exit".to_owned(),
+            serde_json::json!({"exit_code": 5, "timed_out": false})
+        )
+    );
+    std::fs::remove_file(&go).unwrap();
+
+    // stdin, cwd and env reach a streamed command; a timeout is the last event.
+    let mut c = sse_exec(
+        &ws,
+        r#"{"command": "cat; echo \"$K\"", "stdin": "in\n", "env": {"K": "v"}}"#,
+    );
+    let mut r = std::io::BufReader::new(c.stdout.take().unwrap());
+    let mut all = Vec::new();
+    while let Some(ev) = next_event(&mut r) {
+        all.push(ev);
+    }
+    c.wait().unwrap();
+    let out: String = all
+        .iter()
+        .filter(|(n, _)| n == "stdout")
+        .map(|(_, d)| d.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(out, "in\nv\n");
+    let mut c = sse_exec(&ws, r#"{"command": "sleep 30", "timeout_secs": 1}"#);
+    let mut r = std::io::BufReader::new(c.stdout.take().unwrap());
+    let last = std::iter::from_fn(|| next_event(&mut r)).last();
+    c.wait().unwrap();
+    assert_eq!(
+        last,
+        Some((
+            "exit".to_owned(),
+            serde_json::json!({"exit_code": -1, "timed_out": true})
+        ))
+    );
+
+    // Refusals before the command starts are plain HTTP errors.
+    let (status, body) = curl(
+        "POST",
+        "/api/workspaces/no-such-one/exec",
+        Some(TOKEN),
+        "-H 'Accept: text/event-stream' -d '{\"command\": \"true\"}'",
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, body) = curl(
+        "POST",
+        &format!("/api/workspaces/{ws}/exec"),
+        Some(TOKEN),
+        "-H 'Accept: text/event-stream' -d '{\"command\": \"true\", \"cwd\": \"/no/such/dir\"}'",
+    );
+    assert_eq!(status, 400, "{body}");
+
+    // A client that leaves mid-stream ends its command.
+    let mut c = sse_exec(&ws, r#"{"command": "echo $$; exec sleep 1000"}"#);
+    let mut r = std::io::BufReader::new(c.stdout.take().unwrap());
+    let (_, pid) = next_event(&mut r).unwrap();
+    let pid: u32 = pid.as_str().unwrap().trim().parse().unwrap();
+    assert!(!pid_gone(pid), "the command runs");
+    c.kill().unwrap();
+    c.wait().unwrap();
+    wait_for(
+        "the abandoned command to end",
+        Duration::from_secs(15),
+        || pid_gone(pid).then_some(()),
+    );
+
+    // Oversized heads are refused; a client that sends a head or a body too slowly is cut off.
+    let big = sh(&format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {TOKEN}' -H \"X-Big: $(head -c 20000 /dev/zero | tr '\\0' a)\" http://127.0.0.1:7600/api/templates"
+    ));
+    assert_eq!(big.stdout.trim(), "431", "{}", big.stderr);
+    let slow_head = raw_http(b"GET /api/templates HTTP/1.1\r\nHost: x\r\n");
+    assert_eq!(slow_head, "", "closed without an answer");
+    let slow_body = raw_http(
+        format!(
+            "POST /api/workspaces HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"na"
+        )
+        .as_bytes(),
+    );
+    assert!(slow_body.starts_with("HTTP/1.1 408"), "{slow_body}");
+    assert!(slow_body.contains("\"code\":\"timeout\""), "{slow_body}");
+
+    let (status, _) = curl("DELETE", &format!("/api/workspaces/{ws}"), Some(TOKEN), "");
+    assert_eq!(status, 204);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspacectl_streams_live_and_drives_a_container_through_every_verb() {
+    require_test_host();
+    let library = write_library();
+    let host = unique("ctl-live");
+    ok(&format!("workspacectl create {host}"));
+    // Output appears while the command runs: it waits for a file made only after the first
+    // line was read here.
+    let go = format!("/var/tmp/{host}-go");
+    let mut child = std::process::Command::new("workspacectl")
+        .args(["exec", &host, "--", "sh", "-c"])
+        .arg(format!(
+            "echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second; exit 9"
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "first\n");
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    std::fs::write(&go, "").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(rest, "second\n");
+    assert_eq!(child.wait().unwrap().code(), Some(9));
+    std::fs::remove_file(&go).unwrap();
+    // The command reads workspacectl's own stdin.
+    let piped = sh(&format!(
+        "printf 'typed\\n' | workspacectl exec {host} -- tr a-z A-Z"
+    ));
+    assert_eq!((piped.code, piped.stdout.as_str()), (0, "TYPED\n"));
+    ok(&format!("workspacectl destroy {host}"));
+
+    // A container through every verb.
+    let name = unique("ctl-box");
+    std::fs::write(
+        "/var/tmp/ctl-init",
+        "#!/bin/sh\necho \"init ran $GREETING\"\n",
+    )
+    .unwrap();
+    ok(&format!(
+        "workspacectl create {name} --type container --distro debian-bookworm --env GREETING=hi --skill web --init-script /var/tmp/ctl-init"
+    ));
+    let status = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&format!("workspacectl --json status {name}"))).unwrap()
+    };
+    assert_eq!(status(&name)["Status"], "pending");
+    ok(&format!("workspacectl build {name}"));
+    let wait_ready = |what: &str| {
+        let s = wait_for(what, Duration::from_secs(600), || {
+            let s = status(&name);
+            (s["Status"] != "building" && s["Status"] != "pending").then_some(s)
+        });
+        assert_eq!(s["Status"], "ready", "{s}");
+    };
+    wait_ready("the container to build");
+    let run = sh(&format!(
+        "workspacectl exec {name} -- sh -c 'cat /etc/debian_version >/dev/null; echo $GREETING; exit 3'"
+    ));
+    assert_eq!((run.code, run.stdout.as_str()), (3, "hi\n"));
+    let log = ok(&format!("workspacectl init-log {name}"));
+    assert!(log.contains("init ran hi"), "{log}");
+    let log: serde_json::Value =
+        serde_json::from_str(&ok(&format!("workspacectl --json init-log {name} -n 1"))).unwrap();
+    assert!(log["total_lines"].as_u64().unwrap() > 1, "{log}");
+    let debug: serde_json::Value =
+        serde_json::from_str(&ok(&format!("workspacectl --json debug {name}"))).unwrap();
+    assert_eq!(debug["machine_state"], "running", "{debug}");
+    let rerun = sh(&format!("workspacectl rerun-init {name}"));
+    assert_eq!((rerun.code, rerun.stdout.as_str()), (0, "init ran hi\n"));
+    let skills = ok(&format!(
+        "workspacectl exec {name} -- ls /workspace/.opencode/skill"
+    ));
+    assert_eq!(skills, "web\n");
+    std::fs::write(library.join("skill/web/SKILL.md"), "# Web v2\n").unwrap();
+    ok(&format!("workspacectl sync {name}"));
+    let skill = ok(&format!(
+        "workspacectl exec {name} -- cat /workspace/.opencode/skill/web/SKILL.md"
+    ));
+    assert_eq!(skill, "# Web v2\n");
+    let templates: serde_json::Value =
+        serde_json::from_str(&ok("workspacectl --json templates")).unwrap();
+    assert_eq!(templates[0]["name"], "fullstack", "{templates}");
+    assert!(ok("workspacectl templates").contains("fullstack"));
+    ok(&format!(
+        "workspacectl exec {name} -- touch /workspace/old-tree"
+    ));
+    ok(&format!("workspacectl rebuild {name}"));
+    wait_ready("the container to rebuild");
+    let fresh = sh(&format!(
+        "workspacectl exec {name} -- test -e /workspace/old-tree"
+    ));
+    assert_eq!(fresh.code, 1, "the rebuilt tree is fresh");
+    ok(&format!("workspacectl destroy {name}"));
+    assert_eq!(sh(&format!("workspacectl status {name}")).code, 1);
+    std::fs::remove_dir_all(&library).unwrap();
 }
