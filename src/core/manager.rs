@@ -369,6 +369,25 @@ impl Manager {
         }
         let mut fields = Vec::new();
         let mut keys = Vec::new();
+        if let (Some(key), false) = (changes.container_keys().first(), ws.is_container()) {
+            return Err(Error::InvalidArgs(format!(
+                "Invalid '{key}': only container workspaces take it"
+            )));
+        }
+        if let Some(network) = changes.network()? {
+            if network != ws.network {
+                fields.push(Field::Network);
+            }
+            ws.network = network;
+            keys.push("network");
+        }
+        let new_limits = changes.apply_limits(ws.limits);
+        let limits_changed = new_limits != ws.limits;
+        if limits_changed {
+            fields.push(Field::Limits);
+            ws.limits = new_limits;
+            keys.push("limits");
+        }
         if let Some(env) = changes.env_vars {
             if env.keys().ne(ws.env_vars.keys()) {
                 fields.push(Field::EnvVarNames);
@@ -410,6 +429,15 @@ impl Manager {
               "Updated workspace {}: {}", ws.name, keys.join(", "));
         if !fields.is_empty() {
             self.ports.events.emit(Event::Changed { id, fields });
+        }
+        if limits_changed {
+            // A running container gets them at once; a stopped one at its next start.
+            self.ports.containers.apply_limits(&ws).await.map_err(|e| {
+                Error::JobFailed(format!(
+                    "Saved the new limits of workspace '{}', but could not apply them to the running container ({e}); they apply at its next start",
+                    ws.name
+                ))
+            })?;
         }
         Ok(ws)
     }

@@ -132,6 +132,9 @@ pub trait Containers: Send + Sync {
     async fn start(&self, ws: &Workspace) -> Result<()>;
     /// Stops the build and container units, if any.
     async fn stop(&self, ws: &Workspace) -> Result<()>;
+    /// Gives a running container unit the workspace's current limits (a removed limit becomes
+    /// no limit); does nothing when the container is not running.
+    async fn apply_limits(&self, ws: &Workspace) -> Result<()>;
     /// Runs a command inside the running container (starting it if needed).
     async fn exec(
         &self,

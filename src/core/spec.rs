@@ -46,6 +46,12 @@ pub struct Changes {
     pub init_script: Option<String>,
     pub skills: Option<Vec<String>>,
     pub tools: Option<Vec<String>>,
+    /// Containers only; applies at the container's next start.
+    pub network: Option<String>,
+    /// Containers only; applied to a running container at once. 0 removes the limit.
+    pub memory_max: Option<u64>,
+    pub cpu_quota_percent: Option<u32>,
+    pub tasks_max: Option<u64>,
 }
 
 /// `Exec` input.
@@ -228,7 +234,47 @@ impl CreateSpec {
 }
 
 impl Changes {
+    /// Whether any of the container-only keys is present.
+    pub fn container_keys(&self) -> Vec<&'static str> {
+        [
+            ("network", self.network.is_some()),
+            ("memory_max", self.memory_max.is_some()),
+            ("cpu_quota_percent", self.cpu_quota_percent.is_some()),
+            ("tasks_max", self.tasks_max.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
+
+    /// The network asked for, checked.
+    pub fn network(&self) -> Result<Option<Network>> {
+        self.network
+            .as_deref()
+            .map(|n| n.parse().map_err(|e| invalid("network", e)))
+            .transpose()
+    }
+
+    /// `limits` with the asked-for changes applied (0 removes a limit).
+    pub fn apply_limits(&self, limits: Limits) -> Limits {
+        let keep_or = |new: Option<u64>, old: Option<u64>| match new {
+            None => old,
+            Some(0) => None,
+            Some(n) => Some(n),
+        };
+        Limits {
+            memory_max: keep_or(self.memory_max, limits.memory_max),
+            cpu_quota_percent: match self.cpu_quota_percent {
+                None => limits.cpu_quota_percent,
+                Some(0) => None,
+                Some(n) => Some(n),
+            },
+            tasks_max: keep_or(self.tasks_max, limits.tasks_max),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
+        self.network()?;
         if let Some(env) = &self.env_vars {
             check_env("env_vars", env)?;
         }

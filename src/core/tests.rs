@@ -12,7 +12,7 @@ use super::error::{Error, Result};
 use super::manager::{Manager, Ports};
 use super::ports::*;
 use super::spec::{Changes, CreateSpec, ExecLimits, ExecParams};
-use super::workspace::{Status, Workspace};
+use super::workspace::{Field, Limits, Network, Status, Workspace};
 
 #[derive(Default)]
 struct MemStore(Mutex<BTreeMap<String, Workspace>>);
@@ -114,6 +114,10 @@ impl Containers for FakeContainers {
     }
     async fn stop(&self, ws: &Workspace) -> Result<()> {
         self.call(format!("stop {}", ws.name));
+        Ok(())
+    }
+    async fn apply_limits(&self, ws: &Workspace) -> Result<()> {
+        self.call(format!("limits {} {:?}", ws.name, ws.limits));
         Ok(())
     }
     async fn exec(
@@ -712,4 +716,63 @@ async fn a_template_gives_defaults_and_builds_at_once() {
         Err(Error::NoSuchTemplate("nope".into()))
     );
     assert!(f.manager.get("x").is_err());
+}
+
+#[tokio::test]
+async fn limits_and_network_change_on_containers_only() {
+    let f = fixture();
+    f.manager.create(spec("web")).await.unwrap();
+    let host = Changes {
+        tasks_max: Some(10),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.manager.update("web", host).await,
+        Err(Error::InvalidArgs(m)) if m.contains("'tasks_max'")
+    ));
+    let mut s = container("box", "");
+    s.memory_max = Some(1 << 30);
+    s.tasks_max = Some(100);
+    f.manager.create(s).await.unwrap();
+    let bad = Changes {
+        network: Some("wide".into()),
+        memory_max: Some(5),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.manager.update("box", bad).await,
+        Err(Error::InvalidArgs(m)) if m.contains("'network'")
+    ));
+    assert_eq!(
+        f.manager.get("box").unwrap().limits.memory_max,
+        Some(1 << 30),
+        "nothing changed"
+    );
+    let change = Changes {
+        network: Some("private".into()),
+        memory_max: Some(0),
+        cpu_quota_percent: Some(50),
+        ..Default::default()
+    };
+    let ws = f.manager.update("box", change).await.unwrap();
+    let want = Limits {
+        memory_max: None,
+        cpu_quota_percent: Some(50),
+        tasks_max: Some(100),
+    };
+    assert_eq!((ws.network, ws.limits), (Network::Private, want));
+    assert_eq!(f.store.0.lock().unwrap()[&ws.id].limits, want, "saved");
+    assert_eq!(
+        f.containers.calls().last().unwrap(),
+        &format!("limits box {want:?}"),
+        "given to the running unit"
+    );
+    let events = f.events.0.lock().unwrap().clone();
+    assert!(
+        events.contains(&Event::Changed {
+            id: ws.id.clone(),
+            fields: vec![Field::Network, Field::Limits]
+        }),
+        "{events:?}"
+    );
 }

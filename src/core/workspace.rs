@@ -208,4 +208,6 @@ pub enum Field {
     EnvVarNames,
     Skills,
     Tools,
+    Network,
+    Limits,
 }

@@ -98,13 +98,26 @@ pub fn changes(map: Dict) -> Result<Changes> {
     let mut a = Args::new(
         map,
         "the changes",
-        &["env_vars", "init_script", "skills", "tools"],
+        &[
+            "env_vars",
+            "init_script",
+            "skills",
+            "tools",
+            "network",
+            "memory_max",
+            "cpu_quota_percent",
+            "tasks_max",
+        ],
     )?;
     Ok(Changes {
         env_vars: a.env("env_vars")?,
         init_script: a.take("init_script", "s")?,
         skills: a.take("skills", "as")?,
         tools: a.take("tools", "as")?,
+        network: a.take("network", "s")?,
+        memory_max: a.take("memory_max", "t")?,
+        cpu_quota_percent: a.take("cpu_quota_percent", "u")?,
+        tasks_max: a.take("tasks_max", "t")?,
     })
 }
 

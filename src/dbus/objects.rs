@@ -138,6 +138,12 @@ async fn apply(conn: &Connection, ctx: &Context, event: Event) -> zbus::Result<(
                     Field::EnvVarNames => object.env_var_names_changed(emitter).await?,
                     Field::Skills => object.skills_changed(emitter).await?,
                     Field::Tools => object.tools_changed(emitter).await?,
+                    Field::Network => object.network_changed(emitter).await?,
+                    Field::Limits => {
+                        object.memory_max_changed(emitter).await?;
+                        object.c_p_u_quota_percent_changed(emitter).await?;
+                        object.tasks_max_changed(emitter).await?;
+                    }
                 }
             }
         }

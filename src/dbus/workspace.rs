@@ -187,6 +187,21 @@ impl WorkspaceObject {
     }
 
     #[zbus(property)]
+    async fn memory_max(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.ws()?.limits.memory_max.unwrap_or(0))
+    }
+
+    #[zbus(property, name = "CPUQuotaPercent")]
+    async fn cpu_quota_percent(&self) -> zbus::fdo::Result<u32> {
+        Ok(self.ws()?.limits.cpu_quota_percent.unwrap_or(0))
+    }
+
+    #[zbus(property)]
+    async fn tasks_max(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.ws()?.limits.tasks_max.unwrap_or(0))
+    }
+
+    #[zbus(property)]
     async fn network(&self) -> zbus::fdo::Result<String> {
         let ws = self.ws()?;
         Ok(if ws.is_container() {

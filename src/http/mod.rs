@@ -12,7 +12,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -150,26 +150,44 @@ async fn require_token(
     }
 }
 
-/// Every route of the API.
-pub fn app(state: Arc<AppState>) -> Router {
-    let api = Router::new()
-        .route("/api/workspaces", post(create).get(list))
-        .route(
+/// The OpenAPI document of this API, served at `/api/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../http/openapi.json");
+
+/// Every authenticated route: its path and methods. The OpenAPI document lists exactly these
+/// (tested below).
+fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        ("/api/workspaces", post(create).get(list)),
+        (
             "/api/workspaces/{id}",
             get(get_one).patch(update).delete(destroy),
-        )
-        .route("/api/workspaces/{id}/build", post(build))
-        .route("/api/workspaces/{id}/rebuild", post(rebuild))
-        .route("/api/workspaces/{id}/exec", post(exec))
-        .route("/api/workspaces/{id}/init-log", get(init_log))
-        .route("/api/workspaces/{id}/debug", get(debug))
-        .route("/api/workspaces/{id}/rerun-init", post(rerun_init))
-        .route("/api/workspaces/{id}/sync", post(sync))
-        .route("/api/templates", get(templates))
+        ),
+        ("/api/workspaces/{id}/build", post(build)),
+        ("/api/workspaces/{id}/rebuild", post(rebuild)),
+        ("/api/workspaces/{id}/exec", post(exec)),
+        ("/api/workspaces/{id}/init-log", get(init_log)),
+        ("/api/workspaces/{id}/debug", get(debug)),
+        ("/api/workspaces/{id}/rerun-init", post(rerun_init)),
+        ("/api/workspaces/{id}/sync", post(sync)),
+        ("/api/templates", get(templates)),
+    ]
+}
+
+/// Every route of the API.
+pub fn app(state: Arc<AppState>) -> Router {
+    let api = api_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, route)| r.route(path, route))
         // The token is checked first: nothing of an unauthorized request's body is read.
         .layer(from_fn(read_body))
         .layer(from_fn_with_state(state.clone(), require_token));
-    api.layer(DefaultBodyLimit::disable())
+    Router::new()
+        .route(
+            "/api/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .merge(api)
+        .layer(DefaultBodyLimit::disable())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -310,6 +328,21 @@ fn to_dict(
     fields: Map<String, Value>,
     known: &[(&str, &str)],
 ) -> ApiResult<HashMap<String, Variant<'static>>> {
+    to_dict_in("", fields, known)
+}
+
+/// The fields of the `limits` object; the D-Bus API takes them as top-level keys.
+const LIMIT_FIELDS: &[(&str, &str)] = &[
+    ("memory_max", "t"),
+    ("cpu_quota_percent", "u"),
+    ("tasks_max", "t"),
+];
+
+fn to_dict_in(
+    prefix: &str,
+    fields: Map<String, Value>,
+    known: &[(&str, &str)],
+) -> ApiResult<HashMap<String, Variant<'static>>> {
     let mut out = HashMap::new();
     for (key, value) in fields {
         if value.is_null() {
@@ -318,11 +351,19 @@ fn to_dict(
         let Some((_, ty)) = known.iter().find(|(k, _)| *k == key) else {
             let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
             return Err(ApiError::bad_request(format!(
-                "unknown field '{key}'; known fields: {}",
+                "unknown field '{prefix}{key}'; known fields: {}",
                 names.join(", ")
             )));
         };
-        let wrong = || ApiError::bad_request(format!("field '{key}' must be {}", describe(ty)));
+        let wrong =
+            || ApiError::bad_request(format!("field '{prefix}{key}' must be {}", describe(ty)));
+        if *ty == "limits" {
+            let Value::Object(limits) = value else {
+                return Err(wrong());
+            };
+            out.extend(to_dict_in("limits.", limits, LIMIT_FIELDS)?);
+            continue;
+        }
         let v: Variant<'static> = match (*ty, &value) {
             ("s", Value::String(s)) => Variant::from(s.clone()),
             ("b", Value::Bool(b)) => Variant::from(*b),
@@ -357,6 +398,7 @@ fn describe(ty: &str) -> &'static str {
         "b" => "true or false",
         "u" | "t" => "a non-negative integer",
         "as" => "an array of strings",
+        "limits" => "an object with memory_max, cpu_quota_percent and tasks_max",
         _ => "an object of strings",
     }
 }
@@ -405,6 +447,11 @@ fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
         "created_at": field("CreatedAt"),
         "machine_name": field("MachineName"),
         "network": field("Network"),
+        "limits": {
+            "memory_max": field("MemoryMax"),
+            "cpu_quota_percent": field("CPUQuotaPercent"),
+            "tasks_max": field("TasksMax"),
+        },
     })
 }
 
@@ -420,9 +467,7 @@ const CREATE_FIELDS: &[(&str, &str)] = &[
     ("path", "s"),
     ("build_on_create", "b"),
     ("network", "s"),
-    ("memory_max", "t"),
-    ("cpu_quota_percent", "u"),
-    ("tasks_max", "t"),
+    ("limits", "limits"),
 ];
 
 async fn create(
@@ -490,7 +535,7 @@ async fn update(
             ("skills", "as"),
             ("tools", "as"),
             ("init_script", "s"),
-            ("limits", "a{ss}"),
+            ("limits", "limits"),
             ("network", "s"),
         ],
     )?;
@@ -678,7 +723,7 @@ mod tests {
     #[test]
     fn json_fields_become_typed_dbus_values() {
         let body: Map<String, Value> = serde_json::from_str(
-            r#"{"name":"p","skills":["a"],"env_vars":{"K":"v"},"build_on_create":true,"memory_max":5}"#,
+            r#"{"name":"p","skills":["a"],"env_vars":{"K":"v"},"build_on_create":true,"limits":{"memory_max":5}}"#,
         )
         .unwrap();
         let d = to_dict(body, CREATE_FIELDS).unwrap();
@@ -693,6 +738,15 @@ mod tests {
                 .message
                 .contains("'name'")
         );
+        let flat: Map<String, Value> = serde_json::from_str(r#"{"memory_max":5}"#).unwrap();
+        assert!(
+            to_dict(flat, CREATE_FIELDS).is_err(),
+            "limits live in 'limits'"
+        );
+        let bad: Map<String, Value> =
+            serde_json::from_str(r#"{"limits":{"tasks_max":"many"}}"#).unwrap();
+        let e = to_dict(bad, CREATE_FIELDS).unwrap_err();
+        assert!(e.message.contains("'limits.tasks_max'"), "{}", e.message);
         let unknown: Map<String, Value> = serde_json::from_str(r#"{"colour":"red"}"#).unwrap();
         assert!(
             to_dict(unknown, CREATE_FIELDS)
@@ -700,6 +754,76 @@ mod tests {
                 .message
                 .contains("'colour'")
         );
+    }
+
+    /// The OpenAPI document and the router agree: the same paths, and on each path exactly
+    /// the documented methods are routed (the others get 405).
+    #[tokio::test]
+    async fn the_openapi_document_lists_exactly_the_routes() {
+        use axum::body::Body;
+        use axum::http::Method;
+        use std::collections::BTreeSet;
+        use tower::ServiceExt;
+
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut routed: BTreeSet<&str> = api_routes().into_iter().map(|(p, _)| p).collect();
+        routed.insert("/api/openapi.json");
+        assert_eq!(
+            paths.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+            routed
+        );
+
+        // A peer-to-peer bus with nobody behind it: handlers run and their calls fail, which
+        // is all this test needs (it looks only at routing).
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let guid = zbus::Guid::generate();
+        let (server, conn) = tokio::join!(
+            zbus::connection::Builder::unix_stream(a)
+                .server(guid)
+                .p2p()
+                .build(),
+            zbus::connection::Builder::unix_stream(b).p2p().build(),
+        );
+        let (server, conn) = (server.unwrap(), conn.unwrap());
+        // Serving objects makes the peer answer every call (with UnknownObject).
+        let _ = server.object_server();
+        let token = "t".repeat(16);
+        let app = app(Arc::new(AppState {
+            conn,
+            bus_address: None,
+            token: token.clone(),
+        }));
+        for (path, item) in paths {
+            let documented: BTreeSet<String> = item
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|m| m.to_uppercase())
+                .collect();
+            let uri = path.replace("{id}", "some-workspace");
+            for method in [
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ] {
+                let request = axum::http::Request::builder()
+                    .method(method.clone())
+                    .uri(&uri)
+                    .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                    .body(Body::from("{}"))
+                    .unwrap();
+                let status = app.clone().oneshot(request).await.unwrap().status();
+                let want_routed = documented.contains(method.as_str());
+                assert_eq!(
+                    status != StatusCode::METHOD_NOT_ALLOWED && status != StatusCode::NOT_FOUND,
+                    want_routed,
+                    "{method} {path}: {status}"
+                );
+            }
+        }
     }
 
     #[test]

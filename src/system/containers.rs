@@ -94,16 +94,26 @@ pub fn container_properties(ws: &Workspace, tree: &Path) -> Vec<(String, OwnedVa
         prop("LogExtraFields", log_fields(ws)),
         prop("ExecStart", vec![(argv[0].clone(), argv.clone(), false)]),
     ];
-    if let Some(m) = ws.limits.memory_max {
-        props.push(prop("MemoryMax", m));
-    }
-    if let Some(p) = ws.limits.cpu_quota_percent {
-        props.push(prop("CPUQuotaPerSecUSec", u64::from(p) * 10_000));
-    }
-    if let Some(t) = ws.limits.tasks_max {
-        props.push(prop("TasksMax", t));
-    }
+    props.extend(
+        limit_props(&ws.limits)
+            .into_iter()
+            .filter(|(_, v)| *v != u64::MAX)
+            .map(|(k, v)| prop(k, v)),
+    );
     props
+}
+
+/// The unit properties of `limits`; u64::MAX ("infinity") where there is none.
+fn limit_props(l: &crate::core::workspace::Limits) -> [(&'static str, u64); 3] {
+    [
+        ("MemoryMax", l.memory_max.unwrap_or(u64::MAX)),
+        (
+            "CPUQuotaPerSecUSec",
+            l.cpu_quota_percent
+                .map_or(u64::MAX, |p| u64::from(p) * 10_000),
+        ),
+        ("TasksMax", l.tasks_max.unwrap_or(u64::MAX)),
+    ]
 }
 
 impl NspawnContainers {
@@ -329,6 +339,19 @@ impl Containers for NspawnContainers {
     async fn stop(&self, ws: &Workspace) -> Result<()> {
         self.systemd.stop(&build_unit_name(&ws.name)).await?;
         self.systemd.stop(&unit_name(&ws.name)).await
+    }
+
+    async fn apply_limits(&self, ws: &Workspace) -> Result<()> {
+        let unit = unit_name(&ws.name);
+        let running = self.systemd.unit_state(&unit).await?;
+        if running.is_none_or(|s| s.active_state != "active") {
+            return Ok(());
+        }
+        let props = limit_props(&ws.limits)
+            .into_iter()
+            .map(|(k, v)| prop(k, v))
+            .collect();
+        self.systemd.set_unit_properties(&unit, props).await
     }
 
     async fn exec(

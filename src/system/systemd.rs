@@ -84,6 +84,28 @@ impl Systemd {
         }
     }
 
+    /// Changes properties of a running unit for its lifetime (`systemctl set-property
+    /// --runtime`); a unit that is not loaded is left alone.
+    pub async fn set_unit_properties(
+        &self,
+        unit: &str,
+        properties: Vec<(String, OwnedVariant)>,
+    ) -> Result<()> {
+        match self
+            .manager
+            .set_unit_properties(unit.to_owned(), true, properties)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(zbus::Error::MethodError(name, ..))
+                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(bus_error(&format!("Cannot set the limits of {unit}"), e)),
+        }
+    }
+
     /// Stops a unit and waits until it is gone or inactive; a unit that is not loaded is
     /// already stopped.
     pub async fn stop(&self, unit: &str) -> Result<()> {

@@ -1865,6 +1865,98 @@ async fn the_rest_bridge_serves_the_documented_calls() {
     assert_eq!(status, 200);
     assert_eq!(body[0]["name"], "fullstack");
 
+    // PATCH: limits reach the running container's unit at once (0 removes one); the network
+    // applies at the next start.
+    let unit = format!("agent-workspace-{project}.service");
+    let (status, body) = curl(
+        "PATCH",
+        &format!("/api/workspaces/{id}"),
+        Some(TOKEN),
+        "-d '{\"limits\": {\"memory_max\": 536870912, \"tasks_max\": 200}, \"env_vars\": {\"NEW\": \"1\"}}'",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["limits"],
+        serde_json::json!({"memory_max": 536870912u64, "cpu_quota_percent": 0, "tasks_max": 200})
+    );
+    assert_eq!(body["env_var_names"], serde_json::json!(["NEW"]));
+    assert_eq!(
+        systemctl(&format!("show -p MemoryMax -p TasksMax --value {unit}")),
+        "536870912\n200\n"
+    );
+    let (status, body) = curl(
+        "PATCH",
+        &format!("/api/workspaces/{id}"),
+        Some(TOKEN),
+        "-d '{\"limits\": {\"memory_max\": 0}, \"network\": \"private\"}'",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            body["limits"]["memory_max"].as_u64(),
+            body["network"].as_str()
+        ),
+        (Some(0), Some("private"))
+    );
+    assert_eq!(
+        systemctl(&format!("show -p MemoryMax -p TasksMax --value {unit}")),
+        "infinity\n200\n"
+    );
+    let net = |expect: &str| {
+        let (_, body) = curl(
+            "POST",
+            &format!("/api/workspaces/{id}/exec"),
+            Some(TOKEN),
+            "-d '{\"command\": \"echo $(ls /sys/class/net)\"}'",
+        );
+        assert_eq!(body["exit_code"], 0, "{body}");
+        let got = body["stdout"].as_str().unwrap().to_owned();
+        assert_eq!(got == "lo\n", expect == "lo", "{expect}: {got}");
+    };
+    net("the host's interfaces until the next start");
+    ok(&format!(
+        "busctl call org.agent.Workspaces /org/agent/Workspaces org.agent.Workspaces StopWorkspace s {project}"
+    ));
+    net("lo");
+    let (status, body) = curl(
+        "PATCH",
+        "/api/workspaces/host",
+        Some(TOKEN),
+        "-d '{\"network\": \"private\"}'",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'network'"),
+        "{body}"
+    );
+    let (status, body) = curl(
+        "PATCH",
+        &format!("/api/workspaces/{id}"),
+        Some(TOKEN),
+        "-d '{\"limits\": {\"memory\": 5}}'",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'limits.memory'"),
+        "{body}"
+    );
+
+    // The OpenAPI document, without a token: the checked-in file.
+    let (status, doc) = curl("GET", "/api/openapi.json", None, "");
+    assert_eq!(status, 200);
+    let repo = std::env::var("TESTHOST_REPO").unwrap();
+    let checked_in: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{repo}/http/openapi.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc, checked_in);
+
     // The list has both, with their status.
     let (status, list) = curl("GET", "/api/workspaces", Some(TOKEN), "");
     assert_eq!(status, 200);
