@@ -85,6 +85,53 @@ async fn build_container(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name:
     }
 }
 
+/// A minimal client of the bridge: hyper's HTTP/1.1 connection, kept alive.
+struct RestClient {
+    sender: tokio::sync::Mutex<
+        hyper::client::conn::http1::SendRequest<http_body_util::Full<axum::body::Bytes>>,
+    >,
+    token: String,
+}
+
+impl RestClient {
+    async fn connect(addr: &str, token: &str) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("the bridge listens (agent-workspaces-http.socket)");
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("HTTP handshake");
+        tokio::spawn(conn);
+        Self {
+            sender: tokio::sync::Mutex::new(sender),
+            token: token.to_owned(),
+        }
+    }
+
+    async fn exec(&self, workspace: &str, command: &str) {
+        use http_body_util::BodyExt;
+        let body = serde_json::json!({ "command": command }).to_string();
+        let request = hyper::Request::post(format!("/api/workspaces/{workspace}/exec"))
+            .header("host", "127.0.0.1")
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
+            .expect("request");
+        let mut sender = self.sender.lock().await;
+        sender.ready().await.expect("the connection is open");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(v["exit_code"], 0, "{v}");
+    }
+}
+
 async fn time_async<F, Fut>(f: F) -> Vec<Duration>
 where
     F: FnMut() -> Fut,
@@ -140,6 +187,47 @@ async fn main() {
         "ratio Exec / fork+exec p50: {:.2}x   (Exec - fork+exec - Ping: {:.3} ms of service overhead)",
         dbus.as_secs_f64() / base.as_secs_f64(),
         (dbus.as_secs_f64() - base.as_secs_f64() - ping.as_secs_f64()) * 1e3
+    );
+
+    // The same call through the REST bridge: one kept-alive HTTP/1.1 connection.
+    let token = std::fs::read_to_string("/etc/agent-workspaces/api-token")
+        .expect("the bridge's token (tests/bench.sh writes it)");
+    let rest = RestClient::connect("127.0.0.1:7600", token.trim()).await;
+    let rest_exec = report(
+        "POST /api/workspaces/host/exec through the bridge",
+        time_async(|| rest.exec("host", "true")).await,
+    );
+    // The bridge's user is not root, so each of its calls is authorized by polkit (root's are
+    // not): measure that round trip too, to tell the bridge's own cost apart.
+    let polkit = zbus_polkit::policykit1::AuthorityProxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("polkit proxy");
+    let subject = zbus_polkit::policykit1::Subject::new_for_pid(std::process::id(), None, None)
+        .expect("subject");
+    let details = HashMap::from([("workspace", "host"), ("verb", "exec in")]);
+    let check = report(
+        "baseline: polkit CheckAuthorization round trip",
+        time_async(|| async {
+            polkit
+                .check_authorization(
+                    &subject,
+                    "org.agent.workspaces.exec-host",
+                    &details,
+                    zbus_polkit::policykit1::CheckAuthorizationFlags::empty(),
+                    "",
+                )
+                .await
+                .expect("CheckAuthorization");
+        })
+        .await,
+    );
+    println!(
+        "ratio REST exec / D-Bus Exec p50: {:.2}x   (the bridge adds {:.3} ms, {:.3} ms beyond the polkit check its calls need)",
+        rest_exec.as_secs_f64() / dbus.as_secs_f64(),
+        (rest_exec.as_secs_f64() - dbus.as_secs_f64()) * 1e3,
+        (rest_exec.as_secs_f64() - dbus.as_secs_f64() - check.as_secs_f64()) * 1e3
     );
 
     for clients in [1usize, 8] {

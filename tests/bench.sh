@@ -12,4 +12,9 @@ bin=$(cargo bench --locked --bench exec_latency --no-run 2>&1 |
 "$testhost" install >/dev/null
 tests/testhost/configure-service.sh
 "$testhost" run -- systemctl try-restart agent-workspaced
+# The REST bridge, set up as an operator would (its user, a token, the socket).
+"$testhost" run -- sh -c 'systemd-sysusers &&
+  head -c 24 /dev/urandom | base64 > /etc/agent-workspaces/api-token &&
+  chmod 600 /etc/agent-workspaces/api-token &&
+  systemctl restart agent-workspaces-http.socket'
 "$testhost" run -- "$repo/$bin"

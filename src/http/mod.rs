@@ -305,7 +305,16 @@ async fn read_body(request: Request, next: Next) -> Response {
 }
 
 async fn manager(state: &AppState) -> ApiResult<WorkspacesProxy<'static>> {
-    Ok(WorkspacesProxy::new(&state.conn).await?)
+    Ok(manager_on(&state.conn).await?)
+}
+
+/// A proxy of the manager that caches no properties: building it costs no bus call (a caching
+/// proxy would add a match rule and a GetAll to every request).
+async fn manager_on(conn: &zbus::Connection) -> zbus::Result<WorkspacesProxy<'static>> {
+    WorkspacesProxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
 }
 
 /// A request body as JSON, whatever Content-Type the client sent (curl -d sends a form type).

@@ -35,7 +35,7 @@ use tracing::warn;
 use zbus::Variant;
 
 use super::{ApiError, ApiResult, AppState, borrow};
-use crate::dbus::client::{ExecFdsReply, WorkspacesProxy, connect};
+use crate::dbus::client::{ExecFdsReply, connect};
 
 /// How long the response waits for the call's verdict before it commits to a stream.
 pub const VERDICT_WAIT: Duration = Duration::from_millis(250);
@@ -111,7 +111,7 @@ pub(super) async fn exec(
     };
     let conn = connect(state.bus_address.as_deref()).await?;
     let mut call = Call(tokio::spawn(async move {
-        let proxy = WorkspacesProxy::new(&conn).await?;
+        let proxy = super::manager_on(&conn).await?;
         let reply = proxy
             .exec_with_fds(
                 &id,
