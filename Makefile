@@ -18,7 +18,7 @@ systemdsystemunitdir ?= $(prefix)/lib/systemd/system
 CARGO ?= cargo
 TESTHOST := tests/testhost/testhost.sh
 
-.PHONY: all build install uninstall up down test unit-test system-test lint bench
+.PHONY: all build install uninstall up down test unit-test system-test e2e-test lint bench
 
 all: build
 
@@ -60,13 +60,16 @@ up:
 down:
 	$(TESTHOST) down
 
-test: unit-test system-test
+test: unit-test system-test e2e-test
 
 unit-test:
 	$(CARGO) test --locked
 
 system-test:
 	tests/system/run.sh
+
+e2e-test:
+	tests/e2e/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

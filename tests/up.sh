@@ -50,9 +50,21 @@ else
   "$testhost" install
   tests/testhost/configure-service.sh
   demo "$testhost run --"
+  # The REST bridge and the dashboard, set up as an operator would: its user, a token, the socket.
+  "$testhost" run -- sh -c 'systemd-sysusers >/dev/null &&
+    { [ -s /etc/agent-workspaces/api-token ] ||
+      (umask 077; head -c 24 /dev/urandom | base64 | tr -d "/+=" >/etc/agent-workspaces/api-token); } &&
+    systemctl start agent-workspaces-http.socket'
+  leader=$("$testhost" env | sed -n 's/^export TESTHOST_LEADER=//p')
+  token=$(cat "/proc/$leader/root/etc/agent-workspaces/api-token")
+  echo "== curl http://127.0.0.1:7600/api/workspaces (the socket-activated REST bridge)"
+  # shellcheck disable=SC2016 # the token is read inside the test host
+  "$testhost" run -- sh -c 'curl -sS -H "Authorization: Bearer $(cat /etc/agent-workspaces/api-token)" \
+    http://127.0.0.1:7600/api/workspaces; echo'
   cat <<EOT
 
 agent-workspaced runs in the test host (systemd, D-Bus system bus, polkitd, journald).
+  Dashboard and REST:  http://127.0.0.1:7600/   token: $token
   Shell inside:        $testhost enter      (then: busctl tree org.agent.Workspaces, journalctl -u agent-workspaced)
   One command inside:  $testhost run -- busctl call org.agent.Workspaces /org/agent/Workspaces org.agent.Workspaces ListWorkspaces
   From this machine:   eval "\$($testhost env)"; busctl --address="\$TESTHOST_BUS" tree org.agent.Workspaces

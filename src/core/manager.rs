@@ -231,17 +231,21 @@ impl Manager {
         self.reg().resolve(key).map(|e| e.ws.clone())
     }
 
-    pub async fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<Workspace> {
-        let spec = match spec.template.as_deref() {
-            None | Some("") => spec,
+    /// The request merged over its template, if it names one: what `create` validates.
+    pub fn with_template(&self, spec: CreateSpec) -> Result<CreateSpec> {
+        match spec.template.as_deref() {
+            None | Some("") => Ok(spec),
             Some(name) => {
                 super::names::validate_library_name("template", name)
                     .map_err(|e| Error::InvalidArgs(format!("Invalid 'template': {e}")))?;
                 let t = self.ports.library.template(name)?;
-                merge(&t, spec)
+                Ok(merge(&t, spec))
             }
-        };
-        let v = spec.validate()?;
+        }
+    }
+
+    pub async fn create(self: &Arc<Self>, spec: CreateSpec) -> Result<Workspace> {
+        let v = self.with_template(spec)?.validate()?;
         for (key, names) in [("skills", &v.skills), ("tools", &v.tools)] {
             for n in names {
                 super::names::validate_library_name(&key[..key.len() - 1], n)
@@ -658,6 +662,11 @@ impl Manager {
         info!(workspace_id = %ws.id, workspace_name = %ws.name,
               "Synced skills and tools of {} from the Library", ws.name);
         Ok(())
+    }
+
+    /// The Library's skills and tools, by name.
+    pub fn library(&self) -> Result<(Vec<String>, Vec<String>)> {
+        Ok((self.ports.library.skills()?, self.ports.library.tools()?))
     }
 
     pub fn templates(&self) -> Result<Vec<Template>> {

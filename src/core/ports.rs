@@ -92,6 +92,8 @@ pub trait Executor: Send + Sync {
 pub trait Library: Send + Sync {
     /// Every skill's name.
     fn skills(&self) -> Result<Vec<String>>;
+    /// Every tool's name.
+    fn tools(&self) -> Result<Vec<String>>;
     /// Checks names (`InvalidArgs` for names that would leave the Library, `NoSuchSkill`,
     /// `NoSuchTool`) before anything changes.
     fn check(&self, skills: &[String], tools: &[String]) -> Result<()>;

@@ -173,6 +173,9 @@ impl Library for FakeLibrary {
     fn skills(&self) -> Result<Vec<String>> {
         Ok(vec!["a".into(), "b".into()])
     }
+    fn tools(&self) -> Result<Vec<String>> {
+        Ok(vec!["t".into()])
+    }
     fn check(&self, skills: &[String], tools: &[String]) -> Result<()> {
         if let Some(s) = skills.iter().find(|s| !["a", "b"].contains(&s.as_str())) {
             return Err(Error::NoSuchSkill(s.clone()));

@@ -69,6 +69,7 @@ pub trait Workspaces {
     fn get_init_log(&self, workspace: &str, max_lines: u32) -> zbus::Result<(String, u32)>;
     fn sync_workspace(&self, workspace: &str) -> zbus::Result<()>;
     fn list_templates(&self) -> zbus::Result<Vec<(String, String, String)>>;
+    fn list_library(&self) -> zbus::Result<(Vec<String>, Vec<String>)>;
 
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;

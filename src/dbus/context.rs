@@ -87,7 +87,8 @@ impl Context {
 
     pub async fn create(&self, header: &Header<'_>, spec: Dict) -> Result<OwnedObjectPath> {
         let spec = args::create_spec(spec)?;
-        let checked = spec.clone().validate()?;
+        // What the template supplies counts: a container request may take its distro from it.
+        let checked = self.manager.with_template(spec.clone())?.validate()?;
         self.auth
             .check(header, Action::Manage, &checked.name, "create")
             .await?;
@@ -267,6 +268,10 @@ impl Context {
     pub async fn sync(&self, header: &Header<'_>, key: &str) -> Result<()> {
         self.authorize(header, key, Action::Manage, "sync").await?;
         Ok(self.manager.sync(key).await?)
+    }
+
+    pub fn list_library(&self) -> Result<(Vec<String>, Vec<String>)> {
+        Ok(self.manager.library()?)
     }
 
     pub fn list_templates(&self) -> Result<Vec<(String, String, String)>> {

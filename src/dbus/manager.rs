@@ -162,6 +162,12 @@ impl ManagerObject {
         self.ctx.sync(&header, workspace).await
     }
 
+    /// The Library's skills and tools, by name (what `skills` and `tools` may name).
+    #[zbus(out_args("skills", "tools"))]
+    async fn list_library(&self) -> Result<(Vec<String>, Vec<String>)> {
+        self.ctx.list_library()
+    }
+
     #[zbus(out_args("templates"))]
     async fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
         self.ctx.list_templates()

@@ -153,6 +153,44 @@ async fn require_token(
 /// The OpenAPI document of this API, served at `/api/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../http/openapi.json");
 
+/// The dashboard: static pages built into the binary, served without a token (they hold no
+/// data; everything they show comes from the API, with the token the user signs in with).
+const PAGES: &[(&str, &str, &str)] = &[
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("../../web/index.html"),
+    ),
+    (
+        "/app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/app.js"),
+    ),
+    (
+        "/app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../web/app.css"),
+    ),
+];
+
+/// The pages load nothing from elsewhere, and the browser is told to refuse anything else.
+const PAGE_POLICY: &str = "default-src 'self'; img-src 'self' data:; object-src 'none'; \
+    base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+fn page(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 /// Every authenticated route: its path and methods. The OpenAPI document lists exactly these
 /// (tested below).
 fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
@@ -170,6 +208,7 @@ fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/api/workspaces/{id}/rerun-init", post(rerun_init)),
         ("/api/workspaces/{id}/sync", post(sync)),
         ("/api/templates", get(templates)),
+        ("/api/library", get(library)),
     ]
 }
 
@@ -181,7 +220,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         // The token is checked first: nothing of an unauthorized request's body is read.
         .layer(from_fn(read_body))
         .layer(from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let pages = PAGES
+        .iter()
+        .fold(Router::new(), |r, &(path, content_type, body)| {
+            r.route(path, get(move || async move { page(content_type, body) }))
+        });
+    pages
         .route(
             "/api/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
@@ -695,6 +739,11 @@ async fn sync(
     Ok(Json(workspace_json(&state, &id).await?))
 }
 
+async fn library(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    let (skills, tools) = manager(&state).await?.list_library().await?;
+    Ok(Json(json!({"skills": skills, "tools": tools})))
+}
+
 async fn templates(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
     let all = manager(&state).await?.list_templates().await?;
     Ok(Json(Value::Array(
@@ -765,6 +814,58 @@ mod tests {
         );
     }
 
+    /// The router over a peer-to-peer bus with nobody behind it: handlers run and their calls
+    /// fail, which is all these tests need. Keep the returned peer alive.
+    async fn test_app() -> (Router, String, zbus::Connection) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let guid = zbus::Guid::generate();
+        let (server, conn) = tokio::join!(
+            zbus::connection::Builder::unix_stream(a)
+                .server(guid)
+                .p2p()
+                .build(),
+            zbus::connection::Builder::unix_stream(b).p2p().build(),
+        );
+        let (server, conn) = (server.unwrap(), conn.unwrap());
+        // Serving objects makes the peer answer every call (with UnknownObject).
+        let _ = server.object_server();
+        let token = "t".repeat(16);
+        let state = AppState {
+            conn,
+            bus_address: None,
+            token: token.clone(),
+        };
+        (app(Arc::new(state)), token, server)
+    }
+
+    #[tokio::test]
+    async fn pages_need_no_token_and_load_nothing_from_elsewhere() {
+        use axum::body::Body;
+        use tower::ServiceExt;
+        let (app, _, _peer) = test_app().await;
+        let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
+        for (path, content_type, _) in PAGES {
+            let r = app.clone().oneshot(get(path)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            assert_eq!(r.headers()[header::CONTENT_TYPE], *content_type);
+            let csp = r.headers()[header::CONTENT_SECURITY_POLICY]
+                .to_str()
+                .unwrap();
+            assert!(csp.starts_with("default-src 'self'"), "{csp}");
+        }
+        let r = app.clone().oneshot(get("/api/openapi.json")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        // The pages name no other origin: no fonts, scripts or styles from elsewhere.
+        for (path, _, body) in PAGES {
+            for foreign in ["http://", "https://", "//fonts", "@import"] {
+                assert!(!body.contains(foreign), "{path} contains {foreign}");
+            }
+        }
+        // The API itself still needs the token.
+        let r = app.oneshot(get("/api/templates")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+
     /// The OpenAPI document and the router agree: the same paths, and on each path exactly
     /// the documented methods are routed (the others get 405).
     #[tokio::test]
@@ -783,26 +884,7 @@ mod tests {
             routed
         );
 
-        // A peer-to-peer bus with nobody behind it: handlers run and their calls fail, which
-        // is all this test needs (it looks only at routing).
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let guid = zbus::Guid::generate();
-        let (server, conn) = tokio::join!(
-            zbus::connection::Builder::unix_stream(a)
-                .server(guid)
-                .p2p()
-                .build(),
-            zbus::connection::Builder::unix_stream(b).p2p().build(),
-        );
-        let (server, conn) = (server.unwrap(), conn.unwrap());
-        // Serving objects makes the peer answer every call (with UnknownObject).
-        let _ = server.object_server();
-        let token = "t".repeat(16);
-        let app = app(Arc::new(AppState {
-            conn,
-            bus_address: None,
-            token: token.clone(),
-        }));
+        let (app, token, _peer) = test_app().await;
         for (path, item) in paths {
             let documented: BTreeSet<String> = item
                 .as_object()

@@ -162,6 +162,10 @@ impl Library for FsLibrary {
         self.names_in("skill", "")
     }
 
+    fn tools(&self) -> Result<Vec<String>> {
+        self.names_in("tool", "")
+    }
+
     fn check(&self, skills: &[String], tools: &[String]) -> Result<()> {
         for (dir, kind, names) in [("skill", "skill", skills), ("tool", "tool", tools)] {
             for name in names {

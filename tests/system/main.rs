@@ -1801,6 +1801,23 @@ async fn the_rest_bridge_serves_the_documented_calls() {
     );
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["template"], "fullstack");
+    // A container request may take its distro from the template (the dashboard sends this).
+    let explicit = unique("explicit");
+    let (status, created) = curl(
+        "POST",
+        "/api/workspaces",
+        Some(TOKEN),
+        &format!(
+            "-d '{{\"name\": \"{explicit}\", \"workspace_type\": \"container\", \"template\": \"fullstack\", \"build_on_create\": false}}'"
+        ),
+    );
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(
+        (created["distro"].as_str(), created["status"].as_str()),
+        (Some("debian-bookworm"), Some("pending"))
+    );
+    let (status, _) = curl("DELETE", &format!("/api/workspaces/{explicit}"), Some(TOKEN), "");
+    assert_eq!(status, 204);
     let id = body["id"].as_str().unwrap().to_owned();
     let ready = wait_for(
         "the template workspace to build",

@@ -1,0 +1,167 @@
+// The documented dashboard click-path, in headless Chromium, against the bridge and the service
+// in the real-systemd test host (tests/e2e/run.sh). Screenshots of each page are kept in
+// $E2E_SCREENSHOTS.
+import { test, expect } from '@playwright/test';
+import { randomBytes } from 'node:crypto';
+
+const TOKEN = process.env.E2E_TOKEN;
+const SHOTS = process.env.E2E_SCREENSHOTS || '../../target/e2e/screenshots';
+const unique = (prefix) => `${prefix}-${randomBytes(4).toString('hex')}`;
+
+test.describe.configure({ mode: 'serial' });
+
+// Every request the pages make goes to the bridge: no fonts, CDNs or anything else.
+let foreign = [];
+test.beforeEach(async ({ page, baseURL }) => {
+  foreign = [];
+  const origin = new URL(baseURL).origin;
+  page.on('request', (req) => {
+    const url = new URL(req.url());
+    if (url.protocol !== 'data:' && url.origin !== origin) foreign.push(req.url());
+  });
+});
+test.afterEach(() => {
+  expect(foreign, 'requests to other origins').toEqual([]);
+});
+
+async function shot(page, name) {
+  await page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
+}
+
+async function signIn(page) {
+  await page.goto('/');
+  const input = page.getByLabel('API token');
+  await input.fill(TOKEN);
+  await input.press('Enter'); // the keyboard submits the form
+  await expect(page.getByRole('heading', { level: 1, name: 'Workspaces' })).toBeVisible();
+}
+
+async function openNewWorkspace(page) {
+  await page.getByRole('link', { name: 'New Workspace' }).click();
+  await expect(page.getByRole('heading', { level: 1, name: 'New Workspace' })).toBeVisible();
+}
+
+async function run(page, command) {
+  await page.getByLabel('Command').fill(command);
+  await page.getByRole('button', { name: 'Run', exact: true }).click();
+}
+
+async function destroy(page, name) {
+  await page.getByRole('button', { name: 'Destroy' }).click();
+  const dialog = page.getByRole('dialog', { name: `Destroy workspace ${name}?` });
+  await expect(dialog).toBeVisible();
+  await shot(page, '08-destroy-confirmation');
+  await dialog.getByRole('button', { name: 'Destroy' }).click();
+  await expect(page.getByRole('heading', { level: 1, name: 'Workspaces' })).toBeVisible();
+  await expect(page.getByRole('link', { name, exact: true })).toHaveCount(0);
+}
+
+test('sign in with the API token; a wrong one is refused', async ({ page }) => {
+  await page.goto('/');
+  await expect(page.getByRole('heading', { level: 1, name: 'Sign in' })).toBeVisible();
+  await shot(page, '01-sign-in');
+  await page.getByLabel('API token').fill('not-the-token-0000000');
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await expect(page.getByRole('alert')).toHaveText('That token was refused.');
+  await expect(page.getByLabel('API token')).toHaveAttribute('aria-invalid', 'true');
+  await signIn(page);
+  await expect(page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Workspaces' }))
+    .toHaveAttribute('aria-current', 'page');
+  // The default host workspace is always listed.
+  await expect(page.getByRole('row').filter({ hasText: 'host' }).first()).toContainText('ready');
+  await shot(page, '02-workspaces');
+  // The token lives in this session only: signing out forgets it.
+  await page.getByRole('button', { name: 'Sign out' }).click();
+  await expect(page.getByRole('heading', { level: 1, name: 'Sign in' })).toBeVisible();
+});
+
+test('a host workspace: create, run a command, destroy', async ({ page }) => {
+  const name = unique('e2e-host');
+  await signIn(page);
+  await openNewWorkspace(page);
+  await page.getByLabel('Host').check();
+  await page.getByLabel('Name', { exact: true }).fill(name);
+  await page.getByRole('group', { name: 'Skills' }).getByLabel('web').check();
+  await page.getByLabel('Environment variables').fill('GREETING=hello from the dashboard');
+  await shot(page, '03-new-host-workspace');
+  await page.getByRole('button', { name: 'Create' }).click();
+  await expect(page.getByRole('heading', { level: 1, name })).toBeVisible();
+  await expect(page.locator('#ws-status')).toHaveText('ready');
+
+  await run(page, 'echo "$GREETING"; ls .opencode/skill; echo oops >&2; exit 3');
+  await expect(page.locator('#exec-output .exit')).toHaveText('Exit code 3');
+  await expect(page.locator('#exec-output pre.stdout')).toHaveText('hello from the dashboard\nweb\n');
+  await expect(page.locator('#exec-output pre.stderr')).toHaveText('oops\n');
+  await shot(page, '04-host-workspace-command');
+
+  // The list shows it, live.
+  await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Workspaces' }).click();
+  const row = page.getByRole('row').filter({ has: page.getByRole('link', { name, exact: true }) });
+  await expect(row).toContainText('host');
+  await expect(row).toContainText('ready');
+  await row.getByRole('link', { name }).click();
+  await destroy(page, name);
+});
+
+test('an invalid name is refused next to its field', async ({ page }) => {
+  await signIn(page);
+  await openNewWorkspace(page);
+  await page.getByLabel('Name', { exact: true }).fill('Bad Name');
+  await page.getByRole('button', { name: 'Create' }).click();
+  const error = page.locator('#name-error');
+  await expect(error).toBeVisible();
+  await expect(error).toContainText("'name'");
+  const input = page.getByLabel('Name', { exact: true });
+  await expect(input).toHaveAttribute('aria-invalid', 'true');
+  await expect(input).toBeFocused();
+  await shot(page, '05-invalid-name');
+  // Nothing was created.
+  await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Workspaces' }).click();
+  await expect(page.getByRole('heading', { level: 1, name: 'Workspaces' })).toBeVisible();
+  await expect(page.getByRole('link', { name: 'Bad Name' })).toHaveCount(0);
+});
+
+test('a container from a template: build, watch it reach ready, run a command', async ({ page }) => {
+  const name = unique('e2e-box');
+  await signIn(page);
+  await openNewWorkspace(page);
+  await page.getByLabel('Container').check();
+  await page.getByLabel('Name', { exact: true }).fill(name);
+  await page.getByLabel('Template').selectOption('fullstack');
+  await page.getByRole('group', { name: 'Tools' }).getByLabel('lint').check();
+  await shot(page, '06-new-container-workspace');
+  await page.getByRole('button', { name: 'Create' }).click();
+  await expect(page.getByRole('heading', { level: 1, name })).toBeVisible();
+  await expect(page.locator('#ws-status')).toHaveText('pending');
+
+  await page.getByRole('button', { name: 'Build' }).click();
+  await expect(page.locator('#ws-status')).toHaveText(/building|ready/);
+  await expect(page.locator('#ws-status')).toHaveText('ready', { timeout: 9 * 60 * 1000 });
+  await expect(page.getByLabel('Init log')).toContainText('== init script finished: exit code 0');
+  await expect(page.getByRole('group', { name: 'Actions' })).toHaveText(/^\s*Rebuild\s*Re-run init\s*Destroy\s*$/);
+
+  // Output streams in while the command runs.
+  await run(page, 'cat /workspace/template-env; ls /workspace/.opencode/tool; sleep 3; echo done');
+  await expect(page.locator('#exec-output pre.stdout')).toHaveText('yes\nlint\n');
+  await expect(page.locator('#exec-output .exit')).toHaveText('Running…');
+  await expect(page.locator('#exec-output .exit')).toHaveText('Exit code 0');
+  await expect(page.locator('#exec-output pre.stdout')).toHaveText('yes\nlint\ndone\n');
+  await shot(page, '07-container-workspace');
+
+  await page.getByRole('button', { name: 'Load debug report' }).click();
+  const report = page.getByRole('table', { name: 'Debug report' });
+  await expect(report.getByRole('row', { name: /machine_state/ })).toContainText('running');
+  await page.getByRole('button', { name: 'Re-run init' }).click();
+  await expect(page.locator('#exec-output .exit')).toHaveText('Init script: exit code 0');
+  await shot(page, '09-container-debug-report');
+
+  await destroy(page, name);
+});
+
+test('the templates page lists the Library templates', async ({ page }) => {
+  await signIn(page);
+  await page.getByRole('navigation', { name: 'Main' }).getByRole('link', { name: 'Templates' }).click();
+  const row = page.getByRole('row').filter({ hasText: 'fullstack' });
+  await expect(row).toContainText('debian-bookworm');
+  await shot(page, '10-templates');
+});

@@ -1,0 +1,66 @@
+#!/bin/bash
+# The dashboard's end-to-end tests: boots a fresh test host (tests/testhost/testhost.sh), installs
+# the service with `make install`, sets the REST bridge up as an operator would (its user, a
+# token, the socket) with a small Library, then drives the dashboard in headless Chromium
+# (Debian's `chromium`, through Playwright) from outside the test host: it shares this machine's
+# loopback, where the bridge listens (127.0.0.1:7600).
+#
+# Screenshots of each page: target/e2e/screenshots/; traces of failures: target/e2e/results/.
+#   KEEP_TESTHOST=1 tests/e2e/run.sh     leave the test host up afterwards
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+testhost=tests/testhost/testhost.sh
+artifacts=$repo/target/e2e
+rm -rf "$artifacts"
+mkdir -p "$artifacts/screenshots"
+
+[ "$(id -u)" = 0 ] || { echo "the end-to-end tests need root (they boot a test host)" >&2; exit 1; }
+chromium=${CHROMIUM:-/usr/bin/chromium}
+[ -x "$chromium" ] || { echo "no Chromium at $chromium: apt-get install chromium" >&2; exit 1; }
+command -v npm >/dev/null || { echo "no npm: apt-get install nodejs npm" >&2; exit 1; }
+
+# Playwright itself, pinned by package-lock.json; it downloads no browser.
+(cd tests/e2e && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+
+finish() {
+  local rc=$?
+  "$testhost" journal "$artifacts/journal.txt" >/dev/null 2>&1 || true
+  if [ "${KEEP_TESTHOST:-0}" = 1 ]; then
+    echo "test host left running (KEEP_TESTHOST=1): $testhost enter / $testhost down" >&2
+  else
+    "$testhost" down >/dev/null 2>&1 || true
+  fi
+  [ "$rc" = 0 ] || echo "end-to-end tests failed; artifacts and the test host's journal are in $artifacts" >&2
+  exit "$rc"
+}
+trap finish EXIT
+
+"$testhost" down >/dev/null
+"$testhost" up >/dev/null
+"$testhost" install
+tests/testhost/configure-service.sh
+leader=$("$testhost" env | sed -n 's/^export TESTHOST_LEADER=//p')
+root=/proc/$leader/root
+
+# A Library: two skills, a tool, a debian-bookworm template.
+lib=$root/var/lib/agent-workspaces/library
+mkdir -p "$lib/skill/python-dev" "$lib/skill/web" "$lib/tool" "$lib/workspace-template"
+echo '# Python development' >"$lib/skill/python-dev/SKILL.md"
+echo '# Web development' >"$lib/skill/web/SKILL.md"
+printf '#!/bin/sh\necho lint\n' >"$lib/tool/lint"
+chmod 755 "$lib/tool/lint"
+cat >"$lib/workspace-template/fullstack.json" <<'JSON'
+{"name": "fullstack", "description": "Web and Python on Debian", "distro": "debian-bookworm",
+ "skills": ["web"], "env_vars": {"FROM_TEMPLATE": "yes"},
+ "init_script": "#!/bin/sh\necho \"$FROM_TEMPLATE\" > /workspace/template-env\n"}
+JSON
+
+token=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+"$testhost" run -- sh -c "systemd-sysusers && umask 077 && echo '$token' >/etc/agent-workspaces/api-token &&
+  systemctl start agent-workspaces-http.socket"
+
+cd tests/e2e
+E2E_BASE_URL=http://127.0.0.1:7600 E2E_TOKEN=$token E2E_SCREENSHOTS=$artifacts/screenshots \
+  E2E_OUTPUT=$artifacts/results CHROMIUM=$chromium npx playwright test "$@"
