@@ -1816,7 +1816,12 @@ async fn the_rest_bridge_serves_the_documented_calls() {
         (created["distro"].as_str(), created["status"].as_str()),
         (Some("debian-bookworm"), Some("pending"))
     );
-    let (status, _) = curl("DELETE", &format!("/api/workspaces/{explicit}"), Some(TOKEN), "");
+    let (status, _) = curl(
+        "DELETE",
+        &format!("/api/workspaces/{explicit}"),
+        Some(TOKEN),
+        "",
+    );
     assert_eq!(status, 204);
     let id = body["id"].as_str().unwrap().to_owned();
     let ready = wait_for(
