@@ -176,10 +176,22 @@ function signInPage() {
 
 // ---- the list ----------------------------------------------------------------------------
 
-function statusCell(ws) {
+/** Where a build is, from its log: the last "== step NAME: ..." line, or the init script. */
+function buildStep(log) {
+  const lines = (log || '').split('\n').reverse();
+  for (const line of lines) {
+    if (line.startsWith('== init script')) return 'init script';
+    const m = /^== step ([a-z-]+)/.exec(line);
+    if (m) return m[1];
+  }
+  return null;
+}
+
+function statusCell(ws, step) {
   const s = ws.status;
   const badge = h('span', { class: `status status-${s}` },
-    s === 'building' ? h('progress', { 'aria-label': `Building ${ws.name}` }) : null, s);
+    s === 'building' ? h('progress', { 'aria-label': `Building ${ws.name}` }) : null, s,
+    s === 'building' && step ? h('span', { class: 'step' }, `: ${step}`) : null);
   return h('td', {}, badge,
     s === 'error' && ws.error_message ? h('div', { class: 'error-text' }, ws.error_message) : null);
 }
@@ -199,13 +211,22 @@ async function workspacesPage(main, _r, token) {
   const refresh = async () => {
     try {
       const all = await api('GET', '/api/workspaces');
+      // Building ones show their current step, read from their logs.
+      const steps = new Map(await Promise.all(all.filter((w) => w.status === 'building').map(async (w) => {
+        try {
+          const log = await api('GET', `/api/workspaces/${encodeURIComponent(w.id)}/init-log?max_lines=50`);
+          return [w.id, buildStep(log.content)];
+        } catch (_) {
+          return [w.id, null];
+        }
+      })));
       if (token !== pageToken) return;
       error.replaceChildren();
       body.replaceChildren(...all.map((ws) => h('tr', { 'data-name': ws.name },
         h('td', {}, h('a', { href: `#/workspaces/${encodeURIComponent(ws.id)}` }, ws.name)),
         h('td', {}, ws.workspace_type),
         h('td', {}, ws.distro || '—'),
-        statusCell(ws))));
+        statusCell(ws, steps.get(ws.id)))));
     } catch (err) {
       if (token === pageToken) showError(error, err);
     }
@@ -385,8 +406,8 @@ function props(ws) {
 
 /** Runs a command, streaming its output into the page as it comes. */
 async function runCommand(id, command, out) {
-  const stdout = h('pre', { class: 'stdout', 'aria-label': 'Standard output' });
-  const stderr = h('pre', { class: 'stderr', 'aria-label': 'Standard error' });
+  const stdout = h('pre', { class: 'stdout' });
+  const stderr = h('pre', { class: 'stderr' });
   const exit = h('p', { class: 'exit', role: 'status' }, 'Running…');
   out.replaceChildren(exit, h('h3', {}, 'stdout'), stdout, h('h3', {}, 'stderr'), stderr);
   try {
@@ -437,7 +458,8 @@ async function workspacePage(main, r, token) {
   const header = h('div', { class: 'toolbar' }, h('h1', {}, r.id));
   const details = h('div', { class: 'panel' });
   const actions = h('div', { class: 'toolbar', role: 'group', 'aria-label': 'Actions' });
-  const initLog = h('pre', { id: 'init-log', 'aria-label': 'Init log', tabindex: '0' });
+  // A named, focusable region, so that the scrolling log can be read and scrolled by keyboard.
+  const initLog = h('pre', { id: 'init-log', role: 'region', 'aria-label': 'Init log', tabindex: '0' });
   const debug = h('div');
   const out = h('div', { id: 'exec-output' });
   const command = h('input', { id: 'command', type: 'text', autocomplete: 'off', spellcheck: 'false',

@@ -2,6 +2,7 @@
 // in the real-systemd test host (tests/e2e/run.sh). Screenshots of each page are kept in
 // $E2E_SCREENSHOTS.
 import { test, expect } from '@playwright/test';
+import AxeBuilder from '@axe-core/playwright';
 import { randomBytes } from 'node:crypto';
 
 const TOKEN = process.env.E2E_TOKEN;
@@ -24,8 +25,12 @@ test.afterEach(() => {
   expect(foreign, 'requests to other origins').toEqual([]);
 });
 
+// Each page that gets a screenshot is also checked with axe (WCAG 2 A and AA rules).
 async function shot(page, name) {
   await page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
+  const { violations } = await new AxeBuilder({ page }).withTags(['wcag2a', 'wcag2aa']).analyze();
+  const found = violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(' ')).join(', ')}`);
+  expect(found, `accessibility of ${name}`).toEqual([]);
 }
 
 async function signIn(page) {
