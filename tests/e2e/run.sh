@@ -11,7 +11,6 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
-testhost=tests/testhost/testhost.sh
 artifacts=$repo/target/e2e
 rm -rf "$artifacts"
 mkdir -p "$artifacts/screenshots"
@@ -24,25 +23,10 @@ command -v npm >/dev/null || { echo "no npm: apt-get install nodejs npm" >&2; ex
 # Playwright itself, pinned by package-lock.json; it downloads no browser.
 (cd tests/e2e && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 
-finish() {
-  local rc=$?
-  "$testhost" journal "$artifacts/journal.txt" >/dev/null 2>&1 || true
-  if [ "${KEEP_TESTHOST:-0}" = 1 ]; then
-    echo "test host left running (KEEP_TESTHOST=1): $testhost enter / $testhost down" >&2
-  else
-    "$testhost" down >/dev/null 2>&1 || true
-  fi
-  [ "$rc" = 0 ] || echo "end-to-end tests failed; artifacts and the test host's journal are in $artifacts" >&2
-  exit "$rc"
-}
-trap finish EXIT
-
-"$testhost" down >/dev/null
-"$testhost" up >/dev/null
-"$testhost" install
-tests/testhost/configure-service.sh
-leader=$("$testhost" env | sed -n 's/^export TESTHOST_LEADER=//p')
-root=/proc/$leader/root
+# shellcheck source=tests/testhost/session.sh
+. tests/testhost/session.sh
+testhost_session "$artifacts" "end-to-end tests"
+root=$testhost_root
 
 # A Library: two skills, a tool, a debian-bookworm template.
 lib=$root/var/lib/agent-workspaces/library

@@ -10,7 +10,6 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
-testhost=tests/testhost/testhost.sh
 artifacts=$repo/target/system-test
 mkdir -p "$artifacts"
 
@@ -25,22 +24,8 @@ if [ -z "$bin" ] || [ ! -x "$bin" ]; then
   exit 1
 fi
 
-finish() {
-  local rc=$?
-  "$testhost" journal "$artifacts/journal.txt" >/dev/null 2>&1 || true
-  if [ "${KEEP_TESTHOST:-0}" = 1 ]; then
-    echo "test host left running (KEEP_TESTHOST=1): $testhost enter / $testhost down" >&2
-  else
-    "$testhost" down >/dev/null 2>&1 || true
-  fi
-  [ "$rc" = 0 ] || echo "system tests failed; the test host's journal is in $artifacts/journal.txt" >&2
-  exit "$rc"
-}
-trap finish EXIT
-
-"$testhost" down >/dev/null
-"$testhost" up >/dev/null
-"$testhost" install
-tests/testhost/configure-service.sh
+# shellcheck source=tests/testhost/session.sh
+. tests/testhost/session.sh
+testhost_session "$artifacts" "system tests"
 "$testhost" run -E AGENT_WORKSPACES_TESTHOST=1 -- \
   "$repo/$bin" --test-threads=1 "$@"
