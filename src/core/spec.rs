@@ -257,19 +257,16 @@ impl Changes {
 
     /// `limits` with the asked-for changes applied (0 removes a limit).
     pub fn apply_limits(&self, limits: Limits) -> Limits {
-        let keep_or = |new: Option<u64>, old: Option<u64>| match new {
-            None => old,
-            Some(0) => None,
-            Some(n) => Some(n),
-        };
+        fn changed<T: Default + PartialEq>(new: Option<T>, old: Option<T>) -> Option<T> {
+            match new {
+                None => old,
+                Some(n) => (n != T::default()).then_some(n),
+            }
+        }
         Limits {
-            memory_max: keep_or(self.memory_max, limits.memory_max),
-            cpu_quota_percent: match self.cpu_quota_percent {
-                None => limits.cpu_quota_percent,
-                Some(0) => None,
-                Some(n) => Some(n),
-            },
-            tasks_max: keep_or(self.tasks_max, limits.tasks_max),
+            memory_max: changed(self.memory_max, limits.memory_max),
+            cpu_quota_percent: changed(self.cpu_quota_percent, limits.cpu_quota_percent),
+            tasks_max: changed(self.tasks_max, limits.tasks_max),
         }
     }
 

@@ -661,11 +661,10 @@ async fn exec(
         Some(Value::String(s)) => Some(s.into_bytes()),
         Some(_) => return Err(ApiError::bad_request("field 'stdin' must be a string")),
     };
-    let options = to_dict(fields, EXEC_OPTIONS)?;
+    let mut options = to_dict(fields, EXEC_OPTIONS)?;
     if wants_event_stream(&headers) {
         return stream::exec(state, id, command, options, stdin).await;
     }
-    let mut options = options;
     if let Some(stdin) = stdin {
         options.insert("stdin".into(), Variant::from(stdin));
     }
