@@ -17,6 +17,9 @@ datadir ?= $(prefix)/share
 systemdsystemunitdir ?= $(prefix)/lib/systemd/system
 CARGO ?= cargo
 TESTHOST := tests/testhost/testhost.sh
+# The agent runs inside every container, on the container's own libc: it is linked statically.
+HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+AGENT := target/$(HOST_TRIPLE)/release/agent-workspaces-agent
 
 .PHONY: all build install uninstall up down test unit-test system-test e2e-test lint bench
 
@@ -24,11 +27,14 @@ all: build
 
 build:
 	$(CARGO) build --release --locked
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
+		-p agent-workspaces-agent --target $(HOST_TRIPLE)
 
 install: build
 	install -Dm755 target/release/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaced
 	install -Dm755 target/release/agent-workspaces-http $(DESTDIR)$(libexecdir)/agent-workspaces-http
 	install -Dm755 target/release/workspacectl $(DESTDIR)$(bindir)/workspacectl
+	install -Dm755 $(AGENT) $(DESTDIR)$(libexecdir)/agent-workspaces-agent
 	install -Dm644 sysusers/agent-workspaces-http.conf $(DESTDIR)$(prefix)/lib/sysusers.d/agent-workspaces-http.conf
 	install -Dm644 polkit/50-agent-workspaces-http.rules $(DESTDIR)$(datadir)/polkit-1/rules.d/50-agent-workspaces-http.rules
 	install -Dm644 dbus/org.agent.Workspaces.conf $(DESTDIR)$(datadir)/dbus-1/system.d/org.agent.Workspaces.conf
@@ -43,6 +49,7 @@ install: build
 
 uninstall:
 	rm -f $(DESTDIR)$(libexecdir)/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaces-http \
+		$(DESTDIR)$(libexecdir)/agent-workspaces-agent \
 		$(DESTDIR)$(bindir)/workspacectl \
 		$(DESTDIR)$(prefix)/lib/sysusers.d/agent-workspaces-http.conf \
 		$(DESTDIR)$(datadir)/polkit-1/rules.d/50-agent-workspaces-http.rules \
@@ -63,7 +70,7 @@ down:
 test: unit-test system-test e2e-test
 
 unit-test:
-	$(CARGO) test --locked
+	$(CARGO) test --locked --workspace
 
 system-test:
 	tests/system/run.sh
@@ -73,7 +80,8 @@ e2e-test:
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --locked --test system -- -D warnings  # not in --all-targets (test = false)
 
 bench:
 	tests/bench.sh

@@ -19,7 +19,8 @@ use super::error::{Error, Result};
 use super::messages;
 use super::names::{DEFAULT_HOST, new_id};
 use super::ports::{
-    Containers, Event, Events, ExecOutcome, ExecRequest, Executor, HostDirs, Library, Store,
+    Containers, Event, Events, ExecOutcome, ExecRequest, Executor, HostDirs, InstallTarget,
+    Library, Store,
 };
 use super::spec::{Changes, CreateSpec, ExecLimits, ExecParams};
 use super::template::{Template, merge};
@@ -623,18 +624,26 @@ impl Manager {
         Ok(outcome)
     }
 
-    /// Where a workspace's `.opencode/` lives, seen from the host.
-    fn workspace_dir(&self, ws: &Workspace) -> PathBuf {
+    /// Where a workspace's `.opencode/` goes.
+    fn install_target(&self, ws: &Workspace) -> InstallTarget {
         if ws.is_container() {
-            self.ports.containers.tree_path(&ws.name).join("workspace")
+            InstallTarget {
+                root: self.ports.containers.tree_path(&ws.name),
+                dir: CONTAINER_WORKDIR.trim_start_matches('/').into(),
+                container: true,
+            }
         } else {
-            ws.path.clone()
+            InstallTarget {
+                root: ws.path.clone(),
+                dir: PathBuf::new(),
+                container: false,
+            }
         }
     }
 
     /// A container's workspace directory exists once it is built.
     fn library_dir_exists(&self, ws: &Workspace) -> bool {
-        !ws.is_container() || self.workspace_dir(ws).is_dir()
+        !ws.is_container() || self.ports.containers.is_built(ws)
     }
 
     /// Copies the workspace's skills and tools (the default host workspace: every skill).
@@ -646,13 +655,20 @@ impl Manager {
         };
         self.ports
             .library
-            .install(&self.workspace_dir(ws), &skills, &ws.tools)
+            .install(&self.install_target(ws), &skills, &ws.tools)
     }
 
     /// `SyncWorkspace`: copies the skills and tools again from the Library as it is now.
     pub async fn sync(&self, key: &str) -> Result<()> {
         let ws = self.get(key)?;
         if !self.library_dir_exists(&ws) {
+            // A built container whose /workspace is gone (its own code removed or replaced it).
+            if ws.status == Status::Ready {
+                return Err(Error::Io(format!(
+                    "Cannot install skills and tools into workspace '{}': /workspace is not a directory in its tree",
+                    ws.name
+                )));
+            }
             return Err(Error::NotReady {
                 workspace: ws.name,
                 status: ws.status.to_string(),

@@ -88,6 +88,18 @@ pub trait Executor: Send + Sync {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
 }
 
+/// Where a workspace's skills and tools go: `<root>/<dir>/.opencode/`. The service does not
+/// trust what is below `root` (a container's tree, or a workspace directory its commands
+/// write): every path there is resolved inside `root`, never through a link that leaves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallTarget {
+    pub root: PathBuf,
+    /// Relative to `root`.
+    pub dir: PathBuf,
+    /// `root` is a container's tree: what is installed belongs to the container's root user.
+    pub container: bool,
+}
+
 /// The Library: skills, tools and templates, read afresh on every use.
 pub trait Library: Send + Sync {
     /// Every skill's name.
@@ -97,9 +109,10 @@ pub trait Library: Send + Sync {
     /// Checks names (`InvalidArgs` for names that would leave the Library, `NoSuchSkill`,
     /// `NoSuchTool`) before anything changes.
     fn check(&self, skills: &[String], tools: &[String]) -> Result<()>;
-    /// Makes `<dir>/.opencode/skill/` and `.opencode/tool/` hold exactly these entries, copied
-    /// with their modes.
-    fn install(&self, dir: &Path, skills: &[String], tools: &[String]) -> Result<()>;
+    /// Makes the target's `.opencode/skill/` and `.opencode/tool/` hold exactly these entries,
+    /// copied with their modes. All or nothing: every entry is checked and copied aside first,
+    /// then each directory is swapped in whole.
+    fn install(&self, target: &InstallTarget, skills: &[String], tools: &[String]) -> Result<()>;
     /// Every readable template; malformed ones are reported (journal) and left out.
     fn templates(&self) -> Result<Vec<crate::core::template::Template>>;
     fn template(&self, name: &str) -> Result<crate::core::template::Template>;
@@ -122,6 +135,8 @@ pub type DebugInfo = BTreeMap<String, DebugValue>;
 pub trait Containers: Send + Sync {
     /// The container tree of a workspace with this name.
     fn tree_path(&self, name: &str) -> PathBuf;
+    /// True when the tree is built (it has its `/workspace` directory).
+    fn is_built(&self, ws: &Workspace) -> bool;
     /// `WorkspaceExists` when a machine, an image or a tree of this name exists already.
     async fn check_name_free(&self, name: &str) -> Result<()>;
     /// Makes the container tree from scratch in a transient build unit; returns when the unit

@@ -93,6 +93,9 @@ impl Containers for FakeContainers {
     fn tree_path(&self, name: &str) -> PathBuf {
         PathBuf::from("/machines").join(name)
     }
+    fn is_built(&self, _: &Workspace) -> bool {
+        true
+    }
     async fn check_name_free(&self, name: &str) -> Result<()> {
         if name == "taken" {
             return Err(Error::WorkspaceExists("machine 'taken' exists".into()));
@@ -185,11 +188,17 @@ impl Library for FakeLibrary {
         }
         Ok(())
     }
-    fn install(&self, dir: &Path, skills: &[String], tools: &[String]) -> Result<()> {
+    fn install(&self, target: &InstallTarget, skills: &[String], tools: &[String]) -> Result<()> {
         self.check(skills, tools)?;
+        let mut dir = target.root.display().to_string();
+        if !target.dir.as_os_str().is_empty() {
+            dir = format!("{dir} in {}", target.dir.display());
+        }
+        if target.container {
+            dir.push_str(" (container)");
+        }
         self.0.lock().unwrap().push(format!(
-            "{} skills={} tools={}",
-            dir.display(),
+            "{dir} skills={} tools={}",
             skills.join(","),
             tools.join(",")
         ));

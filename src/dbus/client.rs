@@ -66,7 +66,12 @@ pub trait Workspaces {
         options: Args<'_>,
     ) -> zbus::Result<ExecFdsReply>;
     fn build_workspace(&self, workspace: &str) -> zbus::Result<()>;
+    fn rebuild_workspace(&self, workspace: &str) -> zbus::Result<()>;
+    fn start_workspace(&self, workspace: &str) -> zbus::Result<()>;
+    fn stop_workspace(&self, workspace: &str) -> zbus::Result<()>;
     fn get_init_log(&self, workspace: &str, max_lines: u32) -> zbus::Result<(String, u32)>;
+    fn get_debug_info(&self, workspace: &str) -> zbus::Result<HashMap<String, OwnedVariant>>;
+    fn rerun_init(&self, workspace: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
     fn sync_workspace(&self, workspace: &str) -> zbus::Result<()>;
     fn list_templates(&self) -> zbus::Result<Vec<(String, String, String)>>;
     fn list_library(&self) -> zbus::Result<(Vec<String>, Vec<String>)>;

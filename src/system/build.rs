@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use super::distro::{self, DistroSettings};
+use super::tree::Tree;
 use crate::core::workspace::Distro;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,33 +204,34 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Makes an unpacked base tree this workspace's: DNS, host name, a machine id of its own and
-/// the `/workspace` directory.
+/// the `/workspace` directory. Written through `Tree` like every other write into a tree, so
+/// even a base tree with hostile links in it cannot make this write outside it.
 pub fn configure(tree: &Path, name: &str) -> std::io::Result<()> {
-    let etc = tree.join("etc");
-    fs::create_dir_all(&etc)?;
-    let resolv = etc.join("resolv.conf");
-    let _ = fs::remove_file(&resolv);
-    match fs::read("/etc/resolv.conf") {
-        Ok(host) => fs::write(&resolv, host)?,
-        Err(_) => fs::write(&resolv, "nameserver 127.0.0.1\n")?,
-    }
-    fs::write(etc.join("hostname"), format!("{name}\n"))?;
-    fs::write(
-        etc.join("hosts"),
+    let tree = Tree::open(tree)?;
+    let etc = tree.dir("etc", true)?;
+    let resolv =
+        fs::read("/etc/resolv.conf").unwrap_or_else(|_| b"nameserver 127.0.0.1\n".to_vec());
+    etc.write_file("resolv.conf", &resolv, 0o644)?;
+    etc.write_file("hostname", format!("{name}\n").as_bytes(), 0o644)?;
+    etc.write_file(
+        "hosts",
         format!(
             "127.0.0.1 localhost\n127.0.1.1 {name}\n::1 localhost ip6-localhost ip6-loopback\n"
-        ),
+        )
+        .as_bytes(),
+        0o644,
     )?;
-    fs::write(
-        etc.join("machine-id"),
-        format!("{}\n", uuid::Uuid::new_v4().simple()),
+    etc.write_file(
+        "machine-id",
+        format!("{}\n", uuid::Uuid::new_v4().simple()).as_bytes(),
+        0o444,
     )?;
-    let dbus_id = tree.join("var/lib/dbus/machine-id");
-    if dbus_id.exists() || dbus_id.is_symlink() {
-        fs::remove_file(&dbus_id)?;
-        std::os::unix::fs::symlink("/etc/machine-id", &dbus_id)?;
+    if tree.stat_nofollow("var/lib/dbus/machine-id").is_ok() {
+        let dbus = tree.dir("var/lib/dbus", false)?;
+        dbus.remove_all("machine-id")?;
+        dbus.create_symlink(Path::new("/etc/machine-id"), "machine-id")?;
     }
-    fs::create_dir_all(tree.join("workspace"))?;
+    tree.dir("workspace", true)?;
     Ok(())
 }
 

@@ -1,12 +1,18 @@
 //! Container workspaces on systemd-nspawn: built by a transient build unit, run as a transient
-//! unit `agent-workspace-<name>.service` (nspawn, not booted, a stub init as PID 1 that reaps
-//! zombies) registered with machined under the workspace name. Commands enter the running
-//! container with nsenter from a cgroup of their own inside the container's delegated subtree,
-//! so `cgroup.kill` ends all they started in there.
+//! unit `agent-workspace-<name>.service` in `machine.slice` (nspawn, not booted, in a user
+//! namespace of its own, with the device policy of systemd's own `systemd-nspawn@.service`),
+//! registered with machined under the workspace name. The container's PID 2 is this project's
+//! agent (nspawn's stub init is PID 1 and reaps zombies): commands are started by the agent, so
+//! they are inside every part of the boundary (user namespace, capability bounding set,
+//! seccomp filter), each in a cgroup of its own inside the container's delegated subtree, so
+//! `cgroup.kill` ends all they started in there.
+//!
+//! The tree is the container's: code inside can put anything anywhere in it. Every file the
+//! service reads or writes there goes through `tree::Tree`, resolved inside the tree.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,17 +21,43 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use zbus::OwnedVariant;
 
+use super::agent::AgentConnection;
 use super::build::{BuildPlan, BuildResult};
 use super::config::ContainerConfig;
-use super::exec::{Command, Containment, cgroup2_mount, run_contained};
+use super::exec::{Command, Containment, Launch, cgroup2_mount, run_contained};
 use super::systemd::{Systemd, prop};
+use super::tree::Tree;
 use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
 use crate::core::ports::{Containers, DebugInfo, DebugValue, ExecIo, ExecOutcome, ExecRequest};
 use crate::core::workspace::{Network, Workspace};
+use agent_workspaces_agent::{self as agent_proto, AGENT_PATH};
 
 /// The init log is cut back to its last half when it grows past this.
 const LOG_MAX: u64 = 4 * 1024 * 1024;
+/// The service's own files inside a container: `/.agent-workspaces/init`.
+const OWN_DIR: &str = ".agent-workspaces";
+/// How long a started container's agent may take to answer.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent binary, next to the service's own.
+pub const AGENT_FILE: &str = "agent-workspaces-agent";
+/// `TasksMax=` of a container without a `tasks_max` limit: the value of systemd's own
+/// `systemd-nspawn@.service`.
+pub const DEFAULT_TASKS_MAX: u64 = 16384;
+/// `DeviceAllow=` of systemd's own `systemd-nspawn@.service` (systemd 252), with
+/// `DevicePolicy=closed`: beyond the standard pseudo devices (null, zero, full, random,
+/// urandom, tty, ptmx), only these.
+const DEVICE_ALLOW: [(&str, &str); 7] = [
+    ("/dev/net/tun", "rwm"),
+    ("char-pts", "rw"),
+    // nspawn itself needs loop devices for --image= and device-mapper for encrypted images;
+    // workspaces use neither, but the set is kept as systemd ships it.
+    ("/dev/loop-control", "rw"),
+    ("block-loop", "rw"),
+    ("block-blkext", "rw"),
+    ("/dev/mapper/control", "rw"),
+    ("block-device-mapper", "rw"),
+];
 
 pub struct NspawnContainers {
     systemd: Systemd,
@@ -34,6 +66,8 @@ pub struct NspawnContainers {
     builds_dir: PathBuf,
     /// This program, which the build unit runs as `build-tree`.
     program: PathBuf,
+    /// The agent, bind-mounted read-only into every container as its payload.
+    agent: PathBuf,
     output_cap: usize,
 }
 
@@ -58,8 +92,11 @@ fn log_fields(ws: &Workspace) -> Vec<Vec<u8>> {
     ]
 }
 
-/// The systemd-nspawn command line of a container workspace.
-pub fn nspawn_argv(ws: &Workspace, tree: &Path) -> Vec<String> {
+/// The systemd-nspawn command line of a container workspace. Its payload is the agent,
+/// bind-mounted read-only from the host: it runs as PID 2 in the container's namespaces (its
+/// own user namespace: container root is not host root; `auto` maps the tree's ownership with
+/// an idmapped mount where the file system supports it, and chowns it once where not).
+pub fn nspawn_argv(ws: &Workspace, tree: &Path, agent: &Path) -> Vec<String> {
     let mut argv = vec![
         "/usr/bin/systemd-nspawn".to_owned(),
         "--quiet".to_owned(),
@@ -67,25 +104,41 @@ pub fn nspawn_argv(ws: &Workspace, tree: &Path) -> Vec<String> {
         "--register=yes".to_owned(),
         format!("--directory={}", tree.display()),
         format!("--machine={}", ws.name),
+        "--private-users=pick".to_owned(),
+        "--private-users-ownership=auto".to_owned(),
+        format!("--bind-ro={}:{AGENT_PATH}", agent.display()),
         "--as-pid2".to_owned(),
         "--console=pipe".to_owned(),
     ];
     if ws.network == Network::Private {
         argv.push("--private-network".to_owned());
     }
-    argv.extend(["/bin/sleep".to_owned(), "infinity".to_owned()]);
+    argv.push(AGENT_PATH.to_owned());
     argv
 }
 
-/// Unit properties of the running container: the command line and the workspace's limits.
-pub fn container_properties(ws: &Workspace, tree: &Path) -> Vec<(String, OwnedVariant)> {
-    let argv = nspawn_argv(ws, tree);
+/// Unit properties of the running container: the command line, the confinement of systemd's
+/// own `systemd-nspawn@.service` and the workspace's limits.
+pub fn container_properties(
+    ws: &Workspace,
+    tree: &Path,
+    agent: &Path,
+) -> Vec<(String, OwnedVariant)> {
+    let argv = nspawn_argv(ws, tree, agent);
+    let device_allow: Vec<(String, String)> = DEVICE_ALLOW
+        .iter()
+        .map(|(d, a)| ((*d).to_owned(), (*a).to_owned()))
+        .collect();
     let mut props = vec![
         prop("Description", format!("Agent workspace {}", ws.name)),
+        prop("Slice", "machine.slice"),
         prop("Type", "notify"),
         prop("NotifyAccess", "main"),
         prop("KillMode", "mixed"),
         prop("Delegate", true),
+        prop("DevicePolicy", "closed"),
+        prop("DeviceAllow", device_allow),
+        prop("WatchdogUSec", 180_000_000u64),
         prop("CollectMode", "inactive-or-failed"),
         prop(
             "Environment",
@@ -103,7 +156,8 @@ pub fn container_properties(ws: &Workspace, tree: &Path) -> Vec<(String, OwnedVa
     props
 }
 
-/// The unit properties of `limits`; u64::MAX ("infinity") where there is none.
+/// The unit properties of `limits`; u64::MAX ("infinity") where there is none, except
+/// `TasksMax`, which falls back to systemd's container default.
 fn limit_props(l: &crate::core::workspace::Limits) -> [(&'static str, u64); 3] {
     [
         ("MemoryMax", l.memory_max.unwrap_or(u64::MAX)),
@@ -112,7 +166,7 @@ fn limit_props(l: &crate::core::workspace::Limits) -> [(&'static str, u64); 3] {
             l.cpu_quota_percent
                 .map_or(u64::MAX, |p| u64::from(p) * 10_000),
         ),
-        ("TasksMax", l.tasks_max.unwrap_or(u64::MAX)),
+        ("TasksMax", l.tasks_max.unwrap_or(DEFAULT_TASKS_MAX)),
     ]
 }
 
@@ -128,9 +182,15 @@ impl NspawnContainers {
             systemd,
             config,
             builds_dir: state_dir.join("builds"),
+            agent: program.with_file_name(AGENT_FILE),
             program,
             output_cap,
         }
+    }
+
+    /// The workspace's tree, opened for confined access.
+    fn tree(&self, ws: &Workspace) -> std::io::Result<Tree> {
+        Tree::open_container(&self.tree_path(&ws.name))
     }
 
     fn log_path(&self, ws: &Workspace) -> PathBuf {
@@ -142,14 +202,6 @@ impl NspawnContainers {
             self.builds_dir.join(format!("{}.json", ws.id)),
             self.builds_dir.join(format!("{}.result.json", ws.id)),
         )
-    }
-
-    fn shell_in(&self, ws: &Workspace) -> &'static str {
-        if self.tree_path(&ws.name).join("bin/bash").exists() {
-            "/bin/bash"
-        } else {
-            "/bin/sh"
-        }
     }
 
     /// The leader's cgroup directory: commands get their cgroups below it.
@@ -203,6 +255,10 @@ impl Containers for NspawnContainers {
         self.config.machines_dir.join(name)
     }
 
+    fn is_built(&self, ws: &Workspace) -> bool {
+        self.tree(ws).is_ok_and(|t| t.is_dir("workspace"))
+    }
+
     async fn check_name_free(&self, name: &str) -> Result<()> {
         let tree = self.tree_path(name);
         if tree.exists() {
@@ -253,8 +309,9 @@ impl Containers for NspawnContainers {
             ),
             prop("Type", "oneshot"),
             prop("CollectMode", "inactive-or-failed"),
+            // A oneshot's whole run is its start: the start timeout bounds the build.
             prop(
-                "RuntimeMaxUSec",
+                "TimeoutStartUSec",
                 u64::from(self.config.build_timeout_secs) * 1_000_000,
             ),
             prop("LogExtraFields", log_fields(ws)),
@@ -297,7 +354,7 @@ impl Containers for NspawnContainers {
         match result {
             Some(r) if r.ok => Ok(()),
             Some(r) => Err(build_failed(ws, &r)),
-            None if self.tree_path(&ws.name).join("workspace").is_dir() => Ok(()),
+            None if self.is_built(ws) => Ok(()),
             None => Err(Error::JobFailed(format!(
                 "The build of '{}' was interrupted; run RebuildWorkspace",
                 ws.name
@@ -310,29 +367,47 @@ impl Containers for NspawnContainers {
             return Ok(());
         }
         let tree = self.tree_path(&ws.name);
-        if !tree.join("workspace").is_dir() {
+        if !self.is_built(ws) {
             return Err(Error::NotReady {
                 workspace: ws.name.clone(),
                 status: "not built".into(),
             });
         }
+        // Never a container without its agent (and so without the boundary the agent is in).
+        if !self.agent.is_file() {
+            return Err(Error::JobFailed(format!(
+                "Cannot start workspace '{}': the container agent {} is missing (reinstall agent-workspaces)",
+                ws.name,
+                self.agent.display()
+            )));
+        }
         let unit = unit_name(&ws.name);
         // A unit that failed before stays loaded until reset.
         self.systemd.stop(&unit).await?;
         self.systemd
-            .start_transient(&unit, container_properties(ws, &tree))
+            .start_transient(&unit, container_properties(ws, &tree, &self.agent))
             .await?;
-        for _ in 0..200 {
-            if self.systemd.machine_leader(&ws.name).await?.is_some() {
-                info!(workspace_id = %ws.id, workspace_name = %ws.name,
-                      "Started container {} ({unit})", ws.name);
-                return Ok(());
+        // The container is up when its agent answers. (nspawn's --notify-ready=yes cannot say
+        // so: it takes READY=1 only from the container's PID 1, here nspawn's own stub init.)
+        let deadline = tokio::time::Instant::now() + AGENT_START_TIMEOUT;
+        let mut why = format!("machine '{}' did not register with machined", ws.name);
+        while tokio::time::Instant::now() < deadline {
+            if let Some(leader) = self.systemd.machine_leader(&ws.name).await? {
+                match AgentConnection::connect(leader).await {
+                    Ok(_) => {
+                        info!(workspace_id = %ws.id, workspace_name = %ws.name,
+                              "Started container {} ({unit})", ws.name);
+                        return Ok(());
+                    }
+                    Err(e) => why = format!("its agent does not answer: {e}"),
+                }
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let _ = self.systemd.stop(&unit).await;
         Err(Error::JobFailed(format!(
-            "{unit} started but machine '{}' did not register with machined",
-            ws.name
+            "{unit} started but {why} within {} s; it was stopped",
+            AGENT_START_TIMEOUT.as_secs()
         )))
     }
 
@@ -360,34 +435,30 @@ impl Containers for NspawnContainers {
         req: ExecRequest,
         cancel: CancellationToken,
     ) -> Result<ExecOutcome> {
-        let inside = req.cwd.clone();
-        let rel = inside.strip_prefix("/").unwrap_or(&inside);
-        // nsenter opens --wd before it enters the container: give it the directory as seen
-        // from here, which is the same directory inside.
-        let wd = self.tree_path(&ws.name).join(rel);
-        if !wd.is_dir() {
-            return Err(Error::InvalidArgs(format!(
-                "Invalid 'cwd': {} is not a directory in the container",
-                inside.display()
-            )));
-        }
         let leader = self.leader(ws).await?;
         let payload = Self::payload_cgroup(leader)?;
-        let argv = vec![
-            "/usr/bin/nsenter".to_owned(),
-            format!("--target={leader}"),
-            "--all".to_owned(),
-            "--root".to_owned(),
-            format!("--wd={}", wd.display()),
-            "--".to_owned(),
-            self.shell_in(ws).to_owned(),
-            "-c".to_owned(),
-            req.command,
-        ];
+        let conn = AgentConnection::connect(leader).await.map_err(|e| {
+            Error::JobFailed(format!(
+                "The agent of workspace '{}' does not answer: {e} (StopWorkspace and StartWorkspace restart it)",
+                ws.name
+            ))
+        })?;
+        // The working directory is resolved by the agent, inside the container.
+        let request = agent_proto::ExecRequest {
+            command: req.command.into_bytes(),
+            cwd: req.cwd.as_os_str().as_bytes().to_vec(),
+            env: req
+                .env
+                .into_iter()
+                .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+                .collect(),
+        };
         let command = Command {
-            argv: &argv,
-            env: &req.env,
-            cwd: None,
+            launch: Launch::Agent {
+                conn,
+                request,
+                workspace: &ws.name,
+            },
             io: req.io,
             timeout: req.timeout,
             output_cap: req.output_cap,
@@ -401,16 +472,23 @@ impl Containers for NspawnContainers {
         timeout: Duration,
         cancel: CancellationToken,
     ) -> Result<ExecOutcome> {
-        let dir = self.tree_path(&ws.name).join(".agent-workspaces");
-        fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
-        let script = dir.join("init");
-        fs::write(&script, &ws.init_script).map_err(|e| io("write", &script, e))?;
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o700))
-            .map_err(|e| io("chmod", &script, e))?;
+        // /.agent-workspaces is the service's: whatever the container put there instead is
+        // replaced, and the script belongs to the container's root.
+        self.tree(ws)
+            .and_then(|t| t.dir("", false))
+            .and_then(|root| root.own_dir(OWN_DIR, 0o755))
+            .and_then(|dir| dir.write_file("init", ws.init_script.as_bytes(), 0o700))
+            .map_err(|e| {
+                Error::Io(format!(
+                    "Cannot write the init script of workspace '{}' to /{OWN_DIR}/init in its tree: {e}",
+                    ws.name
+                ))
+            })?;
         let command = if ws.init_script.starts_with("#!") {
-            "exec /.agent-workspaces/init".to_owned()
+            format!("exec /{OWN_DIR}/init")
         } else {
-            format!("exec {} /.agent-workspaces/init", self.shell_in(ws))
+            // The shell the agent runs commands with: bash where there is one.
+            format!("exec \"${{BASH:-/bin/sh}}\" /{OWN_DIR}/init")
         };
         self.append_log(ws, b"== init script started\n").await;
         let req = ExecRequest {
@@ -478,14 +556,14 @@ impl Containers for NspawnContainers {
                 let path = e.path();
                 if let Some(name) = file.strip_suffix(".partial") {
                     // Only a build of ours makes <name>.partial with a configured tree inside.
-                    if !is_known(name) && path.join("workspace").is_dir() {
+                    if !is_known(name) && Tree::open(&path).is_ok_and(|t| t.is_dir("workspace")) {
                         warn!(
                             "Removing {}, a half-built tree without a workspace record",
                             path.display()
                         );
                         let _ = fs::remove_dir_all(&path);
                     }
-                } else if !is_known(&file) && path.join(".agent-workspaces").is_dir() {
+                } else if !is_known(&file) && Tree::open(&path).is_ok_and(|t| t.is_dir(OWN_DIR)) {
                     warn!(
                         "The container tree {} has no workspace record; it is left in place (remove it with: machinectl remove {file})",
                         path.display()
@@ -528,48 +606,95 @@ impl Containers for NspawnContainers {
 
     async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo> {
         use DebugValue::{Bool, List, Str, U64};
-        let tree = self.tree_path(&ws.name);
+        let path = self.tree_path(&ws.name);
         let mut info = DebugInfo::new();
-        info.insert("tree".into(), Str(tree.display().to_string()));
-        info.insert("tree_exists".into(), Bool(tree.is_dir()));
-        let t = tree.clone();
-        let size = tokio::task::spawn_blocking(move || tree_size(&t))
-            .await
-            .unwrap_or(0);
-        info.insert("tree_size_bytes".into(), U64(size));
+        info.insert("tree".into(), Str(path.display().to_string()));
+        // Everything read from the tree is resolved inside it and bounded: what the container
+        // planted there (links, FIFOs, devices, huge files) costs an empty field, not a hang.
+        let tree = self.tree(ws).ok();
+        info.insert("tree_exists".into(), Bool(tree.is_some()));
+        info.insert(
+            "init_script_present".into(),
+            Bool(!ws.init_script.is_empty()),
+        );
+        let Some(tree) = tree else {
+            return self.debug_units(ws, info).await;
+        };
+        let (tree, usage) = tokio::task::spawn_blocking(move || {
+            let u = tree.disk_usage("", Duration::from_secs(3), 2_000_000);
+            (tree, u)
+        })
+        .await
+        .map_err(|e| Error::Io(format!("Cannot measure the tree: {e}")))?;
+        info.insert("tree_size_bytes".into(), U64(usage.bytes));
+        info.insert("tree_size_complete".into(), Bool(usage.complete));
         let present: Vec<String> = ["bin", "etc", "usr", "var", "tmp", "root", "workspace"]
             .into_iter()
-            .filter(|d| tree.join(d).is_dir())
+            .filter(|d| tree.is_dir(d))
             .map(String::from)
             .collect();
         info.insert("directories".into(), List(present));
         let shell = ["bin/bash", "bin/sh"]
             .into_iter()
-            .find(|s| tree.join(s).exists())
+            .find(|s| tree.is_file(s))
             .map(|s| format!("/{s}"))
             .unwrap_or_default();
         info.insert("shell".into(), Str(shell));
-        let script = tree.join(".agent-workspaces/init");
-        info.insert(
-            "init_script_present".into(),
-            Bool(!ws.init_script.is_empty()),
-        );
-        let changed = fs::metadata(&script)
-            .and_then(|m| m.modified())
-            .ok()
+        let changed = tree
+            .modified(format!("{OWN_DIR}/init"))
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_micros() as u64);
         info.insert("init_script_changed_usec".into(), U64(changed));
-        let os = fs::read_to_string(tree.join("etc/os-release"))
-            .or_else(|_| fs::read_to_string(tree.join("usr/lib/os-release")))
+        let os = ["etc/os-release", "usr/lib/os-release"]
+            .into_iter()
+            .find_map(|p| tree.read(p, 64 * 1024).ok())
             .unwrap_or_default();
-        let pretty = os
+        let pretty = String::from_utf8_lossy(&os)
             .lines()
             .find_map(|l| l.strip_prefix("PRETTY_NAME="))
             .unwrap_or("")
             .trim_matches('"')
-            .to_owned();
+            .chars()
+            .take(256)
+            .collect();
         info.insert("os_release".into(), Str(pretty));
+        self.debug_units(ws, info).await
+    }
+
+    async fn remove(&self, ws: &Workspace) -> Result<()> {
+        let tree = self.tree_path(&ws.name);
+        let mut partial = tree.clone().into_os_string();
+        partial.push(".partial");
+        let dirs = [
+            tree,
+            PathBuf::from(partial),
+            self.config.log_dir.join(&ws.id),
+        ];
+        // std's remove_dir_all never follows a link (it works with openat/unlinkat from the
+        // directory's descriptor), so a tree full of links to the host removes only the tree.
+        tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                match fs::remove_dir_all(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io("remove", &dir, e)),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Io(format!("Cannot remove the tree: {e}")))??;
+        let (plan, result) = self.plan_paths(ws);
+        let _ = fs::remove_file(plan);
+        let _ = fs::remove_file(result);
+        Ok(())
+    }
+}
+
+impl NspawnContainers {
+    /// The part of a debug report that systemd and machined give.
+    async fn debug_units(&self, ws: &Workspace, mut info: DebugInfo) -> Result<DebugInfo> {
+        use DebugValue::{Bool, List, Str, U64};
         let leader = self.systemd.machine_leader(&ws.name).await?;
         info.insert(
             "machine_state".into(),
@@ -635,27 +760,6 @@ impl Containers for NspawnContainers {
         info.insert("init_log_lines".into(), U64(u64::from(lines)));
         Ok(info)
     }
-
-    async fn remove(&self, ws: &Workspace) -> Result<()> {
-        let tree = self.tree_path(&ws.name);
-        let mut partial = tree.clone().into_os_string();
-        partial.push(".partial");
-        for dir in [
-            tree,
-            PathBuf::from(partial),
-            self.config.log_dir.join(&ws.id),
-        ] {
-            match fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("remove", &dir, e)),
-            }
-        }
-        let (plan, result) = self.plan_paths(ws);
-        let _ = fs::remove_file(plan);
-        let _ = fs::remove_file(result);
-        Ok(())
-    }
 }
 
 /// The outcome a build unit left, if any.
@@ -670,30 +774,6 @@ fn build_failed(ws: &Workspace, r: &BuildResult) -> Error {
         "Build of '{}' failed in step '{}': {}",
         ws.name, r.step, r.message
     ))
-}
-
-/// Bytes of regular files below `dir`, not following symlinks. (No same-device check: on an
-/// overlay file system files and directories report different devices. The container's own
-/// mounts live in its mount namespace and are not seen from here.)
-fn tree_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() {
-                total += m.len();
-            }
-        }
-    }
-    total
 }
 
 #[cfg(test)]
@@ -728,19 +808,28 @@ mod tests {
 
     #[test]
     fn nspawn_command_line() {
-        let a = nspawn_argv(&ws(Network::Host), Path::new("/var/lib/machines/box")).join(" ");
+        let agent = Path::new("/usr/libexec/agent-workspaces-agent");
+        let a = nspawn_argv(
+            &ws(Network::Host),
+            Path::new("/var/lib/machines/box"),
+            agent,
+        )
+        .join(" ");
         assert_eq!(
             a,
             "/usr/bin/systemd-nspawn --quiet --keep-unit --register=yes \
-             --directory=/var/lib/machines/box --machine=box --as-pid2 --console=pipe /bin/sleep infinity"
+             --directory=/var/lib/machines/box --machine=box \
+             --private-users=pick --private-users-ownership=auto \
+             --bind-ro=/usr/libexec/agent-workspaces-agent:/run/host/agent-workspaces-agent \
+             --as-pid2 --console=pipe /run/host/agent-workspaces-agent"
         );
-        let p = nspawn_argv(&ws(Network::Private), Path::new("/t")).join(" ");
+        let p = nspawn_argv(&ws(Network::Private), Path::new("/t"), agent).join(" ");
         assert!(p.contains(" --private-network "), "{p}");
     }
 
     #[test]
     fn limits_become_unit_properties() {
-        let props = container_properties(&ws(Network::Host), Path::new("/t"));
+        let props = container_properties(&ws(Network::Host), Path::new("/t"), Path::new("/a"));
         let get = |n: &str| {
             props
                 .iter()
@@ -752,8 +841,18 @@ mod tests {
             u64::try_from(get("CPUQuotaPerSecUSec").unwrap()).unwrap(),
             1_500_000
         );
-        assert!(get("TasksMax").is_none());
+        assert_eq!(
+            u64::try_from(get("TasksMax").unwrap()).unwrap(),
+            DEFAULT_TASKS_MAX,
+            "no tasks_max: systemd's container default"
+        );
         assert!(bool::try_from(get("Delegate").unwrap()).unwrap());
+        let text = |n: &str| String::try_from(get(n).unwrap()).unwrap();
+        assert_eq!(text("DevicePolicy"), "closed");
+        assert_eq!(text("Slice"), "machine.slice");
+        let allowed: Vec<(String, String)> = get("DeviceAllow").unwrap().try_into().unwrap();
+        assert_eq!(allowed.len(), DEVICE_ALLOW.len());
+        assert!(allowed.contains(&("char-pts".into(), "rw".into())));
         assert_eq!(unit_name("box"), "agent-workspace-box.service");
         assert_eq!(build_unit_name("box"), "agent-workspace-build-box.service");
     }

@@ -6,18 +6,21 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use agent_workspaces_agent::{self as agent_proto, RefuseReason, Reply};
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::agent::AgentConnection;
 use crate::core::error::{Error, Result};
 use crate::core::ports::{ExecIo, ExecOutcome, ExecRequest, Executor};
 
@@ -202,13 +205,22 @@ impl HostExecutor {
     }
 }
 
-/// Reads a stream to its end, keeping the first `cap` bytes.
-async fn read_capped<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> (Vec<u8>, bool) {
+/// Reads a stream to its end (or until `stop`), keeping the first `cap` bytes.
+async fn read_capped<R: AsyncRead + Unpin>(
+    mut r: R,
+    cap: usize,
+    stop: CancellationToken,
+) -> (Vec<u8>, bool) {
     let mut kept = Vec::new();
     let mut truncated = false;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match r.read(&mut buf).await {
+        let n = tokio::select! {
+            biased;
+            r = r.read(&mut buf) => r,
+            () = stop.cancelled() => break,
+        };
+        match n {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let room = cap.saturating_sub(kept.len());
@@ -237,8 +249,12 @@ fn shell() -> &'static str {
     }
 }
 
+/// How long output may still arrive after the command's processes were killed: only a
+/// process outside the command's cgroup (a hostile agent) could hold a stream open longer.
+const DRAIN: Duration = Duration::from_secs(5);
+
 enum Ending {
-    Exited(io::Result<ExitStatus>),
+    Exited(Result<i32>),
     TimedOut,
     Cancelled,
 }
@@ -251,15 +267,203 @@ pub enum Containment<'a> {
     ProcessGroup,
 }
 
+/// How a command is started once its cgroup and streams are ready.
+pub enum Launch<'a> {
+    /// fork+exec by the service: `argv` with exactly `env`, in `cwd` (None: the service's).
+    Here {
+        argv: &'a [String],
+        env: &'a BTreeMap<String, String>,
+        cwd: Option<&'a Path>,
+    },
+    /// By the agent inside a container (the request names the shell command, its environment
+    /// and working directory as seen inside).
+    Agent {
+        conn: AgentConnection,
+        request: agent_proto::ExecRequest,
+        /// For messages.
+        workspace: &'a str,
+    },
+}
+
 /// One command to run and collect.
 pub struct Command<'a> {
-    pub argv: &'a [String],
-    pub env: &'a BTreeMap<String, String>,
-    /// Working directory of the started program (None: the service's).
-    pub cwd: Option<&'a Path>,
+    pub launch: Launch<'a>,
     pub io: ExecIo,
     pub timeout: Duration,
     pub output_cap: usize,
+}
+
+/// The command's ends of its standard streams, and the service's ends where it collects them.
+struct Streams {
+    child: [OwnedFd; 3],
+    stdin: Option<(pipe::Sender, Vec<u8>)>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+}
+
+fn streams(io: ExecIo) -> io::Result<Streams> {
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from);
+    match io {
+        ExecIo::Collect { stdin } => {
+            let (in_r, in_w) = pipe()?;
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            Ok(Streams {
+                child: [in_r, out_w, err_w],
+                stdin: Some((pipe::Sender::from_owned_fd(in_w)?, stdin)),
+                stdout: Some(pipe::Receiver::from_owned_fd(out_r)?),
+                stderr: Some(pipe::Receiver::from_owned_fd(err_r)?),
+            })
+        }
+        ExecIo::Pass {
+            stdin,
+            stdout,
+            stderr,
+        } => Ok(Streams {
+            child: [stdin, stdout, stderr],
+            stdin: None,
+            stdout: None,
+            stderr: None,
+        }),
+    }
+}
+
+/// A started command.
+enum Running<'a> {
+    Here(tokio::process::Child),
+    Agent {
+        conn: AgentConnection,
+        workspace: &'a str,
+    },
+}
+
+impl Running<'_> {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::Here(c) => c.id(),
+            Running::Agent { .. } => None,
+        }
+    }
+
+    /// Until the command's shell exits: its exit code.
+    async fn wait(&mut self) -> Result<i32> {
+        match self {
+            Running::Here(c) => c
+                .wait()
+                .await
+                .map(exit_code_of)
+                .map_err(|e| Error::JobFailed(format!("Cannot wait for the command: {e}"))),
+            Running::Agent { conn, workspace } => match conn.reply().await {
+                Ok(Some(Reply::Exited { code })) => Ok(code),
+                Ok(None) => Err(Error::JobFailed(format!(
+                    "The agent of workspace '{workspace}' ended while the command ran; the command was killed"
+                ))),
+                Ok(Some(other)) => Err(Error::JobFailed(format!(
+                    "The agent of workspace '{workspace}' answered {other:?} instead of an exit status"
+                ))),
+                Err(e) => Err(Error::JobFailed(format!(
+                    "Lost the agent of workspace '{workspace}' while the command ran: {e}"
+                ))),
+            },
+        }
+    }
+
+    /// After the command's processes were killed: collects the child (bounded for an agent).
+    async fn reap(&mut self) {
+        match self {
+            Running::Here(c) => {
+                let _ = c.wait().await;
+            }
+            Running::Agent { conn, .. } => {
+                let _ = tokio::time::timeout(DRAIN, conn.reply()).await;
+            }
+        }
+    }
+}
+
+/// Starts the command with the given ends of its streams, in the cgroup whose `cgroup.procs`
+/// is open as `procs`.
+async fn launch<'a>(
+    launch: Launch<'a>,
+    child: [OwnedFd; 3],
+    procs: Option<&OwnedFd>,
+) -> Result<Running<'a>> {
+    match launch {
+        Launch::Here { argv, env, cwd } => {
+            let program = argv
+                .first()
+                .ok_or_else(|| Error::JobFailed("empty command line".into()))?;
+            let mut cmd = tokio::process::Command::new(program);
+            let [stdin, stdout, stderr] = child;
+            cmd.args(&argv[1..])
+                .env_clear()
+                .envs(env)
+                .process_group(0)
+                .kill_on_drop(true)
+                .stdin(stdin)
+                .stdout(stdout)
+                .stderr(stderr);
+            if let Some(cwd) = cwd {
+                cmd.current_dir(cwd);
+            }
+            if let Some(procs) = procs {
+                let fd = procs.as_raw_fd();
+                // SAFETY: only write(2) runs between fork and exec; the fd was opened before.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
+                            Ok(())
+                        } else {
+                            Err(io::Error::last_os_error())
+                        }
+                    });
+                }
+            }
+            let spawned = cmd.spawn();
+            // The command has its own copies of its descriptors now; close the service's.
+            drop(cmd);
+            spawned
+                .map(Running::Here)
+                .map_err(|e| Error::JobFailed(format!("Cannot start {program}: {e}")))
+        }
+        Launch::Agent {
+            mut conn,
+            request,
+            workspace,
+        } => {
+            let lost = |e: io::Error| {
+                Error::JobFailed(format!(
+                    "Cannot run the command through the agent of workspace '{workspace}': {e}"
+                ))
+            };
+            {
+                let mut fds: Vec<BorrowedFd<'_>> = child.iter().map(|f| f.as_fd()).collect();
+                fds.extend(procs.map(|p| p.as_fd()));
+                conn.send(&request, &fds).await.map_err(lost)?;
+            }
+            drop(child);
+            // The agent answers as soon as it has forked; whatever sits at its socket instead
+            // gets no longer than this.
+            let first = tokio::time::timeout(DRAIN, conn.reply())
+                .await
+                .map_err(|_| lost(io::Error::new(io::ErrorKind::TimedOut, "no answer")))?;
+            match first.map_err(lost)? {
+                Some(Reply::Started { .. }) => Ok(Running::Agent { conn, workspace }),
+                Some(Reply::Refused {
+                    reason: RefuseReason::Cwd,
+                    message,
+                }) => Err(Error::InvalidArgs(format!("Invalid 'cwd': {message}"))),
+                Some(Reply::Refused { message, .. }) => Err(Error::JobFailed(format!(
+                    "The agent of workspace '{workspace}' could not start the command: {message}"
+                ))),
+                Some(other) => Err(lost(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected reply {other:?}"),
+                ))),
+                None => Err(lost(io::ErrorKind::UnexpectedEof.into())),
+            }
+        }
+    }
 }
 
 /// Runs a command to its end, its timeout or `cancel`, reading its output as it comes; then
@@ -269,89 +473,47 @@ pub async fn run_contained(
     containment: Containment<'_>,
     cancel: &CancellationToken,
 ) -> Result<ExecOutcome> {
-    let program = c
-        .argv
-        .first()
-        .ok_or_else(|| Error::JobFailed("empty command line".into()))?;
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(&c.argv[1..])
-        .env_clear()
-        .envs(c.env)
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(cwd) = c.cwd {
-        cmd.current_dir(cwd);
-    }
-    let stdin_data = match c.io {
-        ExecIo::Collect { stdin } => {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            Some(stdin)
-        }
-        ExecIo::Pass {
-            stdin,
-            stdout,
-            stderr,
-        } => {
-            cmd.stdin(stdin).stdout(stdout).stderr(stderr);
-            None
-        }
-    };
+    let streams = streams(c.io)
+        .map_err(|e| Error::JobFailed(format!("Cannot make the command's pipes: {e}")))?;
     let cgroup = match containment {
-        Containment::CgroupBelow(parent) => {
-            let cg = CommandCgroup::create(parent).map_err(|e| {
-                Error::JobFailed(format!(
-                    "Cannot create a cgroup for the command below {}: {e}",
-                    parent.display()
-                ))
-            })?;
-            let fd = cg.procs.as_raw_fd();
-            // SAFETY: only write(2) runs between fork and exec; the fd was opened before.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::last_os_error())
-                    }
-                });
-            }
-            Some(cg)
-        }
+        Containment::CgroupBelow(parent) => Some(CommandCgroup::create(parent).map_err(|e| {
+            Error::JobFailed(format!(
+                "Cannot create a cgroup for the command below {}: {e}",
+                parent.display()
+            ))
+        })?),
         Containment::ProcessGroup => None,
     };
     let start = Instant::now();
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            if let Some(cg) = cgroup {
-                cg.remove().await;
+    let mut running =
+        match launch(c.launch, streams.child, cgroup.as_ref().map(|cg| &cg.procs)).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    cg.kill();
+                    cg.remove().await;
+                }
+                return Err(e);
             }
-            return Err(Error::JobFailed(format!("Cannot start {program}: {e}")));
-        }
-    };
-    // The command has its own copies of passed descriptors now; close the service's.
-    drop(cmd);
-    let pid = child.id();
-    if let (Some(mut stdin), Some(data)) = (child.stdin.take(), stdin_data) {
+        };
+    let pid = running.pid();
+    if let Some((mut stdin, data)) = streams.stdin {
         // A command that does not read its stdin closes the pipe: that is not an error.
         tokio::spawn(async move {
             let _ = stdin.write_all(&data).await;
         });
     }
     let cap = c.output_cap;
-    let stdout = child
+    let stop = CancellationToken::new();
+    let stdout = streams
         .stdout
-        .take()
-        .map(|s| tokio::spawn(read_capped(s, cap)));
-    let stderr = child
+        .map(|s| tokio::spawn(read_capped(s, cap, stop.clone())));
+    let stderr = streams
         .stderr
-        .take()
-        .map(|s| tokio::spawn(read_capped(s, cap)));
+        .map(|s| tokio::spawn(read_capped(s, cap, stop.clone())));
 
     let ending = tokio::select! {
-        s = child.wait() => Ending::Exited(s),
+        r = running.wait() => Ending::Exited(r),
         () = tokio::time::sleep(c.timeout) => Ending::TimedOut,
         () = cancel.cancelled() => Ending::Cancelled,
     };
@@ -368,12 +530,19 @@ pub async fn run_contained(
             }
         }
     }
-    let status = match ending {
-        Ending::Exited(s) => Some(s),
+    let code = match ending {
+        Ending::Exited(r) => Some(r),
         Ending::TimedOut | Ending::Cancelled => {
-            let _ = child.wait().await;
+            running.reap().await;
             None
         }
+    };
+    let drain = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(DRAIN).await;
+            stop.cancel();
+        })
     };
     let collect = |t: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>| async move {
         match t {
@@ -383,17 +552,13 @@ pub async fn run_contained(
     };
     let (stdout, stdout_truncated) = collect(stdout).await;
     let (stderr, stderr_truncated) = collect(stderr).await;
+    drain.abort();
     if let Some(cg) = cgroup {
         cg.remove().await;
     }
-    let timed_out = status.is_none() && !cancel.is_cancelled();
-    let exit_code = match status {
-        Some(Ok(s)) => exit_code_of(s),
-        Some(Err(e)) => {
-            return Err(Error::JobFailed(format!(
-                "Cannot wait for the command: {e}"
-            )));
-        }
+    let timed_out = code.is_none() && !cancel.is_cancelled();
+    let exit_code = match code {
+        Some(r) => r?,
         None => -1,
     };
     Ok(ExecOutcome {
@@ -422,9 +587,11 @@ impl Executor for HostExecutor {
             Isolation::ProcessGroup => Containment::ProcessGroup,
         };
         let command = Command {
-            argv: &argv,
-            env: &req.env,
-            cwd: Some(&req.cwd),
+            launch: Launch::Here {
+                argv: &argv,
+                env: &req.env,
+                cwd: Some(&req.cwd),
+            },
             io: req.io,
             timeout: req.timeout,
             output_cap: req.output_cap,

@@ -2,17 +2,24 @@
 //! `workspace-template/<name>.json`. Read afresh on every use, so a `git pull` there needs no
 //! restart. Nothing is read or copied from outside it: names are single path elements, and
 //! symlinks are copied only when they point inside the entry they belong to.
+//!
+//! Installs into a workspace are all or nothing: every listed entry is read and checked first,
+//! then copied into a fresh directory beside `.opencode/skill` (or `tool`), which is swapped in
+//! whole. The destination is a tree the service does not trust (a container's, or a workspace
+//! directory): it is reached only through `tree::Tree`, so a link planted there is never
+//! followed out of it.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
+use super::tree::{Tree, TreeDir};
 use crate::core::error::{Error, Result};
 use crate::core::names::validate_library_name;
-use crate::core::ports::Library;
+use crate::core::ports::{InstallTarget, Library};
 use crate::core::template::Template;
 
 pub struct FsLibrary {
@@ -80,11 +87,40 @@ impl FsLibrary {
     }
 }
 
-/// Copies `src` to `dst` keeping modes; symlinks are copied as links only when they resolve
-/// inside `top` (the skill or tool being copied).
-fn copy_entry(src: &Path, dst: &Path, top: &Path) -> Result<()> {
-    let io_err = |p: &Path, e: io::Error| Error::Io(format!("Cannot copy {}: {e}", p.display()));
+/// One thing of a Library entry to copy: its path below the entry's parent (so the first
+/// element is the entry's name), and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Item {
+    Dir {
+        rel: PathBuf,
+        mode: u32,
+    },
+    File {
+        rel: PathBuf,
+        src: PathBuf,
+        mode: u32,
+    },
+    Link {
+        rel: PathBuf,
+        target: PathBuf,
+    },
+}
+
+/// Items of one entry at most: a Library entry is a handful of files.
+const ITEMS_MAX: usize = 100_000;
+
+/// Everything below `src`, checked: symlinks must resolve inside `top` (the entry itself);
+/// other file types (FIFOs, devices, sockets) are refused.
+fn plan_entry(src: &Path, rel: PathBuf, top: &Path, out: &mut Vec<Item>) -> Result<()> {
+    let io_err = |p: &Path, e: io::Error| Error::Io(format!("Cannot read {}: {e}", p.display()));
+    if out.len() >= ITEMS_MAX {
+        return Err(Error::InvalidArgs(format!(
+            "{} has more than {ITEMS_MAX} files",
+            top.display()
+        )));
+    }
     let meta = fs::symlink_metadata(src).map_err(|e| io_err(src, e))?;
+    let mode = meta.permissions().mode() & 0o7777;
     if meta.file_type().is_symlink() {
         let target = fs::read_link(src).map_err(|e| io_err(src, e))?;
         let resolved = fs::canonicalize(src).ok();
@@ -95,58 +131,122 @@ fn copy_entry(src: &Path, dst: &Path, top: &Path) -> Result<()> {
                 target.display()
             )));
         }
-        std::os::unix::fs::symlink(&target, dst).map_err(|e| io_err(dst, e))?;
+        out.push(Item::Link { rel, target });
     } else if meta.is_dir() {
-        fs::create_dir_all(dst).map_err(|e| io_err(dst, e))?;
-        for e in fs::read_dir(src).map_err(|e| io_err(src, e))?.flatten() {
-            copy_entry(&e.path(), &dst.join(e.file_name()), top)?;
+        out.push(Item::Dir {
+            rel: rel.clone(),
+            mode,
+        });
+        let mut children: Vec<_> = fs::read_dir(src)
+            .map_err(|e| io_err(src, e))?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        children.sort();
+        for name in children {
+            plan_entry(&src.join(&name), rel.join(&name), top, out)?;
         }
-        fs::set_permissions(dst, fs::Permissions::from_mode(meta.permissions().mode()))
-            .map_err(|e| io_err(dst, e))?;
     } else if meta.is_file() {
-        fs::copy(src, dst).map_err(|e| io_err(src, e))?;
-        fs::set_permissions(dst, fs::Permissions::from_mode(meta.permissions().mode()))
-            .map_err(|e| io_err(dst, e))?;
+        out.push(Item::File {
+            rel,
+            src: src.to_path_buf(),
+            mode,
+        });
+    } else {
+        return Err(Error::InvalidArgs(format!(
+            "{} is neither a file, a directory nor a symlink",
+            src.display()
+        )));
     }
     Ok(())
 }
 
-fn remove_path(p: &Path) -> Result<()> {
-    let r = match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
-        Ok(_) => fs::remove_file(p),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    };
-    r.map_err(|e| Error::Io(format!("Cannot remove {}: {e}", p.display())))
+/// The directory holding `rel`'s last element below `base`, walked one element at a time
+/// without following links; and that last element.
+fn parent_of<'a>(base: &TreeDir, rel: &'a Path) -> io::Result<(Option<TreeDir>, &'a str)> {
+    let mut elements: Vec<&str> = rel
+        .iter()
+        .map(|e| {
+            e.to_str()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "name is not UTF-8"))
+        })
+        .collect::<io::Result<_>>()?;
+    let last = elements
+        .pop()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty path"))?;
+    let mut dir: Option<TreeDir> = None;
+    for e in elements {
+        dir = Some(dir.as_ref().unwrap_or(base).open_dir(e)?);
+    }
+    Ok((dir, last))
+}
+
+/// Copies the planned items into `staged` (a directory the service just made).
+fn copy_items(staged: &TreeDir, items: &[Item]) -> io::Result<()> {
+    for item in items {
+        match item {
+            Item::Dir { rel, mode } => {
+                let (parent, name) = parent_of(staged, rel)?;
+                parent.as_ref().unwrap_or(staged).create_dir(name, *mode)?;
+            }
+            Item::File { rel, src, mode } => {
+                let (parent, name) = parent_of(staged, rel)?;
+                // O_NOFOLLOW and O_NONBLOCK: the plan said "regular file"; if the Library changed
+                // since, this fails rather than follows a new link or waits on a FIFO.
+                let mut from = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(src)?;
+                if !from.metadata()?.is_file() {
+                    return Err(io::Error::other(format!(
+                        "{} changed while it was copied",
+                        src.display()
+                    )));
+                }
+                let mut to = parent.as_ref().unwrap_or(staged).create_file(name, *mode)?;
+                io::copy(&mut from, &mut to)?;
+            }
+            Item::Link { rel, target } => {
+                let (parent, name) = parent_of(staged, rel)?;
+                parent
+                    .as_ref()
+                    .unwrap_or(staged)
+                    .create_symlink(target, name)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes `<opencode>/<dir>` hold exactly `entries`: staged in a fresh directory, then swapped
+/// in whole.
+fn install_kind(opencode: &TreeDir, dir: &str, entries: &[Vec<Item>]) -> io::Result<()> {
+    let staged_name = format!(".{dir}.{}.new", uuid::Uuid::new_v4().simple());
+    let staged = opencode.create_dir(&staged_name, 0o755)?;
+    let result = entries
+        .iter()
+        .try_for_each(|items| copy_items(&staged, items))
+        .and_then(|()| opencode.replace_with(&staged_name, dir));
+    if result.is_err() {
+        let _ = opencode.remove_all(&staged_name);
+    }
+    result
 }
 
 impl FsLibrary {
-    /// Replaces `<dest>/<name>` by a fresh copy of each listed entry; removes the others.
-    fn install_kind(&self, dir: &str, kind: &str, names: &[String], dest: &Path) -> Result<()> {
-        fs::create_dir_all(dest)
-            .map_err(|e| Error::Io(format!("Cannot create {}: {e}", dest.display())))?;
-        if let Ok(existing) = fs::read_dir(dest) {
-            for e in existing.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if !names.contains(&n) {
-                    remove_path(&e.path())?;
-                }
-            }
-        }
-        for name in names {
-            let src = self
-                .entry(dir, kind, name, "")?
-                .ok_or_else(|| not_found(kind, name))?;
-            let target = dest.join(name);
-            let staged = dest.join(format!(".{name}.new"));
-            remove_path(&staged)?;
-            copy_entry(&src, &staged, &src)?;
-            remove_path(&target)?;
-            fs::rename(&staged, &target)
-                .map_err(|e| Error::Io(format!("Cannot install {}: {e}", target.display())))?;
-        }
-        Ok(())
+    /// Every listed entry of one kind, read and checked.
+    fn plan(&self, dir: &str, kind: &str, names: &[String]) -> Result<Vec<Vec<Item>>> {
+        names
+            .iter()
+            .map(|name| {
+                let src = self
+                    .entry(dir, kind, name, "")?
+                    .ok_or_else(|| not_found(kind, name))?;
+                let mut items = Vec::new();
+                plan_entry(&src, PathBuf::from(name), &src, &mut items)?;
+                Ok(items)
+            })
+            .collect()
     }
 }
 
@@ -177,11 +277,26 @@ impl Library for FsLibrary {
         Ok(())
     }
 
-    fn install(&self, dir: &Path, skills: &[String], tools: &[String]) -> Result<()> {
-        self.check(skills, tools)?;
-        let base = dir.join(".opencode");
-        self.install_kind("skill", "skill", skills, &base.join("skill"))?;
-        self.install_kind("tool", "tool", tools, &base.join("tool"))
+    fn install(&self, target: &InstallTarget, skills: &[String], tools: &[String]) -> Result<()> {
+        // Everything is read and checked before anything in the workspace changes.
+        let skills = self.plan("skill", "skill", skills)?;
+        let tools = self.plan("tool", "tool", tools)?;
+        let opencode = target.dir.join(".opencode");
+        let failed = |e: io::Error| {
+            Error::Io(format!(
+                "Cannot install skills and tools into {}: {e}",
+                target.root.join(&opencode).display()
+            ))
+        };
+        let tree = if target.container {
+            Tree::open_container(&target.root)
+        } else {
+            Tree::open(&target.root)
+        }
+        .map_err(failed)?;
+        let dest = tree.dir(&opencode, true).map_err(failed)?;
+        install_kind(&dest, "skill", &skills).map_err(failed)?;
+        install_kind(&dest, "tool", &tools).map_err(failed)
     }
 
     fn templates(&self) -> Result<Vec<Template>> {
@@ -251,12 +366,25 @@ mod tests {
         (dir, lib)
     }
 
+    fn host(ws: &Path) -> InstallTarget {
+        fs::create_dir_all(ws).unwrap();
+        InstallTarget {
+            root: ws.to_path_buf(),
+            dir: PathBuf::new(),
+            container: false,
+        }
+    }
+
     #[test]
     fn installs_exactly_the_listed_entries_with_their_modes() {
         let (dir, lib) = library();
         let ws = dir.path().join("ws");
-        lib.install(&ws, &["python-dev".into(), "web".into()], &["lint".into()])
-            .unwrap();
+        lib.install(
+            &host(&ws),
+            &["python-dev".into(), "web".into()],
+            &["lint".into()],
+        )
+        .unwrap();
         let run = ws.join(".opencode/skill/python-dev/scripts/run.sh");
         assert_eq!(
             fs::metadata(&run).unwrap().permissions().mode() & 0o777,
@@ -264,7 +392,7 @@ mod tests {
         );
         assert!(ws.join(".opencode/skill/web/SKILL.md").is_file());
         assert!(ws.join(".opencode/tool/lint").is_file());
-        lib.install(&ws, &["web".into()], &[]).unwrap();
+        lib.install(&host(&ws), &["web".into()], &[]).unwrap();
         assert!(
             !ws.join(".opencode/skill/python-dev").exists(),
             "unlisted skill removed"
@@ -274,6 +402,16 @@ mod tests {
             "unlisted tool removed"
         );
         assert_eq!(lib.skills().unwrap(), ["python-dev", "web"]);
+        let left: Vec<_> = fs::read_dir(ws.join(".opencode"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            left.len(),
+            2,
+            "only skill/ and tool/, no staging left: {left:?}"
+        );
     }
 
     #[test]
@@ -281,7 +419,7 @@ mod tests {
         let (dir, lib) = library();
         let ws = dir.path().join("ws");
         assert_eq!(
-            lib.install(&ws, &["nope".into()], &[]),
+            lib.install(&host(&ws), &["nope".into()], &[]),
             Err(Error::NoSuchSkill("nope".into()))
         );
         assert_eq!(
@@ -294,7 +432,7 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(!ws.exists(), "nothing was written");
+        assert!(!ws.join(".opencode").exists(), "nothing was written");
         // A skill that is a symlink out of the Library, and a file symlink inside a skill.
         symlink("/etc", lib.root.join("skill/escape")).unwrap();
         assert!(matches!(
@@ -303,9 +441,51 @@ mod tests {
         ));
         symlink("/etc/passwd", lib.root.join("skill/web/passwd")).unwrap();
         assert!(matches!(
-            lib.install(&ws, &["web".into()], &[]),
+            lib.install(&host(&ws), &["web".into()], &[]),
             Err(Error::InvalidArgs(_))
         ));
+    }
+
+    #[test]
+    fn one_bad_entry_fails_the_whole_install_and_leaves_the_old_one() {
+        let (dir, lib) = library();
+        let ws = dir.path().join("ws");
+        lib.install(&host(&ws), &["web".into()], &["lint".into()])
+            .unwrap();
+        symlink("/etc/shadow", lib.root.join("skill/python-dev/leak")).unwrap();
+        let r = lib.install(&host(&ws), &["python-dev".into(), "web".into()], &[]);
+        assert!(matches!(r, Err(Error::InvalidArgs(m)) if m.contains("leak")));
+        assert!(
+            ws.join(".opencode/skill/web/SKILL.md").is_file(),
+            "old skills kept"
+        );
+        assert!(ws.join(".opencode/tool/lint").is_file(), "old tools kept");
+        assert!(!ws.join(".opencode/skill/python-dev").exists());
+    }
+
+    #[test]
+    fn links_planted_in_the_workspace_are_not_followed() {
+        let (dir, lib) = library();
+        let ws = dir.path().join("ws");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::create_dir_all(ws.join(".opencode")).unwrap();
+        // skill/ and tool/ are links out: they are replaced, the outside stays empty.
+        symlink(&outside, ws.join(".opencode/skill")).unwrap();
+        symlink(&outside, ws.join(".opencode/tool")).unwrap();
+        lib.install(&host(&ws), &["web".into()], &["lint".into()])
+            .unwrap();
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(ws.join(".opencode/skill/web/SKILL.md").is_file());
+        assert!(!ws.join(".opencode/tool").is_symlink());
+        // .opencode itself a link out: resolved inside the workspace (where it leads nowhere).
+        fs::remove_dir_all(ws.join(".opencode")).unwrap();
+        symlink(&outside, ws.join(".opencode")).unwrap();
+        assert!(matches!(
+            lib.install(&host(&ws), &["web".into()], &[]),
+            Err(Error::Io(_))
+        ));
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
     }
 
     #[test]

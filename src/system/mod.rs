@@ -1,6 +1,7 @@
 //! Adapters to the machine: record store and directories on disk, host command execution,
 //! configuration, logging. Implements the ports of `core`.
 
+pub mod agent;
 pub mod build;
 pub mod config;
 pub mod containers;
@@ -10,3 +11,4 @@ pub mod library;
 pub mod logging;
 pub mod store;
 pub mod systemd;
+pub mod tree;

@@ -1,10 +1,11 @@
-//! systemd and systemd-machined over D-Bus: transient units started and stopped, waiting for
-//! the unit to reach its state; unit state; machines.
+//! systemd and systemd-machined over D-Bus: transient units started and stopped, each call
+//! awaited through its job (`JobRemoved`, as machined does); unit state; machines.
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use zbus::proxy::CacheProperties;
-use zbus::{Connection, OwnedVariant};
+use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 use zbus_systemd::machine1;
 use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
 
@@ -38,9 +39,18 @@ pub struct UnitState {
     pub control_group: String,
 }
 
+/// How often a job is looked at while its `JobRemoved` has not come: only a lost signal (a
+/// reconnected bus) makes this matter.
+const JOB_FALLBACK_POLL: Duration = Duration::from_secs(5);
+
 impl Systemd {
     pub async fn new(conn: &Connection) -> zbus::Result<Self> {
         let manager = ManagerProxy::new(conn).await?;
+        // systemd sends JobRemoved only to subscribed clients. A second Subscribe on the same
+        // connection is refused ("already subscribed"), which is fine.
+        if let Err(e) = manager.subscribe().await {
+            tracing::debug!("systemd Subscribe: {e}");
+        }
         Ok(Self {
             conn: conn.clone(),
             manager,
@@ -48,39 +58,88 @@ impl Systemd {
         })
     }
 
-    /// Starts a transient unit and waits until it is up (`active`), or, for a oneshot, until it
-    /// has finished. The unit's state is polled: systemd 252 did not deliver `JobRemoved` to this
-    /// service in the test host (seen: the job finished, the signal never arrived), and a poll
-    /// of a few properties costs little next to starting a container or a build.
+    /// Makes the call that queues a job for `unit` and waits until that job ends; returns its
+    /// result ("done", "failed", "timeout", "canceled", ...). The `JobRemoved` stream (matched
+    /// on the unit's name) is opened before the call, so the job cannot end unseen; should the
+    /// signal still be lost, the job is looked up every few seconds and, once gone, the result
+    /// is "gone" and the caller decides by the unit's state.
+    async fn await_job<F>(&self, unit: &str, call: F) -> zbus::Result<String>
+    where
+        F: std::future::Future<Output = zbus::Result<OwnedObjectPath>>,
+    {
+        let mut removed = self
+            .manager
+            .receive_job_removed_with_args(&[(2, unit)])
+            .await?;
+        let job = call.await?;
+        let id: Option<u32> = job.as_str().rsplit('/').next().and_then(|n| n.parse().ok());
+        let mut poll = tokio::time::interval(JOB_FALLBACK_POLL);
+        poll.tick().await;
+        loop {
+            tokio::select! {
+                signal = removed.next() => match signal {
+                    Some(s) => {
+                        let args = s.args()?;
+                        if *args.job() == job {
+                            return Ok(args.result().clone());
+                        }
+                    }
+                    None => return Ok("gone".into()),
+                },
+                _ = poll.tick() => {
+                    let Some(id) = id else { return Ok("gone".into()) };
+                    match self.manager.get_job(id).await {
+                        Err(zbus::Error::MethodError(name, ..))
+                            if name.as_str() == "org.freedesktop.systemd1.NoSuchJob" =>
+                        {
+                            return Ok("gone".into());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a transient unit and waits for its start job: until it is up (`active`), or, for
+    /// a oneshot, until it has finished.
     pub async fn start_transient(
         &self,
         unit: &str,
         properties: Vec<(String, OwnedVariant)>,
     ) -> Result<()> {
-        self.manager
-            .start_transient_unit(unit.to_owned(), "fail".to_owned(), properties, Vec::new())
+        let call = self.manager.start_transient_unit(
+            unit.to_owned(),
+            "fail".to_owned(),
+            properties,
+            Vec::new(),
+        );
+        let result = self
+            .await_job(unit, call)
             .await
             .map_err(|e| bus_error(&format!("Cannot start {unit}"), e))?;
-        let mut delay = Duration::from_millis(5);
-        loop {
-            match self.unit_state(unit).await? {
-                // Collected after it finished: a oneshot that succeeded (failures stay loaded
-                // long enough to be seen as failed, or are reported by their result file).
-                None => return Ok(()),
-                Some(s) => match s.active_state.as_str() {
-                    "active" => return Ok(()),
-                    "inactive" if s.result == "success" => return Ok(()),
-                    "inactive" | "failed" => {
-                        return Err(Error::JobFailed(format!(
-                            "{unit} failed with result '{}'",
-                            s.result
-                        )));
+        match result.as_str() {
+            "done" => return Ok(()),
+            "gone" => {}
+            _ => {
+                let why = match self.unit_state(unit).await {
+                    Ok(Some(s)) if !s.result.is_empty() && s.result != "success" => {
+                        format!("job {result}, unit result '{}'", s.result)
                     }
-                    _ => {}
-                },
+                    _ => format!("job {result}"),
+                };
+                return Err(Error::JobFailed(format!("{unit} failed to start ({why})")));
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(250));
+        }
+        // The job is gone and its signal was lost: the unit's state says how it went.
+        match self.unit_state(unit).await? {
+            None => Ok(()),
+            Some(s) if s.active_state == "active" => Ok(()),
+            Some(s) if s.active_state == "inactive" && s.result == "success" => Ok(()),
+            Some(s) => Err(Error::JobFailed(format!(
+                "{unit} failed to start ({}, result '{}')",
+                s.active_state, s.result
+            ))),
         }
     }
 
@@ -106,14 +165,12 @@ impl Systemd {
         }
     }
 
-    /// Stops a unit and waits until it is gone or inactive; a unit that is not loaded is
-    /// already stopped.
+    /// Stops a unit and waits for its stop job; a unit that is not loaded is already stopped.
     pub async fn stop(&self, unit: &str) -> Result<()> {
-        match self
+        let call = self
             .manager
-            .stop_unit(unit.to_owned(), "replace".to_owned())
-            .await
-        {
+            .stop_unit(unit.to_owned(), "replace".to_owned());
+        match self.await_job(unit, call).await {
             Ok(_) => {}
             Err(zbus::Error::MethodError(name, ..))
                 if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
@@ -121,14 +178,6 @@ impl Systemd {
                 return Ok(());
             }
             Err(e) => return Err(bus_error(&format!("Cannot stop {unit}"), e)),
-        }
-        let mut delay = Duration::from_millis(5);
-        while let Some(s) = self.unit_state(unit).await? {
-            if matches!(s.active_state.as_str(), "inactive" | "failed") {
-                break;
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(250));
         }
         // A failed transient unit stays loaded until reset; nothing of it must remain.
         let _ = self.manager.reset_failed_unit(unit.to_owned()).await;

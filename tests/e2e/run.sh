@@ -16,9 +16,18 @@ rm -rf "$artifacts"
 mkdir -p "$artifacts/screenshots"
 
 [ "$(id -u)" = 0 ] || { echo "the end-to-end tests need root (they boot a test host)" >&2; exit 1; }
+# Debian's Chromium, and Node.js for Playwright (any packaging of it will do): installed when
+# missing, so that `make test` needs nothing done by hand on a fresh machine.
 chromium=${CHROMIUM:-/usr/bin/chromium}
-[ -x "$chromium" ] || { echo "no Chromium at $chromium: apt-get install chromium" >&2; exit 1; }
-command -v npm >/dev/null || { echo "no npm: apt-get install nodejs npm" >&2; exit 1; }
+need=()
+[ -x "$chromium" ] || [ -n "${CHROMIUM:-}" ] || need+=(chromium)
+command -v npm >/dev/null || need+=(nodejs npm)
+if ((${#need[@]})); then
+  echo "installing ${need[*]} for the dashboard tests (apt-get)" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+fi
+[ -x "$chromium" ] || { echo "no Chromium at $chromium" >&2; exit 1; }
 
 # Playwright itself, pinned by package-lock.json; it downloads no browser.
 (cd tests/e2e && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)

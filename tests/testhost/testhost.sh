@@ -19,6 +19,9 @@
 #    reads (--console=passive), PID 1 blocks forever on a full pty.
 #  * --volatile=overlay: every write lands in a tmpfs overlay; the rootfs template stays pristine.
 #    The test host's /tmp, /run and /dev are its own.
+#  * Its /var/lib/machines is a fresh directory of this machine ($TESTHOST_DIR/machines), not the
+#    overlay: container trees there can be mapped into user namespaces with idmapped mounts,
+#    which overlayfs does not support (trees elsewhere in the test host take the chown path).
 #  * SIGKILL of nspawn leaves the container's PID 1 alive, so `down` ends with cgroup.kill on the
 #    test host's own cgroup. Nothing else is ever signalled, and never by name.
 set -euo pipefail
@@ -49,6 +52,7 @@ RUN_DIR=$TESTHOST_DIR/run
 LOG_DIR=$TESTHOST_DIR/logs
 BUS_DIR=$TESTHOST_DIR/bus # is /run/dbus inside
 BUS_SOCKET=$BUS_DIR/system_bus_socket
+MACHINES_DIR=$TESTHOST_DIR/machines # is /var/lib/machines inside, emptied at every boot
 CONSOLE_LOG=$LOG_DIR/console.log
 SUPERVISOR_PID_FILE=$RUN_DIR/supervisor.pid # the systemd-nspawn process
 CGROUP_LIST_FILE=$RUN_DIR/cgroups           # the cgroup directories created for the test host
@@ -86,7 +90,8 @@ Commands:
 
 Environment:
   TESTHOST_DIR=$TESTHOST_DIR
-              rootfs, run/, logs/ (console.log), bus/ (system_bus_socket)
+              rootfs, run/, logs/ (console.log), bus/ (system_bus_socket), machines/
+              (/var/lib/machines inside: on this machine's file system, for idmapped mounts)
   TESTHOST_CACHE=$TESTHOST_CACHE
               .deb cache and rootfs tarballs, kept across runs; mounted at the same path inside
   TESTHOST_NAME=$TESTHOST_NAME    machine name (hostname inside) and cgroup name
@@ -426,8 +431,11 @@ start_nspawn() {
 		--directory="$ROOTFS" --machine="$TESTHOST_NAME" --boot
 		--register=no --keep-unit --console=read-only --volatile=overlay --link-journal=no
 		--bind="$BUS_DIR:/run/dbus" --bind="$REPO:$REPO_INSIDE" --bind="$TESTHOST_CACHE"
+		--bind="$MACHINES_DIR:/var/lib/machines"
 	)
 	[ ! -f "$CONSOLE_LOG" ] || mv -f "$CONSOLE_LOG" "$CONSOLE_LOG.prev"
+	remove_tree "$MACHINES_DIR"
+	mkdir -m 0700 "$MACHINES_DIR"
 	rm -f "$BUS_SOCKET" "$SUPERVISOR_PID_FILE" "$CGROUP_LIST_FILE"
 	log "booting: systemd-nspawn ${args[*]}"
 	(
@@ -533,6 +541,7 @@ teardown() {
 	kill_own_cgroups
 	remove_own_cgroups
 	rm -f "$SUPERVISOR_PID_FILE"
+	remove_tree "$MACHINES_DIR"
 	[ ! -d "$BUS_DIR" ] || find "$BUS_DIR" -mindepth 1 -delete 2>/dev/null || true # socket, dbus' containers/
 }
 

@@ -1,0 +1,189 @@
+//! agent-workspaces-agent: the payload of every container workspace. systemd-nspawn starts it
+//! (bind-mounted read-only from the host) as the container's PID 2, so it and every command it
+//! starts are inside the container's boundary: its user namespace, capability bounding set,
+//! seccomp filter, mount namespace and cgroup. The service connects to its socket for each
+//! command and passes the command's descriptors; see the library for the protocol.
+//!
+//! Usage: agent-workspaces-agent [--socket PATH]
+//! Prints one line to stderr when it cannot serve. The service knows it is ready when its
+//! socket answers (nspawn takes READY=1 only from the container's PID 1, its stub init).
+
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use agent_workspaces_agent::{
+    ExecRequest, MAX_REQUEST, RefuseReason, Reply, SOCKET, frame_len, recv_with_fds,
+};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    let mut socket = std::path::PathBuf::from(SOCKET);
+    while let Some(a) = args.next() {
+        match (a.to_str(), args.next()) {
+            (Some("--socket"), Some(p)) => socket = p.into(),
+            _ => {
+                eprintln!("usage: agent-workspaces-agent [--socket PATH]");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match serve(&socket) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agent-workspaces-agent: {}: {e}", socket.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(socket: &Path) -> io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            // A connection that went away before accept, or a passing shortage: keep serving.
+            Err(e) => {
+                eprintln!("agent-workspaces-agent: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("exec".into())
+            .stack_size(256 * 1024)
+            .spawn(move || serve_one(conn));
+        if let Err(e) = spawned {
+            eprintln!("agent-workspaces-agent: cannot start a thread: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn send(conn: &mut UnixStream, reply: Reply) {
+    // The service may have gone (it cancelled the command): nothing to do about that here.
+    let _ = conn.write_all(&reply.encode());
+}
+
+fn refuse(conn: &mut UnixStream, reason: RefuseReason, message: String) {
+    send(conn, Reply::Refused { reason, message });
+}
+
+/// Reads one request frame and the descriptors that came with it.
+fn read_request(conn: &mut UnixStream) -> io::Result<(ExecRequest, Vec<OwnedFd>)> {
+    let mut fds = Vec::new();
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < header.len() {
+        let n = recv_with_fds(conn.as_fd(), &mut header[got..], &mut fds)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    let len = frame_len(header, MAX_REQUEST)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body)?;
+    let req =
+        ExecRequest::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok((req, fds))
+}
+
+fn serve_one(mut conn: UnixStream) {
+    // Only a client that sends nothing could hold this thread; the service sends at once.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let (req, fds) = match read_request(&mut conn) {
+        Ok(r) => r,
+        Err(e) => return refuse(&mut conn, RefuseReason::BadRequest, e.to_string()),
+    };
+    if !(3..=4).contains(&fds.len()) {
+        let message = format!("expected 3 or 4 descriptors, got {}", fds.len());
+        return refuse(&mut conn, RefuseReason::BadRequest, message);
+    }
+    let mut fds = fds.into_iter();
+    let (stdin, stdout, stderr) = match (fds.next(), fds.next(), fds.next()) {
+        (Some(i), Some(o), Some(e)) => (i, o, e),
+        _ => unreachable!("three descriptors were counted"),
+    };
+    let procs = fds.next();
+    // Inside the container, so whatever links are in the way resolve inside it too.
+    let cwd = Path::new(OsStr::from_bytes(&req.cwd));
+    if !cwd.is_dir() {
+        let message = format!("{} is not a directory in the container", cwd.display());
+        return refuse(&mut conn, RefuseReason::Cwd, message);
+    }
+    let shell = if Path::new("/bin/bash").is_file() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+    let mut cmd = Command::new(shell);
+    cmd.arg("-c")
+        .arg(OsStr::from_bytes(&req.command))
+        .env_clear()
+        .envs(
+            req.env
+                .iter()
+                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
+        )
+        .current_dir(cwd)
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .process_group(0);
+    if let Some(procs) = &procs {
+        let fd = procs.as_raw_fd();
+        // SAFETY: only write(2) runs between fork and exec. The service opened this
+        // cgroup.procs, so the move is checked against its credentials: the command and all it
+        // starts are in the command's own cgroup before the shell runs.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let spawned = cmd.spawn();
+    // Close this side's copies of the command's descriptors: its output ends when it does.
+    drop(cmd);
+    drop(procs);
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            return refuse(
+                &mut conn,
+                RefuseReason::Spawn,
+                format!("cannot start {shell}: {e}"),
+            );
+        }
+    };
+    send(&mut conn, Reply::Started { pid: child.id() });
+    let code = match child.wait() {
+        Ok(s) => s
+            .code()
+            .or_else(|| s.signal().map(|n| 128 + n))
+            .unwrap_or(-1),
+        Err(_) => -1,
+    };
+    send(&mut conn, Reply::Exited { code });
+}

@@ -1,0 +1,216 @@
+//! The agent binary run on this machine (no container needed): the protocol end to end.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use agent_workspaces_agent::{
+    ExecRequest, MAX_REPLY, RefuseReason, Reply, frame_len, send_with_fds,
+};
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempdir::Dir,
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent() -> Agent {
+    let dir = std::env::temp_dir().join(format!(
+        "aw-agent-test-{}-{}",
+        std::process::id(),
+        rand_u64()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("run/agent.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_agent-workspaces-agent"))
+        .arg("--socket")
+        .arg(&socket)
+        .env_remove("NOTIFY_SOCKET")
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while UnixStream::connect(&socket).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the agent did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Agent {
+        child,
+        socket,
+        _dir: tempdir::Dir(dir),
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+fn read_reply(conn: &mut UnixStream) -> Option<Reply> {
+    let mut header = [0u8; 4];
+    conn.read_exact(&mut header).ok()?;
+    let n = frame_len(header, MAX_REPLY).unwrap();
+    let mut body = vec![0u8; n];
+    conn.read_exact(&mut body).unwrap();
+    Some(Reply::decode(&body).unwrap())
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    use std::os::fd::FromRawFd;
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+struct Outcome {
+    replies: Vec<Reply>,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(agent: &Agent, command: &str, cwd: &Path, stdin: &[u8]) -> Outcome {
+    let (in_r, in_w) = pipe();
+    let (out_r, out_w) = pipe();
+    let (err_r, err_w) = pipe();
+    let req = ExecRequest {
+        command: command.as_bytes().to_vec(),
+        cwd: cwd.as_os_str().as_encoded_bytes().to_vec(),
+        env: vec![
+            (b"PATH".to_vec(), b"/usr/bin:/bin".to_vec()),
+            (b"GREETING".to_vec(), b"hello there".to_vec()),
+        ],
+    };
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    let frame = req.encode();
+    let n = send_with_fds(
+        conn.as_fd(),
+        &frame,
+        &[in_r.as_fd(), out_w.as_fd(), err_w.as_fd()],
+    )
+    .unwrap();
+    conn.write_all(&frame[n..]).unwrap();
+    drop((in_r, out_w, err_w));
+    let mut w = std::fs::File::from(in_w);
+    w.write_all(stdin).unwrap();
+    drop(w);
+    let reader = |fd: OwnedFd| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            std::fs::File::from(fd).read_to_string(&mut s).unwrap();
+            s
+        })
+    };
+    let (out, err) = (reader(out_r), reader(err_r));
+    let mut replies = Vec::new();
+    while let Some(r) = read_reply(&mut conn) {
+        replies.push(r);
+    }
+    Outcome {
+        replies,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+#[test]
+fn runs_a_command_with_its_streams_env_cwd_and_exit_code() {
+    let agent = start_agent();
+    let dir = std::env::temp_dir();
+    let o = run(
+        &agent,
+        "cat; echo \"$GREETING\"; pwd; echo oops >&2; exit 3",
+        &dir,
+        b"from stdin\n",
+    );
+    assert!(matches!(o.replies[0], Reply::Started { pid } if pid > 0));
+    assert_eq!(o.replies[1], Reply::Exited { code: 3 });
+    assert_eq!(o.replies.len(), 2);
+    let want = format!(
+        "from stdin\nhello there\n{}\n",
+        dir.canonicalize().unwrap().display()
+    );
+    assert_eq!(o.stdout, want);
+    assert_eq!(o.stderr, "oops\n");
+    let o = run(&agent, "kill -TERM $$", &dir, b"");
+    assert_eq!(o.replies[1], Reply::Exited { code: 128 + 15 });
+}
+
+#[test]
+fn a_missing_cwd_is_refused_by_name() {
+    let agent = start_agent();
+    let o = run(&agent, "true", Path::new("/nonexistent/dir"), b"");
+    assert!(
+        matches!(&o.replies[..], [Reply::Refused { reason: RefuseReason::Cwd, message }] if message.contains("/nonexistent/dir")),
+        "{:?}",
+        o.replies
+    );
+}
+
+#[test]
+fn many_commands_at_once() {
+    let agent = std::sync::Arc::new(start_agent());
+    let threads: Vec<_> = (0..64)
+        .map(|i| {
+            let agent = agent.clone();
+            std::thread::spawn(move || {
+                let o = run(&agent, &format!("sleep 0.2; echo {i}"), Path::new("/"), b"");
+                assert_eq!(o.stdout, format!("{i}\n"));
+                assert_eq!(o.replies.last(), Some(&Reply::Exited { code: 0 }));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn garbage_and_missing_descriptors_are_refused_and_the_agent_keeps_serving() {
+    let agent = start_agent();
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    conn.write_all(&[5, 0, 0, 0, 9, 9, 9, 9, 9]).unwrap();
+    assert!(matches!(
+        read_reply(&mut conn),
+        Some(Reply::Refused {
+            reason: RefuseReason::BadRequest,
+            ..
+        })
+    ));
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    let req = ExecRequest {
+        command: b"true".to_vec(),
+        cwd: b"/".to_vec(),
+        env: vec![],
+    };
+    conn.write_all(&req.encode()).unwrap();
+    assert!(
+        matches!(read_reply(&mut conn), Some(Reply::Refused { reason: RefuseReason::BadRequest, message }) if message.contains("descriptors"))
+    );
+    let o = run(&agent, "echo still here", Path::new("/"), b"");
+    assert_eq!(o.stdout, "still here\n");
+}

@@ -1,0 +1,132 @@
+//! The service's side of the agent inside each container (`agent-workspaces-agent`, the
+//! container's PID 2): one connection per command, the command's descriptors passed along.
+//!
+//! The agent's socket lives in the container's own `/run`. It is reached through the leader's
+//! root (`/proc/<leader>/root`), resolved inside that root like every other path in a
+//! container, and connected to through the descriptor of the socket itself, so nothing the
+//! container plants can redirect the service to another socket of the host. The agent is
+//! not trusted: its replies are bounded and checked, and every wait on it has an end.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use agent_workspaces_agent::{ExecRequest, MAX_REPLY, Reply, SOCKET, frame_len, send_with_fds};
+use pathrs::Root;
+use rustix::fs::{self as rfs, FileType, Mode, OFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
+
+/// How long connecting and sending a request may take.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct AgentConnection {
+    stream: UnixStream,
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: a plain syscall; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        ) == 0
+    }
+}
+
+/// The agent's socket in the container whose leader is `leader`, as an `O_PATH` descriptor
+/// of the socket inode itself.
+fn socket_of(leader: u32) -> io::Result<OwnedFd> {
+    let pidfd = pidfd_open(leader)?;
+    let root = rfs::openat(
+        rfs::CWD,
+        format!("/proc/{leader}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // The root belongs to the leader only if the leader still lives: its PID was not reused.
+    if !pidfd_alive(pidfd.as_fd()) {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the container's leader is gone",
+        ));
+    }
+    let handle = Root::from_fd(root)
+        .resolve_nofollow(SOCKET)
+        .map_err(|e| match e.kind() {
+            pathrs::error::ErrorKind::OsError(Some(n)) => io::Error::from_raw_os_error(n),
+            _ => io::Error::other(e.to_string()),
+        })?;
+    let st = rfs::fstat(handle.as_fd())?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{SOCKET} is not a socket"),
+        ));
+    }
+    Ok(handle.into())
+}
+
+impl AgentConnection {
+    /// Connects to the agent of the container whose leader (its PID 1) is `leader`.
+    pub async fn connect(leader: u32) -> io::Result<Self> {
+        let socket = socket_of(leader)?;
+        let path = format!("/proc/self/fd/{}", socket.as_raw_fd());
+        let stream = tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
+        Ok(Self { stream })
+    }
+
+    /// Sends the request with the command's descriptors (stdin, stdout, stderr, and the open
+    /// `cgroup.procs` of its cgroup).
+    pub async fn send(&mut self, req: &ExecRequest, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let frame = req.encode();
+        let send = async {
+            let mut sent = 0;
+            while sent == 0 {
+                self.stream.writable().await?;
+                match self.stream.try_io(Interest::WRITABLE, || {
+                    send_with_fds(self.stream.as_fd(), &frame, fds)
+                }) {
+                    Ok(n) => sent = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            self.stream.write_all(&frame[sent..]).await
+        };
+        tokio::time::timeout(SEND_TIMEOUT, send)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))?
+    }
+
+    /// The agent's next reply; `None` when it closed the connection.
+    pub async fn reply(&mut self) -> io::Result<Option<Reply>> {
+        let mut header = [0u8; 4];
+        match self.stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let n = frame_len(header, MAX_REPLY)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut body = vec![0u8; n];
+        self.stream.read_exact(&mut body).await?;
+        Reply::decode(&body)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
