@@ -1,9 +1,12 @@
 //! systemd and systemd-machined over D-Bus: transient units started and stopped, each call
 //! awaited through its job (`JobRemoved`, as machined does); unit state; machines.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use zbus::proxy::CacheProperties;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 use zbus_systemd::machine1;
@@ -16,6 +19,64 @@ pub struct Systemd {
     conn: Connection,
     manager: ManagerProxy<'static>,
     machines: machine1::ManagerProxy<'static>,
+    jobs: Arc<JobWaiters>,
+}
+
+/// A job that ended, and its result.
+type JobEnd = (OwnedObjectPath, String);
+
+/// Who waits for the jobs of which unit: `JobRemoved` signals of these units are passed on.
+#[derive(Default)]
+struct JobWaiters(Mutex<HashMap<String, Vec<mpsc::UnboundedSender<JobEnd>>>>);
+
+/// One waiter's registration, removed when it is dropped.
+struct JobWaiter<'a> {
+    jobs: &'a JobWaiters,
+    unit: String,
+    tx: mpsc::UnboundedSender<JobEnd>,
+}
+
+impl Drop for JobWaiter<'_> {
+    fn drop(&mut self) {
+        let mut map = self.jobs.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(list) = map.get_mut(&self.unit) {
+            list.retain(|tx| !tx.same_channel(&self.tx));
+            if list.is_empty() {
+                map.remove(&self.unit);
+            }
+        }
+    }
+}
+
+impl JobWaiters {
+    fn register(
+        &self,
+        unit: &str,
+    ) -> (
+        JobWaiter<'_>,
+        mpsc::UnboundedReceiver<(OwnedObjectPath, String)>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(unit.to_owned())
+            .or_default()
+            .push(tx.clone());
+        let waiter = JobWaiter {
+            jobs: self,
+            unit: unit.to_owned(),
+            tx,
+        };
+        (waiter, rx)
+    }
+
+    fn dispatch(&self, unit: &str, job: OwnedObjectPath, result: String) {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for tx in map.get(unit).into_iter().flatten() {
+            let _ = tx.send((job.clone(), result.clone()));
+        }
+    }
 }
 
 /// A property of a transient unit, as `StartTransientUnit` takes it.
@@ -46,6 +107,23 @@ const JOB_FALLBACK_POLL: Duration = Duration::from_secs(5);
 impl Systemd {
     pub async fn new(conn: &Connection) -> zbus::Result<Self> {
         let manager = ManagerProxy::new(conn).await?;
+        // One JobRemoved stream for the life of the connection, passed on to the waiters of
+        // each unit. (A match rule per call lost signals: zbus's removal of an identical rule
+        // from the call before raced the new one's registration.)
+        let mut removed = manager.receive_job_removed().await?;
+        let jobs = Arc::new(JobWaiters::default());
+        let dispatch = Arc::downgrade(&jobs);
+        tokio::spawn(async move {
+            while let Some(signal) = removed.next().await {
+                let Some(jobs) = dispatch.upgrade() else {
+                    break;
+                };
+                if let Ok(a) = signal.args() {
+                    tracing::debug!("JobRemoved {} {} {}", a.unit(), a.job(), a.result());
+                    jobs.dispatch(a.unit(), a.job().clone(), a.result().clone());
+                }
+            }
+        });
         // systemd sends JobRemoved only to subscribed clients. A second Subscribe on the same
         // connection is refused ("already subscribed"), which is fine.
         if let Err(e) = manager.subscribe().await {
@@ -55,46 +133,43 @@ impl Systemd {
             conn: conn.clone(),
             manager,
             machines: machine1::ManagerProxy::new(conn).await?,
+            jobs,
         })
     }
 
     /// Makes the call that queues a job for `unit` and waits until that job ends; returns its
-    /// result ("done", "failed", "timeout", "canceled", ...). The `JobRemoved` stream (matched
-    /// on the unit's name) is opened before the call, so the job cannot end unseen; should the
-    /// signal still be lost, the job is looked up every few seconds and, once gone, the result
-    /// is "gone" and the caller decides by the unit's state.
+    /// result ("done", "failed", "timeout", "canceled", ...). The waiter is registered before
+    /// the call, so the job cannot end unseen; should the signal still be lost, the job is
+    /// looked up every few seconds and, once gone, the result is "gone" and the caller decides
+    /// by the unit's state.
     async fn await_job<F>(&self, unit: &str, call: F) -> zbus::Result<String>
     where
         F: std::future::Future<Output = zbus::Result<OwnedObjectPath>>,
     {
-        let mut removed = self
-            .manager
-            .receive_job_removed_with_args(&[(2, unit)])
-            .await?;
+        let (_waiter, mut removed) = self.jobs.register(unit);
         let job = call.await?;
         let id: Option<u32> = job.as_str().rsplit('/').next().and_then(|n| n.parse().ok());
         let mut poll = tokio::time::interval(JOB_FALLBACK_POLL);
         poll.tick().await;
         loop {
             tokio::select! {
-                signal = removed.next() => match signal {
-                    Some(s) => {
-                        let args = s.args()?;
-                        if *args.job() == job {
-                            return Ok(args.result().clone());
-                        }
-                    }
+                signal = removed.recv() => match signal {
+                    Some((j, result)) if j == job => return Ok(result),
+                    Some(_) => {}
                     None => return Ok("gone".into()),
                 },
                 _ = poll.tick() => {
-                    let Some(id) = id else { return Ok("gone".into()) };
-                    match self.manager.get_job(id).await {
-                        Err(zbus::Error::MethodError(name, ..))
-                            if name.as_str() == "org.freedesktop.systemd1.NoSuchJob" =>
-                        {
-                            return Ok("gone".into());
-                        }
-                        _ => {}
+                    let gone = match id {
+                        None => true,
+                        Some(id) => matches!(
+                            self.manager.get_job(id).await,
+                            Err(zbus::Error::MethodError(name, ..))
+                                if name.as_str() == "org.freedesktop.systemd1.NoSuchJob"
+                        ),
+                    };
+                    if gone {
+                        tracing::warn!(unit, "Job {job} of {unit} ended without a JobRemoved signal; its unit's state decides");
+                        return Ok("gone".into());
                     }
                 }
             }

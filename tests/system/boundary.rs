@@ -214,6 +214,15 @@ async fn a_container_is_confined_like_systemds_own_containers() {
     let tree = format!("/var/lib/machines/{name}");
     assert_eq!(std::fs::metadata(&tree).unwrap().uid(), 0, "map path");
     m.destroy_workspace(&name).await.unwrap();
+
+    // Its units were awaited through systemd's JobRemoved signals, which the bus policy must
+    // let through to the service (a deny for its name also stops signals broadcast to it).
+    let fallbacks: Vec<String> = journal(&format!("-u {UNIT}"))
+        .into_iter()
+        .filter_map(|e| e["MESSAGE"].as_str().map(String::from))
+        .filter(|m| m.contains("without a JobRemoved") && m.contains(&name))
+        .collect();
+    assert!(fallbacks.is_empty(), "{fallbacks:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
