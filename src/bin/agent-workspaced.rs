@@ -122,13 +122,13 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("Cannot reach systemd on the bus: {e}"))?;
     let program = std::env::current_exe().map_err(|e| format!("Cannot find this program: {e}"))?;
-    let containers = NspawnContainers::new(
+    let containers = Arc::new(NspawnContainers::new(
         systemd,
         config.container.clone(),
         &state_dir,
         program,
         config.exec.max_output_bytes,
-    );
+    ));
     let (events, receiver) = dbus::objects::EventQueue::new();
     let host_dir = config
         .host_workspace_dir
@@ -139,7 +139,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             store: Arc::new(store),
             dirs: Arc::new(Dirs::new(state_dir.join("workspaces"))),
             executor: Arc::new(HostExecutor::new(isolation)),
-            containers: Arc::new(containers),
+            containers: containers.clone(),
             library: Arc::new(FsLibrary::new(
                 config
                     .library_path
@@ -186,7 +186,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&args.config, &config, &manager),
+            _ = hup.recv() => reload(&args.config, &config, &manager, &containers),
         }
     }
 
@@ -207,15 +207,44 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
     Ok(())
 }
 
-fn reload(path: &std::path::Path, started_with: &Config, manager: &Manager) {
+/// `SIGHUP` (`systemctl reload`): applies every setting that can change while the service
+/// runs (the [exec] limits, the container build settings and the distros); names the changed
+/// ones that only a restart applies.
+fn reload(
+    path: &std::path::Path,
+    started_with: &Config,
+    manager: &Manager,
+    containers: &NspawnContainers,
+) {
     notify_or_warn(&[NotifyState::Reloading]);
     match Config::load(path) {
         Ok(new) => {
             manager.set_limits(new.exec);
-            if new.host_workspace_dir != started_with.host_workspace_dir
-                || new.exec_isolation != started_with.exec_isolation
-            {
-                warn!("host_workspace_dir and [exec] isolation take effect at the next restart");
+            let mut later = containers.reload(&new.container);
+            for (name, changed) in [
+                (
+                    "host_workspace_dir",
+                    new.host_workspace_dir != started_with.host_workspace_dir,
+                ),
+                (
+                    "library_path",
+                    new.library_path != started_with.library_path,
+                ),
+                (
+                    "exec.isolation",
+                    new.exec_isolation != started_with.exec_isolation,
+                ),
+            ] {
+                if changed {
+                    later.push(name);
+                }
+            }
+            if !later.is_empty() {
+                warn!(
+                    "{} changed in {}: that takes effect at the next restart (systemctl restart agent-workspaced)",
+                    later.join(", "),
+                    path.display()
+                );
             }
             info!(
                 message_id = messages::CONFIG_RELOADED,

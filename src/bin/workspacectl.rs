@@ -200,6 +200,7 @@ fn quote(s: &str) -> String {
     }
 }
 
+/// The REST API's create body, converted as the bridge converts it.
 fn spec_from_json(path: &PathBuf) -> Result<Dict, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let Value::Object(m) =
@@ -207,48 +208,7 @@ fn spec_from_json(path: &PathBuf) -> Result<Dict, String> {
     else {
         return Err(format!("{}: not a JSON object", path.display()));
     };
-    let mut d = Dict::new();
-    for (k, v) in m {
-        let var = match v {
-            Value::String(s) => Variant::from(s),
-            Value::Bool(b) => Variant::from(b),
-            Value::Number(n) => match k.as_str() {
-                "cpu_quota_percent" | "timeout_secs" => Variant::from(
-                    n.as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or(format!("'{k}' must be a small integer"))?,
-                ),
-                _ => Variant::from(
-                    n.as_u64()
-                        .ok_or(format!("'{k}' must be a non-negative integer"))?,
-                ),
-            },
-            Value::Array(a) => Variant::from(
-                a.into_iter()
-                    .map(|i| {
-                        i.as_str()
-                            .map(String::from)
-                            .ok_or(format!("'{k}' must hold strings"))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            Value::Object(o) => Variant::from(
-                o.into_iter()
-                    .map(|(a, b)| {
-                        Ok((
-                            a,
-                            b.as_str()
-                                .ok_or(format!("'{k}' must map to strings"))?
-                                .to_owned(),
-                        ))
-                    })
-                    .collect::<Result<HashMap<String, String>, String>>()?,
-            ),
-            Value::Null => continue,
-        };
-        d.insert(k, var);
-    }
-    Ok(d)
+    agent_workspaces::http::create_spec(m).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
@@ -472,7 +432,28 @@ async fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::quote;
+    use super::{quote, spec_from_json};
+
+    #[test]
+    fn from_json_takes_the_rest_create_body_limits_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("spec.json");
+        std::fs::write(
+            &file,
+            r#"{"name": "box", "workspace_type": "container", "distro": "debian-bookworm",
+                "limits": {"memory_max": 536870912, "cpu_quota_percent": 50, "tasks_max": 100},
+                "env_vars": {"A": "1"}, "skills": ["web"], "build_on_create": true}"#,
+        )
+        .unwrap();
+        let d = spec_from_json(&file.to_path_buf()).unwrap();
+        assert_eq!(u64::try_from(&d["memory_max"]).unwrap(), 536870912);
+        assert_eq!(u32::try_from(&d["cpu_quota_percent"]).unwrap(), 50);
+        assert_eq!(u64::try_from(&d["tasks_max"]).unwrap(), 100);
+        assert!(!d.contains_key("limits"));
+        std::fs::write(&file, r#"{"name": "box", "limits": {"memory": 1}}"#).unwrap();
+        let e = spec_from_json(&file.to_path_buf()).unwrap_err();
+        assert!(e.contains("'limits.memory'"), "{e}");
+    }
 
     #[test]
     fn quoting_keeps_arguments_whole() {

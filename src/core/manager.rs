@@ -42,6 +42,29 @@ pub fn command_env(ws: &Workspace, call: BTreeMap<String, String>) -> BTreeMap<S
     env
 }
 
+/// A name reserved by a create under way; released when dropped.
+struct Reservation<'a> {
+    manager: &'a Manager,
+    name: Option<String>,
+}
+
+impl Reservation<'_> {
+    /// The workspace is in the registry now (under the lock the caller holds).
+    fn commit(mut self, reg: &mut Registry) {
+        if let Some(name) = self.name.take() {
+            reg.reserved.remove(&name);
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            self.manager.reg().reserved.remove(&name);
+        }
+    }
+}
+
 pub struct Ports {
     pub store: Arc<dyn Store>,
     pub dirs: Arc<dyn HostDirs>,
@@ -256,16 +279,7 @@ impl Manager {
         if !v.skills.is_empty() || !v.tools.is_empty() {
             self.ports.library.check(&v.skills, &v.tools)?;
         }
-        {
-            let mut reg = self.reg();
-            if reg.name_taken(&v.name) {
-                return Err(Error::WorkspaceExists(format!(
-                    "Workspace '{}' already exists",
-                    v.name
-                )));
-            }
-            reg.reserved.insert(v.name.clone());
-        }
+        let reservation = self.reserve(&v.name)?;
         let build_now = v.build_on_create;
         if build_now && self.builds_running() >= self.limits().max_concurrent_builds {
             return Err(Error::LimitsExceeded(format!(
@@ -273,15 +287,13 @@ impl Manager {
                 v.name
             )));
         }
-        let result = self.create_reserved(v.clone()).await;
-        let ws = {
+        let ws = self.create_reserved(v).await?;
+        {
             let mut reg = self.reg();
-            reg.reserved.remove(&v.name);
-            let ws = result?;
             reg.by_id
                 .insert(ws.id.clone(), Entry::new(ws.clone(), &self.shutdown));
-            ws
-        };
+            reservation.commit(&mut reg);
+        }
         info!(message_id = messages::WORKSPACE_CREATED, workspace_id = %ws.id,
               workspace_name = %ws.name, workspace_type = ws.workspace_type.as_str(),
               workspace_path = %ws.path.display(),
@@ -303,6 +315,22 @@ impl Manager {
             return self.get(&ws.id);
         }
         Ok(ws)
+    }
+
+    /// Reserves a name for a create under way: until the guard is committed (the record is in
+    /// the registry) or dropped (the create failed, on any path), no other create takes it.
+    fn reserve(&self, name: &str) -> Result<Reservation<'_>> {
+        let mut reg = self.reg();
+        if reg.name_taken(name) {
+            return Err(Error::WorkspaceExists(format!(
+                "Workspace '{name}' already exists"
+            )));
+        }
+        reg.reserved.insert(name.to_owned());
+        Ok(Reservation {
+            manager: self,
+            name: Some(name.to_owned()),
+        })
     }
 
     async fn create_reserved(&self, v: super::spec::ValidCreate) -> Result<Workspace> {
@@ -372,6 +400,7 @@ impl Manager {
                 status: Status::Destroying.to_string(),
             });
         }
+        let before = ws.clone();
         let mut fields = Vec::new();
         let mut keys = Vec::new();
         if let (Some(key), false) = (changes.container_keys().first(), ws.is_container()) {
@@ -419,12 +448,23 @@ impl Manager {
             ws.tools = tools;
             keys.push("tools");
         }
+        // The record and the disk never disagree: the install (all or nothing) comes first, and
+        // a record that cannot be saved puts the previous skills and tools back.
+        let install = library_changed && self.library_dir_exists(&ws);
         if library_changed {
             self.ports.library.check(&ws.skills, &ws.tools)?;
         }
-        self.ports.store.save(&ws)?;
-        if library_changed && self.library_dir_exists(&ws) {
+        if install {
             self.install_library(&ws)?;
+        }
+        if let Err(e) = self.ports.store.save(&ws) {
+            if install {
+                if let Err(undo) = self.install_library(&before) {
+                    warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                          "Cannot put back the skills and tools of {}: {undo}", ws.name);
+                }
+            }
+            return Err(e);
         }
         if let Some(e) = self.reg().by_id.get_mut(&id) {
             e.ws = ws.clone();

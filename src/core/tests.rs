@@ -180,7 +180,11 @@ impl Library for FakeLibrary {
         Ok(vec!["t".into()])
     }
     fn check(&self, skills: &[String], tools: &[String]) -> Result<()> {
-        if let Some(s) = skills.iter().find(|s| !["a", "b"].contains(&s.as_str())) {
+        // "disk-full" passes the check and fails the install.
+        if let Some(s) = skills
+            .iter()
+            .find(|s| !["a", "b", "disk-full"].contains(&s.as_str()))
+        {
             return Err(Error::NoSuchSkill(s.clone()));
         }
         if let Some(t) = tools.iter().find(|t| t.as_str() != "t") {
@@ -190,6 +194,9 @@ impl Library for FakeLibrary {
     }
     fn install(&self, target: &InstallTarget, skills: &[String], tools: &[String]) -> Result<()> {
         self.check(skills, tools)?;
+        if skills.iter().any(|s| s == "disk-full") {
+            return Err(Error::Io("No space left on device".into()));
+        }
         let mut dir = target.root.display().to_string();
         if !target.dir.as_os_str().is_empty() {
             dir = format!("{dir} in {}", target.dir.display());
@@ -593,6 +600,61 @@ async fn container_lifecycle_pending_building_ready() {
             .ends_with(&["stop box".to_string(), "remove box".to_string()])
     );
     assert!(f.manager.get("box").is_err());
+}
+
+#[tokio::test]
+async fn a_failed_install_changes_neither_the_record_nor_the_properties() {
+    let f = fixture();
+    let mut s = spec("web");
+    s.skills = Some(vec!["a".into()]);
+    f.manager.create(s).await.unwrap();
+    let events = f.events.0.lock().unwrap().len();
+    let change = Changes {
+        skills: Some(vec!["b".into(), "disk-full".into()]),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.manager.update("web", change).await,
+        Err(Error::Io(_))
+    ));
+    let ws = f.manager.get("web").unwrap();
+    assert_eq!(ws.skills, ["a"]);
+    assert_eq!(
+        f.store.0.lock().unwrap()[&ws.id].skills,
+        ["a"],
+        "record unchanged"
+    );
+    assert_eq!(
+        f.events.0.lock().unwrap().len(),
+        events,
+        "no PropertiesChanged"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_create_does_not_keep_its_name() {
+    let limits = ExecLimits {
+        max_concurrent_builds: 1,
+        ..Default::default()
+    };
+    let f = fixture_with(Arc::default(), limits);
+    f.manager.create(container("first", "")).await.unwrap();
+    f.manager.build("first", false).await.unwrap();
+    let mut now = container("second", "");
+    now.build_on_create = Some(true);
+    assert!(matches!(
+        f.manager.create(now).await,
+        Err(Error::LimitsExceeded(_))
+    ));
+    // The name is free again: no WorkspaceExists until a restart.
+    f.manager.create(container("second", "")).await.unwrap();
+    let mut again = spec("second");
+    again.workspace_type = None;
+    assert!(matches!(
+        f.manager.create(again).await,
+        Err(Error::WorkspaceExists(_))
+    ));
+    f.containers.release_build.notify_one();
 }
 
 #[tokio::test]

@@ -235,11 +235,60 @@ pub fn app(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
+        .layer(axum::middleware::map_response(method_not_allowed))
+        .layer(from_fn(limit_head))
         .with_state(state)
+}
+
+/// axum answers a method a route does not take with an empty 405: give it the documented
+/// error body (keeping its `Allow` header).
+async fn method_not_allowed(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let mut error = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        match &allow {
+            Some(a) => format!("this endpoint takes {}", a.to_str().unwrap_or_default()),
+            None => "this endpoint does not take this method".into(),
+        },
+    )
+    .into_response();
+    if let Some(a) = allow {
+        error.headers_mut().insert(header::ALLOW, a);
+    }
+    error
+}
+
+/// A request head over [`MAX_HEADER_BYTES`] is answered 431 with the documented error body.
+/// (hyper's own limit, which answers with an empty 431, is set well above it.)
+async fn limit_head(request: Request, next: Next) -> Response {
+    let size = request.method().as_str().len()
+        + request.uri().to_string().len()
+        + request
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if size > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+            format!("the request head is larger than {MAX_HEADER_BYTES} bytes"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Largest request head (request line and headers); more is answered 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// hyper's hard limit on a head, and on the number of headers: beyond these it answers an
+/// empty 431 itself, so they sit well above what `limit_head` answers properly.
+const HYPER_MAX_HEADER_BYTES: usize = 256 * 1024;
+const HYPER_MAX_HEADERS: usize = 1024;
 /// Time a client has to send a request head, and how long an idle kept-alive connection stays.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a whole request body; slower is answered 408.
@@ -263,7 +312,8 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .max_header_size(MAX_HEADER_BYTES);
+        .max_header_size(HYPER_MAX_HEADER_BYTES)
+        .max_headers(HYPER_MAX_HEADERS);
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -522,6 +572,13 @@ const CREATE_FIELDS: &[(&str, &str)] = &[
     ("network", "s"),
     ("limits", "limits"),
 ];
+
+/// The REST API's create body (a JSON object) as `CreateWorkspace`'s `a{sv}`; `workspacectl
+/// create --from-json` takes the same body through this. An unknown field or a wrong type is
+/// an error naming the field.
+pub fn create_spec(body: Map<String, Value>) -> Result<HashMap<String, Variant<'static>>, String> {
+    to_dict(body, CREATE_FIELDS).map_err(|e| e.message)
+}
 
 async fn create(
     State(state): State<Arc<AppState>>,
@@ -905,7 +962,19 @@ mod tests {
                     .header(header::AUTHORIZATION, format!("Bearer {token}"))
                     .body(Body::from("{}"))
                     .unwrap();
-                let status = app.clone().oneshot(request).await.unwrap().status();
+                let response = app.clone().oneshot(request).await.unwrap();
+                let status = response.status();
+                if status == StatusCode::METHOD_NOT_ALLOWED {
+                    assert!(response.headers().contains_key(header::ALLOW));
+                    let body = axum::body::to_bytes(response.into_body(), 4096)
+                        .await
+                        .unwrap();
+                    let error: Value = serde_json::from_slice(&body).unwrap();
+                    assert_eq!(
+                        error["error"]["code"], "method_not_allowed",
+                        "{method} {path}"
+                    );
+                }
                 let want_routed = documented.contains(method.as_str());
                 assert_eq!(
                     status != StatusCode::METHOD_NOT_ALLOWED && status != StatusCode::NOT_FOUND,
@@ -914,6 +983,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_head_is_431_with_the_documented_body() {
+        use axum::body::Body;
+        use tower::ServiceExt;
+        let (app, token, _peer) = test_app().await;
+        let request = axum::http::Request::builder()
+            .uri("/api/templates")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header("x-big", "a".repeat(MAX_HEADER_BYTES))
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let error: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"]["code"], "header_too_large");
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl Builder<'_> {
             p.name
         ));
         distro::check(p.distro, &p.settings).map_err(|e| fail("check", e))?;
+        require("check", distro::UNPACK_TOOLS)?;
         let partial = with_suffix(&p.tree, ".partial");
         for old in [&p.tree, &partial] {
             if old.exists() {
@@ -127,6 +128,7 @@ impl Builder<'_> {
         if work.exists() {
             fs::remove_dir_all(&work).map_err(|e| fail("bootstrap", e))?;
         }
+        require("bootstrap", distro::bootstrap_tools(p.distro))?;
         if let Some((suite, _)) = distro::suite(p.distro) {
             self.say(&format!("== step mirror: {} ({suite})", p.settings.mirror));
             let release = format!(
@@ -187,6 +189,16 @@ impl Builder<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Fails the step, naming the program and its package, when one of `tools` is missing: a
+/// missing wget must not look like a mirror that does not answer.
+fn require(step: &'static str, tools: &[(&str, &str)]) -> Result<(), Failure> {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    match distro::missing_tool(tools, &path) {
+        Some(m) => Err(fail(step, m)),
+        None => Ok(()),
     }
 }
 

@@ -61,7 +61,9 @@ const DEVICE_ALLOW: [(&str, &str); 7] = [
 
 pub struct NspawnContainers {
     systemd: Systemd,
-    config: ContainerConfig,
+    /// Directories are fixed for the life of the service; distros and the build timeout
+    /// change on reload (`reload`).
+    config: std::sync::RwLock<ContainerConfig>,
     /// `<state>/builds`: build plans and results.
     builds_dir: PathBuf,
     /// This program, which the build unit runs as `build-tree`.
@@ -180,12 +182,39 @@ impl NspawnContainers {
     ) -> Self {
         Self {
             systemd,
-            config,
+            config: std::sync::RwLock::new(config),
             builds_dir: state_dir.join("builds"),
             agent: program.with_file_name(AGENT_FILE),
             program,
             output_cap,
         }
+    }
+
+    fn config(&self) -> std::sync::RwLockReadGuard<'_, ContainerConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the settings that can change while the service runs: the distros (mirror,
+    /// keyring, signatures, packages) and the build timeout, for the next build. Returns the
+    /// names of changed settings that only a restart applies (the directories: trees, caches
+    /// and logs already live where they are).
+    pub fn reload(&self, new: &ContainerConfig) -> Vec<&'static str> {
+        let mut c = self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.distros = new.distros.clone();
+        c.build_timeout_secs = new.build_timeout_secs;
+        [
+            ("container.machines_dir", c.machines_dir != new.machines_dir),
+            ("container.cache_dir", c.cache_dir != new.cache_dir),
+            ("container.log_dir", c.log_dir != new.log_dir),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
     }
 
     /// The workspace's tree, opened for confined access.
@@ -194,7 +223,7 @@ impl NspawnContainers {
     }
 
     fn log_path(&self, ws: &Workspace) -> PathBuf {
-        self.config.log_dir.join(&ws.id).join("init.log")
+        self.config().log_dir.join(&ws.id).join("init.log")
     }
 
     fn plan_paths(&self, ws: &Workspace) -> (PathBuf, PathBuf) {
@@ -252,7 +281,7 @@ impl NspawnContainers {
 #[async_trait]
 impl Containers for NspawnContainers {
     fn tree_path(&self, name: &str) -> PathBuf {
-        self.config.machines_dir.join(name)
+        self.config().machines_dir.join(name)
     }
 
     fn is_built(&self, ws: &Workspace) -> bool {
@@ -286,9 +315,9 @@ impl Containers for NspawnContainers {
             workspace_id: ws.id.clone(),
             name: ws.name.clone(),
             distro,
-            settings: self.config.distro(distro),
+            settings: self.config().distro(distro),
             tree: self.tree_path(&ws.name),
-            cache_dir: self.config.cache_dir.clone(),
+            cache_dir: self.config().cache_dir.clone(),
             log: self.log_path(ws),
             result: result_path.clone(),
         };
@@ -312,7 +341,7 @@ impl Containers for NspawnContainers {
             // A oneshot's whole run is its start: the start timeout bounds the build.
             prop(
                 "TimeoutStartUSec",
-                u64::from(self.config.build_timeout_secs) * 1_000_000,
+                u64::from(self.config().build_timeout_secs) * 1_000_000,
             ),
             prop("LogExtraFields", log_fields(ws)),
             prop("ExecStart", vec![(program, argv, false)]),
@@ -327,7 +356,8 @@ impl Containers for NspawnContainers {
             (_, Some(r)) => Err(build_failed(ws, &r)),
             (Err(e), _) => Err(Error::JobFailed(format!(
                 "Build of '{}' failed: {e} (builds are stopped after build_timeout_secs = {})",
-                ws.name, self.config.build_timeout_secs
+                ws.name,
+                self.config().build_timeout_secs
             ))),
             (Ok(()), _) => Err(Error::JobFailed(format!(
                 "Build of '{}' failed: {unit} left no result",
@@ -550,7 +580,7 @@ impl Containers for NspawnContainers {
 
     async fn clean_orphans(&self, known: &[String]) {
         let is_known = |name: &str| known.iter().any(|k| k == name);
-        if let Ok(entries) = fs::read_dir(&self.config.machines_dir) {
+        if let Ok(entries) = fs::read_dir(&self.config().machines_dir) {
             for e in entries.flatten() {
                 let file = e.file_name().to_string_lossy().into_owned();
                 let path = e.path();
@@ -668,7 +698,7 @@ impl Containers for NspawnContainers {
         let dirs = [
             tree,
             PathBuf::from(partial),
-            self.config.log_dir.join(&ws.id),
+            self.config().log_dir.join(&ws.id),
         ];
         // std's remove_dir_all never follows a link (it works with openat/unlinkat from the
         // directory's descriptor), so a tree full of links to the host removes only the tree.

@@ -81,6 +81,35 @@ pub fn check(distro: Distro, s: &DistroSettings) -> Result<(), String> {
     }
 }
 
+/// The programs a build runs that are not always installed, with the Debian package of each:
+/// those every build needs (unpacking the cached base), and those making a base needs.
+pub const UNPACK_TOOLS: &[(&str, &str)] = &[("tar", "tar"), ("zstd", "zstd")];
+
+pub fn bootstrap_tools(distro: Distro) -> &'static [(&'static str, &'static str)] {
+    match suite(distro) {
+        // wget: the mirror probe, and debootstrap's downloads.
+        Some(_) => &[("debootstrap", "debootstrap"), ("wget", "wget")],
+        None => &[
+            ("pacstrap", "arch-install-scripts"),
+            ("pacman", "pacman-package-manager"),
+        ],
+    }
+}
+
+/// The first of `tools` not found on `path` (a PATH value), as "'cmd' is not installed
+/// (apt-get install pkg)".
+pub fn missing_tool(tools: &[(&str, &str)], path: &str) -> Option<String> {
+    tools.iter().find_map(|(cmd, package)| {
+        let found = path.split(':').filter(|d| !d.is_empty()).any(|d| {
+            std::fs::metadata(Path::new(d).join(cmd)).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        });
+        (!found).then(|| format!("'{cmd}' is not installed (apt-get install {package})"))
+    })
+}
+
 /// The command that writes a fresh base tree into `target`.
 pub fn bootstrap_argv(
     distro: Distro,
@@ -173,6 +202,46 @@ pub fn base_key(distro: Distro, s: &DistroSettings) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_missing_program_is_named_with_its_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let path = format!("{}:/nonexistent", bin.display());
+        let tools = bootstrap_tools(Distro::DebianBookworm);
+        assert_eq!(
+            missing_tool(tools, &path).as_deref(),
+            Some("'debootstrap' is not installed (apt-get install debootstrap)")
+        );
+        for cmd in ["debootstrap", "wget"] {
+            std::fs::write(bin.join(cmd), "#!/bin/sh\n").unwrap();
+        }
+        // Present but not executable does not count.
+        assert!(
+            missing_tool(tools, &path)
+                .unwrap()
+                .contains("'debootstrap'")
+        );
+        for cmd in ["debootstrap", "wget"] {
+            std::fs::set_permissions(
+                bin.join(cmd),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+        }
+        assert_eq!(missing_tool(tools, &path), None);
+        std::fs::remove_file(bin.join("wget")).unwrap();
+        assert_eq!(
+            missing_tool(tools, &path).as_deref(),
+            Some("'wget' is not installed (apt-get install wget)")
+        );
+        assert_eq!(
+            bootstrap_tools(Distro::ArchLinux)[0],
+            ("pacstrap", "arch-install-scripts")
+        );
+    }
+
     use super::*;
 
     fn argv(d: Distro) -> String {

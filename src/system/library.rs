@@ -35,8 +35,14 @@ impl FsLibrary {
         Self { root: root.into() }
     }
 
-    fn root_checked(&self) -> Result<PathBuf> {
-        fs::canonicalize(&self.root).map_err(|e| lib_error(&self.root, "cannot be read", e))
+    /// The Library's real path; None when there is none yet (a fresh install: an absent
+    /// Library is an empty one).
+    fn root_checked(&self) -> Result<Option<PathBuf>> {
+        match fs::canonicalize(&self.root) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(lib_error(&self.root, "cannot be read", e)),
+        }
     }
 
     /// The entry `<kind dir>/<name>` (plus `suffix`), resolved, and proven to be inside the
@@ -44,7 +50,9 @@ impl FsLibrary {
     fn entry(&self, dir: &str, kind: &str, name: &str, suffix: &str) -> Result<Option<PathBuf>> {
         validate_library_name(kind, name)
             .map_err(|e| Error::InvalidArgs(format!("Invalid '{kind}s': {e}")))?;
-        let root = self.root_checked()?;
+        let Some(root) = self.root_checked()? else {
+            return Ok(None);
+        };
         let path = root.join(dir).join(format!("{name}{suffix}"));
         if fs::symlink_metadata(&path).is_err() {
             return Ok(None);
@@ -61,7 +69,9 @@ impl FsLibrary {
     }
 
     fn names_in(&self, dir: &str, suffix: &str) -> Result<Vec<String>> {
-        let root = self.root_checked()?;
+        let Some(root) = self.root_checked()? else {
+            return Ok(Vec::new());
+        };
         let d = root.join(dir);
         let entries = match fs::read_dir(&d) {
             Ok(e) => e,
@@ -234,6 +244,22 @@ fn install_kind(opencode: &TreeDir, dir: &str, entries: &[Vec<Item>]) -> io::Res
 }
 
 impl FsLibrary {
+    /// The entries of one kind that can be installed; the others are reported (journal) and
+    /// left out, so that one bad entry costs only itself.
+    fn installable(&self, dir: &str, kind: &str) -> Result<Vec<String>> {
+        let mut names = self.names_in(dir, "")?;
+        names.retain(
+            |name| match self.plan(dir, kind, std::slice::from_ref(name)) {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!("Leaving out {kind} '{name}' of the Library: {e}");
+                    false
+                }
+            },
+        );
+        Ok(names)
+    }
+
     /// Every listed entry of one kind, read and checked.
     fn plan(&self, dir: &str, kind: &str, names: &[String]) -> Result<Vec<Vec<Item>>> {
         names
@@ -243,7 +269,12 @@ impl FsLibrary {
                     .entry(dir, kind, name, "")?
                     .ok_or_else(|| not_found(kind, name))?;
                 let mut items = Vec::new();
-                plan_entry(&src, PathBuf::from(name), &src, &mut items)?;
+                plan_entry(&src, PathBuf::from(name), &src, &mut items).map_err(|e| match e {
+                    Error::InvalidArgs(m) => {
+                        Error::InvalidArgs(format!("Invalid '{kind}s': {kind} '{name}': {m}"))
+                    }
+                    other => other,
+                })?;
                 Ok(items)
             })
             .collect()
@@ -259,21 +290,17 @@ fn not_found(kind: &str, name: &str) -> Error {
 
 impl Library for FsLibrary {
     fn skills(&self) -> Result<Vec<String>> {
-        self.names_in("skill", "")
+        self.installable("skill", "skill")
     }
 
     fn tools(&self) -> Result<Vec<String>> {
-        self.names_in("tool", "")
+        self.installable("tool", "tool")
     }
 
     fn check(&self, skills: &[String], tools: &[String]) -> Result<()> {
-        for (dir, kind, names) in [("skill", "skill", skills), ("tool", "tool", tools)] {
-            for name in names {
-                if self.entry(dir, kind, name, "")?.is_none() {
-                    return Err(not_found(kind, name));
-                }
-            }
-        }
+        // As deep as an install: an entry that exists but cannot be installed is refused here.
+        self.plan("skill", "skill", skills)?;
+        self.plan("tool", "tool", tools)?;
         Ok(())
     }
 
@@ -504,14 +531,36 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_library_is_a_clear_error() {
+    fn an_absent_library_is_an_empty_one() {
         let lib = FsLibrary::new("/nonexistent/library");
-        assert!(
-            matches!(lib.templates(), Err(Error::Library(m)) if m.contains("/nonexistent/library"))
-        );
-        assert!(matches!(
+        assert_eq!(lib.templates(), Ok(vec![]));
+        assert_eq!(lib.skills(), Ok(vec![]));
+        assert_eq!(lib.tools(), Ok(vec![]));
+        assert_eq!(
             lib.check(&["x".into()], &[]),
-            Err(Error::Library(_))
-        ));
+            Err(Error::NoSuchSkill("x".into()))
+        );
+        assert_eq!(lib.template("t"), Err(Error::NoSuchTemplate("t".into())));
+    }
+
+    #[test]
+    fn an_entry_that_cannot_be_installed_is_refused_and_not_offered() {
+        let (dir, lib) = library();
+        symlink("/etc/shadow", lib.root.join("skill/python-dev/leak")).unwrap();
+        assert_eq!(
+            lib.skills().unwrap(),
+            ["web"],
+            "only installable skills are offered"
+        );
+        let e = lib.check(&["python-dev".into()], &[]).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgs(m) if m.contains("'skills'") && m.contains("python-dev") && m.contains("leak")),
+            "{e:?}"
+        );
+        // The others still install (the default host workspace gets every installable skill).
+        let ws = dir.path().join("ws");
+        let skills = lib.skills().unwrap();
+        lib.install(&host(&ws), &skills, &[]).unwrap();
+        assert!(ws.join(".opencode/skill/web/SKILL.md").is_file());
     }
 }

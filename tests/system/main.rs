@@ -1463,22 +1463,40 @@ async fn unreachable_mirrors_and_missing_keyrings_fail_clearly_and_quickly() {
     let config = "/etc/agent-workspaces/config.toml";
     let original = std::fs::read_to_string(config).unwrap_or_default();
     // Port 9 on the test host's loopback: nothing listens, so the probe is refused at once.
+    // Applied by a reload: distro settings take effect for the next build without a restart.
     std::fs::write(
         config,
         format!("{original}\n[distro.debian-bookworm]\nmirror = \"http://127.0.0.1:9/debian\"\n"),
     )
     .unwrap();
-    restart_service();
+    systemctl(&format!("reload {UNIT}"));
     let conn = bus().await;
     let m = manager(&conn).await;
     let offline = unique("offline");
     let keyless = unique("keyless");
+    let no_wget = unique("no-wget");
     m.create_workspace(container_spec(&offline, vec![]))
+        .await
+        .unwrap();
+    m.create_workspace(container_spec(&no_wget, vec![]))
         .await
         .unwrap();
     let mut noble = container_spec(&keyless, vec![]);
     noble.insert("distro", Variant::from("ubuntu-noble"));
     m.create_workspace(noble).await.unwrap();
+    // A missing program is named, with its package: not mistaken for a mirror that is down.
+    ok("mv /usr/bin/wget /usr/bin/wget.hidden");
+    m.build_workspace(&no_wget).await.unwrap();
+    let status = wait_built(&conn, &no_wget, Duration::from_secs(120)).await;
+    ok("mv /usr/bin/wget.hidden /usr/bin/wget");
+    assert_eq!(status, "error");
+    let ws = workspace(&conn, &m.get_workspace(&no_wget).await.unwrap()).await;
+    let message = ws.error_message().await.unwrap();
+    assert!(
+        message.contains("step 'bootstrap': 'wget' is not installed (apt-get install wget)"),
+        "{message}"
+    );
+    m.destroy_workspace(&no_wget).await.unwrap();
     for (name, needle) in [
         (
             &offline,
@@ -1496,6 +1514,26 @@ async fn unreachable_mirrors_and_missing_keyrings_fail_clearly_and_quickly() {
         assert!(message.contains(needle), "{name}: {message}");
         m.destroy_workspace(name).await.unwrap();
     }
+    // A setting only a restart applies is named in the journal at the reload.
+    std::fs::write(
+        config,
+        original.replace(
+            "[container]\n",
+            "[container]\nlog_dir = \"/var/log/elsewhere\"\n",
+        ),
+    )
+    .unwrap();
+    systemctl(&format!("reload {UNIT}"));
+    let named = wait_for("the reload's warning", Duration::from_secs(10), || {
+        journal(&format!("-u {UNIT}"))
+            .into_iter()
+            .filter_map(|e| e["MESSAGE"].as_str().map(String::from))
+            .find(|m| m.contains("container.log_dir changed") && m.contains("next restart"))
+    });
+    assert!(
+        named.contains("systemctl restart agent-workspaced"),
+        "{named}"
+    );
     std::fs::write(config, original).unwrap();
     restart_service();
 }
@@ -2350,9 +2388,27 @@ async fn the_rest_bridge_streams_exec_and_bounds_slow_clients() {
 
     // Oversized heads are refused; a client that sends a head or a body too slowly is cut off.
     let big = sh(&format!(
-        "curl -sS -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {TOKEN}' -H \"X-Big: $(head -c 20000 /dev/zero | tr '\\0' a)\" http://127.0.0.1:7600/api/templates"
+        "curl -sS -w ' %{{http_code}}' -H 'Authorization: Bearer {TOKEN}' -H \"X-Big: $(head -c 20000 /dev/zero | tr '\\0' a)\" http://127.0.0.1:7600/api/templates"
     ));
-    assert_eq!(big.stdout.trim(), "431", "{}", big.stderr);
+    let (body, code) = big.stdout.trim().rsplit_once(' ').unwrap();
+    assert_eq!(code, "431", "{}", big.stderr);
+    let error: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(error["error"]["code"], "header_too_large");
+    // A method a path does not take: 405 with the documented body and Allow.
+    let wrong = sh(&format!(
+        "curl -sS -i -X PUT -H 'Authorization: Bearer {TOKEN}' http://127.0.0.1:7600/api/templates"
+    ));
+    assert!(wrong.stdout.starts_with("HTTP/1.1 405"), "{}", wrong.stdout);
+    assert!(
+        wrong.stdout.to_lowercase().contains("\nallow: get"),
+        "{}",
+        wrong.stdout
+    );
+    assert!(
+        wrong.stdout.contains("\"method_not_allowed\""),
+        "{}",
+        wrong.stdout
+    );
     let slow_head = raw_http(b"GET /api/templates HTTP/1.1\r\nHost: x\r\n");
     assert_eq!(slow_head, "", "closed without an answer");
     let slow_body = raw_http(
