@@ -124,6 +124,8 @@ pub struct Manager {
     limits: RwLock<ExecLimits>,
     registry: Mutex<Registry>,
     execs_running: AtomicUsize,
+    /// Woken when a command ends: commands waiting for a place look again.
+    exec_slot_freed: tokio::sync::Notify,
     shutdown: CancellationToken,
     /// Container records found `destroying` at load; `reconcile` finishes them.
     unfinished_destroys: Mutex<Vec<Workspace>>,
@@ -136,10 +138,12 @@ fn now_usec() -> u64 {
 }
 
 /// Decrements the global exec count however the exec ends.
-struct RunningGuard<'a>(&'a AtomicUsize);
-impl Drop for RunningGuard<'_> {
+/// A running command's place among the `max_concurrent`.
+struct ExecSlot<'a>(&'a Manager);
+impl Drop for ExecSlot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.execs_running.fetch_sub(1, Ordering::SeqCst);
+        self.0.exec_slot_freed.notify_waiters();
     }
 }
 
@@ -151,6 +155,7 @@ impl Manager {
             limits: RwLock::new(limits),
             registry: Mutex::default(),
             execs_running: AtomicUsize::new(0),
+            exec_slot_freed: tokio::sync::Notify::new(),
             shutdown: CancellationToken::new(),
             unfinished_destroys: Mutex::default(),
         }
@@ -598,14 +603,7 @@ impl Manager {
             }
             (e.ws.clone(), e.execs.token(), e.cancel.child_token())
         };
-        let running = self.execs_running.fetch_add(1, Ordering::SeqCst) + 1;
-        let _guard = RunningGuard(&self.execs_running);
-        if running > limits.max_concurrent {
-            return Err(Error::LimitsExceeded(format!(
-                "Too many ongoing operations: cannot run a command in workspace '{}', {} commands are running (max_concurrent)",
-                ws.name, limits.max_concurrent
-            )));
-        }
+        let _slot = self.exec_slot(&ws.name, &limits, &caller_gone).await?;
         let env = command_env(&ws, params.env);
         let workdir = if ws.is_container() {
             PathBuf::from(CONTAINER_WORKDIR)
@@ -662,6 +660,48 @@ impl Manager {
               ws.name, outcome.exit_code, if outcome.timed_out { " (timed out)" } else { "" },
               outcome.duration.as_secs_f64());
         Ok(outcome)
+    }
+
+    /// A place for one more command: at once while fewer than `max_concurrent` run; else it
+    /// waits, up to `queue_timeout_secs`, for one to end (or the caller to leave), and then
+    /// it is `LimitsExceeded`.
+    async fn exec_slot(
+        &self,
+        workspace: &str,
+        limits: &ExecLimits,
+        caller_gone: &CancellationToken,
+    ) -> Result<ExecSlot<'_>> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(limits.queue_timeout_secs.into());
+        loop {
+            // Registered before the count is looked at, so an end in between is not missed.
+            let freed = self.exec_slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.execs_running.fetch_add(1, Ordering::SeqCst) < limits.max_concurrent {
+                return Ok(ExecSlot(self));
+            }
+            self.execs_running.fetch_sub(1, Ordering::SeqCst);
+            tokio::select! {
+                () = &mut freed => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::LimitsExceeded(format!(
+                        "Too many ongoing operations: cannot run a command in workspace '{workspace}': {} commands are running (max_concurrent), and none ended within {} s (queue_timeout_secs)",
+                        limits.max_concurrent, limits.queue_timeout_secs
+                    )));
+                }
+                () = caller_gone.cancelled() => {
+                    return Err(Error::JobFailed(format!(
+                        "Command in workspace '{workspace}' was not run: the caller disconnected while it waited for a place"
+                    )));
+                }
+                () = self.shutdown.cancelled() => {
+                    return Err(Error::JobFailed(format!(
+                        "Command in workspace '{workspace}' was not run: the service is stopping"
+                    )));
+                }
+            }
+        }
     }
 
     /// Where a workspace's `.opencode/` goes.

@@ -298,6 +298,9 @@ pub struct ExecLimits {
     pub max_timeout_secs: u32,
     pub max_output_bytes: usize,
     pub max_concurrent: usize,
+    /// How long a command waits for a place when `max_concurrent` run, before
+    /// `LimitsExceeded` (0: refused at once).
+    pub queue_timeout_secs: u32,
     /// Container builds at once; more is `LimitsExceeded`.
     pub max_concurrent_builds: usize,
     /// How long an init script may run.
@@ -311,6 +314,7 @@ impl Default for ExecLimits {
             max_timeout_secs: 3600,
             max_output_bytes: 1024 * 1024,
             max_concurrent: 64,
+            queue_timeout_secs: 10,
             max_concurrent_builds: 2,
             init_timeout_secs: 1800,
         }

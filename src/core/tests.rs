@@ -52,14 +52,18 @@ impl HostDirs for MemDirs {
     }
 }
 
-/// Records requests; a command "block" runs until cancelled.
+/// Records requests; a command "block" runs until cancelled, "hold" until `release`.
 #[derive(Default)]
-struct FakeExec(Mutex<Vec<ExecRequest>>);
+struct FakeExec(Mutex<Vec<ExecRequest>>, tokio::sync::Notify);
 #[async_trait]
 impl Executor for FakeExec {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
         let block = req.command == "block";
+        let hold = req.command == "hold";
         self.0.lock().unwrap().push(req);
+        if hold {
+            self.1.notified().await;
+        }
         if block {
             cancel.cancelled().await;
             return Ok(ExecOutcome {
@@ -479,6 +483,7 @@ async fn caller_disconnect_cancels_the_exec() {
 async fn exec_cap_is_limits_exceeded() {
     let limits = ExecLimits {
         max_concurrent: 1,
+        queue_timeout_secs: 0,
         ..Default::default()
     };
     let f = fixture_with(Arc::default(), limits);
@@ -500,6 +505,47 @@ async fn exec_cap_is_limits_exceeded() {
     );
     f.manager.shutdown();
     assert!(blocker.await.unwrap().is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_the_cap_a_command_waits_for_a_place_then_is_refused() {
+    let limits = ExecLimits {
+        max_concurrent: 1,
+        queue_timeout_secs: 5,
+        ..Default::default()
+    };
+    let f = fixture_with(Arc::default(), limits);
+    let m = f.manager.clone();
+    let first =
+        tokio::spawn(async move { m.exec("host", exec("hold"), CancellationToken::new()).await });
+    while f.exec.0.lock().unwrap().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    // A second command waits; when the first ends, it runs.
+    let m = f.manager.clone();
+    let queued =
+        tokio::spawn(async move { m.exec("host", exec("true"), CancellationToken::new()).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!queued.is_finished(), "it waits for a place");
+    assert_eq!(f.exec.0.lock().unwrap().len(), 1);
+    f.exec.1.notify_one();
+    assert!(first.await.unwrap().is_ok());
+    assert!(queued.await.unwrap().is_ok(), "it ran once the first ended");
+    // With the place taken for longer than the queue timeout, it is refused.
+    let m = f.manager.clone();
+    let _held =
+        tokio::spawn(async move { m.exec("host", exec("hold"), CancellationToken::new()).await });
+    while f.manager.running_execs() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let refused = f
+        .manager
+        .exec("host", exec("true"), CancellationToken::new())
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::LimitsExceeded(m)) if m.contains("queue_timeout_secs")),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]

@@ -112,6 +112,7 @@ struct ExecSection {
     max_timeout_secs: Option<u32>,
     max_output_bytes: Option<u64>,
     max_concurrent: Option<u32>,
+    queue_timeout_secs: Option<u32>,
     isolation: Option<IsolationMode>,
 }
 
@@ -137,6 +138,7 @@ impl Config {
             max_timeout_secs: e.max_timeout_secs.unwrap_or(d.max_timeout_secs),
             max_output_bytes: e.max_output_bytes.unwrap_or(d.max_output_bytes as u64) as usize,
             max_concurrent: e.max_concurrent.unwrap_or(d.max_concurrent as u32) as usize,
+            queue_timeout_secs: e.queue_timeout_secs.unwrap_or(d.queue_timeout_secs),
             max_concurrent_builds: file
                 .container
                 .max_concurrent_builds
