@@ -14,6 +14,8 @@ prefix ?= /usr
 bindir ?= $(prefix)/bin
 libexecdir ?= $(prefix)/libexec
 datadir ?= $(prefix)/share
+mandir ?= $(datadir)/man
+sysconfdir ?= /etc
 systemdsystemunitdir ?= $(prefix)/lib/systemd/system
 CARGO ?= cargo
 TESTHOST := tests/testhost/testhost.sh
@@ -21,20 +23,32 @@ TESTHOST := tests/testhost/testhost.sh
 HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 AGENT := target/$(HOST_TRIPLE)/release/agent-workspaces-agent
 
-.PHONY: all build install uninstall up down test unit-test system-test e2e-test lint bench
+.PHONY: all build docs install uninstall up down test unit-test system-test e2e-test lint bench
 
 all: build
 
-build:
+build: docs
 	$(CARGO) build --release --locked
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
 		-p agent-workspaces-agent --target $(HOST_TRIPLE)
+
+# Manual pages and workspacectl's shell completions, rendered from the command lines (src/cli.rs).
+docs:
+	rm -rf target/docs
+	$(CARGO) run --release --locked --quiet --example docs -- target/docs
+	gzip -9n target/docs/man/*
 
 install: build
 	install -Dm755 target/release/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaced
 	install -Dm755 target/release/agent-workspaces-http $(DESTDIR)$(libexecdir)/agent-workspaces-http
 	install -Dm755 target/release/workspacectl $(DESTDIR)$(bindir)/workspacectl
 	install -Dm755 $(AGENT) $(DESTDIR)$(libexecdir)/agent-workspaces-agent
+	install -d $(DESTDIR)$(mandir)/man1 $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(sysconfdir)/agent-workspaces
+	install -m644 target/docs/man/*.1.gz $(DESTDIR)$(mandir)/man1/
+	install -m644 target/docs/man/*.8.gz $(DESTDIR)$(mandir)/man8/
+	install -Dm644 target/docs/completions/workspacectl.bash $(DESTDIR)$(datadir)/bash-completion/completions/workspacectl
+	install -Dm644 target/docs/completions/_workspacectl $(DESTDIR)$(datadir)/zsh/vendor-completions/_workspacectl
+	install -Dm644 target/docs/completions/workspacectl.fish $(DESTDIR)$(datadir)/fish/vendor_completions.d/workspacectl.fish
 	install -Dm644 sysusers/agent-workspaces-http.conf $(DESTDIR)$(prefix)/lib/sysusers.d/agent-workspaces-http.conf
 	install -Dm644 polkit/50-agent-workspaces-http.rules $(DESTDIR)$(datadir)/polkit-1/rules.d/50-agent-workspaces-http.rules
 	install -Dm644 dbus/org.agent.Workspaces.conf $(DESTDIR)$(datadir)/dbus-1/system.d/org.agent.Workspaces.conf
@@ -59,7 +73,11 @@ uninstall:
 		$(DESTDIR)$(datadir)/dbus-1/system-services/org.agent.Workspaces.service \
 		$(DESTDIR)$(datadir)/dbus-1/interfaces/org.agent.Workspaces.xml \
 		$(DESTDIR)$(datadir)/polkit-1/actions/org.agent.workspaces.policy \
-		$(DESTDIR)$(systemdsystemunitdir)/agent-workspaced.service
+		$(DESTDIR)$(systemdsystemunitdir)/agent-workspaced.service \
+		$(DESTDIR)$(mandir)/man1/workspacectl*.1.gz $(DESTDIR)$(mandir)/man8/agent-workspace*.8.gz \
+		$(DESTDIR)$(datadir)/bash-completion/completions/workspacectl \
+		$(DESTDIR)$(datadir)/zsh/vendor-completions/_workspacectl \
+		$(DESTDIR)$(datadir)/fish/vendor_completions.d/workspacectl.fish
 
 up:
 	tests/up.sh

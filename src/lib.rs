@@ -11,6 +11,7 @@
 //!
 //! `ARCHITECTURE.md` at the top of the repository has the code map and the invariants.
 
+pub mod cli;
 pub mod core;
 pub mod dbus;
 pub mod http;

@@ -44,7 +44,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft descriptor limit to the hard one (each running command holds a few
+/// descriptors here); returns the original soft limit, which commands get back.
+fn raise_fd_limit() -> libc::rlim_t {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        let original = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        original
+    }
+}
+
 fn serve(socket: &Path) -> io::Result<()> {
+    let child_nofile = raise_fd_limit();
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -68,7 +88,7 @@ fn serve(socket: &Path) -> io::Result<()> {
         let spawned = std::thread::Builder::new()
             .name("exec".into())
             .stack_size(256 * 1024)
-            .spawn(move || serve_one(conn));
+            .spawn(move || serve_one(conn, child_nofile));
         if let Err(e) = spawned {
             eprintln!("agent-workspaces-agent: cannot start a thread: {e}");
         }
@@ -106,7 +126,7 @@ fn read_request(conn: &mut UnixStream) -> io::Result<(ExecRequest, Vec<OwnedFd>)
     Ok((req, fds))
 }
 
-fn serve_one(mut conn: UnixStream) {
+fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     // Only a client that sends nothing could hold this thread; the service sends at once.
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
     let (req, fds) = match read_request(&mut conn) {
@@ -148,6 +168,21 @@ fn serve_one(mut conn: UnixStream) {
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr))
         .process_group(0);
+    // SAFETY: getrlimit/setrlimit only, between fork and exec: the command gets the limit
+    // the agent started with.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > child_nofile {
+                lim.rlim_cur = child_nofile;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+            Ok(())
+        });
+    }
     if let Some(procs) = &procs {
         let fd = procs.as_raw_fd();
         // SAFETY: only write(2) runs between fork and exec. The service opened this

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+
+use agent_workspaces::cli::daemon::{Args, Internal};
 use libsystemd::daemon::{NotifyState, notify};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -15,7 +17,7 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 use agent_workspaces::core::messages;
 use agent_workspaces::core::{Manager, Ports};
 use agent_workspaces::dbus::{self, BUS_NAME};
-use agent_workspaces::system::config::{self, Config, IsolationMode};
+use agent_workspaces::system::config::{Config, IsolationMode};
 use agent_workspaces::system::containers::NspawnContainers;
 use agent_workspaces::system::exec::{CgroupTree, HostExecutor, Isolation};
 use agent_workspaces::system::library::FsLibrary;
@@ -25,40 +27,6 @@ use agent_workspaces::system::systemd::Systemd;
 
 /// Exit code for a configuration error (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
-
-#[derive(Parser)]
-#[command(
-    version,
-    about = "The agent-workspaces system service (org.agent.Workspaces)"
-)]
-struct Args {
-    /// Configuration file; a missing file means every default.
-    #[arg(long, default_value = config::DEFAULT_PATH)]
-    config: PathBuf,
-    /// State directory (records, host workspaces). systemd passes it as $STATE_DIRECTORY.
-    #[arg(
-        long,
-        env = "STATE_DIRECTORY",
-        default_value = "/var/lib/agent-workspaces"
-    )]
-    state_dir: PathBuf,
-    /// D-Bus address to serve on instead of the system bus.
-    #[arg(long)]
-    bus_address: Option<String>,
-    /// Where logs go.
-    #[arg(long, value_enum, default_value = "auto")]
-    log_target: logging::Target,
-    #[command(subcommand)]
-    command: Option<Internal>,
-}
-
-/// Not for users: what the service's own transient units run.
-#[derive(clap::Subcommand)]
-enum Internal {
-    /// Build a container tree from a build plan (run by agent-workspace-build-NAME.service).
-    #[command(hide = true)]
-    BuildTree { plan: PathBuf },
-}
 
 fn fail(code: u8, message: String) -> ExitCode {
     error!("{message}");
@@ -114,6 +82,9 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             Isolation::ProcessGroup
         }
     };
+    if let Err(e) = agent_workspaces::system::exec::raise_fd_limit() {
+        warn!("Cannot raise the descriptor limit (commands at once are fewer): {e}");
+    }
     let store = FileStore::open(state_dir.join("records")).map_err(|e| e.to_string())?;
     let conn = agent_workspaces::dbus::client::connect(args.bus_address.as_deref())
         .await

@@ -2,34 +2,19 @@
 //! `org.agent.Workspaces` on the system bus. Socket-activated by
 //! `agent-workspaces-http.socket`, or `--listen ADDR` by hand. Refuses to start without a token.
 
-use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+
+use agent_workspaces::cli::http::Args;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 use agent_workspaces::http::{AppState, serve};
 use agent_workspaces::system::logging;
-
-#[derive(Parser)]
-#[command(version, about = "REST bridge for org.agent.Workspaces")]
-struct Args {
-    /// Listen here instead of on the socket systemd passes (e.g. 127.0.0.1:7600).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// File holding the API token (default: the systemd credential `api-token`).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// D-Bus address of the service's bus instead of the system bus.
-    #[arg(long)]
-    bus_address: Option<String>,
-    #[arg(long, value_enum, default_value = "auto")]
-    log_target: logging::Target,
-}
 
 fn token(args: &Args) -> Result<String, String> {
     let path = match &args.token_file {

@@ -7,7 +7,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser};
+
+use agent_workspaces::cli::workspacectl::{Cli, Command};
 use serde_json::{Value, json};
 use zbus::proxy::MethodFlags;
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
@@ -15,89 +17,6 @@ use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 use std::os::fd::AsFd;
 
 use agent_workspaces::dbus::client::{ExecReply, connect, variant_json};
-
-#[derive(Parser)]
-#[command(version, about = "Manage agent workspaces (org.agent.Workspaces)")]
-struct Cli {
-    /// Print JSON instead of tables.
-    #[arg(long, global = true)]
-    json: bool,
-    /// D-Bus address instead of the system bus.
-    #[arg(long, global = true)]
-    bus_address: Option<String>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// List workspaces.
-    List,
-    /// Show a workspace's properties.
-    Status {
-        workspace: String,
-    },
-    /// Create a workspace.
-    Create {
-        name: Option<String>,
-        #[arg(long = "type")]
-        workspace_type: Option<String>,
-        #[arg(long)]
-        distro: Option<String>,
-        #[arg(long)]
-        template: Option<String>,
-        #[arg(long = "skill")]
-        skills: Vec<String>,
-        #[arg(long = "tool")]
-        tools: Vec<String>,
-        /// KEY=VALUE, repeatable.
-        #[arg(long = "env")]
-        env: Vec<String>,
-        /// File holding the init script.
-        #[arg(long)]
-        init_script: Option<PathBuf>,
-        #[arg(long)]
-        network: Option<String>,
-        /// Build at once (containers).
-        #[arg(long)]
-        build: bool,
-        /// Take the spec from a JSON file (the REST API's create body).
-        #[arg(long, conflicts_with_all = ["name", "template"])]
-        from_json: Option<PathBuf>,
-    },
-    Build {
-        workspace: String,
-    },
-    Rebuild {
-        workspace: String,
-    },
-    Destroy {
-        workspace: String,
-    },
-    /// Run a command; exits with its exit code (124 on timeout).
-    Exec {
-        workspace: String,
-        #[arg(long)]
-        timeout: Option<u32>,
-        #[arg(required = true, last = true)]
-        command: Vec<String>,
-    },
-    InitLog {
-        workspace: String,
-        #[arg(short = 'n', long, default_value_t = 0)]
-        lines: u32,
-    },
-    Debug {
-        workspace: String,
-    },
-    RerunInit {
-        workspace: String,
-    },
-    Sync {
-        workspace: String,
-    },
-    Templates,
-}
 
 type Dict = HashMap<String, Variant<'static>>;
 
@@ -212,6 +131,15 @@ fn spec_from_json(path: &PathBuf) -> Result<Dict, String> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "workspacectl",
+            &mut std::io::stdout(),
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let conn = connect(cli.bus_address.as_deref())
         .await
         .map_err(|e| format!("cannot connect to the bus: {e}"))?;
@@ -399,6 +327,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let _ = std::io::stderr().write_all(&err);
             return Ok(exit_status(code, timed_out));
         }
+        Command::Completions { .. } => unreachable!("answered before connecting"),
         Command::Templates => {
             let all: Vec<(String, String, String)> =
                 c.call("ListTemplates", &()).await.map_err(e)?;

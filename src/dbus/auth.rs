@@ -3,6 +3,9 @@
 //! callers; everyone else is asked, with details `workspace` and `verb`.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::Semaphore;
 
 use zbus::Connection;
 use zbus::fdo::DBusProxy;
@@ -32,10 +35,20 @@ impl Action {
     }
 }
 
+/// Calls to the bus and polkit in flight at once for authorization. dbus-daemon refuses a
+/// connection's 129th pending call (max_replies_per_connection), which a burst of requests
+/// would otherwise reach; over this, requests wait their turn.
+const MAX_CHECKS: usize = 48;
+/// Callers' uids remembered (unique names are never reused on a bus); the map is emptied when
+/// it grows past this.
+const MAX_REMEMBERED: usize = 4096;
+
 #[derive(Clone)]
 pub struct Authorizer {
     dbus: DBusProxy<'static>,
     polkit: AuthorityProxy<'static>,
+    checks: Arc<Semaphore>,
+    uids: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl Authorizer {
@@ -46,7 +59,35 @@ impl Authorizer {
                 .cache_properties(zbus::proxy::CacheProperties::No)
                 .build()
                 .await?,
+            checks: Arc::new(Semaphore::new(MAX_CHECKS)),
+            uids: Arc::default(),
         })
+    }
+
+    /// The caller's uid: asked of the bus once per connection.
+    async fn uid_of(&self, sender: &zbus::names::UniqueName<'_>) -> Result<u32> {
+        if let Some(uid) = self.remembered(sender) {
+            return Ok(uid);
+        }
+        let uid = self
+            .dbus
+            .get_connection_unix_user(sender.clone().into())
+            .await
+            .map_err(|e| BusError::access_denied(format!("Cannot identify the caller: {e}")))?;
+        let mut uids = self.uids.lock().unwrap_or_else(PoisonError::into_inner);
+        if uids.len() >= MAX_REMEMBERED {
+            uids.clear();
+        }
+        uids.insert(sender.to_string(), uid);
+        Ok(uid)
+    }
+
+    fn remembered(&self, sender: &zbus::names::UniqueName<'_>) -> Option<u32> {
+        self.uids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(sender.as_str())
+            .copied()
     }
 
     /// Allows the call or returns `AccessDenied` / `InteractiveAuthorizationRequired`.
@@ -60,11 +101,11 @@ impl Authorizer {
         let sender = header
             .sender()
             .ok_or_else(|| BusError::access_denied("The call has no sender to authorize"))?;
-        let uid = self
-            .dbus
-            .get_connection_unix_user(sender.clone().into())
-            .await
-            .map_err(|e| BusError::access_denied(format!("Cannot identify the caller: {e}")))?;
+        let _turn = match self.remembered(sender) {
+            Some(0) => return Ok(()),
+            _ => self.checks.acquire().await,
+        };
+        let uid = self.uid_of(sender).await?;
         if uid == 0 {
             return Ok(());
         }

@@ -11,11 +11,15 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use agent_workspaces_agent::{ExecRequest, MAX_REPLY, Reply, SOCKET, frame_len, send_with_fds};
-use pathrs::Root;
+use pathrs::RootRef;
 use rustix::fs::{self as rfs, FileType, Mode, OFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
+
+use super::exec::cgroup2_mount;
 
 /// How long connecting and sending a request may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,43 +50,80 @@ fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// The agent's socket in the container whose leader is `leader`, as an `O_PATH` descriptor
-/// of the socket inode itself.
-fn socket_of(leader: u32) -> io::Result<OwnedFd> {
-    let pidfd = pidfd_open(leader)?;
-    let root = rfs::openat(
-        rfs::CWD,
-        format!("/proc/{leader}/root"),
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    // The root belongs to the leader only if the leader still lives: its PID was not reused.
-    if !pidfd_alive(pidfd.as_fd()) {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "the container's leader is gone",
-        ));
+/// A running container as the service reaches it: its leader (the container's PID 1), held
+/// by a pidfd so that a reused PID is never taken for it; the leader's root (the container's
+/// file system); and its payload cgroup, below which commands get their cgroups. Opened once
+/// per container start and kept: the exec path then makes no bus call.
+pub struct Leader {
+    pub pid: u32,
+    pidfd: OwnedFd,
+    root: OwnedFd,
+    /// The leader's cgroup v2 directory (nspawn's delegated `payload`).
+    pub payload: PathBuf,
+}
+
+impl Leader {
+    pub fn open(pid: u32) -> io::Result<Self> {
+        let pidfd = pidfd_open(pid)?;
+        let root = rfs::openat(
+            rfs::CWD,
+            format!("/proc/{pid}/root"),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        let rel = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| io::Error::other("the container has no cgroup v2 membership"))?;
+        let mount =
+            cgroup2_mount().ok_or_else(|| io::Error::other("no cgroup v2 hierarchy is mounted"))?;
+        let payload = mount.join(rel.trim().trim_start_matches('/'));
+        let leader = Self {
+            pid,
+            pidfd,
+            root,
+            payload,
+        };
+        // What was opened belongs to the leader only if it still lives: its PID was not reused.
+        if !leader.alive() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the container's leader is gone",
+            ));
+        }
+        Ok(leader)
     }
-    let handle = Root::from_fd(root)
-        .resolve_nofollow(SOCKET)
-        .map_err(|e| match e.kind() {
-            pathrs::error::ErrorKind::OsError(Some(n)) => io::Error::from_raw_os_error(n),
-            _ => io::Error::other(e.to_string()),
-        })?;
-    let st = rfs::fstat(handle.as_fd())?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{SOCKET} is not a socket"),
-        ));
+
+    /// The leader still runs (and so its root and cgroup are the container's).
+    pub fn alive(&self) -> bool {
+        pidfd_alive(self.pidfd.as_fd())
     }
-    Ok(handle.into())
+
+    /// The agent's socket, as an `O_PATH` descriptor of the socket inode itself, resolved
+    /// inside the container.
+    fn agent_socket(&self) -> io::Result<OwnedFd> {
+        let handle = RootRef::from_fd(self.root.as_fd())
+            .resolve_nofollow(SOCKET)
+            .map_err(|e| match e.kind() {
+                pathrs::error::ErrorKind::OsError(Some(n)) => io::Error::from_raw_os_error(n),
+                _ => io::Error::other(e.to_string()),
+            })?;
+        let st = rfs::fstat(handle.as_fd())?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{SOCKET} is not a socket"),
+            ));
+        }
+        Ok(handle.into())
+    }
 }
 
 impl AgentConnection {
-    /// Connects to the agent of the container whose leader (its PID 1) is `leader`.
-    pub async fn connect(leader: u32) -> io::Result<Self> {
-        let socket = socket_of(leader)?;
+    /// Connects to the agent of the container whose leader this is.
+    pub async fn connect(leader: &Leader) -> io::Result<Self> {
+        let socket = leader.agent_socket()?;
         let path = format!("/proc/self/fd/{}", socket.as_raw_fd());
         let stream = tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
             .await

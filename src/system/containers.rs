@@ -10,10 +10,12 @@
 //! The tree is the container's: code inside can put anything anywhere in it. Every file the
 //! service reads or writes there goes through `tree::Tree`, resolved inside the tree.
 
+use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use zbus::OwnedVariant;
 
-use super::agent::AgentConnection;
+use super::agent::{AgentConnection, Leader};
 use super::build::{BuildPlan, BuildResult};
 use super::config::ContainerConfig;
 use super::exec::{Command, Containment, Launch, cgroup2_mount, run_contained};
@@ -59,6 +61,9 @@ const DEVICE_ALLOW: [(&str, &str); 7] = [
     ("block-device-mapper", "rw"),
 ];
 
+/// The cached leader of one container; its lock makes lookups single-flight.
+type LeaderSlot = Arc<tokio::sync::Mutex<Option<Arc<Leader>>>>;
+
 pub struct NspawnContainers {
     systemd: Systemd,
     /// Directories are fixed for the life of the service; distros and the build timeout
@@ -68,6 +73,8 @@ pub struct NspawnContainers {
     builds_dir: PathBuf,
     /// This program, which the build unit runs as `build-tree`.
     program: PathBuf,
+    /// The leader of each running container, by workspace name (see `leader`).
+    leaders: std::sync::Mutex<HashMap<String, LeaderSlot>>,
     /// The agent, bind-mounted read-only into every container as its payload.
     agent: PathBuf,
     output_cap: usize,
@@ -185,6 +192,7 @@ impl NspawnContainers {
             config: std::sync::RwLock::new(config),
             builds_dir: state_dir.join("builds"),
             agent: program.with_file_name(AGENT_FILE),
+            leaders: Default::default(),
             program,
             output_cap,
         }
@@ -233,32 +241,54 @@ impl NspawnContainers {
         )
     }
 
-    /// The leader's cgroup directory: commands get their cgroups below it.
-    fn payload_cgroup(leader: u32) -> Result<PathBuf> {
-        let text = fs::read_to_string(format!("/proc/{leader}/cgroup"))
-            .map_err(|e| Error::JobFailed(format!("Cannot read the container's cgroup: {e}")))?;
-        let rel = text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| Error::JobFailed("The container has no cgroup v2 membership".into()))?;
-        let mount = cgroup2_mount()
-            .ok_or_else(|| Error::JobFailed("No cgroup v2 hierarchy is mounted".into()))?;
-        Ok(mount.join(rel.trim().trim_start_matches('/')))
-    }
-
     /// The running container's leader, starting the container first if it is not running.
-    /// One machined lookup on the exec path when it runs (start() would look it up again).
-    async fn leader(&self, ws: &Workspace) -> Result<u32> {
-        if let Some(leader) = self.systemd.machine_leader(&ws.name).await? {
-            return Ok(leader);
+    /// Looked up once per container start and kept (checked through its pidfd), so the exec
+    /// path makes no bus call; a burst of commands waits for one lookup (the bus refuses more
+    /// than 128 pending calls per connection).
+    async fn leader(&self, ws: &Workspace) -> Result<Arc<Leader>> {
+        let slot = self
+            .leaders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(ws.name.clone())
+            .or_default()
+            .clone();
+        let mut cached = slot.lock().await;
+        if let Some(l) = cached.as_ref().filter(|l| l.alive()) {
+            return Ok(l.clone());
         }
-        self.start(ws).await?;
-        self.systemd.machine_leader(&ws.name).await?.ok_or_else(|| {
+        *cached = None;
+        let pid = match self.systemd.machine_leader(&ws.name).await? {
+            Some(pid) => pid,
+            None => {
+                self.start(ws).await?;
+                self.systemd
+                    .machine_leader(&ws.name)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::JobFailed(format!(
+                            "The container of workspace '{}' is not running",
+                            ws.name
+                        ))
+                    })?
+            }
+        };
+        let leader = Arc::new(Leader::open(pid).map_err(|e| {
             Error::JobFailed(format!(
-                "The container of workspace '{}' is not running",
+                "Cannot reach the container of workspace '{}': {e}",
                 ws.name
             ))
-        })
+        })?);
+        *cached = Some(leader.clone());
+        Ok(leader)
+    }
+
+    /// Forgets the leader of a container that is stopped or removed.
+    fn forget_leader(&self, name: &str) {
+        self.leaders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
     }
 
     async fn append_log(&self, ws: &Workspace, text: &[u8]) {
@@ -422,8 +452,12 @@ impl Containers for NspawnContainers {
         let deadline = tokio::time::Instant::now() + AGENT_START_TIMEOUT;
         let mut why = format!("machine '{}' did not register with machined", ws.name);
         while tokio::time::Instant::now() < deadline {
-            if let Some(leader) = self.systemd.machine_leader(&ws.name).await? {
-                match AgentConnection::connect(leader).await {
+            if let Some(pid) = self.systemd.machine_leader(&ws.name).await? {
+                let connected = match Leader::open(pid) {
+                    Ok(leader) => AgentConnection::connect(&leader).await.map(drop),
+                    Err(e) => Err(e),
+                };
+                match connected {
                     Ok(_) => {
                         info!(workspace_id = %ws.id, workspace_name = %ws.name,
                               "Started container {} ({unit})", ws.name);
@@ -442,6 +476,7 @@ impl Containers for NspawnContainers {
     }
 
     async fn stop(&self, ws: &Workspace) -> Result<()> {
+        self.forget_leader(&ws.name);
         self.systemd.stop(&build_unit_name(&ws.name)).await?;
         self.systemd.stop(&unit_name(&ws.name)).await
     }
@@ -466,8 +501,7 @@ impl Containers for NspawnContainers {
         cancel: CancellationToken,
     ) -> Result<ExecOutcome> {
         let leader = self.leader(ws).await?;
-        let payload = Self::payload_cgroup(leader)?;
-        let conn = AgentConnection::connect(leader).await.map_err(|e| {
+        let conn = AgentConnection::connect(&leader).await.map_err(|e| {
             Error::JobFailed(format!(
                 "The agent of workspace '{}' does not answer: {e} (StopWorkspace and StartWorkspace restart it)",
                 ws.name
@@ -493,7 +527,7 @@ impl Containers for NspawnContainers {
             timeout: req.timeout,
             output_cap: req.output_cap,
         };
-        run_contained(command, Containment::CgroupBelow(&payload), &cancel).await
+        run_contained(command, Containment::CgroupBelow(&leader.payload), &cancel).await
     }
 
     async fn run_init(

@@ -124,6 +124,32 @@ impl CgroupTree {
     }
 }
 
+/// The soft descriptor limit the service started with, which the commands it starts get back.
+static CHILD_NOFILE_SOFT: AtomicU64 = AtomicU64::new(1024);
+
+/// systemd gives services a soft limit of 1024 descriptors (for select()'s sake) under a high
+/// hard limit; a service that needs more raises its own soft limit, and gives what it starts
+/// the original (`run_contained` does). Each running command holds about a dozen descriptors
+/// here, so 1024 would refuse commands long before `max_concurrent`. Returns the new limit.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        CHILD_NOFILE_SOFT.store(lim.rlim_cur, Ordering::Relaxed);
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Numbers command cgroups (`exec-N`), unique for the life of the service.
 static NEXT_COMMAND: AtomicU64 = AtomicU64::new(1);
 
@@ -405,6 +431,21 @@ async fn launch<'a>(
                 .stderr(stderr);
             if let Some(cwd) = cwd {
                 cmd.current_dir(cwd);
+            }
+            let soft = CHILD_NOFILE_SOFT.load(Ordering::Relaxed);
+            // SAFETY: getrlimit/setrlimit only, between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > soft {
+                        lim.rlim_cur = soft;
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                    }
+                    Ok(())
+                });
             }
             if let Some(procs) = procs {
                 let fd = procs.as_raw_fd();

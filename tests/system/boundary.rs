@@ -90,7 +90,7 @@ async fn inside(
 }
 
 /// A ready debian-bookworm container with skill "web" and tool "lint".
-async fn ready_container(conn: &zbus::Connection, prefix: &str) -> String {
+pub(super) async fn ready_container(conn: &zbus::Connection, prefix: &str) -> String {
     write_library();
     let m = manager(conn).await;
     let name = unique(prefix);

@@ -2,6 +2,7 @@
 //! journald, inside the disposable test host. Run them with `make system-test`.
 
 mod boundary;
+mod load;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -1,0 +1,200 @@
+//! The command lines of the three programs, defined once: the programs parse them, and
+//! `examples/docs.rs` (`make docs`) renders their manual pages and `workspacectl`'s shell
+//! completions from the same definitions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::system::{config, logging};
+
+/// agent-workspaced(8).
+pub mod daemon {
+    use super::*;
+
+    #[derive(Parser)]
+    #[command(
+        name = "agent-workspaced",
+        version,
+        about = "The agent-workspaces system service (org.agent.Workspaces)",
+        long_about = "The agent-workspaces system service. It owns org.agent.Workspaces on the \
+            system bus and gives AI agents places to work: host workspaces, where commands run \
+            directly on this machine, and container workspaces, isolated trees run with \
+            systemd-nspawn in a user namespace of their own and registered with \
+            systemd-machined. Callers are authorized with polkit; logs go to the journal with \
+            WORKSPACE_ID= and WORKSPACE_NAME= fields.\n\n\
+            It is started by systemd (agent-workspaced.service), on first use through D-Bus \
+            activation. Files: /etc/agent-workspaces/config.toml (configuration; \
+            `systemctl reload agent-workspaced` rereads it), /var/lib/agent-workspaces \
+            (records, host workspaces, the Library), /var/lib/machines (container trees), \
+            /var/cache/agent-workspaces (base trees), /var/log/agent-workspaces (init logs). \
+            See also workspacectl(1), agent-workspaces-http(8), machinectl(1), polkit(8)."
+    )]
+    pub struct Args {
+        /// Configuration file; a missing file means every default.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        pub config: PathBuf,
+        /// State directory (records, host workspaces). systemd passes it as $STATE_DIRECTORY.
+        #[arg(
+            long,
+            env = "STATE_DIRECTORY",
+            default_value = "/var/lib/agent-workspaces"
+        )]
+        pub state_dir: PathBuf,
+        /// D-Bus address to serve on instead of the system bus.
+        #[arg(long)]
+        pub bus_address: Option<String>,
+        /// Where logs go.
+        #[arg(long, value_enum, default_value = "auto")]
+        pub log_target: logging::Target,
+        #[command(subcommand)]
+        pub command: Option<Internal>,
+    }
+
+    /// Not for users: what the service's own transient units run.
+    #[derive(Subcommand)]
+    pub enum Internal {
+        /// Build a container tree from a build plan (run by agent-workspace-build-NAME.service).
+        #[command(hide = true)]
+        BuildTree { plan: PathBuf },
+    }
+}
+
+/// agent-workspaces-http(8).
+pub mod http {
+    use super::*;
+
+    #[derive(Parser)]
+    #[command(
+        name = "agent-workspaces-http",
+        version,
+        about = "REST bridge for org.agent.Workspaces",
+        long_about = "The REST bridge of agent-workspaces: serves /api/... over HTTP/1.1 and \
+            calls org.agent.Workspaces on the system bus as its own user, which polkit \
+            authorizes; it decides nothing itself. Every request needs \
+            `Authorization: Bearer TOKEN`; without a token it refuses to start. It also serves \
+            the dashboard at / and the OpenAPI document at /api/openapi.json.\n\n\
+            Normally socket-activated by agent-workspaces-http.socket (127.0.0.1:7600) with the \
+            token from /etc/agent-workspaces/api-token as the systemd credential api-token. \
+            See also agent-workspaced(8), workspacectl(1)."
+    )]
+    pub struct Args {
+        /// Listen here instead of on the socket systemd passes (e.g. 127.0.0.1:7600).
+        #[arg(long)]
+        pub listen: Option<SocketAddr>,
+        /// File holding the API token (default: the systemd credential `api-token`).
+        #[arg(long)]
+        pub token_file: Option<PathBuf>,
+        /// D-Bus address of the service's bus instead of the system bus.
+        #[arg(long)]
+        pub bus_address: Option<String>,
+        /// Where logs go.
+        #[arg(long, value_enum, default_value = "auto")]
+        pub log_target: logging::Target,
+    }
+}
+
+/// workspacectl(1).
+pub mod workspacectl {
+    use super::*;
+
+    #[derive(Parser)]
+    #[command(
+        name = "workspacectl",
+        version,
+        about = "Manage agent workspaces (org.agent.Workspaces)",
+        long_about = "Manage agent workspaces: a client of the agent-workspaces service \
+            (org.agent.Workspaces on the system bus), as machinectl is of systemd-machined. \
+            WORKSPACE is a workspace's name or id. Calls allow interactive authorization, so \
+            polkit may ask for a password. `exec` passes its own standard input, output and \
+            error to the command, so output is live, and exits with the command's exit code \
+            (124 on timeout).\n\nSee also agent-workspaced(8), agent-workspaces-http(8)."
+    )]
+    pub struct Cli {
+        /// Print JSON instead of tables.
+        #[arg(long, global = true)]
+        pub json: bool,
+        /// D-Bus address instead of the system bus.
+        #[arg(long, global = true)]
+        pub bus_address: Option<String>,
+        #[command(subcommand)]
+        pub command: Command,
+    }
+
+    #[derive(Subcommand)]
+    pub enum Command {
+        /// List workspaces.
+        List,
+        /// Show a workspace's properties.
+        Status { workspace: String },
+        /// Create a workspace.
+        Create {
+            /// The workspace's name: 1-63 of a-z, 0-9 and '-'.
+            name: Option<String>,
+            /// host (default) or container.
+            #[arg(long = "type")]
+            workspace_type: Option<String>,
+            /// ubuntu-noble, ubuntu-jammy, debian-bookworm or arch-linux (containers).
+            #[arg(long)]
+            distro: Option<String>,
+            /// A Library template to start from.
+            #[arg(long)]
+            template: Option<String>,
+            /// A Library skill to install, repeatable.
+            #[arg(long = "skill")]
+            skills: Vec<String>,
+            /// A Library tool to install, repeatable.
+            #[arg(long = "tool")]
+            tools: Vec<String>,
+            /// KEY=VALUE, repeatable.
+            #[arg(long = "env")]
+            env: Vec<String>,
+            /// File holding the init script.
+            #[arg(long)]
+            init_script: Option<PathBuf>,
+            /// host (default) or private: a container with only lo.
+            #[arg(long)]
+            network: Option<String>,
+            /// Build at once (containers).
+            #[arg(long)]
+            build: bool,
+            /// Take the spec from a JSON file (the REST API's create body).
+            #[arg(long, conflicts_with_all = ["name", "template"])]
+            from_json: Option<PathBuf>,
+        },
+        /// Build a container workspace (returns once the build started).
+        Build { workspace: String },
+        /// Build a container workspace afresh.
+        Rebuild { workspace: String },
+        /// Destroy a workspace: end its commands, remove its files and record.
+        Destroy { workspace: String },
+        /// Run a command; exits with its exit code (124 on timeout).
+        Exec {
+            workspace: String,
+            /// Seconds before the command is killed.
+            #[arg(long)]
+            timeout: Option<u32>,
+            /// The command (after --); several words are quoted for the shell.
+            #[arg(required = true, last = true)]
+            command: Vec<String>,
+        },
+        /// Show the build and init log of a container workspace.
+        InitLog {
+            workspace: String,
+            /// Only the last N lines (0: all).
+            #[arg(short = 'n', long, default_value_t = 0)]
+            lines: u32,
+        },
+        /// Show a container workspace's debug report.
+        Debug { workspace: String },
+        /// Run a container workspace's init script again.
+        RerunInit { workspace: String },
+        /// Copy the workspace's skills and tools from the Library again.
+        Sync { workspace: String },
+        /// List the Library's templates.
+        Templates,
+        /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+        Completions { shell: clap_complete::Shell },
+    }
+}

@@ -1,0 +1,111 @@
+//! Many requests at once: commands beyond max_concurrent wait for a place, 256 commands at once
+//! on one container all succeed, and 20 builds at once all reach ready.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// `count` commands `sleep 1; echo I` at once in `workspace`, spread over 8 bus connections (the
+/// system bus allows a connection 128 calls in flight, and a user 256 connections); every one
+/// must succeed with its own output.
+async fn burst(workspace: &str, count: usize) -> Duration {
+    let mut proxies = Vec::new();
+    for _ in 0..8 {
+        let conn = bus().await;
+        proxies.push(manager(&conn).await);
+    }
+    let start = Instant::now();
+    let calls = (0..count).map(|i| {
+        let m = proxies[i % proxies.len()].clone();
+        async move {
+            let options = spec(vec![("timeout_secs", Variant::from(120u32))]);
+            (
+                i,
+                m.exec(workspace, &format!("sleep 1; echo {i}"), options)
+                    .await,
+            )
+        }
+    });
+    for (i, r) in futures_util::future::join_all(calls).await {
+        let (code, out, err, timed_out, _) = r.unwrap_or_else(|e| panic!("exec {i}: {e}"));
+        assert_eq!(
+            (code, timed_out, String::from_utf8_lossy(&out).into_owned()),
+            (0, false, format!("{i}\n")),
+            "exec {i}: {}",
+            String::from_utf8_lossy(&err)
+        );
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_fifty_six_commands_at_once_all_succeed() {
+    require_test_host();
+    let conn = bus().await;
+    let name = super::boundary::ready_container(&conn, "burst").await;
+    // The default max_concurrent (64): the rest wait for a place (queue_timeout_secs = 10).
+    let queued = burst(&name, 256).await;
+    assert!(
+        queued >= Duration::from_secs(4),
+        "256 one-second commands ran 64 at a time, so in 4 rounds: {queued:?}"
+    );
+    burst("host", 256).await;
+    // max_concurrent = 256: all at once, container and host.
+    let config = "/etc/agent-workspaces/config.toml";
+    let original = std::fs::read_to_string(config).unwrap_or_default();
+    std::fs::write(
+        config,
+        format!("[exec]\nmax_concurrent = 256\n\n{original}"),
+    )
+    .unwrap();
+    systemctl(&format!("reload {UNIT}"));
+    burst(&name, 256).await;
+    burst("host", 256).await;
+    std::fs::write(config, original).unwrap();
+    systemctl(&format!("reload {UNIT}"));
+    manager(&conn).await.destroy_workspace(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_builds_at_once_all_reach_ready() {
+    require_test_host();
+    let config = "/etc/agent-workspaces/config.toml";
+    let original = std::fs::read_to_string(config).unwrap_or_default();
+    std::fs::write(
+        config,
+        original.replace("[container]\n", "[container]\nmax_concurrent_builds = 20\n"),
+    )
+    .unwrap();
+    systemctl(&format!("reload {UNIT}"));
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let names: Vec<String> = (0..20).map(|i| unique(&format!("many-{i}"))).collect();
+    let creates = names.iter().map(|name| {
+        let m = m.clone();
+        async move {
+            m.create_workspace(container_spec(
+                name,
+                vec![("build_on_create", Variant::from(true))],
+            ))
+            .await
+        }
+    });
+    for r in futures_util::future::join_all(creates).await {
+        r.unwrap();
+    }
+    for name in &names {
+        let status = wait_built(&conn, name, Duration::from_secs(900)).await;
+        let ws = workspace(&conn, &m.get_workspace(name).await.unwrap()).await;
+        assert_eq!(
+            status,
+            "ready",
+            "{name}: {}",
+            ws.error_message().await.unwrap()
+        );
+    }
+    for name in &names {
+        m.destroy_workspace(name).await.unwrap();
+    }
+    std::fs::write(config, original).unwrap();
+    systemctl(&format!("reload {UNIT}"));
+}
