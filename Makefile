@@ -9,6 +9,7 @@
 #                        against real systemd, machined, polkit and journald in a test host
 #   make lint            rustfmt and clippy, warnings are errors
 #   make bench           exec latency through D-Bus against baselines, in the test host
+#   make deb             a Debian package, target/agent-workspaces_VERSION_ARCH.deb
 
 prefix ?= /usr
 bindir ?= $(prefix)/bin
@@ -22,8 +23,11 @@ TESTHOST := tests/testhost/testhost.sh
 # The agent runs inside every container, on the container's own libc: it is linked statically.
 HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 AGENT := target/$(HOST_TRIPLE)/release/agent-workspaces-agent
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null)
+DEB := target/agent-workspaces_$(VERSION)_$(DEB_ARCH).deb
 
-.PHONY: all build docs install uninstall up down test unit-test system-test e2e-test lint bench
+.PHONY: all build docs install uninstall deb up down test unit-test system-test e2e-test package-test lint bench
 
 all: build
 
@@ -79,13 +83,27 @@ uninstall:
 		$(DESTDIR)$(datadir)/zsh/vendor-completions/_workspacectl \
 		$(DESTDIR)$(datadir)/fish/vendor_completions.d/workspacectl.fish
 
+# The package is `make install` staged, plus the maintainer scripts of debian/, built with
+# Debian's own dpkg-deb: the installed files are listed once, in `install` above.
+deb: build
+	rm -rf target/deb-root
+	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/target/deb-root prefix=/usr
+	install -Dm644 debian/copyright target/deb-root/usr/share/doc/agent-workspaces/copyright
+	install -d target/deb-root/DEBIAN
+	install -m755 debian/postinst debian/prerm debian/postrm target/deb-root/DEBIAN/
+	sed -e 's/@VERSION@/$(VERSION)/' -e 's/@ARCH@/$(DEB_ARCH)/' \
+		-e "s/@SIZE@/$$(du -sk target/deb-root/usr target/deb-root/etc | awk '{s += $$1} END {print s}')/" \
+		debian/control.in >target/deb-root/DEBIAN/control
+	cd target/deb-root && find usr etc -type f -printf '%p\0' | sort -z | xargs -0 md5sum >DEBIAN/md5sums
+	dpkg-deb --root-owner-group --build target/deb-root $(DEB)
+
 up:
 	tests/up.sh
 
 down:
 	$(TESTHOST) down
 
-test: unit-test system-test e2e-test
+test: unit-test system-test e2e-test package-test
 
 unit-test:
 	$(CARGO) test --locked --workspace
@@ -95,6 +113,9 @@ system-test:
 
 e2e-test:
 	tests/e2e/run.sh
+
+package-test: deb
+	tests/package/run.sh $(DEB)
 
 lint:
 	$(CARGO) fmt --all -- --check
