@@ -86,7 +86,11 @@ test('a host workspace: create, run a command, destroy', async ({ page }) => {
   await openNewWorkspace(page);
   await page.getByLabel('Host').check();
   await page.getByLabel('Name', { exact: true }).fill(name);
-  await page.getByRole('group', { name: 'Skills' }).getByLabel('web').check();
+  // Only the skills that can be installed are offered (the Library's 'leaky' links out of it).
+  const skills = page.getByRole('group', { name: 'Skills' });
+  await expect(skills.getByRole('checkbox')).toHaveCount(2);
+  await expect(skills.getByLabel('leaky')).toHaveCount(0);
+  await skills.getByLabel('web').check();
   await page.getByLabel('Environment variables').fill('GREETING=hello from the dashboard');
   await shot(page, '03-new-host-workspace');
   await page.getByRole('button', { name: 'Create' }).click();

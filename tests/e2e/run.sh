@@ -42,6 +42,10 @@ lib=$root/var/lib/agent-workspaces/library
 mkdir -p "$lib/skill/python-dev" "$lib/skill/web" "$lib/tool" "$lib/workspace-template"
 echo '# Python development' >"$lib/skill/python-dev/SKILL.md"
 echo '# Web development' >"$lib/skill/web/SKILL.md"
+# A skill that cannot be installed (a link out of the Library): the pickers must not offer it.
+mkdir -p "$lib/skill/leaky"
+echo '# Leaky' >"$lib/skill/leaky/SKILL.md"
+ln -s /etc/shadow "$lib/skill/leaky/shadow"
 printf '#!/bin/sh\necho lint\n' >"$lib/tool/lint"
 chmod 755 "$lib/tool/lint"
 cat >"$lib/workspace-template/fullstack.json" <<'JSON'

@@ -29,8 +29,24 @@ async fn bus_activation_starts_the_service() {
         sh(&format!("systemctl is-active {UNIT}")).stdout.trim(),
         "active"
     );
+    // As on a fresh install: no Library yet, which is a normal state and warns of nothing.
+    let _ = std::fs::remove_dir_all(format!("{STATE}/library"));
+    let invocation_before = sh(&format!("systemctl show -p InvocationID --value {UNIT}")).stdout;
     let conn = bus().await;
     let list = manager(&conn).await.list_workspaces().await.unwrap();
+    let invocation = sh(&format!("systemctl show -p InvocationID --value {UNIT}")).stdout;
+    assert_ne!(invocation, invocation_before, "a new start");
+    let warnings: Vec<String> = journal(&format!(
+        "_SYSTEMD_INVOCATION_ID={} -p warning",
+        invocation.trim()
+    ))
+    .into_iter()
+    .filter_map(|e| e["MESSAGE"].as_str().map(String::from))
+    .collect();
+    assert!(
+        warnings.is_empty(),
+        "a start without a Library warned: {warnings:?}"
+    );
     assert!(
         list.iter().any(|w| w.0 == "host" && w.3 == "ready"),
         "{list:?}"
