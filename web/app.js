@@ -43,15 +43,12 @@ function announce(text) {
 // ---- the API -----------------------------------------------------------------------------
 
 class ApiError extends Error {
-  constructor(status, code, message) {
+  /** `field`: the request field a 400 is about, as the API names it ("name", "limits.memory_max"). */
+  constructor(status, code, message, field) {
     super(message);
     this.status = status;
     this.code = code;
-  }
-  /** The request field the message names ("Invalid 'name': ...", "field 'limits.x' must ..."). */
-  get field() {
-    const m = /'([a-z_][a-z_.]*)'/.exec(this.message || '');
-    return m ? m[1].split('.')[0] : null;
+    this.field = field ? field.split('.')[0] : null;
   }
 }
 
@@ -81,7 +78,7 @@ async function api(method, path, body, extraHeaders) {
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
   if (!res.ok) {
     const err = (data && data.error) || {};
-    throw new ApiError(res.status, err.code || 'error', err.message || `HTTP ${res.status}`);
+    throw new ApiError(res.status, err.code || 'error', err.message || `HTTP ${res.status}`, err.field);
   }
   return data;
 }
@@ -243,7 +240,9 @@ function parseEnv(text) {
     const line = raw.trim();
     if (!line || line.startsWith('#')) continue;
     const eq = line.indexOf('=');
-    if (eq < 1) throw new ApiError(400, 'invalid_argument', `Invalid 'env_vars': "${line}" is not KEY=VALUE`);
+    if (eq < 1) {
+      throw new ApiError(400, 'invalid_argument', `Invalid 'env_vars': "${line}" is not KEY=VALUE`, 'env_vars');
+    }
     env[line.slice(0, eq)] = line.slice(eq + 1);
   }
   return env;

@@ -152,11 +152,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     .await
     .map_err(|e| e.to_string())?;
     let c = Client { proxy, conn };
-    let e = |e: zbus::Error| match e {
-        zbus::Error::MethodError(_, Some(msg), _) => msg,
-        zbus::Error::FDO(f) => f.to_string(),
-        other => other.to_string(),
-    };
+    // The service's error, as the service words it (the same enum the bridge maps to HTTP).
+    let e = |e: zbus::Error| agent_workspaces::core::Error::from(e).to_string();
     let json_out = cli.json;
     match cli.command {
         Command::List => {

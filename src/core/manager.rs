@@ -266,7 +266,7 @@ impl Manager {
             None | Some("") => Ok(spec),
             Some(name) => {
                 super::names::validate_library_name("template", name)
-                    .map_err(|e| Error::InvalidArgs(format!("Invalid 'template': {e}")))?;
+                    .map_err(|e| Error::invalid("template", e))?;
                 let t = self.ports.library.template(name)?;
                 Ok(merge(&t, spec))
             }
@@ -278,7 +278,7 @@ impl Manager {
         for (key, names) in [("skills", &v.skills), ("tools", &v.tools)] {
             for n in names {
                 super::names::validate_library_name(&key[..key.len() - 1], n)
-                    .map_err(|e| Error::InvalidArgs(format!("Invalid '{key}': {e}")))?;
+                    .map_err(|e| Error::invalid(key, e))?;
             }
         }
         if !v.skills.is_empty() || !v.tools.is_empty() {
@@ -409,9 +409,7 @@ impl Manager {
         let mut fields = Vec::new();
         let mut keys = Vec::new();
         if let (Some(key), false) = (changes.container_keys().first(), ws.is_container()) {
-            return Err(Error::InvalidArgs(format!(
-                "Invalid '{key}': only container workspaces take it"
-            )));
+            return Err(Error::invalid(*key, "only container workspaces take it"));
         }
         if let Some(network) = changes.network()? {
             if network != ws.network {
@@ -744,7 +742,7 @@ impl Manager {
         if !self.library_dir_exists(&ws) {
             // A built container whose /workspace is gone (its own code removed or replaced it).
             if ws.status == Status::Ready {
-                return Err(Error::Io(format!(
+                return Err(Error::io_msg(format!(
                     "Cannot install skills and tools into workspace '{}': /workspace is not a directory in its tree",
                     ws.name
                 )));
@@ -771,7 +769,7 @@ impl Manager {
 
     pub fn template(&self, name: &str) -> Result<Template> {
         super::names::validate_library_name("template", name)
-            .map_err(|e| Error::InvalidArgs(format!("Invalid 'name': {e}")))?;
+            .map_err(|e| Error::invalid("name", e))?;
         self.ports.library.template(name)
     }
 
@@ -978,10 +976,13 @@ impl Manager {
         let limits = self.limits();
         let timeout = timeout_secs.unwrap_or(limits.init_timeout_secs);
         if timeout == 0 || timeout > limits.init_timeout_secs {
-            return Err(Error::InvalidArgs(format!(
-                "Invalid 'timeout_secs': {timeout} is out of range: 1 to {} seconds (init_timeout_secs)",
-                limits.init_timeout_secs
-            )));
+            return Err(Error::invalid(
+                "timeout_secs",
+                format!(
+                    "{timeout} is out of range: 1 to {} seconds (init_timeout_secs)",
+                    limits.init_timeout_secs
+                ),
+            ));
         }
         self.ports
             .containers

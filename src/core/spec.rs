@@ -82,7 +82,7 @@ pub struct ValidCreate {
 }
 
 fn invalid(key: &str, why: impl std::fmt::Display) -> Error {
-    Error::InvalidArgs(format!("Invalid '{key}': {why}"))
+    Error::invalid(key, why)
 }
 
 pub fn check_env(key: &str, env: &BTreeMap<String, String>) -> Result<()> {
@@ -381,7 +381,7 @@ mod tests {
 
     fn key_of(e: Error) -> String {
         match e {
-            Error::InvalidArgs(m) => m,
+            e @ Error::InvalidArgs { .. } => e.to_string(),
             other => panic!("expected InvalidArgs, got {other:?}"),
         }
     }

@@ -199,7 +199,7 @@ impl Library for FakeLibrary {
     fn install(&self, target: &InstallTarget, skills: &[String], tools: &[String]) -> Result<()> {
         self.check(skills, tools)?;
         if skills.iter().any(|s| s == "disk-full") {
-            return Err(Error::Io("No space left on device".into()));
+            return Err(Error::io_msg("No space left on device"));
         }
         let mut dir = target.root.display().to_string();
         if !target.dir.as_os_str().is_empty() {
@@ -392,7 +392,7 @@ async fn duplicate_names_and_refused_kinds_change_nothing() {
     ));
     assert!(matches!(
         f.manager.create(spec("Bad")).await,
-        Err(Error::InvalidArgs(_))
+        Err(Error::InvalidArgs { .. })
     ));
     assert_eq!(f.manager.list().len(), 2);
     assert_eq!(f.store.0.lock().unwrap().len(), 2);
@@ -582,7 +582,7 @@ async fn exec_in_a_missing_workspace_and_bad_timeouts() {
     let mut p = exec("true");
     p.timeout_secs = Some(0);
     let r = f.manager.exec("host", p, CancellationToken::new()).await;
-    assert!(matches!(r, Err(Error::InvalidArgs(m)) if m.contains("3600")));
+    assert!(matches!(r, Err(e @ Error::InvalidArgs { .. }) if e.to_string().contains("3600")));
     assert!(f.exec.0.lock().unwrap().is_empty(), "nothing ran");
 }
 
@@ -661,7 +661,7 @@ async fn a_failed_install_changes_neither_the_record_nor_the_properties() {
     };
     assert!(matches!(
         f.manager.update("web", change).await,
-        Err(Error::Io(_))
+        Err(Error::Io { .. })
     ));
     let ws = f.manager.get("web").unwrap();
     assert_eq!(ws.skills, ["a"]);
@@ -791,7 +791,7 @@ async fn skills_and_tools_are_installed_updated_and_checked() {
     };
     assert!(matches!(
         f.manager.update("web", escape).await,
-        Err(Error::InvalidArgs(_))
+        Err(Error::InvalidArgs { .. })
     ));
     let fewer = Changes {
         skills: Some(vec!["b".into()]),
@@ -848,7 +848,7 @@ async fn limits_and_network_change_on_containers_only() {
     };
     assert!(matches!(
         f.manager.update("web", host).await,
-        Err(Error::InvalidArgs(m)) if m.contains("'tasks_max'")
+        Err(e @ Error::InvalidArgs { .. }) if e.to_string().contains("'tasks_max'")
     ));
     let mut s = container("box", "");
     s.memory_max = Some(1 << 30);
@@ -861,7 +861,7 @@ async fn limits_and_network_change_on_containers_only() {
     };
     assert!(matches!(
         f.manager.update("box", bad).await,
-        Err(Error::InvalidArgs(m)) if m.contains("'network'")
+        Err(e @ Error::InvalidArgs { .. }) if e.to_string().contains("'network'")
     ));
     assert_eq!(
         f.manager.get("box").unwrap().limits.memory_max,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use zbus::OwnedVariant;
 
-use super::error::{BusError, Result};
+use super::error::{Error, Result};
 use crate::core::ports::ExecIo;
 use crate::core::spec::{Changes, CreateSpec, ExecParams};
 
@@ -22,11 +22,10 @@ impl Args {
         if let Some(key) = map.keys().find(|k| !known.contains(&k.as_str())) {
             let mut keys: Vec<_> = known.to_vec();
             keys.sort_unstable();
-            return Err(BusError::invalid_args(format!(
-                "Unknown key '{}' in {what}; known keys: {}",
-                key.escape_default(),
-                keys.join(", ")
-            )));
+            return Err(Error::invalid(
+                key.escape_default().to_string(),
+                format!("unknown key in {what}; known keys: {}", keys.join(", ")),
+            ));
         }
         Ok(Self { map, what, known })
     }
@@ -41,14 +40,17 @@ impl Args {
         };
         let got = v.value_signature().to_string();
         if got != signature {
-            return Err(BusError::invalid_args(format!(
-                "Invalid '{key}' in {}: expected type '{signature}', got '{got}'",
-                self.what
-            )));
+            return Err(Error::invalid(
+                key,
+                format!(
+                    "expected type '{signature}', got '{got}' (in {})",
+                    self.what
+                ),
+            ));
         }
         T::try_from(v)
             .map(Some)
-            .map_err(|e| BusError::invalid_args(format!("Invalid '{key}' in {}: {e}", self.what)))
+            .map_err(|e| Error::invalid(key, format!("{e} (in {})", self.what)))
     }
 
     fn env(&mut self, key: &str) -> Result<Option<BTreeMap<String, String>>> {
@@ -189,10 +191,10 @@ mod tests {
     #[test]
     fn unknown_key_and_wrong_type_name_the_key() {
         let e = create_spec(dict(vec![("colour", s("red"))])).unwrap_err();
-        assert!(e.message().contains("'colour'"), "{e}");
+        assert!(e.to_string().contains("'colour'"), "{e}");
         let e = create_spec(dict(vec![("name", OwnedVariant::from(5u32))])).unwrap_err();
         assert!(
-            e.message().contains("'name'") && e.message().contains("'u'"),
+            e.to_string().contains("'name'") && e.to_string().contains("'u'"),
             "{e}"
         );
         let e = exec_params(
@@ -200,8 +202,12 @@ mod tests {
             dict(vec![("timeout_secs", OwnedVariant::from(5i32))]),
         )
         .unwrap_err();
-        assert!(e.message().contains("'timeout_secs'"), "{e}");
-        assert_eq!(e.error_name(), "org.freedesktop.DBus.Error.InvalidArgs");
+        assert!(e.to_string().contains("'timeout_secs'"), "{e}");
+        assert_eq!(
+            zbus::DBusError::name(&e).as_str(),
+            "org.freedesktop.DBus.Error.InvalidArgs"
+        );
+        assert_eq!(e.field(), Some("timeout_secs"));
     }
 
     #[test]
@@ -230,6 +236,6 @@ mod tests {
             ExecIo::default(),
         )
         .unwrap_err();
-        assert!(e.message().contains("'stdin'"), "{e}");
+        assert!(e.to_string().contains("'stdin'"), "{e}");
     }
 }

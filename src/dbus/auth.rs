@@ -12,7 +12,7 @@ use zbus::fdo::DBusProxy;
 use zbus::message::{Flags, Header};
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
-use super::error::{BusError, Result};
+use super::error::{Error, Result};
 
 /// The polkit actions shipped in `polkit/org.agent.workspaces.policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +73,7 @@ impl Authorizer {
             .dbus
             .get_connection_unix_user(sender.clone().into())
             .await
-            .map_err(|e| BusError::access_denied(format!("Cannot identify the caller: {e}")))?;
+            .map_err(|e| Error::AccessDenied(format!("Cannot identify the caller: {e}")))?;
         let mut uids = self.uids.lock().unwrap_or_else(PoisonError::into_inner);
         if uids.len() >= MAX_REMEMBERED {
             uids.clear();
@@ -100,7 +100,7 @@ impl Authorizer {
     ) -> Result<()> {
         let sender = header
             .sender()
-            .ok_or_else(|| BusError::access_denied("The call has no sender to authorize"))?;
+            .ok_or_else(|| Error::AccessDenied("The call has no sender to authorize".into()))?;
         let _turn = match self.remembered(sender) {
             Some(0) => return Ok(()),
             _ => self.checks.acquire().await,
@@ -110,7 +110,7 @@ impl Authorizer {
             return Ok(());
         }
         let subject = Subject::new_for_message_header(header)
-            .map_err(|e| BusError::access_denied(format!("Cannot identify the caller: {e}")))?;
+            .map_err(|e| Error::AccessDenied(format!("Cannot identify the caller: {e}")))?;
         let interactive = header
             .primary()
             .flags()
@@ -126,19 +126,19 @@ impl Authorizer {
             .check_authorization(&subject, action.id(), &details, flags, "")
             .await
             .map_err(|e| {
-                BusError::access_denied(format!(
+                Error::AccessDenied(format!(
                     "Cannot {verb} workspace '{workspace}': the authorization check failed: {e}"
                 ))
             })?;
         if result.is_authorized {
             Ok(())
         } else if result.is_challenge && !interactive {
-            Err(BusError::interactive_authorization_required(format!(
+            Err(Error::InteractiveAuthorizationRequired(format!(
                 "Interactive authentication required to {verb} workspace '{workspace}' ({})",
                 action.id()
             )))
         } else {
-            Err(BusError::access_denied(format!(
+            Err(Error::AccessDenied(format!(
                 "Not authorized to {verb} workspace '{workspace}' ({})",
                 action.id()
             )))

@@ -13,7 +13,7 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 use super::args::{self, Dict};
 use super::auth::{Action, Authorizer};
 use super::client::{ExecFdsReply, ExecReply};
-use super::error::{BusError, Result};
+use super::error::{Error, Result};
 use super::objects::{EventQueue, workspace_path};
 use crate::core::Manager;
 use crate::core::ports::ExecIo;
@@ -197,7 +197,7 @@ impl Context {
             Some(sender) => self.disconnects.token_for(sender.as_str()),
             None => CancellationToken::new(),
         };
-        Ok(self.manager.exec(&ws.id, params, gone).await?)
+        self.manager.exec(&ws.id, params, gone).await
     }
 
     pub async fn debug_info(
@@ -234,12 +234,12 @@ impl Context {
 
     pub async fn start(&self, header: &Header<'_>, key: &str) -> Result<()> {
         self.authorize(header, key, Action::Manage, "start").await?;
-        Ok(self.manager.start(key).await?)
+        self.manager.start(key).await
     }
 
     pub async fn stop(&self, header: &Header<'_>, key: &str) -> Result<()> {
         self.authorize(header, key, Action::Manage, "stop").await?;
-        Ok(self.manager.stop(key).await?)
+        self.manager.stop(key).await
     }
 
     pub async fn init_log(
@@ -250,7 +250,7 @@ impl Context {
     ) -> Result<(String, u32)> {
         self.authorize(header, key, Action::Manage, "read the init log of")
             .await?;
-        Ok(self.manager.init_log(key, max_lines).await?)
+        self.manager.init_log(key, max_lines).await
     }
 
     pub async fn rerun_init(
@@ -267,11 +267,11 @@ impl Context {
 
     pub async fn sync(&self, header: &Header<'_>, key: &str) -> Result<()> {
         self.authorize(header, key, Action::Manage, "sync").await?;
-        Ok(self.manager.sync(key).await?)
+        self.manager.sync(key).await
     }
 
     pub fn list_library(&self) -> Result<(Vec<String>, Vec<String>)> {
-        Ok(self.manager.library()?)
+        self.manager.library()
     }
 
     pub fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
@@ -306,7 +306,7 @@ impl Context {
         }
         let mut map: HashMap<String, OwnedVariant> = HashMap::new();
         for (k, v) in out {
-            map.insert(k.to_owned(), v.map_err(BusError::from)?);
+            map.insert(k.to_owned(), v.map_err(Error::from)?);
         }
         for (k, v) in [("memory_max", t.memory_max), ("tasks_max", t.tasks_max)] {
             if let Some(v) = v {

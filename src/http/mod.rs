@@ -20,6 +20,7 @@ use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 use zbus::{OwnedVariant, Variant};
 
+use crate::core::Error;
 use crate::dbus::client::{WorkspacesProxy, variant_json};
 
 mod stream;
@@ -40,6 +41,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// For a bad input: the request field it is about (`name`, `limits.memory_max`).
+    field: Option<String>,
 }
 
 impl ApiError {
@@ -48,7 +51,13 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            field: None,
         }
+    }
+
+    /// 400 about the request field `field`, worded as the service words it.
+    fn invalid(field: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::invalid(field, reason).into()
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
@@ -58,70 +67,72 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(field) = self.field {
+            error["field"] = Value::String(field);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
     }
 }
 
-/// Maps a D-Bus error to its HTTP status and code.
-pub fn status_of(error_name: &str) -> (StatusCode, &'static str) {
-    let short = error_name.rsplit('.').next().unwrap_or("");
-    match (error_name.starts_with("org.agent.Workspaces.Error."), short) {
-        (true, "NoSuchWorkspace") => (StatusCode::NOT_FOUND, "not_found"),
-        (true, "NoSuchSkill") => (StatusCode::BAD_REQUEST, "no_such_skill"),
-        (true, "NoSuchTool") => (StatusCode::BAD_REQUEST, "no_such_tool"),
-        (true, "NoSuchTemplate") => (StatusCode::BAD_REQUEST, "no_such_template"),
-        (true, "WorkspaceExists") => (StatusCode::CONFLICT, "exists"),
-        (true, "Busy") => (StatusCode::CONFLICT, "busy"),
-        (true, "NotReady") => (StatusCode::CONFLICT, "not_ready"),
-        (true, "Protected") => (StatusCode::CONFLICT, "protected"),
-        (true, "LimitsExceeded") => (StatusCode::TOO_MANY_REQUESTS, "limits_exceeded"),
-        (true, "NotSupported") => (StatusCode::BAD_REQUEST, "not_supported"),
-        (true, "JobFailed") => (StatusCode::INTERNAL_SERVER_ERROR, "job_failed"),
-        (true, "LibraryError") => (StatusCode::INTERNAL_SERVER_ERROR, "library_error"),
-        (false, "InvalidArgs") => (StatusCode::BAD_REQUEST, "invalid_argument"),
-        (false, "AccessDenied" | "InteractiveAuthorizationRequired") => {
-            (StatusCode::FORBIDDEN, "forbidden")
+/// Each error of the service, as an HTTP status and a stable code.
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, code) = match &e {
+            Error::InvalidArgs { .. } => (StatusCode::BAD_REQUEST, "invalid_argument"),
+            Error::NoSuchWorkspace(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Error::NoSuchSkill(_) => (StatusCode::BAD_REQUEST, "no_such_skill"),
+            Error::NoSuchTool(_) => (StatusCode::BAD_REQUEST, "no_such_tool"),
+            Error::NoSuchTemplate(_) => (StatusCode::BAD_REQUEST, "no_such_template"),
+            Error::WorkspaceExists(_) => (StatusCode::CONFLICT, "exists"),
+            Error::Busy(_) => (StatusCode::CONFLICT, "busy"),
+            Error::NotReady { .. } => (StatusCode::CONFLICT, "not_ready"),
+            Error::Protected(_) => (StatusCode::CONFLICT, "protected"),
+            Error::LimitsExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "limits_exceeded"),
+            Error::NotSupported(_) => (StatusCode::BAD_REQUEST, "not_supported"),
+            Error::JobFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "job_failed"),
+            Error::Library(_) => (StatusCode::INTERNAL_SERVER_ERROR, "library_error"),
+            Error::AccessDenied(_) | Error::InteractiveAuthorizationRequired(_) => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
+            Error::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_error"),
+            Error::Bus { name, message } => {
+                let short = name.rsplit('.').next().unwrap_or("");
+                return if matches!(
+                    short,
+                    "ServiceUnknown"
+                        | "NameHasNoOwner"
+                        | "NoReply"
+                        | "Disconnected"
+                        | "ChildExited"
+                ) || name == "org.freedesktop.zbus.Error"
+                {
+                    warn!("The service is unreachable: {name}: {message}");
+                    Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "the workspace service is unreachable",
+                    )
+                } else {
+                    warn!("D-Bus call failed: {name}: {message}");
+                    Self::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "internal error; see the service's journal",
+                    )
+                };
+            }
+        };
+        Self {
+            field: e.field().map(String::from),
+            ..Self::new(status, code, e.to_string())
         }
-        (
-            false,
-            "ServiceUnknown" | "NameHasNoOwner" | "NoReply" | "Disconnected" | "Spawn.ChildExited",
-        ) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 
 impl From<zbus::Error> for ApiError {
     fn from(e: zbus::Error) -> Self {
-        let (name, message) = match &e {
-            zbus::Error::MethodError(name, msg, _) => {
-                (name.to_string(), msg.clone().unwrap_or_default())
-            }
-            zbus::Error::FDO(f) => {
-                use zbus::DBusError;
-                (
-                    f.name().to_string(),
-                    f.description().unwrap_or_default().to_owned(),
-                )
-            }
-            zbus::Error::InputOutput(_) => (
-                "org.freedesktop.DBus.Error.Disconnected".into(),
-                String::new(),
-            ),
-            other => (String::new(), other.to_string()),
-        };
-        let (status, code) = status_of(&name);
-        match status {
-            StatusCode::INTERNAL_SERVER_ERROR if code == "internal" => {
-                warn!("D-Bus call failed: {name}: {message}");
-                Self::new(status, code, "internal error; see the service's journal")
-            }
-            StatusCode::SERVICE_UNAVAILABLE => {
-                warn!("The service is unreachable: {name}: {message}");
-                Self::new(status, code, "the workspace service is unreachable")
-            }
-            _ => Self::new(status, code, message),
-        }
+        Error::from(e).into()
     }
 }
 
@@ -453,13 +464,17 @@ fn to_dict_in(
         }
         let Some((_, ty)) = known.iter().find(|(k, _)| *k == key) else {
             let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
-            return Err(ApiError::bad_request(format!(
-                "unknown field '{prefix}{key}'; known fields: {}",
-                names.join(", ")
-            )));
+            return Err(ApiError::invalid(
+                format!("{prefix}{key}"),
+                format!("unknown field; known fields: {}", names.join(", ")),
+            ));
         };
-        let wrong =
-            || ApiError::bad_request(format!("field '{prefix}{key}' must be {}", describe(ty)));
+        let wrong = || {
+            ApiError::invalid(
+                format!("{prefix}{key}"),
+                format!("must be {}", describe(ty)),
+            )
+        };
         if *ty == "limits" {
             let Value::Object(limits) = value else {
                 return Err(wrong());
@@ -710,13 +725,13 @@ async fn exec(
     let mut fields = body_json(body)?;
     let command = match fields.remove("command") {
         Some(Value::String(c)) => c,
-        Some(_) => return Err(ApiError::bad_request("field 'command' must be a string")),
-        None => return Err(ApiError::bad_request("field 'command' is required")),
+        Some(_) => return Err(ApiError::invalid("command", "must be a string")),
+        None => return Err(ApiError::invalid("command", "is required")),
     };
     let stdin = match fields.remove("stdin") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.into_bytes()),
-        Some(_) => return Err(ApiError::bad_request("field 'stdin' must be a string")),
+        Some(_) => return Err(ApiError::invalid("stdin", "must be a string")),
     };
     let mut options = to_dict(fields, EXEC_OPTIONS)?;
     if wants_event_stream(&headers) {
@@ -816,22 +831,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dbus_errors_map_to_statuses() {
-        for (name, status) in [
-            ("org.agent.Workspaces.Error.NoSuchWorkspace", 404),
-            ("org.agent.Workspaces.Error.WorkspaceExists", 409),
-            ("org.agent.Workspaces.Error.Busy", 409),
-            ("org.freedesktop.DBus.Error.InvalidArgs", 400),
-            ("org.freedesktop.DBus.Error.AccessDenied", 403),
+    fn errors_map_to_statuses_and_invalid_args_name_the_field() {
+        for (e, status) in [
+            (Error::NoSuchWorkspace("w".into()), 404),
+            (Error::WorkspaceExists("w".into()), 409),
+            (Error::Busy("w".into()), 409),
+            (Error::invalid("limits.memory_max", "bad"), 400),
+            (Error::AccessDenied("no".into()), 403),
+            (Error::InteractiveAuthorizationRequired("ask".into()), 403),
             (
-                "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
-                403,
+                Error::Bus {
+                    name: "org.freedesktop.DBus.Error.ServiceUnknown".into(),
+                    message: "gone".into(),
+                },
+                503,
             ),
-            ("org.freedesktop.DBus.Error.ServiceUnknown", 503),
-            ("org.freedesktop.DBus.Error.IOError", 500),
+            (Error::io_msg("disk"), 500),
+            (Error::LimitsExceeded("many".into()), 429),
         ] {
-            assert_eq!(status_of(name).0.as_u16(), status, "{name}");
+            assert_eq!(ApiError::from(e.clone()).status.as_u16(), status, "{e:?}");
         }
+        let a = ApiError::from(Error::invalid("limits.memory_max", "bad"));
+        assert_eq!(a.field.as_deref(), Some("limits.memory_max"));
+        assert_eq!(a.message, "Invalid 'limits.memory_max': bad");
+        assert_eq!(
+            ApiError::from(Error::NoSuchWorkspace("w".into())).field,
+            None
+        );
     }
 
     #[test]

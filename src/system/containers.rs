@@ -89,7 +89,7 @@ pub fn build_unit_name(name: &str) -> String {
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Io(format!("Cannot {what} {}: {e}", path.display()))
+    Error::io(format!("Cannot {what} {}", path.display()), e)
 }
 
 /// Journal fields of a unit's output (`LogExtraFields=`, type `aay`), so that
@@ -352,7 +352,7 @@ impl Containers for NspawnContainers {
             result: result_path.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&plan)
-            .map_err(|e| Error::Io(format!("Cannot encode the build plan: {e}")))?;
+            .map_err(|e| Error::io("Cannot encode the build plan", e.into()))?;
         fs::write(&plan_path, bytes).map_err(|e| io("write", &plan_path, e))?;
         let unit = build_unit_name(&ws.name);
         let program = self.program.display().to_string();
@@ -543,10 +543,13 @@ impl Containers for NspawnContainers {
             .and_then(|root| root.own_dir(OWN_DIR, 0o755))
             .and_then(|dir| dir.write_file("init", ws.init_script.as_bytes(), 0o700))
             .map_err(|e| {
-                Error::Io(format!(
-                    "Cannot write the init script of workspace '{}' to /{OWN_DIR}/init in its tree: {e}",
-                    ws.name
-                ))
+                Error::io(
+                    format!(
+                        "Cannot write the init script of workspace '{}' to /{OWN_DIR}/init in its tree",
+                        ws.name
+                    ),
+                    e,
+                )
             })?;
         let command = if ws.init_script.starts_with("#!") {
             format!("exec /{OWN_DIR}/init")
@@ -689,7 +692,7 @@ impl Containers for NspawnContainers {
             (tree, u)
         })
         .await
-        .map_err(|e| Error::Io(format!("Cannot measure the tree: {e}")))?;
+        .map_err(|e| Error::io_msg(format!("Cannot measure the tree: {e}")))?;
         info.insert("tree_size_bytes".into(), U64(usage.bytes));
         info.insert("tree_size_complete".into(), Bool(usage.complete));
         let present: Vec<String> = ["bin", "etc", "usr", "var", "tmp", "root", "workspace"]
@@ -747,7 +750,7 @@ impl Containers for NspawnContainers {
             Ok(())
         })
         .await
-        .map_err(|e| Error::Io(format!("Cannot remove the tree: {e}")))??;
+        .map_err(|e| Error::io_msg(format!("Cannot remove the tree: {e}")))??;
         let (plan, result) = self.plan_paths(ws);
         let _ = fs::remove_file(plan);
         let _ = fs::remove_file(result);

@@ -493,7 +493,7 @@ async fn launch<'a>(
                 Some(Reply::Refused {
                     reason: RefuseReason::Cwd,
                     message,
-                }) => Err(Error::InvalidArgs(format!("Invalid 'cwd': {message}"))),
+                }) => Err(Error::invalid("cwd", message)),
                 Some(Reply::Refused { message, .. }) => Err(Error::JobFailed(format!(
                     "The agent of workspace '{workspace}' could not start the command: {message}"
                 ))),
@@ -617,10 +617,10 @@ pub async fn run_contained(
 impl Executor for HostExecutor {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
         if !req.cwd.is_dir() {
-            return Err(Error::InvalidArgs(format!(
-                "Invalid 'cwd': {} is not a directory",
-                req.cwd.display()
-            )));
+            return Err(Error::invalid(
+                "cwd",
+                format!("{} is not a directory", req.cwd.display()),
+            ));
         }
         let argv = [shell().to_owned(), "-c".to_owned(), req.command];
         let containment = match &self.isolation {
@@ -793,6 +793,6 @@ mod tests {
             .run(r, CancellationToken::new())
             .await
             .unwrap_err();
-        assert!(matches!(e, Error::InvalidArgs(m) if m.contains("'cwd'")));
+        assert!(matches!(e, e @ Error::InvalidArgs { .. } if e.to_string().contains("'cwd'")));
     }
 }

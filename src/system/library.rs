@@ -48,8 +48,7 @@ impl FsLibrary {
     /// The entry `<kind dir>/<name>` (plus `suffix`), resolved, and proven to be inside the
     /// Library; Ok(None) when there is no such entry.
     fn entry(&self, dir: &str, kind: &str, name: &str, suffix: &str) -> Result<Option<PathBuf>> {
-        validate_library_name(kind, name)
-            .map_err(|e| Error::InvalidArgs(format!("Invalid '{kind}s': {e}")))?;
+        validate_library_name(kind, name).map_err(|e| Error::invalid(format!("{kind}s"), e))?;
         let Some(root) = self.root_checked()? else {
             return Ok(None);
         };
@@ -60,10 +59,13 @@ impl FsLibrary {
         let real = fs::canonicalize(&path)
             .map_err(|e| lib_error(&self.root, &format!("has a broken {kind} '{name}'"), e))?;
         if !real.starts_with(root.join(dir)) {
-            return Err(Error::InvalidArgs(format!(
-                "Invalid '{kind}s': {kind} '{name}' points outside the Library ({})",
-                real.display()
-            )));
+            return Err(Error::invalid(
+                format!("{kind}s"),
+                format!(
+                    "{kind} '{name}' points outside the Library ({})",
+                    real.display()
+                ),
+            ));
         }
         Ok(Some(real))
     }
@@ -120,14 +122,15 @@ enum Item {
 const ITEMS_MAX: usize = 100_000;
 
 /// Everything below `src`, checked: symlinks must resolve inside `top` (the entry itself);
-/// other file types (FIFOs, devices, sockets) are refused.
+/// other file types (FIFOs, devices, sockets) are refused (`InvalidArgs`, whose field the
+/// caller names).
 fn plan_entry(src: &Path, rel: PathBuf, top: &Path, out: &mut Vec<Item>) -> Result<()> {
-    let io_err = |p: &Path, e: io::Error| Error::Io(format!("Cannot read {}: {e}", p.display()));
+    let io_err = |p: &Path, e: io::Error| Error::io(format!("Cannot read {}", p.display()), e);
     if out.len() >= ITEMS_MAX {
-        return Err(Error::InvalidArgs(format!(
-            "{} has more than {ITEMS_MAX} files",
-            top.display()
-        )));
+        return Err(Error::invalid(
+            "entry",
+            format!("{} has more than {ITEMS_MAX} files", top.display()),
+        ));
     }
     let meta = fs::symlink_metadata(src).map_err(|e| io_err(src, e))?;
     let mode = meta.permissions().mode() & 0o7777;
@@ -135,11 +138,14 @@ fn plan_entry(src: &Path, rel: PathBuf, top: &Path, out: &mut Vec<Item>) -> Resu
         let target = fs::read_link(src).map_err(|e| io_err(src, e))?;
         let resolved = fs::canonicalize(src).ok();
         if !resolved.is_some_and(|r| r.starts_with(top)) {
-            return Err(Error::InvalidArgs(format!(
-                "{} is a symlink pointing outside its Library entry ({})",
-                src.display(),
-                target.display()
-            )));
+            return Err(Error::invalid(
+                "entry",
+                format!(
+                    "{} is a symlink pointing outside its Library entry ({})",
+                    src.display(),
+                    target.display()
+                ),
+            ));
         }
         out.push(Item::Link { rel, target });
     } else if meta.is_dir() {
@@ -163,10 +169,13 @@ fn plan_entry(src: &Path, rel: PathBuf, top: &Path, out: &mut Vec<Item>) -> Resu
             mode,
         });
     } else {
-        return Err(Error::InvalidArgs(format!(
-            "{} is neither a file, a directory nor a symlink",
-            src.display()
-        )));
+        return Err(Error::invalid(
+            "entry",
+            format!(
+                "{} is neither a file, a directory nor a symlink",
+                src.display()
+            ),
+        ));
     }
     Ok(())
 }
@@ -270,8 +279,8 @@ impl FsLibrary {
                     .ok_or_else(|| not_found(kind, name))?;
                 let mut items = Vec::new();
                 plan_entry(&src, PathBuf::from(name), &src, &mut items).map_err(|e| match e {
-                    Error::InvalidArgs(m) => {
-                        Error::InvalidArgs(format!("Invalid '{kind}s': {kind} '{name}': {m}"))
+                    Error::InvalidArgs { reason, .. } => {
+                        Error::invalid(format!("{kind}s"), format!("{kind} '{name}': {reason}"))
                     }
                     other => other,
                 })?;
@@ -310,10 +319,13 @@ impl Library for FsLibrary {
         let tools = self.plan("tool", "tool", tools)?;
         let opencode = target.dir.join(".opencode");
         let failed = |e: io::Error| {
-            Error::Io(format!(
-                "Cannot install skills and tools into {}: {e}",
-                target.root.join(&opencode).display()
-            ))
+            Error::io(
+                format!(
+                    "Cannot install skills and tools into {}",
+                    target.root.join(&opencode).display()
+                ),
+                e,
+            )
         };
         let tree = if target.container {
             Tree::open_container(&target.root)
@@ -341,7 +353,7 @@ impl Library for FsLibrary {
         let path = self
             .entry("workspace-template", "template", name, ".json")
             .map_err(|e| match e {
-                Error::InvalidArgs(m) => Error::InvalidArgs(m.replace("'templates'", "'template'")),
+                Error::InvalidArgs { reason, .. } => Error::invalid("template", reason),
                 other => other,
             })?
             .ok_or_else(|| Error::NoSuchTemplate(name.to_owned()))?;
@@ -455,7 +467,10 @@ mod tests {
         );
         for bad in ["..", "../etc", "/etc", ".hidden", "a/b"] {
             assert!(
-                matches!(lib.check(&[bad.into()], &[]), Err(Error::InvalidArgs(_))),
+                matches!(
+                    lib.check(&[bad.into()], &[]),
+                    Err(Error::InvalidArgs { .. })
+                ),
                 "{bad}"
             );
         }
@@ -464,12 +479,12 @@ mod tests {
         symlink("/etc", lib.root.join("skill/escape")).unwrap();
         assert!(matches!(
             lib.check(&["escape".into()], &[]),
-            Err(Error::InvalidArgs(_))
+            Err(Error::InvalidArgs { .. })
         ));
         symlink("/etc/passwd", lib.root.join("skill/web/passwd")).unwrap();
         assert!(matches!(
             lib.install(&host(&ws), &["web".into()], &[]),
-            Err(Error::InvalidArgs(_))
+            Err(Error::InvalidArgs { .. })
         ));
     }
 
@@ -481,7 +496,7 @@ mod tests {
             .unwrap();
         symlink("/etc/shadow", lib.root.join("skill/python-dev/leak")).unwrap();
         let r = lib.install(&host(&ws), &["python-dev".into(), "web".into()], &[]);
-        assert!(matches!(r, Err(Error::InvalidArgs(m)) if m.contains("leak")));
+        assert!(matches!(r, Err(e @ Error::InvalidArgs { .. }) if e.to_string().contains("leak")));
         assert!(
             ws.join(".opencode/skill/web/SKILL.md").is_file(),
             "old skills kept"
@@ -510,7 +525,7 @@ mod tests {
         symlink(&outside, ws.join(".opencode")).unwrap();
         assert!(matches!(
             lib.install(&host(&ws), &["web".into()], &[]),
-            Err(Error::Io(_))
+            Err(Error::Io { .. })
         ));
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
     }
@@ -554,7 +569,7 @@ mod tests {
         );
         let e = lib.check(&["python-dev".into()], &[]).unwrap_err();
         assert!(
-            matches!(&e, Error::InvalidArgs(m) if m.contains("'skills'") && m.contains("python-dev") && m.contains("leak")),
+            matches!(&e, Error::InvalidArgs { field, reason } if field == "skills" && reason.contains("python-dev") && reason.contains("leak")),
             "{e:?}"
         );
         // The others still install (the default host workspace gets every installable skill).

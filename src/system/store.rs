@@ -28,7 +28,7 @@ pub struct FileStore {
 }
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Io(format!("Cannot {what} {}: {e}", path.display()))
+    Error::io(format!("Cannot {what} {}", path.display()), e)
 }
 
 impl FileStore {
@@ -105,7 +105,7 @@ impl Store for FileStore {
             workspace: ws.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&record)
-            .map_err(|e| Error::Io(format!("Cannot encode record of {}: {e}", ws.id)))?;
+            .map_err(|e| Error::io(format!("Cannot encode record of {}", ws.id), e.into()))?;
         let path = self.path_of(&ws.id);
         let tmp = self.dir.join(format!(".{}.json.tmp", ws.id));
         let write = || -> std::io::Result<()> {

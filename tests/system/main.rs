@@ -2004,6 +2004,8 @@ async fn the_rest_bridge_serves_the_documented_calls() {
             .contains("'network'"),
         "{body}"
     );
+    // The key came from the service over D-Bus as data, not parsed from the message.
+    assert_eq!(body["error"]["field"], "network", "{body}");
     let (status, body) = curl(
         "PATCH",
         &format!("/api/workspaces/{id}"),
@@ -2018,6 +2020,7 @@ async fn the_rest_bridge_serves_the_documented_calls() {
             .contains("'limits.memory'"),
         "{body}"
     );
+    assert_eq!(body["error"]["field"], "limits.memory", "{body}");
 
     // The OpenAPI document, without a token: the checked-in file.
     let (status, doc) = curl("GET", "/api/openapi.json", None, "");
