@@ -55,7 +55,7 @@ pub mod daemon {
     /// Not for users: what the service's own transient units run.
     #[derive(Subcommand)]
     pub enum Internal {
-        /// Build a container tree from a build plan (run by agent-workspace-build-NAME.service).
+        /// Build a container tree from a build plan (run by agent-workspace-build@NAME.service).
         #[command(hide = true)]
         BuildTree { plan: PathBuf },
     }

@@ -19,7 +19,7 @@ use agent_workspaces::core::{Manager, Ports};
 use agent_workspaces::dbus::{self, BUS_NAME};
 use agent_workspaces::system::config::{Config, IsolationMode};
 use agent_workspaces::system::containers::NspawnContainers;
-use agent_workspaces::system::exec::{CgroupTree, HostExecutor, Isolation};
+use agent_workspaces::system::exec::{CgroupTree, Containment, HostExecutor};
 use agent_workspaces::system::library::FsLibrary;
 use agent_workspaces::system::logging;
 use agent_workspaces::system::store::{Dirs, FileStore};
@@ -70,16 +70,21 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             .next()
             .unwrap_or("/var/lib/agent-workspaces"),
     );
-    let isolation = match config.exec_isolation {
-        IsolationMode::Cgroup => Isolation::Cgroup(CgroupTree::setup().map_err(|e| {
-            format!(
-                "Cannot set up per-command cgroups: {e}. To run without them (weaker: a command that \
-                 leaves its process group survives a timeout), set [exec] isolation = \"process-group\""
-            )
-        })?),
+    let containment = match config.exec_isolation {
+        IsolationMode::Cgroup => {
+            let tree = CgroupTree::setup().map_err(|e| {
+                format!(
+                    "Cannot set up per-command cgroups: {e}. To run without them (weaker: a command that \
+                     leaves its process group survives a timeout), set [exec] isolation = \"process-group\""
+                )
+            })?;
+            Containment::Cgroup(tree.base().to_path_buf())
+        }
         IsolationMode::ProcessGroup => {
-            warn!("Commands run in process groups, not cgroups ([exec] isolation = \"process-group\")");
-            Isolation::ProcessGroup
+            warn!(
+                "Commands run in process groups, not cgroups ([exec] isolation = \"process-group\")"
+            );
+            Containment::ProcessGroup
         }
     };
     if let Err(e) = agent_workspaces::system::exec::raise_fd_limit() {
@@ -98,7 +103,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         config.container.clone(),
         &state_dir,
         program,
-        config.exec.max_output_bytes,
+        config.limits.exec.max_output_bytes,
     ));
     let (events, receiver) = dbus::objects::EventQueue::new();
     let host_dir = config
@@ -109,7 +114,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         Ports {
             store: Arc::new(store),
             dirs: Arc::new(Dirs::new(state_dir.join("workspaces"))),
-            executor: Arc::new(HostExecutor::new(isolation)),
+            executor: Arc::new(HostExecutor::new(containment)),
             containers: containers.clone(),
             library: Arc::new(FsLibrary::new(
                 config
@@ -120,7 +125,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             events: Arc::new(events.clone()),
         },
         host_dir,
-        config.exec,
+        config.limits,
     ));
     manager.load().map_err(|e| e.to_string())?;
     manager.reconcile();
@@ -190,7 +195,7 @@ fn reload(
     notify_or_warn(&[NotifyState::Reloading]);
     match Config::load(path) {
         Ok(new) => {
-            manager.set_limits(new.exec);
+            manager.set_limits(new.limits);
             let mut later = containers.reload(&new.container);
             for (name, changed) in [
                 (

@@ -22,7 +22,7 @@ use super::ports::{
     Containers, Event, Events, ExecOutcome, ExecRequest, Executor, HostDirs, InstallTarget,
     Library, Store,
 };
-use super::spec::{Changes, CreateSpec, ExecLimits, ExecParams};
+use super::spec::{Changes, CreateSpec, ExecLimits, ExecParams, ServiceLimits};
 use super::template::{Template, merge};
 use super::workspace::{Field, Status, Workspace, WorkspaceType};
 
@@ -40,6 +40,16 @@ pub fn command_env(ws: &Workspace, call: BTreeMap<String, String>) -> BTreeMap<S
     env.extend(ws.env_vars.clone());
     env.extend(call);
     env
+}
+
+/// Runs port work that touches the disk without bound (whole trees, Library copies) on
+/// tokio's blocking threads, so the service keeps answering meanwhile.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::io_msg(format!("Background file work did not finish: {e}")))?
 }
 
 /// A name reserved by a create under way; released when dropped.
@@ -121,7 +131,7 @@ impl Registry {
 pub struct Manager {
     ports: Ports,
     default_host_dir: PathBuf,
-    limits: RwLock<ExecLimits>,
+    limits: RwLock<ServiceLimits>,
     registry: Mutex<Registry>,
     execs_running: AtomicUsize,
     /// Woken when a command ends: commands waiting for a place look again.
@@ -148,7 +158,7 @@ impl Drop for ExecSlot<'_> {
 }
 
 impl Manager {
-    pub fn new(ports: Ports, default_host_dir: PathBuf, limits: ExecLimits) -> Self {
+    pub fn new(ports: Ports, default_host_dir: PathBuf, limits: ServiceLimits) -> Self {
         Self {
             ports,
             default_host_dir,
@@ -166,11 +176,11 @@ impl Manager {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn limits(&self) -> ExecLimits {
+    pub fn limits(&self) -> ServiceLimits {
         *self.limits.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn set_limits(&self, limits: ExecLimits) {
+    pub fn set_limits(&self, limits: ServiceLimits) {
         *self.limits.write().unwrap_or_else(PoisonError::into_inner) = limits;
     }
 
@@ -238,7 +248,14 @@ impl Manager {
         drop(reg);
         self.ports.dirs.ensure(&self.default_host_dir)?;
         if let Ok(host) = self.get(DEFAULT_HOST) {
-            if let Err(e) = self.install_library(&host) {
+            // Before serving, so nothing waits on the runtime meanwhile.
+            let skills = self.ports.library.skills();
+            let installed = skills.and_then(|skills| {
+                self.ports
+                    .library
+                    .install(&self.install_target(&host), &skills, &[])
+            });
+            if let Err(e) = installed {
                 warn!(
                     workspace_id = DEFAULT_HOST,
                     "Cannot give the host workspace the Library's skills: {e}"
@@ -282,11 +299,11 @@ impl Manager {
             }
         }
         if !v.skills.is_empty() || !v.tools.is_empty() {
-            self.ports.library.check(&v.skills, &v.tools)?;
+            self.check_library(&v.skills, &v.tools).await?;
         }
         let reservation = self.reserve(&v.name)?;
         let build_now = v.build_on_create;
-        if build_now && self.builds_running() >= self.limits().max_concurrent_builds {
+        if build_now && self.builds_running() >= self.limits().builds.max_concurrent {
             return Err(Error::LimitsExceeded(format!(
                 "Too many ongoing operations: cannot build workspace '{}' now (max_concurrent_builds); nothing was created",
                 v.name
@@ -305,7 +322,7 @@ impl Manager {
               "Created {} workspace {} ({})", ws.workspace_type.as_str(), ws.name, ws.id);
         self.ports.events.emit(Event::Added { id: ws.id.clone() });
         if !ws.is_container() && (!ws.skills.is_empty() || !ws.tools.is_empty()) {
-            if let Err(e) = self.install_library(&ws) {
+            if let Err(e) = self.install_library(&ws).await {
                 warn!(workspace_id = %ws.id, workspace_name = %ws.name,
                       "Cannot install the skills and tools of {}: {e}", ws.name);
             }
@@ -455,14 +472,14 @@ impl Manager {
         // a record that cannot be saved puts the previous skills and tools back.
         let install = library_changed && self.library_dir_exists(&ws);
         if library_changed {
-            self.ports.library.check(&ws.skills, &ws.tools)?;
+            self.check_library(&ws.skills, &ws.tools).await?;
         }
         if install {
-            self.install_library(&ws)?;
+            self.install_library(&ws).await?;
         }
         if let Err(e) = self.ports.store.save(&ws) {
             if install {
-                if let Err(undo) = self.install_library(&before) {
+                if let Err(undo) = self.install_library(&before).await {
                     warn!(workspace_id = %ws.id, workspace_name = %ws.name,
                           "Cannot put back the skills and tools of {}: {undo}", ws.name);
                 }
@@ -537,7 +554,19 @@ impl Manager {
             self.ports.containers.remove(ws).await?;
             return self.ports.store.remove(&ws.id);
         }
-        self.remove_files_blocking(ws)
+        // A workspace directory can be a tree of any size: removed on a blocking thread.
+        let (dirs, store, ws) = (
+            self.ports.dirs.clone(),
+            self.ports.store.clone(),
+            ws.clone(),
+        );
+        blocking(move || {
+            if ws.owns_path {
+                dirs.remove_tree(&ws.path)?;
+            }
+            store.remove(&ws.id)
+        })
+        .await
     }
 
     /// At load: host directories only; an interrupted container destroy is finished by
@@ -588,7 +617,7 @@ impl Manager {
         params: ExecParams,
         caller_gone: CancellationToken,
     ) -> Result<ExecOutcome> {
-        let limits = self.limits();
+        let limits = self.limits().exec;
         let timeout_secs = params.validate(&limits)?;
         let (ws, _running_exec, cancel) = {
             let reg = self.reg();
@@ -724,16 +753,29 @@ impl Manager {
         !ws.is_container() || self.ports.containers.is_built(ws)
     }
 
-    /// Copies the workspace's skills and tools (the default host workspace: every skill).
-    fn install_library(&self, ws: &Workspace) -> Result<()> {
-        let skills = if ws.is_default_host() {
-            self.ports.library.skills()?
-        } else {
-            ws.skills.clone()
-        };
-        self.ports
-            .library
-            .install(&self.install_target(ws), &skills, &ws.tools)
+    /// Copies the workspace's skills and tools (the default host workspace: every skill), on a
+    /// blocking thread: a Library entry can be thousands of files.
+    async fn install_library(&self, ws: &Workspace) -> Result<()> {
+        let library = self.ports.library.clone();
+        let target = self.install_target(ws);
+        let (every_skill, skills, tools) =
+            (ws.is_default_host(), ws.skills.clone(), ws.tools.clone());
+        blocking(move || {
+            let skills = if every_skill {
+                library.skills()?
+            } else {
+                skills
+            };
+            library.install(&target, &skills, &tools)
+        })
+        .await
+    }
+
+    /// `Library::check` on a blocking thread (it reads every file of the entries).
+    async fn check_library(&self, skills: &[String], tools: &[String]) -> Result<()> {
+        let library = self.ports.library.clone();
+        let (skills, tools) = (skills.to_vec(), tools.to_vec());
+        blocking(move || library.check(&skills, &tools)).await
     }
 
     /// `SyncWorkspace`: copies the skills and tools again from the Library as it is now.
@@ -752,25 +794,29 @@ impl Manager {
                 status: ws.status.to_string(),
             });
         }
-        self.install_library(&ws)?;
+        self.install_library(&ws).await?;
         info!(workspace_id = %ws.id, workspace_name = %ws.name,
               "Synced skills and tools of {} from the Library", ws.name);
         Ok(())
     }
 
-    /// The Library's skills and tools, by name.
-    pub fn library(&self) -> Result<(Vec<String>, Vec<String>)> {
-        Ok((self.ports.library.skills()?, self.ports.library.tools()?))
+    /// The Library's skills and tools, by name (those that can be installed).
+    pub async fn library(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let library = self.ports.library.clone();
+        blocking(move || Ok((library.skills()?, library.tools()?))).await
     }
 
-    pub fn templates(&self) -> Result<Vec<Template>> {
-        self.ports.library.templates()
+    pub async fn templates(&self) -> Result<Vec<Template>> {
+        let library = self.ports.library.clone();
+        blocking(move || library.templates()).await
     }
 
-    pub fn template(&self, name: &str) -> Result<Template> {
+    pub async fn template(&self, name: &str) -> Result<Template> {
         super::names::validate_library_name("template", name)
             .map_err(|e| Error::invalid("name", e))?;
-        self.ports.library.template(name)
+        let library = self.ports.library.clone();
+        let name = name.to_owned();
+        blocking(move || library.template(&name)).await
     }
 
     /// The workspace, if it is a container; `NotSupported` for host workspaces.
@@ -820,7 +866,7 @@ impl Manager {
                 Status::Ready if !rebuild => return Ok(()),
                 _ => {}
             }
-            if building >= limits.max_concurrent_builds {
+            if building >= limits.builds.max_concurrent {
                 return Err(Error::LimitsExceeded(format!(
                     "Too many ongoing operations: cannot build workspace '{}', {building} builds are running (max_concurrent_builds)",
                     e.ws.name
@@ -911,11 +957,14 @@ impl Manager {
                 containers.stop(&ws).await?;
                 containers.build_tree(&ws).await?;
             }
-            self.install_library(&ws)?;
+            self.install_library(&ws).await?;
             containers.start(&ws).await?;
             if !ws.init_script.is_empty() {
-                self.init(&ws, Duration::from_secs(limits.init_timeout_secs.into()))
-                    .await?;
+                self.init(
+                    &ws,
+                    Duration::from_secs(limits.builds.init_timeout_secs.into()),
+                )
+                .await?;
             }
             Ok::<_, Error>(())
         }
@@ -929,7 +978,9 @@ impl Manager {
             Err(e) => {
                 warn!(workspace_id = %ws.id, workspace_name = %ws.name,
                       "Build of container workspace {} failed: {e}", ws.name);
-                containers.log(&ws, &format!("== build failed: {e}")).await;
+                containers
+                    .append_log(&ws, &format!("== build failed: {e}"))
+                    .await;
                 self.finish_build(&ws.id, Status::Error, &e.to_string());
             }
         }
@@ -974,6 +1025,7 @@ impl Manager {
             });
         }
         let limits = self.limits();
+        let limits = limits.builds;
         let timeout = timeout_secs.unwrap_or(limits.init_timeout_secs);
         if timeout == 0 || timeout > limits.init_timeout_secs {
             return Err(Error::invalid(

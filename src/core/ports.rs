@@ -169,7 +169,7 @@ pub trait Containers: Send + Sync {
     /// The last `max_lines` lines of the init log (all when 0) and its total line count.
     async fn init_log(&self, ws: &Workspace, max_lines: u32) -> Result<(String, u32)>;
     /// Appends a line to the init log.
-    async fn log(&self, ws: &Workspace, line: &str);
+    async fn append_log(&self, ws: &Workspace, line: &str);
     /// At start: reports trees and units of containers that have no record (`known` are the
     /// names of container workspaces), and removes what is clearly the service's own leftover
     /// (half-built trees, units it started).

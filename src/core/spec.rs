@@ -291,7 +291,15 @@ impl Changes {
     }
 }
 
-/// Exec limits from the configuration; reloadable.
+/// Every limit the service applies, from the configuration; reloaded as a whole. (A
+/// workspace's own resource limits are `workspace::Limits`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServiceLimits {
+    pub exec: ExecLimits,
+    pub builds: BuildLimits,
+}
+
+/// Limits on commands (`[exec]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExecLimits {
     pub default_timeout_secs: u32,
@@ -301,10 +309,6 @@ pub struct ExecLimits {
     /// How long a command waits for a place when `max_concurrent` run, before
     /// `LimitsExceeded` (0: refused at once).
     pub queue_timeout_secs: u32,
-    /// Container builds at once; more is `LimitsExceeded`.
-    pub max_concurrent_builds: usize,
-    /// How long an init script may run.
-    pub init_timeout_secs: u32,
 }
 
 impl Default for ExecLimits {
@@ -315,7 +319,23 @@ impl Default for ExecLimits {
             max_output_bytes: 1024 * 1024,
             max_concurrent: 64,
             queue_timeout_secs: 10,
-            max_concurrent_builds: 2,
+        }
+    }
+}
+
+/// Limits on container builds and their init scripts (`[container]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildLimits {
+    /// Builds at once; more is `LimitsExceeded`.
+    pub max_concurrent: usize,
+    /// How long an init script may run.
+    pub init_timeout_secs: u32,
+}
+
+impl Default for BuildLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 2,
             init_timeout_secs: 1800,
         }
     }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::error::{Error, Result};
 use super::manager::{Manager, Ports};
 use super::ports::*;
-use super::spec::{Changes, CreateSpec, ExecLimits, ExecParams};
+use super::spec::{BuildLimits, Changes, CreateSpec, ExecLimits, ExecParams, ServiceLimits};
 use super::workspace::{Field, Limits, Network, Status, Workspace};
 
 #[derive(Default)]
@@ -160,7 +160,7 @@ impl Containers for FakeContainers {
     async fn init_log(&self, _: &Workspace, _: u32) -> Result<(String, u32)> {
         Ok((String::new(), 0))
     }
-    async fn log(&self, _: &Workspace, _: &str) {}
+    async fn append_log(&self, _: &Workspace, _: &str) {}
     async fn clean_orphans(&self, known: &[String]) {
         self.call(format!("clean_orphans {}", known.join(",")));
     }
@@ -251,7 +251,7 @@ struct Fixture {
     events: Arc<EventLog>,
 }
 
-fn fixture_with(store: Arc<MemStore>, limits: ExecLimits) -> Fixture {
+fn fixture_with(store: Arc<MemStore>, limits: ServiceLimits) -> Fixture {
     let dirs = Arc::new(MemDirs::default());
     let exec = Arc::new(FakeExec::default());
     let events = Arc::new(EventLog::default());
@@ -282,7 +282,7 @@ fn fixture_with(store: Arc<MemStore>, limits: ExecLimits) -> Fixture {
 }
 
 fn fixture() -> Fixture {
-    fixture_with(Arc::default(), ExecLimits::default())
+    fixture_with(Arc::default(), ServiceLimits::default())
 }
 
 fn spec(name: &str) -> CreateSpec {
@@ -481,9 +481,12 @@ async fn caller_disconnect_cancels_the_exec() {
 
 #[tokio::test]
 async fn exec_cap_is_limits_exceeded() {
-    let limits = ExecLimits {
-        max_concurrent: 1,
-        queue_timeout_secs: 0,
+    let limits = ServiceLimits {
+        exec: ExecLimits {
+            max_concurrent: 1,
+            queue_timeout_secs: 0,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let f = fixture_with(Arc::default(), limits);
@@ -509,9 +512,12 @@ async fn exec_cap_is_limits_exceeded() {
 
 #[tokio::test(start_paused = true)]
 async fn over_the_cap_a_command_waits_for_a_place_then_is_refused() {
-    let limits = ExecLimits {
-        max_concurrent: 1,
-        queue_timeout_secs: 5,
+    let limits = ServiceLimits {
+        exec: ExecLimits {
+            max_concurrent: 1,
+            queue_timeout_secs: 5,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let f = fixture_with(Arc::default(), limits);
@@ -557,7 +563,7 @@ async fn load_finishes_interrupted_destroys_and_keeps_the_rest() {
     half.status = Status::Destroying;
     first.store.save(&half).unwrap();
 
-    let second = fixture_with(first.store.clone(), ExecLimits::default());
+    let second = fixture_with(first.store.clone(), ServiceLimits::default());
     assert!(second.manager.get("keep").is_ok());
     assert!(second.manager.get("gone").is_err());
     assert!(!second.store.0.lock().unwrap().contains_key(&gone.id));
@@ -679,8 +685,11 @@ async fn a_failed_install_changes_neither_the_record_nor_the_properties() {
 
 #[tokio::test]
 async fn a_refused_create_does_not_keep_its_name() {
-    let limits = ExecLimits {
-        max_concurrent_builds: 1,
+    let limits = ServiceLimits {
+        builds: BuildLimits {
+            max_concurrent: 1,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let f = fixture_with(Arc::default(), limits);
@@ -742,7 +751,7 @@ async fn restart_resumes_a_build_that_was_running() {
     let mut building = ws.clone();
     building.status = Status::Building;
     first.store.save(&building).unwrap();
-    let second = fixture_with(first.store.clone(), ExecLimits::default());
+    let second = fixture_with(first.store.clone(), ServiceLimits::default());
     second.manager.reconcile();
     wait_status(&second, "box", Status::Ready).await;
     let calls = second.containers.calls();

@@ -186,7 +186,7 @@ impl Context {
         key: &str,
         params: ExecParams,
     ) -> Result<crate::core::ports::ExecOutcome> {
-        params.validate(&self.manager.limits())?;
+        params.validate(&self.manager.limits().exec)?;
         let ws = self.manager.get(key)?;
         let action = match ws.workspace_type {
             WorkspaceType::Host => Action::ExecHost,
@@ -270,22 +270,23 @@ impl Context {
         self.manager.sync(key).await
     }
 
-    pub fn list_library(&self) -> Result<(Vec<String>, Vec<String>)> {
-        self.manager.library()
+    pub async fn list_library(&self) -> Result<(Vec<String>, Vec<String>)> {
+        self.manager.library().await
     }
 
-    pub fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
+    pub async fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
         Ok(self
             .manager
-            .templates()?
+            .templates()
+            .await?
             .into_iter()
             .map(|t| (t.name, t.description, t.distro.unwrap_or_default()))
             .collect())
     }
 
     /// A template as `a{sv}`; env var names only, never values.
-    pub fn get_template(&self, name: &str) -> Result<HashMap<String, OwnedVariant>> {
-        let t = self.manager.template(name)?;
+    pub async fn get_template(&self, name: &str) -> Result<HashMap<String, OwnedVariant>> {
+        let t = self.manager.template(name).await?;
         let s = |v: String| OwnedVariant::try_from(zbus::Variant::from(v));
         let l = |v: Vec<String>| OwnedVariant::try_from(zbus::Variant::from(v));
         let mut out = vec![

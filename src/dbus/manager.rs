@@ -165,17 +165,17 @@ impl ManagerObject {
     /// The Library's skills and tools, by name (what `skills` and `tools` may name).
     #[zbus(out_args("skills", "tools"))]
     async fn list_library(&self) -> Result<(Vec<String>, Vec<String>)> {
-        self.ctx.list_library()
+        self.ctx.list_library().await
     }
 
     #[zbus(out_args("templates"))]
     async fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
-        self.ctx.list_templates()
+        self.ctx.list_templates().await
     }
 
     #[zbus(out_args("template"))]
     async fn get_template(&self, name: &str) -> Result<HashMap<String, OwnedVariant>> {
-        self.ctx.get_template(name)
+        self.ctx.get_template(name).await
     }
 
     #[zbus(property)]

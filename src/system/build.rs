@@ -1,5 +1,5 @@
 //! The container build, run as `agent-workspaced build-tree PLAN` inside a transient unit
-//! (`agent-workspace-build-<name>.service`), so it is visible to systemctl and survives a
+//! (`agent-workspace-build@<name>.service`), so it is visible to systemctl and survives a
 //! restart of the daemon. Steps: check settings, make or reuse the cached base tree of the
 //! distro, unpack it, configure it. Command output goes to the workspace's init log; step lines
 //! also go to stdout (the unit's journal). The outcome is written to the plan's result file.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::core::spec::ExecLimits;
+use crate::core::spec::{BuildLimits, ExecLimits, ServiceLimits};
 use crate::core::workspace::Distro;
 use crate::system::distro::DistroSettings;
 
@@ -22,7 +22,8 @@ pub struct Config {
     /// The Library (skills, tools, templates); default `<state>/library`. Read at start only
     /// (its contents are read afresh on every use).
     pub library_path: Option<PathBuf>,
-    pub exec: ExecLimits,
+    /// [exec] and the build limits of [container]; reloadable.
+    pub limits: ServiceLimits,
     pub exec_isolation: IsolationMode,
     pub container: ContainerConfig,
 }
@@ -121,7 +122,7 @@ impl Default for Config {
         Self {
             host_workspace_dir: None,
             library_path: None,
-            exec: ExecLimits::default(),
+            limits: ServiceLimits::default(),
             exec_isolation: IsolationMode::Cgroup,
             container: ContainerConfig::default(),
         }
@@ -139,17 +140,19 @@ impl Config {
             max_output_bytes: e.max_output_bytes.unwrap_or(d.max_output_bytes as u64) as usize,
             max_concurrent: e.max_concurrent.unwrap_or(d.max_concurrent as u32) as usize,
             queue_timeout_secs: e.queue_timeout_secs.unwrap_or(d.queue_timeout_secs),
-            max_concurrent_builds: file
+        };
+        let b = BuildLimits::default();
+        let builds = BuildLimits {
+            max_concurrent: file
                 .container
                 .max_concurrent_builds
-                .unwrap_or(d.max_concurrent_builds as u32)
-                as usize,
+                .unwrap_or(b.max_concurrent as u32) as usize,
             init_timeout_secs: file
                 .container
                 .init_timeout_secs
-                .unwrap_or(d.init_timeout_secs),
+                .unwrap_or(b.init_timeout_secs),
         };
-        if exec.max_concurrent_builds == 0 || exec.init_timeout_secs == 0 {
+        if builds.max_concurrent == 0 || builds.init_timeout_secs == 0 {
             return Err(
                 "container.max_concurrent_builds and container.init_timeout_secs must be at least 1"
                     .into(),
@@ -228,7 +231,7 @@ impl Config {
         Ok(Self {
             library_path: file.library_path,
             host_workspace_dir: file.host_workspace_dir,
-            exec,
+            limits: ServiceLimits { exec, builds },
             exec_isolation: e.isolation.unwrap_or(IsolationMode::Cgroup),
             container,
         })
@@ -265,7 +268,7 @@ mod tests {
             Some(Path::new("/srv/host"))
         );
         assert_eq!(
-            c.exec,
+            c.limits.exec,
             ExecLimits {
                 default_timeout_secs: 10,
                 max_timeout_secs: 20,
@@ -293,7 +296,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.container.cache_dir, Path::new("/srv/cache"));
-        assert_eq!(c.exec.max_concurrent_builds, 1);
+        assert_eq!(c.limits.builds.max_concurrent, 1);
         let arch = c.container.distro(Distro::ArchLinux);
         assert!(!arch.verify_signatures);
         assert_eq!(arch.mirror, "http://127.0.0.1/arch");

@@ -85,7 +85,8 @@ pub fn unit_name(name: &str) -> String {
 }
 
 pub fn build_unit_name(name: &str) -> String {
-    format!("agent-workspace-build-{name}.service")
+    // '@' is in no workspace name, so no container's unit can be named like a build unit.
+    format!("agent-workspace-build@{name}.service")
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -291,20 +292,26 @@ impl NspawnContainers {
             .remove(name);
     }
 
-    async fn append_log(&self, ws: &Workspace, text: &[u8]) {
+    /// Appends to the init log (cut back to its last half past `LOG_MAX`), on a blocking
+    /// thread: the cut rewrites megabytes.
+    async fn append_to_log(&self, ws: &Workspace, text: &[u8]) {
         let path = self.log_path(ws);
-        if let Some(dir) = path.parent() {
-            let _ = fs::create_dir_all(dir);
-        }
-        if fs::metadata(&path).is_ok_and(|m| m.len() > LOG_MAX) {
-            if let Ok(old) = fs::read(&path) {
-                let keep = &old[old.len() - (LOG_MAX / 2) as usize..];
-                let _ = fs::write(&path, keep);
+        let text = text.to_vec();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                let _ = fs::create_dir_all(dir);
             }
-        }
-        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path) {
-            let _ = f.write_all(text);
-        }
+            if fs::metadata(&path).is_ok_and(|m| m.len() > LOG_MAX) {
+                if let Ok(old) = fs::read(&path) {
+                    let keep = &old[old.len() - (LOG_MAX / 2) as usize..];
+                    let _ = fs::write(&path, keep);
+                }
+            }
+            if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path) {
+                let _ = f.write_all(&text);
+            }
+        })
+        .await;
     }
 }
 
@@ -527,7 +534,8 @@ impl Containers for NspawnContainers {
             timeout: req.timeout,
             output_cap: req.output_cap,
         };
-        run_contained(command, Containment::CgroupBelow(&leader.payload), &cancel).await
+        let containment = Containment::Cgroup(leader.payload.clone());
+        run_contained(command, &containment, &cancel).await
     }
 
     async fn run_init(
@@ -557,7 +565,7 @@ impl Containers for NspawnContainers {
             // The shell the agent runs commands with: bash where there is one.
             format!("exec \"${{BASH:-/bin/sh}}\" /{OWN_DIR}/init")
         };
-        self.append_log(ws, b"== init script started\n").await;
+        self.append_to_log(ws, b"== init script started\n").await;
         let req = ExecRequest {
             workspace_id: ws.id.clone(),
             command,
@@ -568,8 +576,8 @@ impl Containers for NspawnContainers {
             output_cap: self.output_cap,
         };
         let outcome = self.exec(ws, req, cancel).await?;
-        self.append_log(ws, &outcome.stdout).await;
-        self.append_log(ws, &outcome.stderr).await;
+        self.append_to_log(ws, &outcome.stdout).await;
+        self.append_to_log(ws, &outcome.stderr).await;
         for line in String::from_utf8_lossy(&outcome.stdout)
             .lines()
             .chain(String::from_utf8_lossy(&outcome.stderr).lines())
@@ -586,13 +594,13 @@ impl Containers for NspawnContainers {
             },
             outcome.duration.as_secs_f64()
         );
-        self.append_log(ws, end.as_bytes()).await;
+        self.append_to_log(ws, end.as_bytes()).await;
         Ok(outcome)
     }
 
     async fn init_log(&self, ws: &Workspace, max_lines: u32) -> Result<(String, u32)> {
         let path = self.log_path(ws);
-        let text = match fs::read(&path) {
+        let text = match tokio::fs::read(&path).await {
             Ok(b) => String::from_utf8_lossy(&b).into_owned(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(io("read", &path, e)),
@@ -611,8 +619,8 @@ impl Containers for NspawnContainers {
         Ok((content, total))
     }
 
-    async fn log(&self, ws: &Workspace, line: &str) {
-        self.append_log(ws, format!("{line}\n").as_bytes()).await;
+    async fn append_log(&self, ws: &Workspace, line: &str) {
+        self.append_to_log(ws, format!("{line}\n").as_bytes()).await;
     }
 
     async fn clean_orphans(&self, known: &[String]) {
@@ -646,17 +654,10 @@ impl Containers for NspawnContainers {
             Ok(units) => {
                 for (unit, description, _) in units {
                     let base = unit.strip_suffix(".service").unwrap_or(&unit);
-                    // agent-workspace-build-x is the build unit of x, or the unit of "build-x".
-                    let names = [
-                        base.strip_prefix("agent-workspace-"),
-                        base.strip_prefix("agent-workspace-build-"),
-                    ];
-                    let known_unit = names.iter().flatten().any(|n| is_known(n));
-                    let name = if known_unit {
-                        ""
-                    } else {
-                        names[0].unwrap_or("")
-                    };
+                    let name = base
+                        .strip_prefix("agent-workspace-build@")
+                        .or_else(|| base.strip_prefix("agent-workspace-"))
+                        .unwrap_or("");
                     let ours = description.starts_with("Agent workspace ")
                         || description.starts_with("Build of agent workspace ");
                     if !name.is_empty() && !is_known(name) && ours {
@@ -921,6 +922,8 @@ mod tests {
         assert_eq!(allowed.len(), DEVICE_ALLOW.len());
         assert!(allowed.contains(&("char-pts".into(), "rw".into())));
         assert_eq!(unit_name("box"), "agent-workspace-box.service");
-        assert_eq!(build_unit_name("box"), "agent-workspace-build-box.service");
+        assert_eq!(build_unit_name("box"), "agent-workspace-build@box.service");
+        // A workspace named "build-box" does not share its unit with the build of "box".
+        assert_ne!(unit_name("build-box"), build_unit_name("box"));
     }
 }

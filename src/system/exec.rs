@@ -26,11 +26,14 @@ use crate::core::ports::{ExecIo, ExecOutcome, ExecRequest, Executor};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-/// How the process tree of a command is contained.
-pub enum Isolation {
-    /// A cgroup per command below the service's delegated cgroup (the default).
-    Cgroup(CgroupTree),
-    /// A process group per command: for running the daemon by hand outside systemd. Weaker: a
+/// How the process tree of a command is contained: a host command's (the service's
+/// setting) and a container command's (its payload cgroup) alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Containment {
+    /// In a new cgroup `exec-N` below this delegated cgroup (the default): `cgroup.kill` ends
+    /// everything the command started.
+    Cgroup(PathBuf),
+    /// In a new process group: for running the daemon by hand outside systemd. Weaker: a
     /// process that leaves its process group (setsid) survives a timeout.
     ProcessGroup,
 }
@@ -222,12 +225,12 @@ impl CommandCgroup {
 }
 
 pub struct HostExecutor {
-    isolation: Isolation,
+    containment: Containment,
 }
 
 impl HostExecutor {
-    pub fn new(isolation: Isolation) -> Self {
-        Self { isolation }
+    pub fn new(containment: Containment) -> Self {
+        Self { containment }
     }
 }
 
@@ -283,14 +286,6 @@ enum Ending {
     Exited(Result<i32>),
     TimedOut,
     Cancelled,
-}
-
-/// How a command's process tree is contained.
-pub enum Containment<'a> {
-    /// In a new cgroup `exec-N` below this (delegated) cgroup.
-    CgroupBelow(&'a Path),
-    /// In a new process group.
-    ProcessGroup,
 }
 
 /// How a command is started once its cgroup and streams are ready.
@@ -511,13 +506,13 @@ async fn launch<'a>(
 /// ends every process it left in its cgroup (or process group).
 pub async fn run_contained(
     c: Command<'_>,
-    containment: Containment<'_>,
+    containment: &Containment,
     cancel: &CancellationToken,
 ) -> Result<ExecOutcome> {
     let streams = streams(c.io)
         .map_err(|e| Error::JobFailed(format!("Cannot make the command's pipes: {e}")))?;
     let cgroup = match containment {
-        Containment::CgroupBelow(parent) => Some(CommandCgroup::create(parent).map_err(|e| {
+        Containment::Cgroup(parent) => Some(CommandCgroup::create(parent).map_err(|e| {
             Error::JobFailed(format!(
                 "Cannot create a cgroup for the command below {}: {e}",
                 parent.display()
@@ -623,10 +618,6 @@ impl Executor for HostExecutor {
             ));
         }
         let argv = [shell().to_owned(), "-c".to_owned(), req.command];
-        let containment = match &self.isolation {
-            Isolation::Cgroup(tree) => Containment::CgroupBelow(tree.base()),
-            Isolation::ProcessGroup => Containment::ProcessGroup,
-        };
         let command = Command {
             launch: Launch::Here {
                 argv: &argv,
@@ -637,7 +628,7 @@ impl Executor for HostExecutor {
             timeout: req.timeout,
             output_cap: req.output_cap,
         };
-        run_contained(command, containment, &cancel).await
+        run_contained(command, &self.containment, &cancel).await
     }
 }
 
@@ -659,7 +650,7 @@ mod tests {
     }
 
     async fn run(r: ExecRequest) -> ExecOutcome {
-        HostExecutor::new(Isolation::ProcessGroup)
+        HostExecutor::new(Containment::ProcessGroup)
             .run(r, CancellationToken::new())
             .await
             .unwrap()
@@ -777,7 +768,7 @@ mod tests {
             t.cancel();
         });
         let started = Instant::now();
-        let o = HostExecutor::new(Isolation::ProcessGroup)
+        let o = HostExecutor::new(Containment::ProcessGroup)
             .run(req("sleep 30"), token)
             .await
             .unwrap();
@@ -789,7 +780,7 @@ mod tests {
     async fn missing_cwd_is_invalid_args() {
         let mut r = req("true");
         r.cwd = "/nonexistent/dir".into();
-        let e = HostExecutor::new(Isolation::ProcessGroup)
+        let e = HostExecutor::new(Containment::ProcessGroup)
             .run(r, CancellationToken::new())
             .await
             .unwrap_err();

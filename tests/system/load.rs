@@ -109,3 +109,71 @@ async fn twenty_builds_at_once_all_reach_ready() {
     std::fs::write(config, original).unwrap();
     systemctl(&format!("reload {UNIT}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_keeps_answering_while_it_removes_a_large_tree_and_copies_a_large_library() {
+    require_test_host();
+    // A Library skill of 20 000 files, and a host workspace directory of 200 000.
+    let library = write_library();
+    ok(&format!(
+        "mkdir -p {lib}/skill/huge/files && echo '# Huge' > {lib}/skill/huge/SKILL.md && cd {lib}/skill/huge/files && seq 20000 | xargs touch",
+        lib = library.display()
+    ));
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let big = unique("big");
+    let path = m.create_workspace(named(&big)).await.unwrap();
+    let dir = workspace(&conn, &path).await.path().await.unwrap();
+    ok(&format!(
+        "mkdir {dir}/tree && cd {dir}/tree && for i in $(seq 40); do mkdir $i && (cd $i && seq 5000 | xargs touch); done"
+    ));
+    let copier = unique("copier");
+    m.create_workspace(named(&copier)).await.unwrap();
+
+    // Both at once: the skill's copy (UpdateWorkspace) and the tree's removal (Destroy).
+    let start = Instant::now();
+    let work = {
+        let (m, big, copier) = (m.clone(), big.clone(), copier.clone());
+        tokio::spawn(async move {
+            let skills = spec(vec![("skills", Variant::from(vec!["huge"]))]);
+            tokio::join!(
+                m.update_workspace(&copier, skills),
+                m.destroy_workspace(&big)
+            )
+        })
+    };
+    let (mut worst, mut calls) = (Duration::ZERO, 0);
+    while !work.is_finished() {
+        let t = Instant::now();
+        m.list_workspaces().await.unwrap();
+        worst = worst.max(t.elapsed());
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (updated, destroyed) = work.await.unwrap();
+    updated.unwrap();
+    destroyed.unwrap();
+    let took = start.elapsed();
+    assert!(
+        calls >= 10,
+        "the work took {took:?}, too short to show whether the service answers meanwhile"
+    );
+    assert!(
+        worst < Duration::from_millis(100),
+        "ListWorkspaces took up to {worst:?} while a tree was removed and a Library entry copied ({calls} calls in {took:?})"
+    );
+    let copied = std::fs::read_dir(format!(
+        "{}/.opencode/skill/huge/files",
+        workspace(&conn, &m.get_workspace(&copier).await.unwrap())
+            .await
+            .path()
+            .await
+            .unwrap()
+    ))
+    .unwrap()
+    .count();
+    assert_eq!(copied, 20000);
+    assert!(!std::path::Path::new(&dir).exists(), "the tree was removed");
+    m.destroy_workspace(&copier).await.unwrap();
+    std::fs::remove_dir_all(library.join("skill/huge")).unwrap();
+}

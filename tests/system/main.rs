@@ -1434,7 +1434,7 @@ async fn containers_survive_restarts_and_a_daemon_killed_mid_build() {
     .await
     .unwrap();
     m.build_workspace(&killed).await.unwrap();
-    let build_unit = format!("agent-workspace-build-{killed}.service");
+    let build_unit = format!("agent-workspace-build@{killed}.service");
     wait_for("the build unit to run", Duration::from_secs(60), || {
         let state = sh(&format!("systemctl is-active {build_unit}")).stdout;
         matches!(state.trim(), "active" | "activating").then_some(())
