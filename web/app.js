@@ -173,19 +173,9 @@ function signInPage() {
 
 // ---- the list ----------------------------------------------------------------------------
 
-/** Where a build is, from its log: the last "== step NAME: ..." line, or the init script. */
-function buildStep(log) {
-  const lines = (log || '').split('\n').reverse();
-  for (const line of lines) {
-    if (line.startsWith('== init script')) return 'init script';
-    const m = /^== step ([a-z-]+)/.exec(line);
-    if (m) return m[1];
-  }
-  return null;
-}
-
-function statusCell(ws, step) {
+function statusCell(ws) {
   const s = ws.status;
+  const step = ws.build_step;
   const badge = h('span', { class: `status status-${s}` },
     s === 'building' ? h('progress', { 'aria-label': `Building ${ws.name}` }) : null, s,
     s === 'building' && step ? h('span', { class: 'step' }, `: ${step}`) : null);
@@ -208,22 +198,13 @@ async function workspacesPage(main, _r, token) {
   const refresh = async () => {
     try {
       const all = await api('GET', '/api/workspaces');
-      // Building ones show their current step, read from their logs.
-      const steps = new Map(await Promise.all(all.filter((w) => w.status === 'building').map(async (w) => {
-        try {
-          const log = await api('GET', `/api/workspaces/${encodeURIComponent(w.id)}/init-log?max_lines=50`);
-          return [w.id, buildStep(log.content)];
-        } catch (_) {
-          return [w.id, null];
-        }
-      })));
       if (token !== pageToken) return;
       error.replaceChildren();
       body.replaceChildren(...all.map((ws) => h('tr', { 'data-name': ws.name },
         h('td', {}, h('a', { href: `#/workspaces/${encodeURIComponent(ws.id)}` }, ws.name)),
         h('td', {}, ws.workspace_type),
         h('td', {}, ws.distro || '—'),
-        statusCell(ws, steps.get(ws.id)))));
+        statusCell(ws))));
     } catch (err) {
       if (token === pageToken) showError(error, err);
     }
@@ -389,7 +370,8 @@ function props(ws) {
   const list = (a) => (a && a.length ? a.join(', ') : '—');
   return h('dl', { class: 'props' },
     row('Status', h('span', { class: `status status-${ws.status}`, id: 'ws-status' },
-      ws.status === 'building' ? h('progress', { 'aria-label': 'Building' }) : null, ws.status)),
+      ws.status === 'building' ? h('progress', { 'aria-label': 'Building' }) : null, ws.status,
+      ws.status === 'building' && ws.build_step ? h('span', { class: 'step' }, `: ${ws.build_step}`) : null)),
     ws.error_message ? row('Error', h('span', { class: 'error-text', role: 'alert' }, ws.error_message)) : null,
     row('Type', ws.workspace_type),
     ws.distro ? row('Distribution', ws.distro) : null,

@@ -238,6 +238,7 @@ impl Manager {
                 created_at_usec: now_usec(),
                 network: Default::default(),
                 limits: Default::default(),
+                build_step: String::new(),
             }),
         };
         if let Some(host) = host {
@@ -389,6 +390,7 @@ impl Manager {
             created_at_usec: now_usec(),
             network: v.network,
             limits: v.limits,
+            build_step: String::new(),
         };
         if let Err(e) = self.ports.store.save(&ws) {
             if ws.owns_path && !container {
@@ -598,6 +600,10 @@ impl Manager {
             }
             e.ws.status = status;
             e.ws.error_message = message.to_owned();
+            // A step belongs to a build; any other status ends it.
+            if status != Status::Building {
+                e.ws.build_step.clear();
+            }
             e.ws.clone()
         };
         if let Err(e) = self.ports.store.save(&ws) {
@@ -605,7 +611,7 @@ impl Manager {
         }
         self.ports.events.emit(Event::Changed {
             id: id.to_owned(),
-            fields: vec![Field::Status, Field::ErrorMessage],
+            fields: vec![Field::Status, Field::ErrorMessage, Field::BuildStep],
         });
     }
 
@@ -950,16 +956,28 @@ impl Manager {
     async fn run_build_from(&self, ws: Workspace, resumed: bool) {
         let limits = self.limits();
         let containers = &self.ports.containers;
+        let (steps, mut reached) = tokio::sync::mpsc::unbounded_channel::<String>();
         let result = async {
             if resumed {
                 containers.wait_build(&ws).await?;
             } else {
                 containers.stop(&ws).await?;
-                containers.build_tree(&ws).await?;
+                // The build unit's steps become BuildStep as they come.
+                let build = containers.build_tree(&ws, steps);
+                tokio::pin!(build);
+                loop {
+                    tokio::select! {
+                        r = &mut build => break r?,
+                        Some(step) = reached.recv() => self.set_build_step(&ws.id, &step),
+                    }
+                }
             }
+            self.set_build_step(&ws.id, "skills");
             self.install_library(&ws).await?;
+            self.set_build_step(&ws.id, "start");
             containers.start(&ws).await?;
             if !ws.init_script.is_empty() {
+                self.set_build_step(&ws.id, "init");
                 self.init(
                     &ws,
                     Duration::from_secs(limits.builds.init_timeout_secs.into()),
@@ -989,6 +1007,25 @@ impl Manager {
     /// Ends a build: only a workspace still `building` changes (a destroy may have begun).
     fn finish_build(&self, id: &str, status: Status, message: &str) {
         self.set_status(id, status, message, Some(Status::Building));
+    }
+
+    /// Where the build of a workspace still `building` is: kept in the registry (not worth a
+    /// disk write) and announced.
+    fn set_build_step(&self, id: &str, step: &str) {
+        {
+            let mut reg = self.reg();
+            let Some(e) = reg.by_id.get_mut(id) else {
+                return;
+            };
+            if e.ws.status != Status::Building || e.ws.build_step == step {
+                return;
+            }
+            e.ws.build_step = step.to_owned();
+        }
+        self.ports.events.emit(Event::Changed {
+            id: id.to_owned(),
+            fields: vec![Field::BuildStep],
+        });
     }
 
     /// Runs the init script; a failure is an error naming the exit code and the log.

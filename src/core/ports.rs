@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::error::Result;
 use super::workspace::{Field, Workspace};
 
+/// Where a build reports its steps as it reaches them ("unpack", "configure", ...).
+pub type BuildSteps = tokio::sync::mpsc::UnboundedSender<String>;
+
 /// Durable storage of workspace records.
 pub trait Store: Send + Sync {
     /// Every readable record. Unreadable ones are reported (journal) and skipped by the store:
@@ -140,8 +143,9 @@ pub trait Containers: Send + Sync {
     /// `WorkspaceExists` when a machine, an image or a tree of this name exists already.
     async fn check_name_free(&self, name: &str) -> Result<()>;
     /// Makes the container tree from scratch in a transient build unit; returns when the unit
-    /// has finished. Errors name the failing step.
-    async fn build_tree(&self, ws: &Workspace) -> Result<()>;
+    /// has finished, telling `steps` each step as the unit reaches it. Errors name the failing
+    /// step.
+    async fn build_tree(&self, ws: &Workspace, steps: BuildSteps) -> Result<()>;
     /// After a restart of the service: waits for a build unit that is still running, then tells
     /// whether the tree is complete (Ok) or the build failed or was interrupted (Err).
     async fn wait_build(&self, ws: &Workspace) -> Result<()>;

@@ -106,8 +106,9 @@ impl Containers for FakeContainers {
         }
         Ok(())
     }
-    async fn build_tree(&self, ws: &Workspace) -> Result<()> {
+    async fn build_tree(&self, ws: &Workspace, steps: BuildSteps) -> Result<()> {
         self.call(format!("build {}", ws.name));
+        let _ = steps.send("unpack".into());
         self.release_build.notified().await;
         Ok(())
     }
@@ -710,6 +711,28 @@ async fn a_refused_create_does_not_keep_its_name() {
         Err(Error::WorkspaceExists(_))
     ));
     f.containers.release_build.notify_one();
+}
+
+#[tokio::test]
+async fn a_build_says_its_step_and_clears_it_at_the_end() {
+    let f = fixture();
+    f.manager.create(container("box", "echo hi")).await.unwrap();
+    f.manager.build("box", false).await.unwrap();
+    // The fake build unit reports "unpack", then waits to be released.
+    while f.manager.get("box").unwrap().build_step != "unpack" {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        f.events
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::Changed { fields, .. } if fields == &[Field::BuildStep]))
+    );
+    f.containers.release_build.notify_one();
+    let ws = wait_status(&f, "box", Status::Ready).await;
+    assert_eq!(ws.build_step, "", "no step once ready");
 }
 
 #[tokio::test]

@@ -188,6 +188,9 @@ pub struct Workspace {
     pub network: Network,
     #[serde(default)]
     pub limits: Limits,
+    /// Where a build is ("unpack", "init", ...); empty when no build runs.
+    #[serde(default)]
+    pub build_step: String,
 }
 
 impl Workspace {
@@ -210,4 +213,5 @@ pub enum Field {
     Tools,
     Network,
     Limits,
+    BuildStep,
 }

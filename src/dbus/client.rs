@@ -106,6 +106,8 @@ pub trait Workspace {
     #[zbus(property)]
     fn error_message(&self) -> zbus::Result<String>;
     #[zbus(property)]
+    fn build_step(&self) -> zbus::Result<String>;
+    #[zbus(property)]
     fn path(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn env_var_names(&self) -> zbus::Result<Vec<String>>;

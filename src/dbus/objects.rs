@@ -139,6 +139,7 @@ async fn apply(conn: &Connection, ctx: &Context, event: Event) -> zbus::Result<(
                     Field::Skills => object.skills_changed(emitter).await?,
                     Field::Tools => object.tools_changed(emitter).await?,
                     Field::Network => object.network_changed(emitter).await?,
+                    Field::BuildStep => object.build_step_changed(emitter).await?,
                     Field::Limits => {
                         object.memory_max_changed(emitter).await?;
                         object.c_p_u_quota_percent_changed(emitter).await?;

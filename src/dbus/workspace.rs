@@ -136,6 +136,12 @@ impl WorkspaceObject {
         Ok(self.ws()?.error_message)
     }
 
+    /// Where a build is (`unpack`, `init`, ...); empty when none runs.
+    #[zbus(property)]
+    async fn build_step(&self) -> zbus::fdo::Result<String> {
+        Ok(self.ws()?.build_step)
+    }
+
     #[zbus(property(emits_changed_signal = "const"))]
     async fn path(&self) -> zbus::fdo::Result<String> {
         Ok(self.ws()?.path.display().to_string())

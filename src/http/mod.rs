@@ -556,6 +556,7 @@ fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
         "workspace_type": field("Type"),
         "status": field("Status"),
         "error_message": field("ErrorMessage"),
+        "build_step": field("BuildStep"),
         "path": field("Path"),
         "distro": field("Distro"),
         "env_var_names": field("EnvVarNames"),

@@ -50,6 +50,16 @@ impl Builder<'_> {
         let _ = writeln!(self.log, "{line}");
     }
 
+    /// A step begins: in the log, and as the unit's status (`STATUS=`), which the service
+    /// turns into the workspace's `BuildStep`.
+    fn step(&mut self, name: &str, detail: &str) {
+        self.say(&format!("== step {name}: {detail}"));
+        let _ = libsystemd::daemon::notify(
+            false,
+            &[libsystemd::daemon::NotifyState::Status(name.to_owned())],
+        );
+    }
+
     /// Runs one command with its output in the init log.
     fn run(&mut self, step: &'static str, argv: &[String]) -> Result<(), Failure> {
         self.say(&format!("$ {}", argv.join(" ")));
@@ -74,17 +84,13 @@ impl Builder<'_> {
 
     fn steps(&mut self) -> Result<(), Failure> {
         let p = self.plan;
-        self.say(&format!(
-            "== step check: {} for {}",
-            p.distro.as_str(),
-            p.name
-        ));
+        self.step("check", &format!("{} for {}", p.distro.as_str(), p.name));
         distro::check(p.distro, &p.settings).map_err(|e| fail("check", e))?;
         require("check", distro::UNPACK_TOOLS)?;
         let partial = with_suffix(&p.tree, ".partial");
         for old in [&p.tree, &partial] {
             if old.exists() {
-                self.say(&format!("== step remove-old-tree: {}", old.display()));
+                self.step("remove-old-tree", &old.display().to_string());
                 fs::remove_dir_all(old).map_err(|e| fail("remove-old-tree", e))?;
             }
         }
@@ -93,15 +99,14 @@ impl Builder<'_> {
         let base = bases.join(format!("{key}.tar.zst"));
         fs::create_dir_all(&bases).map_err(|e| fail("base", e))?;
         if base.exists() {
-            self.say(&format!("== step base: cached {}", base.display()));
+            self.step("base", &format!("cached {}", base.display()));
         } else {
             self.make_base(&bases, &key, &base)?;
         }
-        self.say(&format!(
-            "== step unpack: {} -> {}",
-            base.display(),
-            p.tree.display()
-        ));
+        self.step(
+            "unpack",
+            &format!("{} -> {}", base.display(), p.tree.display()),
+        );
         fs::create_dir_all(&partial).map_err(|e| fail("unpack", e))?;
         self.run(
             "unpack",
@@ -115,7 +120,7 @@ impl Builder<'_> {
                 partial.display().to_string(),
             ],
         )?;
-        self.say("== step configure: resolv.conf, hostname, machine-id, /workspace");
+        self.step("configure", "resolv.conf, hostname, machine-id, /workspace");
         configure(&partial, &p.name).map_err(|e| fail("configure", e))?;
         fs::rename(&partial, &p.tree).map_err(|e| fail("configure", e))?;
         self.say("== tree ready");
@@ -130,7 +135,7 @@ impl Builder<'_> {
         }
         require("bootstrap", distro::bootstrap_tools(p.distro))?;
         if let Some((suite, _)) = distro::suite(p.distro) {
-            self.say(&format!("== step mirror: {} ({suite})", p.settings.mirror));
+            self.step("mirror", &format!("{} ({suite})", p.settings.mirror));
             let release = format!(
                 "{}/dists/{suite}/Release",
                 p.settings.mirror.trim_end_matches('/')
@@ -155,12 +160,12 @@ impl Builder<'_> {
             .map_err(|e| fail("bootstrap", e))?;
             fs::create_dir_all(&work).map_err(|e| fail("bootstrap", e))?;
         }
-        self.say(&format!("== step bootstrap: {}", p.distro.as_str()));
+        self.step("bootstrap", p.distro.as_str());
         let debs = p.cache_dir.join("debs");
         fs::create_dir_all(&debs).map_err(|e| fail("bootstrap", e))?;
         let argv = distro::bootstrap_argv(p.distro, &p.settings, &work, &debs);
         self.run("bootstrap", &argv)?;
-        self.say(&format!("== step cache: {}", base.display()));
+        self.step("cache", &base.display().to_string());
         let tmp = with_suffix(base, ".tmp");
         self.run(
             "cache",

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use zbus::OwnedVariant;
@@ -31,7 +32,9 @@ use super::systemd::{Systemd, prop};
 use super::tree::Tree;
 use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
-use crate::core::ports::{Containers, DebugInfo, DebugValue, ExecIo, ExecOutcome, ExecRequest};
+use crate::core::ports::{
+    BuildSteps, Containers, DebugInfo, DebugValue, ExecIo, ExecOutcome, ExecRequest,
+};
 use crate::core::workspace::{Network, Workspace};
 use agent_workspaces_agent::{self as agent_proto, AGENT_PATH};
 
@@ -341,7 +344,7 @@ impl Containers for NspawnContainers {
         Ok(())
     }
 
-    async fn build_tree(&self, ws: &Workspace) -> Result<()> {
+    async fn build_tree(&self, ws: &Workspace, steps: BuildSteps) -> Result<()> {
         let distro = ws
             .distro
             .ok_or_else(|| Error::JobFailed(format!("Workspace '{}' has no distro", ws.name)))?;
@@ -374,6 +377,8 @@ impl Containers for NspawnContainers {
                 format!("Build of agent workspace {}", ws.name),
             ),
             prop("Type", "oneshot"),
+            // build-tree says each step with STATUS=, which becomes the workspace's BuildStep.
+            prop("NotifyAccess", "main"),
             prop("CollectMode", "inactive-or-failed"),
             // A oneshot's whole run is its start: the start timeout bounds the build.
             prop(
@@ -385,7 +390,17 @@ impl Containers for NspawnContainers {
         ];
         info!(workspace_id = %ws.id, workspace_name = %ws.name, unit = %unit,
               "Starting {unit} to build the tree of {}", ws.name);
+        let status = self.systemd.watch_status(&unit).await?;
+        let forward = tokio::spawn(async move {
+            tokio::pin!(status);
+            while let Some(step) = status.next().await {
+                if steps.send(step).is_err() {
+                    break;
+                }
+            }
+        });
         let started = self.systemd.start_transient(&unit, props).await;
+        forward.abort();
         let result = read_result(&result_path);
         let _ = fs::remove_file(&plan_path);
         match (started, result) {
@@ -871,6 +886,7 @@ mod tests {
                 cpu_quota_percent: Some(150),
                 tasks_max: None,
             },
+            build_step: String::new(),
         }
     }
 

@@ -195,6 +195,7 @@ mod tests {
             created_at_usec: 7,
             network: Default::default(),
             limits: Default::default(),
+            build_step: String::new(),
         }
     }
 

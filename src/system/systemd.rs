@@ -176,6 +176,38 @@ impl Systemd {
         }
     }
 
+    /// The status texts (`STATUS=`) a service unit reports from now on, as systemd announces
+    /// them (`PropertiesChanged` of `StatusText`). Works before the unit exists: its object path
+    /// follows from its name, so nothing it says after this call is missed.
+    pub async fn watch_status(
+        &self,
+        unit: &str,
+    ) -> Result<impl futures_util::Stream<Item = String> + Send + 'static> {
+        let path = format!(
+            "/org/freedesktop/systemd1/unit/{}",
+            crate::core::names::bus_label_escape(unit)
+        );
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination("org.freedesktop.systemd1")
+            .path(path)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| bus_error(unit, e))?;
+        let changes = props
+            .receive_properties_changed()
+            .await
+            .map_err(|e| bus_error(unit, e))?;
+        Ok(changes.filter_map(|signal| async move {
+            let args = signal.args().ok()?;
+            if args.interface_name().as_str() != "org.freedesktop.systemd1.Service" {
+                return None;
+            }
+            let text = args.changed_properties().get("StatusText")?;
+            String::try_from(text.try_clone().ok()?).ok()
+        }))
+    }
+
     /// Starts a transient unit and waits for its start job: until it is up (`active`), or, for
     /// a oneshot, until it has finished.
     pub async fn start_transient(

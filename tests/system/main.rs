@@ -2544,3 +2544,58 @@ async fn workspacectl_streams_live_and_drives_a_container_through_every_verb() {
     assert_eq!(sh(&format!("workspacectl status {name}")).code, 1);
     std::fs::remove_dir_all(&library).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_reports_its_steps_in_build_step() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("steps");
+    let path = m
+        .create_workspace(container_spec(
+            &name,
+            vec![("init_script", Variant::from("#!/bin/sh\nsleep 0.5\n"))],
+        ))
+        .await
+        .unwrap();
+    // Property changes, as a client watching the workspace sees them.
+    let ws = agent_workspaces::dbus::client::WorkspaceProxy::builder(&conn)
+        .path(path.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut changes = ws.receive_build_step_changed().await;
+    let watcher = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(change) = changes.next().await {
+            let step = change.get().await.unwrap();
+            let done = step.is_empty() && !seen.is_empty();
+            seen.push(step);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    m.build_workspace(&name).await.unwrap();
+    assert_eq!(
+        wait_built(&conn, &name, Duration::from_secs(600)).await,
+        "ready"
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("BuildStep went back to empty")
+        .unwrap();
+    // Steps that last a few milliseconds (check, skills) may be coalesced with the next one by
+    // systemd's and the proxy's property changes; these take time.
+    for step in ["unpack", "start", "init"] {
+        assert!(seen.iter().any(|s| s == step), "{step} not in {seen:?}");
+    }
+    let order = |s: &str| seen.iter().position(|x| x == s).unwrap();
+    assert!(
+        order("unpack") < order("start") && order("start") < order("init"),
+        "{seen:?}"
+    );
+    assert_eq!(seen.last().map(String::as_str), Some(""));
+    m.destroy_workspace(&name).await.unwrap();
+}
