@@ -11,32 +11,22 @@ use clap::{CommandFactory, Parser};
 
 use agent_workspaces::cli::workspacectl::{Cli, Command};
 use serde_json::{Value, json};
-use zbus::proxy::MethodFlags;
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use std::os::fd::AsFd;
 
-use agent_workspaces::dbus::client::{ExecReply, connect, variant_json};
+use agent_workspaces::dbus::client::interactive::WorkspacesProxy;
+use agent_workspaces::dbus::client::{Args, OwnedArgs, args, connect, variant_json};
 
-type Dict = HashMap<String, Variant<'static>>;
+type Dict = OwnedArgs;
 
 struct Client {
-    proxy: zbus::Proxy<'static>,
+    /// Calls allow interactive authorization: polkit may ask for a password.
+    m: WorkspacesProxy<'static>,
     conn: zbus::Connection,
 }
 
 impl Client {
-    async fn call<B, R>(&self, method: &str, body: &B) -> zbus::Result<R>
-    where
-        B: serde::Serialize + zbus::DynamicType,
-        R: for<'d> zbus::wire::DynamicDeserialize<'d>,
-    {
-        self.proxy
-            .call_with_flags(method, MethodFlags::ALLOW_INTERACTIVE_AUTH, body)
-            .await?
-            .ok_or_else(|| zbus::Error::Failure(format!("{method} returned nothing")))
-    }
-
     async fn properties(
         &self,
         path: OwnedObjectPath,
@@ -143,22 +133,18 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     let conn = connect(cli.bus_address.as_deref())
         .await
         .map_err(|e| format!("cannot connect to the bus: {e}"))?;
-    let proxy = zbus::Proxy::new(
-        &conn,
-        "org.agent.Workspaces",
-        "/org/agent/Workspaces",
-        "org.agent.Workspaces",
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let c = Client { proxy, conn };
+    let m = WorkspacesProxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    let c = Client { m, conn };
     // The service's error, as the service words it (the same enum the bridge maps to HTTP).
     let e = |e: zbus::Error| agent_workspaces::core::Error::from(e).to_string();
     let json_out = cli.json;
     match cli.command {
         Command::List => {
-            let all: Vec<(String, String, String, String, OwnedObjectPath)> =
-                c.call("ListWorkspaces", &()).await.map_err(e)?;
+            let all = c.m.list_workspaces().await.map_err(e)?;
             if json_out {
                 let v: Vec<Value> = all
                     .iter()
@@ -174,10 +160,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             }
         }
         Command::Status { workspace } => {
-            let path: OwnedObjectPath = c
-                .call("GetWorkspace", &(workspace.as_str(),))
-                .await
-                .map_err(e)?;
+            let path = c.m.get_workspace(&workspace).await.map_err(e)?;
             print_dict(json_out, &c.properties(path).await.map_err(e)?);
         }
         Command::Create {
@@ -229,25 +212,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     std::fs::read_to_string(&p).map_err(|err| format!("{}: {err}", p.display()))?;
                 put("init_script", Some(Variant::from(script)));
             }
-            let path: OwnedObjectPath = c.call("CreateWorkspace", &(spec,)).await.map_err(e)?;
+            let path = c.m.create_workspace(args(&spec)).await.map_err(e)?;
             print_dict(json_out, &c.properties(path).await.map_err(e)?);
         }
-        Command::Build { workspace } => c
-            .call::<_, ()>("BuildWorkspace", &(workspace.as_str(),))
-            .await
-            .map_err(e)?,
-        Command::Rebuild { workspace } => c
-            .call::<_, ()>("RebuildWorkspace", &(workspace.as_str(),))
-            .await
-            .map_err(e)?,
-        Command::Destroy { workspace } => c
-            .call::<_, ()>("DestroyWorkspace", &(workspace.as_str(),))
-            .await
-            .map_err(e)?,
-        Command::Sync { workspace } => c
-            .call::<_, ()>("SyncWorkspace", &(workspace.as_str(),))
-            .await
-            .map_err(e)?,
+        Command::Build { workspace } => c.m.build_workspace(&workspace).await.map_err(e)?,
+        Command::Rebuild { workspace } => c.m.rebuild_workspace(&workspace).await.map_err(e)?,
+        Command::Destroy { workspace } => c.m.destroy_workspace(&workspace).await.map_err(e)?,
+        Command::Sync { workspace } => c.m.sync_workspace(&workspace).await.map_err(e)?,
         Command::Exec {
             workspace,
             timeout,
@@ -267,10 +238,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 options.insert("timeout_secs".into(), Variant::from(t));
             }
             if json_out {
-                let (code, out, err, timed_out, _): ExecReply = c
-                    .call("Exec", &(workspace.as_str(), line.as_str(), options))
-                    .await
-                    .map_err(e)?;
+                let (code, out, err, timed_out, _) =
+                    c.m.exec(&workspace, &line, args(&options))
+                        .await
+                        .map_err(e)?;
                 println!(
                     "{:#}",
                     json!({"exit_code": code, "stdout": String::from_utf8_lossy(&out), "stderr": String::from_utf8_lossy(&err), "timed_out": timed_out})
@@ -281,27 +252,21 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             // appears as it is produced, and it can read what is typed or piped in.
             let [stdin, stdout, stderr] = own_streams()
                 .map_err(|err| format!("workspacectl: cannot pass the standard streams: {err}"))?;
-            let (code, timed_out, _): (i32, bool, HashMap<String, OwnedVariant>) = c
-                .call(
-                    "ExecWithFds",
-                    &(
-                        workspace.as_str(),
-                        line.as_str(),
-                        zbus::Fd::from(stdin.as_fd()),
-                        zbus::Fd::from(stdout.as_fd()),
-                        zbus::Fd::from(stderr.as_fd()),
-                        options,
-                    ),
+            let (code, timed_out, _) =
+                c.m.exec_with_fds(
+                    &workspace,
+                    &line,
+                    zbus::Fd::from(stdin.as_fd()),
+                    zbus::Fd::from(stdout.as_fd()),
+                    zbus::Fd::from(stderr.as_fd()),
+                    args(&options),
                 )
                 .await
                 .map_err(e)?;
             return Ok(exit_status(code, timed_out));
         }
         Command::InitLog { workspace, lines } => {
-            let (content, total): (String, u32) = c
-                .call("GetInitLog", &(workspace.as_str(), lines))
-                .await
-                .map_err(e)?;
+            let (content, total) = c.m.get_init_log(&workspace, lines).await.map_err(e)?;
             if json_out {
                 println!("{:#}", json!({"content": content, "total_lines": total}));
             } else {
@@ -309,25 +274,19 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             }
         }
         Command::Debug { workspace } => {
-            let info: HashMap<String, OwnedVariant> = c
-                .call("GetDebugInfo", &(workspace.as_str(),))
-                .await
-                .map_err(e)?;
+            let info = c.m.get_debug_info(&workspace).await.map_err(e)?;
             print_dict(json_out, &info);
         }
         Command::RerunInit { workspace } => {
-            let (code, out, err, timed_out, _): ExecReply = c
-                .call("RerunInit", &(workspace.as_str(), Dict::new()))
-                .await
-                .map_err(e)?;
+            let (code, out, err, timed_out, _) =
+                c.m.rerun_init(&workspace, Args::new()).await.map_err(e)?;
             let _ = std::io::stdout().write_all(&out);
             let _ = std::io::stderr().write_all(&err);
             return Ok(exit_status(code, timed_out));
         }
         Command::Completions { .. } => unreachable!("answered before connecting"),
         Command::Templates => {
-            let all: Vec<(String, String, String)> =
-                c.call("ListTemplates", &()).await.map_err(e)?;
+            let all = c.m.list_templates().await.map_err(e)?;
             if json_out {
                 let v: Vec<Value> = all
                     .iter()

@@ -14,4 +14,6 @@ pub use error::{Error, Result};
 pub use manager::{Manager, Ports};
 
 #[cfg(test)]
+pub(crate) mod fakes;
+#[cfg(test)]
 mod tests;

@@ -1,246 +1,17 @@
 //! Manager tests over in-memory fakes of every port.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::error::{Error, Result};
-use super::manager::{Manager, Ports};
+use super::error::Error;
+use super::fakes::*;
+use super::manager::Manager;
 use super::ports::*;
 use super::spec::{BuildLimits, Changes, CreateSpec, ExecLimits, ExecParams, ServiceLimits};
 use super::workspace::{Field, Limits, Network, Status, Workspace};
-
-#[derive(Default)]
-struct MemStore(Mutex<BTreeMap<String, Workspace>>);
-impl Store for MemStore {
-    fn load_all(&self) -> Vec<Workspace> {
-        self.0.lock().unwrap().values().cloned().collect()
-    }
-    fn save(&self, ws: &Workspace) -> Result<()> {
-        self.0.lock().unwrap().insert(ws.id.clone(), ws.clone());
-        Ok(())
-    }
-    fn remove(&self, id: &str) -> Result<()> {
-        self.0.lock().unwrap().remove(id);
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct MemDirs(Mutex<Vec<String>>);
-impl HostDirs for MemDirs {
-    fn ensure(&self, path: &Path) -> Result<()> {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("ensure {}", path.display()));
-        Ok(())
-    }
-    fn remove_tree(&self, path: &Path) -> Result<()> {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("remove {}", path.display()));
-        Ok(())
-    }
-    fn default_dir(&self, id: &str) -> PathBuf {
-        PathBuf::from("/state/workspaces").join(id)
-    }
-}
-
-/// Records requests; a command "block" runs until cancelled, "hold" until `release`.
-#[derive(Default)]
-struct FakeExec(Mutex<Vec<ExecRequest>>, tokio::sync::Notify);
-#[async_trait]
-impl Executor for FakeExec {
-    async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
-        let block = req.command == "block";
-        let hold = req.command == "hold";
-        self.0.lock().unwrap().push(req);
-        if hold {
-            self.1.notified().await;
-        }
-        if block {
-            cancel.cancelled().await;
-            return Ok(ExecOutcome {
-                exit_code: -1,
-                ..Default::default()
-            });
-        }
-        Ok(ExecOutcome {
-            stdout: b"ok".to_vec(),
-            ..Default::default()
-        })
-    }
-}
-
-/// Records calls; a build waits until `release_build` is notified.
-#[derive(Default)]
-struct FakeContainers {
-    calls: Mutex<Vec<String>>,
-    release_build: tokio::sync::Notify,
-}
-impl FakeContainers {
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn call(&self, c: String) {
-        self.calls.lock().unwrap().push(c);
-    }
-}
-#[async_trait]
-impl Containers for FakeContainers {
-    fn tree_path(&self, name: &str) -> PathBuf {
-        PathBuf::from("/machines").join(name)
-    }
-    fn is_built(&self, _: &Workspace) -> bool {
-        true
-    }
-    async fn check_name_free(&self, name: &str) -> Result<()> {
-        if name == "taken" {
-            return Err(Error::WorkspaceExists("machine 'taken' exists".into()));
-        }
-        Ok(())
-    }
-    async fn build_tree(&self, ws: &Workspace, steps: BuildSteps) -> Result<()> {
-        self.call(format!("build {}", ws.name));
-        let _ = steps.send("unpack".into());
-        self.release_build.notified().await;
-        Ok(())
-    }
-    async fn wait_build(&self, ws: &Workspace) -> Result<()> {
-        self.call(format!("wait_build {}", ws.name));
-        Ok(())
-    }
-    async fn start(&self, ws: &Workspace) -> Result<()> {
-        self.call(format!("start {}", ws.name));
-        Ok(())
-    }
-    async fn stop(&self, ws: &Workspace) -> Result<()> {
-        self.call(format!("stop {}", ws.name));
-        Ok(())
-    }
-    async fn apply_limits(&self, ws: &Workspace) -> Result<()> {
-        self.call(format!("limits {} {:?}", ws.name, ws.limits));
-        Ok(())
-    }
-    async fn exec(
-        &self,
-        ws: &Workspace,
-        req: ExecRequest,
-        _: CancellationToken,
-    ) -> Result<ExecOutcome> {
-        self.call(format!(
-            "exec {} {} in {}",
-            ws.name,
-            req.command,
-            req.cwd.display()
-        ));
-        Ok(ExecOutcome::default())
-    }
-    async fn run_init(
-        &self,
-        ws: &Workspace,
-        _: Duration,
-        _: CancellationToken,
-    ) -> Result<ExecOutcome> {
-        self.call(format!("init {}", ws.name));
-        Ok(ExecOutcome {
-            exit_code: if ws.init_script.contains("fail") {
-                1
-            } else {
-                0
-            },
-            ..Default::default()
-        })
-    }
-    async fn init_log(&self, _: &Workspace, _: u32) -> Result<(String, u32)> {
-        Ok((String::new(), 0))
-    }
-    async fn append_log(&self, _: &Workspace, _: &str) {}
-    async fn clean_orphans(&self, known: &[String]) {
-        self.call(format!("clean_orphans {}", known.join(",")));
-    }
-    async fn debug_info(&self, _: &Workspace) -> Result<DebugInfo> {
-        Ok(DebugInfo::new())
-    }
-    async fn remove(&self, ws: &Workspace) -> Result<()> {
-        self.call(format!("remove {}", ws.name));
-        Ok(())
-    }
-}
-
-/// A Library with skills a, b and tool t, and template "tpl"; records installs.
-#[derive(Default)]
-struct FakeLibrary(Mutex<Vec<String>>);
-impl Library for FakeLibrary {
-    fn skills(&self) -> Result<Vec<String>> {
-        Ok(vec!["a".into(), "b".into()])
-    }
-    fn tools(&self) -> Result<Vec<String>> {
-        Ok(vec!["t".into()])
-    }
-    fn check(&self, skills: &[String], tools: &[String]) -> Result<()> {
-        // "disk-full" passes the check and fails the install.
-        if let Some(s) = skills
-            .iter()
-            .find(|s| !["a", "b", "disk-full"].contains(&s.as_str()))
-        {
-            return Err(Error::NoSuchSkill(s.clone()));
-        }
-        if let Some(t) = tools.iter().find(|t| t.as_str() != "t") {
-            return Err(Error::NoSuchTool(t.clone()));
-        }
-        Ok(())
-    }
-    fn install(&self, target: &InstallTarget, skills: &[String], tools: &[String]) -> Result<()> {
-        self.check(skills, tools)?;
-        if skills.iter().any(|s| s == "disk-full") {
-            return Err(Error::io_msg("No space left on device"));
-        }
-        let mut dir = target.root.display().to_string();
-        if !target.dir.as_os_str().is_empty() {
-            dir = format!("{dir} in {}", target.dir.display());
-        }
-        if target.container {
-            dir.push_str(" (container)");
-        }
-        self.0.lock().unwrap().push(format!(
-            "{dir} skills={} tools={}",
-            skills.join(","),
-            tools.join(",")
-        ));
-        Ok(())
-    }
-    fn templates(&self) -> Result<Vec<super::template::Template>> {
-        Ok(vec![self.template("tpl")?])
-    }
-    fn template(&self, name: &str) -> Result<super::template::Template> {
-        if name != "tpl" {
-            return Err(Error::NoSuchTemplate(name.into()));
-        }
-        Ok(super::template::Template {
-            name: "tpl".into(),
-            distro: Some("debian-bookworm".into()),
-            skills: vec!["a".into()],
-            env_vars: [("FROM".into(), "template".into())].into(),
-            init_script: Some("echo from template".into()),
-            ..Default::default()
-        })
-    }
-}
-
-#[derive(Default)]
-struct EventLog(Mutex<Vec<Event>>);
-impl Events for EventLog {
-    fn emit(&self, event: Event) {
-        self.0.lock().unwrap().push(event);
-    }
-}
 
 struct Fixture {
     manager: Arc<Manager>,
@@ -253,24 +24,19 @@ struct Fixture {
 }
 
 fn fixture_with(store: Arc<MemStore>, limits: ServiceLimits) -> Fixture {
-    let dirs = Arc::new(MemDirs::default());
-    let exec = Arc::new(FakeExec::default());
+    let fakes = Fakes {
+        store,
+        ..Default::default()
+    };
     let events = Arc::new(EventLog::default());
-    let containers = Arc::new(FakeContainers::default());
-    let library = Arc::new(FakeLibrary::default());
-    let manager = Arc::new(Manager::new(
-        Ports {
-            store: store.clone(),
-            dirs: dirs.clone(),
-            executor: exec.clone(),
-            containers: containers.clone(),
-            library: library.clone(),
-            events: events.clone(),
-        },
-        "/state/host".into(),
-        limits,
-    ));
-    manager.load().unwrap();
+    let manager = fakes.manager(events.clone(), limits);
+    let Fakes {
+        store,
+        dirs,
+        exec,
+        containers,
+        library,
+    } = fakes;
     Fixture {
         manager,
         store,

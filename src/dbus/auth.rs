@@ -1,10 +1,13 @@
-//! Authorization with polkit. The subject is always the caller (its bus name), never this
-//! service. Callers with uid 0 are allowed without asking polkit, as systemd does for privileged
-//! callers; everyone else is asked, with details `workspace` and `verb`.
+//! Authorization. `Authorizer::check` turns a decision into the D-Bus answer; the decision is an
+//! `Authority`'s: polkit on the system bus (`Polkit`), a fake in the contract tests. With polkit
+//! the subject is always the caller (its bus name), never this service; callers with uid 0 are
+//! allowed without asking polkit, as systemd does for privileged callers; everyone else is
+//! asked, with details `workspace` and `verb`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
 use zbus::Connection;
@@ -43,15 +46,95 @@ const MAX_CHECKS: usize = 48;
 /// it grows past this.
 const MAX_REMEMBERED: usize = 4096;
 
-#[derive(Clone)]
-pub struct Authorizer {
-    dbus: DBusProxy<'static>,
-    polkit: AuthorityProxy<'static>,
-    checks: Arc<Semaphore>,
-    uids: Arc<Mutex<HashMap<String, u32>>>,
+/// One request for authorization.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub action: Action,
+    pub workspace: &'a str,
+    /// What the caller wants to do, in words ("exec in", "destroy").
+    pub verb: &'a str,
+    /// The caller allowed interactive authorization (`ALLOW_INTERACTIVE_AUTH`).
+    pub interactive: bool,
 }
 
+/// What an authority answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    /// Allowed once the caller authenticates.
+    Challenge,
+    Denied,
+}
+
+/// Decides whether the caller of a message may do what it asks.
+#[async_trait]
+pub trait Authority: Send + Sync {
+    /// Errors are `AccessDenied` when the decision cannot be made.
+    async fn decide(&self, header: &Header<'_>, request: Request<'_>) -> Result<Decision>;
+}
+
+/// Checks every call against an `Authority`.
+#[derive(Clone)]
+pub struct Authorizer(Arc<dyn Authority>);
+
 impl Authorizer {
+    pub fn new(authority: Arc<dyn Authority>) -> Self {
+        Self(authority)
+    }
+
+    /// polkit on `conn`'s bus.
+    pub async fn polkit(conn: &Connection) -> zbus::Result<Self> {
+        Ok(Self::new(Arc::new(Polkit::new(conn).await?)))
+    }
+
+    /// Allows the call or returns `AccessDenied` / `InteractiveAuthorizationRequired`.
+    pub async fn check(
+        &self,
+        header: &Header<'_>,
+        action: Action,
+        workspace: &str,
+        verb: &str,
+    ) -> Result<()> {
+        if header.sender().is_none() {
+            return Err(Error::AccessDenied(
+                "The call has no sender to authorize".into(),
+            ));
+        }
+        let interactive = header
+            .primary()
+            .flags()
+            .contains(Flags::ALLOW_INTERACTIVE_AUTH);
+        let request = Request {
+            action,
+            workspace,
+            verb,
+            interactive,
+        };
+        match self.0.decide(header, request).await? {
+            Decision::Allowed => Ok(()),
+            Decision::Challenge if !interactive => {
+                Err(Error::InteractiveAuthorizationRequired(format!(
+                    "Interactive authentication required to {verb} workspace '{workspace}' ({})",
+                    action.id()
+                )))
+            }
+            Decision::Challenge | Decision::Denied => Err(Error::AccessDenied(format!(
+                "Not authorized to {verb} workspace '{workspace}' ({})",
+                action.id()
+            ))),
+        }
+    }
+}
+
+/// polkit's `CheckAuthorization`, with the caller's bus name as the subject.
+pub struct Polkit {
+    dbus: DBusProxy<'static>,
+    polkit: AuthorityProxy<'static>,
+    checks: Semaphore,
+    uids: Mutex<HashMap<String, u32>>,
+}
+
+impl Polkit {
     pub async fn new(conn: &Connection) -> zbus::Result<Self> {
         Ok(Self {
             dbus: DBusProxy::new(conn).await?,
@@ -59,8 +142,8 @@ impl Authorizer {
                 .cache_properties(zbus::proxy::CacheProperties::No)
                 .build()
                 .await?,
-            checks: Arc::new(Semaphore::new(MAX_CHECKS)),
-            uids: Arc::default(),
+            checks: Semaphore::new(MAX_CHECKS),
+            uids: Mutex::default(),
         })
     }
 
@@ -89,37 +172,34 @@ impl Authorizer {
             .get(sender.as_str())
             .copied()
     }
+}
 
-    /// Allows the call or returns `AccessDenied` / `InteractiveAuthorizationRequired`.
-    pub async fn check(
-        &self,
-        header: &Header<'_>,
-        action: Action,
-        workspace: &str,
-        verb: &str,
-    ) -> Result<()> {
+#[async_trait]
+impl Authority for Polkit {
+    async fn decide(&self, header: &Header<'_>, request: Request<'_>) -> Result<Decision> {
         let sender = header
             .sender()
             .ok_or_else(|| Error::AccessDenied("The call has no sender to authorize".into()))?;
         let _turn = match self.remembered(sender) {
-            Some(0) => return Ok(()),
+            Some(0) => return Ok(Decision::Allowed),
             _ => self.checks.acquire().await,
         };
-        let uid = self.uid_of(sender).await?;
-        if uid == 0 {
-            return Ok(());
+        if self.uid_of(sender).await? == 0 {
+            return Ok(Decision::Allowed);
         }
         let subject = Subject::new_for_message_header(header)
             .map_err(|e| Error::AccessDenied(format!("Cannot identify the caller: {e}")))?;
-        let interactive = header
-            .primary()
-            .flags()
-            .contains(Flags::ALLOW_INTERACTIVE_AUTH);
-        let flags = if interactive {
+        let flags = if request.interactive {
             CheckAuthorizationFlags::ALLOW_USER_INTERACTION
         } else {
             CheckAuthorizationFlags::empty()
         };
+        let Request {
+            action,
+            workspace,
+            verb,
+            ..
+        } = request;
         let details = HashMap::from([("workspace", workspace), ("verb", verb)]);
         let result = self
             .polkit
@@ -130,18 +210,12 @@ impl Authorizer {
                     "Cannot {verb} workspace '{workspace}': the authorization check failed: {e}"
                 ))
             })?;
-        if result.is_authorized {
-            Ok(())
-        } else if result.is_challenge && !interactive {
-            Err(Error::InteractiveAuthorizationRequired(format!(
-                "Interactive authentication required to {verb} workspace '{workspace}' ({})",
-                action.id()
-            )))
+        Ok(if result.is_authorized {
+            Decision::Allowed
+        } else if result.is_challenge {
+            Decision::Challenge
         } else {
-            Err(Error::AccessDenied(format!(
-                "Not authorized to {verb} workspace '{workspace}' ({})",
-                action.id()
-            )))
-        }
+            Decision::Denied
+        })
     }
 }

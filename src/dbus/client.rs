@@ -36,81 +36,174 @@ pub fn variant_json(v: &Variant<'_>) -> serde_json::Value {
 /// Options and specs as sent: `a{sv}`.
 pub type Args<'a> = HashMap<&'a str, Variant<'a>>;
 
+/// Options and specs as built (the bridge's and `workspacectl`'s conversions).
+pub type OwnedArgs = HashMap<String, Variant<'static>>;
+
+/// `OwnedArgs` as the proxies take them.
+pub fn args(d: &OwnedArgs) -> Args<'_> {
+    d.iter()
+        // Plain values hold no file descriptors, so cloning cannot fail.
+        .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.as_str(), v)))
+        .collect()
+}
+
 /// `Exec` reply: exit code, stdout, stderr, timed out, info.
 pub type ExecReply = (i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>);
 
 /// `ExecWithFds` reply: exit code, timed out, info.
 pub type ExecFdsReply = (i32, bool, HashMap<String, OwnedVariant>);
 
-#[proxy(
-    interface = "org.agent.Workspaces",
-    default_service = "org.agent.Workspaces",
-    default_path = "/org/agent/Workspaces"
-)]
-pub trait Workspaces {
-    fn create_workspace(&self, spec: Args<'_>) -> zbus::Result<OwnedObjectPath>;
-    fn list_workspaces(
-        &self,
-    ) -> zbus::Result<Vec<(String, String, String, String, OwnedObjectPath)>>;
-    fn get_workspace(&self, workspace: &str) -> zbus::Result<OwnedObjectPath>;
-    fn update_workspace(&self, workspace: &str, changes: Args<'_>) -> zbus::Result<()>;
-    fn destroy_workspace(&self, workspace: &str) -> zbus::Result<()>;
-    fn exec(&self, workspace: &str, command: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
-    fn exec_with_fds(
-        &self,
-        workspace: &str,
-        command: &str,
-        stdin: zbus::Fd<'_>,
-        stdout: zbus::Fd<'_>,
-        stderr: zbus::Fd<'_>,
-        options: Args<'_>,
-    ) -> zbus::Result<ExecFdsReply>;
-    fn build_workspace(&self, workspace: &str) -> zbus::Result<()>;
-    fn rebuild_workspace(&self, workspace: &str) -> zbus::Result<()>;
-    fn start_workspace(&self, workspace: &str) -> zbus::Result<()>;
-    fn stop_workspace(&self, workspace: &str) -> zbus::Result<()>;
-    fn get_init_log(&self, workspace: &str, max_lines: u32) -> zbus::Result<(String, u32)>;
-    fn get_debug_info(&self, workspace: &str) -> zbus::Result<HashMap<String, OwnedVariant>>;
-    fn rerun_init(&self, workspace: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
-    fn sync_workspace(&self, workspace: &str) -> zbus::Result<()>;
-    fn list_templates(&self) -> zbus::Result<Vec<(String, String, String)>>;
-    fn list_library(&self) -> zbus::Result<(Vec<String>, Vec<String>)>;
+/// `ListWorkspaces` entry: id, name, type, status, object path.
+pub type WorkspaceEntry = (String, String, String, String, OwnedObjectPath);
 
-    #[zbus(property)]
-    fn version(&self) -> zbus::Result<String>;
+/// A dictionary in a reply: `a{sv}`.
+pub type Dict = HashMap<String, OwnedVariant>;
 
-    #[zbus(signal)]
-    fn workspace_new(&self, id: String, path: OwnedObjectPath) -> zbus::Result<()>;
-    #[zbus(signal)]
-    fn workspace_removed(&self, id: String, path: OwnedObjectPath) -> zbus::Result<()>;
+/// Both proxies of each interface are generated from one list of methods: `WorkspacesProxy` and
+/// `WorkspaceProxy` for programs that answer machines (the bridge, the tests), and those of
+/// `interactive` for `workspacectl`, whose calls allow polkit to ask the user
+/// (`ALLOW_INTERACTIVE_AUTH`, as `busctl` and `machinectl` send). The contract tests check that
+/// together they call every method of `dbus/org.agent.Workspaces.xml` with the served signature.
+macro_rules! proxies {
+    ($manager:ident, $workspace:ident $(, $flag:ident)?) => {
+        #[proxy(
+            interface = "org.agent.Workspaces",
+            default_service = "org.agent.Workspaces",
+            default_path = "/org/agent/Workspaces"
+        )]
+        pub trait $manager {
+            #[zbus($($flag)?)]
+            fn create_workspace(&self, spec: Args<'_>) -> zbus::Result<OwnedObjectPath>;
+            fn list_workspaces(&self) -> zbus::Result<Vec<WorkspaceEntry>>;
+            fn get_workspace(&self, workspace: &str) -> zbus::Result<OwnedObjectPath>;
+            #[zbus($($flag)?)]
+            fn update_workspace(&self, workspace: &str, changes: Args<'_>) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn destroy_workspace(&self, workspace: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn exec(&self, workspace: &str, command: &str, options: Args<'_>)
+                -> zbus::Result<ExecReply>;
+            #[zbus($($flag)?)]
+            fn exec_with_fds(
+                &self,
+                workspace: &str,
+                command: &str,
+                stdin: zbus::Fd<'_>,
+                stdout: zbus::Fd<'_>,
+                stderr: zbus::Fd<'_>,
+                options: Args<'_>,
+            ) -> zbus::Result<ExecFdsReply>;
+            #[zbus($($flag)?)]
+            fn build_workspace(&self, workspace: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn rebuild_workspace(&self, workspace: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn start_workspace(&self, workspace: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn stop_workspace(&self, workspace: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn get_init_log(&self, workspace: &str, max_lines: u32) -> zbus::Result<(String, u32)>;
+            #[zbus($($flag)?)]
+            fn get_debug_info(&self, workspace: &str) -> zbus::Result<Dict>;
+            #[zbus($($flag)?)]
+            fn rerun_init(&self, workspace: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
+            #[zbus($($flag)?)]
+            fn sync_workspace(&self, workspace: &str) -> zbus::Result<()>;
+            fn list_library(&self) -> zbus::Result<(Vec<String>, Vec<String>)>;
+            fn list_templates(&self) -> zbus::Result<Vec<(String, String, String)>>;
+            fn get_template(&self, name: &str) -> zbus::Result<Dict>;
+
+            #[zbus(property)]
+            fn version(&self) -> zbus::Result<String>;
+
+            #[zbus(signal)]
+            fn workspace_new(&self, id: String, path: OwnedObjectPath) -> zbus::Result<()>;
+            #[zbus(signal)]
+            fn workspace_removed(&self, id: String, path: OwnedObjectPath) -> zbus::Result<()>;
+        }
+
+        #[proxy(
+            interface = "org.agent.Workspaces.Workspace",
+            default_service = "org.agent.Workspaces"
+        )]
+        pub trait $workspace {
+            #[zbus($($flag)?)]
+            fn exec(&self, command: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
+            #[zbus($($flag)?)]
+            fn exec_with_fds(
+                &self,
+                command: &str,
+                stdin: zbus::Fd<'_>,
+                stdout: zbus::Fd<'_>,
+                stderr: zbus::Fd<'_>,
+                options: Args<'_>,
+            ) -> zbus::Result<ExecFdsReply>;
+            #[zbus($($flag)?)]
+            fn update(&self, changes: Args<'_>) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn destroy(&self) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn build(&self) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn rebuild(&self) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn start(&self) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn stop(&self) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn get_init_log(&self, max_lines: u32) -> zbus::Result<(String, u32)>;
+            #[zbus($($flag)?)]
+            fn get_debug_info(&self) -> zbus::Result<Dict>;
+            #[zbus($($flag)?)]
+            fn rerun_init(&self, options: Args<'_>) -> zbus::Result<ExecReply>;
+            #[zbus($($flag)?)]
+            fn sync(&self) -> zbus::Result<()>;
+
+            #[zbus(property, name = "BuildStep")]
+            fn build_step(&self) -> zbus::Result<String>;
+            #[zbus(property, name = "CPUQuotaPercent")]
+            fn cpu_quota_percent(&self) -> zbus::Result<u32>;
+            #[zbus(property)]
+            fn created_at(&self) -> zbus::Result<u64>;
+            #[zbus(property)]
+            fn distro(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn env_var_names(&self) -> zbus::Result<Vec<String>>;
+            #[zbus(property)]
+            fn error_message(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn id(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn machine_name(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn memory_max(&self) -> zbus::Result<u64>;
+            #[zbus(property)]
+            fn name(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn network(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn path(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn skills(&self) -> zbus::Result<Vec<String>>;
+            #[zbus(property)]
+            fn status(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn tasks_max(&self) -> zbus::Result<u64>;
+            #[zbus(property)]
+            fn template(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn tools(&self) -> zbus::Result<Vec<String>>;
+            #[zbus(property, name = "Type")]
+            fn workspace_type(&self) -> zbus::Result<String>;
+        }
+    };
 }
 
-#[proxy(
-    interface = "org.agent.Workspaces.Workspace",
-    default_service = "org.agent.Workspaces"
-)]
-pub trait Workspace {
-    fn exec(&self, command: &str, options: Args<'_>) -> zbus::Result<ExecReply>;
-    fn update(&self, changes: Args<'_>) -> zbus::Result<()>;
-    fn destroy(&self) -> zbus::Result<()>;
-    fn build(&self) -> zbus::Result<()>;
+proxies!(Workspaces, Workspace);
 
-    #[zbus(property)]
-    fn id(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn name(&self) -> zbus::Result<String>;
-    #[zbus(property, name = "Type")]
-    fn workspace_type(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn status(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn error_message(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn build_step(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn path(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn env_var_names(&self) -> zbus::Result<Vec<String>>;
-    #[zbus(property)]
-    fn created_at(&self) -> zbus::Result<u64>;
+/// The same proxies, whose calls allow interactive authorization.
+pub mod interactive {
+    use super::*;
+
+    proxies!(Workspaces, Workspace, allow_interactive_auth);
 }

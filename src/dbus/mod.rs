@@ -29,9 +29,21 @@ pub async fn serve(
     events: EventQueue,
     receiver: EventReceiver,
 ) -> zbus::Result<()> {
+    let auth = auth::Authorizer::polkit(conn).await?;
+    serve_with(conn, manager, events, receiver, auth).await
+}
+
+/// `serve`, with the authorizer given (the contract tests give a fake one).
+pub async fn serve_with(
+    conn: &Connection,
+    manager: Arc<Manager>,
+    events: EventQueue,
+    receiver: EventReceiver,
+    auth: auth::Authorizer,
+) -> zbus::Result<()> {
     let ctx = Context {
         manager,
-        auth: auth::Authorizer::new(conn).await?,
+        auth,
         disconnects: Disconnects::watch(conn).await?,
         events: events.clone(),
     };
@@ -47,7 +59,10 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod policy_tests {
     use std::collections::BTreeSet;
 
     fn read(path: &str) -> String {

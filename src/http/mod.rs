@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use zbus::{OwnedVariant, Variant};
 
 use crate::core::Error;
-use crate::dbus::client::{WorkspacesProxy, variant_json};
+use crate::dbus::client::{WorkspacesProxy, args, variant_json};
 
 mod stream;
 
@@ -521,13 +521,6 @@ fn describe(ty: &str) -> &'static str {
     }
 }
 
-fn borrow<'a>(d: &'a HashMap<String, Variant<'static>>) -> HashMap<&'a str, Variant<'static>> {
-    d.iter()
-        // Plain values hold no file descriptors, so cloning cannot fail.
-        .filter_map(|(k, v)| v.try_clone().ok().map(|v| (k.as_str(), v)))
-        .collect()
-}
-
 const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
 
 /// The workspace as JSON, from its object's properties.
@@ -601,10 +594,7 @@ async fn create(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let spec = to_dict(body_json(body)?, CREATE_FIELDS)?;
-    let path = manager(&state)
-        .await?
-        .create_workspace(borrow(&spec))
-        .await?;
+    let path = manager(&state).await?.create_workspace(args(&spec)).await?;
     let id = path.as_str().rsplit('/').next().unwrap_or_default();
     let id = crate::core::names::bus_label_unescape(id).unwrap_or_default();
     info!(workspace_id = %id, "REST: created workspace");
@@ -667,7 +657,7 @@ async fn update(
     )?;
     manager(&state)
         .await?
-        .update_workspace(&id, borrow(&changes))
+        .update_workspace(&id, args(&changes))
         .await?;
     Ok(Json(workspace_json(&state, &id).await?))
 }
@@ -695,10 +685,7 @@ async fn rebuild(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let m = manager(&state).await?;
-    m.inner()
-        .call::<_, _, ()>("RebuildWorkspace", &(id.as_str(),))
-        .await?;
+    manager(&state).await?.rebuild_workspace(&id).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(workspace_json(&state, &id).await?),
@@ -743,7 +730,7 @@ async fn exec(
     }
     let reply = manager(&state)
         .await?
-        .exec(&id, &command, borrow(&options))
+        .exec(&id, &command, args(&options))
         .await?;
     Ok(exec_json(reply).into_response())
 }
@@ -779,9 +766,7 @@ async fn debug(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let m = manager(&state).await?;
-    let info: HashMap<String, OwnedVariant> =
-        m.inner().call("GetDebugInfo", &(id.as_str(),)).await?;
+    let info = manager(&state).await?.get_debug_info(&id).await?;
     let map: Map<String, Value> = info
         .iter()
         .map(|(k, v)| (k.clone(), variant_json(v)))
@@ -795,10 +780,9 @@ async fn rerun_init(
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     let options = to_dict(body_json(body)?, &[("timeout_secs", "u")])?;
-    let m = manager(&state).await?;
-    let reply: crate::dbus::client::ExecReply = m
-        .inner()
-        .call("RerunInit", &(id.as_str(), borrow(&options)))
+    let reply = manager(&state)
+        .await?
+        .rerun_init(&id, args(&options))
         .await?;
     Ok(exec_json(reply))
 }

@@ -34,7 +34,8 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 use zbus::Variant;
 
-use super::{ApiError, ApiResult, AppState, borrow};
+use super::{ApiError, ApiResult, AppState};
+use crate::dbus::client::args;
 use crate::dbus::client::{ExecFdsReply, connect};
 
 /// How long the response waits for the call's verdict before it commits to a stream.
@@ -119,7 +120,7 @@ pub(super) async fn exec(
                 zbus::Fd::from(in_r.as_fd()),
                 zbus::Fd::from(out_w.as_fd()),
                 zbus::Fd::from(err_w.as_fd()),
-                borrow(&options),
+                args(&options),
             )
             .await;
         // Only now may the pipes end: the readers see end of file once the command, the

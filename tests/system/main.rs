@@ -1201,11 +1201,7 @@ async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
 
     // Rerun the init script without a rebuild; the log grows, the status stays ready.
     let (_, before) = m.get_init_log(&name, 1).await.unwrap();
-    let p = m.inner();
-    let (code, out, ..): agent_workspaces::dbus::client::ExecReply = p
-        .call("RerunInit", &(name.as_str(), no_options()))
-        .await
-        .unwrap();
+    let (code, out, ..) = m.rerun_init(&name, no_options()).await.unwrap();
     assert_eq!((code, &out[..]), (0, &b"init-ran\n"[..]));
     let (_, after) = m.get_init_log(&name, 1).await.unwrap();
     assert!(
@@ -1230,10 +1226,7 @@ async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
     assert!(story.contains("Created container workspace"), "{story}");
 
     // Stop and start: the machine goes away and comes back on first use.
-    m.inner()
-        .call::<_, _, ()>("StopWorkspace", &(name.as_str(),))
-        .await
-        .unwrap();
+    m.stop_workspace(&name).await.unwrap();
     assert!(!ok("machinectl list --no-legend").contains(&name));
     let (code, out, ..) = m
         .exec(&name, "cat /workspace/from-init", no_options())
@@ -1249,10 +1242,7 @@ async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
     m.exec(&name, "touch /workspace/before-rebuild", no_options())
         .await
         .unwrap();
-    m.inner()
-        .call::<_, _, ()>("RebuildWorkspace", &(name.as_str(),))
-        .await
-        .unwrap();
+    m.rebuild_workspace(&name).await.unwrap();
     assert_eq!(
         wait_built(&conn, &name, Duration::from_secs(300)).await,
         "ready"
@@ -1362,11 +1352,7 @@ async fn containers_survive_restarts_and_a_daemon_killed_mid_build() {
     );
 
     // The debug report.
-    let info: HashMap<String, zbus::OwnedVariant> = m
-        .inner()
-        .call("GetDebugInfo", &(steady.as_str(),))
-        .await
-        .unwrap();
+    let info = m.get_debug_info(&steady).await.unwrap();
     let s = |k: &str| String::try_from(info[k].try_clone().unwrap()).unwrap();
     let b = |k: &str| bool::try_from(&info[k]).unwrap();
     let u = |k: &str| u64::try_from(&info[k]).unwrap();
@@ -1709,18 +1695,13 @@ async fn the_library_gives_workspaces_their_skills_tools_and_templates() {
             "debian-bookworm".to_string()
         )]
     );
-    let t: HashMap<String, zbus::OwnedVariant> = m
-        .inner()
-        .call("GetTemplate", &("fullstack",))
-        .await
-        .unwrap();
+    let t = m.get_template("fullstack").await.unwrap();
     assert_eq!(
         Vec::<String>::try_from(t["env_var_names"].try_clone().unwrap()).unwrap(),
         ["FROM_TEMPLATE"],
         "names only, no values"
     );
-    let broken: zbus::Result<HashMap<String, zbus::OwnedVariant>> =
-        m.inner().call("GetTemplate", &("broken",)).await;
+    let broken = m.get_template("broken").await;
     assert_error(
         broken,
         "org.agent.Workspaces.Error.LibraryError",
