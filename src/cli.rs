@@ -135,38 +135,49 @@ pub mod workspacectl {
             /// host (default) or container.
             #[arg(long = "type")]
             workspace_type: Option<String>,
-            /// ubuntu-noble, ubuntu-jammy, debian-bookworm or arch-linux (containers).
-            #[arg(long)]
+            /// The container's distribution.
+            #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::core::workspace::Distro::NAMES))]
             distro: Option<String>,
             /// A Library template to start from.
             #[arg(long)]
             template: Option<String>,
-            /// A Library skill to install, repeatable.
-            #[arg(long = "skill")]
-            skills: Vec<String>,
-            /// A Library tool to install, repeatable.
-            #[arg(long = "tool")]
-            tools: Vec<String>,
-            /// KEY=VALUE, repeatable.
-            #[arg(long = "env")]
-            env: Vec<String>,
-            /// File holding the init script.
+            /// A host workspace's directory (absolute; needs the exec-host authorization).
             #[arg(long)]
-            init_script: Option<PathBuf>,
+            path: Option<String>,
+            #[command(flatten)]
+            contents: Contents,
             /// host (default) or private: a container with only lo.
             #[arg(long)]
             network: Option<String>,
+            #[command(flatten)]
+            limits: Limits,
             /// Build at once (containers).
             #[arg(long)]
             build: bool,
-            /// Take the spec from a JSON file (the REST API's create body).
-            #[arg(long, conflicts_with_all = ["name", "template"])]
+            /// Take the spec from a JSON file (the REST API's create body); options given
+            /// here win over its members.
+            #[arg(long)]
             from_json: Option<PathBuf>,
+        },
+        /// Change a workspace: what is given replaces what it had.
+        Update {
+            workspace: String,
+            #[command(flatten)]
+            contents: Contents,
+            /// host or private (containers; applies at the next start).
+            #[arg(long)]
+            network: Option<String>,
+            #[command(flatten)]
+            limits: Limits,
         },
         /// Build a container workspace (returns once the build started).
         Build { workspace: String },
         /// Build a container workspace afresh.
         Rebuild { workspace: String },
+        /// Start a container workspace's container (commands also start it).
+        Start { workspace: String },
+        /// Stop a container workspace's container; its tree stays.
+        Stop { workspace: String },
         /// Destroy a workspace: end its commands, remove its files and record.
         Destroy { workspace: String },
         /// Run a command; exits with its exit code (124 on timeout).
@@ -175,6 +186,12 @@ pub mod workspacectl {
             /// Seconds before the command is killed.
             #[arg(long)]
             timeout: Option<u32>,
+            /// Working directory, relative to the workspace's.
+            #[arg(long)]
+            cwd: Option<String>,
+            /// KEY=VALUE for this command, repeatable; wins over the workspace's.
+            #[arg(long = "env", value_name = "KEY=VALUE")]
+            env: Vec<String>,
             /// The command (after --); several words are quoted for the shell.
             #[arg(required = true, last = true)]
             command: Vec<String>,
@@ -189,12 +206,52 @@ pub mod workspacectl {
         /// Show a container workspace's debug report.
         Debug { workspace: String },
         /// Run a container workspace's init script again.
-        RerunInit { workspace: String },
+        RerunInit {
+            workspace: String,
+            /// Seconds before the script is killed.
+            #[arg(long)]
+            timeout: Option<u32>,
+        },
         /// Copy the workspace's skills and tools from the Library again.
         Sync { workspace: String },
+        /// List the Library's skills and tools.
+        Library,
         /// List the Library's templates.
         Templates,
+        /// Show one Library template (env var names only).
+        Template { name: String },
         /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
         Completions { shell: clap_complete::Shell },
+    }
+
+    /// What a workspace holds: `create` and `update` take the same options.
+    #[derive(clap::Args, Default)]
+    pub struct Contents {
+        /// A Library skill to install, repeatable.
+        #[arg(long = "skill", value_name = "SKILL")]
+        pub skills: Vec<String>,
+        /// A Library tool to install, repeatable.
+        #[arg(long = "tool", value_name = "TOOL")]
+        pub tools: Vec<String>,
+        /// KEY=VALUE, repeatable (an update replaces them all).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        pub env: Vec<String>,
+        /// File holding the init script (containers).
+        #[arg(long, value_name = "FILE")]
+        pub init_script: Option<PathBuf>,
+    }
+
+    /// A container's resource limits (in an update, 0 removes one).
+    #[derive(clap::Args, Default)]
+    pub struct Limits {
+        /// Memory, in bytes (MemoryMax=).
+        #[arg(long, value_name = "BYTES")]
+        pub memory_max: Option<u64>,
+        /// CPU time in percent of one CPU (CPUQuota=).
+        #[arg(long, value_name = "PERCENT")]
+        pub cpu_quota_percent: Option<u32>,
+        /// Processes and threads (TasksMax=).
+        #[arg(long, value_name = "N")]
+        pub tasks_max: Option<u64>,
     }
 }

@@ -4,12 +4,6 @@
 'use strict';
 
 const TOKEN_KEY = 'agent-workspaces-token';
-const DISTROS = [
-  ['ubuntu-noble', 'Ubuntu Noble (24.04)'],
-  ['ubuntu-jammy', 'Ubuntu Jammy (22.04)'],
-  ['debian-bookworm', 'Debian Bookworm (12)'],
-  ['arch-linux', 'Arch Linux'],
-];
 const POLL_MS = 2000;
 
 let pollTimer = null;
@@ -254,8 +248,14 @@ async function newWorkspacePage(main, _r, token) {
   main.append(top);
   let templates = [];
   let library = { skills: [], tools: [] };
+  let distros = [];
   try {
-    [templates, library] = await Promise.all([api('GET', '/api/templates'), api('GET', '/api/library')]);
+    let doc;
+    [templates, library, doc] = await Promise.all(
+      [api('GET', '/api/templates'), api('GET', '/api/library'), api('GET', '/api/openapi.json')]);
+    // The distros are the API's own: the OpenAPI document's, with their titles.
+    distros = doc.components.schemas.CreateWorkspace.properties.distro.oneOf
+      .map((d) => [d.const, d.title || d.const]);
   } catch (err) {
     showError(top, err);
   }
@@ -274,7 +274,7 @@ async function newWorkspacePage(main, _r, token) {
     templates.map((t) => h('option', { value: t.name }, t.description ? `${t.name} — ${t.description}` : t.name)));
   const distro = h('select', { id: 'distro', 'aria-describedby': 'distro-error' },
     h('option', { value: '' }, '(from the template)'),
-    DISTROS.map(([v, label]) => h('option', { value: v }, label)));
+    distros.map(([v, label]) => h('option', { value: v }, label)));
   distro.value = 'ubuntu-noble';
   const env = h('textarea', { id: 'env_vars', rows: 3, 'aria-describedby': 'env_vars-hint env_vars-error',
     placeholder: 'GREETING=hello' });

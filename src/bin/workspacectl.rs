@@ -9,14 +9,15 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use agent_workspaces::cli::workspacectl::{Cli, Command};
-use serde_json::{Value, json};
-use zbus::{OwnedObjectPath, OwnedVariant, Variant};
+use agent_workspaces::cli::workspacectl::{Cli, Command, Contents, Limits};
+use agent_workspaces::dbus::schema;
+use serde_json::{Map, Value, json};
+use zbus::{OwnedObjectPath, OwnedVariant};
 
 use std::os::fd::AsFd;
 
 use agent_workspaces::dbus::client::interactive::WorkspacesProxy;
-use agent_workspaces::dbus::client::{Args, OwnedArgs, args, connect, variant_json};
+use agent_workspaces::dbus::client::{OwnedArgs, args, connect, variant_json};
 
 type Dict = OwnedArgs;
 
@@ -109,15 +110,128 @@ fn quote(s: &str) -> String {
     }
 }
 
-/// The REST API's create body, converted as the bridge converts it.
-fn spec_from_json(path: &PathBuf) -> Result<Dict, String> {
+/// A JSON object from a file (`create --from-json`: the REST API's create body).
+fn json_file(path: &PathBuf) -> Result<Map<String, Value>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let Value::Object(m) =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
-    else {
-        return Err(format!("{}: not a JSON object", path.display()));
+    match serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))? {
+        Value::Object(m) => Ok(m),
+        _ => Err(format!("{}: not a JSON object", path.display())),
+    }
+}
+
+/// `KEY=VALUE` options as a JSON object of strings.
+fn env_json(items: &[String]) -> Result<Value, String> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), Value::from(v)))
+                .ok_or(format!("--env {kv}: expected KEY=VALUE"))
+        })
+        .collect::<Result<Map<String, Value>, String>>()
+        .map(Value::Object)
+}
+
+/// Options of `create` and `update` as members of a REST body: the command line is one more
+/// client of the bridge's conversion (`schema::Keys::from_json`), so both read one schema.
+fn contents_json(c: &Contents, body: &mut Map<String, Value>) -> Result<(), String> {
+    if !c.skills.is_empty() {
+        body.insert("skills".into(), Value::from(c.skills.clone()));
+    }
+    if !c.tools.is_empty() {
+        body.insert("tools".into(), Value::from(c.tools.clone()));
+    }
+    if !c.env.is_empty() {
+        body.insert("env_vars".into(), env_json(&c.env)?);
+    }
+    if let Some(p) = &c.init_script {
+        let script = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        body.insert("init_script".into(), Value::from(script));
+    }
+    Ok(())
+}
+
+fn limits_json(l: &Limits, body: &mut Map<String, Value>) {
+    let mut limits = Map::new();
+    put(&mut limits, "memory_max", l.memory_max);
+    put(&mut limits, "cpu_quota_percent", l.cpu_quota_percent);
+    put(&mut limits, "tasks_max", l.tasks_max);
+    if limits.is_empty() {
+        return;
+    }
+    let all = body
+        .entry(schema::LIMITS)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(all) = all {
+        all.extend(limits);
+    }
+}
+
+fn put(body: &mut Map<String, Value>, key: &str, value: Option<impl Into<Value>>) {
+    if let Some(v) = value {
+        body.insert(key.to_owned(), v.into());
+    }
+}
+
+/// The dictionary a command sends (`None` for commands without one), built as a REST body and
+/// converted by the bridge's own conversion, so the command line reads the one schema.
+fn request(command: &Command) -> Result<Option<Dict>, String> {
+    let mut body = Map::new();
+    let keys = match command {
+        Command::Create {
+            name,
+            workspace_type,
+            distro,
+            template,
+            path,
+            contents,
+            network,
+            limits,
+            build,
+            from_json,
+        } => {
+            if let Some(p) = from_json {
+                body = json_file(p)?;
+            }
+            put(&mut body, "name", name.clone());
+            put(&mut body, "workspace_type", workspace_type.clone());
+            put(&mut body, "distro", distro.clone());
+            put(&mut body, "template", template.clone());
+            put(&mut body, "path", path.clone());
+            put(&mut body, "network", network.clone());
+            put(&mut body, "build_on_create", build.then_some(true));
+            contents_json(contents, &mut body)?;
+            limits_json(limits, &mut body);
+            schema::CREATE
+        }
+        Command::Update {
+            contents,
+            network,
+            limits,
+            ..
+        } => {
+            put(&mut body, "network", network.clone());
+            contents_json(contents, &mut body)?;
+            limits_json(limits, &mut body);
+            schema::CHANGES
+        }
+        Command::Exec {
+            timeout, cwd, env, ..
+        } => {
+            put(&mut body, "timeout_secs", *timeout);
+            put(&mut body, "cwd", cwd.clone());
+            if !env.is_empty() {
+                body.insert("env".into(), env_json(env)?);
+            }
+            schema::EXEC_WITH_FDS
+        }
+        Command::RerunInit { timeout, .. } => {
+            put(&mut body, "timeout_secs", *timeout);
+            schema::RERUN_INIT
+        }
+        _ => return Ok(None),
     };
-    agent_workspaces::http::create_spec(m).map_err(|e| format!("{}: {e}", path.display()))
+    keys.from_json(body).map(Some).map_err(|e| e.to_string())
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
@@ -142,6 +256,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     // The service's error, as the service words it (the same enum the bridge maps to HTTP).
     let e = |e: zbus::Error| agent_workspaces::core::Error::from(e).to_string();
     let json_out = cli.json;
+    // The command's dictionary argument, if it has one (checked before any call).
+    let dict = request(&cli.command)?.unwrap_or_default();
     match cli.command {
         Command::List => {
             let all = c.m.list_workspaces().await.map_err(e)?;
@@ -163,67 +279,27 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let path = c.m.get_workspace(&workspace).await.map_err(e)?;
             print_dict(json_out, &c.properties(path).await.map_err(e)?);
         }
-        Command::Create {
-            name,
-            workspace_type,
-            distro,
-            template,
-            skills,
-            tools,
-            env,
-            init_script,
-            network,
-            build,
-            from_json,
-        } => {
-            let mut spec = match &from_json {
-                Some(p) => spec_from_json(p)?,
-                None => Dict::new(),
-            };
-            let mut put = |k: &str, v: Option<Variant<'static>>| {
-                if let Some(v) = v {
-                    spec.insert(k.to_owned(), v);
-                }
-            };
-            put("name", name.map(Variant::from));
-            put("workspace_type", workspace_type.map(Variant::from));
-            put("distro", distro.map(Variant::from));
-            put("template", template.map(Variant::from));
-            put("network", network.map(Variant::from));
-            put(
-                "skills",
-                (!skills.is_empty()).then(|| Variant::from(skills)),
-            );
-            put("tools", (!tools.is_empty()).then(|| Variant::from(tools)));
-            put("build_on_create", build.then(|| Variant::from(true)));
-            if !env.is_empty() {
-                let map = env
-                    .iter()
-                    .map(|kv| {
-                        kv.split_once('=')
-                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                            .ok_or(format!("--env {kv}: expected KEY=VALUE"))
-                    })
-                    .collect::<Result<HashMap<String, String>, String>>()?;
-                put("env_vars", Some(Variant::from(map)));
-            }
-            if let Some(p) = init_script {
-                let script =
-                    std::fs::read_to_string(&p).map_err(|err| format!("{}: {err}", p.display()))?;
-                put("init_script", Some(Variant::from(script)));
-            }
-            let path = c.m.create_workspace(args(&spec)).await.map_err(e)?;
+        Command::Create { .. } => {
+            let path = c.m.create_workspace(args(&dict)).await.map_err(e)?;
+            print_dict(json_out, &c.properties(path).await.map_err(e)?);
+        }
+        Command::Update { workspace, .. } => {
+            c.m.update_workspace(&workspace, args(&dict))
+                .await
+                .map_err(e)?;
+            let path = c.m.get_workspace(&workspace).await.map_err(e)?;
             print_dict(json_out, &c.properties(path).await.map_err(e)?);
         }
         Command::Build { workspace } => c.m.build_workspace(&workspace).await.map_err(e)?,
         Command::Rebuild { workspace } => c.m.rebuild_workspace(&workspace).await.map_err(e)?,
         Command::Destroy { workspace } => c.m.destroy_workspace(&workspace).await.map_err(e)?,
         Command::Sync { workspace } => c.m.sync_workspace(&workspace).await.map_err(e)?,
+        Command::Start { workspace } => c.m.start_workspace(&workspace).await.map_err(e)?,
+        Command::Stop { workspace } => c.m.stop_workspace(&workspace).await.map_err(e)?,
         Command::Exec {
-            workspace,
-            timeout,
-            command,
+            workspace, command, ..
         } => {
+            let options = dict;
             let line = if command.len() == 1 {
                 command[0].clone()
             } else {
@@ -233,10 +309,6 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     .collect::<Vec<_>>()
                     .join(" ")
             };
-            let mut options = Dict::new();
-            if let Some(t) = timeout {
-                options.insert("timeout_secs".into(), Variant::from(t));
-            }
             if json_out {
                 let (code, out, err, timed_out, _) =
                     c.m.exec(&workspace, &line, args(&options))
@@ -277,14 +349,25 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let info = c.m.get_debug_info(&workspace).await.map_err(e)?;
             print_dict(json_out, &info);
         }
-        Command::RerunInit { workspace } => {
+        Command::RerunInit { workspace, .. } => {
             let (code, out, err, timed_out, _) =
-                c.m.rerun_init(&workspace, Args::new()).await.map_err(e)?;
+                c.m.rerun_init(&workspace, args(&dict)).await.map_err(e)?;
             let _ = std::io::stdout().write_all(&out);
             let _ = std::io::stderr().write_all(&err);
             return Ok(exit_status(code, timed_out));
         }
         Command::Completions { .. } => unreachable!("answered before connecting"),
+        Command::Library => {
+            let (skills, tools) = c.m.list_library().await.map_err(e)?;
+            if json_out {
+                println!("{:#}", json!({"skills": skills, "tools": tools}));
+            } else {
+                println!("skills: {}\ntools: {}", skills.join(" "), tools.join(" "));
+            }
+        }
+        Command::Template { name } => {
+            print_dict(json_out, &c.m.get_template(&name).await.map_err(e)?);
+        }
         Command::Templates => {
             let all = c.m.list_templates().await.map_err(e)?;
             if json_out {
@@ -317,27 +400,160 @@ async fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{quote, spec_from_json};
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn dict(argv: &[&str]) -> Result<Dict, String> {
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Ok(request(&cli.command)?.expect("the command takes a dictionary"))
+    }
+
+    fn keys(d: &Dict) -> BTreeSet<&str> {
+        d.keys().map(String::as_str).collect()
+    }
+
+    fn all(k: schema::Keys) -> BTreeSet<&'static str> {
+        k.keys.iter().map(|k| k.name).collect()
+    }
+
+    /// Every key of the schema has its option, with the schema's type: a key added to the
+    /// schema without one fails here.
+    #[test]
+    fn every_schema_key_has_an_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("init.sh");
+        std::fs::write(&script, "echo hi").unwrap();
+        let script = script.to_str().unwrap();
+        let contents = [
+            "--skill",
+            "a",
+            "--tool",
+            "t",
+            "--env",
+            "A=1",
+            "--init-script",
+            script,
+        ];
+        let limits = [
+            "--memory-max",
+            "1000000",
+            "--cpu-quota-percent",
+            "50",
+            "--tasks-max",
+            "10",
+        ];
+        let mut argv = vec![
+            "workspacectl",
+            "create",
+            "box",
+            "--type",
+            "container",
+            "--distro",
+            "debian-bookworm",
+            "--template",
+            "tpl",
+            "--path",
+            "/srv/box",
+            "--network",
+            "private",
+            "--build",
+        ];
+        argv.extend(contents);
+        argv.extend(limits);
+        let d = dict(&argv).unwrap();
+        assert_eq!(keys(&d), all(schema::CREATE));
+        assert_eq!(
+            String::try_from(d["init_script"].clone()).unwrap(),
+            "echo hi"
+        );
+
+        let mut argv = vec!["workspacectl", "update", "box", "--network", "host"];
+        argv.extend(contents);
+        argv.extend(limits);
+        assert_eq!(keys(&dict(&argv).unwrap()), all(schema::CHANGES));
+
+        let d = dict(&[
+            "workspacectl",
+            "exec",
+            "box",
+            "--timeout",
+            "5",
+            "--cwd",
+            "sub",
+            "--env",
+            "B=2",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(keys(&d), all(schema::EXEC_WITH_FDS));
+
+        let d = dict(&["workspacectl", "rerun-init", "box", "--timeout", "5"]).unwrap();
+        assert_eq!(keys(&d), all(schema::RERUN_INIT));
+    }
 
     #[test]
-    fn from_json_takes_the_rest_create_body_limits_included() {
+    fn from_json_takes_the_rest_create_body_and_options_win() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("spec.json");
         std::fs::write(
             &file,
             r#"{"name": "box", "workspace_type": "container", "distro": "debian-bookworm",
-                "limits": {"memory_max": 536870912, "cpu_quota_percent": 50, "tasks_max": 100},
+                "limits": {"memory_max": 536870912, "cpu_quota_percent": 50},
                 "env_vars": {"A": "1"}, "skills": ["web"], "build_on_create": true}"#,
         )
         .unwrap();
-        let d = spec_from_json(&file.to_path_buf()).unwrap();
+        let file = file.to_str().unwrap();
+        let d = dict(&[
+            "workspacectl",
+            "create",
+            "--from-json",
+            file,
+            "--tasks-max",
+            "100",
+        ])
+        .unwrap();
         assert_eq!(u64::try_from(&d["memory_max"]).unwrap(), 536870912);
         assert_eq!(u32::try_from(&d["cpu_quota_percent"]).unwrap(), 50);
         assert_eq!(u64::try_from(&d["tasks_max"]).unwrap(), 100);
         assert!(!d.contains_key("limits"));
-        std::fs::write(&file, r#"{"name": "box", "limits": {"memory": 1}}"#).unwrap();
-        let e = spec_from_json(&file.to_path_buf()).unwrap_err();
+        let d = dict(&["workspacectl", "create", "other", "--from-json", file]).unwrap();
+        assert_eq!(String::try_from(d["name"].clone()).unwrap(), "other");
+        std::fs::write(
+            dir.path().join("bad.json"),
+            r#"{"name": "box", "limits": {"memory": 1}}"#,
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.json");
+        let e = dict(&[
+            "workspacectl",
+            "create",
+            "--from-json",
+            bad.to_str().unwrap(),
+        ])
+        .unwrap_err();
         assert!(e.contains("'limits.memory'"), "{e}");
+        let e = dict(&[
+            "workspacectl",
+            "exec",
+            "box",
+            "--env",
+            "novalue",
+            "--",
+            "true",
+        ])
+        .unwrap_err();
+        assert!(e.contains("KEY=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_distro_is_refused_with_the_known_ones() {
+        let e = dict(&["workspacectl", "create", "box", "--distro", "plan9"]).unwrap_err();
+        assert!(
+            e.contains("debian-bookworm") && e.contains("arch-linux"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -156,7 +156,10 @@ impl CreateSpec {
         if workspace_type == WorkspaceType::Container && distro.is_none() {
             return Err(invalid(
                 "distro",
-                "missing: a container workspace needs one of ubuntu-noble, ubuntu-jammy, debian-bookworm, arch-linux",
+                format!(
+                    "missing: a container workspace needs one of {}",
+                    Distro::NAMES.join(", ")
+                ),
             ));
         }
         let network = match self.network.as_deref() {

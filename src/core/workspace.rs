@@ -88,7 +88,18 @@ impl Distro {
         Self::ArchLinux,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// Every distro's name, as callers write it.
+    pub const NAMES: [&'static str; Self::ALL.len()] = {
+        let mut names = [""; Self::ALL.len()];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = Self::ALL[i].as_str();
+            i += 1;
+        }
+        names
+    };
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::UbuntuNoble => "ubuntu-noble",
             Self::UbuntuJammy => "ubuntu-jammy",
@@ -105,11 +116,10 @@ impl FromStr for Distro {
             .into_iter()
             .find(|d| d.as_str() == s)
             .ok_or_else(|| {
-                let known: Vec<_> = Self::ALL.iter().map(|d| d.as_str()).collect();
                 format!(
                     "unknown distro '{}': expected one of {}",
                     s.escape_default(),
-                    known.join(", ")
+                    Self::NAMES.join(", ")
                 )
             })
     }

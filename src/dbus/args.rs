@@ -1,11 +1,12 @@
-//! `a{sv}` arguments into the core's typed requests. Every key is checked for its exact D-Bus
-//! type; an unknown key or a wrong type is `InvalidArgs` naming the key.
+//! `a{sv}` arguments into the core's typed requests. Each key's name and D-Bus type come from
+//! `schema.rs`; an unknown key or a wrong type is `InvalidArgs` naming the key.
 
 use std::collections::{BTreeMap, HashMap};
 
 use zbus::OwnedVariant;
 
 use super::error::{Error, Result};
+use super::schema::{self, Keys};
 use crate::core::ports::ExecIo;
 use crate::core::spec::{Changes, CreateSpec, ExecParams};
 
@@ -13,28 +14,29 @@ pub type Dict = HashMap<String, OwnedVariant>;
 
 struct Args {
     map: Dict,
-    what: &'static str,
-    known: &'static [&'static str],
+    keys: Keys,
 }
 
 impl Args {
-    fn new(map: Dict, what: &'static str, known: &'static [&'static str]) -> Result<Self> {
-        if let Some(key) = map.keys().find(|k| !known.contains(&k.as_str())) {
-            let mut keys: Vec<_> = known.to_vec();
-            keys.sort_unstable();
-            return Err(Error::invalid(
-                key.escape_default().to_string(),
-                format!("unknown key in {what}; known keys: {}", keys.join(", ")),
-            ));
+    fn new(map: Dict, keys: Keys) -> Result<Self> {
+        if let Some(key) = map.keys().find(|k| keys.get(k).is_none()) {
+            return Err(keys.unknown(key));
         }
-        Ok(Self { map, what, known })
+        Ok(Self { map, keys })
     }
 
-    fn take<T>(&mut self, key: &str, signature: &str) -> Result<Option<T>>
+    /// The value of `key`, which must have the schema's D-Bus type exactly.
+    fn take<T>(&mut self, key: &str) -> Result<Option<T>>
     where
         T: TryFrom<OwnedVariant, Error = zbus::Error>,
     {
-        debug_assert!(self.known.contains(&key));
+        let Some(signature) = self.keys.get(key).map(|k| k.ty.signature()) else {
+            // A key the parser reads must be in the schema: a programming error, said as one.
+            return Err(Error::invalid(
+                key,
+                format!("not a key of {}", self.keys.what),
+            ));
+        };
         let Some(v) = self.map.remove(key) else {
             return Ok(None);
         };
@@ -44,116 +46,82 @@ impl Args {
                 key,
                 format!(
                     "expected type '{signature}', got '{got}' (in {})",
-                    self.what
+                    self.keys.what
                 ),
             ));
         }
         T::try_from(v)
             .map(Some)
-            .map_err(|e| Error::invalid(key, format!("{e} (in {})", self.what)))
+            .map_err(|e| Error::invalid(key, format!("{e} (in {})", self.keys.what)))
     }
 
     fn env(&mut self, key: &str) -> Result<Option<BTreeMap<String, String>>> {
-        self.take::<HashMap<String, String>>(key, "a{ss}")
+        self.take::<HashMap<String, String>>(key)
             .map(|m| m.map(|m| m.into_iter().collect()))
     }
 }
 
-const SPEC_KEYS: &[&str] = &[
-    "name",
-    "workspace_type",
-    "distro",
-    "env_vars",
-    "init_script",
-    "skills",
-    "tools",
-    "template",
-    "path",
-    "build_on_create",
-    "network",
-    "memory_max",
-    "cpu_quota_percent",
-    "tasks_max",
-];
-
 pub fn create_spec(map: Dict) -> Result<CreateSpec> {
-    let mut a = Args::new(map, "the workspace spec", SPEC_KEYS)?;
+    let mut a = Args::new(map, schema::CREATE)?;
     Ok(CreateSpec {
-        name: a.take("name", "s")?,
-        workspace_type: a.take("workspace_type", "s")?,
-        distro: a.take("distro", "s")?,
+        name: a.take("name")?,
+        workspace_type: a.take("workspace_type")?,
+        distro: a.take("distro")?,
         env_vars: a.env("env_vars")?,
-        init_script: a.take("init_script", "s")?,
-        skills: a.take("skills", "as")?,
-        tools: a.take("tools", "as")?,
-        template: a.take("template", "s")?,
-        path: a.take("path", "s")?,
-        build_on_create: a.take("build_on_create", "b")?,
-        network: a.take("network", "s")?,
-        memory_max: a.take("memory_max", "t")?,
-        cpu_quota_percent: a.take("cpu_quota_percent", "u")?,
-        tasks_max: a.take("tasks_max", "t")?,
+        init_script: a.take("init_script")?,
+        skills: a.take("skills")?,
+        tools: a.take("tools")?,
+        template: a.take("template")?,
+        path: a.take("path")?,
+        build_on_create: a.take("build_on_create")?,
+        network: a.take("network")?,
+        memory_max: a.take("memory_max")?,
+        cpu_quota_percent: a.take("cpu_quota_percent")?,
+        tasks_max: a.take("tasks_max")?,
     })
 }
 
 pub fn changes(map: Dict) -> Result<Changes> {
-    let mut a = Args::new(
-        map,
-        "the changes",
-        &[
-            "env_vars",
-            "init_script",
-            "skills",
-            "tools",
-            "network",
-            "memory_max",
-            "cpu_quota_percent",
-            "tasks_max",
-        ],
-    )?;
+    let mut a = Args::new(map, schema::CHANGES)?;
     Ok(Changes {
         env_vars: a.env("env_vars")?,
-        init_script: a.take("init_script", "s")?,
-        skills: a.take("skills", "as")?,
-        tools: a.take("tools", "as")?,
-        network: a.take("network", "s")?,
-        memory_max: a.take("memory_max", "t")?,
-        cpu_quota_percent: a.take("cpu_quota_percent", "u")?,
-        tasks_max: a.take("tasks_max", "t")?,
+        init_script: a.take("init_script")?,
+        skills: a.take("skills")?,
+        tools: a.take("tools")?,
+        network: a.take("network")?,
+        memory_max: a.take("memory_max")?,
+        cpu_quota_percent: a.take("cpu_quota_percent")?,
+        tasks_max: a.take("tasks_max")?,
     })
 }
 
-/// `Exec` options: `timeout_secs` u, `cwd` s, `env` a{ss}, `stdin` ay.
+/// `Exec` options (`schema::EXEC`).
 pub fn exec_params(command: String, map: Dict) -> Result<ExecParams> {
-    let mut a = Args::new(
-        map,
-        "the exec options",
-        &["timeout_secs", "cwd", "env", "stdin"],
-    )?;
-    let stdin = a.take("stdin", "ay")?.unwrap_or_default();
+    let mut a = Args::new(map, schema::EXEC)?;
+    let stdin = a.take("stdin")?.unwrap_or_default();
     exec_common(command, a, ExecIo::Collect { stdin })
 }
 
-/// `ExecWithFds` options: those of `Exec` but `stdin`, which is a descriptor of its own.
+/// `ExecWithFds` options (`schema::EXEC_WITH_FDS`): stdin is a descriptor of its own.
 pub fn exec_fds_params(command: String, map: Dict, io: ExecIo) -> Result<ExecParams> {
-    let a = Args::new(map, "the exec options", &["timeout_secs", "cwd", "env"])?;
+    let a = Args::new(map, schema::EXEC_WITH_FDS)?;
     exec_common(command, a, io)
 }
 
 fn exec_common(command: String, mut a: Args, io: ExecIo) -> Result<ExecParams> {
     Ok(ExecParams {
         command,
-        timeout_secs: a.take("timeout_secs", "u")?,
-        cwd: a.take("cwd", "s")?,
+        timeout_secs: a.take("timeout_secs")?,
+        cwd: a.take("cwd")?,
         env: a.env("env")?.unwrap_or_default(),
         io,
     })
 }
 
-/// `RerunInit` options: `timeout_secs` u.
+/// `RerunInit` options (`schema::RERUN_INIT`).
 pub fn rerun_options(map: Dict) -> Result<Option<u32>> {
-    let mut a = Args::new(map, "the rerun-init options", &["timeout_secs"])?;
-    a.take("timeout_secs", "u")
+    let mut a = Args::new(map, schema::RERUN_INIT)?;
+    a.take("timeout_secs")
 }
 
 #[cfg(test)]
@@ -166,6 +134,56 @@ mod tests {
 
     fn s(v: &str) -> OwnedVariant {
         OwnedVariant::try_from(zbus::Variant::from(v)).unwrap()
+    }
+
+    /// A value of each schema type.
+    fn sample(ty: schema::Type) -> OwnedVariant {
+        use schema::Type;
+        let v = match ty {
+            Type::Str => zbus::Variant::from("x"),
+            Type::Bool => zbus::Variant::from(true),
+            Type::U32 => zbus::Variant::from(7u32),
+            Type::U64 => zbus::Variant::from(7u64),
+            Type::Strings => zbus::Variant::from(vec!["x"]),
+            Type::StrMap => zbus::Variant::from(HashMap::from([("K", "v")])),
+            Type::Bytes => zbus::Variant::from(b"x".to_vec()),
+        };
+        OwnedVariant::try_from(v).unwrap()
+    }
+
+    fn full(keys: Keys) -> Dict {
+        keys.keys
+            .iter()
+            .map(|k| (k.name.to_owned(), sample(k.ty)))
+            .collect()
+    }
+
+    /// Every key of the schema reaches the typed request: none is accepted and dropped.
+    #[test]
+    fn every_schema_key_is_read() {
+        let s = create_spec(full(schema::CREATE)).unwrap();
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("None"), "{debug}");
+        assert_eq!(
+            debug.matches("Some(").count(),
+            schema::CREATE.keys.len(),
+            "{debug}"
+        );
+        let c = changes(full(schema::CHANGES)).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("None"), "{debug}");
+        assert_eq!(debug.matches("Some(").count(), schema::CHANGES.keys.len());
+        let p = exec_params("true".into(), full(schema::EXEC)).unwrap();
+        assert_eq!((p.timeout_secs, p.cwd.as_deref()), (Some(7), Some("x")));
+        assert_eq!(p.env["K"], "v");
+        assert!(matches!(&p.io, ExecIo::Collect { stdin } if stdin == b"x"));
+        let p = exec_fds_params(
+            "true".into(),
+            full(schema::EXEC_WITH_FDS),
+            ExecIo::default(),
+        );
+        assert_eq!(p.unwrap().timeout_secs, Some(7));
+        assert_eq!(rerun_options(full(schema::RERUN_INIT)).unwrap(), Some(7));
     }
 
     #[test]

@@ -18,10 +18,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use subtle::ConstantTimeEq;
 use tracing::{info, warn};
-use zbus::{OwnedVariant, Variant};
+use zbus::OwnedVariant;
 
 use crate::core::Error;
 use crate::dbus::client::{WorkspacesProxy, args, variant_json};
+use crate::dbus::schema;
 
 mod stream;
 
@@ -436,91 +437,6 @@ fn body_json(bytes: Bytes) -> ApiResult<Map<String, Value>> {
     }
 }
 
-/// JSON fields to `a{sv}`, each with its D-Bus type; an unknown field or a wrong type is 400
-/// naming the field.
-fn to_dict(
-    fields: Map<String, Value>,
-    known: &[(&str, &str)],
-) -> ApiResult<HashMap<String, Variant<'static>>> {
-    to_dict_in("", fields, known)
-}
-
-/// The fields of the `limits` object; the D-Bus API takes them as top-level keys.
-const LIMIT_FIELDS: &[(&str, &str)] = &[
-    ("memory_max", "t"),
-    ("cpu_quota_percent", "u"),
-    ("tasks_max", "t"),
-];
-
-fn to_dict_in(
-    prefix: &str,
-    fields: Map<String, Value>,
-    known: &[(&str, &str)],
-) -> ApiResult<HashMap<String, Variant<'static>>> {
-    let mut out = HashMap::new();
-    for (key, value) in fields {
-        if value.is_null() {
-            continue;
-        }
-        let Some((_, ty)) = known.iter().find(|(k, _)| *k == key) else {
-            let names: Vec<&str> = known.iter().map(|(k, _)| *k).collect();
-            return Err(ApiError::invalid(
-                format!("{prefix}{key}"),
-                format!("unknown field; known fields: {}", names.join(", ")),
-            ));
-        };
-        let wrong = || {
-            ApiError::invalid(
-                format!("{prefix}{key}"),
-                format!("must be {}", describe(ty)),
-            )
-        };
-        if *ty == "limits" {
-            let Value::Object(limits) = value else {
-                return Err(wrong());
-            };
-            out.extend(to_dict_in("limits.", limits, LIMIT_FIELDS)?);
-            continue;
-        }
-        let v: Variant<'static> = match (*ty, &value) {
-            ("s", Value::String(s)) => Variant::from(s.clone()),
-            ("b", Value::Bool(b)) => Variant::from(*b),
-            ("u", Value::Number(n)) => Variant::from(
-                n.as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(wrong)?,
-            ),
-            ("t", Value::Number(n)) => Variant::from(n.as_u64().ok_or_else(wrong)?),
-            ("as", Value::Array(items)) => Variant::from(
-                items
-                    .iter()
-                    .map(|i| i.as_str().map(str::to_owned).ok_or_else(wrong))
-                    .collect::<ApiResult<Vec<String>>>()?,
-            ),
-            ("a{ss}", Value::Object(m)) => Variant::from(
-                m.iter()
-                    .map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(wrong)?.to_owned())))
-                    .collect::<ApiResult<HashMap<String, String>>>()?,
-            ),
-            ("ay", Value::String(s)) => Variant::from(s.as_bytes().to_vec()),
-            _ => return Err(wrong()),
-        };
-        out.insert(key, v);
-    }
-    Ok(out)
-}
-
-fn describe(ty: &str) -> &'static str {
-    match ty {
-        "s" | "ay" => "a string",
-        "b" => "true or false",
-        "u" | "t" => "a non-negative integer",
-        "as" => "an array of strings",
-        "limits" => "an object with memory_max, cpu_quota_percent and tasks_max",
-        _ => "an object of strings",
-    }
-}
-
 const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
 
 /// The workspace as JSON, from its object's properties.
@@ -567,33 +483,11 @@ fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
     })
 }
 
-const CREATE_FIELDS: &[(&str, &str)] = &[
-    ("name", "s"),
-    ("workspace_type", "s"),
-    ("distro", "s"),
-    ("skills", "as"),
-    ("tools", "as"),
-    ("env_vars", "a{ss}"),
-    ("init_script", "s"),
-    ("template", "s"),
-    ("path", "s"),
-    ("build_on_create", "b"),
-    ("network", "s"),
-    ("limits", "limits"),
-];
-
-/// The REST API's create body (a JSON object) as `CreateWorkspace`'s `a{sv}`; `workspacectl
-/// create --from-json` takes the same body through this. An unknown field or a wrong type is
-/// an error naming the field.
-pub fn create_spec(body: Map<String, Value>) -> Result<HashMap<String, Variant<'static>>, String> {
-    to_dict(body, CREATE_FIELDS).map_err(|e| e.message)
-}
-
 async fn create(
     State(state): State<Arc<AppState>>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let spec = to_dict(body_json(body)?, CREATE_FIELDS)?;
+    let spec = schema::CREATE.from_json(body_json(body)?)?;
     let path = manager(&state).await?.create_workspace(args(&spec)).await?;
     let id = path.as_str().rsplit('/').next().unwrap_or_default();
     let id = crate::core::names::bus_label_unescape(id).unwrap_or_default();
@@ -644,17 +538,7 @@ async fn update(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let changes = to_dict(
-        body_json(body)?,
-        &[
-            ("env_vars", "a{ss}"),
-            ("skills", "as"),
-            ("tools", "as"),
-            ("init_script", "s"),
-            ("limits", "limits"),
-            ("network", "s"),
-        ],
-    )?;
+    let changes = schema::CHANGES.from_json(body_json(body)?)?;
     manager(&state)
         .await?
         .update_workspace(&id, args(&changes))
@@ -702,8 +586,6 @@ fn exec_json(reply: crate::dbus::client::ExecReply) -> Json<Value> {
     }))
 }
 
-const EXEC_OPTIONS: &[(&str, &str)] = &[("timeout_secs", "u"), ("cwd", "s"), ("env", "a{ss}")];
-
 async fn exec(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -716,17 +598,13 @@ async fn exec(
         Some(_) => return Err(ApiError::invalid("command", "must be a string")),
         None => return Err(ApiError::invalid("command", "is required")),
     };
-    let stdin = match fields.remove("stdin") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.into_bytes()),
-        Some(_) => return Err(ApiError::invalid("stdin", "must be a string")),
-    };
-    let mut options = to_dict(fields, EXEC_OPTIONS)?;
+    let mut options = schema::EXEC.from_json(fields)?;
     if wants_event_stream(&headers) {
+        // Streamed, the command runs with ExecWithFds: stdin goes through a pipe.
+        let stdin = options
+            .remove("stdin")
+            .and_then(|v| Vec::<u8>::try_from(v).ok());
         return stream::exec(state, id, command, options, stdin).await;
-    }
-    if let Some(stdin) = stdin {
-        options.insert("stdin".into(), Variant::from(stdin));
     }
     let reply = manager(&state)
         .await?
@@ -779,7 +657,7 @@ async fn rerun_init(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    let options = to_dict(body_json(body)?, &[("timeout_secs", "u")])?;
+    let options = schema::RERUN_INIT.from_json(body_json(body)?)?;
     let reply = manager(&state)
         .await?
         .rerun_init(&id, args(&options))
@@ -845,42 +723,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn json_fields_become_typed_dbus_values() {
-        let body: Map<String, Value> = serde_json::from_str(
-            r#"{"name":"p","skills":["a"],"env_vars":{"K":"v"},"build_on_create":true,"limits":{"memory_max":5}}"#,
-        )
-        .unwrap();
-        let d = to_dict(body, CREATE_FIELDS).unwrap();
-        assert_eq!(d["name"].value_signature().to_string(), "s");
-        assert_eq!(d["skills"].value_signature().to_string(), "as");
-        assert_eq!(d["env_vars"].value_signature().to_string(), "a{ss}");
-        assert_eq!(d["memory_max"].value_signature().to_string(), "t");
-        let bad: Map<String, Value> = serde_json::from_str(r#"{"name":5}"#).unwrap();
-        assert!(
-            to_dict(bad, CREATE_FIELDS)
-                .unwrap_err()
-                .message
-                .contains("'name'")
-        );
-        let flat: Map<String, Value> = serde_json::from_str(r#"{"memory_max":5}"#).unwrap();
-        assert!(
-            to_dict(flat, CREATE_FIELDS).is_err(),
-            "limits live in 'limits'"
-        );
-        let bad: Map<String, Value> =
-            serde_json::from_str(r#"{"limits":{"tasks_max":"many"}}"#).unwrap();
-        let e = to_dict(bad, CREATE_FIELDS).unwrap_err();
-        assert!(e.message.contains("'limits.tasks_max'"), "{}", e.message);
-        let unknown: Map<String, Value> = serde_json::from_str(r#"{"colour":"red"}"#).unwrap();
-        assert!(
-            to_dict(unknown, CREATE_FIELDS)
-                .unwrap_err()
-                .message
-                .contains("'colour'")
-        );
-    }
-
     /// The router over a peer-to-peer bus with nobody behind it: handlers run and their calls
     /// fail, which is all these tests need. Keep the returned peer alive.
     async fn test_app() -> (Router, String, zbus::Connection) {
@@ -931,6 +773,70 @@ mod tests {
         // The API itself still needs the token.
         let r = app.oneshot(get("/api/templates")).await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    /// The request bodies of the OpenAPI document are the schema's dictionaries: the same
+    /// members (limits inside `limits`), each of the schema's JSON type.
+    #[test]
+    fn the_openapi_request_bodies_are_the_schema() {
+        use crate::dbus::schema::{self, Json, Keys};
+        use std::collections::BTreeMap;
+
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let documented = |name: &str, but: &[&str]| -> BTreeMap<String, String> {
+            let props = schemas[name]["properties"].as_object().unwrap();
+            assert_eq!(schemas[name]["additionalProperties"], false, "{name}");
+            props
+                .iter()
+                .filter(|(k, _)| !but.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v["type"].as_str().unwrap_or("$ref").to_owned()))
+                .collect()
+        };
+        let wanted = |keys: Keys, place: Json| -> BTreeMap<String, String> {
+            let mut out: BTreeMap<String, String> = keys
+                .keys
+                .iter()
+                .filter(|k| k.json == place)
+                .map(|k| (k.name.to_owned(), k.ty.json_type().to_owned()))
+                .collect();
+            if place == Json::Member && keys.keys.iter().any(|k| k.json == Json::Limit) {
+                out.insert(schema::LIMITS.to_owned(), "$ref".to_owned());
+            }
+            out
+        };
+        assert_eq!(
+            documented("CreateWorkspace", &[]),
+            wanted(schema::CREATE, Json::Member)
+        );
+        assert_eq!(
+            documented("UpdateWorkspace", &[]),
+            wanted(schema::CHANGES, Json::Member)
+        );
+        assert_eq!(
+            documented("Limits", &[]),
+            wanted(schema::CREATE, Json::Limit)
+        );
+        assert_eq!(
+            documented("Limits", &[]),
+            wanted(schema::CHANGES, Json::Limit)
+        );
+        assert_eq!(
+            documented("ExecRequest", &["command"]),
+            wanted(schema::EXEC, Json::Member)
+        );
+        assert_eq!(
+            documented("RerunInitRequest", &[]),
+            wanted(schema::RERUN_INIT, Json::Member)
+        );
+        // The distros the document offers (and the dashboard lists) are the core's.
+        let distros: Vec<&str> = schemas["CreateWorkspace"]["properties"]["distro"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["const"].as_str().unwrap())
+            .collect();
+        assert_eq!(distros, crate::core::workspace::Distro::NAMES);
     }
 
     /// The OpenAPI document and the router agree: the same paths, and on each path exactly

@@ -135,6 +135,9 @@ test('a container from a template: build, watch it reach ready, run a command', 
   await signIn(page);
   await openNewWorkspace(page);
   await page.getByLabel('Container').check();
+  // The distributions offered are the API's (from its OpenAPI document), with their titles.
+  await expect(page.getByLabel('Distribution').locator('option')).toHaveText(
+    ['(from the template)', 'Ubuntu Noble (24.04)', 'Ubuntu Jammy (22.04)', 'Debian Bookworm (12)', 'Arch Linux']);
   await page.getByLabel('Name', { exact: true }).fill(name);
   await page.getByLabel('Template').selectOption('fullstack');
   await page.getByRole('group', { name: 'Tools' }).getByLabel('lint').check();

@@ -2521,6 +2521,36 @@ async fn workspacectl_streams_live_and_drives_a_container_through_every_verb() {
         "workspacectl exec {name} -- test -e /workspace/old-tree"
     ));
     assert_eq!(fresh.code, 1, "the rebuilt tree is fresh");
+
+    // Every key of the API has its option: an update with limits and new env vars, a command
+    // with its own directory and variables.
+    ok(&format!(
+        "workspacectl update {name} --memory-max 536870912 --tasks-max 300 --env NEW=1"
+    ));
+    let s = status(&name);
+    assert_eq!(
+        (&s["MemoryMax"], &s["TasksMax"], &s["EnvVarNames"]),
+        (
+            &serde_json::json!(536870912),
+            &serde_json::json!(300),
+            &serde_json::json!(["NEW"])
+        )
+    );
+    let out = ok(&format!(
+        "workspacectl exec {name} --cwd .opencode --env X=2 -- sh -c 'pwd; echo $NEW$X; cat /sys/fs/cgroup/memory.max'"
+    ));
+    assert_eq!(out, "/workspace/.opencode\n12\n536870912\n");
+    let bad = sh(&format!("workspacectl update {name} --env NOEQUALS"));
+    assert!(bad.code == 1 && bad.stderr.contains("KEY=VALUE"), "{bad:?}");
+    ok(&format!("workspacectl stop {name}"));
+    assert!(!ok("machinectl list --no-legend").contains(&name));
+    ok(&format!("workspacectl start {name}"));
+    assert!(ok("machinectl list --no-legend").contains(&name));
+    assert!(ok("workspacectl library").contains("web"));
+    let t: serde_json::Value =
+        serde_json::from_str(&ok("workspacectl --json template fullstack")).unwrap();
+    assert_eq!(t["env_var_names"], serde_json::json!(["FROM_TEMPLATE"]));
+
     ok(&format!("workspacectl destroy {name}"));
     assert_eq!(sh(&format!("workspacectl status {name}")).code, 1);
     std::fs::remove_dir_all(&library).unwrap();

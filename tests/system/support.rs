@@ -23,6 +23,7 @@ pub fn require_test_host() {
     );
 }
 
+#[derive(Debug)]
 pub struct Out {
     pub code: i32,
     pub stdout: String,
