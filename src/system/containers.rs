@@ -419,17 +419,10 @@ impl Containers for NspawnContainers {
     }
 
     async fn wait_build(&self, ws: &Workspace) -> Result<()> {
-        let unit = build_unit_name(&ws.name);
-        // The build unit outlives the service; poll it until it ends (it has a RuntimeMaxSec).
-        while let Some(state) = self.systemd.unit_state(&unit).await? {
-            if !matches!(
-                state.active_state.as_str(),
-                "activating" | "active" | "deactivating"
-            ) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        // The build unit outlives the service; it ends by itself (it has a RuntimeMaxSec).
+        self.systemd
+            .wait_until_stopped(&build_unit_name(&ws.name))
+            .await?;
         let (plan, result_path) = self.plan_paths(ws);
         let result = read_result(&result_path);
         let _ = fs::remove_file(plan);
@@ -471,25 +464,40 @@ impl Containers for NspawnContainers {
             .await?;
         // The container is up when its agent answers. (nspawn's --notify-ready=yes cannot say
         // so: it takes READY=1 only from the container's PID 1, here nspawn's own stub init.)
+        // nspawn registers the machine before it tells systemd it is ready, so the leader is
+        // known once the start job is done. What is left to wait for is the agent binding its
+        // socket, a few milliseconds: tried again with a growing pause (a local connect; the
+        // bus is asked again only while machined does not know the machine).
         let deadline = tokio::time::Instant::now() + AGENT_START_TIMEOUT;
-        let mut why = format!("machine '{}' did not register with machined", ws.name);
-        while tokio::time::Instant::now() < deadline {
-            if let Some(pid) = self.systemd.machine_leader(&ws.name).await? {
-                let connected = match Leader::open(pid) {
-                    Ok(leader) => AgentConnection::connect(&leader).await.map(drop),
-                    Err(e) => Err(e),
-                };
-                match connected {
+        let mut leader = None;
+        let mut pause = Duration::from_millis(1);
+        let why = loop {
+            let why = match &leader {
+                None => match self.systemd.machine_leader(&ws.name).await? {
+                    None => format!("machine '{}' did not register with machined", ws.name),
+                    Some(pid) => match Leader::open(pid) {
+                        Ok(l) => {
+                            leader = Some(l);
+                            continue;
+                        }
+                        Err(e) => format!("its leader is gone: {e}"),
+                    },
+                },
+                Some(l) => match AgentConnection::connect(l).await {
                     Ok(_) => {
                         info!(workspace_id = %ws.id, workspace_name = %ws.name,
                               "Started container {} ({unit})", ws.name);
                         return Ok(());
                     }
-                    Err(e) => why = format!("its agent does not answer: {e}"),
-                }
+                    Err(e) => format!("its agent does not answer: {e}"),
+                },
+            };
+            if tokio::time::Instant::now() + pause >= deadline {
+                break why;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        };
         let _ = self.systemd.stop(&unit).await;
         Err(Error::JobFailed(format!(
             "{unit} started but {why} within {} s; it was stopped",

@@ -183,6 +183,20 @@ impl Systemd {
         &self,
         unit: &str,
     ) -> Result<impl futures_util::Stream<Item = String> + Send + 'static> {
+        let changes = self.unit_changes(unit).await?;
+        Ok(changes.filter_map(|signal| async move {
+            let args = signal.args().ok()?;
+            if args.interface_name().as_str() != "org.freedesktop.systemd1.Service" {
+                return None;
+            }
+            let text = args.changed_properties().get("StatusText")?;
+            String::try_from(text.try_clone().ok()?).ok()
+        }))
+    }
+
+    /// `PropertiesChanged` of a unit's object, from now on. Works before the unit exists: its
+    /// object path follows from its name.
+    async fn unit_changes(&self, unit: &str) -> Result<zbus::fdo::PropertiesChangedStream> {
         let path = format!(
             "/org/freedesktop/systemd1/unit/{}",
             crate::core::names::bus_label_escape(unit)
@@ -194,18 +208,34 @@ impl Systemd {
             .build()
             .await
             .map_err(|e| bus_error(unit, e))?;
-        let changes = props
+        props
             .receive_properties_changed()
             .await
-            .map_err(|e| bus_error(unit, e))?;
-        Ok(changes.filter_map(|signal| async move {
-            let args = signal.args().ok()?;
-            if args.interface_name().as_str() != "org.freedesktop.systemd1.Service" {
-                return None;
+            .map_err(|e| bus_error(unit, e))
+    }
+
+    /// Waits until `unit` is no longer starting, running or stopping (or is not loaded at all),
+    /// for a unit this process did not start (a build that outlived a restart of the service).
+    /// Awaited through the unit's `PropertiesChanged` (systemd announces `ActiveState`), the
+    /// state read again on each; and every few seconds should a signal be lost.
+    pub async fn wait_until_stopped(&self, unit: &str) -> Result<()> {
+        let mut changes = self.unit_changes(unit).await?;
+        let mut poll = tokio::time::interval(JOB_FALLBACK_POLL);
+        poll.tick().await;
+        loop {
+            match self.unit_state(unit).await? {
+                Some(s)
+                    if matches!(
+                        s.active_state.as_str(),
+                        "activating" | "active" | "deactivating" | "reloading"
+                    ) => {}
+                _ => return Ok(()),
             }
-            let text = args.changed_properties().get("StatusText")?;
-            String::try_from(text.try_clone().ok()?).ok()
-        }))
+            tokio::select! {
+                Some(_) = changes.next() => {}
+                _ = poll.tick() => {}
+            }
+        }
     }
 
     /// Starts a transient unit and waits for its start job: until it is up (`active`), or, for
