@@ -17,7 +17,7 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 use agent_workspaces::core::messages;
 use agent_workspaces::core::{Manager, Ports};
 use agent_workspaces::dbus::{self, BUS_NAME};
-use agent_workspaces::system::config::{Config, IsolationMode};
+use agent_workspaces::system::config::{Config, ContainmentMode};
 use agent_workspaces::system::containers::NspawnContainers;
 use agent_workspaces::system::exec::{CgroupTree, Containment, HostExecutor};
 use agent_workspaces::system::library::FsLibrary;
@@ -70,8 +70,8 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             .next()
             .unwrap_or("/var/lib/agent-workspaces"),
     );
-    let containment = match config.exec_isolation {
-        IsolationMode::Cgroup => {
+    let containment = match config.exec_containment {
+        ContainmentMode::Cgroup => {
             let tree = CgroupTree::setup().map_err(|e| {
                 format!(
                     "Cannot set up per-command cgroups: {e}. To run without them (weaker: a command that \
@@ -80,7 +80,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             })?;
             Containment::Cgroup(tree.base().to_path_buf())
         }
-        IsolationMode::ProcessGroup => {
+        ContainmentMode::ProcessGroup => {
             warn!(
                 "Commands run in process groups, not cgroups ([exec] isolation = \"process-group\")"
             );
@@ -208,7 +208,7 @@ fn reload(
                 ),
                 (
                     "exec.isolation",
-                    new.exec_isolation != started_with.exec_isolation,
+                    new.exec_containment != started_with.exec_containment,
                 ),
             ] {
                 if changed {

@@ -24,7 +24,7 @@ pub struct Config {
     pub library_path: Option<PathBuf>,
     /// [exec] and the build limits of [container]; reloadable.
     pub limits: ServiceLimits,
-    pub exec_isolation: IsolationMode,
+    pub exec_containment: ContainmentMode,
     pub container: ContainerConfig,
 }
 
@@ -66,9 +66,11 @@ impl ContainerConfig {
     }
 }
 
+/// How host commands are contained (`[exec] isolation`): resolved into an
+/// [`exec::Containment`](crate::system::exec::Containment) once the service knows its cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum IsolationMode {
+pub enum ContainmentMode {
     Cgroup,
     ProcessGroup,
 }
@@ -114,7 +116,7 @@ struct ExecSection {
     max_output_bytes: Option<u64>,
     max_concurrent: Option<u32>,
     queue_timeout_secs: Option<u32>,
-    isolation: Option<IsolationMode>,
+    isolation: Option<ContainmentMode>,
 }
 
 impl Default for Config {
@@ -123,7 +125,7 @@ impl Default for Config {
             host_workspace_dir: None,
             library_path: None,
             limits: ServiceLimits::default(),
-            exec_isolation: IsolationMode::Cgroup,
+            exec_containment: ContainmentMode::Cgroup,
             container: ContainerConfig::default(),
         }
     }
@@ -232,7 +234,7 @@ impl Config {
             library_path: file.library_path,
             host_workspace_dir: file.host_workspace_dir,
             limits: ServiceLimits { exec, builds },
-            exec_isolation: e.isolation.unwrap_or(IsolationMode::Cgroup),
+            exec_containment: e.isolation.unwrap_or(ContainmentMode::Cgroup),
             container,
         })
     }
@@ -277,7 +279,7 @@ mod tests {
                 ..ExecLimits::default()
             }
         );
-        assert_eq!(c.exec_isolation, IsolationMode::ProcessGroup);
+        assert_eq!(c.exec_containment, ContainmentMode::ProcessGroup);
     }
 
     #[test]

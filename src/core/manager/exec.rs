@@ -1,0 +1,172 @@
+//! Commands: a place among `max_concurrent`, the environment, the run under the workspace's
+//! cancellation (destroy and shutdown end them).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::core::error::{Error, Result};
+use crate::core::messages;
+use crate::core::ports::{ExecOutcome, ExecRequest};
+use crate::core::spec::{ExecLimits, ExecParams};
+use crate::core::workspace::{Status, Workspace};
+
+use super::*;
+
+/// The environment every command starts from, before the workspace's and the call's variables.
+pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The environment of a command: a minimal base, then the workspace's variables, then the
+/// call's (later wins).
+pub fn command_env(ws: &Workspace, call: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("PATH".to_owned(), BASE_PATH.to_owned()),
+        ("HOME".to_owned(), "/root".to_owned()),
+        ("LANG".to_owned(), "C.UTF-8".to_owned()),
+    ]);
+    env.extend(ws.env_vars.clone());
+    env.extend(call);
+    env
+}
+
+/// A running command's place among the `max_concurrent`.
+pub(super) struct ExecSlot<'a>(&'a Manager);
+impl Drop for ExecSlot<'_> {
+    fn drop(&mut self) {
+        self.0.execs_running.fetch_sub(1, Ordering::SeqCst);
+        self.0.exec_slot_freed.notify_waiters();
+    }
+}
+
+impl Manager {
+    /// Runs a command in a workspace. `caller_gone` fires when the caller disconnects; the
+    /// command is then killed.
+    pub async fn exec(
+        &self,
+        key: &str,
+        params: ExecParams,
+        caller_gone: CancellationToken,
+    ) -> Result<ExecOutcome> {
+        let limits = self.limits().exec;
+        let timeout_secs = params.validate(&limits)?;
+        let (ws, _running_exec, cancel) = {
+            let reg = self.reg();
+            let e = reg.resolve(key)?;
+            if e.ws.status != Status::Ready {
+                return Err(Error::NotReady {
+                    workspace: e.ws.name.clone(),
+                    status: e.ws.status.to_string(),
+                });
+            }
+            (e.ws.clone(), e.execs.token(), e.cancel.child_token())
+        };
+        let _slot = self.exec_slot(&ws.name, &limits, &caller_gone).await?;
+        let env = command_env(&ws, params.env);
+        let workdir = if ws.is_container() {
+            PathBuf::from(CONTAINER_WORKDIR)
+        } else {
+            ws.path.clone()
+        };
+        let cwd = match params.cwd {
+            None => workdir,
+            Some(c) => workdir.join(c),
+        };
+        let request = ExecRequest {
+            workspace_id: ws.id.clone(),
+            command: params.command,
+            env,
+            cwd,
+            io: params.io,
+            timeout: Duration::from_secs(timeout_secs.into()),
+            output_cap: limits.max_output_bytes,
+        };
+        let run = async {
+            if ws.is_container() {
+                self.ports
+                    .containers
+                    .exec(&ws, request, cancel.clone())
+                    .await
+            } else {
+                self.ports.executor.run(request, cancel.clone()).await
+            }
+        };
+        tokio::pin!(run);
+        let outcome = tokio::select! {
+            r = &mut run => r,
+            () = caller_gone.cancelled() => { cancel.cancel(); run.await }
+        }?;
+        if cancel.is_cancelled() && !outcome.timed_out {
+            let why = if caller_gone.is_cancelled() {
+                "the caller disconnected"
+            } else if self.shutdown.is_cancelled() {
+                "the service is stopping"
+            } else {
+                "the workspace is being destroyed"
+            };
+            warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                  "Command in workspace {} was killed: {why}", ws.name);
+            return Err(Error::JobFailed(format!(
+                "Command in workspace '{}' was killed: {why}",
+                ws.name
+            )));
+        }
+        info!(message_id = messages::EXEC_FINISHED, workspace_id = %ws.id,
+              workspace_name = %ws.name, exit_code = outcome.exit_code,
+              timed_out = outcome.timed_out, duration_usec = outcome.duration.as_micros() as u64,
+              "Command in workspace {} finished: exit code {}{} after {:.3}s",
+              ws.name, outcome.exit_code, if outcome.timed_out { " (timed out)" } else { "" },
+              outcome.duration.as_secs_f64());
+        Ok(outcome)
+    }
+
+    /// A place for one more command: at once while fewer than `max_concurrent` run; else it
+    /// waits, up to `queue_timeout_secs`, for one to end (or the caller to leave), and then
+    /// it is `LimitsExceeded`.
+    pub(super) async fn exec_slot(
+        &self,
+        workspace: &str,
+        limits: &ExecLimits,
+        caller_gone: &CancellationToken,
+    ) -> Result<ExecSlot<'_>> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(limits.queue_timeout_secs.into());
+        loop {
+            // Registered before the count is looked at, so an end in between is not missed.
+            let freed = self.exec_slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.execs_running.fetch_add(1, Ordering::SeqCst) < limits.max_concurrent {
+                return Ok(ExecSlot(self));
+            }
+            self.execs_running.fetch_sub(1, Ordering::SeqCst);
+            tokio::select! {
+                () = &mut freed => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::LimitsExceeded(format!(
+                        "Too many ongoing operations: cannot run a command in workspace '{workspace}': {} commands are running (max_concurrent), and none ended within {} s (queue_timeout_secs)",
+                        limits.max_concurrent, limits.queue_timeout_secs
+                    )));
+                }
+                () = caller_gone.cancelled() => {
+                    return Err(Error::JobFailed(format!(
+                        "Command in workspace '{workspace}' was not run: the caller disconnected while it waited for a place"
+                    )));
+                }
+                () = self.shutdown.cancelled() => {
+                    return Err(Error::JobFailed(format!(
+                        "Command in workspace '{workspace}' was not run: the service is stopping"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Commands running now, in every workspace.
+    pub fn running_execs(&self) -> usize {
+        self.execs_running.load(Ordering::SeqCst)
+    }
+}
