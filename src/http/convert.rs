@@ -1,0 +1,96 @@
+//! Between the bus and JSON: the manager proxy, request bodies, a workspace's properties as
+//! the API's workspace object.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use serde_json::{Map, Value, json};
+use zbus::OwnedVariant;
+
+use crate::dbus::client::{WorkspacesProxy, variant_json};
+
+use super::*;
+
+pub(super) async fn manager(state: &AppState) -> ApiResult<WorkspacesProxy<'static>> {
+    Ok(manager_on(&state.conn).await?)
+}
+
+/// A proxy of the manager that caches no properties: building it costs no bus call (a caching
+/// proxy would add a match rule and a GetAll to every request).
+pub(super) async fn manager_on(conn: &zbus::Connection) -> zbus::Result<WorkspacesProxy<'static>> {
+    WorkspacesProxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+/// A request body as JSON, whatever Content-Type the client sent (curl -d sends a form type).
+pub(super) fn body_json(bytes: Bytes) -> ApiResult<Map<String, Value>> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+pub(super) const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
+
+/// The workspace as JSON, from its object's properties.
+pub(super) async fn workspace_json(state: &AppState, key: &str) -> ApiResult<Value> {
+    let path = manager(state).await?.get_workspace(key).await?;
+    let props = zbus::fdo::PropertiesProxy::builder(&state.conn)
+        .destination(crate::dbus::BUS_NAME)
+        .path(path)
+        .build()
+        .await?;
+    let all = props
+        .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+            WORKSPACE_IFACE,
+        ))
+        .await
+        .map_err(zbus::Error::from)?;
+    Ok(workspace_from(&all))
+}
+
+/// The REST form of a workspace object's properties.
+pub(super) fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
+    let field = |k: &str| all.get(k).map(|v| variant_json(v)).unwrap_or(Value::Null);
+    json!({
+        "id": field("Id"),
+        "name": field("Name"),
+        "workspace_type": field("Type"),
+        "status": field("Status"),
+        "error_message": field("ErrorMessage"),
+        "build_step": field("BuildStep"),
+        "path": field("Path"),
+        "distro": field("Distro"),
+        "env_var_names": field("EnvVarNames"),
+        "skills": field("Skills"),
+        "tools": field("Tools"),
+        "template": field("Template"),
+        "created_at": field("CreatedAt"),
+        "machine_name": field("MachineName"),
+        "network": field("Network"),
+        "limits": {
+            "memory_max": field("MemoryMax"),
+            "cpu_quota_percent": field("CPUQuotaPercent"),
+            "tasks_max": field("TasksMax"),
+        },
+    })
+}
+
+pub(super) fn exec_json(reply: crate::dbus::client::ExecReply) -> Json<Value> {
+    let (exit_code, stdout, stderr, timed_out, _) = reply;
+    Json(json!({
+        "exit_code": exit_code,
+        "stdout": String::from_utf8_lossy(&stdout),
+        "stderr": String::from_utf8_lossy(&stderr),
+        "timed_out": timed_out,
+    }))
+}

@@ -1,0 +1,253 @@
+//! The bridge without a bus: error mapping, routes against the OpenAPI document, limits.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{StatusCode, header};
+use serde_json::Value;
+
+use crate::core::Error;
+
+use super::routes::*;
+use super::*;
+
+#[test]
+fn errors_map_to_statuses_and_invalid_args_name_the_field() {
+    for (e, status) in [
+        (Error::NoSuchWorkspace("w".into()), 404),
+        (Error::WorkspaceExists("w".into()), 409),
+        (Error::Busy("w".into()), 409),
+        (Error::invalid("limits.memory_max", "bad"), 400),
+        (Error::AccessDenied("no".into()), 403),
+        (Error::InteractiveAuthorizationRequired("ask".into()), 403),
+        (
+            Error::Bus {
+                name: "org.freedesktop.DBus.Error.ServiceUnknown".into(),
+                message: "gone".into(),
+            },
+            503,
+        ),
+        (Error::io_msg("disk"), 500),
+        (Error::LimitsExceeded("many".into()), 429),
+    ] {
+        assert_eq!(ApiError::from(e.clone()).status.as_u16(), status, "{e:?}");
+    }
+    let a = ApiError::from(Error::invalid("limits.memory_max", "bad"));
+    assert_eq!(a.field.as_deref(), Some("limits.memory_max"));
+    assert_eq!(a.message, "Invalid 'limits.memory_max': bad");
+    assert_eq!(
+        ApiError::from(Error::NoSuchWorkspace("w".into())).field,
+        None
+    );
+}
+
+/// The router over a peer-to-peer bus with nobody behind it: handlers run and their calls
+/// fail, which is all these tests need. Keep the returned peer alive.
+async fn test_app() -> (Router, String, zbus::Connection) {
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let guid = zbus::Guid::generate();
+    let (server, conn) = tokio::join!(
+        zbus::connection::Builder::unix_stream(a)
+            .server(guid)
+            .p2p()
+            .build(),
+        zbus::connection::Builder::unix_stream(b).p2p().build(),
+    );
+    let (server, conn) = (server.unwrap(), conn.unwrap());
+    // Serving objects makes the peer answer every call (with UnknownObject).
+    let _ = server.object_server();
+    let token = "t".repeat(16);
+    let state = AppState {
+        conn,
+        bus_address: None,
+        token: token.clone(),
+    };
+    (app(Arc::new(state)), token, server)
+}
+
+#[tokio::test]
+async fn pages_need_no_token_and_load_nothing_from_elsewhere() {
+    use axum::body::Body;
+    use tower::ServiceExt;
+    let (app, _, _peer) = test_app().await;
+    let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
+    for (path, content_type, _) in PAGES {
+        let r = app.clone().oneshot(get(path)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], *content_type);
+        let csp = r.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(csp.starts_with("default-src 'self'"), "{csp}");
+    }
+    let r = app.clone().oneshot(get("/api/openapi.json")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // The pages name no other origin: no fonts, scripts or styles from elsewhere.
+    for (path, _, body) in PAGES {
+        for foreign in ["http://", "https://", "//fonts", "@import"] {
+            assert!(!body.contains(foreign), "{path} contains {foreign}");
+        }
+    }
+    // The API itself still needs the token.
+    let r = app.oneshot(get("/api/templates")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// The request bodies of the OpenAPI document are the schema's dictionaries: the same
+/// members (limits inside `limits`), each of the schema's JSON type.
+#[test]
+fn the_openapi_request_bodies_are_the_schema() {
+    use crate::dbus::schema::{self, Json, Keys};
+    use std::collections::BTreeMap;
+
+    let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let documented = |name: &str, but: &[&str]| -> BTreeMap<String, String> {
+        let props = schemas[name]["properties"].as_object().unwrap();
+        assert_eq!(schemas[name]["additionalProperties"], false, "{name}");
+        props
+            .iter()
+            .filter(|(k, _)| !but.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v["type"].as_str().unwrap_or("$ref").to_owned()))
+            .collect()
+    };
+    let wanted = |keys: Keys, place: Json| -> BTreeMap<String, String> {
+        let mut out: BTreeMap<String, String> = keys
+            .keys
+            .iter()
+            .filter(|k| k.json == place)
+            .map(|k| (k.name.to_owned(), k.ty.json_type().to_owned()))
+            .collect();
+        if place == Json::Member && keys.keys.iter().any(|k| k.json == Json::Limit) {
+            out.insert(schema::LIMITS.to_owned(), "$ref".to_owned());
+        }
+        out
+    };
+    assert_eq!(
+        documented("CreateWorkspace", &[]),
+        wanted(schema::CREATE, Json::Member)
+    );
+    assert_eq!(
+        documented("UpdateWorkspace", &[]),
+        wanted(schema::CHANGES, Json::Member)
+    );
+    assert_eq!(
+        documented("Limits", &[]),
+        wanted(schema::CREATE, Json::Limit)
+    );
+    assert_eq!(
+        documented("Limits", &[]),
+        wanted(schema::CHANGES, Json::Limit)
+    );
+    assert_eq!(
+        documented("ExecRequest", &["command"]),
+        wanted(schema::EXEC, Json::Member)
+    );
+    assert_eq!(
+        documented("RerunInitRequest", &[]),
+        wanted(schema::RERUN_INIT, Json::Member)
+    );
+    // The distros the document offers (and the dashboard lists) are the core's.
+    let distros: Vec<&str> = schemas["CreateWorkspace"]["properties"]["distro"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["const"].as_str().unwrap())
+        .collect();
+    assert_eq!(distros, crate::core::workspace::Distro::NAMES);
+}
+
+/// The OpenAPI document and the router agree: the same paths, and on each path exactly
+/// the documented methods are routed (the others get 405).
+#[tokio::test]
+async fn the_openapi_document_lists_exactly_the_routes() {
+    use axum::body::Body;
+    use axum::http::Method;
+    use std::collections::BTreeSet;
+    use tower::ServiceExt;
+
+    let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    let mut routed: BTreeSet<&str> = api_routes().into_iter().map(|(p, _)| p).collect();
+    routed.insert("/api/openapi.json");
+    assert_eq!(
+        paths.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        routed
+    );
+
+    let (app, token, _peer) = test_app().await;
+    for (path, item) in paths {
+        let documented: BTreeSet<String> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
+        let uri = path.replace("{id}", "some-workspace");
+        for method in [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ] {
+            let request = axum::http::Request::builder()
+                .method(method.clone())
+                .uri(&uri)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::from("{}"))
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            if status == StatusCode::METHOD_NOT_ALLOWED {
+                assert!(response.headers().contains_key(header::ALLOW));
+                let body = axum::body::to_bytes(response.into_body(), 4096)
+                    .await
+                    .unwrap();
+                let error: Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(
+                    error["error"]["code"], "method_not_allowed",
+                    "{method} {path}"
+                );
+            }
+            let want_routed = documented.contains(method.as_str());
+            assert_eq!(
+                status != StatusCode::METHOD_NOT_ALLOWED && status != StatusCode::NOT_FOUND,
+                want_routed,
+                "{method} {path}: {status}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_head_is_431_with_the_documented_body() {
+    use axum::body::Body;
+    use tower::ServiceExt;
+    let (app, token, _peer) = test_app().await;
+    let request = axum::http::Request::builder()
+        .uri("/api/templates")
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header("x-big", "a".repeat(MAX_HEADER_BYTES))
+        .body(Body::empty())
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap();
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "header_too_large");
+}
+
+#[test]
+fn bodies_are_json_whatever_the_content_type() {
+    let m = body_json(Bytes::from_static(br#"{"command": "true"}"#)).unwrap();
+    assert_eq!(m["command"], "true");
+    assert!(body_json(Bytes::from_static(b"[1]")).is_err());
+    assert!(body_json(Bytes::from_static(b"  ")).unwrap().is_empty());
+}
