@@ -10,9 +10,16 @@
 //! The tree is the container's: code inside can put anything anywhere in it. Every file the
 //! service reads or writes there goes through `tree::Tree`, resolved inside the tree.
 
+mod debug;
+mod init_log;
+mod orphans;
+mod units;
+
+use units::*;
+pub use units::{DEFAULT_TASKS_MAX, build_unit_name, container_properties, nspawn_argv, unit_name};
+
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,49 +28,26 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-use zbus::OwnedVariant;
+use tracing::info;
 
 use super::agent::{AgentConnection, Leader};
 use super::build::{BuildPlan, BuildResult};
 use super::config::ContainerConfig;
-use super::exec::{Command, Containment, Launch, cgroup2_mount, run_contained};
+use super::exec::{Command, Containment, Launch, run_contained};
 use super::systemd::{Systemd, prop};
 use super::tree::Tree;
 use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
-use crate::core::ports::{
-    BuildSteps, Containers, DebugInfo, DebugValue, ExecIo, ExecOutcome, ExecRequest,
-};
-use crate::core::workspace::{Network, Workspace};
-use agent_workspaces_agent::{self as agent_proto, AGENT_PATH};
+use crate::core::ports::{BuildSteps, Containers, DebugInfo, ExecIo, ExecOutcome, ExecRequest};
+use crate::core::workspace::Workspace;
+use agent_workspaces_agent::{self as agent_proto};
 
-/// The init log is cut back to its last half when it grows past this.
-const LOG_MAX: u64 = 4 * 1024 * 1024;
 /// The service's own files inside a container: `/.agent-workspaces/init`.
 const OWN_DIR: &str = ".agent-workspaces";
 /// How long a started container's agent may take to answer.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent binary, next to the service's own.
 pub const AGENT_FILE: &str = "agent-workspaces-agent";
-/// `TasksMax=` of a container without a `tasks_max` limit: the value of systemd's own
-/// `systemd-nspawn@.service`.
-pub const DEFAULT_TASKS_MAX: u64 = 16384;
-/// `DeviceAllow=` of systemd's own `systemd-nspawn@.service` (systemd 252), with
-/// `DevicePolicy=closed`: beyond the standard pseudo devices (null, zero, full, random,
-/// urandom, tty, ptmx), only these.
-const DEVICE_ALLOW: [(&str, &str); 7] = [
-    ("/dev/net/tun", "rwm"),
-    ("char-pts", "rw"),
-    // nspawn itself needs loop devices for --image= and device-mapper for encrypted images;
-    // workspaces use neither, but the set is kept as systemd ships it.
-    ("/dev/loop-control", "rw"),
-    ("block-loop", "rw"),
-    ("block-blkext", "rw"),
-    ("/dev/mapper/control", "rw"),
-    ("block-device-mapper", "rw"),
-];
-
 /// The cached leader of one container; its lock makes lookups single-flight.
 type LeaderSlot = Arc<tokio::sync::Mutex<Option<Arc<Leader>>>>;
 
@@ -83,104 +67,8 @@ pub struct NspawnContainers {
     output_cap: usize,
 }
 
-pub fn unit_name(name: &str) -> String {
-    format!("agent-workspace-{name}.service")
-}
-
-pub fn build_unit_name(name: &str) -> String {
-    // '@' is in no workspace name, so no container's unit can be named like a build unit.
-    format!("agent-workspace-build@{name}.service")
-}
-
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::io(format!("Cannot {what} {}", path.display()), e)
-}
-
-/// Journal fields of a unit's output (`LogExtraFields=`, type `aay`), so that
-/// `journalctl WORKSPACE_ID=...` includes builds and containers.
-fn log_fields(ws: &Workspace) -> Vec<Vec<u8>> {
-    vec![
-        format!("WORKSPACE_ID={}", ws.id).into_bytes(),
-        format!("WORKSPACE_NAME={}", ws.name).into_bytes(),
-    ]
-}
-
-/// The systemd-nspawn command line of a container workspace. Its payload is the agent,
-/// bind-mounted read-only from the host: it runs as PID 2 in the container's namespaces (its
-/// own user namespace: container root is not host root; `auto` maps the tree's ownership with
-/// an idmapped mount where the file system supports it, and chowns it once where not).
-pub fn nspawn_argv(ws: &Workspace, tree: &Path, agent: &Path) -> Vec<String> {
-    let mut argv = vec![
-        "/usr/bin/systemd-nspawn".to_owned(),
-        "--quiet".to_owned(),
-        "--keep-unit".to_owned(),
-        "--register=yes".to_owned(),
-        format!("--directory={}", tree.display()),
-        format!("--machine={}", ws.name),
-        "--private-users=pick".to_owned(),
-        "--private-users-ownership=auto".to_owned(),
-        format!("--bind-ro={}:{AGENT_PATH}", agent.display()),
-        "--as-pid2".to_owned(),
-        "--console=pipe".to_owned(),
-    ];
-    if ws.network == Network::Private {
-        argv.push("--private-network".to_owned());
-    }
-    argv.push(AGENT_PATH.to_owned());
-    argv
-}
-
-/// Unit properties of the running container: the command line, the confinement of systemd's
-/// own `systemd-nspawn@.service` and the workspace's limits.
-pub fn container_properties(
-    ws: &Workspace,
-    tree: &Path,
-    agent: &Path,
-) -> Vec<(String, OwnedVariant)> {
-    let argv = nspawn_argv(ws, tree, agent);
-    let device_allow: Vec<(String, String)> = DEVICE_ALLOW
-        .iter()
-        .map(|(d, a)| ((*d).to_owned(), (*a).to_owned()))
-        .collect();
-    let mut props = vec![
-        prop("Description", format!("Agent workspace {}", ws.name)),
-        prop("Slice", "machine.slice"),
-        prop("Type", "notify"),
-        prop("NotifyAccess", "main"),
-        prop("KillMode", "mixed"),
-        prop("Delegate", true),
-        prop("DevicePolicy", "closed"),
-        prop("DeviceAllow", device_allow),
-        prop("WatchdogUSec", 180_000_000u64),
-        prop("CollectMode", "inactive-or-failed"),
-        prop(
-            "Environment",
-            vec!["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1".to_owned()],
-        ),
-        prop("LogExtraFields", log_fields(ws)),
-        prop("ExecStart", vec![(argv[0].clone(), argv.clone(), false)]),
-    ];
-    props.extend(
-        limit_props(&ws.limits)
-            .into_iter()
-            .filter(|(_, v)| *v != u64::MAX)
-            .map(|(k, v)| prop(k, v)),
-    );
-    props
-}
-
-/// The unit properties of `limits`; u64::MAX ("infinity") where there is none, except
-/// `TasksMax`, which falls back to systemd's container default.
-fn limit_props(l: &crate::core::workspace::Limits) -> [(&'static str, u64); 3] {
-    [
-        ("MemoryMax", l.memory_max.unwrap_or(u64::MAX)),
-        (
-            "CPUQuotaPerSecUSec",
-            l.cpu_quota_percent
-                .map_or(u64::MAX, |p| u64::from(p) * 10_000),
-        ),
-        ("TasksMax", l.tasks_max.unwrap_or(DEFAULT_TASKS_MAX)),
-    ]
 }
 
 impl NspawnContainers {
@@ -293,28 +181,6 @@ impl NspawnContainers {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name);
-    }
-
-    /// Appends to the init log (cut back to its last half past `LOG_MAX`), on a blocking
-    /// thread: the cut rewrites megabytes.
-    async fn append_to_log(&self, ws: &Workspace, text: &[u8]) {
-        let path = self.log_path(ws);
-        let text = text.to_vec();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Some(dir) = path.parent() {
-                let _ = fs::create_dir_all(dir);
-            }
-            if fs::metadata(&path).is_ok_and(|m| m.len() > LOG_MAX) {
-                if let Ok(old) = fs::read(&path) {
-                    let keep = &old[old.len() - (LOG_MAX / 2) as usize..];
-                    let _ = fs::write(&path, keep);
-                }
-            }
-            if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path) {
-                let _ = f.write_all(&text);
-            }
-        })
-        .await;
     }
 }
 
@@ -622,24 +488,7 @@ impl Containers for NspawnContainers {
     }
 
     async fn init_log(&self, ws: &Workspace, max_lines: u32) -> Result<(String, u32)> {
-        let path = self.log_path(ws);
-        let text = match tokio::fs::read(&path).await {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io("read", &path, e)),
-        };
-        let lines: Vec<&str> = text.lines().collect();
-        let total = lines.len() as u32;
-        let from = if max_lines == 0 {
-            0
-        } else {
-            lines.len().saturating_sub(max_lines as usize)
-        };
-        let mut content = lines[from..].join("\n");
-        if !content.is_empty() {
-            content.push('\n');
-        }
-        Ok((content, total))
+        self.read_log(ws, max_lines).await
     }
 
     async fn append_log(&self, ws: &Workspace, line: &str) {
@@ -647,109 +496,11 @@ impl Containers for NspawnContainers {
     }
 
     async fn clean_orphans(&self, known: &[String]) {
-        let is_known = |name: &str| known.iter().any(|k| k == name);
-        if let Ok(entries) = fs::read_dir(&self.config().machines_dir) {
-            for e in entries.flatten() {
-                let file = e.file_name().to_string_lossy().into_owned();
-                let path = e.path();
-                if let Some(name) = file.strip_suffix(".partial") {
-                    // Only a build of ours makes <name>.partial with a configured tree inside.
-                    if !is_known(name) && Tree::open(&path).is_ok_and(|t| t.is_dir("workspace")) {
-                        warn!(
-                            "Removing {}, a half-built tree without a workspace record",
-                            path.display()
-                        );
-                        let _ = fs::remove_dir_all(&path);
-                    }
-                } else if !is_known(&file) && Tree::open(&path).is_ok_and(|t| t.is_dir(OWN_DIR)) {
-                    warn!(
-                        "The container tree {} has no workspace record; it is left in place (remove it with: machinectl remove {file})",
-                        path.display()
-                    );
-                }
-            }
-        }
-        match self
-            .systemd
-            .units_matching("agent-workspace-*.service")
-            .await
-        {
-            Ok(units) => {
-                for (unit, description, _) in units {
-                    let base = unit.strip_suffix(".service").unwrap_or(&unit);
-                    let name = base
-                        .strip_prefix("agent-workspace-build@")
-                        .or_else(|| base.strip_prefix("agent-workspace-"))
-                        .unwrap_or("");
-                    let ours = description.starts_with("Agent workspace ")
-                        || description.starts_with("Build of agent workspace ");
-                    if !name.is_empty() && !is_known(name) && ours {
-                        warn!("Stopping {unit}: it belongs to no workspace record");
-                        if let Err(e) = self.systemd.stop(&unit).await {
-                            warn!("Cannot stop {unit}: {e}");
-                        }
-                    }
-                }
-            }
-            Err(e) => warn!("Cannot look for leftover units: {e}"),
-        }
+        self.remove_orphans(known).await
     }
 
     async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo> {
-        use DebugValue::{Bool, List, Str, U64};
-        let path = self.tree_path(&ws.name);
-        let mut info = DebugInfo::new();
-        info.insert("tree".into(), Str(path.display().to_string()));
-        // Everything read from the tree is resolved inside it and bounded: what the container
-        // planted there (links, FIFOs, devices, huge files) costs an empty field, not a hang.
-        let tree = self.tree(ws).ok();
-        info.insert("tree_exists".into(), Bool(tree.is_some()));
-        info.insert(
-            "init_script_present".into(),
-            Bool(!ws.init_script.is_empty()),
-        );
-        let Some(tree) = tree else {
-            return self.debug_units(ws, info).await;
-        };
-        let (tree, usage) = tokio::task::spawn_blocking(move || {
-            let u = tree.disk_usage("", Duration::from_secs(3), 2_000_000);
-            (tree, u)
-        })
-        .await
-        .map_err(|e| Error::io_msg(format!("Cannot measure the tree: {e}")))?;
-        info.insert("tree_size_bytes".into(), U64(usage.bytes));
-        info.insert("tree_size_complete".into(), Bool(usage.complete));
-        let present: Vec<String> = ["bin", "etc", "usr", "var", "tmp", "root", "workspace"]
-            .into_iter()
-            .filter(|d| tree.is_dir(d))
-            .map(String::from)
-            .collect();
-        info.insert("directories".into(), List(present));
-        let shell = ["bin/bash", "bin/sh"]
-            .into_iter()
-            .find(|s| tree.is_file(s))
-            .map(|s| format!("/{s}"))
-            .unwrap_or_default();
-        info.insert("shell".into(), Str(shell));
-        let changed = tree
-            .modified(format!("{OWN_DIR}/init"))
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_micros() as u64);
-        info.insert("init_script_changed_usec".into(), U64(changed));
-        let os = ["etc/os-release", "usr/lib/os-release"]
-            .into_iter()
-            .find_map(|p| tree.read(p, 64 * 1024).ok())
-            .unwrap_or_default();
-        let pretty = String::from_utf8_lossy(&os)
-            .lines()
-            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-            .unwrap_or("")
-            .trim_matches('"')
-            .chars()
-            .take(256)
-            .collect();
-        info.insert("os_release".into(), Str(pretty));
-        self.debug_units(ws, info).await
+        self.debug_report(ws).await
     }
 
     async fn remove(&self, ws: &Workspace) -> Result<()> {
@@ -782,77 +533,6 @@ impl Containers for NspawnContainers {
     }
 }
 
-impl NspawnContainers {
-    /// The part of a debug report that systemd and machined give.
-    async fn debug_units(&self, ws: &Workspace, mut info: DebugInfo) -> Result<DebugInfo> {
-        use DebugValue::{Bool, List, Str, U64};
-        let leader = self.systemd.machine_leader(&ws.name).await?;
-        info.insert(
-            "machine_state".into(),
-            Str(if leader.is_some() {
-                "running"
-            } else {
-                "stopped"
-            }
-            .into()),
-        );
-        info.insert("leader".into(), U64(leader.map_or(0, u64::from)));
-        let unit = unit_name(&ws.name);
-        let state = self.systemd.unit_state(&unit).await?;
-        info.insert("unit".into(), Str(unit));
-        info.insert(
-            "unit_state".into(),
-            Str(state
-                .as_ref()
-                .map_or("not loaded".into(), |s| s.active_state.clone())),
-        );
-        let build_unit = build_unit_name(&ws.name);
-        let build_state = self.systemd.unit_state(&build_unit).await?;
-        info.insert("build_unit".into(), Str(build_unit));
-        let (_, result_path) = self.plan_paths(ws);
-        let build_result = match (build_state, read_result(&result_path)) {
-            (Some(s), _) => format!("{} ({})", s.active_state, s.result),
-            (None, Some(r)) if r.ok => "success".into(),
-            (None, Some(r)) => format!("failed in step {}: {}", r.step, r.message),
-            (None, None) => "not running".into(),
-        };
-        info.insert("build_result".into(), Str(build_result));
-        // Limits are unit properties; whether the kernel enforces them depends on the cgroup
-        // controllers delegated here. Say so rather than pretend.
-        let controllers: Vec<String> = cgroup2_mount()
-            .and_then(|m| fs::read_to_string(m.join("cgroup.controllers")).ok())
-            .map(|c| c.split_whitespace().map(String::from).collect())
-            .unwrap_or_default();
-        let l = ws.limits;
-        let mut missing = Vec::new();
-        for (set, controller, key) in [
-            (l.memory_max.is_some(), "memory", "memory_max"),
-            (l.cpu_quota_percent.is_some(), "cpu", "cpu_quota_percent"),
-            (l.tasks_max.is_some(), "pids", "tasks_max"),
-        ] {
-            if set && !controllers.iter().any(|c| c == controller) {
-                missing.push(format!("{key} is set but the {controller} controller is not available, so it is not enforced"));
-            }
-        }
-        info.insert("memory_max".into(), U64(l.memory_max.unwrap_or(0)));
-        info.insert(
-            "cpu_quota_percent".into(),
-            U64(l.cpu_quota_percent.map_or(0, u64::from)),
-        );
-        info.insert("tasks_max".into(), U64(l.tasks_max.unwrap_or(0)));
-        info.insert("cgroup_controllers".into(), List(controllers));
-        info.insert("limits_enforced".into(), Bool(missing.is_empty()));
-        info.insert("limits_note".into(), Str(missing.join("; ")));
-        let (_, lines) = self.init_log(ws, 1).await?;
-        info.insert(
-            "init_log".into(),
-            Str(self.log_path(ws).display().to_string()),
-        );
-        info.insert("init_log_lines".into(), U64(u64::from(lines)));
-        Ok(info)
-    }
-}
-
 /// The outcome a build unit left, if any.
 fn read_result(path: &Path) -> Option<BuildResult> {
     fs::read(path)
@@ -865,89 +545,4 @@ fn build_failed(ws: &Workspace, r: &BuildResult) -> Error {
         "Build of '{}' failed in step '{}': {}",
         ws.name, r.step, r.message
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::workspace::{Limits, Status, WorkspaceType};
-
-    fn ws(network: Network) -> Workspace {
-        Workspace {
-            id: "1b4e28ba-2fa1-11d2-883f-0016d3cca427".into(),
-            name: "box".into(),
-            workspace_type: WorkspaceType::Container,
-            status: Status::Ready,
-            error_message: String::new(),
-            path: "/var/lib/machines/box".into(),
-            owns_path: true,
-            distro: Some(crate::core::workspace::Distro::DebianBookworm),
-            env_vars: Default::default(),
-            init_script: String::new(),
-            skills: vec![],
-            tools: vec![],
-            template: String::new(),
-            created_at_usec: 0,
-            network,
-            limits: Limits {
-                memory_max: Some(1 << 30),
-                cpu_quota_percent: Some(150),
-                tasks_max: None,
-            },
-            build_step: String::new(),
-        }
-    }
-
-    #[test]
-    fn nspawn_command_line() {
-        let agent = Path::new("/usr/libexec/agent-workspaces-agent");
-        let a = nspawn_argv(
-            &ws(Network::Host),
-            Path::new("/var/lib/machines/box"),
-            agent,
-        )
-        .join(" ");
-        assert_eq!(
-            a,
-            "/usr/bin/systemd-nspawn --quiet --keep-unit --register=yes \
-             --directory=/var/lib/machines/box --machine=box \
-             --private-users=pick --private-users-ownership=auto \
-             --bind-ro=/usr/libexec/agent-workspaces-agent:/run/host/agent-workspaces-agent \
-             --as-pid2 --console=pipe /run/host/agent-workspaces-agent"
-        );
-        let p = nspawn_argv(&ws(Network::Private), Path::new("/t"), agent).join(" ");
-        assert!(p.contains(" --private-network "), "{p}");
-    }
-
-    #[test]
-    fn limits_become_unit_properties() {
-        let props = container_properties(&ws(Network::Host), Path::new("/t"), Path::new("/a"));
-        let get = |n: &str| {
-            props
-                .iter()
-                .find(|(k, _)| k == n)
-                .map(|(_, v)| v.try_clone().unwrap())
-        };
-        assert_eq!(u64::try_from(get("MemoryMax").unwrap()).unwrap(), 1 << 30);
-        assert_eq!(
-            u64::try_from(get("CPUQuotaPerSecUSec").unwrap()).unwrap(),
-            1_500_000
-        );
-        assert_eq!(
-            u64::try_from(get("TasksMax").unwrap()).unwrap(),
-            DEFAULT_TASKS_MAX,
-            "no tasks_max: systemd's container default"
-        );
-        assert!(bool::try_from(get("Delegate").unwrap()).unwrap());
-        let text = |n: &str| String::try_from(get(n).unwrap()).unwrap();
-        assert_eq!(text("DevicePolicy"), "closed");
-        assert_eq!(text("Slice"), "machine.slice");
-        let allowed: Vec<(String, String)> = get("DeviceAllow").unwrap().try_into().unwrap();
-        assert_eq!(allowed.len(), DEVICE_ALLOW.len());
-        assert!(allowed.contains(&("char-pts".into(), "rw".into())));
-        assert_eq!(unit_name("box"), "agent-workspace-box.service");
-        assert_eq!(build_unit_name("box"), "agent-workspace-build@box.service");
-        // A workspace named "build-box" does not share its unit with the build of "box".
-        assert_ne!(unit_name("build-box"), build_unit_name("box"));
-    }
 }

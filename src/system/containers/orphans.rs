@@ -1,0 +1,70 @@
+//! At start-up: trees, half-built trees and units of ours that no workspace record owns.
+
+use std::fs;
+
+use tracing::warn;
+
+use crate::system::tree::Tree;
+
+use super::*;
+
+impl NspawnContainers {
+    pub(super) async fn remove_orphans(&self, known: &[String]) {
+        let is_known = |name: &str| known.iter().any(|k| k == name);
+        // A directory scan and whole trees removed: on a blocking thread.
+        let machines = self.config().machines_dir.clone();
+        let names = known.to_vec();
+        let _ = tokio::task::spawn_blocking(move || remove_orphan_trees(&machines, &names)).await;
+        match self
+            .systemd
+            .units_matching("agent-workspace-*.service")
+            .await
+        {
+            Ok(units) => {
+                for (unit, description, _) in units {
+                    let base = unit.strip_suffix(".service").unwrap_or(&unit);
+                    let name = base
+                        .strip_prefix("agent-workspace-build@")
+                        .or_else(|| base.strip_prefix("agent-workspace-"))
+                        .unwrap_or("");
+                    let ours = description.starts_with("Agent workspace ")
+                        || description.starts_with("Build of agent workspace ");
+                    if !name.is_empty() && !is_known(name) && ours {
+                        warn!("Stopping {unit}: it belongs to no workspace record");
+                        if let Err(e) = self.systemd.stop(&unit).await {
+                            warn!("Cannot stop {unit}: {e}");
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!("Cannot look for leftover units: {e}"),
+        }
+    }
+}
+
+/// Removes half-built trees of ours without a record; names the finished ones (left in place:
+/// a record lost by hand should not cost a tree).
+fn remove_orphan_trees(machines: &Path, known: &[String]) {
+    let is_known = |name: &str| known.iter().any(|k| k == name);
+    if let Ok(entries) = fs::read_dir(machines) {
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            if let Some(name) = file.strip_suffix(".partial") {
+                // Only a build of ours makes <name>.partial with a configured tree inside.
+                if !is_known(name) && Tree::open(&path).is_ok_and(|t| t.is_dir("workspace")) {
+                    warn!(
+                        "Removing {}, a half-built tree without a workspace record",
+                        path.display()
+                    );
+                    let _ = fs::remove_dir_all(&path);
+                }
+            } else if !is_known(&file) && Tree::open(&path).is_ok_and(|t| t.is_dir(OWN_DIR)) {
+                warn!(
+                    "The container tree {} has no workspace record; it is left in place (remove it with: machinectl remove {file})",
+                    path.display()
+                );
+            }
+        }
+    }
+}
