@@ -7,6 +7,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
+use zbus::Variant;
+
 use super::*;
 
 /// Host files and directories that code in a container would love to reach.

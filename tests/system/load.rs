@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use zbus::Variant;
+
 use super::*;
 
 /// `count` commands `sleep 1; echo I` at once in `workspace`, spread over 8 bus connections (the

@@ -169,3 +169,75 @@ pub fn busctl_as_nobody(args: &str) -> Out {
         "setpriv --reuid=65534 --regid=65534 --clear-groups busctl --system {args}"
     ))
 }
+
+pub fn no_options() -> agent_workspaces::dbus::client::Args<'static> {
+    HashMap::new()
+}
+
+/// Polls a workspace's Status until it leaves `building`/`pending`; returns the final status.
+pub async fn wait_built(conn: &zbus::Connection, name: &str, limit: Duration) -> String {
+    let m = manager(conn).await;
+    let ws = workspace(conn, &m.get_workspace(name).await.unwrap()).await;
+    let start = std::time::Instant::now();
+    loop {
+        let status = ws.status().await.unwrap();
+        if status != "building" && status != "pending" {
+            return status;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{name} still {status} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub fn container_spec<'a>(
+    name: &'a str,
+    extra: Vec<(&'a str, Variant<'a>)>,
+) -> agent_workspaces::dbus::client::Args<'a> {
+    let mut items = vec![
+        ("name", Variant::from(name)),
+        ("workspace_type", Variant::from("container")),
+        ("distro", Variant::from("debian-bookworm")),
+    ];
+    items.extend(extra);
+    spec(items)
+}
+
+/// Writes a Library at the default path: skills python-dev and web, tool lint, template
+/// fullstack (and a malformed template).
+pub fn write_library() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::path::PathBuf::from(format!("{STATE}/library"));
+    let _ = std::fs::remove_dir_all(&root);
+    for d in [
+        "skill/python-dev/scripts",
+        "skill/web",
+        "tool",
+        "workspace-template",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(
+        root.join("skill/python-dev/SKILL.md"),
+        "# Python development\n",
+    )
+    .unwrap();
+    let run = root.join("skill/python-dev/scripts/run.sh");
+    std::fs::write(&run, "#!/bin/sh\necho run\n").unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(root.join("skill/web/SKILL.md"), "# Web v1\n").unwrap();
+    let lint = root.join("tool/lint");
+    std::fs::write(&lint, "#!/bin/sh\necho lint\n").unwrap();
+    std::fs::set_permissions(&lint, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        root.join("workspace-template/fullstack.json"),
+        r##"{"name": "fullstack", "description": "Web and Python", "distro": "debian-bookworm",
+            "skills": ["web"], "tools": ["lint"], "env_vars": {"FROM_TEMPLATE": "yes"},
+            "init_script": "#!/bin/sh\necho \"$FROM_TEMPLATE\" > /workspace/template-env\n"}"##,
+    )
+    .unwrap();
+    std::fs::write(root.join("workspace-template/broken.json"), "{\"name\": ").unwrap();
+    root
+}
