@@ -1,0 +1,247 @@
+//! Container workspaces: the build lifecycle, steps, failures, restarts, limits.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::core::error::Error;
+use crate::core::ports::*;
+use crate::core::spec::{BuildLimits, Changes, ServiceLimits};
+use crate::core::workspace::{Field, Limits, Network, Status};
+
+use super::*;
+
+#[tokio::test]
+async fn container_lifecycle_pending_building_ready() {
+    let f = fixture();
+    let ws = f.manager.create(container("box", "echo hi")).await.unwrap();
+    assert_eq!(ws.status, Status::Pending);
+    assert_eq!(ws.path, Path::new("/machines/box"));
+    assert!(matches!(
+        f.manager
+            .exec("box", exec("true"), CancellationToken::new())
+            .await,
+        Err(Error::NotReady { .. })
+    ));
+    f.manager.build("box", false).await.unwrap();
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Building);
+    assert!(matches!(
+        f.manager.build("box", false).await,
+        Err(Error::Busy(_))
+    ));
+    f.containers.release_build.notify_one();
+    wait_status(&f, "box", Status::Ready).await;
+    assert_eq!(
+        f.containers.calls(),
+        ["stop box", "build box", "start box", "init box"]
+    );
+    f.manager
+        .exec("box", exec("ls"), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.containers.calls().last().unwrap(),
+        "exec box ls in /workspace"
+    );
+    f.manager.destroy("box").await.unwrap();
+    assert!(
+        f.containers
+            .calls()
+            .ends_with(&["stop box".to_string(), "remove box".to_string()])
+    );
+    assert!(f.manager.get("box").is_err());
+}
+
+#[tokio::test]
+async fn a_failed_install_changes_neither_the_record_nor_the_properties() {
+    let f = fixture();
+    let mut s = spec("web");
+    s.skills = Some(vec!["a".into()]);
+    f.manager.create(s).await.unwrap();
+    let events = f.events.0.lock().unwrap().len();
+    let change = Changes {
+        skills: Some(vec!["b".into(), "disk-full".into()]),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.manager.update("web", change).await,
+        Err(Error::Io { .. })
+    ));
+    let ws = f.manager.get("web").unwrap();
+    assert_eq!(ws.skills, ["a"]);
+    assert_eq!(
+        f.store.0.lock().unwrap()[&ws.id].skills,
+        ["a"],
+        "record unchanged"
+    );
+    assert_eq!(
+        f.events.0.lock().unwrap().len(),
+        events,
+        "no PropertiesChanged"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_create_does_not_keep_its_name() {
+    let limits = ServiceLimits {
+        builds: BuildLimits {
+            max_concurrent: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let f = fixture_with(Arc::default(), limits);
+    f.manager.create(container("first", "")).await.unwrap();
+    f.manager.build("first", false).await.unwrap();
+    let mut now = container("second", "");
+    now.build_on_create = Some(true);
+    assert!(matches!(
+        f.manager.create(now).await,
+        Err(Error::LimitsExceeded(_))
+    ));
+    // The name is free again: no WorkspaceExists until a restart.
+    f.manager.create(container("second", "")).await.unwrap();
+    let mut again = spec("second");
+    again.workspace_type = None;
+    assert!(matches!(
+        f.manager.create(again).await,
+        Err(Error::WorkspaceExists(_))
+    ));
+    f.containers.release_build.notify_one();
+}
+
+#[tokio::test]
+async fn a_build_says_its_step_and_clears_it_at_the_end() {
+    let f = fixture();
+    f.manager.create(container("box", "echo hi")).await.unwrap();
+    f.manager.build("box", false).await.unwrap();
+    // The fake build unit reports "unpack", then waits to be released.
+    while f.manager.get("box").unwrap().build_step != "unpack" {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        f.events
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::Changed { fields, .. } if fields == &[Field::BuildStep]))
+    );
+    f.containers.release_build.notify_one();
+    let ws = wait_status(&f, "box", Status::Ready).await;
+    assert_eq!(ws.build_step, "", "no step once ready");
+}
+
+#[tokio::test]
+async fn a_failing_init_script_is_an_error_with_a_message() {
+    let f = fixture();
+    f.manager.create(container("bad", "fail")).await.unwrap();
+    f.manager.build("bad", false).await.unwrap();
+    f.containers.release_build.notify_one();
+    let ws = wait_status(&f, "bad", Status::Error).await;
+    assert!(
+        ws.error_message.contains("exit code 1"),
+        "{}",
+        ws.error_message
+    );
+    assert_eq!(
+        f.store.0.lock().unwrap()[&ws.id].status,
+        Status::Error,
+        "persisted"
+    );
+}
+
+#[tokio::test]
+async fn build_verbs_on_host_workspaces_are_not_supported() {
+    let f = fixture();
+    assert!(matches!(
+        f.manager.build("host", false).await,
+        Err(Error::NotSupported(_))
+    ));
+    assert!(matches!(
+        f.manager.init_log("host", 5).await,
+        Err(Error::NotSupported(_))
+    ));
+}
+
+#[tokio::test]
+async fn restart_resumes_a_build_that_was_running() {
+    let first = fixture();
+    let ws = first.manager.create(container("box", "")).await.unwrap();
+    let mut building = ws.clone();
+    building.status = Status::Building;
+    first.store.save(&building).unwrap();
+    let second = fixture_with(first.store.clone(), ServiceLimits::default());
+    second.manager.reconcile();
+    wait_status(&second, "box", Status::Ready).await;
+    let calls = second.containers.calls();
+    assert!(
+        calls.contains(&"wait_build box".to_string())
+            && calls.ends_with(&["start box".to_string()]),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&"clean_orphans box".to_string()),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn limits_and_network_change_on_containers_only() {
+    let f = fixture();
+    f.manager.create(spec("web")).await.unwrap();
+    let host = Changes {
+        tasks_max: Some(10),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.manager.update("web", host).await,
+        Err(e @ Error::InvalidArgs { .. }) if e.to_string().contains("'tasks_max'")
+    ));
+    let mut s = container("box", "");
+    s.memory_max = Some(1 << 30);
+    s.tasks_max = Some(100);
+    f.manager.create(s).await.unwrap();
+    let bad = Changes {
+        network: Some("wide".into()),
+        memory_max: Some(5),
+        ..Default::default()
+    };
+    assert!(matches!(
+        f.manager.update("box", bad).await,
+        Err(e @ Error::InvalidArgs { .. }) if e.to_string().contains("'network'")
+    ));
+    assert_eq!(
+        f.manager.get("box").unwrap().limits.memory_max,
+        Some(1 << 30),
+        "nothing changed"
+    );
+    let change = Changes {
+        network: Some("private".into()),
+        memory_max: Some(0),
+        cpu_quota_percent: Some(50),
+        ..Default::default()
+    };
+    let ws = f.manager.update("box", change).await.unwrap();
+    let want = Limits {
+        memory_max: None,
+        cpu_quota_percent: Some(50),
+        tasks_max: Some(100),
+    };
+    assert_eq!((ws.network, ws.limits), (Network::Private, want));
+    assert_eq!(f.store.0.lock().unwrap()[&ws.id].limits, want, "saved");
+    assert_eq!(
+        f.containers.calls().last().unwrap(),
+        &format!("limits box {want:?}"),
+        "given to the running unit"
+    );
+    let events = f.events.0.lock().unwrap().clone();
+    assert!(
+        events.contains(&Event::Changed {
+            id: ws.id.clone(),
+            fields: vec![Field::Network, Field::Limits]
+        }),
+        "{events:?}"
+    );
+}
