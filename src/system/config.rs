@@ -67,7 +67,7 @@ impl ContainerConfig {
 }
 
 /// How host commands are contained (`[exec] isolation`): resolved into an
-/// [`exec::Containment`](crate::system::exec::Containment) once the service knows its cgroup.
+/// [`cgroup::Containment`](crate::system::cgroup::Containment) once the service knows its cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ContainmentMode {

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod build;
+pub mod cgroup;
 pub mod config;
 pub mod containers;
 pub mod distro;

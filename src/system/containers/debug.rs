@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::core::error::{Error, Result};
 use crate::core::ports::{Containers, DebugInfo, DebugValue};
 use crate::core::workspace::Workspace;
-use crate::system::exec::cgroup2_mount;
+use crate::system::cgroup::cgroup2_mount;
 
 use super::*;
 

@@ -32,8 +32,9 @@ use tracing::info;
 
 use super::agent::{AgentConnection, Leader};
 use super::build::{BuildPlan, BuildResult};
+use super::cgroup::Containment;
 use super::config::ContainerConfig;
-use super::exec::{Command, Containment, Launch, run_contained};
+use super::exec::{Command, Launch, run_contained};
 use super::systemd::{Systemd, prop};
 use super::tree::Tree;
 use crate::core::error::{Error, Result};

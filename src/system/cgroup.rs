@@ -1,0 +1,188 @@
+//! Cgroups of commands: the service's delegated subtree (`<unit cgroup>/daemon` for itself,
+//! `exec-N` for each host command) and a container's payload subtree alike. A command's
+//! cgroup is created before it starts and joined by the child before it execs; `cgroup.kill`
+//! ends everything it started; the cgroup is removed once empty.
+
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tracing::warn;
+
+pub(super) const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// How the process tree of a command is contained: a host command's (the service's
+/// setting) and a container command's (its payload cgroup) alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Containment {
+    /// In a new cgroup `exec-N` below this delegated cgroup (the default): `cgroup.kill` ends
+    /// everything the command started.
+    Cgroup(PathBuf),
+    /// In a new process group: for running the daemon by hand outside systemd. Weaker: a
+    /// process that leaves its process group (setsid) survives a timeout.
+    ProcessGroup,
+}
+
+/// The service's delegated cgroup v2 subtree: `<unit cgroup>/daemon` holds the service itself,
+/// `<unit cgroup>/exec-N` one command each (cgroup v2 allows no processes in inner nodes).
+pub struct CgroupTree {
+    base: PathBuf,
+}
+
+pub(super) fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Where the cgroup v2 hierarchy is mounted.
+pub fn cgroup2_mount() -> Option<&'static Path> {
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| is_cgroup2(p))
+}
+
+impl CgroupTree {
+    /// Finds the service's own cgroup, checks that it is a delegated unit cgroup, moves the
+    /// service into `daemon/` below it and removes `exec-*` cgroups a previous run left.
+    pub fn setup() -> std::result::Result<Self, String> {
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or("no cgroup v2 membership in /proc/self/cgroup")?
+            .trim()
+            .to_owned();
+        let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| is_cgroup2(p))
+            .ok_or("no cgroup v2 hierarchy mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified")?;
+        let rel = rel.strip_suffix("/daemon").unwrap_or(&rel).to_owned();
+        let unit = rel.rsplit('/').next().unwrap_or("");
+        if !(unit.ends_with(".service") || unit.ends_with(".scope")) {
+            return Err(format!(
+                "the service's cgroup '{rel}' is not a systemd unit's: run it as agent-workspaced.service (Delegate=yes)"
+            ));
+        }
+        let base = mount.join(rel.trim_start_matches('/'));
+        if !base.join("cgroup.kill").exists() {
+            return Err(format!(
+                "{} has no cgroup.kill (Linux 5.14 or later is needed)",
+                base.display()
+            ));
+        }
+        let daemon = base.join("daemon");
+        fs::create_dir_all(&daemon).map_err(|e| {
+            format!(
+                "cannot create {} (is Delegate=yes set?): {e}",
+                daemon.display()
+            )
+        })?;
+        fs::write(daemon.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(|e| format!("cannot move the service into {}: {e}", daemon.display()))?;
+        let tree = Self { base };
+        tree.remove_stale();
+        Ok(tree)
+    }
+
+    fn remove_stale(&self) {
+        let Ok(entries) = fs::read_dir(&self.base) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("exec-") {
+                let dir = e.path();
+                let _ = fs::write(dir.join("cgroup.kill"), "1");
+                if let Err(err) = remove_cgroup_blocking(&dir) {
+                    warn!(
+                        "Cannot remove stale command cgroup {}: {err}",
+                        dir.display()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The cgroup below which host commands run.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+}
+
+/// Numbers command cgroups (`exec-N`), unique for the life of the service.
+pub(super) static NEXT_COMMAND: AtomicU64 = AtomicU64::new(1);
+
+impl CommandCgroup {
+    pub(super) fn create(parent: &Path) -> io::Result<Self> {
+        let n = NEXT_COMMAND.fetch_add(1, Ordering::Relaxed);
+        let dir = parent.join(format!("exec-{n}"));
+        fs::create_dir(&dir)?;
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join("cgroup.procs"));
+        match procs {
+            Ok(f) => Ok(CommandCgroup {
+                dir,
+                procs: OwnedFd::from(f),
+            }),
+            Err(e) => {
+                let _ = fs::remove_dir(&dir);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn remove_cgroup_blocking(dir: &Path) -> io::Result<()> {
+    for _ in 0..500 {
+        match fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            other => return other,
+        }
+    }
+    fs::remove_dir(dir)
+}
+
+pub(super) struct CommandCgroup {
+    pub(super) dir: PathBuf,
+    /// Open before fork, so the child only has to write(2) to it.
+    pub(super) procs: OwnedFd,
+}
+
+impl CommandCgroup {
+    pub(super) fn kill(&self) {
+        if let Err(e) = fs::write(self.dir.join("cgroup.kill"), "1") {
+            warn!("Cannot kill {}: {e}", self.dir.display());
+        }
+    }
+
+    /// Waits until the killed processes are gone, then removes the cgroup.
+    pub(super) async fn remove(self) {
+        for _ in 0..2500 {
+            match fs::remove_dir(&self.dir) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                }
+                Err(e) => {
+                    warn!("Cannot remove {}: {e}", self.dir.display());
+                    return;
+                }
+                Ok(()) => return,
+            }
+        }
+        warn!(
+            "{} still has processes 5 s after cgroup.kill",
+            self.dir.display()
+        );
+    }
+}
