@@ -20,3 +20,6 @@ pub mod core;
 pub mod dbus;
 pub mod http;
 pub mod system;
+
+#[cfg(test)]
+mod layout;
