@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::Semaphore;
@@ -18,7 +19,7 @@ use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 use super::error::{Error, Result};
 
 /// The polkit actions shipped in `polkit/org.agent.workspaces.policy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
     /// Create, update, destroy, build, start/stop, rerun-init, sync, logs, debug info.
     Manage,
@@ -45,6 +46,10 @@ const MAX_CHECKS: usize = 48;
 /// Callers' uids remembered (unique names are never reused on a bus); the map is emptied when
 /// it grows past this.
 const MAX_REMEMBERED: usize = 4096;
+/// How long an authority's "yes" to one connection, for one action, workspace and verb, is
+/// reused (a client such as the REST bridge sends many calls a second over one connection).
+/// Only "yes" is kept: a rule that stops allowing a caller applies within this time.
+pub const ALLOWED_FOR: Duration = Duration::from_secs(2);
 
 /// One request for authorization.
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +78,13 @@ pub trait Authority: Send + Sync {
     async fn decide(&self, header: &Header<'_>, request: Request<'_>) -> Result<Decision>;
 }
 
+#[async_trait]
+impl<T: Authority + ?Sized> Authority for Arc<T> {
+    async fn decide(&self, header: &Header<'_>, request: Request<'_>) -> Result<Decision> {
+        (**self).decide(header, request).await
+    }
+}
+
 /// Checks every call against an `Authority`.
 #[derive(Clone)]
 pub struct Authorizer(Arc<dyn Authority>);
@@ -84,7 +96,9 @@ impl Authorizer {
 
     /// polkit on `conn`'s bus.
     pub async fn polkit(conn: &Connection) -> zbus::Result<Self> {
-        Ok(Self::new(Arc::new(Polkit::new(conn).await?)))
+        Ok(Self::new(Arc::new(Remembering::new(
+            Polkit::new(conn).await?,
+        ))))
     }
 
     /// Allows the call or returns `AccessDenied` / `InteractiveAuthorizationRequired`.
@@ -123,6 +137,60 @@ impl Authorizer {
                 action.id()
             ))),
         }
+    }
+}
+
+/// An authority whose "yes" answers are reused for [`ALLOWED_FOR`], per caller (its unique bus
+/// name, never reused on a bus), action, workspace and verb. "No" and challenges are asked
+/// again every time.
+pub struct Remembering<A> {
+    inner: A,
+    allowed: Mutex<HashMap<(String, Action, String, String), Instant>>,
+}
+
+impl<A> Remembering<A> {
+    pub fn new(inner: A) -> Self {
+        Self {
+            inner,
+            allowed: Mutex::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: Authority> Authority for Remembering<A> {
+    async fn decide(&self, header: &Header<'_>, request: Request<'_>) -> Result<Decision> {
+        let Some(sender) = header.sender() else {
+            return self.inner.decide(header, request).await;
+        };
+        let key = (
+            sender.to_string(),
+            request.action,
+            request.workspace.to_owned(),
+            request.verb.to_owned(),
+        );
+        let asked = Instant::now();
+        if self
+            .allowed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .is_some_and(|until| *until > asked)
+        {
+            return Ok(Decision::Allowed);
+        }
+        let decision = self.inner.decide(header, request).await?;
+        if decision == Decision::Allowed {
+            let mut allowed = self.allowed.lock().unwrap_or_else(PoisonError::into_inner);
+            if allowed.len() >= MAX_REMEMBERED {
+                allowed.retain(|_, until| *until > asked);
+                if allowed.len() >= MAX_REMEMBERED {
+                    allowed.clear();
+                }
+            }
+            allowed.insert(key, asked + ALLOWED_FOR);
+        }
+        Ok(decision)
     }
 }
 

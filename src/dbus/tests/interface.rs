@@ -1,0 +1,184 @@
+//! The interface agrees with itself: the served objects, the interface file and the proxies.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use zbus::message::Type as MessageType;
+use zbus::{OwnedObjectPath, Variant};
+
+use crate::dbus::{BUS_NAME, MANAGER_PATH};
+
+use super::*;
+
+/// Methods, signals and properties of the `org.agent.Workspaces*` interfaces in an
+/// introspection document: one line each, with every argument's name, type and direction.
+fn members(xml: &str) -> BTreeSet<String> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(xml, options).unwrap();
+    let mut out = BTreeSet::new();
+    for iface in doc.descendants().filter(|n| n.has_tag_name("interface")) {
+        let iface_name = iface.attribute("name").unwrap();
+        if !iface_name.starts_with(BUS_NAME) {
+            continue;
+        }
+        for m in iface.children().filter(|n| n.is_element()) {
+            let kind = m.tag_name().name();
+            let name = m.attribute("name").unwrap_or_default();
+            let line = match kind {
+                "property" => format!(
+                    "{} {}",
+                    m.attribute("type").unwrap(),
+                    m.attribute("access").unwrap()
+                ),
+                "method" | "signal" => m
+                    .children()
+                    .filter(|a| a.has_tag_name("arg"))
+                    .map(|a| {
+                        format!(
+                            "{} {} {}",
+                            a.attribute("direction").unwrap_or(if kind == "signal" {
+                                "out"
+                            } else {
+                                "in"
+                            }),
+                            a.attribute("type").unwrap(),
+                            a.attribute("name").unwrap_or("?")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                _ => continue,
+            };
+            out.insert(format!("{iface_name} {kind} {name}({line})"));
+        }
+    }
+    out
+}
+
+fn interface_file() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dbus/org.agent.Workspaces.xml"
+    ))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_served_interfaces_are_the_interface_file() {
+    let s = service().await;
+    let host = s.manager().await.get_workspace("host").await.unwrap();
+    let mut served = BTreeSet::new();
+    for path in [OwnedObjectPath::try_from(MANAGER_PATH).unwrap(), host] {
+        let xml = zbus::fdo::IntrospectableProxy::builder(&s.client)
+            .destination(BUS_NAME)
+            .path(path)
+            .build()
+            .await
+            .unwrap()
+            .introspect()
+            .await
+            .unwrap();
+        served.extend(members(&xml));
+    }
+    let file = members(&interface_file());
+    assert!(file.len() > 40, "the file has the interfaces: {file:#?}");
+    let missing: Vec<_> = file.difference(&served).collect();
+    let extra: Vec<_> = served.difference(&file).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "in the file, not served: {missing:#?}\nserved, not in the file: {extra:#?}"
+    );
+}
+
+/// Every method of the interface file, called through the client proxies, reaches the service
+/// and succeeds: the proxies lack none and send each with the served signature.
+#[tokio::test]
+async fn the_proxies_call_every_method_of_the_interface_file() {
+    let s = service().await;
+    let mut calls = zbus::MessageStream::from(&s.conn);
+    let m = s.manager().await;
+    let null = || std::fs::File::open("/dev/null").unwrap();
+    let (i, o, e) = (null(), null(), null());
+
+    // The manager's methods.
+    let h = s.create(vec![("name", Variant::from("h"))]).await.unwrap();
+    let c = s.create(container("c")).await.unwrap();
+    assert_eq!(m.list_workspaces().await.unwrap().len(), 3);
+    assert_eq!(m.get_workspace("h").await.unwrap(), h);
+    let env: HashMap<&str, &str> = HashMap::from([("A", "1")]);
+    m.update_workspace("h", HashMap::from([("env_vars", Variant::from(env))]))
+        .await
+        .unwrap();
+    assert_eq!(m.exec("h", "true", no_options()).await.unwrap().0, 0);
+    let reply = m
+        .exec_with_fds("h", "true", fd(&i), fd(&o), fd(&e), no_options())
+        .await
+        .unwrap();
+    assert_eq!(reply.0, 0);
+    s.fakes.containers.release_build.notify_one();
+    m.build_workspace("c").await.unwrap();
+    s.wait_status(&c, "ready").await;
+    s.fakes.containers.release_build.notify_one();
+    m.rebuild_workspace("c").await.unwrap();
+    s.wait_status(&c, "ready").await;
+    m.start_workspace("c").await.unwrap();
+    m.stop_workspace("c").await.unwrap();
+    m.get_init_log("c", 0).await.unwrap();
+    m.get_debug_info("c").await.unwrap();
+    m.rerun_init("c", no_options()).await.unwrap();
+    m.sync_workspace("h").await.unwrap();
+    assert_eq!(m.list_library().await.unwrap().0, ["a", "b"]);
+    assert_eq!(m.list_templates().await.unwrap()[0].0, "tpl");
+    assert!(m.get_template("tpl").await.unwrap().contains_key("skills"));
+    m.destroy_workspace("h").await.unwrap();
+    assert!(!m.version().await.unwrap().is_empty());
+
+    // The workspace object's.
+    let h = s.create(vec![("name", Variant::from("h2"))]).await.unwrap();
+    let wh = s.workspace(&h).await;
+    let wc = s.workspace(&c).await;
+    assert_eq!(wh.exec("true", no_options()).await.unwrap().0, 0);
+    let reply = wh
+        .exec_with_fds("true", fd(&i), fd(&o), fd(&e), no_options())
+        .await
+        .unwrap();
+    assert_eq!(reply.0, 0);
+    wh.update(HashMap::from([("skills", Variant::from(vec!["a"]))]))
+        .await
+        .unwrap();
+    wh.sync().await.unwrap();
+    s.fakes.containers.release_build.notify_one();
+    wc.rebuild().await.unwrap();
+    s.wait_status(&c, "ready").await;
+    wc.build().await.unwrap();
+    wc.start().await.unwrap();
+    wc.stop().await.unwrap();
+    wc.get_init_log(10).await.unwrap();
+    wc.get_debug_info().await.unwrap();
+    wc.rerun_init(no_options()).await.unwrap();
+    assert_eq!(wc.distro().await.unwrap(), "debian-bookworm");
+    wh.destroy().await.unwrap();
+
+    let file: BTreeSet<String> = members(&interface_file())
+        .into_iter()
+        .filter(|m| m.contains(" method "))
+        .map(|m| m.split('(').next().unwrap().replace(" method ", "."))
+        .collect();
+    let mut called = BTreeSet::new();
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::ZERO, calls.next()).await {
+        let h = msg.header();
+        if h.message_type() == MessageType::MethodCall
+            && let (Some(iface), Some(member)) = (h.interface(), h.member())
+        {
+            called.insert(format!("{iface}.{member}"));
+        }
+    }
+    let missing: Vec<_> = file.difference(&called).collect();
+    assert!(missing.is_empty(), "never called: {missing:?}");
+}
+
+// ---- arguments and errors ----

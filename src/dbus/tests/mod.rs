@@ -1,0 +1,193 @@
+//! Contract tests of the D-Bus face: the real objects, argument parsing, error names and
+//! authorization decisions, served on a private bus (busd, in this process) over the core's
+//! fakes and a fake authority. No root, no dbus-daemon, no polkit: `cargo test` runs them.
+
+mod auth;
+mod calls;
+mod interface;
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use zbus::message::Header;
+use zbus::{Connection, OwnedObjectPath, Variant};
+
+use crate::core::Error;
+use crate::core::fakes::Fakes;
+use crate::core::spec::ServiceLimits;
+use crate::dbus::BUS_NAME;
+use crate::dbus::auth::{Action, Authority, Authorizer, Decision, Remembering, Request};
+use crate::dbus::client::{Args, WorkspaceProxy, WorkspacesProxy};
+use crate::dbus::objects::EventQueue;
+
+/// What the fake authority was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Asked {
+    pub(super) action: Action,
+    pub(super) workspace: String,
+    pub(super) verb: String,
+    pub(super) interactive: bool,
+}
+
+/// Answers by action (allowed unless told otherwise) and records every request.
+#[derive(Default)]
+pub(super) struct FakeAuthority {
+    pub(super) answers: Mutex<HashMap<&'static str, Decision>>,
+    pub(super) asked: Mutex<Vec<Asked>>,
+}
+
+impl FakeAuthority {
+    pub(super) fn answer(&self, action: Action, decision: Decision) {
+        self.answers.lock().unwrap().insert(action.id(), decision);
+    }
+
+    pub(super) fn take_asked(&self) -> Vec<Asked> {
+        std::mem::take(&mut self.asked.lock().unwrap())
+    }
+}
+
+#[async_trait]
+impl Authority for FakeAuthority {
+    async fn decide(&self, _: &Header<'_>, r: Request<'_>) -> crate::core::Result<Decision> {
+        self.asked.lock().unwrap().push(Asked {
+            action: r.action,
+            workspace: r.workspace.to_owned(),
+            verb: r.verb.to_owned(),
+            interactive: r.interactive,
+        });
+        let answers = self.answers.lock().unwrap();
+        Ok(answers
+            .get(r.action.id())
+            .copied()
+            .unwrap_or(Decision::Allowed))
+    }
+}
+
+/// The service on a private bus, and a client connection to it.
+pub(super) struct Service {
+    pub(super) address: String,
+    pub(super) fakes: Fakes,
+    pub(super) authority: Arc<FakeAuthority>,
+    /// The service's own connection.
+    pub(super) conn: Connection,
+    pub(super) client: Connection,
+    pub(super) _dir: tempfile::TempDir,
+}
+
+pub(super) async fn service() -> Service {
+    service_with(false).await
+}
+
+/// The service; with `remember`, its authority's "yes" answers are reused as polkit's are.
+pub(super) async fn service_with(remember: bool) -> Service {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bus");
+    let mut bus = busd::bus::Bus::for_address(Some(&format!("unix:path={}", socket.display())))
+        .await
+        .expect("a private bus");
+    let address = bus.address().to_string();
+    tokio::spawn(async move { bus.run().await });
+
+    let conn = connect(&address).await;
+    let fakes = Fakes::default();
+    let (events, receiver) = EventQueue::new();
+    let manager = fakes.manager(Arc::new(events.clone()), ServiceLimits::default());
+    let authority = Arc::new(FakeAuthority::default());
+    super::serve_with(
+        &conn,
+        manager,
+        events,
+        receiver,
+        if remember {
+            Authorizer::new(Arc::new(Remembering::new(authority.clone())))
+        } else {
+            Authorizer::new(authority.clone())
+        },
+    )
+    .await
+    .expect("serve");
+    conn.request_name(BUS_NAME).await.expect("the bus name");
+    let client = connect(&address).await;
+    Service {
+        address,
+        fakes,
+        authority,
+        conn,
+        client,
+        _dir: dir,
+    }
+}
+
+pub(super) async fn connect(address: &str) -> Connection {
+    zbus::connection::Builder::address(address)
+        .build()
+        .await
+        .expect("connect to the private bus")
+}
+
+impl Service {
+    pub(super) async fn manager(&self) -> WorkspacesProxy<'static> {
+        WorkspacesProxy::new(&self.client).await.unwrap()
+    }
+
+    pub(super) async fn workspace(&self, path: &OwnedObjectPath) -> WorkspaceProxy<'static> {
+        WorkspaceProxy::builder(&self.client)
+            .path(path.clone())
+            .build()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a workspace from `(key, value)` pairs; its object path.
+    pub(super) async fn create(
+        &self,
+        spec: Vec<(&str, Variant<'_>)>,
+    ) -> zbus::Result<OwnedObjectPath> {
+        let spec: Args<'_> = spec.into_iter().collect();
+        self.manager().await.create_workspace(spec).await
+    }
+
+    pub(super) async fn wait_status(&self, path: &OwnedObjectPath, want: &str) {
+        let ws = self.workspace(path).await;
+        let mut changes = ws.receive_status_changed().await;
+        loop {
+            if ws.status().await.unwrap() == want {
+                return;
+            }
+            let next = tokio::time::timeout(Duration::from_secs(30), changes.next()).await;
+            assert!(next.is_ok(), "status never became {want}");
+        }
+    }
+}
+
+pub(super) fn container(name: &str) -> Vec<(&str, Variant<'_>)> {
+    vec![
+        ("name", Variant::from(name)),
+        ("workspace_type", Variant::from("container")),
+        ("distro", Variant::from("debian-bookworm")),
+    ]
+}
+
+pub(super) fn fd(f: &std::fs::File) -> zbus::Fd<'_> {
+    zbus::Fd::from(f.as_fd())
+}
+
+pub(super) fn no_options() -> Args<'static> {
+    Args::new()
+}
+
+/// The service's error behind a failed call, and the D-Bus name it came with.
+pub(super) fn error(e: zbus::Error) -> (String, Error) {
+    let name = match &e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        zbus::Error::FDO(fdo) => zbus::DBusError::name(fdo.as_ref()).to_string(),
+        other => panic!("not an error reply: {other:?}"),
+    };
+    (name, Error::from(e))
+}
+
+// ---- the interface file, the served interfaces and the proxies agree ----
