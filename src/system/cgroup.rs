@@ -166,23 +166,70 @@ impl CommandCgroup {
         }
     }
 
-    /// Waits until the killed processes are gone, then removes the cgroup.
+    /// Waits until the killed processes are gone, then removes the cgroup. The kernel says when
+    /// a cgroup empties by changing `populated` in its `cgroup.events` and waking pollers of
+    /// that file (`POLLPRI`): awaited, and looked at again every 100 ms should a wake-up be
+    /// missed. Gives up after 5 s.
     pub(super) async fn remove(self) {
-        for _ in 0..2500 {
-            match fs::remove_dir(&self.dir) {
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    tokio::time::sleep(Duration::from_millis(2)).await
-                }
-                Err(e) => {
-                    warn!("Cannot remove {}: {e}", self.dir.display());
-                    return;
-                }
-                Ok(()) => return,
+        let busy =
+            |r: &io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EBUSY));
+        let first = fs::remove_dir(&self.dir);
+        if !busy(&first) {
+            if let Err(e) = first {
+                warn!("Cannot remove {}: {e}", self.dir.display());
             }
+            return;
+        }
+        let events = fs::File::open(self.dir.join("cgroup.events")).and_then(|f| {
+            // SAFETY: a File owns its descriptor until it is dropped, with the AsyncFd.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(f, tokio::io::Interest::PRIORITY)
+            }
+            .map_err(io::Error::from)
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let populated = match &events {
+                Ok(f) => read_populated(f.get_ref()),
+                Err(_) => true,
+            };
+            if !populated {
+                match fs::remove_dir(&self.dir) {
+                    Ok(()) => return,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                    Err(e) => {
+                        warn!("Cannot remove {}: {e}", self.dir.display());
+                        return;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            let wake = async {
+                match &events {
+                    Ok(f) => match f.ready(tokio::io::Interest::PRIORITY).await {
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(_) => std::future::pending().await,
+                    },
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(100), wake).await;
         }
         warn!(
             "{} still has processes 5 s after cgroup.kill",
             self.dir.display()
         );
+    }
+}
+
+/// Whether a cgroup still holds processes, from its `cgroup.events` (read from the start).
+fn read_populated(events: &fs::File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 256];
+    match events.read_at(&mut buf, 0) {
+        Ok(n) => !String::from_utf8_lossy(&buf[..n]).contains("populated 0"),
+        Err(_) => true,
     }
 }

@@ -414,7 +414,8 @@ pub async fn run_contained(
     let (stderr, stderr_truncated) = collect(stderr).await;
     drain.abort();
     if let Some(cg) = cgroup {
-        cg.remove().await;
+        // Empty (or being emptied by cgroup.kill): removed after the answer, not before it.
+        tokio::spawn(cg.remove());
     }
     let timed_out = code.is_none() && !cancel.is_cancelled();
     let exit_code = match code {
