@@ -1,6 +1,8 @@
-//! Exec latency through D-Bus against a baseline measured in the same run. Runs inside the
-//! test host against the installed service: `make bench`. Prints figures and ratios; asserts
-//! nothing (targets are judged from the ratios, never by timed assertions).
+//! The service's speed against baselines measured in the same run: exec latency (host,
+//! container, REST), throughput, creating and starting containers, memory. Runs inside the
+//! test host against the installed service: `make bench`. Prints each figure, each target's
+//! ratio beside it, and ends with one line of JSON holding them all; asserts nothing (targets
+//! are judged from the ratios, never by timed assertions).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,17 +18,91 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn report(label: &str, mut samples: Vec<Duration>) -> Duration {
+/// p50 and p99 of a set of samples.
+#[derive(Clone, Copy)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+}
+
+fn report(label: &str, mut samples: Vec<Duration>) -> Latency {
     samples.sort();
-    let p50 = percentile(&samples, 0.5);
+    let l = Latency {
+        p50: percentile(&samples, 0.5).as_secs_f64(),
+        p99: percentile(&samples, 0.99).as_secs_f64(),
+    };
     println!(
         "{label:<48} p50 {:>8.3} ms   p99 {:>8.3} ms   ({} runs)",
-        p50.as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        l.p50 * 1e3,
+        l.p99 * 1e3,
         samples.len()
     );
-    p50
+    l
 }
+
+fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64()
+}
+
+/// Every figure of the run, for the JSON line at the end.
+#[derive(Default)]
+struct Figures(serde_json::Map<String, serde_json::Value>);
+
+impl Figures {
+    fn set(&mut self, key: &str, value: f64) {
+        self.0
+            .insert(key.into(), serde_json::json!((value * 1e4).round() / 1e4));
+    }
+
+    /// A target's ratio: printed with its bound and whether it is met, and recorded.
+    fn ratio(&mut self, key: &str, value: f64, bound: Bound, what: &str) {
+        let (met, text) = match bound {
+            Bound::AtMost(b) => (value <= b, format!("at most {b}x")),
+            Bound::AtLeast(b) => (value >= b, format!("at least {b}x")),
+        };
+        println!(
+            "  ratio {key}: {value:.2}x (target {text}: {})   {what}",
+            if met { "met" } else { "NOT met" }
+        );
+        self.set(key, value);
+    }
+}
+
+enum Bound {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+/// The service's resident memory now, and its peak, in bytes.
+fn service_memory() -> (u64, u64) {
+    let pid = std::process::Command::new("systemctl")
+        .args(["show", "-p", "MainPID", "--value", "agent-workspaced"])
+        .output()
+        .expect("systemctl");
+    let pid = String::from_utf8_lossy(&pid.stdout).trim().to_owned();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+/// A unit's memory use (`MemoryCurrent`), in bytes.
+fn unit_memory(unit: &str) -> Option<u64> {
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "-p", "MemoryCurrent", "--value", unit])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+const MB: f64 = 1024.0 * 1024.0;
 
 async fn time_n<F, Fut>(rounds: usize, mut f: F) -> Vec<Duration>
 where
@@ -80,7 +156,7 @@ async fn build_container(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name:
                 "build failed: {}",
                 ws.error_message().await.unwrap_or_default()
             ),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
 }
@@ -144,49 +220,65 @@ where
 async fn main() {
     let conn = zbus::Connection::system().await.expect("system bus");
     let m = WorkspacesProxy::new(&conn).await.expect("proxy");
-    let exec = |cmd: &'static str| {
+    let mut fig = Figures::default();
+    let exec = |ws: String, cmd: &'static str| {
         let m = m.clone();
         async move {
-            let (code, ..) = m.exec("host", cmd, HashMap::new()).await.expect("exec");
+            let (code, ..) = m.exec(&ws, cmd, HashMap::new()).await.expect("exec");
             assert_eq!(code, 0);
         }
     };
 
-    println!("agent-workspaces exec benchmark ({ROUNDS} runs each, after {WARMUP} warm-up runs)");
-    let fork_exec = time_async(|| async {
-        let s = tokio::process::Command::new("/bin/bash")
-            .args(["-c", "true"])
-            .status()
-            .await
-            .expect("bash");
-        assert!(s.success());
-    })
-    .await;
-    let base = report(
-        "baseline: fork+exec of bash -c true (in-process)",
-        fork_exec,
-    );
-    let ping = time_async(|| async {
-        zbus::fdo::PeerProxy::builder(&conn)
-            .destination("org.agent.Workspaces")
-            .path("/org/agent/Workspaces")
-            .build()
-            .await
-            .expect("peer")
-            .ping()
-            .await
-            .expect("ping");
-    })
-    .await;
-    let ping = report("baseline: D-Bus round trip (Peer.Ping)", ping);
-    let dbus = report(
-        "Exec('host', 'true') through D-Bus",
-        time_async(|| exec("true")).await,
-    );
+    println!("agent-workspaces benchmark ({ROUNDS} runs each, after {WARMUP} warm-up runs)");
+    let (idle_rss, _) = service_memory();
     println!(
-        "ratio Exec / fork+exec p50: {:.2}x   (Exec - fork+exec - Ping: {:.3} ms of service overhead)",
-        dbus.as_secs_f64() / base.as_secs_f64(),
-        (dbus.as_secs_f64() - base.as_secs_f64() - ping.as_secs_f64()) * 1e3
+        "{:<48} {:>8.1} MB",
+        "service RSS, idle",
+        idle_rss as f64 / MB
+    );
+    fig.set("service_idle_rss_mb", idle_rss as f64 / MB);
+
+    println!("\nhost workspace");
+    let fork_exec = report(
+        "baseline: fork+exec of bash -c true (in-process)",
+        time_async(|| async {
+            let s = tokio::process::Command::new("/bin/bash")
+                .args(["-c", "true"])
+                .status()
+                .await
+                .expect("bash");
+            assert!(s.success());
+        })
+        .await,
+    );
+    let ping = report(
+        "baseline: D-Bus round trip (Peer.Ping)",
+        time_async(|| async {
+            zbus::fdo::PeerProxy::builder(&conn)
+                .destination("org.agent.Workspaces")
+                .path("/org/agent/Workspaces")
+                .build()
+                .await
+                .expect("peer")
+                .ping()
+                .await
+                .expect("ping");
+        })
+        .await,
+    );
+    let host = report(
+        "Exec('host', 'true') through D-Bus",
+        time_async(|| exec("host".into(), "true")).await,
+    );
+    fig.set("host_exec_p50_ms", host.p50 * 1e3);
+    fig.ratio(
+        "host_exec_vs_fork_exec_and_ping",
+        host.p50 / (fork_exec.p50 + ping.p50),
+        Bound::AtMost(1.2),
+        &format!(
+            "({:.3} ms of service overhead)",
+            (host.p50 - fork_exec.p50 - ping.p50) * 1e3
+        ),
     );
 
     // The same call through the REST bridge: one kept-alive HTTP/1.1 connection.
@@ -223,52 +315,93 @@ async fn main() {
         })
         .await,
     );
-    println!(
-        "ratio REST exec / D-Bus Exec p50: {:.2}x   (the bridge adds {:.3} ms, {:.3} ms beyond the polkit check its calls need)",
-        rest_exec.as_secs_f64() / dbus.as_secs_f64(),
-        (rest_exec.as_secs_f64() - dbus.as_secs_f64()) * 1e3,
-        (rest_exec.as_secs_f64() - dbus.as_secs_f64() - check.as_secs_f64()) * 1e3
+    fig.set("rest_exec_p50_ms", rest_exec.p50 * 1e3);
+    fig.ratio(
+        "rest_exec_vs_dbus_exec",
+        rest_exec.p50 / host.p50,
+        Bound::AtMost(1.4),
+        &format!(
+            "(the bridge adds {:.3} ms, {:.3} ms beyond the polkit check its calls need)",
+            (rest_exec.p50 - host.p50) * 1e3,
+            (rest_exec.p50 - host.p50 - check.p50) * 1e3
+        ),
     );
+    let host_rate = throughput(|| exec("host".into(), "true"), 100).await;
+    fig.set("host_throughput_8_clients", host_rate);
 
-    for clients in [1usize, 8] {
-        let per_client = 100;
-        let t = Instant::now();
-        let client = || async {
-            for _ in 0..per_client {
-                exec("true").await;
-            }
-        };
-        futures_util::future::join_all((0..clients).map(|_| client())).await;
-        let rate = (clients * per_client) as f64 / t.elapsed().as_secs_f64();
-        println!("throughput with {clients} concurrent clients: {rate:>8.1} execs/s");
-    }
-
-    println!();
-    println!("container workspace (debian-bookworm, base tree cached)");
+    println!("\ncontainer workspace (debian-bookworm, base tree cached, no init script)");
     let pid = std::process::id();
     let name = format!("bench-{pid}");
-    let other = format!("bench-nspawn-{pid}");
-    // One build varies with the disk (the tree is unpacked to /var/lib/machines): the median
-    // of a few, each destroyed before the next.
-    let mut builds = Vec::new();
-    for i in 0..3 {
-        let scratch = format!("bench-build-{pid}-{i}");
-        builds.push(build_container(&conn, &m, &scratch).await);
-        m.destroy_workspace(&scratch).await.expect("destroy");
+    // Create -> ready, and create -> first command done: the median of a few, each destroyed
+    // before the next (the last one is kept for what follows).
+    let (mut ready, mut first) = (Vec::new(), Vec::new());
+    for i in 0..5 {
+        let scratch = if i == 4 {
+            name.clone()
+        } else {
+            format!("bench-build-{pid}-{i}")
+        };
+        let t = Instant::now();
+        ready.push(build_container(&conn, &m, &scratch).await);
+        exec(scratch.clone(), "true").await;
+        first.push(t.elapsed());
+        if i < 4 {
+            m.destroy_workspace(&scratch).await.expect("destroy");
+        }
     }
-    builds.push(build_container(&conn, &m, &name).await);
-    builds.sort();
+    let create_ready = median(ready);
+    let create_first = median(first);
     println!(
-        "{:<48} {:>8.3} s   (median of {}; min {:.3} s, max {:.3} s)",
-        "cached build: create -> ready",
-        builds[builds.len() / 2].as_secs_f64(),
-        builds.len(),
-        builds[0].as_secs_f64(),
-        builds[builds.len() - 1].as_secs_f64()
+        "{:<48} {:>8.3} s   (median of 5)",
+        "create -> ready", create_ready
     );
-    m.exec(&name, "true", HashMap::new())
-        .await
-        .expect("the first exec starts the container");
+    println!(
+        "{:<48} {:>8.3} s   (median of 5; target under 0.3 s)",
+        "create -> first command done", create_first
+    );
+    fig.set("create_ready_s", create_ready);
+    fig.set("create_first_exec_s", create_first);
+    // The floor of a create: starting the container's unit on a tree already prepared.
+    let mut starts = Vec::new();
+    for _ in 0..5 {
+        m.stop_workspace(&name).await.expect("stop");
+        let t = Instant::now();
+        m.start_workspace(&name).await.expect("start");
+        starts.push(t.elapsed());
+    }
+    let start = median(starts);
+    println!(
+        "{:<48} {:>8.3} s   (median of 5)",
+        "baseline: start the unit on a prepared tree", start
+    );
+    fig.set("start_prepared_s", start);
+    fig.ratio(
+        "create_ready_vs_start_prepared",
+        create_ready / start,
+        Bound::AtMost(2.0),
+        "",
+    );
+    let mut rebuilds = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        m.rebuild_workspace(&name).await.expect("rebuild");
+        wait_ready(&conn, &m, &name).await;
+        rebuilds.push(t.elapsed());
+    }
+    let rebuild = median(rebuilds);
+    println!(
+        "{:<48} {:>8.3} s   (median of 3)",
+        "rebuild -> ready", rebuild
+    );
+    fig.set("rebuild_ready_s", rebuild);
+    fig.ratio(
+        "rebuild_ready_vs_start_prepared",
+        rebuild / start,
+        Bound::AtMost(2.0),
+        "",
+    );
+
+    exec(name.clone(), "true").await;
     let leader = String::from_utf8(
         tokio::process::Command::new("machinectl")
             .args(["show", "-p", "Leader", "--value", &name])
@@ -281,7 +414,7 @@ async fn main() {
     .trim()
     .to_owned();
     let floor = report(
-        "floor: nsenter -t <leader> -a /bin/true",
+        "baseline: nsenter -t <leader> -a /bin/true",
         time_async(|| {
             run_ok(
                 ["nsenter", "-t", &leader, "-a", "/bin/true"]
@@ -291,30 +424,29 @@ async fn main() {
         })
         .await,
     );
-    let cexec = {
-        let m = m.clone();
-        let name = name.clone();
-        report(
-            "Exec(container, 'true') through D-Bus",
-            time_async(|| {
-                let m = m.clone();
-                let name = name.clone();
-                async move {
-                    let (code, ..) = m.exec(&name, "true", HashMap::new()).await.expect("exec");
-                    assert_eq!(code, 0);
-                }
-            })
-            .await,
-        )
-    };
+    let cexec = report(
+        "Exec(container, 'true') through D-Bus",
+        time_async(|| exec(name.clone(), "true")).await,
+    );
+    fig.set("container_exec_p50_ms", cexec.p50 * 1e3);
+    fig.ratio(
+        "container_exec_vs_nsenter",
+        cexec.p50 / floor.p50,
+        Bound::AtMost(0.6),
+        "(p50)",
+    );
+    fig.ratio(
+        "container_exec_vs_nsenter_p99",
+        cexec.p99 / floor.p99,
+        Bound::AtMost(1.5),
+        "(p99)",
+    );
+    let other = format!("bench-nspawn-{pid}");
     build_container(&conn, &m, &other).await;
-    m.inner()
-        .call::<_, _, ()>("StopWorkspace", &(other.as_str(),))
-        .await
-        .expect("stop");
+    m.stop_workspace(&other).await.expect("stop");
     let tree = format!("/var/lib/machines/{other}");
     let nspawn = report(
-        "baseline to beat: systemd-nspawn -D <tree> /bin/true",
+        "baseline: systemd-nspawn -D <tree> /bin/true",
         time_n(NSPAWN_ROUNDS, || {
             run_ok(
                 [
@@ -331,28 +463,126 @@ async fn main() {
         })
         .await,
     );
-    println!(
-        "ratio Exec / nsenter floor p50: {:.2}x (target: at most 3x)",
-        cexec.as_secs_f64() / floor.as_secs_f64()
+    m.destroy_workspace(&other).await.expect("destroy");
+    fig.ratio(
+        "nspawn_per_exec_vs_container_exec",
+        nspawn.p50 / cexec.p50,
+        Bound::AtLeast(5.0),
+        "",
     );
-    println!(
-        "ratio per-exec nspawn / Exec p50: {:.2}x (target: at least 5x)",
-        nspawn.as_secs_f64() / cexec.as_secs_f64()
+    let container_rate = throughput(|| exec(name.clone(), "true"), 50).await;
+    fig.set("container_throughput_8_clients", container_rate);
+    fig.ratio(
+        "container_vs_host_throughput",
+        container_rate / host_rate,
+        Bound::AtLeast(0.8),
+        "(8 clients)",
     );
-    for clients in [1usize, 8] {
-        let per_client = 50;
-        let t = Instant::now();
-        let client = || async {
-            for _ in 0..per_client {
-                let (code, ..) = m.exec(&name, "true", HashMap::new()).await.expect("exec");
-                assert_eq!(code, 0);
-            }
-        };
-        futures_util::future::join_all((0..clients).map(|_| client())).await;
-        let rate = (clients * per_client) as f64 / t.elapsed().as_secs_f64();
-        println!("container throughput with {clients} concurrent clients: {rate:>8.1} execs/s");
+
+    // 256 commands at once on one workspace (tests/bench.sh sets max_concurrent = 256).
+    let t = Instant::now();
+    let results = futures_util::future::join_all((0..256).map(|_| {
+        let m = m.clone();
+        let name = name.clone();
+        async move {
+            m.exec(&name, "sleep 1", HashMap::new())
+                .await
+                .is_ok_and(|(code, ..)| code == 0)
+        }
+    }))
+    .await;
+    let failed = results.iter().filter(|ok| !**ok).count();
+    let (_, peak) = service_memory();
+    println!(
+        "{:<48} {:>8.3} s   ({failed} failed; service RSS peak {:.1} MB, target under 64)",
+        "256 commands `sleep 1` at once",
+        t.elapsed().as_secs_f64(),
+        peak as f64 / MB
+    );
+    fig.set("concurrent_256_failures", failed as f64);
+    fig.set("service_peak_rss_mb", peak as f64 / MB);
+
+    // 20 creates at once, all ready (tests/bench.sh sets max_concurrent_builds = 20).
+    let t = Instant::now();
+    let names: Vec<String> = (0..20).map(|i| format!("bench-many-{pid}-{i}")).collect();
+    futures_util::future::join_all(names.iter().map(|n| build_container(&conn, &m, n))).await;
+    let twenty = t.elapsed().as_secs_f64();
+    println!(
+        "{:<48} {:>8.3} s   (target under 3 s)",
+        "20 creates at once, all ready", twenty
+    );
+    fig.set("twenty_creates_ready_s", twenty);
+
+    // Idle running containers: what each costs the host (its unit's MemoryCurrent).
+    let idle: usize = std::env::var("BENCH_IDLE_CONTAINERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let mut all = names.clone();
+    for i in 20..idle {
+        let n = format!("bench-many-{pid}-{i}");
+        build_container(&conn, &m, &n).await;
+        all.push(n);
     }
-    for n in [&name, &other] {
+    futures_util::future::join_all(all.iter().take(idle).map(|n| exec(n.clone(), "true"))).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut per: Vec<u64> = all
+        .iter()
+        .take(idle)
+        .filter_map(|n| unit_memory(&format!("agent-workspace-{n}.service")))
+        .collect();
+    per.sort();
+    if let Some(med) = per.get(per.len() / 2) {
+        println!(
+            "{:<48} {:>8.1} MB   (median of {} running containers; target under 5)",
+            "an idle running container's MemoryCurrent",
+            *med as f64 / MB,
+            per.len()
+        );
+        fig.set("idle_container_mb", *med as f64 / MB);
+    }
+    for n in all.iter().chain([&name]) {
         m.destroy_workspace(n).await.expect("destroy");
+    }
+    println!();
+    println!("{}", serde_json::Value::Object(fig.0));
+}
+
+/// Commands per second with 8 clients, each running `per_client` in a row.
+async fn throughput<F, Fut>(f: F, per_client: usize) -> f64
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let t = Instant::now();
+    futures_util::future::join_all((0..8).map(|_| async {
+        for _ in 0..per_client {
+            f().await;
+        }
+    }))
+    .await;
+    let rate = (8 * per_client) as f64 / t.elapsed().as_secs_f64();
+    println!("{:<48} {rate:>8.1} execs/s", "throughput, 8 clients");
+    rate
+}
+
+/// Waits until a workspace is ready again (after a rebuild).
+async fn wait_ready(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name: &str) {
+    let path = m.get_workspace(name).await.expect("get");
+    let ws = agent_workspaces::dbus::client::WorkspaceProxy::builder(conn)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("proxy");
+    loop {
+        match ws.status().await.expect("status").as_str() {
+            "ready" => return,
+            "error" => panic!(
+                "rebuild failed: {}",
+                ws.error_message().await.unwrap_or_default()
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }

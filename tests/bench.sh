@@ -11,6 +11,11 @@ bin=$(cargo bench --locked --bench exec_latency --no-run 2>&1 |
 "$testhost" up >/dev/null
 "$testhost" install >/dev/null
 tests/testhost/configure-service.sh
+# 256 commands at once on one workspace and 20 builds at once are measured: let them all run.
+config=$("$testhost" env | sed -n 's/^export TESTHOST_LEADER=//p')
+config=/proc/$config/root/etc/agent-workspaces/config.toml
+sed -i 's/^\[container\]$/[container]\nmax_concurrent_builds = 20/' "$config"
+printf '\n[exec]\nmax_concurrent = 256\n' >>"$config"
 "$testhost" run -- systemctl try-restart agent-workspaced
 # The REST bridge, set up as an operator would (its user, a token, the socket).
 "$testhost" run -- sh -c 'systemd-sysusers &&
