@@ -167,6 +167,44 @@ async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
         "started again on first use"
     );
 
+    // The agent killed from the host (kill -9): a running command gets a named error, and the
+    // next command works (the container is started again).
+    let leader = ok(&format!("machinectl show -p Leader --value {name}"));
+    let marker = format!("/var/lib/machines/{name}/workspace/running");
+    let running = {
+        let m = m.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            m.exec(&name, "touch /workspace/running; sleep 60", no_options())
+                .await
+        })
+    };
+    let agent = wait_for("the command to start", Duration::from_secs(10), || {
+        // The leader is nspawn's stub init; its one child is the agent.
+        let agent = sh(&format!("pgrep -P {}", leader.trim()))
+            .stdout
+            .trim()
+            .to_owned();
+        (!agent.is_empty() && std::path::Path::new(&marker).exists()).then_some(agent)
+    });
+    ok(&format!("kill -9 {agent}"));
+    let ended = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the running command ends with its agent")
+        .unwrap();
+    match ended {
+        Err(zbus::Error::MethodError(name, ..)) => assert!(
+            name.as_str().starts_with("org.agent.Workspaces.Error."),
+            "a named error: {name}"
+        ),
+        other => panic!("the running command should fail with a named error: {other:?}"),
+    }
+    let (code, out, ..) = m
+        .exec(&name, "cat /workspace/from-init", no_options())
+        .await
+        .unwrap();
+    assert_eq!((code, &out[..]), (0, &b"hello from init\n"[..]));
+
     // Rebuild starts from a fresh tree and runs the init script again.
     m.exec(&name, "touch /workspace/before-rebuild", no_options())
         .await
