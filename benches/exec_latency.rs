@@ -230,6 +230,9 @@ async fn main() {
     };
 
     println!("agent-workspaces benchmark ({ROUNDS} runs each, after {WARMUP} warm-up runs)");
+    // The service is bus-activated: a first call starts it, then it is idle.
+    m.list_workspaces().await.expect("the service answers");
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let (idle_rss, _) = service_memory();
     println!(
         "{:<48} {:>8.1} MB",
