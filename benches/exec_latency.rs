@@ -482,10 +482,16 @@ async fn main() {
         "(8 clients)",
     );
 
-    // 256 commands at once on one workspace (tests/bench.sh sets max_concurrent = 256).
+    // 256 commands at once on one workspace (tests/bench.sh sets max_concurrent = 256), over 8
+    // connections: dbus-daemon allows 128 pending calls per connection.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let c = zbus::Connection::system().await.expect("system bus");
+        clients.push(WorkspacesProxy::new(&c).await.expect("proxy"));
+    }
     let t = Instant::now();
-    let results = futures_util::future::join_all((0..256).map(|_| {
-        let m = m.clone();
+    let results = futures_util::future::join_all((0..256).map(|i| {
+        let m = clients[i % 8].clone();
         let name = name.clone();
         async move {
             m.exec(&name, "sleep 1", HashMap::new())

@@ -28,7 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::agent::{AgentConnection, Leader};
 use super::build::{BuildPlan, BuildResult};
@@ -397,13 +397,28 @@ impl Containers for NspawnContainers {
         req: ExecRequest,
         cancel: CancellationToken,
     ) -> Result<ExecOutcome> {
-        let leader = self.leader(ws).await?;
-        let conn = AgentConnection::connect(&leader).await.map_err(|e| {
+        let mut leader = self.leader(ws).await?;
+        let not_answering = |e: std::io::Error| {
             Error::JobFailed(format!(
                 "The agent of workspace '{}' does not answer: {e} (StopWorkspace and StartWorkspace restart it)",
                 ws.name
             ))
-        })?;
+        };
+        let conn = match AgentConnection::connect(&leader).await {
+            Ok(conn) => conn,
+            // No one listens on the agent's socket: the agent is gone (killed, crashed), and
+            // the container with it. It is started again, once, and that is logged.
+            Err(e) if agent_gone(&e) => {
+                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "The agent of workspace {} is gone ({e}); restarting its container", ws.name);
+                self.stop(ws).await?;
+                leader = self.leader(ws).await?;
+                AgentConnection::connect(&leader)
+                    .await
+                    .map_err(not_answering)?
+            }
+            Err(e) => return Err(not_answering(e)),
+        };
         // The working directory is resolved by the agent, inside the container.
         let request = agent_proto::ExecRequest {
             command: req.command.into_bytes(),
@@ -532,6 +547,15 @@ impl Containers for NspawnContainers {
         let _ = fs::remove_file(result);
         Ok(())
     }
+}
+
+/// Whether connecting to an agent failed because nothing listens there any more (its
+/// process or its whole container ended), rather than because of what is at its path.
+fn agent_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::ENOENT | libc::ESRCH)
+    )
 }
 
 /// The outcome a build unit left, if any.
