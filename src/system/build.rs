@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use super::distro::{self, DistroSettings};
+use super::layer;
 use super::tree::Tree;
 use crate::core::workspace::Distro;
 
@@ -88,11 +89,14 @@ impl Builder<'_> {
         distro::check(p.distro, &p.settings).map_err(|e| fail("check", e))?;
         require("check", distro::UNPACK_TOOLS)?;
         let partial = with_suffix(&p.tree, ".partial");
-        for old in [&p.tree, &partial] {
-            if old.exists() {
-                self.step("remove-old-tree", &old.display().to_string());
-                fs::remove_dir_all(old).map_err(|e| fail("remove-old-tree", e))?;
-            }
+        if p.tree.exists() || layer::has_layer(&p.tree) {
+            self.step("remove-old-tree", &p.tree.display().to_string());
+            // A layered tree is unmounted, and its layer goes with it.
+            layer::remove(&p.tree).map_err(|e| fail("remove-old-tree", e))?;
+        }
+        if partial.exists() {
+            self.step("remove-old-tree", &partial.display().to_string());
+            fs::remove_dir_all(&partial).map_err(|e| fail("remove-old-tree", e))?;
         }
         let key = distro::base_key(p.distro, &p.settings);
         let bases = p.cache_dir.join("base");
@@ -102,6 +106,27 @@ impl Builder<'_> {
             self.step("base", &format!("cached {}", base.display()));
         } else {
             self.make_base(&bases, &key, &base)?;
+        }
+        // Copy-on-write where the file system allows: a layer over the base, unpacked once.
+        let base_tree = self.base_tree(&bases, &key, &base)?;
+        self.step(
+            "unpack",
+            &format!(
+                "a copy-on-write layer over {} at {}",
+                base_tree.display(),
+                p.tree.display()
+            ),
+        );
+        match layer::create(&base_tree, &p.tree) {
+            Ok(()) => {
+                self.step("configure", "resolv.conf, hostname, machine-id, /workspace");
+                configure(&p.tree, &p.name).map_err(|e| fail("configure", e))?;
+                self.say("== tree ready");
+                return Ok(());
+            }
+            Err(e) => self.say(&format!(
+                "copy-on-write trees are not available here ({e}): unpacking a full tree"
+            )),
         }
         self.step(
             "unpack",
@@ -125,6 +150,41 @@ impl Builder<'_> {
         fs::rename(&partial, &p.tree).map_err(|e| fail("configure", e))?;
         self.say("== tree ready");
         Ok(())
+    }
+
+    /// The base unpacked, once for all workspaces of this distro and settings, into
+    /// `<key>.tree` (never written afterwards: it is the lower layer of their trees). Builds
+    /// that need it at once wait for the first to unpack it.
+    fn base_tree(&mut self, bases: &Path, key: &str, base: &Path) -> Result<PathBuf, Failure> {
+        let dir = bases.join(format!("{key}.tree"));
+        let lock = File::create(bases.join(format!("{key}.lock"))).map_err(|e| fail("base", e))?;
+        // SAFETY: flock on an open descriptor; released when `lock` is closed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return Err(fail("base", std::io::Error::last_os_error()));
+        }
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        self.step("base", &format!("unpacking {} once", base.display()));
+        let partial = with_suffix(&dir, ".partial");
+        if partial.exists() {
+            fs::remove_dir_all(&partial).map_err(|e| fail("base", e))?;
+        }
+        fs::create_dir_all(&partial).map_err(|e| fail("base", e))?;
+        self.run(
+            "base",
+            &[
+                "tar".into(),
+                "--zstd".into(),
+                "--numeric-owner".into(),
+                "-xpf".into(),
+                base.display().to_string(),
+                "-C".into(),
+                partial.display().to_string(),
+            ],
+        )?;
+        fs::rename(&partial, &dir).map_err(|e| fail("base", e))?;
+        Ok(dir)
     }
 
     fn make_base(&mut self, bases: &Path, key: &str, base: &Path) -> Result<(), Failure> {
@@ -224,7 +284,9 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
 /// the `/workspace` directory. Written through `Tree` like every other write into a tree, so
 /// even a base tree with hostile links in it cannot make this write outside it.
 pub fn configure(tree: &Path, name: &str) -> std::io::Result<()> {
-    let tree = Tree::open(tree)?;
+    // What is made here belongs to the container's root: the tree root's range (host root for
+    // a tree unpacked whole, which nspawn maps or chowns on its first start).
+    let tree = Tree::open_container(tree)?;
     let etc = tree.dir("etc", true)?;
     let resolv =
         fs::read("/etc/resolv.conf").unwrap_or_else(|_| b"nameserver 127.0.0.1\n".to_vec());

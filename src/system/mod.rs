@@ -8,6 +8,7 @@ pub mod config;
 pub mod containers;
 pub mod distro;
 pub mod exec;
+pub mod layer;
 pub mod library;
 pub mod logging;
 pub mod store;

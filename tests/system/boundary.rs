@@ -214,10 +214,49 @@ async fn a_container_is_confined_like_systemds_own_containers() {
     for line in owners.lines() {
         assert!(line.starts_with("0:0 "), "{owners}");
     }
-    // On this file system the tree is mapped (idmapped mount), not chowned.
+    // On this file system the tree is layered (copy-on-write): an overlay whose lower layer
+    // is an idmapped clone of the cached base, so the tree belongs to the container's range
+    // while the base, never written, still belongs to the host's root.
     let tree = format!("/var/lib/machines/{name}");
-    assert_eq!(std::fs::metadata(&tree).unwrap().uid(), 0, "map path");
+    let range: u32 = map.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(
+        std::fs::metadata(&tree).unwrap().uid(),
+        range,
+        "layered path"
+    );
+    let info = m.get_debug_info(&name).await.unwrap();
+    assert!(
+        bool::try_from(info["tree_layered"].try_clone().unwrap()).unwrap(),
+        "the tree is an overlay"
+    );
+    let layer = format!("/var/lib/machines/.agent-workspaces-layers/{name}");
+    let base = std::fs::read_to_string(format!("{layer}/base")).unwrap();
+    assert_eq!(std::fs::metadata(&base).unwrap().uid(), 0);
+    assert_eq!(
+        std::fs::metadata(format!("{base}/etc/passwd"))
+            .unwrap()
+            .uid(),
+        0
+    );
+    inside(&m, &name, "echo planted > /etc/aw-layer-probe").await;
+    assert!(
+        !Path::new(&format!("{base}/etc/aw-layer-probe")).exists(),
+        "the base is never written"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("{layer}/upper/etc/aw-layer-probe")).unwrap(),
+        "planted\n",
+        "what the container writes is in its layer"
+    );
     m.destroy_workspace(&name).await.unwrap();
+    assert!(!Path::new(&layer).exists(), "destroy removes the layer");
+    assert!(!Path::new(&tree).exists());
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&tree),
+        "nothing stays mounted"
+    );
 
     // Its units were awaited through systemd's JobRemoved signals, which the bus policy must
     // let through to the service (a deny for its name also stops signals broadcast to it).

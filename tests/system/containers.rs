@@ -154,9 +154,11 @@ async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
     );
     assert!(story.contains("Created container workspace"), "{story}");
 
-    // Stop and start: the machine goes away and comes back on first use.
+    // Stop and start: the machine goes away and comes back on first use, with its files (its
+    // layer is mounted again if it was unmounted meanwhile, as after a reboot).
     m.stop_workspace(&name).await.unwrap();
     assert!(!ok("machinectl list --no-legend").contains(&name));
+    ok(&format!("umount /var/lib/machines/{name}"));
     let (code, out, ..) = m
         .exec(&name, "cat /workspace/from-init", no_options())
         .await
@@ -386,6 +388,24 @@ async fn containers_survive_restarts_and_a_daemon_killed_mid_build() {
     ))
     .await
     .unwrap();
+    // A build is a mount now, over in milliseconds: it is held in its base step by the base's
+    // lock (builds wait for it), so that the service is killed while the build unit runs.
+    let config = std::fs::read_to_string("/etc/agent-workspaces/config.toml").unwrap();
+    let cache = config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cache_dir = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap_or_else(|| "/var/cache/agent-workspaces".into());
+    let lock = ok(&format!("ls {cache}/base/debian-bookworm-*.lock | head -1"))
+        .trim()
+        .to_owned();
+    let mut holder = std::process::Command::new("flock")
+        .args(["-x", &lock, "sleep", "8"])
+        .spawn()
+        .unwrap();
+    wait_for("the base's lock to be held", Duration::from_secs(5), || {
+        (sh(&format!("flock -n {lock} true")).code != 0).then_some(())
+    });
     m.build_workspace(&killed).await.unwrap();
     let build_unit = format!("agent-workspace-build@{killed}.service");
     wait_for("the build unit to run", Duration::from_secs(60), || {
@@ -408,6 +428,7 @@ async fn containers_survive_restarts_and_a_daemon_killed_mid_build() {
         wait_built(&conn, &killed, Duration::from_secs(300)).await,
         "ready"
     );
+    holder.wait().unwrap();
     let (log, _) = m.get_init_log(&killed, 0).await.unwrap();
     assert!(log.contains("finished-init"), "{log}");
     let journal_text = sh(&format!("journalctl -b -u {UNIT} --no-pager")).stdout;

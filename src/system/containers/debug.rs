@@ -7,6 +7,7 @@ use crate::core::error::{Error, Result};
 use crate::core::ports::{Containers, DebugInfo, DebugValue};
 use crate::core::workspace::Workspace;
 use crate::system::cgroup::cgroup2_mount;
+use crate::system::layer;
 
 use super::*;
 
@@ -20,6 +21,7 @@ impl NspawnContainers {
         // planted there (links, FIFOs, devices, huge files) costs an empty field, not a hang.
         let tree = self.tree(ws).ok();
         info.insert("tree_exists".into(), Bool(tree.is_some()));
+        info.insert("tree_layered".into(), Bool(layer::is_mounted(&path)));
         info.insert(
             "init_script_present".into(),
             Bool(!ws.init_script.is_empty()),

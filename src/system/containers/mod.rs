@@ -35,6 +35,7 @@ use super::build::{BuildPlan, BuildResult};
 use super::cgroup::Containment;
 use super::config::ContainerConfig;
 use super::exec::{Command, Launch, run_contained};
+use super::layer;
 use super::systemd::{Systemd, prop};
 use super::tree::Tree;
 use crate::core::error::{Error, Result};
@@ -309,6 +310,12 @@ impl Containers for NspawnContainers {
             return Ok(());
         }
         let tree = self.tree_path(&ws.name);
+        // A layered tree is mounted again after a reboot.
+        let path = tree.clone();
+        tokio::task::spawn_blocking(move || layer::ensure_mounted(&path))
+            .await
+            .map_err(|e| Error::io_msg(format!("Cannot mount the tree: {e}")))?
+            .map_err(|e| io("mount the layered tree", &tree, e))?;
         if !self.is_built(ws) {
             return Err(Error::NotReady {
                 workspace: ws.name.clone(),
@@ -326,8 +333,9 @@ impl Containers for NspawnContainers {
         let unit = unit_name(&ws.name);
         // A unit that failed before stays loaded until reset.
         self.systemd.stop(&unit).await?;
+        let layered = layer::has_layer(&tree);
         self.systemd
-            .start_transient(&unit, container_properties(ws, &tree, &self.agent))
+            .start_transient(&unit, container_properties(ws, &tree, &self.agent, layered))
             .await?;
         // The container is up when its agent answers. (nspawn's --notify-ready=yes cannot say
         // so: it takes READY=1 only from the container's PID 1, here nspawn's own stub init.)
@@ -530,7 +538,9 @@ impl Containers for NspawnContainers {
         ];
         // std's remove_dir_all never follows a link (it works with openat/unlinkat from the
         // directory's descriptor), so a tree full of links to the host removes only the tree.
+        // A layered tree is unmounted first; its layer goes with it.
         tokio::task::spawn_blocking(move || {
+            layer::remove(&dirs[0]).map_err(|e| io("remove", &dirs[0], e))?;
             for dir in dirs {
                 match fs::remove_dir_all(&dir) {
                     Ok(()) => {}

@@ -4,6 +4,7 @@ use std::fs;
 
 use tracing::warn;
 
+use crate::system::layer;
 use crate::system::tree::Tree;
 
 use super::*;
@@ -42,10 +43,28 @@ impl NspawnContainers {
     }
 }
 
-/// Removes half-built trees of ours without a record; names the finished ones (left in place:
-/// a record lost by hand should not cost a tree).
+/// Mounts the layered trees of known workspaces again (after a reboot); removes half-built
+/// trees of ours without a record; names the finished ones (left in place: a record lost by
+/// hand should not cost a tree).
 fn remove_orphan_trees(machines: &Path, known: &[String]) {
     let is_known = |name: &str| known.iter().any(|k| k == name);
+    for name in known {
+        let tree = machines.join(name);
+        if let Err(e) = layer::ensure_mounted(&tree) {
+            warn!("Cannot mount the layered tree {}: {e}", tree.display());
+        }
+    }
+    if let Ok(entries) = fs::read_dir(layer::layers_dir(machines)) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !is_known(&name) {
+                warn!(
+                    "The layer {} has no workspace record; it is left in place",
+                    e.path().display()
+                );
+            }
+        }
+    }
     if let Ok(entries) = fs::read_dir(machines) {
         for e in entries.flatten() {
             let file = e.file_name().to_string_lossy().into_owned();

@@ -48,7 +48,10 @@ pub(super) fn log_fields(ws: &Workspace) -> Vec<Vec<u8>> {
 /// bind-mounted read-only from the host: it runs as PID 2 in the container's namespaces (its
 /// own user namespace: container root is not host root; `auto` maps the tree's ownership with
 /// an idmapped mount where the file system supports it, and chowns it once where not).
-pub fn nspawn_argv(ws: &Workspace, tree: &Path, agent: &Path) -> Vec<String> {
+///
+/// A layered tree (`layer.rs`) is owned by the container's range already: nspawn takes that
+/// range and its chown finds nothing to do (an idmapped mount of an overlay is refused).
+pub fn nspawn_argv(ws: &Workspace, tree: &Path, agent: &Path, layered: bool) -> Vec<String> {
     let mut argv = vec![
         "/usr/bin/systemd-nspawn".to_owned(),
         "--quiet".to_owned(),
@@ -57,7 +60,10 @@ pub fn nspawn_argv(ws: &Workspace, tree: &Path, agent: &Path) -> Vec<String> {
         format!("--directory={}", tree.display()),
         format!("--machine={}", ws.name),
         "--private-users=pick".to_owned(),
-        "--private-users-ownership=auto".to_owned(),
+        format!(
+            "--private-users-ownership={}",
+            if layered { "chown" } else { "auto" }
+        ),
         format!("--bind-ro={}:{AGENT_PATH}", agent.display()),
         "--as-pid2".to_owned(),
         "--console=pipe".to_owned(),
@@ -75,8 +81,9 @@ pub fn container_properties(
     ws: &Workspace,
     tree: &Path,
     agent: &Path,
+    layered: bool,
 ) -> Vec<(String, OwnedVariant)> {
-    let argv = nspawn_argv(ws, tree, agent);
+    let argv = nspawn_argv(ws, tree, agent, layered);
     let device_allow: Vec<(String, String)> = DEVICE_ALLOW
         .iter()
         .map(|(d, a)| ((*d).to_owned(), (*a).to_owned()))
@@ -160,6 +167,7 @@ mod tests {
             &ws(Network::Host),
             Path::new("/var/lib/machines/box"),
             agent,
+            false,
         )
         .join(" ");
         assert_eq!(
@@ -170,13 +178,19 @@ mod tests {
              --bind-ro=/usr/libexec/agent-workspaces-agent:/run/host/agent-workspaces-agent \
              --as-pid2 --console=pipe /run/host/agent-workspaces-agent"
         );
-        let p = nspawn_argv(&ws(Network::Private), Path::new("/t"), agent).join(" ");
+        let p = nspawn_argv(&ws(Network::Private), Path::new("/t"), agent, false).join(" ");
         assert!(p.contains(" --private-network "), "{p}");
+        let l = nspawn_argv(&ws(Network::Host), Path::new("/t"), agent, true).join(" ");
+        assert!(
+            l.contains(" --private-users=pick --private-users-ownership=chown "),
+            "{l}"
+        );
     }
 
     #[test]
     fn limits_become_unit_properties() {
-        let props = container_properties(&ws(Network::Host), Path::new("/t"), Path::new("/a"));
+        let props =
+            container_properties(&ws(Network::Host), Path::new("/t"), Path::new("/a"), false);
         let get = |n: &str| {
             props
                 .iter()
