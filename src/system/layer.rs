@@ -87,7 +87,7 @@ pub fn create(base: &Path, tree: &Path) -> io::Result<()> {
         fs::create_dir_all(layers)?;
         fs::set_permissions(layers, fs::Permissions::from_mode(0o700))?;
         fs::create_dir(&layer)?;
-        let range = pick_range();
+        let range = pick_range(layers);
         let upper = layer.join("upper");
         fs::create_dir(&upper)?;
         let root_mode = fs::metadata(base)?.mode() & 0o7777;
@@ -137,15 +137,25 @@ pub fn remove(tree: &Path) -> io::Result<()> {
 }
 
 /// A 64K-aligned range in nspawn's pick range that no running nspawn holds (nspawn locks the
-/// range it uses in `/run/systemd/nspawn-uid/<base>`), at random like nspawn's own pick.
-fn pick_range() -> u32 {
+/// range it uses in `/run/systemd/nspawn-uid/<base>`) and no other layer in `layers` has (a
+/// stopped container holds no lock), at random like nspawn's own pick.
+fn pick_range(layers: &Path) -> u32 {
+    let taken: Vec<u32> = fs::read_dir(layers)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| fs::metadata(e.path().join("upper")).ok())
+                .map(|m| m.uid())
+                .collect()
+        })
+        .unwrap_or_default();
     let mut candidate = 0;
     for _ in 0..100 {
         let mut bytes = [0u8; 4];
         let _ = getrandom(&mut bytes);
         candidate = PICK_MIN + (u32::from_ne_bytes(bytes) % (PICK_MAX - PICK_MIN));
         candidate &= !(RANGE - 1);
-        if candidate < PICK_MIN {
+        if candidate < PICK_MIN || taken.contains(&candidate) {
             continue;
         }
         let lock = format!("/run/systemd/nspawn-uid/{candidate}");
