@@ -8,6 +8,7 @@ mod containers;
 mod host;
 mod library;
 mod load;
+mod ownership;
 mod polkit;
 mod rest;
 mod service;
