@@ -414,8 +414,9 @@ pub async fn run_contained(
     let (stderr, stderr_truncated) = collect(stderr).await;
     drain.abort();
     if let Some(cg) = cgroup {
-        // Empty (or being emptied by cgroup.kill): removed after the answer, not before it.
-        tokio::spawn(cg.remove());
+        // Empty (or being emptied by cgroup.kill): kept for the next command or removed, after
+        // the answer, not before it.
+        tokio::spawn(cg.release());
     }
     let timed_out = code.is_none() && !cancel.is_cancelled();
     let exit_code = match code {
