@@ -578,6 +578,10 @@ async fn a_build_reports_its_steps_in_build_step() {
     }
     let order = [
         "check",
+        "remove-old-tree",
+        "mirror",
+        "bootstrap",
+        "cache",
         "base",
         "unpack",
         "configure",
