@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,7 +175,7 @@ fn streams(io: ExecIo) -> io::Result<Streams> {
 
 /// A started command.
 enum Running<'a> {
-    Here(tokio::process::Child),
+    Here(super::spawn::Spawned),
     Agent {
         conn: AgentConnection,
         workspace: &'a str,
@@ -185,7 +185,7 @@ enum Running<'a> {
 impl Running<'_> {
     fn pid(&self) -> Option<u32> {
         match self {
-            Running::Here(c) => c.id(),
+            Running::Here(c) => Some(c.id()),
             Running::Agent { .. } => None,
         }
     }
@@ -235,56 +235,24 @@ async fn launch<'a>(
 ) -> Result<Running<'a>> {
     match launch {
         Launch::Here { argv, env, cwd } => {
-            let program = argv
-                .first()
-                .ok_or_else(|| Error::JobFailed("empty command line".into()))?;
-            let mut cmd = tokio::process::Command::new(program);
-            let [stdin, stdout, stderr] = child;
-            cmd.args(&argv[1..])
-                .env_clear()
-                .envs(env)
-                .process_group(0)
-                .kill_on_drop(true)
-                .stdin(stdin)
-                .stdout(stdout)
-                .stderr(stderr);
-            if let Some(cwd) = cwd {
-                cmd.current_dir(cwd);
-            }
-            let soft = CHILD_NOFILE_SOFT.load(Ordering::Relaxed);
-            // SAFETY: getrlimit/setrlimit only, between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let mut lim = libc::rlimit {
-                        rlim_cur: 0,
-                        rlim_max: 0,
-                    };
-                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > soft {
-                        lim.rlim_cur = soft;
-                        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                    }
-                    Ok(())
-                });
-            }
-            if let Some(procs) = procs {
-                let fd = procs.as_raw_fd();
-                // SAFETY: only write(2) runs between fork and exec; the fd was opened before.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
-                            Ok(())
-                        } else {
-                            Err(io::Error::last_os_error())
-                        }
-                    });
-                }
-            }
-            let spawned = cmd.spawn();
+            let [stdin, stdout, stderr] = &child;
+            let spawned = super::spawn::spawn(super::spawn::Spec {
+                argv,
+                env,
+                cwd,
+                fds: [stdin, stdout, stderr],
+                procs,
+                process_group: true,
+                nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
+            });
             // The command has its own copies of its descriptors now; close the service's.
-            drop(cmd);
-            spawned
-                .map(Running::Here)
-                .map_err(|e| Error::JobFailed(format!("Cannot start {program}: {e}")))
+            drop(child);
+            spawned.map(Running::Here).map_err(|e| {
+                Error::JobFailed(format!(
+                    "Cannot start {}: {e}",
+                    argv.first().map_or("", String::as_str)
+                ))
+            })
         }
         Launch::Agent {
             mut conn,
@@ -491,6 +459,20 @@ mod tests {
             (7, &b"out"[..], &b"err"[..])
         );
         assert!(!o.timed_out);
+    }
+
+    #[tokio::test]
+    async fn a_command_starts_with_no_signal_ignored_or_blocked() {
+        // The service ignores SIGPIPE and handles others; the command starts as after a plain
+        // exec: `yes | head -1` ends, and nothing is ignored or blocked.
+        let o = run(req(
+            "yes | head -1; grep -E '^Sig(Ign|Blk):' /proc/self/status | tr -d ' \\t'",
+        ))
+        .await;
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "y\nSigBlk:0000000000000000\nSigIgn:0000000000000000\n"
+        );
     }
 
     #[tokio::test]
