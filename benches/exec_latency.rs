@@ -171,22 +171,8 @@ async fn build_container(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name:
         ("build_on_create", Variant::from(true)),
     ]);
     let path = m.create_workspace(spec).await.expect("create container");
-    let ws = agent_workspaces::dbus::client::WorkspaceProxy::builder(conn)
-        .path(path)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .expect("proxy");
-    loop {
-        match ws.status().await.expect("status").as_str() {
-            "ready" => return t.elapsed(),
-            "error" => panic!(
-                "build failed: {}",
-                ws.error_message().await.unwrap_or_default()
-            ),
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
+    wait_ready(conn, path).await;
+    t.elapsed()
 }
 
 /// A minimal client of the bridge: hyper's HTTP/1.1 connection, kept alive.
@@ -416,7 +402,7 @@ async fn main() {
     for _ in 0..3 {
         let t = Instant::now();
         m.rebuild_workspace(&name).await.expect("rebuild");
-        wait_ready(&conn, &m, &name).await;
+        wait_ready(&conn, m.get_workspace(&name).await.expect("get")).await;
         rebuilds.push(t.elapsed());
     }
     let rebuild = median(rebuilds);
@@ -606,9 +592,8 @@ where
     rate
 }
 
-/// Waits until a workspace is ready again (after a rebuild).
-async fn wait_ready(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name: &str) {
-    let path = m.get_workspace(name).await.expect("get");
+/// Waits until a workspace is ready (after a create or a rebuild).
+async fn wait_ready(conn: &zbus::Connection, path: zbus::OwnedObjectPath) {
     let ws = agent_workspaces::dbus::client::WorkspaceProxy::builder(conn)
         .path(path)
         .cache_properties(zbus::proxy::CacheProperties::No)
@@ -619,7 +604,7 @@ async fn wait_ready(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name: &str
         match ws.status().await.expect("status").as_str() {
             "ready" => return,
             "error" => panic!(
-                "rebuild failed: {}",
+                "build failed: {}",
                 ws.error_message().await.unwrap_or_default()
             ),
             _ => tokio::time::sleep(Duration::from_millis(5)).await,

@@ -117,39 +117,45 @@ impl Builder<'_> {
                 p.tree.display()
             ),
         );
-        match layer::create(&base_tree, &p.tree) {
-            Ok(()) => {
-                self.step("configure", "resolv.conf, hostname, machine-id, /workspace");
-                configure(&p.tree, &p.name).map_err(|e| fail("configure", e))?;
-                self.say("== tree ready");
-                return Ok(());
+        // Made at the tree itself when layered; else unpacked whole beside it, renamed when done.
+        let made = match layer::create(&base_tree, &p.tree) {
+            Ok(()) => p.tree.clone(),
+            Err(e) => {
+                self.say(&format!(
+                    "copy-on-write trees are not available here ({e}): unpacking a full tree"
+                ));
+                self.step(
+                    "unpack",
+                    &format!("{} -> {}", base.display(), p.tree.display()),
+                );
+                self.untar("unpack", &base, &partial)?;
+                partial
             }
-            Err(e) => self.say(&format!(
-                "copy-on-write trees are not available here ({e}): unpacking a full tree"
-            )),
+        };
+        self.step("configure", "resolv.conf, hostname, machine-id, /workspace");
+        configure(&made, &p.name).map_err(|e| fail("configure", e))?;
+        if made != p.tree {
+            fs::rename(&made, &p.tree).map_err(|e| fail("configure", e))?;
         }
-        self.step(
-            "unpack",
-            &format!("{} -> {}", base.display(), p.tree.display()),
-        );
-        fs::create_dir_all(&partial).map_err(|e| fail("unpack", e))?;
+        self.say("== tree ready");
+        Ok(())
+    }
+
+    /// Unpacks the base archive `tar` into the new directory `into`.
+    fn untar(&mut self, step: &'static str, tar: &Path, into: &Path) -> Result<(), Failure> {
+        fs::create_dir_all(into).map_err(|e| fail(step, e))?;
         self.run(
-            "unpack",
+            step,
             &[
                 "tar".into(),
                 "--zstd".into(),
                 "--numeric-owner".into(),
                 "-xpf".into(),
-                base.display().to_string(),
+                tar.display().to_string(),
                 "-C".into(),
-                partial.display().to_string(),
+                into.display().to_string(),
             ],
-        )?;
-        self.step("configure", "resolv.conf, hostname, machine-id, /workspace");
-        configure(&partial, &p.name).map_err(|e| fail("configure", e))?;
-        fs::rename(&partial, &p.tree).map_err(|e| fail("configure", e))?;
-        self.say("== tree ready");
-        Ok(())
+        )
     }
 
     /// The base unpacked, once for all workspaces of this distro and settings, into
@@ -170,19 +176,7 @@ impl Builder<'_> {
         if partial.exists() {
             fs::remove_dir_all(&partial).map_err(|e| fail("base", e))?;
         }
-        fs::create_dir_all(&partial).map_err(|e| fail("base", e))?;
-        self.run(
-            "base",
-            &[
-                "tar".into(),
-                "--zstd".into(),
-                "--numeric-owner".into(),
-                "-xpf".into(),
-                base.display().to_string(),
-                "-C".into(),
-                partial.display().to_string(),
-            ],
-        )?;
+        self.untar("base", base, &partial)?;
         fs::rename(&partial, &dir).map_err(|e| fail("base", e))?;
         Ok(dir)
     }

@@ -208,14 +208,14 @@ impl CommandCgroup {
     /// Once the killed processes are gone, keeps the cgroup for a next command below the same
     /// parent, or removes it when enough are kept.
     pub(super) async fn release(self) {
+        if !self.dir.exists() {
+            return;
+        }
         if !self.wait_empty().await {
             warn!(
                 "{} still has processes 5 s after cgroup.kill",
                 self.dir.display()
             );
-            return;
-        }
-        if !self.dir.exists() {
             return;
         }
         let parent = self.dir.parent().unwrap_or(Path::new("/")).to_path_buf();
@@ -228,9 +228,7 @@ impl CommandCgroup {
             return;
         }
         drop(pool);
-        if let Err(e) = fs::remove_dir(&self.dir) {
-            warn!("Cannot remove {}: {e}", self.dir.display());
-        }
+        self.remove_dir();
     }
 
     /// Whether the cgroup is empty within 5 s. The kernel says when a cgroup empties by
@@ -270,56 +268,24 @@ impl CommandCgroup {
 
     /// Waits until the killed processes are gone, then removes the cgroup.
     pub(super) async fn remove(self) {
-        let busy =
-            |r: &io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EBUSY));
-        let first = fs::remove_dir(&self.dir);
-        if !busy(&first) {
-            if let Err(e) = first {
-                warn!("Cannot remove {}: {e}", self.dir.display());
-            }
+        if !self.wait_empty().await {
+            warn!(
+                "{} still has processes 5 s after cgroup.kill",
+                self.dir.display()
+            );
             return;
         }
-        let events = fs::File::open(self.dir.join("cgroup.events")).and_then(|f| {
-            // SAFETY: a File owns its descriptor until it is dropped, with the AsyncFd.
-            unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(f, tokio::io::Interest::PRIORITY)
+        self.remove_dir();
+    }
+
+    /// Removes the (empty) cgroup; one already gone is no error.
+    fn remove_dir(&self) {
+        match fs::remove_dir(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                warn!("Cannot remove {}: {e}", self.dir.display())
             }
-            .map_err(io::Error::from)
-        });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let populated = match &events {
-                Ok(f) => read_populated(f.get_ref()),
-                Err(_) => true,
-            };
-            if !populated {
-                match fs::remove_dir(&self.dir) {
-                    Ok(()) => return,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                    Err(e) => {
-                        warn!("Cannot remove {}: {e}", self.dir.display());
-                        return;
-                    }
-                }
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            let wake = async {
-                match &events {
-                    Ok(f) => match f.ready(tokio::io::Interest::PRIORITY).await {
-                        Ok(mut guard) => guard.clear_ready(),
-                        Err(_) => std::future::pending().await,
-                    },
-                    Err(_) => std::future::pending().await,
-                }
-            };
-            let _ = tokio::time::timeout(Duration::from_millis(100), wake).await;
+            _ => {}
         }
-        warn!(
-            "{} still has processes 5 s after cgroup.kill",
-            self.dir.display()
-        );
     }
 }
 

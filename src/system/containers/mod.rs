@@ -531,17 +531,13 @@ impl Containers for NspawnContainers {
         let tree = self.tree_path(&ws.name);
         let mut partial = tree.clone().into_os_string();
         partial.push(".partial");
-        let dirs = [
-            tree,
-            PathBuf::from(partial),
-            self.config().log_dir.join(&ws.id),
-        ];
+        let others = [PathBuf::from(partial), self.config().log_dir.join(&ws.id)];
         // std's remove_dir_all never follows a link (it works with openat/unlinkat from the
         // directory's descriptor), so a tree full of links to the host removes only the tree.
-        // A layered tree is unmounted first; its layer goes with it.
+        // The tree goes with its layer (a layered tree is unmounted first).
         tokio::task::spawn_blocking(move || {
-            layer::remove(&dirs[0]).map_err(|e| io("remove", &dirs[0], e))?;
-            for dir in dirs {
+            layer::remove(&tree).map_err(|e| io("remove", &tree, e))?;
+            for dir in others {
                 match fs::remove_dir_all(&dir) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
