@@ -12,6 +12,8 @@
 //! hostile: the service reads what an agent it does not trust sends, so sizes are bounded
 //! before anything is allocated, and nothing panics on malformed input.
 
+pub mod direct;
+
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -16,11 +16,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use agent_workspaces_agent::{
-    ExecRequest, MAX_REQUEST, RefuseReason, Reply, SOCKET, frame_len, recv_with_fds,
+    ExecRequest, MAX_REQUEST, RefuseReason, Reply, SOCKET, direct, frame_len, recv_with_fds,
 };
 
 fn main() -> ExitCode {
@@ -149,58 +149,28 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
         let message = format!("{} is not a directory in the container", cwd.display());
         return refuse(&mut conn, RefuseReason::Cwd, message);
     }
-    let shell = if Path::new("/bin/bash").is_file() {
-        "/bin/bash"
-    } else {
-        "/bin/sh"
-    };
-    let mut cmd = Command::new(shell);
-    cmd.arg("-c")
-        .arg(OsStr::from_bytes(&req.command))
-        .env_clear()
-        .envs(
-            req.env
-                .iter()
-                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
-        )
-        .current_dir(cwd)
-        .stdin(Stdio::from(stdin))
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr))
-        .process_group(0);
-    // SAFETY: getrlimit/setrlimit only, between fork and exec: the command gets the limit
-    // the agent started with.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > child_nofile {
-                lim.rlim_cur = child_nofile;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-            Ok(())
-        });
+    let bash = Path::new("/bin/bash").is_file();
+    let shell = if bash { "/bin/bash" } else { "/bin/sh" };
+    // A plain list of words is exec'd as bash would exec it (see `direct`); anything else, or
+    // a direct start that fails, goes to the shell.
+    let direct = bash
+        .then(|| direct::plan(&req.command, &req.env, cwd))
+        .flatten();
+    let stdio = [stdin, stdout, stderr];
+    let mut spawned = Err(io::ErrorKind::NotFound.into());
+    if let Some(d) = &direct {
+        let mut cmd = Command::new(&d.program);
+        cmd.arg0(OsStr::from_bytes(&d.argv[0]))
+            .args(d.argv[1..].iter().map(|a| OsStr::from_bytes(a)));
+        spawned = start(cmd, &d.env, cwd, &stdio, procs.as_ref(), child_nofile);
     }
-    if let Some(procs) = &procs {
-        let fd = procs.as_raw_fd();
-        // SAFETY: only write(2) runs between fork and exec. The service opened this
-        // cgroup.procs, so the move is checked against its credentials: the command and all it
-        // starts are in the command's own cgroup before the shell runs.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            });
-        }
+    if spawned.is_err() {
+        let mut cmd = Command::new(shell);
+        cmd.arg("-c").arg(OsStr::from_bytes(&req.command));
+        spawned = start(cmd, &req.env, cwd, &stdio, procs.as_ref(), child_nofile);
     }
-    let spawned = cmd.spawn();
     // Close this side's copies of the command's descriptors: its output ends when it does.
-    drop(cmd);
+    drop(stdio);
     drop(procs);
     let mut child = match spawned {
         Ok(c) => c,
@@ -221,4 +191,58 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
         Err(_) => -1,
     };
     send(&mut conn, Reply::Exited { code });
+}
+
+/// Starts `cmd` with exactly `env`, in `cwd`, with the given standard streams, in its own
+/// process group, its cgroup joined (through `procs`) before it execs.
+fn start(
+    mut cmd: Command,
+    env: &[(Vec<u8>, Vec<u8>)],
+    cwd: &Path,
+    stdio: &[OwnedFd; 3],
+    procs: Option<&OwnedFd>,
+    child_nofile: libc::rlim_t,
+) -> io::Result<Child> {
+    let dup = |i: usize| stdio[i].try_clone().map(Stdio::from);
+    cmd.env_clear()
+        .envs(
+            env.iter()
+                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
+        )
+        .current_dir(cwd)
+        .stdin(dup(0)?)
+        .stdout(dup(1)?)
+        .stderr(dup(2)?)
+        .process_group(0);
+    // SAFETY: getrlimit/setrlimit only, between fork and exec: the command gets the limit
+    // the agent started with.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > child_nofile {
+                lim.rlim_cur = child_nofile;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+            Ok(())
+        });
+    }
+    if let Some(procs) = procs {
+        let fd = procs.as_raw_fd();
+        // SAFETY: only write(2) runs between fork and exec. The service opened this
+        // cgroup.procs, so the move is checked against its credentials: the command and all it
+        // starts are in the command's own cgroup before it runs.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    cmd.spawn()
 }

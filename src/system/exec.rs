@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,11 +115,11 @@ enum Ending {
 
 /// How a command is started once its cgroup and streams are ready.
 pub enum Launch<'a> {
-    /// fork+exec by the service: `argv` with exactly `env`, in `cwd` (None: the service's).
+    /// Started by the service: the shell command with exactly `env`, in `cwd`.
     Here {
-        argv: &'a [String],
+        command: &'a str,
         env: &'a BTreeMap<String, String>,
-        cwd: Option<&'a Path>,
+        cwd: &'a Path,
     },
     /// By the agent inside a container (the request names the shell command, its environment
     /// and working directory as seen inside).
@@ -234,25 +235,52 @@ async fn launch<'a>(
     procs: Option<&OwnedFd>,
 ) -> Result<Running<'a>> {
     match launch {
-        Launch::Here { argv, env, cwd } => {
+        Launch::Here { command, env, cwd } => {
             let [stdin, stdout, stderr] = &child;
-            let spawned = super::spawn::spawn(super::spawn::Spec {
-                argv,
-                env,
-                cwd,
-                fds: [stdin, stdout, stderr],
-                procs,
-                process_group: true,
-                nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
-            });
+            let env: Vec<(Vec<u8>, Vec<u8>)> = env
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect();
+            fn spec<'s>(
+                program: &'s [u8],
+                argv: &'s [Vec<u8>],
+                env: &'s [(Vec<u8>, Vec<u8>)],
+                cwd: &'s Path,
+                fds: [&'s OwnedFd; 3],
+                procs: Option<&'s OwnedFd>,
+            ) -> super::spawn::Spec<'s> {
+                super::spawn::Spec {
+                    program,
+                    argv,
+                    env,
+                    cwd: Some(cwd),
+                    fds,
+                    procs,
+                    process_group: true,
+                    nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
+                }
+            }
+            let fds = [stdin, stdout, stderr];
+            let shell = shell();
+            // A plain list of words is exec'd as bash would exec it (agent_proto::direct);
+            // anything else, or a direct start that fails, goes to the shell.
+            let direct = (shell == "/bin/bash")
+                .then(|| agent_proto::direct::plan(command.as_bytes(), &env, cwd))
+                .flatten();
+            let mut spawned = Err(io::ErrorKind::NotFound.into());
+            if let Some(d) = &direct {
+                let program = d.program.as_os_str().as_bytes();
+                spawned = super::spawn::spawn(spec(program, &d.argv, &d.env, cwd, fds, procs));
+            }
+            if spawned.is_err() {
+                let argv = [shell.into(), b"-c".to_vec(), command.as_bytes().to_vec()];
+                spawned = super::spawn::spawn(spec(shell.as_bytes(), &argv, &env, cwd, fds, procs));
+            }
             // The command has its own copies of its descriptors now; close the service's.
             drop(child);
-            spawned.map(Running::Here).map_err(|e| {
-                Error::JobFailed(format!(
-                    "Cannot start {}: {e}",
-                    argv.first().map_or("", String::as_str)
-                ))
-            })
+            spawned
+                .map(Running::Here)
+                .map_err(|e| Error::JobFailed(format!("Cannot start {shell}: {e}")))
         }
         Launch::Agent {
             mut conn,
@@ -411,12 +439,11 @@ impl Executor for HostExecutor {
                 format!("{} is not a directory", req.cwd.display()),
             ));
         }
-        let argv = [shell().to_owned(), "-c".to_owned(), req.command];
         let command = Command {
             launch: Launch::Here {
-                argv: &argv,
+                command: &req.command,
                 env: &req.env,
-                cwd: Some(&req.cwd),
+                cwd: &req.cwd,
             },
             io: req.io,
             timeout: req.timeout,

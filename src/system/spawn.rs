@@ -119,8 +119,12 @@ pub struct Spawned {
 
 /// What to start.
 pub struct Spec<'a> {
-    pub argv: &'a [String],
-    pub env: &'a std::collections::BTreeMap<String, String>,
+    /// The file to execute (relative: to `cwd`).
+    pub program: &'a [u8],
+    /// `argv[0]` first.
+    pub argv: &'a [Vec<u8>],
+    /// The complete environment.
+    pub env: &'a [(Vec<u8>, Vec<u8>)],
     pub cwd: Option<&'a Path>,
     /// stdin, stdout, stderr.
     pub fds: [&'a OwnedFd; 3],
@@ -153,20 +157,22 @@ fn above_stdio(fd: &OwnedFd, keep: &mut Vec<OwnedFd>) -> io::Result<RawFd> {
 }
 
 pub fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
-    let program = spec
-        .argv
-        .first()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command line"))?;
-    let program = cstring(program.as_bytes())?;
+    if spec.argv.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty command line",
+        ));
+    }
+    let program = cstring(spec.program)?;
     let argv: Vec<CString> = spec
         .argv
         .iter()
-        .map(|a| cstring(a.as_bytes()))
+        .map(|a| cstring(a))
         .collect::<io::Result<_>>()?;
     let envp: Vec<CString> = spec
         .env
         .iter()
-        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+        .map(|(k, v)| cstring(&[k.as_slice(), b"=", v.as_slice()].concat()))
         .collect::<io::Result<_>>()?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
