@@ -13,6 +13,7 @@
 //! before anything is allocated, and nothing panics on malformed input.
 
 pub mod direct;
+pub mod spawn;
 
 use std::io;
 use std::mem::{size_of, zeroed};

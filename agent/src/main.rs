@@ -10,17 +10,16 @@
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use agent_workspaces_agent::{
-    ExecRequest, MAX_REQUEST, RefuseReason, Reply, SOCKET, direct, frame_len, recv_with_fds,
+    ExecRequest, MAX_REQUEST, RefuseReason, Reply, SOCKET, direct, frame_len, recv_with_fds, spawn,
 };
 
 fn main() -> ExitCode {
@@ -156,23 +155,30 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     let direct = bash
         .then(|| direct::plan(&req.command, &req.env, cwd))
         .flatten();
-    let stdio = [stdin, stdout, stderr];
+    let stdio = [&stdin, &stdout, &stderr];
+    let start = |program: &[u8], argv: &[Vec<u8>], env: &[(Vec<u8>, Vec<u8>)]| {
+        spawn::spawn(spawn::Spec {
+            program,
+            argv,
+            env,
+            cwd: Some(cwd),
+            fds: stdio,
+            procs: procs.as_ref(),
+            process_group: true,
+            nofile_soft: child_nofile,
+        })
+    };
     let mut spawned = Err(io::ErrorKind::NotFound.into());
     if let Some(d) = &direct {
-        let mut cmd = Command::new(&d.program);
-        cmd.arg0(OsStr::from_bytes(&d.argv[0]))
-            .args(d.argv[1..].iter().map(|a| OsStr::from_bytes(a)));
-        spawned = start(cmd, &d.env, cwd, &stdio, procs.as_ref(), child_nofile);
+        spawned = start(d.program.as_os_str().as_bytes(), &d.argv, &d.env);
     }
     if spawned.is_err() {
-        let mut cmd = Command::new(shell);
-        cmd.arg("-c").arg(OsStr::from_bytes(&req.command));
-        spawned = start(cmd, &req.env, cwd, &stdio, procs.as_ref(), child_nofile);
+        let argv = [shell.into(), b"-c".to_vec(), req.command.clone()];
+        spawned = start(shell.as_bytes(), &argv, &req.env);
     }
     // Close this side's copies of the command's descriptors: its output ends when it does.
-    drop(stdio);
-    drop(procs);
-    let mut child = match spawned {
+    drop((stdin, stdout, stderr, procs));
+    let child = match spawned {
         Ok(c) => c,
         Err(e) => {
             return refuse(
@@ -182,67 +188,34 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
             );
         }
     };
-    send(&mut conn, Reply::Started { pid: child.id() });
-    let code = match child.wait() {
-        Ok(s) => s
-            .code()
-            .or_else(|| s.signal().map(|n| 128 + n))
-            .unwrap_or(-1),
-        Err(_) => -1,
-    };
+    send(
+        &mut conn,
+        Reply::Started {
+            pid: child.pid as u32,
+        },
+    );
+    let code = wait(child.pid);
     send(&mut conn, Reply::Exited { code });
 }
 
-/// Starts `cmd` with exactly `env`, in `cwd`, with the given standard streams, in its own
-/// process group, its cgroup joined (through `procs`) before it execs.
-fn start(
-    mut cmd: Command,
-    env: &[(Vec<u8>, Vec<u8>)],
-    cwd: &Path,
-    stdio: &[OwnedFd; 3],
-    procs: Option<&OwnedFd>,
-    child_nofile: libc::rlim_t,
-) -> io::Result<Child> {
-    let dup = |i: usize| stdio[i].try_clone().map(Stdio::from);
-    cmd.env_clear()
-        .envs(
-            env.iter()
-                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
-        )
-        .current_dir(cwd)
-        .stdin(dup(0)?)
-        .stdout(dup(1)?)
-        .stderr(dup(2)?)
-        .process_group(0);
-    // SAFETY: getrlimit/setrlimit only, between fork and exec: the command gets the limit
-    // the agent started with.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut lim = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > child_nofile {
-                lim.rlim_cur = child_nofile;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-            Ok(())
-        });
-    }
-    if let Some(procs) = procs {
-        let fd = procs.as_raw_fd();
-        // SAFETY: only write(2) runs between fork and exec. The service opened this
-        // cgroup.procs, so the move is checked against its credentials: the command and all it
-        // starts are in the command's own cgroup before it runs.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::write(fd, c"0".as_ptr().cast(), 1) == 1 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            });
+/// Waits for the child and reaps it: its exit status, or 128+N for death by signal N.
+fn wait(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    loop {
+        // SAFETY: reaping our own child into a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return -1;
         }
     }
-    cmd.spawn()
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        -1
+    }
 }

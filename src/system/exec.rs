@@ -59,20 +59,27 @@ impl HostExecutor {
     }
 }
 
-/// Reads a stream to its end (or until `stop`), keeping the first `cap` bytes.
+/// Reads a stream to its end, keeping the first `cap` bytes. Once `ended` fires (the
+/// command's processes were killed), the end of file may take at most `DRAIN` more: only a
+/// process outside the command's cgroup (a hostile agent) could hold the stream open longer.
 async fn read_capped<R: AsyncRead + Unpin>(
     mut r: R,
     cap: usize,
-    stop: CancellationToken,
+    ended: &CancellationToken,
 ) -> (Vec<u8>, bool) {
     let mut kept = Vec::new();
     let mut truncated = false;
     let mut buf = vec![0u8; 64 * 1024];
+    let drain = async {
+        ended.cancelled().await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    tokio::pin!(drain);
     loop {
         let n = tokio::select! {
             biased;
             r = r.read(&mut buf) => r,
-            () = stop.cancelled() => break,
+            () = &mut drain => break,
         };
         match n {
             Ok(0) | Err(_) => break,
@@ -142,7 +149,8 @@ pub struct Command<'a> {
 /// The command's ends of its standard streams, and the service's ends where it collects them.
 struct Streams {
     child: [OwnedFd; 3],
-    stdin: Option<(pipe::Sender, Vec<u8>)>,
+    /// The service's end of the command's stdin, and what to write there.
+    stdin: Option<(OwnedFd, Vec<u8>)>,
     stdout: Option<pipe::Receiver>,
     stderr: Option<pipe::Receiver>,
 }
@@ -156,7 +164,7 @@ fn streams(io: ExecIo) -> io::Result<Streams> {
             let (err_r, err_w) = pipe()?;
             Ok(Streams {
                 child: [in_r, out_w, err_w],
-                stdin: Some((pipe::Sender::from_owned_fd(in_w)?, stdin)),
+                stdin: Some((in_w, stdin)),
                 stdout: Some(pipe::Receiver::from_owned_fd(out_r)?),
                 stderr: Some(pipe::Receiver::from_owned_fd(err_r)?),
             })
@@ -353,62 +361,62 @@ pub async fn run_contained(
             }
         };
     let pid = running.pid();
-    if let Some((mut stdin, data)) = streams.stdin {
+    match streams.stdin {
         // A command that does not read its stdin closes the pipe: that is not an error.
-        tokio::spawn(async move {
-            let _ = stdin.write_all(&data).await;
-        });
-    }
-    let cap = c.output_cap;
-    let stop = CancellationToken::new();
-    let stdout = streams
-        .stdout
-        .map(|s| tokio::spawn(read_capped(s, cap, stop.clone())));
-    let stderr = streams
-        .stderr
-        .map(|s| tokio::spawn(read_capped(s, cap, stop.clone())));
-
-    let ending = tokio::select! {
-        r = running.wait() => Ending::Exited(r),
-        () = tokio::time::sleep(c.timeout) => Ending::TimedOut,
-        () = cancel.cancelled() => Ending::Cancelled,
-    };
-    let duration = start.elapsed();
-    // End everything the command left running; its pipes then reach end of file.
-    match &cgroup {
-        Some(cg) => cg.kill(),
-        None => {
-            if let Some(pid) = pid {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+        Some((stdin, data)) if !data.is_empty() => {
+            if let Ok(mut stdin) = pipe::Sender::from_owned_fd(stdin) {
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&data).await;
+                });
             }
         }
+        // Nothing to write: the command reads end of file at once.
+        _ => {}
     }
-    let code = match ending {
-        Ending::Exited(r) => Some(r),
-        Ending::TimedOut | Ending::Cancelled => {
-            running.reap().await;
-            None
+    // The command's end and its output are awaited in this one task: no hand-off between
+    // threads stands between the command's exit and the answer.
+    let ended = CancellationToken::new();
+    let cap = c.output_cap;
+    let read = |s: Option<pipe::Receiver>| {
+        let ended = &ended;
+        async move {
+            match s {
+                Some(s) => read_capped(s, cap, ended).await,
+                None => Default::default(),
+            }
         }
     };
-    let drain = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(DRAIN).await;
-            stop.cancel();
-        })
-    };
-    let collect = |t: Option<tokio::task::JoinHandle<(Vec<u8>, bool)>>| async move {
-        match t {
-            Some(t) => t.await.unwrap_or_default(),
-            None => Default::default(),
+    let run = async {
+        let ending = tokio::select! {
+            r = running.wait() => Ending::Exited(r),
+            () = tokio::time::sleep(c.timeout) => Ending::TimedOut,
+            () = cancel.cancelled() => Ending::Cancelled,
+        };
+        let duration = start.elapsed();
+        // End everything the command left running; its pipes then reach end of file.
+        match &cgroup {
+            Some(cg) => cg.kill(),
+            None => {
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
         }
+        ended.cancel();
+        let code = match ending {
+            Ending::Exited(r) => Some(r),
+            Ending::TimedOut | Ending::Cancelled => {
+                running.reap().await;
+                None
+            }
+        };
+        (code, duration)
     };
-    let (stdout, stdout_truncated) = collect(stdout).await;
-    let (stderr, stderr_truncated) = collect(stderr).await;
-    drain.abort();
+    let ((code, duration), (stdout, stdout_truncated), (stderr, stderr_truncated)) =
+        tokio::join!(run, read(streams.stdout), read(streams.stderr));
     if let Some(cg) = cgroup {
         // Empty (or being emptied by cgroup.kill): kept for the next command or removed, after
         // the answer, not before it.
