@@ -293,10 +293,17 @@ pub fn recv_with_fds(
         msg.msg_iovlen = 1;
         msg.msg_control = cmsg_buf.buf.as_mut_ptr().cast();
         msg.msg_controllen = CMSG_SPACE as _;
-        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let n = loop {
+            let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if n >= 0 {
+                break n;
+            }
+            let e = io::Error::last_os_error();
+            // A socket with a receive timeout is not restarted after a signal.
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
         let mut received = Vec::new();
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {

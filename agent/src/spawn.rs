@@ -232,8 +232,13 @@ pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
     drop(stack);
     // The exec happened (the report pipe closed with it) or the child says why not.
     let mut errno = [0u8; 4];
-    // SAFETY: read into a local buffer.
-    let n = unsafe { libc::read(report_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
+    let n = loop {
+        // SAFETY: read into a local buffer.
+        let n = unsafe { libc::read(report_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
+        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break n;
+        }
+    };
     if n == 4 {
         let mut status = 0;
         // SAFETY: reaping our own child, which has exited.

@@ -141,13 +141,14 @@ impl CommandCgroup {
                 .get_mut(parent)
                 .and_then(Vec::pop);
             let Some(cg) = pooled else { break };
-            match fs::File::open(cg.dir.join("cgroup.events")) {
-                Ok(events) if !read_populated(&events) => return Ok(cg),
-                Ok(_) => {
+            match read_populated(&cg.events) {
+                Some(false) => return Ok(cg),
+                Some(true) => {
                     cg.kill();
                     tokio::spawn(cg.remove());
                 }
-                Err(_) => {}
+                // Gone with its container.
+                None => {}
             }
         }
         // Numbers are unique in this run; a cgroup an earlier run of the service left (kept in
@@ -167,10 +168,12 @@ impl CommandCgroup {
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(dir.join("cgroup.procs"));
-        match procs {
-            Ok(f) => Ok(CommandCgroup {
+        let opened = procs.and_then(|p| Ok((p, fs::File::open(dir.join("cgroup.events"))?)));
+        match opened {
+            Ok((procs, events)) => Ok(CommandCgroup {
                 dir,
-                procs: OwnedFd::from(f),
+                procs: OwnedFd::from(procs),
+                events,
             }),
             Err(e) => {
                 let _ = fs::remove_dir(&dir);
@@ -196,9 +199,19 @@ pub(super) struct CommandCgroup {
     pub(super) dir: PathBuf,
     /// Open before fork, so the child only has to write(2) to it.
     pub(super) procs: OwnedFd,
+    /// Its `cgroup.events`, kept open: whether it holds processes is one read.
+    events: fs::File,
 }
 
 impl CommandCgroup {
+    /// Ends what the command left running: nothing to do (and nothing written) when its
+    /// cgroup is already empty, as it is after most commands.
+    pub(super) fn kill_leftovers(&self) {
+        if read_populated(&self.events) != Some(false) {
+            self.kill();
+        }
+    }
+
     pub(super) fn kill(&self) {
         if let Err(e) = fs::write(self.dir.join("cgroup.kill"), "1") {
             warn!("Cannot kill {}: {e}", self.dir.display());
@@ -235,7 +248,7 @@ impl CommandCgroup {
     /// changing `populated` in its `cgroup.events` and waking pollers of that file
     /// (`POLLPRI`): awaited, and looked at again every 100 ms should a wake-up be missed.
     async fn wait_empty(&self) -> bool {
-        let events = fs::File::open(self.dir.join("cgroup.events")).and_then(|f| {
+        let events = self.events.try_clone().and_then(|f| {
             // SAFETY: a File owns its descriptor until it is dropped, with the AsyncFd.
             unsafe {
                 tokio::io::unix::AsyncFd::register_with_interest(f, tokio::io::Interest::PRIORITY)
@@ -245,7 +258,7 @@ impl CommandCgroup {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             match &events {
-                Ok(f) if !read_populated(f.get_ref()) => return true,
+                Ok(f) if read_populated(f.get_ref()) == Some(false) => return true,
                 Ok(_) => {}
                 // Gone (its container stopped): empty, and nothing to keep.
                 Err(_) => return !self.dir.exists(),
@@ -289,12 +302,11 @@ impl CommandCgroup {
     }
 }
 
-/// Whether a cgroup still holds processes, from its `cgroup.events` (read from the start).
-fn read_populated(events: &fs::File) -> bool {
+/// Whether a cgroup still holds processes, from its `cgroup.events` (read from the start);
+/// `None` when it cannot be read (the cgroup is gone).
+fn read_populated(events: &fs::File) -> Option<bool> {
     use std::os::unix::fs::FileExt;
     let mut buf = [0u8; 256];
-    match events.read_at(&mut buf, 0) {
-        Ok(n) => !String::from_utf8_lossy(&buf[..n]).contains("populated 0"),
-        Err(_) => true,
-    }
+    let n = events.read_at(&mut buf, 0).ok()?;
+    Some(!String::from_utf8_lossy(&buf[..n]).contains("populated 0"))
 }

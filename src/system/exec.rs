@@ -395,7 +395,10 @@ pub async fn run_contained(
         let duration = start.elapsed();
         // End everything the command left running; its pipes then reach end of file.
         match &cgroup {
-            Some(cg) => cg.kill(),
+            Some(cg) => match ending {
+                Ending::Exited(_) => cg.kill_leftovers(),
+                Ending::TimedOut | Ending::Cancelled => cg.kill(),
+            },
             None => {
                 if let Some(pid) = pid {
                     let _ = nix::sys::signal::killpg(
