@@ -361,17 +361,16 @@ pub async fn run_contained(
             }
         };
     let pid = running.pid();
-    match streams.stdin {
-        // A command that does not read its stdin closes the pipe: that is not an error.
-        Some((stdin, data)) if !data.is_empty() => {
-            if let Ok(mut stdin) = pipe::Sender::from_owned_fd(stdin) {
-                tokio::spawn(async move {
-                    let _ = stdin.write_all(&data).await;
-                });
-            }
+    if let Some((stdin, data)) = streams.stdin {
+        if data.is_empty() {
+            // Nothing to write: closed now, the command reads end of file at once.
+            drop(stdin);
+        } else if let Ok(mut stdin) = pipe::Sender::from_owned_fd(stdin) {
+            // A command that does not read its stdin closes the pipe: that is not an error.
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&data).await;
+            });
         }
-        // Nothing to write: the command reads end of file at once.
-        _ => {}
     }
     // The command's end and its output are awaited in this one task: no hand-off between
     // threads stands between the command's exit and the answer.
@@ -530,6 +529,15 @@ mod tests {
         let o = run(r).await;
         let want = format!("from stdin\nhello\n{}\n", dir.path().display());
         assert_eq!(String::from_utf8_lossy(&o.stdout), want);
+    }
+
+    #[tokio::test]
+    async fn no_input_is_end_of_file_at_once() {
+        let mut r = req("cat; echo end");
+        r.timeout = Duration::from_secs(5);
+        let o = run(r).await;
+        assert!(!o.timed_out, "cat waited for input that never comes");
+        assert_eq!(o.stdout, b"end\n");
     }
 
     #[tokio::test]
