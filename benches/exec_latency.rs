@@ -295,6 +295,19 @@ async fn main() {
         })
         .await,
     );
+    // The call alone, answered at once with an error (no such workspace): what handling an
+    // Exec message costs beyond a Ping, apart from the command.
+    report(
+        "baseline: Exec of an unknown workspace (an error)",
+        time_async(|| async {
+            assert!(
+                m.exec("no-such-workspace", "true", HashMap::new())
+                    .await
+                    .is_err()
+            );
+        })
+        .await,
+    );
     let host = report(
         "Exec('host', 'true') through D-Bus",
         time_async(|| exec("host".into(), "true")).await,

@@ -62,6 +62,34 @@ async fn a_debian_container_builds_runs_commands_and_is_destroyed() {
         "hello from init\nhello\n/workspace\nVERSION_CODENAME=bookworm\n"
     );
     assert_eq!(err, b"oops\n", "stderr separate, no terminal in between");
+
+    // A plain command is started by the agent itself (agent/src/direct.rs), as bash would
+    // start it: what it sees is what it sees through bash (the comment sends it to bash).
+    let sorted_env = |cmd: &'static str| {
+        let m = m.clone();
+        let name = name.clone();
+        async move {
+            let (code, out, ..) = m.exec(&name, cmd, no_options()).await.unwrap();
+            assert_eq!(code, 0);
+            let mut lines: Vec<String> = String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines
+        }
+    };
+    let direct = sorted_env("env").await;
+    assert_eq!(direct, sorted_env("env # through bash").await);
+    for want in [
+        "GREETING=hello",
+        "PWD=/workspace",
+        "SHLVL=0",
+        "_=/usr/bin/env",
+    ] {
+        assert!(direct.iter().any(|l| l == want), "{want} in {direct:?}");
+    }
     assert!(
         ok("machinectl list --no-legend").contains(&name),
         "machinectl list shows it"
