@@ -295,8 +295,7 @@ async fn main() {
         })
         .await,
     );
-    // The call alone, answered at once with an error (no such workspace): what handling an
-    // Exec message costs beyond a Ping, apart from the command.
+    // The call alone, refused at once (no such workspace): Exec's handling beyond a Ping.
     report(
         "baseline: Exec of an unknown workspace (an error)",
         time_async(|| async {

@@ -35,6 +35,9 @@ pub enum Error {
     NoSuchTool(String),
     #[error("Template '{0}' is not in the Library")]
     NoSuchTemplate(String),
+    /// No such background process (never started, or forgotten): "N in workspace 'NAME'".
+    #[error("No process {0}")]
+    NoSuchProcess(String),
     /// The Library is unreadable, or holds a malformed file; the message says which.
     #[error("{0}")]
     Library(String),

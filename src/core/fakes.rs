@@ -60,9 +60,33 @@ pub(crate) struct FakeExec(
 );
 #[async_trait]
 impl Executor for FakeExec {
-    async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
+    /// Socket pairs in place of pipes: what the command's ends are does not matter here.
+    fn process_streams(&self) -> Result<ProcessStreams> {
+        let pair = || {
+            let (a, b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
+            let a = a.into_std().map_err(|e| Error::io("deregister", e))?;
+            Ok::<_, Error>((a, b))
+        };
+        let (in_cmd, input) = pair()?;
+        let (out_cmd, output) = pair()?;
+        let err_cmd = out_cmd.try_clone().map_err(|e| Error::io("dup", e))?;
+        Ok(ProcessStreams {
+            command: ExecIo::Pass {
+                stdin: in_cmd.into(),
+                stdout: out_cmd.into(),
+                stderr: err_cmd.into(),
+            },
+            input: Box::new(input),
+            output: Box::new(output),
+        })
+    }
+
+    async fn run(&self, mut req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
         let block = req.command == "block";
         let hold = req.command == "hold";
+        // The command's descriptors are its while it runs, and closed when it returns, as
+        // a real command's are.
+        let _io = std::mem::take(&mut req.io);
         self.0.lock().unwrap().push(req);
         if hold {
             self.1.notified().await;

@@ -69,7 +69,13 @@ pub struct ExecRequest {
     pub timeout: Duration,
     /// Cap per collected output stream; the rest is read and dropped, and the stream is flagged.
     pub output_cap: usize,
+    /// Signals to deliver to every process of the command while it runs (a background
+    /// process's `Signal`); `None` for a plain exec.
+    pub signals: Option<Signals>,
 }
+
+/// Where the signals for a running command come from.
+pub type Signals = tokio::sync::mpsc::UnboundedReceiver<i32>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExecOutcome {
@@ -89,6 +95,19 @@ pub struct ExecOutcome {
 #[async_trait]
 pub trait Executor: Send + Sync {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
+    /// The streams of a background process (host or container): the command's ends, and the
+    /// service's.
+    fn process_streams(&self) -> Result<ProcessStreams>;
+}
+
+/// A background process's streams.
+pub struct ProcessStreams {
+    /// The command's: its stdin, and one pipe for stdout and stderr both (`ExecIo::Pass`).
+    pub command: ExecIo,
+    /// The service's end of the command's stdin.
+    pub input: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    /// The service's end of the command's output.
+    pub output: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
 }
 
 /// Where a workspace's skills and tools go: `<root>/<dir>/.opencode/`. The service does not
@@ -187,9 +206,31 @@ pub trait Containers: Send + Sync {
 /// What happened, for the transport layers (D-Bus objects and signals). Delivered in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Added { id: String },
-    Changed { id: String, fields: Vec<Field> },
-    Removed { id: String },
+    Added {
+        id: String,
+    },
+    Changed {
+        id: String,
+        fields: Vec<Field>,
+    },
+    Removed {
+        id: String,
+    },
+    /// A background process of workspace `id` started (its object appears).
+    ProcessAdded {
+        id: String,
+        process: u32,
+    },
+    /// It ended: `Running`, `ExitCode` and `EndedAt` changed.
+    ProcessExited {
+        id: String,
+        process: u32,
+    },
+    /// It was forgotten (its object goes).
+    ProcessRemoved {
+        id: String,
+        process: u32,
+    },
 }
 
 pub trait Events: Send + Sync {

@@ -118,6 +118,14 @@ fn exec_common(command: String, mut a: Args, io: ExecIo) -> Result<ExecParams> {
     })
 }
 
+/// `StartProcess` options (`schema::START_PROCESS`): the call's environment and working
+/// directory.
+pub fn process_options(map: Dict) -> Result<(BTreeMap<String, String>, Option<String>)> {
+    let mut a = Args::new(map, schema::START_PROCESS)?;
+    let cwd = a.take("cwd")?;
+    Ok((a.env("env")?.unwrap_or_default(), cwd))
+}
+
 /// `RerunInit` options (`schema::RERUN_INIT`).
 pub fn rerun_options(map: Dict) -> Result<Option<u32>> {
     let mut a = Args::new(map, schema::RERUN_INIT)?;

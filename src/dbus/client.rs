@@ -59,6 +59,8 @@ pub type WorkspaceEntry = (String, String, String, String, OwnedObjectPath);
 /// A dictionary in a reply: `a{sv}`.
 pub type Dict = HashMap<String, OwnedVariant>;
 
+pub use super::process::ProcessEntry;
+
 /// Both proxies of each interface are generated from one list of methods: `WorkspacesProxy` and
 /// `WorkspaceProxy` for programs that answer machines (the bridge, the tests), and those of
 /// `interactive` for `workspacectl`, whose calls allow polkit to ask the user
@@ -93,6 +95,11 @@ macro_rules! proxies {
                 stderr: zbus::Fd<'_>,
                 options: Args<'_>,
             ) -> zbus::Result<ExecFdsReply>;
+            #[zbus($($flag)?)]
+            fn start_process(&self, workspace: &str, command: &str, options: Args<'_>)
+                -> zbus::Result<OwnedObjectPath>;
+            #[zbus($($flag)?)]
+            fn list_processes(&self, workspace: &str) -> zbus::Result<Vec<ProcessEntry>>;
             #[zbus($($flag)?)]
             fn build_workspace(&self, workspace: &str) -> zbus::Result<()>;
             #[zbus($($flag)?)]
@@ -138,6 +145,11 @@ macro_rules! proxies {
                 stderr: zbus::Fd<'_>,
                 options: Args<'_>,
             ) -> zbus::Result<ExecFdsReply>;
+            #[zbus($($flag)?)]
+            fn start_process(&self, command: &str, options: Args<'_>)
+                -> zbus::Result<OwnedObjectPath>;
+            #[zbus($($flag)?)]
+            fn list_processes(&self) -> zbus::Result<Vec<ProcessEntry>>;
             #[zbus($($flag)?)]
             fn update(&self, changes: Args<'_>) -> zbus::Result<()>;
             #[zbus($($flag)?)]
@@ -200,6 +212,36 @@ macro_rules! proxies {
 }
 
 proxies!(Workspaces, Workspace);
+
+/// A background process (`StartProcess` gives its path).
+#[proxy(
+    interface = "org.agent.Workspaces.Process",
+    default_service = "org.agent.Workspaces"
+)]
+pub trait Process {
+    fn read_output(&self, offset: u64, max_bytes: u32) -> zbus::Result<(Vec<u8>, u64, bool)>;
+    fn write_input(&self, data: &[u8]) -> zbus::Result<()>;
+    fn signal(&self, signal: i32) -> zbus::Result<()>;
+    fn wait(&self, timeout_secs: u32) -> zbus::Result<(i32, bool)>;
+
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn command(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn running(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn exit_code(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn started_at(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn ended_at(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn pty(&self) -> zbus::Result<bool>;
+
+    #[zbus(signal)]
+    fn process_exited(&self, exit_code: i32) -> zbus::Result<()>;
+}
 
 /// The same proxies, whose calls allow interactive authorization.
 pub mod interactive {

@@ -43,6 +43,7 @@ fn name_of(e: &Error) -> &str {
         Error::NoSuchSkill(_) => "org.agent.Workspaces.Error.NoSuchSkill",
         Error::NoSuchTool(_) => "org.agent.Workspaces.Error.NoSuchTool",
         Error::NoSuchTemplate(_) => "org.agent.Workspaces.Error.NoSuchTemplate",
+        Error::NoSuchProcess(_) => "org.agent.Workspaces.Error.NoSuchProcess",
         Error::Library(_) => "org.agent.Workspaces.Error.LibraryError",
         Error::Bus { name, .. } => name,
     }
@@ -57,7 +58,8 @@ fn data_of(e: &Error) -> Vec<&str> {
         | Error::Protected(n)
         | Error::NoSuchSkill(n)
         | Error::NoSuchTool(n)
-        | Error::NoSuchTemplate(n) => vec![n],
+        | Error::NoSuchTemplate(n)
+        | Error::NoSuchProcess(n) => vec![n],
         _ => vec![],
     }
 }
@@ -89,6 +91,7 @@ fn from_reply(name: &str, message: String, data: Vec<String>) -> Error {
             Some("NoSuchSkill") => Error::NoSuchSkill(next(&message)),
             Some("NoSuchTool") => Error::NoSuchTool(next(&message)),
             Some("NoSuchTemplate") => Error::NoSuchTemplate(next(&message)),
+            Some("NoSuchProcess") => Error::NoSuchProcess(next(&message)),
             Some("LibraryError") => Error::Library(message),
             _ => Error::Bus {
                 name: name.to_owned(),
@@ -122,6 +125,7 @@ impl zbus::DBusError for Error {
             | Error::NoSuchSkill(s)
             | Error::NoSuchTool(s)
             | Error::NoSuchTemplate(s)
+            | Error::NoSuchProcess(s)
             | Error::Library(s)
             | Error::AccessDenied(s)
             | Error::InteractiveAuthorizationRequired(s) => Some(s),
@@ -213,6 +217,7 @@ mod tests {
             Error::NoSuchSkill("s".into()),
             Error::NoSuchTool("t".into()),
             Error::NoSuchTemplate("tpl".into()),
+            Error::NoSuchProcess("3 in workspace 'box'".into()),
             Error::Library("malformed".into()),
             Error::io_msg("Cannot write"),
             Error::AccessDenied("no".into()),

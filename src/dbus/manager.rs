@@ -11,6 +11,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, interface};
 use super::args::Dict;
 use super::context::Context;
 use super::error::Result;
+use super::process::ProcessEntry;
 
 pub const BUS_NAME: &str = "org.agent.Workspaces";
 pub const MANAGER_PATH: &str = "/org/agent/Workspaces";
@@ -91,6 +92,29 @@ impl ManagerObject {
         self.ctx
             .exec_with_fds(&header, workspace, command, stdin, stdout, stderr, options)
             .await
+    }
+
+    /// Starts a command that outlives the call; its object's path.
+    #[zbus(out_args("process"))]
+    async fn start_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        command: String,
+        options: Dict,
+    ) -> Result<OwnedObjectPath> {
+        self.ctx
+            .start_process(&header, workspace, command, options)
+            .await
+    }
+
+    #[zbus(out_args("processes"))]
+    async fn list_processes(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<Vec<ProcessEntry>> {
+        self.ctx.list_processes(&header, workspace).await
     }
 
     async fn build_workspace(

@@ -9,6 +9,7 @@ pub mod context;
 pub mod error;
 pub mod manager;
 pub mod objects;
+pub mod process;
 pub mod schema;
 pub mod workspace;
 

@@ -10,6 +10,7 @@ use zbus::{Connection, OwnedObjectPath};
 
 use super::context::Context;
 use super::manager::{MANAGER_PATH, ManagerObject};
+use super::process::{ProcessObject, process_path};
 use super::workspace::WorkspaceObject;
 use crate::core::names::bus_label_escape;
 use crate::core::ports::{Event, Events};
@@ -119,6 +120,33 @@ async fn apply(conn: &Connection, ctx: &Context, event: Event) -> zbus::Result<(
                 let m = manager_ref(conn).await?;
                 ManagerObject::workspace_removed(m.signal_emitter(), &id, path).await?;
             }
+        }
+        Event::ProcessAdded { id, process } => {
+            let object = ProcessObject::new(id.clone(), process, ctx.clone());
+            conn.object_server()
+                .at(process_path(&id, process), object)
+                .await?;
+        }
+        Event::ProcessExited { id, process } => {
+            let Ok(info) = ctx.manager.process_info(&id, process) else {
+                // Forgotten since; its `ProcessRemoved` event follows.
+                return Ok(());
+            };
+            let iface = conn
+                .object_server()
+                .interface::<_, ProcessObject>(process_path(&id, process))
+                .await?;
+            let object = iface.get().await;
+            let emitter = iface.signal_emitter();
+            object.running_changed(emitter).await?;
+            object.exit_code_changed(emitter).await?;
+            object.ended_at_changed(emitter).await?;
+            ProcessObject::process_exited(emitter, info.exit_code).await?;
+        }
+        Event::ProcessRemoved { id, process } => {
+            conn.object_server()
+                .remove::<ProcessObject, _>(process_path(&id, process))
+                .await?;
         }
         Event::Changed { id, fields } => {
             if ctx.manager.get(&id).is_err() {

@@ -191,6 +191,12 @@ pub const EXEC_WITH_FDS: Keys = Keys {
     keys: EXEC_KEYS.split_at(EXEC_KEYS.len() - 1).0,
 };
 
+/// `StartProcess`'s `options`.
+pub const START_PROCESS: Keys = Keys {
+    what: "the process options",
+    keys: &[key("cwd", Type::Str), key("env", Type::StrMap)],
+};
+
 /// `RerunInit`'s `options`; the REST rerun-init body.
 pub const RERUN_INIT: Keys = Keys {
     what: "the rerun-init options",

@@ -57,6 +57,26 @@ impl WorkspaceObject {
             .await
     }
 
+    #[zbus(out_args("process"))]
+    async fn start_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        command: String,
+        options: Dict,
+    ) -> Result<zbus::OwnedObjectPath> {
+        self.ctx
+            .start_process(&header, &self.id, command, options)
+            .await
+    }
+
+    #[zbus(out_args("processes"))]
+    async fn list_processes(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<Vec<super::process::ProcessEntry>> {
+        self.ctx.list_processes(&header, &self.id).await
+    }
+
     async fn update(&self, #[zbus(header)] header: Header<'_>, changes: Dict) -> Result<()> {
         self.ctx.update(&header, &self.id, changes).await
     }

@@ -55,7 +55,9 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, code) = match &e {
             Error::InvalidArgs { .. } => (StatusCode::BAD_REQUEST, "invalid_argument"),
-            Error::NoSuchWorkspace(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Error::NoSuchWorkspace(_) | Error::NoSuchProcess(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             Error::NoSuchSkill(_) => (StatusCode::BAD_REQUEST, "no_such_skill"),
             Error::NoSuchTool(_) => (StatusCode::BAD_REQUEST, "no_such_tool"),
             Error::NoSuchTemplate(_) => (StatusCode::BAD_REQUEST, "no_such_template"),

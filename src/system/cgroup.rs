@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,6 +209,45 @@ impl CommandCgroup {
     pub(super) fn kill_leftovers(&self) {
         if read_populated(&self.events) != Some(false) {
             self.kill();
+        }
+    }
+
+    /// Sends `sig` to every process in the cgroup. Each is held by a pidfd before the signal,
+    /// and signalled only if the cgroup still lists it after: a pid reused meanwhile by a
+    /// process elsewhere is never signalled.
+    pub(super) fn signal(&self, sig: i32) {
+        let procs = || -> Vec<i32> {
+            fs::read_to_string(self.dir.join("cgroup.procs"))
+                .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+                .unwrap_or_default()
+        };
+        let held: Vec<(i32, OwnedFd)> = procs()
+            .into_iter()
+            .filter_map(|pid| {
+                // SAFETY: a plain syscall; a non-negative result is a new descriptor we own.
+                let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+                (fd >= 0).then(|| (pid, unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+            })
+            .collect();
+        let still = procs();
+        for (pid, fd) in held.iter().filter(|(pid, _)| still.contains(pid)) {
+            // SAFETY: signalling the process the pidfd holds.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    sig,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if r != 0 {
+                warn!(
+                    "Cannot send signal {sig} to process {pid} of {}: {}",
+                    self.dir.display(),
+                    io::Error::last_os_error()
+                );
+            }
         }
     }
 

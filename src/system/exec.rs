@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::agent::AgentConnection;
 use super::cgroup::{CommandCgroup, Containment};
 use crate::core::error::{Error, Result};
-use crate::core::ports::{ExecIo, ExecOutcome, ExecRequest, Executor};
+use crate::core::ports::{ExecIo, ExecOutcome, ExecRequest, Executor, ProcessStreams, Signals};
 
 /// The soft descriptor limit the service started with, which the commands it starts get back.
 static CHILD_NOFILE_SOFT: AtomicU64 = AtomicU64::new(1024);
@@ -144,42 +144,8 @@ pub struct Command<'a> {
     pub io: ExecIo,
     pub timeout: Duration,
     pub output_cap: usize,
-}
-
-/// The command's ends of its standard streams, and the service's ends where it collects them.
-struct Streams {
-    child: [OwnedFd; 3],
-    /// The service's end of the command's stdin, and what to write there.
-    stdin: Option<(OwnedFd, Vec<u8>)>,
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
-}
-
-fn streams(io: ExecIo) -> io::Result<Streams> {
-    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from);
-    match io {
-        ExecIo::Collect { stdin } => {
-            let (in_r, in_w) = pipe()?;
-            let (out_r, out_w) = pipe()?;
-            let (err_r, err_w) = pipe()?;
-            Ok(Streams {
-                child: [in_r, out_w, err_w],
-                stdin: Some((in_w, stdin)),
-                stdout: Some(pipe::Receiver::from_owned_fd(out_r)?),
-                stderr: Some(pipe::Receiver::from_owned_fd(err_r)?),
-            })
-        }
-        ExecIo::Pass {
-            stdin,
-            stdout,
-            stderr,
-        } => Ok(Streams {
-            child: [stdin, stdout, stderr],
-            stdin: None,
-            stdout: None,
-            stderr: None,
-        }),
-    }
+    /// Signals for every process of the command while it runs.
+    pub signals: Option<Signals>,
 }
 
 /// A started command.
@@ -337,7 +303,7 @@ pub async fn run_contained(
     containment: &Containment,
     cancel: &CancellationToken,
 ) -> Result<ExecOutcome> {
-    let streams = streams(c.io)
+    let streams = super::pipes::streams(c.io)
         .map_err(|e| Error::JobFailed(format!("Cannot make the command's pipes: {e}")))?;
     let cgroup = match containment {
         Containment::Cgroup(parent) => Some(CommandCgroup::create(parent).map_err(|e| {
@@ -385,11 +351,29 @@ pub async fn run_contained(
             }
         }
     };
+    let mut signals = c.signals;
     let run = async {
-        let ending = tokio::select! {
-            r = running.wait() => Ending::Exited(r),
-            () = tokio::time::sleep(c.timeout) => Ending::TimedOut,
-            () = cancel.cancelled() => Ending::Cancelled,
+        let timeout = tokio::time::sleep(c.timeout);
+        tokio::pin!(timeout);
+        let ending = loop {
+            tokio::select! {
+                r = running.wait() => break Ending::Exited(r),
+                () = &mut timeout => break Ending::TimedOut,
+                () = cancel.cancelled() => break Ending::Cancelled,
+                Some(sig) = async {
+                    match signals.as_mut() {
+                        Some(s) => s.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match &cgroup {
+                    Some(cg) => cg.signal(sig),
+                    None => {
+                        if let (Some(pid), Ok(sig)) = (pid, nix::sys::signal::Signal::try_from(sig)) {
+                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), sig);
+                        }
+                    }
+                },
+            }
         };
         let duration = start.elapsed();
         // End everything the command left running; its pipes then reach end of file.
@@ -442,6 +426,11 @@ pub async fn run_contained(
 
 #[async_trait]
 impl Executor for HostExecutor {
+    fn process_streams(&self) -> Result<ProcessStreams> {
+        super::pipes::process_streams()
+            .map_err(|e| Error::io("Cannot make the pipes of a process", e))
+    }
+
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
         if !req.cwd.is_dir() {
             return Err(Error::invalid(
@@ -458,6 +447,7 @@ impl Executor for HostExecutor {
             io: req.io,
             timeout: req.timeout,
             output_cap: req.output_cap,
+            signals: req.signals,
         };
         run_contained(command, &self.containment, &cancel).await
     }
@@ -478,6 +468,7 @@ mod tests {
             io: ExecIo::default(),
             timeout: Duration::from_secs(10),
             output_cap: 1024 * 1024,
+            signals: None,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod layer;
 pub mod library;
 pub mod logging;
+pub mod pipes;
 pub mod spawn;
 pub mod store;
 pub mod systemd;

@@ -10,6 +10,7 @@ mod library;
 mod load;
 mod ownership;
 mod polkit;
+mod processes;
 mod rest;
 mod service;
 mod support;

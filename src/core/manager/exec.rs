@@ -83,6 +83,7 @@ impl Manager {
             io: params.io,
             timeout: Duration::from_secs(timeout_secs.into()),
             output_cap: limits.max_output_bytes,
+            signals: None,
         };
         let run = async {
             if ws.is_container() {

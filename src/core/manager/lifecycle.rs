@@ -263,6 +263,7 @@ impl Manager {
             self.set_error(&id, &e.to_string());
             return Err(e);
         }
+        self.forget_processes(&id);
         self.reg().by_id.remove(&id);
         info!(message_id = messages::WORKSPACE_DESTROYED, workspace_id = %ws.id,
               workspace_name = %ws.name, "Destroyed workspace {} ({})", ws.name, ws.id);

@@ -9,9 +9,11 @@ mod container;
 mod exec;
 mod library;
 mod lifecycle;
+mod processes;
 mod recovery;
 
 pub use exec::{BASE_PATH, command_env};
+pub use processes::{OutputBuffer, ProcessInfo};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -125,6 +127,8 @@ pub struct Manager {
     shutdown: CancellationToken,
     /// Container records found `destroying` at load; `reconcile` finishes them.
     unfinished_destroys: Mutex<Vec<Workspace>>,
+    /// Background processes, per workspace id.
+    processes: processes::Processes,
 }
 
 fn now_usec() -> u64 {
@@ -144,6 +148,7 @@ impl Manager {
             exec_slot_freed: tokio::sync::Notify::new(),
             shutdown: CancellationToken::new(),
             unfinished_destroys: Mutex::default(),
+            processes: Mutex::default(),
         }
     }
 

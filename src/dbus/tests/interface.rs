@@ -71,8 +71,18 @@ fn interface_file() -> String {
 async fn the_served_interfaces_are_the_interface_file() {
     let s = service().await;
     let host = s.manager().await.get_workspace("host").await.unwrap();
+    let process = s
+        .manager()
+        .await
+        .start_process("host", "block", no_options())
+        .await
+        .unwrap();
     let mut served = BTreeSet::new();
-    for path in [OwnedObjectPath::try_from(MANAGER_PATH).unwrap(), host] {
+    for path in [
+        OwnedObjectPath::try_from(MANAGER_PATH).unwrap(),
+        host,
+        process,
+    ] {
         let xml = zbus::fdo::IntrospectableProxy::builder(&s.client)
             .destination(BUS_NAME)
             .path(path)
@@ -131,6 +141,18 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
     m.get_debug_info("c").await.unwrap();
     m.rerun_init("c", no_options()).await.unwrap();
     m.sync_workspace("h").await.unwrap();
+    let p = m.start_process("h", "block", no_options()).await.unwrap();
+    assert_eq!(m.list_processes("h").await.unwrap()[0].1, "block");
+    let p = crate::dbus::client::ProcessProxy::builder(&s.client)
+        .path(p)
+        .build()
+        .await
+        .unwrap();
+    assert!(p.running().await.unwrap());
+    assert_eq!(p.read_output(0, 10).await.unwrap(), (vec![], 0, false));
+    p.write_input(b"x").await.unwrap();
+    p.signal(15).await.unwrap();
+    assert_eq!(p.wait(0).await.unwrap(), (-1, true));
     assert_eq!(m.list_library().await.unwrap().0, ["a", "b"]);
     assert_eq!(m.list_templates().await.unwrap()[0].0, "tpl");
     assert!(m.get_template("tpl").await.unwrap().contains_key("skills"));
@@ -151,6 +173,8 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
         .await
         .unwrap();
     wh.sync().await.unwrap();
+    wh.start_process("true", no_options()).await.unwrap();
+    assert_eq!(wh.list_processes().await.unwrap().len(), 1);
     s.fakes.containers.release_build.notify_one();
     wc.rebuild().await.unwrap();
     s.wait_status(&c, "ready").await;

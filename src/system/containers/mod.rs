@@ -446,6 +446,7 @@ impl Containers for NspawnContainers {
             io: req.io,
             timeout: req.timeout,
             output_cap: req.output_cap,
+            signals: req.signals,
         };
         let containment = Containment::Cgroup(leader.payload.clone());
         run_contained(command, &containment, &cancel).await
@@ -487,6 +488,7 @@ impl Containers for NspawnContainers {
             io: ExecIo::default(),
             timeout,
             output_cap: self.output_cap,
+            signals: None,
         };
         let outcome = self.exec(ws, req, cancel).await?;
         self.append_to_log(ws, &outcome.stdout).await;

@@ -1,0 +1,474 @@
+//! Background processes: commands that outlive the call that started them. Each runs as an
+//! exec with no practical timeout, its stdout and stderr into one pipe read into a bounded
+//! buffer, its stdin a pipe the service holds; it is tracked with the workspace's execs, so
+//! `Stop`, `Destroy` and the service's shutdown end it like any command, and its whole tree
+//! lives in its own cgroup. Finished processes are kept for a while, then forgotten.
+//!
+//! This is the one place the core makes descriptors itself (the pipes of a process): a
+//! background process has no caller whose descriptors it could use.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tracing::info;
+
+use super::exec::command_env;
+use super::{CONTAINER_WORKDIR, Manager, now_usec};
+use crate::core::error::{Error, Result};
+use crate::core::ports::{Event, ExecIo, ExecRequest, ProcessStreams};
+use crate::core::workspace::Status;
+
+/// Output kept per process; older output is dropped (and `ReadOutput` says where it resumes).
+pub const OUTPUT_CAP: usize = 1024 * 1024;
+/// Running background processes per workspace, and in the whole service.
+pub const MAX_PER_WORKSPACE: usize = 32;
+pub const MAX_TOTAL: usize = 256;
+/// Finished processes kept per workspace, each for at most `KEEP_FINISHED`.
+pub const FINISHED_PER_WORKSPACE: usize = 16;
+pub const KEEP_FINISHED: Duration = Duration::from_secs(600);
+/// Longest `ReadOutput` answer.
+pub const MAX_READ: u32 = 1024 * 1024;
+/// A background process has no timeout of its own: it ends, is signalled, or its workspace
+/// stops. (Ten years keeps clear of any overflow in the timer.)
+const NO_TIMEOUT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// What is known of a background process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub id: u32,
+    pub command: String,
+    pub running: bool,
+    /// The exit status (128+N after signal N); -1 while it runs, or when it could not be
+    /// started or was lost.
+    pub exit_code: i32,
+    pub started_at_usec: u64,
+    /// 0 while it runs.
+    pub ended_at_usec: u64,
+}
+
+/// The last `OUTPUT_CAP` bytes of a process's output, addressed by offsets counted from its
+/// first byte.
+#[derive(Debug, Default)]
+pub struct OutputBuffer {
+    data: VecDeque<u8>,
+    /// The offset of `data[0]`: how much was dropped.
+    start: u64,
+    /// The pipe reached end of file: nothing more will come.
+    complete: bool,
+}
+
+impl OutputBuffer {
+    pub fn push(&mut self, bytes: &[u8], cap: usize) {
+        self.data.extend(bytes);
+        let over = self.data.len().saturating_sub(cap);
+        self.data.drain(..over);
+        self.start += over as u64;
+    }
+
+    fn end(&self) -> u64 {
+        self.start + self.data.len() as u64
+    }
+
+    /// Up to `max` bytes from `offset` (from the oldest kept byte when `offset` was dropped),
+    /// the offset after them, and whether that is the end of all output.
+    pub fn read(&self, offset: u64, max: u32) -> (Vec<u8>, u64, bool) {
+        let from = offset.clamp(self.start, self.end());
+        let to = (from + u64::from(max)).min(self.end());
+        let skip = (from - self.start) as usize;
+        let data: Vec<u8> = self
+            .data
+            .range(skip..skip + (to - from) as usize)
+            .copied()
+            .collect();
+        (data, to, self.complete && to == self.end())
+    }
+}
+
+pub(super) struct Process {
+    info: Mutex<ProcessInfo>,
+    output: Mutex<OutputBuffer>,
+    /// Bumped when output arrives and when the process ends.
+    changed: watch::Sender<u64>,
+    signals: mpsc::UnboundedSender<i32>,
+    stdin: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>,
+}
+
+impl Process {
+    fn info(&self) -> ProcessInfo {
+        self.info
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// A workspace's processes.
+#[derive(Default)]
+pub(super) struct WorkspaceProcesses {
+    next: u32,
+    by_id: BTreeMap<u32, Arc<Process>>,
+}
+
+pub(super) type Processes = Mutex<HashMap<String, WorkspaceProcesses>>;
+
+impl Manager {
+    fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkspaceProcesses>> {
+        self.processes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn process(&self, key: &str, process: u32) -> Result<(String, Arc<Process>)> {
+        let id = self.get(key)?.id;
+        let p = self
+            .procs()
+            .get(&id)
+            .and_then(|w| w.by_id.get(&process).cloned())
+            .ok_or_else(|| Error::NoSuchProcess(format!("{process} in workspace '{key}'")))?;
+        Ok((id, p))
+    }
+
+    /// Starts `params.command` as a background process of the workspace; returns its id.
+    pub async fn start_process(
+        &self,
+        key: &str,
+        command: String,
+        env: BTreeMap<String, String>,
+        cwd: Option<String>,
+    ) -> Result<u32> {
+        // The checks of an exec's command, environment and directory.
+        let params = crate::core::spec::ExecParams {
+            command,
+            timeout_secs: None,
+            cwd,
+            env,
+            io: ExecIo::default(),
+        };
+        params.validate(&self.limits().exec)?;
+        let crate::core::spec::ExecParams {
+            command, cwd, env, ..
+        } = params;
+        let (ws, tracker, cancel) = {
+            let reg = self.reg();
+            let e = reg.resolve(key)?;
+            if e.ws.status != Status::Ready {
+                return Err(Error::NotReady {
+                    workspace: e.ws.name.clone(),
+                    status: e.ws.status.to_string(),
+                });
+            }
+            (e.ws.clone(), e.execs.clone(), e.cancel.child_token())
+        };
+        let ProcessStreams {
+            command: streams,
+            input,
+            output,
+        } = self.ports.executor.process_streams()?;
+        let (signals_tx, signals_rx) = mpsc::unbounded_channel();
+        let (process, id) = {
+            let mut all = self.procs();
+            let running = |w: &WorkspaceProcesses| {
+                w.by_id
+                    .values()
+                    .filter(|p| {
+                        p.info
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .running
+                    })
+                    .count()
+            };
+            let total: usize = all.values().map(running).sum();
+            let mine = all.entry(ws.id.clone()).or_default();
+            if running(mine) >= MAX_PER_WORKSPACE || total >= MAX_TOTAL {
+                return Err(Error::LimitsExceeded(format!(
+                    "Too many background processes: workspace '{}' runs {} (at most {MAX_PER_WORKSPACE}), the service {total} (at most {MAX_TOTAL})",
+                    ws.name,
+                    running(mine)
+                )));
+            }
+            mine.next += 1;
+            let id = mine.next;
+            let process = Arc::new(Process {
+                info: Mutex::new(ProcessInfo {
+                    id,
+                    command: command.clone(),
+                    running: true,
+                    exit_code: -1,
+                    started_at_usec: now_usec(),
+                    ended_at_usec: 0,
+                }),
+                output: Mutex::default(),
+                changed: watch::channel(0).0,
+                signals: signals_tx,
+                stdin: tokio::sync::Mutex::new(Some(input)),
+            });
+            mine.by_id.insert(id, process.clone());
+            (process, id)
+        };
+        let workdir = if ws.is_container() {
+            CONTAINER_WORKDIR.into()
+        } else {
+            ws.path.clone()
+        };
+        let request = ExecRequest {
+            workspace_id: ws.id.clone(),
+            command,
+            env: command_env(&ws, env),
+            cwd: match cwd {
+                None => workdir,
+                Some(c) => workdir.join(c),
+            },
+            io: streams,
+            timeout: NO_TIMEOUT,
+            output_cap: 0,
+            signals: Some(signals_rx),
+        };
+        info!(workspace_id = %ws.id, workspace_name = %ws.name, process = id,
+              "Starting background process {id} in workspace {}", ws.name);
+        self.ports.events.emit(Event::ProcessAdded {
+            id: ws.id.clone(),
+            process: id,
+        });
+        let reader = {
+            let process = process.clone();
+            async move {
+                let mut out_r: Box<dyn AsyncRead + Send + Unpin> = output;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match out_r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            process
+                                .output
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(&buf[..n], OUTPUT_CAP);
+                            process.bump();
+                        }
+                    }
+                }
+                process
+                    .output
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .complete = true;
+                process.bump();
+            }
+        };
+        let ports_containers = self.ports.containers.clone();
+        let executor = self.ports.executor.clone();
+        let events = self.ports.events.clone();
+        let ws_id = ws.id.clone();
+        let forget = ws.id.clone();
+        let name = ws.name.clone();
+        let run = async move {
+            let outcome = if ws.is_container() {
+                ports_containers.exec(&ws, request, cancel).await
+            } else {
+                executor.run(request, cancel).await
+            };
+            let exit_code = match &outcome {
+                Ok(o) => o.exit_code,
+                Err(_) => -1,
+            };
+            {
+                let mut info = process.info.lock().unwrap_or_else(PoisonError::into_inner);
+                info.running = false;
+                info.exit_code = exit_code;
+                info.ended_at_usec = now_usec();
+            }
+            // Its stdin goes with it.
+            process.stdin.lock().await.take();
+            match outcome {
+                Ok(_) => info!(workspace_id = %ws_id, workspace_name = %name, process = id,
+                               exit_code, "Background process {id} in workspace {name} ended: exit code {exit_code}"),
+                Err(e) => info!(workspace_id = %ws_id, workspace_name = %name, process = id,
+                                "Background process {id} in workspace {name} ended: {e}"),
+            }
+            process.bump();
+            events.emit(Event::ProcessExited {
+                id: ws_id,
+                process: id,
+            });
+        };
+        tracker.spawn(reader);
+        tracker.spawn(run);
+        self.forget_finished(&forget);
+        Ok(id)
+    }
+
+    /// The workspace's processes, oldest first.
+    pub fn list_processes(&self, key: &str) -> Result<Vec<ProcessInfo>> {
+        let id = self.get(key)?.id;
+        self.forget_finished(&id);
+        Ok(self
+            .procs()
+            .get(&id)
+            .map(|w| w.by_id.values().map(|p| p.info()).collect())
+            .unwrap_or_default())
+    }
+
+    pub fn process_info(&self, key: &str, process: u32) -> Result<ProcessInfo> {
+        Ok(self.process(key, process)?.1.info())
+    }
+
+    /// Up to `max_bytes` of output from `offset`: the data, the offset after it, and whether
+    /// the output is complete and all read.
+    pub fn read_output(
+        &self,
+        key: &str,
+        process: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<(Vec<u8>, u64, bool)> {
+        let (_, p) = self.process(key, process)?;
+        let out = p.output.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(out.read(offset, max_bytes.min(MAX_READ)))
+    }
+
+    /// Writes to the process's stdin; empty `data` closes it (the process reads end of file).
+    pub async fn write_input(&self, key: &str, process: u32, data: &[u8]) -> Result<()> {
+        let (_, p) = self.process(key, process)?;
+        let mut stdin = p.stdin.lock().await;
+        let closed = || Error::JobFailed(format!("The input of process {process} is closed"));
+        if data.is_empty() {
+            return stdin.take().map(drop).ok_or_else(closed);
+        }
+        let pipe = stdin.as_mut().ok_or_else(closed)?;
+        match tokio::time::timeout(Duration::from_secs(10), pipe.write_all(data)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                stdin.take();
+                Err(Error::JobFailed(format!(
+                    "Cannot write to process {process}: {e}"
+                )))
+            }
+            Err(_) => Err(Error::JobFailed(format!(
+                "Process {process} did not read its input for 10 s"
+            ))),
+        }
+    }
+
+    /// Sends signal `sig` to every process of the background process's tree.
+    pub fn signal_process(&self, key: &str, process: u32, sig: i32) -> Result<()> {
+        if !(1..=64).contains(&sig) {
+            return Err(Error::invalid("signal", format!("{sig} is not a signal")));
+        }
+        let (_, p) = self.process(key, process)?;
+        if !p.info().running || p.signals.send(sig).is_err() {
+            return Err(Error::JobFailed(format!("Process {process} has ended")));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to end: its exit code, or -1 and true on timeout.
+    pub async fn wait_process(
+        &self,
+        key: &str,
+        process: u32,
+        timeout: Duration,
+    ) -> Result<(i32, bool)> {
+        let (_, p) = self.process(key, process)?;
+        let mut changed = p.changed.subscribe();
+        let ended = async {
+            loop {
+                let info = p.info();
+                if !info.running {
+                    return info.exit_code;
+                }
+                if changed.changed().await.is_err() {
+                    return p.info().exit_code;
+                }
+            }
+        };
+        Ok(match tokio::time::timeout(timeout, ended).await {
+            Ok(code) => (code, false),
+            Err(_) => (-1, true),
+        })
+    }
+
+    /// Forgets finished processes beyond `FINISHED_PER_WORKSPACE`, and those that ended more
+    /// than `KEEP_FINISHED` ago.
+    fn forget_finished(&self, ws_id: &str) {
+        let now = now_usec();
+        let gone: Vec<u32> = {
+            let mut all = self.procs();
+            let Some(w) = all.get_mut(ws_id) else {
+                return;
+            };
+            let finished: Vec<(u32, u64)> = w
+                .by_id
+                .values()
+                .map(|p| p.info())
+                .filter(|i| !i.running)
+                .map(|i| (i.id, i.ended_at_usec))
+                .collect();
+            let excess = finished.len().saturating_sub(FINISHED_PER_WORKSPACE);
+            let old = KEEP_FINISHED.as_micros() as u64;
+            let gone: Vec<u32> = finished
+                .iter()
+                .enumerate()
+                .filter(|(i, (_, ended))| *i < excess || now.saturating_sub(*ended) > old)
+                .map(|(_, (id, _))| *id)
+                .collect();
+            for id in &gone {
+                w.by_id.remove(id);
+            }
+            gone
+        };
+        for process in gone {
+            self.ports.events.emit(Event::ProcessRemoved {
+                id: ws_id.to_owned(),
+                process,
+            });
+        }
+    }
+
+    /// Forgets every process of a workspace being removed (they have ended).
+    pub(super) fn forget_processes(&self, ws_id: &str) {
+        let gone = self.procs().remove(ws_id).unwrap_or_default();
+        for process in gone.by_id.into_keys() {
+            self.ports.events.emit(Event::ProcessRemoved {
+                id: ws_id.to_owned(),
+                process,
+            });
+        }
+    }
+
+    /// Running background processes, in every workspace.
+    pub fn running_processes(&self) -> usize {
+        self.procs()
+            .values()
+            .flat_map(|w| w.by_id.values())
+            .filter(|p| p.info().running)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_output_buffer_keeps_the_last_bytes_and_says_where_it_resumes() {
+        let mut b = OutputBuffer::default();
+        b.push(b"hello ", 8);
+        b.push(b"world", 8);
+        // 11 bytes written, the first 3 dropped.
+        assert_eq!(b.read(0, 100), (b"lo world".to_vec(), 11, false));
+        assert_eq!(b.read(5, 3), (b" wo".to_vec(), 8, false));
+        assert_eq!(b.read(11, 10), (Vec::new(), 11, false));
+        assert_eq!(b.read(99, 10), (Vec::new(), 11, false));
+        b.complete = true;
+        assert_eq!(b.read(8, 10), (b"rld".to_vec(), 11, true));
+        assert_eq!(b.read(8, 2), (b"rl".to_vec(), 10, false));
+    }
+}

@@ -1,0 +1,209 @@
+//! Background processes on the bus: `StartProcess` and `ListProcesses` (on the manager and on
+//! each workspace), and one object per process below its workspace
+//! (`.../workspace/<id>/process/<n>`, interface `org.agent.Workspaces.Process`). Every call
+//! on a process is authorized as running commands in its workspace.
+
+use std::time::Duration;
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{OwnedObjectPath, interface};
+
+use super::args::{self, Dict};
+use super::auth::Action;
+use super::context::Context;
+use super::error::Result;
+use super::objects::workspace_path;
+use crate::core::manager::ProcessInfo;
+use crate::core::workspace::WorkspaceType;
+
+/// `(id, command, running, exit_code)`, as `ListProcesses` answers.
+pub type ProcessEntry = (String, String, bool, i32);
+
+/// `<workspace path>/process/<n>`.
+pub fn process_path(workspace_id: &str, process: u32) -> OwnedObjectPath {
+    let path = format!(
+        "{}/process/{process}",
+        workspace_path(workspace_id).as_str()
+    );
+    OwnedObjectPath::try_from(path).unwrap_or_else(|_| workspace_path(workspace_id))
+}
+
+/// The longest `Wait`.
+const MAX_WAIT_SECS: u32 = 3600;
+
+impl Context {
+    /// Authorizes running commands in the workspace `key`; returns its id.
+    async fn authorize_exec(&self, header: &Header<'_>, key: &str, verb: &str) -> Result<String> {
+        let ws = self.manager.get(key)?;
+        let action = match ws.workspace_type {
+            WorkspaceType::Host => Action::ExecHost,
+            WorkspaceType::Container => Action::Exec,
+        };
+        self.auth.check(header, action, &ws.name, verb).await?;
+        Ok(ws.id)
+    }
+
+    pub async fn start_process(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        command: String,
+        options: Dict,
+    ) -> Result<OwnedObjectPath> {
+        let (env, cwd) = args::process_options(options)?;
+        let id = self
+            .authorize_exec(header, key, "start a process in")
+            .await?;
+        let n = self.manager.start_process(&id, command, env, cwd).await?;
+        // The object is on the bus before the caller has its path.
+        self.events.flush().await;
+        Ok(process_path(&id, n))
+    }
+
+    pub async fn list_processes(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+    ) -> Result<Vec<ProcessEntry>> {
+        let id = self
+            .authorize_exec(header, key, "list the processes of")
+            .await?;
+        Ok(self
+            .manager
+            .list_processes(&id)?
+            .into_iter()
+            .map(|p| (p.id.to_string(), p.command, p.running, p.exit_code))
+            .collect())
+    }
+}
+
+pub struct ProcessObject {
+    workspace_id: String,
+    process: u32,
+    ctx: Context,
+}
+
+impl ProcessObject {
+    pub fn new(workspace_id: String, process: u32, ctx: Context) -> Self {
+        Self {
+            workspace_id,
+            process,
+            ctx,
+        }
+    }
+
+    fn info(&self) -> zbus::fdo::Result<ProcessInfo> {
+        self.ctx
+            .manager
+            .process_info(&self.workspace_id, self.process)
+            .map_err(|e| zbus::fdo::Error::UnknownObject(e.to_string()))
+    }
+
+    async fn authorize(&self, header: &Header<'_>, verb: &str) -> Result<()> {
+        self.ctx
+            .authorize_exec(header, &self.workspace_id, verb)
+            .await
+            .map(drop)
+    }
+}
+
+#[interface(name = "org.agent.Workspaces.Process", introspection_docs = false)]
+impl ProcessObject {
+    /// Output (stdout and stderr, interleaved as written) from `offset`: the bytes, the offset
+    /// after them (past any output dropped from the kept megabyte), and whether the process has
+    /// ended and all its output is read.
+    #[zbus(out_args("data", "next_offset", "ended"))]
+    async fn read_output(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<(Vec<u8>, u64, bool)> {
+        self.authorize(&header, "read the output of a process in")
+            .await?;
+        self.ctx
+            .manager
+            .read_output(&self.workspace_id, self.process, offset, max_bytes)
+    }
+
+    /// Writes to the process's stdin; an empty array closes it.
+    async fn write_input(&self, #[zbus(header)] header: Header<'_>, data: Vec<u8>) -> Result<()> {
+        self.authorize(&header, "write to a process in").await?;
+        self.ctx
+            .manager
+            .write_input(&self.workspace_id, self.process, &data)
+            .await
+    }
+
+    /// Sends a signal to every process of its tree.
+    async fn signal(&self, #[zbus(header)] header: Header<'_>, signal: i32) -> Result<()> {
+        self.authorize(&header, "signal a process in").await?;
+        self.ctx
+            .manager
+            .signal_process(&self.workspace_id, self.process, signal)
+    }
+
+    /// Waits up to `timeout_secs` (at most 3600) for the process to end.
+    #[zbus(out_args("exit_code", "timed_out"))]
+    async fn wait(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        timeout_secs: u32,
+    ) -> Result<(i32, bool)> {
+        self.authorize(&header, "wait for a process in").await?;
+        if timeout_secs > MAX_WAIT_SECS {
+            return Err(crate::core::Error::invalid(
+                "timeout_secs",
+                format!("at most {MAX_WAIT_SECS}"),
+            ));
+        }
+        self.ctx
+            .manager
+            .wait_process(
+                &self.workspace_id,
+                self.process,
+                Duration::from_secs(timeout_secs.into()),
+            )
+            .await
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn id(&self) -> String {
+        self.process.to_string()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn command(&self) -> zbus::fdo::Result<String> {
+        Ok(self.info()?.command)
+    }
+
+    #[zbus(property)]
+    async fn running(&self) -> zbus::fdo::Result<bool> {
+        Ok(self.info()?.running)
+    }
+
+    #[zbus(property)]
+    async fn exit_code(&self) -> zbus::fdo::Result<i32> {
+        Ok(self.info()?.exit_code)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn started_at(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.info()?.started_at_usec)
+    }
+
+    #[zbus(property)]
+    async fn ended_at(&self) -> zbus::fdo::Result<u64> {
+        Ok(self.info()?.ended_at_usec)
+    }
+
+    /// Whether it runs on a terminal (not yet offered: always false).
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn pty(&self) -> bool {
+        false
+    }
+
+    #[zbus(signal)]
+    pub async fn process_exited(emitter: &SignalEmitter<'_>, exit_code: i32) -> zbus::Result<()>;
+}

@@ -1,0 +1,201 @@
+//! Background processes (`StartProcess`): they outlive the call, take input, give output,
+//! end when signalled or when their workspace goes, in host and container workspaces alike.
+
+use std::time::Duration;
+
+use agent_workspaces::dbus::client::{ProcessProxy, WorkspacesProxy};
+use futures_util::StreamExt;
+use zbus::{Connection, OwnedObjectPath, Variant};
+
+use super::*;
+
+async fn process(conn: &Connection, path: OwnedObjectPath) -> ProcessProxy<'static> {
+    ProcessProxy::builder(conn)
+        .path(path)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Output from `offset` until `want` is in it (or 20 s pass): all of it, and the next offset.
+async fn output_until(p: &ProcessProxy<'_>, want: &str) -> String {
+    let mut all = Vec::new();
+    let mut offset = 0;
+    for _ in 0..400 {
+        let (data, next, ended) = p.read_output(offset, 65536).await.unwrap();
+        all.extend(data);
+        offset = next;
+        if String::from_utf8_lossy(&all).contains(want) || ended {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    String::from_utf8(all).unwrap()
+}
+
+/// The whole life of one process in `workspace`: output while it runs, input, its exit code
+/// in `Wait`, in its properties and in `ProcessExited`, and its entry in `ListProcesses`.
+async fn input_output_and_exit(conn: &Connection, m: &WorkspacesProxy<'_>, workspace: &str) {
+    let script = "echo started; read line; echo \"got $line\"; echo oops >&2; echo \"$K\"; exit 7";
+    let path = m
+        .start_process(
+            workspace,
+            script,
+            spec(vec![("env", env_variant(&[("K", "from env")]))]),
+        )
+        .await
+        .unwrap();
+    let p = process(conn, path.clone()).await;
+    let mut exited = p.receive_process_exited().await.unwrap();
+    assert_eq!(output_until(&p, "started").await, "started\n");
+    assert!(p.running().await.unwrap(), "it waits for its input");
+    assert!(p.started_at().await.unwrap() > 0);
+    assert_eq!(p.command().await.unwrap(), script);
+    let listed = m.list_processes(workspace).await.unwrap();
+    let id = p.id().await.unwrap();
+    assert!(
+        listed.contains(&(id.clone(), script.to_owned(), true, -1)),
+        "{listed:?}"
+    );
+
+    p.write_input(b"hello\n").await.unwrap();
+    assert_eq!(p.wait(30).await.unwrap(), (7, false));
+    let signal = tokio::time::timeout(Duration::from_secs(10), exited.next())
+        .await
+        .expect("ProcessExited arrives")
+        .unwrap();
+    assert_eq!(signal.args().unwrap().exit_code, 7);
+    assert!(!p.running().await.unwrap());
+    assert_eq!(p.exit_code().await.unwrap(), 7);
+    assert!(p.ended_at().await.unwrap() >= p.started_at().await.unwrap());
+    let (all, next, ended) = p.read_output(0, 65536).await.unwrap();
+    assert_eq!(
+        String::from_utf8(all).unwrap(),
+        "started\ngot hello\noops\nfrom env\n"
+    );
+    assert!(ended, "all output read from a finished process");
+    assert_eq!(p.read_output(next, 10).await.unwrap(), (vec![], next, true));
+    assert!(m.list_processes(workspace).await.unwrap().contains(&(
+        id,
+        script.to_owned(),
+        false,
+        7
+    )));
+    assert_error(
+        p.write_input(b"late\n").await,
+        "org.agent.Workspaces.Error.JobFailed",
+        "closed",
+    );
+}
+
+/// What `count` prints, run in the workspace.
+async fn running(m: &WorkspacesProxy<'_>, workspace: &str, count: &str) -> String {
+    let (_, out, ..) = m.exec(workspace, count, no_options()).await.unwrap();
+    String::from_utf8(out).unwrap().trim().to_owned()
+}
+
+/// `Signal` reaches every process of the tree; none is left after.
+async fn a_signal_ends_the_whole_tree(conn: &Connection, m: &WorkspacesProxy<'_>, workspace: &str) {
+    let marker = format!("sleep 10{}", std::process::id() % 100);
+    let path = m
+        .start_process(
+            workspace,
+            &format!("{marker} & {marker}; echo never"),
+            no_options(),
+        )
+        .await
+        .unwrap();
+    let p = process(conn, path).await;
+    let count = format!(
+        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done | grep -c '^{marker}' || true"
+    );
+    for _ in 0..100 {
+        if running(m, workspace, &count).await == "2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(running(m, workspace, &count).await, "2");
+    assert_error(
+        p.signal(0).await,
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "signal",
+    );
+    p.signal(15).await.unwrap();
+    assert_eq!(p.wait(30).await.unwrap(), (128 + 15, false));
+    assert_eq!(running(m, workspace, &count).await, "0");
+    assert!(!output_until(&p, "never").await.contains("never"));
+    assert_error(
+        p.signal(15).await,
+        "org.agent.Workspaces.Error.JobFailed",
+        "ended",
+    );
+}
+
+#[tokio::test]
+async fn host_processes_run_in_the_background_take_input_and_end_by_signal() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    input_output_and_exit(&conn, &m, "host").await;
+    a_signal_ends_the_whole_tree(&conn, &m, "host").await;
+
+    // A cap per workspace: the 33rd running process is refused, by name.
+    let name = unique("procs");
+    m.create_workspace(named(&name)).await.unwrap();
+    let mut started = Vec::new();
+    for _ in 0..32 {
+        started.push(
+            m.start_process(&name, "sleep 600", no_options())
+                .await
+                .unwrap(),
+        );
+    }
+    assert_error(
+        m.start_process(&name, "sleep 600", no_options()).await,
+        "org.agent.Workspaces.Error.LimitsExceeded",
+        "at most 32",
+    );
+    // Destroying the workspace ends them all, and their objects go.
+    m.destroy_workspace(&name).await.unwrap();
+    let p = process(&conn, started[0].clone()).await;
+    assert!(p.running().await.is_err(), "the object is gone");
+    assert_error(
+        m.list_processes(&name).await,
+        "org.agent.Workspaces.Error.NoSuchWorkspace",
+        &name,
+    );
+}
+
+#[tokio::test]
+async fn container_processes_run_inside_and_end_with_their_container() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("cproc");
+    m.create_workspace(container_spec(
+        &name,
+        vec![("build_on_create", Variant::from(true))],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_built(&conn, &name, Duration::from_secs(1200)).await,
+        "ready"
+    );
+    input_output_and_exit(&conn, &m, &name).await;
+    a_signal_ends_the_whole_tree(&conn, &m, &name).await;
+
+    // It runs inside, in the container's /workspace.
+    let path = m
+        .start_process(&name, "pwd; sleep 600", no_options())
+        .await
+        .unwrap();
+    let p = process(&conn, path).await;
+    assert_eq!(output_until(&p, "/workspace").await, "/workspace\n");
+    // Stopping the container ends it.
+    m.stop_workspace(&name).await.unwrap();
+    let (code, timed_out) = p.wait(30).await.unwrap();
+    assert!(!timed_out && code != 0, "ended with the container: {code}");
+    m.destroy_workspace(&name).await.unwrap();
+}
