@@ -371,7 +371,16 @@ impl Systemd {
                     .build()
                     .await
                     .map_err(|e| bus_error(name, e))?;
-                Ok(Some(m.leader().await.map_err(|e| bus_error(name, e))?))
+                match m.leader().await {
+                    Ok(pid) => Ok(Some(pid)),
+                    // Gone between the two calls (it was terminating): not running.
+                    Err(zbus::Error::MethodError(n, ..))
+                        if n.as_str() == "org.freedesktop.DBus.Error.UnknownObject" =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(bus_error(name, e)),
+                }
             }
             Err(zbus::Error::MethodError(n, ..))
                 if n.as_str() == "org.freedesktop.machine1.NoSuchMachine" =>

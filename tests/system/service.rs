@@ -112,7 +112,7 @@ fn interfaces(xml: &str) -> BTreeMap<String, BTreeSet<String>> {
 async fn live_introspection_equals_the_checked_in_xml() {
     require_test_host();
     let conn = bus().await;
-    let introspect = |path: &'static str| {
+    let introspect = |path: String| {
         let conn = conn.clone();
         async move {
             zbus::fdo::IntrospectableProxy::builder(&conn)
@@ -126,10 +126,16 @@ async fn live_introspection_equals_the_checked_in_xml() {
                 .unwrap()
         }
     };
-    let mut live = interfaces(&introspect("/org/agent/Workspaces").await);
+    let mut live = interfaces(&introspect("/org/agent/Workspaces".into()).await);
     live.extend(interfaces(
-        &introspect("/org/agent/Workspaces/workspace/host").await,
+        &introspect("/org/agent/Workspaces/workspace/host".into()).await,
     ));
+    let process = manager(&conn)
+        .await
+        .start_process("host", "sleep 30", no_options())
+        .await
+        .unwrap();
+    live.extend(interfaces(&introspect(process.to_string()).await));
     let installed =
         std::fs::read_to_string("/usr/share/dbus-1/interfaces/org.agent.Workspaces.xml")
             .expect("the interface XML is installed");
@@ -141,7 +147,11 @@ async fn live_introspection_equals_the_checked_in_xml() {
     let documented = interfaces(&checked_in);
     assert_eq!(
         documented.keys().collect::<Vec<_>>(),
-        ["org.agent.Workspaces", "org.agent.Workspaces.Workspace"]
+        [
+            "org.agent.Workspaces",
+            "org.agent.Workspaces.Process",
+            "org.agent.Workspaces.Workspace"
+        ]
     );
     for (name, members) in &documented {
         let got = live
