@@ -5,6 +5,7 @@
 mod convert;
 mod error;
 mod pages;
+mod processes;
 mod routes;
 mod server;
 mod stream;

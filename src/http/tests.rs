@@ -148,6 +148,10 @@ fn the_openapi_request_bodies_are_the_schema() {
         documented("RerunInitRequest", &[]),
         wanted(schema::RERUN_INIT, Json::Member)
     );
+    assert_eq!(
+        documented("StartProcessRequest", &["command"]),
+        wanted(schema::START_PROCESS, Json::Member)
+    );
     // The distros the document offers (and the dashboard lists) are the core's.
     let distros: Vec<&str> = schemas["CreateWorkspace"]["properties"]["distro"]["oneOf"]
         .as_array()
@@ -184,7 +188,7 @@ async fn the_openapi_document_lists_exactly_the_routes() {
             .keys()
             .map(|m| m.to_uppercase())
             .collect();
-        let uri = path.replace("{id}", "some-workspace");
+        let uri = path.replace("{id}", "some-workspace").replace("{pid}", "1");
         for method in [
             Method::GET,
             Method::POST,

@@ -199,3 +199,136 @@ async fn container_processes_run_inside_and_end_with_their_container() {
     assert!(!timed_out && code != 0, "ended with the container: {code}");
     m.destroy_workspace(&name).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_over_rest() {
+    use super::rest::{TOKEN, bridge_socket_up, curl};
+    require_test_host();
+    bridge_socket_up();
+    let json = "-H 'Content-Type: application/json'";
+    let base = "/api/workspaces/host/processes";
+    let (status, p) = curl(
+        "POST",
+        base,
+        Some(TOKEN),
+        &format!(
+            r#"{json} -d '{{"command": "echo ready; read x; echo \"got $x\"; sleep 600", "env": {{"A": "1"}}}}'"#
+        ),
+    );
+    assert_eq!(status, 201, "{p}");
+    assert_eq!(p["running"], true);
+    let id = p["id"].as_str().unwrap().to_owned();
+    let one = format!("{base}/{id}");
+
+    // Output as it comes: offsets move on, nothing is read twice.
+    let read = |offset: u64| {
+        curl(
+            "GET",
+            &format!("{one}/output?offset={offset}"),
+            Some(TOKEN),
+            "",
+        )
+    };
+    let mut text = String::new();
+    let mut offset = 0;
+    for _ in 0..200 {
+        let (status, out) = read(offset);
+        assert_eq!(status, 200, "{out}");
+        text.push_str(out["data"].as_str().unwrap());
+        offset = out["next_offset"].as_u64().unwrap();
+        if text.contains("ready") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(text, "ready\n");
+    let (status, _) = curl(
+        "POST",
+        &format!("{one}/input"),
+        Some(TOKEN),
+        &format!(r#"{json} -d '{{"data": "hi\n"}}'"#),
+    );
+    assert_eq!(status, 204);
+    for _ in 0..200 {
+        let (_, out) = read(offset);
+        text.push_str(out["data"].as_str().unwrap());
+        offset = out["next_offset"].as_u64().unwrap();
+        if text.contains("got") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(text, "ready\ngot hi\n");
+    let (status, list) = curl("GET", base, Some(TOKEN), "");
+    assert_eq!(status, 200);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == id.as_str() && p["running"] == true),
+        "{list}"
+    );
+
+    // Refusals name what is wrong.
+    let (status, e) = curl(
+        "POST",
+        &format!("{one}/signal"),
+        Some(TOKEN),
+        &format!(r#"{json} -d '{{"signal": "TERM"}}'"#),
+    );
+    assert_eq!(
+        (status, e["error"]["field"].as_str()),
+        (400, Some("signal")),
+        "{e}"
+    );
+    let (status, e) = curl("GET", &format!("{base}/999999"), Some(TOKEN), "");
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (404, Some("not_found")),
+        "{e}"
+    );
+    let (status, e) = curl("GET", &format!("{base}/x/output"), Some(TOKEN), "");
+    assert_eq!(
+        (status, e["error"]["field"].as_str()),
+        (400, Some("pid")),
+        "{e}"
+    );
+
+    // SIGTERM through the API; then DELETE of a finished one is a no-op.
+    let (status, _) = curl(
+        "POST",
+        &format!("{one}/signal"),
+        Some(TOKEN),
+        &format!(r#"{json} -d '{{"signal": 15}}'"#),
+    );
+    assert_eq!(status, 204);
+    let mut ended = serde_json::Value::Null;
+    for _ in 0..200 {
+        let (_, p) = curl("GET", &one, Some(TOKEN), "");
+        if p["running"] == false {
+            ended = p;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ended["exit_code"], 128 + 15, "{ended}");
+    let (status, _) = curl("DELETE", &one, Some(TOKEN), "");
+    assert_eq!(status, 204);
+
+    // DELETE of a running one ends it.
+    let (_, p) = curl(
+        "POST",
+        base,
+        Some(TOKEN),
+        &format!(r#"{json} -d '{{"command": "sleep 600"}}'"#),
+    );
+    let other = format!("{base}/{}", p["id"].as_str().unwrap());
+    let (status, _) = curl("DELETE", &other, Some(TOKEN), "");
+    assert_eq!(status, 204);
+    let (_, p) = curl("GET", &other, Some(TOKEN), "");
+    assert_eq!(
+        (p["running"].as_bool(), p["exit_code"].as_i64()),
+        (Some(false), Some(128 + 9)),
+        "{p}"
+    );
+}

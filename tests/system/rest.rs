@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use super::*;
 
-const TOKEN: &str = "test-token-0123456789abcdef";
+pub const TOKEN: &str = "test-token-0123456789abcdef";
 
 /// Runs curl against the socket-activated bridge; returns (HTTP status, body as JSON or text).
-fn curl(method: &str, path: &str, token: Option<&str>, args: &str) -> (u16, serde_json::Value) {
+pub fn curl(method: &str, path: &str, token: Option<&str>, args: &str) -> (u16, serde_json::Value) {
     let auth = token.map_or(String::new(), |t| format!("-H 'Authorization: Bearer {t}'"));
     let out = sh(&format!(
         "curl -sS -o /tmp/aw-body -w '%{{http_code}}' -X {method} {auth} {args} 'http://127.0.0.1:7600{path}'"
@@ -23,7 +23,7 @@ fn curl(method: &str, path: &str, token: Option<&str>, args: &str) -> (u16, serd
 }
 
 /// Sets up the bridge as an operator would: its user, the token, the socket.
-fn bridge_socket_up() {
+pub fn bridge_socket_up() {
     ok("systemd-sysusers");
     std::fs::write("/etc/agent-workspaces/api-token", format!("{TOKEN}\n")).unwrap();
     ok("chmod 600 /etc/agent-workspaces/api-token");

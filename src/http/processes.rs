@@ -1,0 +1,218 @@
+//! Background processes over REST: each route calls `StartProcess`, `ListProcesses` or a method
+//! of the process's object (`org.agent.Workspaces.Process`), and answers with JSON.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::dbus::client::{ProcessProxy, args};
+use crate::dbus::schema;
+
+use super::*;
+
+/// Process `n` of workspace `id`, checked to exist (`not_found` otherwise).
+async fn process(state: &AppState, id: &str, n: &str) -> ApiResult<ProcessProxy<'static>> {
+    let n: u32 = n
+        .parse()
+        .map_err(|_| ApiError::invalid("pid", "must be a process number"))?;
+    let ws = manager(state).await?.get_workspace(id).await?;
+    let path = format!("{}/process/{n}", ws.as_str());
+    let p = ProcessProxy::builder(&state.conn)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    // An object that is not there answers UnknownObject: the process is not known.
+    if p.id().await.is_err() {
+        return Err(crate::core::Error::NoSuchProcess(format!("{n} in workspace '{id}'")).into());
+    }
+    Ok(p)
+}
+
+async fn process_json(p: &ProcessProxy<'_>) -> ApiResult<Value> {
+    Ok(json!({
+        "id": p.id().await?,
+        "command": p.command().await?,
+        "running": p.running().await?,
+        "exit_code": p.exit_code().await?,
+        "started_at": p.started_at().await?,
+        "ended_at": p.ended_at().await?,
+        "pty": p.pty().await?,
+    }))
+}
+
+pub(super) async fn start(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let mut fields = body_json(body)?;
+    let command = match fields.remove("command") {
+        Some(Value::String(c)) => c,
+        Some(_) => return Err(ApiError::invalid("command", "must be a string")),
+        None => return Err(ApiError::invalid("command", "is required")),
+    };
+    let options = schema::START_PROCESS.from_json(fields)?;
+    let path = manager(&state)
+        .await?
+        .start_process(&id, &command, args(&options))
+        .await?;
+    let n = path.as_str().rsplit('/').next().unwrap_or_default();
+    let p = process(&state, &id, n).await?;
+    Ok((StatusCode::CREATED, Json(process_json(&p).await?)))
+}
+
+pub(super) async fn list(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let all = manager(&state).await?.list_processes(&id).await?;
+    Ok(Json(Value::Array(
+        all.into_iter()
+            .map(|(id, command, running, exit_code)| {
+                json!({"id": id, "command": command, "running": running, "exit_code": exit_code})
+            })
+            .collect(),
+    )))
+}
+
+pub(super) async fn get_one(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(process_json(&process(&state, &id, &n).await?).await?))
+}
+
+/// Ends the process: SIGKILL to its whole tree (nothing when it has ended already).
+pub(super) async fn kill(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let p = process(&state, &id, &n).await?;
+    if p.running().await? {
+        match p.signal(9).await {
+            // Ended meanwhile.
+            Err(zbus::Error::MethodError(name, ..))
+                if name.as_str() == "org.agent.Workspaces.Error.JobFailed" => {}
+            other => other?,
+        }
+        p.wait(30).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub(super) struct OutputQuery {
+    offset: Option<u64>,
+    max_bytes: Option<u32>,
+}
+
+/// Output from `offset` as text. A character cut by the end of what is kept so far is left
+/// for the next read (`next_offset` before it), so text arrives whole; invalid bytes are
+/// replaced.
+pub(super) async fn output(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+    Query(q): Query<OutputQuery>,
+) -> ApiResult<Json<Value>> {
+    let p = process(&state, &id, &n).await?;
+    let offset = q.offset.unwrap_or(0);
+    let (mut data, mut next, ended) = p.read_output(offset, q.max_bytes.unwrap_or(65536)).await?;
+    if !ended {
+        let cut = incomplete_tail(&data);
+        data.truncate(data.len() - cut);
+        next -= cut as u64;
+    }
+    Ok(Json(json!({
+        "data": String::from_utf8_lossy(&data),
+        "next_offset": next,
+        "ended": ended,
+    })))
+}
+
+/// How many bytes at the end of `data` begin a UTF-8 character that is not complete yet.
+fn incomplete_tail(data: &[u8]) -> usize {
+    for back in 1..=3.min(data.len()) {
+        let b = data[data.len() - back];
+        let width = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            // A continuation byte: look further back for its start.
+            0x80..=0xBF => continue,
+            _ => return 0,
+        };
+        return if width > back { back } else { 0 };
+    }
+    0
+}
+
+pub(super) async fn input(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let mut fields = body_json(body)?;
+    let data = match fields.remove("data") {
+        Some(Value::String(d)) => d,
+        Some(_) => return Err(ApiError::invalid("data", "must be a string")),
+        None => return Err(ApiError::invalid("data", "is required")),
+    };
+    if let Some(k) = fields.keys().next() {
+        return Err(ApiError::invalid(
+            k.as_str(),
+            "unknown key; known keys: data",
+        ));
+    }
+    process(&state, &id, &n)
+        .await?
+        .write_input(data.as_bytes())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn signal(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let mut fields = body_json(body)?;
+    let signal = match fields.remove("signal") {
+        Some(Value::Number(s)) => s
+            .as_i64()
+            .and_then(|s| i32::try_from(s).ok())
+            .ok_or_else(|| ApiError::invalid("signal", "must be a signal number"))?,
+        Some(_) => return Err(ApiError::invalid("signal", "must be a signal number")),
+        None => return Err(ApiError::invalid("signal", "is required")),
+    };
+    if let Some(k) = fields.keys().next() {
+        return Err(ApiError::invalid(
+            k.as_str(),
+            "unknown key; known keys: signal",
+        ));
+    }
+    process(&state, &id, &n).await?.signal(signal).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::incomplete_tail;
+
+    #[test]
+    fn a_cut_character_waits_for_its_other_bytes() {
+        let text = "aé€😀".as_bytes();
+        assert_eq!(incomplete_tail(text), 0);
+        assert_eq!(incomplete_tail(&text[..2]), 1, "the first byte of é");
+        assert_eq!(incomplete_tail(&text[..5]), 2, "two bytes of €");
+        assert_eq!(incomplete_tail(&text[..8]), 2, "two bytes of 😀");
+        assert_eq!(incomplete_tail(&text[..9]), 3);
+        assert_eq!(incomplete_tail(b"ab\xff"), 0, "invalid bytes are not held");
+        assert_eq!(incomplete_tail(b""), 0);
+    }
+}
