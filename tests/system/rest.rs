@@ -36,6 +36,8 @@ async fn the_rest_bridge_serves_the_documented_calls() {
     let library = write_library();
     bridge_socket_up();
     let bridge = "agent-workspaces-http.service";
+    // Another test may have activated it: stopped, only its socket listens.
+    systemctl(&format!("stop {bridge}"));
     assert_ne!(
         sh(&format!("systemctl is-active {bridge}")).stdout.trim(),
         "active"
