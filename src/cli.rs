@@ -196,6 +196,42 @@ pub mod workspacectl {
             #[arg(required = true, last = true)]
             command: Vec<String>,
         },
+        /// Run a command: with --background, as a background process that outlives this
+        /// call (prints its id); without, as `exec`.
+        Run {
+            workspace: String,
+            /// Start it in the background (see `ps`, `logs`, `kill`).
+            #[arg(long)]
+            background: bool,
+            /// Working directory, relative to the workspace's.
+            #[arg(long)]
+            cwd: Option<String>,
+            /// KEY=VALUE for this command, repeatable; wins over the workspace's.
+            #[arg(long = "env", value_name = "KEY=VALUE")]
+            env: Vec<String>,
+            /// The command (after --); several words are quoted for the shell.
+            #[arg(required = true, last = true)]
+            command: Vec<String>,
+        },
+        /// List a workspace's background processes.
+        Ps { workspace: String },
+        /// Print a background process's output.
+        Logs {
+            workspace: String,
+            /// The process's id (from `run --background` or `ps`).
+            process: String,
+            /// Keep printing what it writes until it ends.
+            #[arg(short = 'f', long)]
+            follow: bool,
+        },
+        /// Send a signal to a background process's whole tree.
+        Kill {
+            workspace: String,
+            process: String,
+            /// The signal's number.
+            #[arg(short = 's', long, default_value_t = 15)]
+            signal: i32,
+        },
         /// Show the build and init log of a container workspace.
         InitLog {
             workspace: String,

@@ -202,3 +202,50 @@ async fn workspacectl_streams_live_and_drives_a_container_through_every_verb() {
     assert_eq!(sh(&format!("workspacectl status {name}")).code, 1);
     std::fs::remove_dir_all(&library).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspacectl_runs_lists_follows_and_kills_background_processes() {
+    require_test_host();
+    let name = unique("ctlproc");
+    ok(&format!("workspacectl create {name}"));
+    let id = ok(&format!(
+        "workspacectl run --background {name} --env WORD=hello -- sh -c 'echo $WORD; sleep 600'"
+    ));
+    let id = id.trim();
+    assert!(id.parse::<u32>().is_ok(), "prints the process's id: {id:?}");
+    let listed = wait_for("the process to be listed", Duration::from_secs(10), || {
+        let ps = ok(&format!("workspacectl ps {name}"));
+        ps.lines()
+            .any(|l| l.starts_with(id) && l.contains("running"))
+            .then_some(ps)
+    });
+    assert!(listed.starts_with("ID"), "{listed}");
+    wait_for("its output", Duration::from_secs(10), || {
+        (ok(&format!("workspacectl logs {name} {id}")) == "hello\n").then_some(())
+    });
+    // logs -f follows until the process ends: kill it meanwhile.
+    let follow = std::process::Command::new("workspacectl")
+        .args(["logs", "-f", &name, id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&format!("workspacectl kill {name} {id} -s 9"));
+    let out = follow.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "hello\n");
+    let ps: serde_json::Value =
+        serde_json::from_str(&ok(&format!("workspacectl --json ps {name}"))).unwrap();
+    assert_eq!(ps[0]["exit_code"], 128 + 9, "{ps}");
+    assert_eq!(ps[0]["running"], false);
+    // run without --background is exec.
+    let run = sh(&format!("workspacectl run {name} -- sh -c 'exit 3'"));
+    assert_eq!(run.code, 3);
+    let gone = sh(&format!("workspacectl logs {name} 999"));
+    assert!(
+        gone.code != 0 && gone.stderr.contains("No process 999"),
+        "{}",
+        gone.stderr
+    );
+    ok(&format!("workspacectl destroy {name}"));
+}

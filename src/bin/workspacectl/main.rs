@@ -19,6 +19,8 @@ use std::os::fd::AsFd;
 use agent_workspaces::dbus::client::interactive::WorkspacesProxy;
 use agent_workspaces::dbus::client::{OwnedArgs, args, connect, variant_json};
 
+mod processes;
+
 type Dict = OwnedArgs;
 
 struct Client {
@@ -229,9 +231,74 @@ fn request(command: &Command) -> Result<Option<Dict>, String> {
             put(&mut body, "timeout_secs", *timeout);
             schema::RERUN_INIT
         }
+        Command::Run {
+            background,
+            cwd,
+            env,
+            ..
+        } => {
+            put(&mut body, "cwd", cwd.clone());
+            if !env.is_empty() {
+                body.insert("env".into(), env_json(env)?);
+            }
+            if *background {
+                schema::START_PROCESS
+            } else {
+                schema::EXEC_WITH_FDS
+            }
+        }
         _ => return Ok(None),
     };
     keys.from_json(body).map(Some).map_err(|e| e.to_string())
+}
+
+/// One shell command line: one word as it is, several quoted for the shell.
+fn command_line(command: &[String]) -> String {
+    if command.len() == 1 {
+        command[0].clone()
+    } else {
+        command
+            .iter()
+            .map(|a| quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// `exec` (and `run` without `--background`): the command gets this process's own stdin,
+/// stdout and stderr; with `--json`, its output is collected instead.
+async fn exec(
+    c: &Client,
+    workspace: &str,
+    line: &str,
+    options: Dict,
+    json_out: bool,
+) -> Result<ExitCode, String> {
+    let e = |e: zbus::Error| agent_workspaces::core::Error::from(e).to_string();
+    if json_out {
+        let (code, out, err, timed_out, _) =
+            c.m.exec(workspace, line, args(&options)).await.map_err(e)?;
+        println!(
+            "{:#}",
+            json!({"exit_code": code, "stdout": String::from_utf8_lossy(&out), "stderr": String::from_utf8_lossy(&err), "timed_out": timed_out})
+        );
+        return Ok(exit_status(code, timed_out));
+    }
+    // Its output appears as it is produced, and it can read what is typed or piped in.
+    let [stdin, stdout, stderr] = own_streams()
+        .map_err(|err| format!("workspacectl: cannot pass the standard streams: {err}"))?;
+    let (code, timed_out, _) =
+        c.m.exec_with_fds(
+            workspace,
+            line,
+            zbus::Fd::from(stdin.as_fd()),
+            zbus::Fd::from(stdout.as_fd()),
+            zbus::Fd::from(stderr.as_fd()),
+            args(&options),
+        )
+        .await
+        .map_err(e)?;
+    Ok(exit_status(code, timed_out))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
@@ -298,45 +365,40 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Stop { workspace } => c.m.stop_workspace(&workspace).await.map_err(e)?,
         Command::Exec {
             workspace, command, ..
-        } => {
-            let options = dict;
-            let line = if command.len() == 1 {
-                command[0].clone()
-            } else {
-                command
-                    .iter()
-                    .map(|a| quote(a))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            };
-            if json_out {
-                let (code, out, err, timed_out, _) =
-                    c.m.exec(&workspace, &line, args(&options))
-                        .await
-                        .map_err(e)?;
-                println!(
-                    "{:#}",
-                    json!({"exit_code": code, "stdout": String::from_utf8_lossy(&out), "stderr": String::from_utf8_lossy(&err), "timed_out": timed_out})
-                );
-                return Ok(exit_status(code, timed_out));
-            }
-            // The command gets this process's own stdin, stdout and stderr: its output
-            // appears as it is produced, and it can read what is typed or piped in.
-            let [stdin, stdout, stderr] = own_streams()
-                .map_err(|err| format!("workspacectl: cannot pass the standard streams: {err}"))?;
-            let (code, timed_out, _) =
-                c.m.exec_with_fds(
-                    &workspace,
-                    &line,
-                    zbus::Fd::from(stdin.as_fd()),
-                    zbus::Fd::from(stdout.as_fd()),
-                    zbus::Fd::from(stderr.as_fd()),
-                    args(&options),
-                )
-                .await
-                .map_err(e)?;
-            return Ok(exit_status(code, timed_out));
         }
+        | Command::Run {
+            workspace,
+            command,
+            background: false,
+            ..
+        } => {
+            return exec(&c, &workspace, &command_line(&command), dict, json_out).await;
+        }
+        Command::Run {
+            workspace, command, ..
+        } => {
+            let path =
+                c.m.start_process(&workspace, &command_line(&command), args(&dict))
+                    .await
+                    .map_err(e)?;
+            let id = path.as_str().rsplit('/').next().unwrap_or_default();
+            if json_out {
+                println!("{:#}", json!({"id": id, "path": path.as_str()}));
+            } else {
+                println!("{id}");
+            }
+        }
+        Command::Ps { workspace } => processes::ps(&c.m, &workspace, json_out).await?,
+        Command::Logs {
+            workspace,
+            process,
+            follow,
+        } => processes::logs(&c.conn, &c.m, &workspace, &process, follow).await?,
+        Command::Kill {
+            workspace,
+            process,
+            signal,
+        } => processes::kill(&c.conn, &c.m, &workspace, &process, signal).await?,
         Command::InitLog { workspace, lines } => {
             let (content, total) = c.m.get_init_log(&workspace, lines).await.map_err(e)?;
             if json_out {
@@ -491,6 +553,21 @@ mod tests {
 
         let d = dict(&["workspacectl", "rerun-init", "box", "--timeout", "5"]).unwrap();
         assert_eq!(keys(&d), all(schema::RERUN_INIT));
+
+        let d = dict(&[
+            "workspacectl",
+            "run",
+            "--background",
+            "box",
+            "--cwd",
+            "sub",
+            "--env",
+            "B=2",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(keys(&d), all(schema::START_PROCESS));
     }
 
     #[test]
