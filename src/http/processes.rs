@@ -6,7 +6,9 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -112,16 +114,25 @@ pub(super) struct OutputQuery {
     max_bytes: Option<u32>,
 }
 
+/// How often a followed output is read again while nothing new has come.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Output from `offset` as text. A character cut by the end of what is kept so far is left
 /// for the next read (`next_offset` before it), so text arrives whole; invalid bytes are
-/// replaced.
+/// replaced. With `Accept: text/event-stream`, a stream that follows the output: `output`
+/// events (the text as a JSON string), then `exit` (`{"exit_code": N}`) once it has ended
+/// and all is sent.
 pub(super) async fn output(
     State(state): State<Arc<AppState>>,
     Path((id, n)): Path<(String, String)>,
     Query(q): Query<OutputQuery>,
-) -> ApiResult<Json<Value>> {
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let p = process(&state, &id, &n).await?;
     let offset = q.offset.unwrap_or(0);
+    if super::routes::wants_event_stream(&headers) {
+        return Ok(follow(p, offset).into_response());
+    }
     let (mut data, mut next, ended) = p.read_output(offset, q.max_bytes.unwrap_or(65536)).await?;
     if !ended {
         let cut = incomplete_tail(&data);
@@ -132,7 +143,67 @@ pub(super) async fn output(
         "data": String::from_utf8_lossy(&data),
         "next_offset": next,
         "ended": ended,
-    })))
+    }))
+    .into_response())
+}
+
+/// The output from `offset` as server-sent events, until the process has ended and all of it
+/// is sent (or the client leaves: the stream is dropped).
+fn follow(
+    p: ProcessProxy<'static>,
+    offset: u64,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    struct Follow {
+        p: ProcessProxy<'static>,
+        offset: u64,
+        done: bool,
+    }
+    let events = futures_util::stream::unfold(
+        Follow {
+            p,
+            offset,
+            done: false,
+        },
+        |mut st| async move {
+            if st.done {
+                return None;
+            }
+            loop {
+                let read = st.p.read_output(st.offset, 65536).await;
+                let event = match read {
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        st.done = true;
+                        Event::default().event("error").data(
+                            json!({"error": {"code": e.code, "message": e.message}}).to_string(),
+                        )
+                    }
+                    Ok((mut data, next, ended)) => {
+                        let cut = if ended { 0 } else { incomplete_tail(&data) };
+                        data.truncate(data.len() - cut);
+                        st.offset = next - cut as u64;
+                        if !data.is_empty() {
+                            Event::default().event("output").data(
+                                Value::String(String::from_utf8_lossy(&data).into_owned())
+                                    .to_string(),
+                            )
+                        } else if ended {
+                            st.done = true;
+                            let code = st.p.exit_code().await.unwrap_or(-1);
+                            Event::default()
+                                .event("exit")
+                                .data(json!({"exit_code": code}).to_string())
+                        } else {
+                            tokio::time::sleep(FOLLOW_POLL).await;
+                            continue;
+                        }
+                    }
+                };
+                return Some((Ok(event), st));
+            }
+        },
+    );
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// How many bytes at the end of `data` begin a UTF-8 character that is not complete yet.

@@ -315,6 +315,41 @@ async fn processes_over_rest() {
     let (status, _) = curl("DELETE", &one, Some(TOKEN), "");
     assert_eq!(status, 204);
 
+    // Output followed as server-sent events, to the exit.
+    let (_, p) = curl(
+        "POST",
+        base,
+        Some(TOKEN),
+        &format!(
+            r#"{json} -d '{{"command": "for i in 1 2 3; do echo line$i; sleep 0.3; done; exit 4"}}'"#
+        ),
+    );
+    let stream = ok(&format!(
+        "curl -sN --max-time 30 -H 'Authorization: Bearer {TOKEN}' -H 'Accept: text/event-stream' 'http://127.0.0.1:7600{base}/{}/output'",
+        p["id"].as_str().unwrap()
+    ));
+    let mut text = String::new();
+    let mut last = String::new();
+    for block in stream
+        .split("\n\n")
+        .filter(|b| !b.trim().is_empty() && !b.starts_with(':'))
+    {
+        let event = block
+            .lines()
+            .find_map(|l| l.strip_prefix("event: "))
+            .unwrap_or_default();
+        let data = block
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap_or_default();
+        if event == "output" {
+            text.push_str(serde_json::from_str::<String>(data).unwrap().as_str());
+        }
+        last = format!("{event} {data}");
+    }
+    assert_eq!(text, "line1\nline2\nline3\n", "{stream}");
+    assert_eq!(last, r#"exit {"exit_code":4}"#, "{stream}");
+
     // DELETE of a running one ends it.
     let (_, p) = curl(
         "POST",
