@@ -213,39 +213,51 @@ macro_rules! proxies {
 
 proxies!(Workspaces, Workspace);
 
-/// A background process (`StartProcess` gives its path).
-#[proxy(
-    interface = "org.agent.Workspaces.Process",
-    default_service = "org.agent.Workspaces"
-)]
-pub trait Process {
-    fn read_output(&self, offset: u64, max_bytes: u32) -> zbus::Result<(Vec<u8>, u64, bool)>;
-    fn write_input(&self, data: &[u8]) -> zbus::Result<()>;
-    fn signal(&self, signal: i32) -> zbus::Result<()>;
-    fn wait(&self, timeout_secs: u32) -> zbus::Result<(i32, bool)>;
+/// A background process (`StartProcess` gives its path); generated twice, as the others.
+macro_rules! process_proxy {
+    ($process:ident $(, $flag:ident)?) => {
+        #[proxy(
+            interface = "org.agent.Workspaces.Process",
+            default_service = "org.agent.Workspaces"
+        )]
+        pub trait $process {
+            #[zbus($($flag)?)]
+            fn read_output(&self, offset: u64, max_bytes: u32)
+                -> zbus::Result<(Vec<u8>, u64, bool)>;
+            #[zbus($($flag)?)]
+            fn write_input(&self, data: &[u8]) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn signal(&self, signal: i32) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn wait(&self, timeout_secs: u32) -> zbus::Result<(i32, bool)>;
 
-    #[zbus(property)]
-    fn id(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn command(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn running(&self) -> zbus::Result<bool>;
-    #[zbus(property)]
-    fn exit_code(&self) -> zbus::Result<i32>;
-    #[zbus(property)]
-    fn started_at(&self) -> zbus::Result<u64>;
-    #[zbus(property)]
-    fn ended_at(&self) -> zbus::Result<u64>;
-    #[zbus(property)]
-    fn pty(&self) -> zbus::Result<bool>;
+            #[zbus(property)]
+            fn id(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn command(&self) -> zbus::Result<String>;
+            #[zbus(property)]
+            fn running(&self) -> zbus::Result<bool>;
+            #[zbus(property)]
+            fn exit_code(&self) -> zbus::Result<i32>;
+            #[zbus(property)]
+            fn started_at(&self) -> zbus::Result<u64>;
+            #[zbus(property)]
+            fn ended_at(&self) -> zbus::Result<u64>;
+            #[zbus(property)]
+            fn pty(&self) -> zbus::Result<bool>;
 
-    #[zbus(signal)]
-    fn process_exited(&self, exit_code: i32) -> zbus::Result<()>;
+            #[zbus(signal)]
+            fn process_exited(&self, exit_code: i32) -> zbus::Result<()>;
+        }
+    };
 }
+
+process_proxy!(Process);
 
 /// The same proxies, whose calls allow interactive authorization.
 pub mod interactive {
     use super::*;
 
     proxies!(Workspaces, Workspace, allow_interactive_auth);
+    process_proxy!(Process, allow_interactive_auth);
 }

@@ -4,8 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use agent_workspaces::dbus::client::ProcessProxy;
-use agent_workspaces::dbus::client::interactive::WorkspacesProxy;
+use agent_workspaces::dbus::client::interactive::{ProcessProxy, WorkspacesProxy};
 use serde_json::json;
 
 /// The service's error, as the service words it.
