@@ -85,6 +85,22 @@ impl Context {
         Ok(ws)
     }
 
+    /// Authorizes running commands in the workspace `key`; returns its id.
+    pub(super) async fn authorize_exec(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        verb: &str,
+    ) -> Result<String> {
+        let ws = self.manager.get(key)?;
+        let action = match ws.workspace_type {
+            WorkspaceType::Host => Action::ExecHost,
+            WorkspaceType::Container => Action::Exec,
+        };
+        self.auth.check(header, action, &ws.name, verb).await?;
+        Ok(ws.id)
+    }
+
     pub async fn create(&self, header: &Header<'_>, spec: Dict) -> Result<OwnedObjectPath> {
         let spec = args::create_spec(spec)?;
         // What the template supplies counts: a container request may take its distro from it.
@@ -187,17 +203,12 @@ impl Context {
         params: ExecParams,
     ) -> Result<crate::core::ports::ExecOutcome> {
         params.validate(&self.manager.limits().exec)?;
-        let ws = self.manager.get(key)?;
-        let action = match ws.workspace_type {
-            WorkspaceType::Host => Action::ExecHost,
-            WorkspaceType::Container => Action::Exec,
-        };
-        self.auth.check(header, action, &ws.name, "exec in").await?;
+        let id = self.authorize_exec(header, key, "exec in").await?;
         let gone = match header.sender() {
             Some(sender) => self.disconnects.token_for(sender.as_str()),
             None => CancellationToken::new(),
         };
-        self.manager.exec(&ws.id, params, gone).await
+        self.manager.exec(&id, params, gone).await
     }
 
     pub async fn debug_info(

@@ -10,12 +10,10 @@ use zbus::object_server::SignalEmitter;
 use zbus::{OwnedObjectPath, interface};
 
 use super::args::{self, Dict};
-use super::auth::Action;
 use super::context::Context;
 use super::error::Result;
 use super::objects::workspace_path;
 use crate::core::manager::ProcessInfo;
-use crate::core::workspace::WorkspaceType;
 
 /// `(id, command, running, exit_code)`, as `ListProcesses` answers.
 pub type ProcessEntry = (String, String, bool, i32);
@@ -33,17 +31,6 @@ pub fn process_path(workspace_id: &str, process: u32) -> OwnedObjectPath {
 const MAX_WAIT_SECS: u32 = 3600;
 
 impl Context {
-    /// Authorizes running commands in the workspace `key`; returns its id.
-    async fn authorize_exec(&self, header: &Header<'_>, key: &str, verb: &str) -> Result<String> {
-        let ws = self.manager.get(key)?;
-        let action = match ws.workspace_type {
-            WorkspaceType::Host => Action::ExecHost,
-            WorkspaceType::Container => Action::Exec,
-        };
-        self.auth.check(header, action, &ws.name, verb).await?;
-        Ok(ws.id)
-    }
-
     pub async fn start_process(
         &self,
         header: &Header<'_>,

@@ -3,15 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{info, warn};
 
 use crate::core::error::{Error, Result};
 use crate::core::messages;
-use crate::core::ports::{ExecOutcome, ExecRequest};
+use crate::core::ports::{Containers, ExecOutcome, ExecRequest, Executor};
 use crate::core::spec::{ExecLimits, ExecParams};
 use crate::core::workspace::{Status, Workspace};
 
@@ -33,6 +36,46 @@ pub fn command_env(ws: &Workspace, call: BTreeMap<String, String>) -> BTreeMap<S
     env
 }
 
+/// The directory a command starts in: the workspace's (`/workspace` in a container), or `cwd`
+/// below it.
+pub(super) fn command_cwd(ws: &Workspace, cwd: Option<String>) -> PathBuf {
+    let workdir = if ws.is_container() {
+        PathBuf::from(CONTAINER_WORKDIR)
+    } else {
+        ws.path.clone()
+    };
+    match cwd {
+        None => workdir,
+        Some(c) => workdir.join(c),
+    }
+}
+
+/// Runs a resolved command where its workspace lives: in its container, or on the host.
+pub(super) async fn run_command(
+    containers: &Arc<dyn Containers>,
+    executor: &Arc<dyn Executor>,
+    ws: &Workspace,
+    request: ExecRequest,
+    cancel: CancellationToken,
+) -> Result<ExecOutcome> {
+    if ws.is_container() {
+        containers.exec(ws, request, cancel).await
+    } else {
+        executor.run(request, cancel).await
+    }
+}
+
+/// See `Manager::ready_for_command`.
+pub(super) struct CommandPlace {
+    pub ws: Workspace,
+    /// Held while the command (or a background process's tasks, once spawned) may run.
+    pub running: TaskTrackerToken,
+    /// Where a background process's tasks are spawned.
+    pub tracker: TaskTracker,
+    /// Fires on destroy and shutdown.
+    pub cancel: CancellationToken,
+}
+
 /// A running command's place among the `max_concurrent`.
 pub(super) struct ExecSlot<'a>(&'a Manager);
 impl Drop for ExecSlot<'_> {
@@ -43,6 +86,26 @@ impl Drop for ExecSlot<'_> {
 }
 
 impl Manager {
+    /// A place for one more command in a ready workspace (`NotReady` otherwise), counted
+    /// among its running commands from the moment it was looked up, under the registry lock:
+    /// a destroy waits for it.
+    pub(super) fn ready_for_command(&self, key: &str) -> Result<CommandPlace> {
+        let reg = self.reg();
+        let e = reg.resolve(key)?;
+        if e.ws.status != Status::Ready {
+            return Err(Error::NotReady {
+                workspace: e.ws.name.clone(),
+                status: e.ws.status.to_string(),
+            });
+        }
+        Ok(CommandPlace {
+            ws: e.ws.clone(),
+            running: e.execs.token(),
+            tracker: e.execs.clone(),
+            cancel: e.cancel.child_token(),
+        })
+    }
+
     /// Runs a command in a workspace. `caller_gone` fires when the caller disconnects; the
     /// command is then killed.
     pub async fn exec(
@@ -53,48 +116,30 @@ impl Manager {
     ) -> Result<ExecOutcome> {
         let limits = self.limits().exec;
         let timeout_secs = params.validate(&limits)?;
-        let (ws, _running_exec, cancel) = {
-            let reg = self.reg();
-            let e = reg.resolve(key)?;
-            if e.ws.status != Status::Ready {
-                return Err(Error::NotReady {
-                    workspace: e.ws.name.clone(),
-                    status: e.ws.status.to_string(),
-                });
-            }
-            (e.ws.clone(), e.execs.token(), e.cancel.child_token())
-        };
+        let CommandPlace {
+            ws,
+            running: _running,
+            cancel,
+            ..
+        } = self.ready_for_command(key)?;
         let _slot = self.exec_slot(&ws.name, &limits, &caller_gone).await?;
-        let env = command_env(&ws, params.env);
-        let workdir = if ws.is_container() {
-            PathBuf::from(CONTAINER_WORKDIR)
-        } else {
-            ws.path.clone()
-        };
-        let cwd = match params.cwd {
-            None => workdir,
-            Some(c) => workdir.join(c),
-        };
         let request = ExecRequest {
             workspace_id: ws.id.clone(),
             command: params.command,
-            env,
-            cwd,
+            env: command_env(&ws, params.env),
+            cwd: command_cwd(&ws, params.cwd),
             io: params.io,
             timeout: Duration::from_secs(timeout_secs.into()),
             output_cap: limits.max_output_bytes,
             signals: None,
         };
-        let run = async {
-            if ws.is_container() {
-                self.ports
-                    .containers
-                    .exec(&ws, request, cancel.clone())
-                    .await
-            } else {
-                self.ports.executor.run(request, cancel.clone()).await
-            }
-        };
+        let run = run_command(
+            &self.ports.containers,
+            &self.ports.executor,
+            &ws,
+            request,
+            cancel.clone(),
+        );
         tokio::pin!(run);
         let outcome = tokio::select! {
             r = &mut run => r,

@@ -13,7 +13,7 @@ mod processes;
 mod recovery;
 
 pub use exec::{BASE_PATH, command_env};
-pub use processes::{OutputBuffer, ProcessInfo};
+pub use processes::ProcessInfo;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -15,11 +15,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
-use super::exec::command_env;
-use super::{CONTAINER_WORKDIR, Manager, now_usec};
+use super::exec::{CommandPlace, command_cwd, command_env, run_command};
+use super::{Manager, now_usec};
 use crate::core::error::{Error, Result};
 use crate::core::ports::{Event, ExecIo, ExecRequest, ProcessStreams};
-use crate::core::workspace::Status;
 
 /// Output kept per process; older output is dropped (and `ReadOutput` says where it resumes).
 pub const OUTPUT_CAP: usize = 1024 * 1024;
@@ -155,17 +154,12 @@ impl Manager {
         let crate::core::spec::ExecParams {
             command, cwd, env, ..
         } = params;
-        let (ws, tracker, cancel) = {
-            let reg = self.reg();
-            let e = reg.resolve(key)?;
-            if e.ws.status != Status::Ready {
-                return Err(Error::NotReady {
-                    workspace: e.ws.name.clone(),
-                    status: e.ws.status.to_string(),
-                });
-            }
-            (e.ws.clone(), e.execs.clone(), e.cancel.child_token())
-        };
+        let CommandPlace {
+            ws,
+            running: _running,
+            tracker,
+            cancel,
+        } = self.ready_for_command(key)?;
         let ProcessStreams {
             command: streams,
             input,
@@ -213,19 +207,11 @@ impl Manager {
             mine.by_id.insert(id, process.clone());
             (process, id)
         };
-        let workdir = if ws.is_container() {
-            CONTAINER_WORKDIR.into()
-        } else {
-            ws.path.clone()
-        };
         let request = ExecRequest {
             workspace_id: ws.id.clone(),
             command,
             env: command_env(&ws, env),
-            cwd: match cwd {
-                None => workdir,
-                Some(c) => workdir.join(c),
-            },
+            cwd: command_cwd(&ws, cwd),
             io: streams,
             timeout: NO_TIMEOUT,
             output_cap: 0,
@@ -263,18 +249,14 @@ impl Manager {
                 process.bump();
             }
         };
-        let ports_containers = self.ports.containers.clone();
+        let containers = self.ports.containers.clone();
         let executor = self.ports.executor.clone();
         let events = self.ports.events.clone();
         let ws_id = ws.id.clone();
         let forget = ws.id.clone();
         let name = ws.name.clone();
         let run = async move {
-            let outcome = if ws.is_container() {
-                ports_containers.exec(&ws, request, cancel).await
-            } else {
-                executor.run(request, cancel).await
-            };
+            let outcome = run_command(&containers, &executor, &ws, request, cancel).await;
             let exit_code = match &outcome {
                 Ok(o) => o.exit_code,
                 Err(_) => -1,
@@ -441,15 +423,6 @@ impl Manager {
                 process,
             });
         }
-    }
-
-    /// Running background processes, in every workspace.
-    pub fn running_processes(&self) -> usize {
-        self.procs()
-            .values()
-            .flat_map(|w| w.by_id.values())
-            .filter(|p| p.info().running)
-            .count()
     }
 }
 
