@@ -15,6 +15,8 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::spawn::WorkDir;
+
 /// A command to exec directly, exactly as `bash -c` would have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Direct {
@@ -198,7 +200,8 @@ fn executable(path: &Path) -> bool {
 /// How bash would start `command` in `cwd` (absolute, as the command will see it) with `env`,
 /// when that is a plain exec; `None` when bash must run it. The file system is the caller's:
 /// the agent plans inside the container, the service on the host.
-pub fn plan(command: &[u8], env: &[(Vec<u8>, Vec<u8>)], cwd: &Path) -> Option<Direct> {
+pub fn plan(command: &[u8], env: &[(Vec<u8>, Vec<u8>)], dir: &WorkDir) -> Option<Direct> {
+    let cwd = dir.path.as_path();
     let argv = words(command)?;
     let first = argv.first()?;
     if first.is_empty() || first.contains(&b'=') {
@@ -246,7 +249,7 @@ pub fn plan(command: &[u8], env: &[(Vec<u8>, Vec<u8>)], cwd: &Path) -> Option<Di
         (program, underscore)
     };
     // bash sets PWD from getcwd(): the working directory with its links resolved.
-    let pwd = std::fs::canonicalize(cwd).ok()?;
+    let pwd = dir.resolved.as_ref()?;
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(env.len() + 3);
     for (k, v) in env {
         if k != b"SHLVL" && k != b"_" && !out.iter().any(|(o, _)| o == k) {
@@ -266,6 +269,10 @@ pub fn plan(command: &[u8], env: &[(Vec<u8>, Vec<u8>)], cwd: &Path) -> Option<Di
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dir(p: &Path) -> WorkDir {
+        WorkDir::open(p).unwrap()
+    }
     use std::collections::BTreeSet;
     use std::os::unix::fs::PermissionsExt;
     use std::process::Command;
@@ -441,7 +448,7 @@ mod tests {
             (&abs, env(&[("PATH", "/usr/bin:/bin")])),
         ];
         for (command, e) in &cases {
-            let d = plan(command.as_bytes(), e, &cwd)
+            let d = plan(command.as_bytes(), e, &dir(&cwd))
                 .unwrap_or_else(|| panic!("{command:?} should be planned"));
             assert_eq!(
                 run_direct(&d, &cwd),
@@ -452,7 +459,7 @@ mod tests {
         // `true` and `false` alone: the programs do what the builtins do.
         for (command, code) in [("true", 0), ("false", 1)] {
             let e = env(&[("PATH", "/usr/bin:/bin")]);
-            let d = plan(command.as_bytes(), &e, &cwd).unwrap();
+            let d = plan(command.as_bytes(), &e, &dir(&cwd)).unwrap();
             assert_eq!(run_direct(&d, &cwd), (String::new(), Some(code)));
             assert_eq!(run_bash(command, &e, &cwd), (String::new(), Some(code)));
         }
@@ -481,7 +488,11 @@ mod tests {
             "./missing",
             "show > f",
         ] {
-            assert_eq!(plan(command.as_bytes(), &p, &cwd), None, "{command:?}");
+            assert_eq!(
+                plan(command.as_bytes(), &p, &dir(&cwd)),
+                None,
+                "{command:?}"
+            );
         }
         for extra in [
             ("BASH_ENV", "/x"),
@@ -499,20 +510,24 @@ mod tests {
         ] {
             let mut e = p.clone();
             e.extend(env(&[extra]));
-            assert_eq!(plan(b"show", &e, &cwd), None, "{extra:?}");
+            assert_eq!(plan(b"show", &e, &dir(&cwd)), None, "{extra:?}");
         }
         // No PATH, or one with a relative entry: bash's own rules.
-        assert_eq!(plan(b"show", &[], &cwd), None);
+        assert_eq!(plan(b"show", &[], &dir(&cwd)), None);
         assert_eq!(
-            plan(b"show", &env(&[("PATH", &format!(":{path}"))]), &cwd),
+            plan(b"show", &env(&[("PATH", &format!(":{path}"))]), &dir(&cwd)),
             None
         );
         assert_eq!(
-            plan(b"show", &env(&[("PATH", &format!("bin:{path}"))]), &cwd),
+            plan(
+                b"show",
+                &env(&[("PATH", &format!("bin:{path}"))]),
+                &dir(&cwd)
+            ),
             None
         );
         // The first executable in PATH order, as bash takes it.
-        let d = plan(b"show", &p, &cwd).unwrap();
+        let d = plan(b"show", &p, &dir(&cwd)).unwrap();
         assert_eq!(d.program, base.join("bin/show"));
         let names: BTreeSet<_> = d.env.iter().map(|(k, _)| k.clone()).collect();
         assert_eq!(names.len(), d.env.len(), "each variable once");

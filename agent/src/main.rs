@@ -144,16 +144,19 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     let procs = fds.next();
     // Inside the container, so whatever links are in the way resolve inside it too.
     let cwd = Path::new(OsStr::from_bytes(&req.cwd));
-    if !cwd.is_dir() {
-        let message = format!("{} is not a directory in the container", cwd.display());
-        return refuse(&mut conn, RefuseReason::Cwd, message);
-    }
+    let dir = match spawn::WorkDir::open(cwd) {
+        Ok(d) => d,
+        Err(e) => {
+            let message = format!("{} is not a directory in the container: {e}", cwd.display());
+            return refuse(&mut conn, RefuseReason::Cwd, message);
+        }
+    };
     let bash = Path::new("/bin/bash").is_file();
     let shell = if bash { "/bin/bash" } else { "/bin/sh" };
     // A plain list of words is exec'd as bash would exec it (see `direct`); anything else, or
     // a direct start that fails, goes to the shell.
     let direct = bash
-        .then(|| direct::plan(&req.command, &req.env, cwd))
+        .then(|| direct::plan(&req.command, &req.env, &dir))
         .flatten();
     let stdio = [&stdin, &stdout, &stderr];
     let start = |program: &[u8], argv: &[Vec<u8>], env: &[(Vec<u8>, Vec<u8>)]| {
@@ -162,9 +165,11 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
             argv,
             env,
             cwd: Some(cwd),
+            cwd_fd: Some(&dir.fd),
             fds: stdio,
             procs: procs.as_ref(),
             process_group: true,
+            terminal: false,
             nofile_soft: child_nofile,
         })
     };

@@ -21,11 +21,22 @@ struct ChildArgs {
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     cwd: *const libc::c_char,
+    /// An open directory to change to (`fchdir`), -1 for `cwd` or none.
+    cwd_fd: RawFd,
     fds: [RawFd; 3],
     procs: RawFd,
     process_group: bool,
+    terminal: bool,
     nofile_soft: libc::rlim_t,
-    report: RawFd,
+    /// Where the child reports why it could not exec: the memory is shared until it execs,
+    /// as in glibc's `posix_spawn`, so no pipe is needed.
+    err: c_int,
+}
+
+thread_local! {
+    /// The child's stack while it shares this thread's memory: one per thread (the thread is
+    /// suspended while the child uses it), kept for the next command.
+    static STACK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
 }
 
 /// The kernel's `struct sigaction` (x86-64 and aarch64 layout: handler, flags, restorer, mask).
@@ -42,12 +53,13 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` points to the ChildArgs the parent keeps alive until the exec (CLONE_VFORK);
     // everything below is an async-signal-safe system call.
     unsafe {
-        let a = &*(arg as *const ChildArgs);
-        let fail = |a: &ChildArgs| -> c_int {
-            let errno = *libc::__errno_location();
-            libc::write(a.report, (&errno as *const c_int).cast(), 4);
+        let a = arg as *mut ChildArgs;
+        let fail = |a: *mut ChildArgs| -> c_int {
+            // Read by the parent once this child has exited (CLONE_VFORK orders it).
+            std::ptr::write_volatile(&raw mut (*a).err, *libc::__errno_location());
             libc::_exit(127)
         };
+        let a_ = &*a;
         // The service's signal handlers must not run here: every signal not at its default
         // (handled, or ignored like SIGPIPE and glibc's internal ones) back to it, then nothing
         // blocked, as for a command a plain shell starts. Raw rt_sigaction: glibc's wrapper
@@ -76,33 +88,87 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
                 );
             }
         }
-        if a.procs >= 0 && libc::write(a.procs, c"0".as_ptr().cast(), 1) != 1 {
+        if a_.procs >= 0 && libc::write(a_.procs, c"0".as_ptr().cast(), 1) != 1 {
             return fail(a);
         }
-        if a.process_group && libc::setpgid(0, 0) != 0 {
+        if a_.terminal {
+            // A session of its own, whose controlling terminal is its stdin (set below).
+            if libc::setsid() < 0 {
+                return fail(a);
+            }
+        } else if a_.process_group && libc::setpgid(0, 0) != 0 {
             return fail(a);
         }
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > a.nofile_soft {
-            lim.rlim_cur = a.nofile_soft;
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > a_.nofile_soft {
+            lim.rlim_cur = a_.nofile_soft;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
-        for (target, &fd) in a.fds.iter().enumerate() {
+        // The directory first: `cwd_fd` may be a number the dup2s below reuse.
+        if a_.cwd_fd >= 0 {
+            if libc::fchdir(a_.cwd_fd) != 0 {
+                return fail(a);
+            }
+        } else if !a_.cwd.is_null() && libc::chdir(a_.cwd) != 0 {
+            return fail(a);
+        }
+        for (target, &fd) in a_.fds.iter().enumerate() {
             if libc::dup2(fd, target as c_int) < 0 {
                 return fail(a);
             }
         }
-        if !a.cwd.is_null() && libc::chdir(a.cwd) != 0 {
+        if a_.terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
             return fail(a);
         }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        libc::execve(a.program, a.argv, a.envp);
+        libc::execve(a_.program, a_.argv, a_.envp);
         fail(a)
+    }
+}
+
+/// A command's working directory, opened once: the open checks that it is a directory, the
+/// child changes to it with `fchdir` (no second walk of the path), and its resolved path is
+/// what `getcwd()` will say there.
+pub struct WorkDir {
+    /// As given.
+    pub path: std::path::PathBuf,
+    /// `O_PATH | O_DIRECTORY`.
+    pub fd: OwnedFd,
+    /// Its path with every link resolved (the kernel's name of the open directory), or `None`
+    /// when that has no plain name (it was removed, or lies outside this root).
+    pub resolved: Option<std::path::PathBuf>,
+}
+
+impl WorkDir {
+    /// Opens `path`, which must be a directory (following links, as `chdir` does).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let c = cstring(path.as_os_str().as_bytes())?;
+        // SAFETY: a plain syscall on a NUL-terminated path; a result >= 0 is ours to own.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just opened for us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let resolved = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .ok()
+            .filter(|p| p.is_absolute() && !p.as_os_str().as_bytes().ends_with(b" (deleted)"))
+            .or_else(|| std::fs::canonicalize(path).ok());
+        Ok(WorkDir {
+            path: path.to_path_buf(),
+            fd,
+            resolved,
+        })
     }
 }
 
@@ -115,12 +181,18 @@ pub struct Spec<'a> {
     /// The complete environment.
     pub env: &'a [(Vec<u8>, Vec<u8>)],
     pub cwd: Option<&'a Path>,
+    /// The working directory, open (`O_PATH` will do): used instead of `cwd` when given, so
+    /// that the path is not walked again.
+    pub cwd_fd: Option<&'a OwnedFd>,
     /// stdin, stdout, stderr.
     pub fds: [&'a OwnedFd; 3],
     /// The open `cgroup.procs` of the command's cgroup.
     pub procs: Option<&'a OwnedFd>,
     /// A process group of its own.
     pub process_group: bool,
+    /// A session of its own whose controlling terminal is its stdin, a terminal (for a
+    /// command on a pseudo-terminal); implies its own process group.
+    pub terminal: bool,
     pub nofile_soft: u64,
 }
 
@@ -184,79 +256,120 @@ pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
         above_stdio(spec.fds[1], &mut keep)?,
         above_stdio(spec.fds[2], &mut keep)?,
     ];
-    let (report_read, report_write) = {
-        let mut p = [0; 2];
-        // SAFETY: pipe2 fills the array with two new descriptors.
-        if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both were just made for us.
-        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
-    };
-    let args = ChildArgs {
+    let mut args = ChildArgs {
         program: program.as_ptr(),
         argv: argv_ptrs.as_ptr(),
         envp: envp_ptrs.as_ptr(),
         cwd: cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        cwd_fd: spec.cwd_fd.map_or(-1, |f| f.as_raw_fd()),
         fds,
         procs: spec.procs.map_or(-1, |p| p.as_raw_fd()),
         process_group: spec.process_group,
+        terminal: spec.terminal,
         nofile_soft: spec.nofile_soft as libc::rlim_t,
-        report: report_write.as_raw_fd(),
+        err: 0,
     };
-    let mut stack = vec![0u8; 64 * 1024];
-    // The stack grows down; its top, 16-byte aligned.
-    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
-    // SAFETY: signals are blocked around the clone so that none runs a service handler in the
-    // child before it resets them; the child gets only `args`, alive until it has exec'd
-    // (CLONE_VFORK suspends this thread until then).
-    let pid = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let pid = libc::clone(
-            child,
-            top as *mut c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &args as *const ChildArgs as *mut c_void,
-        );
-        let err = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        if pid < 0 {
-            return Err(err);
-        }
-        pid
-    };
-    drop(report_write);
-    drop(stack);
-    // The exec happened (the report pipe closed with it) or the child says why not.
-    let mut errno = [0u8; 4];
-    let n = loop {
-        // SAFETY: read into a local buffer.
-        let n = unsafe { libc::read(report_read.as_raw_fd(), errno.as_mut_ptr().cast(), 4) };
-        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            break n;
-        }
-    };
-    if n == 4 {
-        let mut status = 0;
-        // SAFETY: reaping our own child, which has exited.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
-    }
-    // SAFETY: pidfd_open of our own child, not yet reaped (so its pid is still its own).
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        let err = io::Error::last_os_error();
-        // SAFETY: ending and reaping our own child.
+    let mut pidfd: c_int = -1;
+    let pid = STACK.with_borrow_mut(|stack| {
+        // The stack grows down; its top, 16-byte aligned.
+        let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+        // SAFETY: signals are blocked around the clone so that none runs a service handler in
+        // the child before it resets them; the child gets only `args` and this thread's
+        // stack, both untouched until it has exec'd or exited (CLONE_VFORK suspends this
+        // thread until then). CLONE_PIDFD stores a pidfd of the child in `pidfd`.
         unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let pid = libc::clone(
+                child,
+                top as *mut c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                &raw mut args as *mut c_void,
+                &raw mut pidfd,
+            );
+            let err = io::Error::last_os_error();
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            if pid < 0 { Err(err) } else { Ok(pid) }
         }
-        return Err(err);
+    })?;
+    // SAFETY: the child has exec'd or exited (CLONE_VFORK); what it wrote is visible now.
+    let err = unsafe { std::ptr::read_volatile(&raw const args.err) };
+    // SAFETY: CLONE_PIDFD made this descriptor for us.
+    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
+    if err != 0 || pidfd.is_none() {
+        let mut status = 0;
+        // SAFETY: reaping our own child, which has exited (or is killed first if it exec'd
+        // but we have no pidfd to wait for it with).
+        unsafe {
+            if err == 0 {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            libc::waitpid(pid, &mut status, 0);
+        }
+        return Err(if err != 0 {
+            io::Error::from_raw_os_error(err)
+        } else {
+            io::Error::other("clone gave no pidfd")
+        });
     }
-    // SAFETY: the descriptor was just made for us.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    let pidfd = pidfd.expect("checked above");
     Ok(Child { pid, pidfd })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(program: &[u8], argv: &[&[u8]], dir: Option<&WorkDir>) -> io::Result<(i32, String)> {
+        let (r, w) = {
+            let mut p = [0; 2];
+            // SAFETY: pipe2 fills the array with two new descriptors.
+            assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            // SAFETY: both were just made for us.
+            unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+        };
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let argv: Vec<Vec<u8>> = argv.iter().map(|a| a.to_vec()).collect();
+        let env = [(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())];
+        let child = spawn(Spec {
+            program,
+            argv: &argv,
+            env: &env,
+            cwd: None,
+            cwd_fd: dir.map(|d| &d.fd),
+            fds: [&null, &w, &w],
+            procs: None,
+            process_group: true,
+            terminal: false,
+            nofile_soft: 1024,
+        })?;
+        drop(w);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(child.pid, &mut status, 0) };
+        Ok((libc::WEXITSTATUS(status), out))
+    }
+
+    #[test]
+    fn a_command_runs_in_its_directory_and_a_failed_start_says_why() {
+        let dir = WorkDir::open(Path::new("/usr/bin/../lib")).unwrap();
+        let resolved = std::fs::canonicalize("/usr/lib").unwrap();
+        assert_eq!(dir.resolved.as_deref(), Some(resolved.as_path()));
+        let (code, out) = run(b"/bin/pwd", &[b"pwd", b"-P"], Some(&dir)).unwrap();
+        assert_eq!((code, out.trim()), (0, resolved.to_str().unwrap()));
+        // The child's errno comes back through the memory it shares until the exec.
+        let e = run(b"/nonexistent/program", &[b"x"], None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        let file = std::env::temp_dir().join(format!("aw-spawn-{}", std::process::id()));
+        std::fs::write(&file, "not a program").unwrap();
+        let e = run(file.as_os_str().as_bytes(), &[b"x"], None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        // A directory that is not one.
+        assert!(WorkDir::open(&file).is_err());
+        std::fs::remove_file(&file).unwrap();
+    }
 }

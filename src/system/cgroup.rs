@@ -205,11 +205,13 @@ pub(super) struct CommandCgroup {
 
 impl CommandCgroup {
     /// Ends what the command left running: nothing to do (and nothing written) when its
-    /// cgroup is already empty, as it is after most commands.
-    pub(super) fn kill_leftovers(&self) {
-        if read_populated(&self.events) != Some(false) {
+    /// cgroup is already empty, as it is after most commands. Says whether it was empty.
+    pub(super) fn kill_leftovers(&self) -> bool {
+        let empty = read_populated(&self.events) == Some(false);
+        if !empty {
             self.kill();
         }
+        empty
     }
 
     /// Sends `sig` to every process in the cgroup. Each is held by a pidfd before the signal,
@@ -270,6 +272,12 @@ impl CommandCgroup {
             );
             return;
         }
+        self.keep();
+    }
+
+    /// Keeps the empty cgroup for a next command below the same parent, or removes it when
+    /// enough are kept.
+    pub(super) fn keep(self) {
         let parent = self.dir.parent().unwrap_or(Path::new("/")).to_path_buf();
         let mut pool = POOL
             .lock()

@@ -1,7 +1,7 @@
 //! Runs commands: a host command directly, a container command through its agent, each in a
 //! cgroup of its own (`cgroup.rs`), so a timeout or a cancel ends its whole process tree at
 //! once; when the command's shell exits, whatever it left running is ended the same way.
-//! Output is read while the command runs (a full pipe never blocks it) and capped per stream.
+//! Output is collected and capped per stream (`output.rs`).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use agent_workspaces_agent::{self as agent_proto, RefuseReason, Reply};
 use async_trait::async_trait;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::AgentConnection;
 use super::cgroup::{CommandCgroup, Containment};
+use super::output::{DRAIN, READ_GRACE, collect_after_end, collect_running};
 use crate::core::error::{Error, Result};
 use crate::core::ports::{ExecIo, ExecOutcome, ExecRequest, Executor, ProcessStreams, Signals};
 
@@ -59,40 +60,6 @@ impl HostExecutor {
     }
 }
 
-/// Reads a stream to its end, keeping the first `cap` bytes. Once `ended` fires (the
-/// command's processes were killed), the end of file may take at most `DRAIN` more: only a
-/// process outside the command's cgroup (a hostile agent) could hold the stream open longer.
-async fn read_capped<R: AsyncRead + Unpin>(
-    mut r: R,
-    cap: usize,
-    ended: &CancellationToken,
-) -> (Vec<u8>, bool) {
-    let mut kept = Vec::new();
-    let mut truncated = false;
-    let mut buf = vec![0u8; 64 * 1024];
-    let drain = async {
-        ended.cancelled().await;
-        tokio::time::sleep(DRAIN).await;
-    };
-    tokio::pin!(drain);
-    loop {
-        let n = tokio::select! {
-            biased;
-            r = r.read(&mut buf) => r,
-            () = &mut drain => break,
-        };
-        match n {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
-                truncated |= n > room;
-            }
-        }
-    }
-    (kept, truncated)
-}
-
 /// 128+N for death by signal N, as shells report it.
 pub fn exit_code_of(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
@@ -102,17 +69,17 @@ pub fn exit_code_of(status: ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
+/// The host's shell, looked up once: bash, or sh where there is no bash.
 fn shell() -> &'static str {
-    if Path::new("/bin/bash").exists() {
-        "/bin/bash"
-    } else {
-        "/bin/sh"
-    }
+    static SHELL: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    SHELL.get_or_init(|| {
+        if Path::new("/bin/bash").exists() {
+            "/bin/bash"
+        } else {
+            "/bin/sh"
+        }
+    })
 }
-
-/// How long output may still arrive after the command's processes were killed: only a
-/// process outside the command's cgroup (a hostile agent) could hold a stream open longer.
-const DRAIN: Duration = Duration::from_secs(5);
 
 enum Ending {
     Exited(Result<i32>),
@@ -126,7 +93,7 @@ pub enum Launch<'a> {
     Here {
         command: &'a str,
         env: &'a BTreeMap<String, String>,
-        cwd: &'a Path,
+        dir: &'a agent_proto::spawn::WorkDir,
     },
     /// By the agent inside a container (the request names the shell command, its environment
     /// and working directory as seen inside).
@@ -209,7 +176,7 @@ async fn launch<'a>(
     procs: Option<&OwnedFd>,
 ) -> Result<Running<'a>> {
     match launch {
-        Launch::Here { command, env, cwd } => {
+        Launch::Here { command, env, dir } => {
             let [stdin, stdout, stderr] = &child;
             let env: Vec<(Vec<u8>, Vec<u8>)> = env
                 .iter()
@@ -219,7 +186,7 @@ async fn launch<'a>(
                 program: &'s [u8],
                 argv: &'s [Vec<u8>],
                 env: &'s [(Vec<u8>, Vec<u8>)],
-                cwd: &'s Path,
+                dir: &'s agent_proto::spawn::WorkDir,
                 fds: [&'s OwnedFd; 3],
                 procs: Option<&'s OwnedFd>,
             ) -> super::spawn::Spec<'s> {
@@ -227,10 +194,12 @@ async fn launch<'a>(
                     program,
                     argv,
                     env,
-                    cwd: Some(cwd),
+                    cwd: Some(&dir.path),
+                    cwd_fd: Some(&dir.fd),
                     fds,
                     procs,
                     process_group: true,
+                    terminal: false,
                     nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
                 }
             }
@@ -239,16 +208,16 @@ async fn launch<'a>(
             // A plain list of words is exec'd as bash would exec it (agent_proto::direct);
             // anything else, or a direct start that fails, goes to the shell.
             let direct = (shell == "/bin/bash")
-                .then(|| agent_proto::direct::plan(command.as_bytes(), &env, cwd))
+                .then(|| agent_proto::direct::plan(command.as_bytes(), &env, dir))
                 .flatten();
             let mut spawned = Err(io::ErrorKind::NotFound.into());
             if let Some(d) = &direct {
                 let program = d.program.as_os_str().as_bytes();
-                spawned = super::spawn::spawn(spec(program, &d.argv, &d.env, cwd, fds, procs));
+                spawned = super::spawn::spawn(spec(program, &d.argv, &d.env, dir, fds, procs));
             }
             if spawned.is_err() {
                 let argv = [shell.into(), b"-c".to_vec(), command.as_bytes().to_vec()];
-                spawned = super::spawn::spawn(spec(shell.as_bytes(), &argv, &env, cwd, fds, procs));
+                spawned = super::spawn::spawn(spec(shell.as_bytes(), &argv, &env, dir, fds, procs));
             }
             // The command has its own copies of its descriptors now; close the service's.
             drop(child);
@@ -328,10 +297,7 @@ pub async fn run_contained(
         };
     let pid = running.pid();
     if let Some((stdin, data)) = streams.stdin {
-        if data.is_empty() {
-            // Nothing to write: closed now, the command reads end of file at once.
-            drop(stdin);
-        } else if let Ok(mut stdin) = pipe::Sender::from_owned_fd(stdin) {
+        if let Ok(mut stdin) = pipe::Sender::from_owned_fd(stdin) {
             // A command that does not read its stdin closes the pipe: that is not an error.
             tokio::spawn(async move {
                 let _ = stdin.write_all(&data).await;
@@ -342,15 +308,6 @@ pub async fn run_contained(
     // threads stands between the command's exit and the answer.
     let ended = CancellationToken::new();
     let cap = c.output_cap;
-    let read = |s: Option<pipe::Receiver>| {
-        let ended = &ended;
-        async move {
-            match s {
-                Some(s) => read_capped(s, cap, ended).await,
-                None => Default::default(),
-            }
-        }
-    };
     let mut signals = c.signals;
     let run = async {
         let timeout = tokio::time::sleep(c.timeout);
@@ -377,9 +334,10 @@ pub async fn run_contained(
         };
         let duration = start.elapsed();
         // End everything the command left running; its pipes then reach end of file.
+        let mut empty = false;
         match &cgroup {
             Some(cg) => match ending {
-                Ending::Exited(_) => cg.kill_leftovers(),
+                Ending::Exited(_) => empty = cg.kill_leftovers(),
                 Ending::TimedOut | Ending::Cancelled => cg.kill(),
             },
             None => {
@@ -399,14 +357,39 @@ pub async fn run_contained(
                 None
             }
         };
-        (code, duration)
+        (code, duration, empty)
     };
-    let ((code, duration), (stdout, stdout_truncated), (stderr, stderr_truncated)) =
-        tokio::join!(run, read(streams.stdout), read(streams.stderr));
-    if let Some(cg) = cgroup {
-        // Empty (or being emptied by cgroup.kill): kept for the next command or removed, after
-        // the answer, not before it.
-        tokio::spawn(cg.release());
+    // Most commands end within READ_GRACE: their output is read after, all at once. One that
+    // runs longer has it read as it comes. (Nothing awaits `ended` until the command has
+    // ended: a wake-up of this task by itself would hand it to another thread.)
+    let (stdout_fd, stderr_fd) = (streams.stdout, streams.stderr);
+    let ((code, duration, empty), (stdout, stdout_truncated), (stderr, stderr_truncated)) = {
+        tokio::pin!(run);
+        let early = tokio::select! {
+            biased;
+            r = &mut run => Some(r),
+            () = tokio::time::sleep(READ_GRACE) => None,
+        };
+        match early {
+            Some(r) => {
+                let [out, err] = collect_after_end([stdout_fd, stderr_fd], cap, &ended).await;
+                (r, out, err)
+            }
+            None => {
+                tokio::join!(
+                    run,
+                    collect_running(stdout_fd, cap, &ended),
+                    collect_running(stderr_fd, cap, &ended)
+                )
+            }
+        }
+    };
+    match cgroup {
+        // Empty, as after most commands: kept for the next one at once.
+        Some(cg) if empty => cg.keep(),
+        // Being emptied by cgroup.kill: kept or removed once it is, after the answer.
+        Some(cg) => drop(tokio::spawn(cg.release())),
+        None => {}
     }
     let timed_out = code.is_none() && !cancel.is_cancelled();
     let exit_code = match code {
@@ -432,17 +415,17 @@ impl Executor for HostExecutor {
     }
 
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
-        if !req.cwd.is_dir() {
-            return Err(Error::invalid(
+        let dir = agent_proto::spawn::WorkDir::open(&req.cwd).map_err(|e| {
+            Error::invalid(
                 "cwd",
-                format!("{} is not a directory", req.cwd.display()),
-            ));
-        }
+                format!("{} is not a usable directory: {e}", req.cwd.display()),
+            )
+        })?;
         let command = Command {
             launch: Launch::Here {
                 command: &req.command,
                 env: &req.env,
-                cwd: &req.cwd,
+                dir: &dir,
             },
             io: req.io,
             timeout: req.timeout,

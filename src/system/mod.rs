@@ -11,6 +11,7 @@ pub mod exec;
 pub mod layer;
 pub mod library;
 pub mod logging;
+mod output;
 pub mod pipes;
 pub mod spawn;
 pub mod store;

@@ -160,12 +160,20 @@ impl Manager {
                 ws.name
             )));
         }
-        info!(message_id = messages::EXEC_FINISHED, workspace_id = %ws.id,
-              workspace_name = %ws.name, exit_code = outcome.exit_code,
-              timed_out = outcome.timed_out, duration_usec = outcome.duration.as_micros() as u64,
-              "Command in workspace {} finished: exit code {}{} after {:.3}s",
-              ws.name, outcome.exit_code, if outcome.timed_out { " (timed out)" } else { "" },
-              outcome.duration.as_secs_f64());
+        // Logged just after the answer goes out (the task runs when this one next yields):
+        // a journal entry costs more than the rest of the answer, and the caller need not
+        // wait for it.
+        let (exit_code, timed_out, duration) =
+            (outcome.exit_code, outcome.timed_out, outcome.duration);
+        let (id, name) = (ws.id.clone(), ws.name.clone());
+        tokio::spawn(async move {
+            info!(message_id = messages::EXEC_FINISHED, workspace_id = %id,
+                  workspace_name = %name, exit_code, timed_out,
+                  duration_usec = duration.as_micros() as u64,
+                  "Command in workspace {name} finished: exit code {exit_code}{} after {:.3}s",
+                  if timed_out { " (timed out)" } else { "" },
+                  duration.as_secs_f64());
+        });
         Ok(outcome)
     }
 
