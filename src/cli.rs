@@ -200,9 +200,18 @@ pub mod workspacectl {
         /// call (prints its id); without, as `exec`.
         Run {
             workspace: String,
-            /// Start it in the background (see `ps`, `logs`, `kill`).
+            /// Start it in the background (see `ps`, `logs`, `kill`, `attach`).
             #[arg(long)]
             background: bool,
+            /// With --background: on a pseudo-terminal (attach to it with `attach`).
+            #[arg(long, requires = "background")]
+            pty: bool,
+            /// The terminal's width (80 unless given).
+            #[arg(long, requires = "pty")]
+            cols: Option<u16>,
+            /// The terminal's height (24 unless given).
+            #[arg(long, requires = "pty")]
+            rows: Option<u16>,
             /// Working directory, relative to the workspace's.
             #[arg(long)]
             cwd: Option<String>,
@@ -212,6 +221,27 @@ pub mod workspacectl {
             /// The command (after --); several words are quoted for the shell.
             #[arg(required = true, last = true)]
             command: Vec<String>,
+        },
+        /// An interactive shell in a workspace, on a terminal (like `machinectl shell`): a
+        /// login shell, or the command given. Exits with its exit code.
+        Shell {
+            workspace: String,
+            /// Working directory, relative to the workspace's.
+            #[arg(long)]
+            cwd: Option<String>,
+            /// KEY=VALUE for the shell, repeatable; wins over the workspace's.
+            #[arg(long = "env", value_name = "KEY=VALUE")]
+            env: Vec<String>,
+            /// A command to run on the terminal instead of a login shell (after --).
+            #[arg(last = true)]
+            command: Vec<String>,
+        },
+        /// Attach this terminal to a background process's terminal (`run --background --pty`,
+        /// or a `shell` left running); detach by ending this command (the process goes on).
+        Attach {
+            workspace: String,
+            /// The process's id.
+            process: String,
         },
         /// List a workspace's background processes.
         Ps { workspace: String },

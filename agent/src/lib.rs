@@ -32,6 +32,10 @@ pub const MAX_REPLY: usize = 64 * 1024;
 pub const MAX_FDS: usize = 4;
 
 const KIND_EXEC: u8 = 1;
+/// An exec whose stdin is a terminal it gets as its controlling terminal (in a session of its
+/// own). A kind of its own: an agent older than it refuses it instead of running the command
+/// without its terminal.
+const KIND_EXEC_TERMINAL: u8 = 2;
 const KIND_STARTED: u8 = 1;
 const KIND_EXITED: u8 = 2;
 const KIND_REFUSED: u8 = 3;
@@ -44,6 +48,9 @@ pub struct ExecRequest {
     pub cwd: Vec<u8>,
     /// The complete environment.
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Its stdin is a terminal: the command runs in a session of its own with that terminal
+    /// as its controlling terminal.
+    pub terminal: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,15 +154,24 @@ impl ExecRequest {
             put_bytes(&mut body, k);
             put_bytes(&mut body, v);
         }
-        frame(KIND_EXEC, &body)
+        frame(
+            if self.terminal {
+                KIND_EXEC_TERMINAL
+            } else {
+                KIND_EXEC
+            },
+            &body,
+        )
     }
 
     /// Decodes a frame's contents (after its length).
     pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader(frame);
-        if r.u8()? != KIND_EXEC {
-            return Err(DecodeError("unknown request kind"));
-        }
+        let terminal = match r.u8()? {
+            KIND_EXEC => false,
+            KIND_EXEC_TERMINAL => true,
+            _ => return Err(DecodeError("unknown request kind")),
+        };
         if r.u32()? != PROTOCOL_VERSION {
             return Err(DecodeError("unsupported protocol version"));
         }
@@ -173,7 +189,12 @@ impl ExecRequest {
             env.push((k, v));
         }
         r.end()?;
-        Ok(Self { command, cwd, env })
+        Ok(Self {
+            command,
+            cwd,
+            env,
+            terminal,
+        })
     }
 }
 
@@ -342,6 +363,7 @@ mod tests {
                 (b"A".to_vec(), b"b\0c".to_vec()),
                 (b"PATH".to_vec(), b"/bin".to_vec()),
             ],
+            terminal: false,
         }
     }
 
@@ -352,6 +374,11 @@ mod tests {
         let n = frame_len([f[0], f[1], f[2], f[3]], MAX_REQUEST).unwrap();
         assert_eq!(n, f.len() - 4);
         assert_eq!(ExecRequest::decode(&f[4..]).unwrap(), r);
+        let t = ExecRequest {
+            terminal: true,
+            ..request()
+        };
+        assert_eq!(ExecRequest::decode(&t.encode()[4..]).unwrap(), t);
         for reply in [
             Reply::Started { pid: 42 },
             Reply::Exited { code: -1 },

@@ -169,7 +169,7 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
             fds: stdio,
             procs: procs.as_ref(),
             process_group: true,
-            terminal: false,
+            terminal: req.terminal,
             nofile_soft: child_nofile,
         })
     };

@@ -104,6 +104,7 @@ fn run(agent: &Agent, command: &str, cwd: &Path, stdin: &[u8]) -> Outcome {
             (b"PATH".to_vec(), b"/usr/bin:/bin".to_vec()),
             (b"GREETING".to_vec(), b"hello there".to_vec()),
         ],
+        terminal: false,
     };
     let mut conn = UnixStream::connect(&agent.socket).unwrap();
     let frame = req.encode();
@@ -206,6 +207,7 @@ fn garbage_and_missing_descriptors_are_refused_and_the_agent_keeps_serving() {
         command: b"true".to_vec(),
         cwd: b"/".to_vec(),
         env: vec![],
+        terminal: false,
     };
     conn.write_all(&req.encode()).unwrap();
     assert!(
@@ -213,4 +215,70 @@ fn garbage_and_missing_descriptors_are_refused_and_the_agent_keeps_serving() {
     );
     let o = run(&agent, "echo still here", Path::new("/"), b"");
     assert_eq!(o.stdout, "still here\n");
+}
+
+/// A command whose stdin is a terminal runs in a session of its own with that terminal as its
+/// controlling terminal: it leads its session, and its foreground process group is its own.
+#[test]
+fn a_command_on_a_terminal_leads_its_session_and_controls_the_terminal() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let agent = start_agent();
+    // SAFETY: plain calls; each descriptor made is owned at once.
+    let (master, terminal) = unsafe {
+        let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(m >= 0);
+        assert_eq!(libc::grantpt(m), 0);
+        assert_eq!(libc::unlockpt(m), 0);
+        let master = OwnedFd::from_raw_fd(m);
+        let t = libc::ioctl(
+            m,
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        assert!(t >= 0);
+        (master, OwnedFd::from_raw_fd(t))
+    };
+    let req = ExecRequest {
+        // Fields 6 to 8 of /proc/PID/stat: session, terminal, the terminal's foreground group.
+        command: br#"read -r -a f < /proc/$$/stat; test -t 0 && echo "tty pid=$$ sid=${f[5]} fg=${f[7]}""#
+            .to_vec(),
+        cwd: b"/".to_vec(),
+        env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
+        terminal: true,
+    };
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    let frame = req.encode();
+    let n = send_with_fds(
+        conn.as_fd(),
+        &frame,
+        &[terminal.as_fd(), terminal.as_fd(), terminal.as_fd()],
+    )
+    .unwrap();
+    conn.write_all(&frame[n..]).unwrap();
+    drop(terminal);
+    let mut replies = Vec::new();
+    while let Some(r) = read_reply(&mut conn) {
+        replies.push(r);
+    }
+    assert!(
+        matches!(replies.last(), Some(Reply::Exited { code: 0 })),
+        "{replies:?}"
+    );
+    // The terminal's output, until it is closed (EIO).
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        // SAFETY: read into a local buffer.
+        let r = unsafe { libc::read(master.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r <= 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..r as usize]);
+    }
+    let out = String::from_utf8(out).unwrap();
+    let fields: Vec<&str> = out.trim().split(' ').collect();
+    assert_eq!(fields.len(), 4, "{out:?}");
+    let pid = fields[1].trim_start_matches("pid=");
+    assert_eq!(fields[2], format!("sid={pid}"), "{out:?}");
+    assert_eq!(fields[3], format!("fg={pid}"), "{out:?}");
 }

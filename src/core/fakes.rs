@@ -57,11 +57,24 @@ impl HostDirs for MemDirs {
 pub(crate) struct FakeExec(
     pub(crate) Mutex<Vec<ExecRequest>>,
     pub(crate) tokio::sync::Notify,
+    /// Every size a terminal was given, in order.
+    pub(crate) std::sync::Arc<Mutex<Vec<WindowSize>>>,
 );
+
+/// A background process's terminal that records its sizes.
+struct FakeTerminal(std::sync::Arc<Mutex<Vec<WindowSize>>>);
+
+impl Terminal for FakeTerminal {
+    fn resize(&self, size: WindowSize) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(size);
+        Ok(())
+    }
+}
 #[async_trait]
 impl Executor for FakeExec {
-    /// Socket pairs in place of pipes: what the command's ends are does not matter here.
-    fn process_streams(&self) -> Result<ProcessStreams> {
+    /// Socket pairs in place of pipes: what the command's ends are does not matter here. A
+    /// terminal's sizes are recorded in `FakeExec::sizes`.
+    fn process_streams(&self, terminal: Option<WindowSize>) -> Result<ProcessStreams> {
         let pair = || {
             let (a, b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
             let a = a.into_std().map_err(|e| Error::io("deregister", e))?;
@@ -78,6 +91,24 @@ impl Executor for FakeExec {
             },
             input: Box::new(input),
             output: Box::new(output),
+            terminal: terminal.map(|size| {
+                let t = FakeTerminal(self.2.clone());
+                t.0.lock().unwrap().push(size);
+                Box::new(t) as Box<dyn Terminal>
+            }),
+        })
+    }
+
+    fn attachment(&self) -> Result<Attachment> {
+        let (a, b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
+        let a = a.into_std().map_err(|e| Error::io("deregister", e))?;
+        a.set_nonblocking(false)
+            .map_err(|e| Error::io("blocking", e))?;
+        let (reader, writer) = b.into_split();
+        Ok(Attachment {
+            caller: a.into(),
+            reader: Box::new(reader),
+            writer: Box::new(writer),
         })
     }
 

@@ -72,6 +72,9 @@ pub struct ExecRequest {
     /// Signals to deliver to every process of the command while it runs (a background
     /// process's `Signal`); `None` for a plain exec.
     pub signals: Option<Signals>,
+    /// Its stdin is a terminal (`ProcessStreams::terminal`): the command runs in a session of
+    /// its own with that terminal as its controlling terminal.
+    pub terminal: bool,
 }
 
 /// Where the signals for a running command come from.
@@ -96,18 +99,50 @@ pub struct ExecOutcome {
 pub trait Executor: Send + Sync {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
     /// The streams of a background process (host or container): the command's ends, and the
-    /// service's.
-    fn process_streams(&self) -> Result<ProcessStreams>;
+    /// service's. With a window size: a pseudo-terminal of that size.
+    fn process_streams(&self, terminal: Option<WindowSize>) -> Result<ProcessStreams>;
+    /// A connected pair: one end for a caller (`OpenPty`), the other as the service's reader
+    /// and writer.
+    fn attachment(&self) -> Result<Attachment>;
 }
 
 /// A background process's streams.
 pub struct ProcessStreams {
-    /// The command's: its stdin, and one pipe for stdout and stderr both (`ExecIo::Pass`).
+    /// The command's: its stdin, and one pipe for stdout and stderr both, or the terminal as
+    /// all three (`ExecIo::Pass`).
     pub command: ExecIo,
-    /// The service's end of the command's stdin.
+    /// The service's end of the command's stdin (the terminal's input).
     pub input: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    /// The service's end of the command's output.
+    /// The service's end of the command's output (the terminal's output).
     pub output: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    /// The terminal's controls, for a command on a pseudo-terminal.
+    pub terminal: Option<Box<dyn Terminal>>,
+}
+
+/// A pseudo-terminal's size, in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl Default for WindowSize {
+    fn default() -> Self {
+        Self { cols: 80, rows: 24 }
+    }
+}
+
+/// A background process's pseudo-terminal, as the service holds it.
+pub trait Terminal: Send + Sync {
+    /// Sets its size (its foreground process group gets `SIGWINCH`).
+    fn resize(&self, size: WindowSize) -> std::io::Result<()>;
+}
+
+/// One end of a connected pair for a caller, and the service's end as a reader and a writer.
+pub struct Attachment {
+    pub caller: std::os::fd::OwnedFd,
+    pub reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    pub writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
 }
 
 /// Where a workspace's skills and tools go: `<root>/<dir>/.opencode/`. The service does not

@@ -7,7 +7,7 @@ use zbus::OwnedVariant;
 
 use super::error::{Error, Result};
 use super::schema::{self, Keys};
-use crate::core::ports::ExecIo;
+use crate::core::ports::{ExecIo, WindowSize};
 use crate::core::spec::{Changes, CreateSpec, ExecParams};
 
 pub type Dict = HashMap<String, OwnedVariant>;
@@ -118,12 +118,37 @@ fn exec_common(command: String, mut a: Args, io: ExecIo) -> Result<ExecParams> {
     })
 }
 
+/// A background process's options as given.
+pub struct ProcessOptions {
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// A pseudo-terminal of this size (80x24 unless given).
+    pub terminal: Option<WindowSize>,
+}
+
 /// `StartProcess` options (`schema::START_PROCESS`): the call's environment and working
-/// directory.
-pub fn process_options(map: Dict) -> Result<(BTreeMap<String, String>, Option<String>)> {
+/// directory, and whether it runs on a terminal (`pty`) of what size (`cols`, `rows`).
+pub fn process_options(map: Dict) -> Result<ProcessOptions> {
     let mut a = Args::new(map, schema::START_PROCESS)?;
     let cwd = a.take("cwd")?;
-    Ok((a.env("env")?.unwrap_or_default(), cwd))
+    let env = a.env("env")?.unwrap_or_default();
+    let pty: bool = a.take("pty")?.unwrap_or(false);
+    let cols: Option<u16> = a.take("cols")?;
+    let rows: Option<u16> = a.take("rows")?;
+    let terminal = if pty {
+        let d = WindowSize::default();
+        Some(WindowSize {
+            cols: cols.unwrap_or(d.cols),
+            rows: rows.unwrap_or(d.rows),
+        })
+    } else {
+        if cols.is_some() || rows.is_some() {
+            let which = if cols.is_some() { "cols" } else { "rows" };
+            return Err(Error::invalid(which, "a terminal size needs pty: true"));
+        }
+        None
+    };
+    Ok(ProcessOptions { env, cwd, terminal })
 }
 
 /// `RerunInit` options (`schema::RERUN_INIT`).
@@ -150,6 +175,7 @@ mod tests {
         let v = match ty {
             Type::Str => zbus::Variant::from("x"),
             Type::Bool => zbus::Variant::from(true),
+            Type::U16 => zbus::Variant::from(7u16),
             Type::U32 => zbus::Variant::from(7u32),
             Type::U64 => zbus::Variant::from(7u64),
             Type::Strings => zbus::Variant::from(vec!["x"]),

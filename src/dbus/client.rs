@@ -225,6 +225,10 @@ macro_rules! process_proxy {
             fn read_output(&self, offset: u64, max_bytes: u32)
                 -> zbus::Result<(Vec<u8>, u64, bool)>;
             #[zbus($($flag)?)]
+            fn resize(&self, cols: u16, rows: u16) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn open_pty(&self) -> zbus::Result<zbus::OwnedFd>;
+            #[zbus($($flag)?)]
             fn write_input(&self, data: &[u8]) -> zbus::Result<()>;
             #[zbus($($flag)?)]
             fn signal(&self, signal: i32) -> zbus::Result<()>;

@@ -14,6 +14,7 @@ use super::context::Context;
 use super::error::Result;
 use super::objects::workspace_path;
 use crate::core::manager::ProcessInfo;
+use crate::core::ports::WindowSize;
 
 /// `(id, command, running, exit_code)`, as `ListProcesses` answers.
 pub type ProcessEntry = (String, String, bool, i32);
@@ -38,11 +39,14 @@ impl Context {
         command: String,
         options: Dict,
     ) -> Result<OwnedObjectPath> {
-        let (env, cwd) = args::process_options(options)?;
+        let o = args::process_options(options)?;
         let id = self
             .authorize_exec(header, key, "start a process in")
             .await?;
-        let n = self.manager.start_process(&id, command, env, cwd).await?;
+        let n = self
+            .manager
+            .start_process(&id, command, o.env, o.cwd, o.terminal)
+            .await?;
         // The object is on the bus before the caller has its path.
         self.events.flush().await;
         Ok(process_path(&id, n))
@@ -114,7 +118,30 @@ impl ProcessObject {
             .read_output(&self.workspace_id, self.process, offset, max_bytes)
     }
 
-    /// Writes to the process's stdin; an empty array closes it.
+    /// Sets the size of the process's terminal (`InvalidArgs` for a process without one).
+    async fn resize(&self, #[zbus(header)] header: Header<'_>, cols: u16, rows: u16) -> Result<()> {
+        self.authorize(&header, "resize the terminal of a process in")
+            .await?;
+        self.ctx
+            .manager
+            .resize_process(&self.workspace_id, self.process, WindowSize { cols, rows })
+    }
+
+    /// Attaches the caller to the process's terminal: a socket carrying the terminal's output
+    /// (what is kept so far, then as it comes; end of file once the process has ended), and
+    /// taking what the caller types.
+    #[zbus(out_args("pty"))]
+    async fn open_pty(&self, #[zbus(header)] header: Header<'_>) -> Result<zbus::OwnedFd> {
+        self.authorize(&header, "open the terminal of a process in")
+            .await?;
+        let fd = self
+            .ctx
+            .manager
+            .open_pty(&self.workspace_id, self.process)?;
+        Ok(zbus::OwnedFd::from(fd))
+    }
+
+    /// Writes to the process's stdin; an empty array closes it (on a terminal: types Ctrl-D).
     async fn write_input(&self, #[zbus(header)] header: Header<'_>, data: Vec<u8>) -> Result<()> {
         self.authorize(&header, "write to a process in").await?;
         self.ctx
@@ -185,10 +212,10 @@ impl ProcessObject {
         Ok(self.info()?.ended_at_usec)
     }
 
-    /// Whether it runs on a terminal (not yet offered: always false).
+    /// Whether it runs on a pseudo-terminal.
     #[zbus(property(emits_changed_signal = "const"))]
-    async fn pty(&self) -> bool {
-        false
+    async fn pty(&self) -> zbus::fdo::Result<bool> {
+        Ok(self.info()?.pty)
     }
 
     #[zbus(signal)]

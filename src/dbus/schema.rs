@@ -21,6 +21,8 @@ pub enum Type {
     Str,
     /// `b`: true or false.
     Bool,
+    /// `q`: a non-negative integer below 2^16.
+    U16,
     /// `u`: a non-negative integer below 2^32.
     U32,
     /// `t`: a non-negative integer.
@@ -38,6 +40,7 @@ impl Type {
         match self {
             Self::Str => "s",
             Self::Bool => "b",
+            Self::U16 => "q",
             Self::U32 => "u",
             Self::U64 => "t",
             Self::Strings => "as",
@@ -51,6 +54,7 @@ impl Type {
         match self {
             Self::Str | Self::Bytes => "a string",
             Self::Bool => "true or false",
+            Self::U16 => "an integer from 0 to 65535",
             Self::U32 | Self::U64 => "a non-negative integer",
             Self::Strings => "an array of strings",
             Self::StrMap => "an object of strings",
@@ -62,7 +66,7 @@ impl Type {
         match self {
             Self::Str | Self::Bytes => "string",
             Self::Bool => "boolean",
-            Self::U32 | Self::U64 => "integer",
+            Self::U16 | Self::U32 | Self::U64 => "integer",
             Self::Strings => "array",
             Self::StrMap => "object",
         }
@@ -74,6 +78,7 @@ impl Type {
             (Self::Str, Value::String(s)) => Variant::from(s.clone()),
             (Self::Bytes, Value::String(s)) => Variant::from(s.as_bytes().to_vec()),
             (Self::Bool, Value::Bool(b)) => Variant::from(*b),
+            (Self::U16, Value::Number(n)) => Variant::from(u16::try_from(n.as_u64()?).ok()?),
             (Self::U32, Value::Number(n)) => Variant::from(u32::try_from(n.as_u64()?).ok()?),
             (Self::U64, Value::Number(n)) => Variant::from(n.as_u64()?),
             (Self::Strings, Value::Array(items)) => Variant::from(
@@ -194,7 +199,13 @@ pub const EXEC_WITH_FDS: Keys = Keys {
 /// `StartProcess`'s `options`.
 pub const START_PROCESS: Keys = Keys {
     what: "the process options",
-    keys: &[key("cwd", Type::Str), key("env", Type::StrMap)],
+    keys: &[
+        key("cwd", Type::Str),
+        key("env", Type::StrMap),
+        key("pty", Type::Bool),
+        key("cols", Type::U16),
+        key("rows", Type::U16),
+    ],
 };
 
 /// `RerunInit`'s `options`; the REST rerun-init body.

@@ -22,7 +22,9 @@ use super::agent::AgentConnection;
 use super::cgroup::{CommandCgroup, Containment};
 use super::output::{DRAIN, READ_GRACE, collect_after_end, collect_running};
 use crate::core::error::{Error, Result};
-use crate::core::ports::{ExecIo, ExecOutcome, ExecRequest, Executor, ProcessStreams, Signals};
+use crate::core::ports::{
+    Attachment, ExecIo, ExecOutcome, ExecRequest, Executor, ProcessStreams, Signals, WindowSize,
+};
 
 /// The soft descriptor limit the service started with, which the commands it starts get back.
 static CHILD_NOFILE_SOFT: AtomicU64 = AtomicU64::new(1024);
@@ -94,6 +96,8 @@ pub enum Launch<'a> {
         command: &'a str,
         env: &'a BTreeMap<String, String>,
         dir: &'a agent_proto::spawn::WorkDir,
+        /// Its stdin is a terminal to make its controlling terminal.
+        terminal: bool,
     },
     /// By the agent inside a container (the request names the shell command, its environment
     /// and working directory as seen inside).
@@ -176,7 +180,12 @@ async fn launch<'a>(
     procs: Option<&OwnedFd>,
 ) -> Result<Running<'a>> {
     match launch {
-        Launch::Here { command, env, dir } => {
+        Launch::Here {
+            command,
+            env,
+            dir,
+            terminal,
+        } => {
             let [stdin, stdout, stderr] = &child;
             let env: Vec<(Vec<u8>, Vec<u8>)> = env
                 .iter()
@@ -189,6 +198,7 @@ async fn launch<'a>(
                 dir: &'s agent_proto::spawn::WorkDir,
                 fds: [&'s OwnedFd; 3],
                 procs: Option<&'s OwnedFd>,
+                terminal: bool,
             ) -> super::spawn::Spec<'s> {
                 super::spawn::Spec {
                     program,
@@ -199,7 +209,7 @@ async fn launch<'a>(
                     fds,
                     procs,
                     process_group: true,
-                    terminal: false,
+                    terminal,
                     nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
                 }
             }
@@ -213,11 +223,20 @@ async fn launch<'a>(
             let mut spawned = Err(io::ErrorKind::NotFound.into());
             if let Some(d) = &direct {
                 let program = d.program.as_os_str().as_bytes();
-                spawned = super::spawn::spawn(spec(program, &d.argv, &d.env, dir, fds, procs));
+                spawned =
+                    super::spawn::spawn(spec(program, &d.argv, &d.env, dir, fds, procs, terminal));
             }
             if spawned.is_err() {
                 let argv = [shell.into(), b"-c".to_vec(), command.as_bytes().to_vec()];
-                spawned = super::spawn::spawn(spec(shell.as_bytes(), &argv, &env, dir, fds, procs));
+                spawned = super::spawn::spawn(spec(
+                    shell.as_bytes(),
+                    &argv,
+                    &env,
+                    dir,
+                    fds,
+                    procs,
+                    terminal,
+                ));
             }
             // The command has its own copies of its descriptors now; close the service's.
             drop(child);
@@ -409,9 +428,13 @@ pub async fn run_contained(
 
 #[async_trait]
 impl Executor for HostExecutor {
-    fn process_streams(&self) -> Result<ProcessStreams> {
-        super::pipes::process_streams()
-            .map_err(|e| Error::io("Cannot make the pipes of a process", e))
+    fn process_streams(&self, terminal: Option<WindowSize>) -> Result<ProcessStreams> {
+        super::pipes::process_streams(terminal)
+            .map_err(|e| Error::io("Cannot make the pipes or terminal of a process", e))
+    }
+
+    fn attachment(&self) -> Result<Attachment> {
+        super::pipes::attachment().map_err(|e| Error::io("Cannot make a socket pair", e))
     }
 
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
@@ -426,6 +449,7 @@ impl Executor for HostExecutor {
                 command: &req.command,
                 env: &req.env,
                 dir: &dir,
+                terminal: req.terminal,
             },
             io: req.io,
             timeout: req.timeout,
@@ -452,6 +476,7 @@ mod tests {
             timeout: Duration::from_secs(10),
             output_cap: 1024 * 1024,
             signals: None,
+            terminal: false,
         }
     }
 

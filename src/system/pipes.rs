@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 
 use tokio::net::unix::pipe;
 
-use crate::core::ports::{ExecIo, ProcessStreams};
+use crate::core::ports::{Attachment, ExecIo, ProcessStreams, Terminal, WindowSize};
 
 fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
@@ -64,8 +64,12 @@ pub(super) fn streams(io: ExecIo) -> io::Result<Streams> {
     }
 }
 
-/// A background process's streams: its stdin, and one pipe for its stdout and stderr.
-pub(super) fn process_streams() -> io::Result<ProcessStreams> {
+/// A background process's streams: its stdin, and one pipe for its stdout and stderr; or, with
+/// a window size, a pseudo-terminal of that size as all three.
+pub(super) fn process_streams(terminal: Option<WindowSize>) -> io::Result<ProcessStreams> {
+    if let Some(size) = terminal {
+        return pty(size);
+    }
     let (stdin, input) = pipe_pair()?;
     let (output, stdout) = pipe_pair()?;
     let stderr = stdout.try_clone()?;
@@ -77,5 +81,65 @@ pub(super) fn process_streams() -> io::Result<ProcessStreams> {
         },
         input: Box::new(pipe::Sender::from_owned_fd(input)?),
         output: Box::new(pipe::Receiver::from_owned_fd(output)?),
+        terminal: None,
+    })
+}
+
+/// A pseudo-terminal from the service's own `/dev/ptmx` (as nspawn makes a container's
+/// console): the command gets the terminal, opened from the master (`TIOCGPTPEER`, no path
+/// looked up), as stdin, stdout and stderr; the service reads and writes the master. When the
+/// last holder of the terminal closes it, reading the master fails (`EIO`): the output's end.
+fn pty(size: WindowSize) -> io::Result<ProcessStreams> {
+    use rustix::pty::OpenptFlags;
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = rustix::pty::openpt(flags)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let terminal = rustix::pty::ioctl_tiocgptpeer(&master, flags)?;
+    let master = Pty(master);
+    master.resize(size)?;
+    // Non-blocking for the runtime: the flag is the open file's, shared by every copy.
+    rustix::io::ioctl_fionbio(&master.0, true)?;
+    Ok(ProcessStreams {
+        command: ExecIo::Pass {
+            stdin: terminal.try_clone()?,
+            stdout: terminal.try_clone()?,
+            stderr: terminal,
+        },
+        input: Box::new(pipe::Sender::from_owned_fd_unchecked(
+            master.0.try_clone()?,
+        )?),
+        output: Box::new(pipe::Receiver::from_owned_fd_unchecked(
+            master.0.try_clone()?,
+        )?),
+        terminal: Some(Box::new(master)),
+    })
+}
+
+/// The master of a background process's pseudo-terminal.
+struct Pty(OwnedFd);
+
+impl Terminal for Pty {
+    fn resize(&self, size: WindowSize) -> io::Result<()> {
+        let ws = rustix::termios::Winsize {
+            ws_row: size.rows,
+            ws_col: size.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        Ok(rustix::termios::tcsetwinsize(&self.0, ws)?)
+    }
+}
+
+/// A connected pair of stream sockets: one end for a caller (left blocking, as callers
+/// expect a descriptor they are given to be), the other the service's.
+pub(super) fn attachment() -> io::Result<Attachment> {
+    let (caller, ours) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_nonblocking(true)?;
+    let (reader, writer) = tokio::net::UnixStream::from_std(ours)?.into_split();
+    Ok(Attachment {
+        caller: caller.into(),
+        reader: Box::new(reader),
+        writer: Box::new(writer),
     })
 }

@@ -241,6 +241,40 @@ async fn workspacectl_runs_lists_follows_and_kills_background_processes() {
     // run without --background is exec.
     let run = sh(&format!("workspacectl run {name} -- sh -c 'exit 3'"));
     assert_eq!(run.code, 3);
+    // shell: a terminal in the workspace. Its input here is a pipe: each line is typed (and
+    // echoed, as terminals do); the end of it is Ctrl-D.
+    let shell = sh(&format!(
+        "printf 'echo sum=$((40+2)); test -t 0 && echo on-a-tty\\nexit 4\\n' | workspacectl shell {name}"
+    ));
+    assert_eq!(shell.code, 4, "{}", shell.stderr);
+    assert!(
+        shell.stdout.contains("sum=42\r\non-a-tty\r\n"),
+        "{:?}",
+        shell.stdout
+    );
+    let ended = sh(&format!(
+        "printf 'echo $((6*7))\\n' | workspacectl shell {name} -- sh"
+    ));
+    assert_eq!(ended.code, 0, "Ctrl-D at the end of the input ends sh");
+    assert!(ended.stdout.contains("42\r\n"), "{:?}", ended.stdout);
+    // A background process on a terminal, attached to later.
+    let id = ok(&format!("workspacectl run --background --pty {name} -- sh"));
+    let attach = sh(&format!(
+        "printf 'echo attached-$((1+1))\\n' | workspacectl attach {name} {}",
+        id.trim()
+    ));
+    assert_eq!(attach.code, 0, "{}", attach.stderr);
+    assert!(
+        attach.stdout.contains("attached-2\r\n"),
+        "{:?}",
+        attach.stdout
+    );
+    let plain = sh(&format!("workspacectl attach {name} 1"));
+    assert!(
+        plain.code != 0 && plain.stderr.contains("has no terminal"),
+        "{}",
+        plain.stderr
+    );
     let gone = sh(&format!("workspacectl logs {name} 999"));
     assert!(
         gone.code != 0 && gone.stderr.contains("No process 999"),

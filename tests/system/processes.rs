@@ -132,6 +132,84 @@ async fn a_signal_ends_the_whole_tree(conn: &Connection, m: &WorkspacesProxy<'_>
     );
 }
 
+/// Reads `stream` until `want` has come (20 s at most); everything read.
+async fn read_until(stream: &mut tokio::net::UnixStream, seen: &mut Vec<u8>, want: &str) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(seen).contains(want) {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{want:?} within 20 s; got {:?}",
+                    String::from_utf8_lossy(seen)
+                )
+            })
+            .unwrap();
+        assert!(
+            n > 0,
+            "{want:?} before the end; got {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A process on a pseudo-terminal: its size, `TERM`, a caller attached through `OpenPty`
+/// typing into it and reading it (the output kept so far first), `Resize` (SIGWINCH to the
+/// foreground process), and the end of the attachment when the process ends.
+async fn on_a_terminal(conn: &Connection, m: &WorkspacesProxy<'_>, workspace: &str) {
+    use tokio::io::AsyncWriteExt;
+    let script = "stty size; test -t 0 && echo is-a-tty; echo \"term=$TERM\"; \
+                  read -r line; echo \"got $line\"; trap 'stty size; exit 3' WINCH; \
+                  while :; do sleep 0.1; done";
+    let path = m
+        .start_process(
+            workspace,
+            script,
+            spec(vec![
+                ("pty", Variant::from(true)),
+                ("cols", Variant::from(100u16)),
+                ("rows", Variant::from(30u16)),
+            ]),
+        )
+        .await
+        .unwrap();
+    let p = process(conn, path).await;
+    assert!(p.pty().await.unwrap());
+    let before = output_until(&p, "term=").await;
+    let fd = p.open_pty().await.unwrap();
+    let std_stream = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
+    std_stream.set_nonblocking(true).unwrap();
+    let mut t = tokio::net::UnixStream::from_std(std_stream).unwrap();
+    let mut seen = Vec::new();
+    // What came before the caller attached comes first.
+    read_until(&mut t, &mut seen, "term=xterm-256color\r\n").await;
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(
+        text.starts_with("30 100\r\nis-a-tty\r\n"),
+        "{text:?} ({before:?})"
+    );
+    t.write_all(b"hello\n").await.unwrap();
+    read_until(&mut t, &mut seen, "got hello\r\n").await;
+    // The terminal echoes what is typed, as terminals do.
+    assert!(String::from_utf8_lossy(&seen).contains("hello\r\ngot hello\r\n"));
+    p.resize(120, 40).await.unwrap();
+    read_until(&mut t, &mut seen, "40 120\r\n").await;
+    assert_eq!(p.wait(30).await.unwrap(), (3, false));
+    // Once the process has ended and all is sent, the caller reads end of file.
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut t, &mut rest),
+    )
+    .await
+    .expect("end of file after the process ended")
+    .unwrap();
+    assert!(!p.running().await.unwrap());
+}
+
 #[tokio::test]
 async fn host_processes_run_in_the_background_take_input_and_end_by_signal() {
     require_test_host();
@@ -139,6 +217,7 @@ async fn host_processes_run_in_the_background_take_input_and_end_by_signal() {
     let m = manager(&conn).await;
     input_output_and_exit(&conn, &m, "host").await;
     a_signal_ends_the_whole_tree(&conn, &m, "host").await;
+    on_a_terminal(&conn, &m, "host").await;
 
     // A cap per workspace: the 33rd running process is refused, by name.
     let name = unique("procs");
@@ -185,6 +264,7 @@ async fn container_processes_run_inside_and_end_with_their_container() {
     );
     input_output_and_exit(&conn, &m, &name).await;
     a_signal_ends_the_whole_tree(&conn, &m, &name).await;
+    on_a_terminal(&conn, &m, &name).await;
 
     // It runs inside, in the container's /workspace.
     let path = m

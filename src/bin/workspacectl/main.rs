@@ -235,9 +235,15 @@ fn request(command: &Command) -> Result<Option<Dict>, String> {
             background,
             cwd,
             env,
+            pty,
+            cols,
+            rows,
             ..
         } => {
             put(&mut body, "cwd", cwd.clone());
+            put(&mut body, "pty", pty.then_some(true));
+            put(&mut body, "cols", *cols);
+            put(&mut body, "rows", *rows);
             if !env.is_empty() {
                 body.insert("env".into(), env_json(env)?);
             }
@@ -246,6 +252,13 @@ fn request(command: &Command) -> Result<Option<Dict>, String> {
             } else {
                 schema::EXEC_WITH_FDS
             }
+        }
+        Command::Shell { cwd, env, .. } => {
+            put(&mut body, "cwd", cwd.clone());
+            if !env.is_empty() {
+                body.insert("env".into(), env_json(env)?);
+            }
+            schema::START_PROCESS
         }
         _ => return Ok(None),
     };
@@ -387,6 +400,17 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             } else {
                 println!("{id}");
             }
+        }
+        Command::Shell {
+            workspace, command, ..
+        } => {
+            let command = (!command.is_empty()).then(|| command_line(&command));
+            let code = processes::shell(&c.conn, &c.m, &workspace, command, dict).await?;
+            return Ok(exit_status(code, false));
+        }
+        Command::Attach { workspace, process } => {
+            let code = processes::attach(&c.conn, &c.m, &workspace, &process).await?;
+            return Ok(exit_status(code, false));
         }
         Command::Ps { workspace } => processes::ps(&c.m, &workspace, json_out).await?,
         Command::Logs {
@@ -558,6 +582,11 @@ mod tests {
             "workspacectl",
             "run",
             "--background",
+            "--pty",
+            "--cols",
+            "100",
+            "--rows",
+            "30",
             "box",
             "--cwd",
             "sub",

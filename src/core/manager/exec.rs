@@ -132,6 +132,7 @@ impl Manager {
             timeout: Duration::from_secs(timeout_secs.into()),
             output_cap: limits.max_output_bytes,
             signals: None,
+            terminal: false,
         };
         let run = run_command(
             &self.ports.containers,

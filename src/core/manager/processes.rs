@@ -18,7 +18,7 @@ use tracing::info;
 use super::exec::{CommandPlace, command_cwd, command_env, run_command};
 use super::{Manager, now_usec};
 use crate::core::error::{Error, Result};
-use crate::core::ports::{Event, ExecIo, ExecRequest, ProcessStreams};
+use crate::core::ports::{Event, ExecIo, ExecRequest, ProcessStreams, Terminal, WindowSize};
 
 /// Output kept per process; older output is dropped (and `ReadOutput` says where it resumes).
 pub const OUTPUT_CAP: usize = 1024 * 1024;
@@ -46,6 +46,8 @@ pub struct ProcessInfo {
     pub started_at_usec: u64,
     /// 0 while it runs.
     pub ended_at_usec: u64,
+    /// It runs on a pseudo-terminal.
+    pub pty: bool,
 }
 
 /// The last `OUTPUT_CAP` bytes of a process's output, addressed by offsets counted from its
@@ -93,6 +95,9 @@ pub(super) struct Process {
     changed: watch::Sender<u64>,
     signals: mpsc::UnboundedSender<i32>,
     stdin: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>,
+    terminal: Option<Box<dyn Terminal>>,
+    /// Callers attached to its terminal (`open_pty`).
+    attached: std::sync::atomic::AtomicUsize,
 }
 
 impl Process {
@@ -134,14 +139,24 @@ impl Manager {
         Ok((id, p))
     }
 
-    /// Starts `params.command` as a background process of the workspace; returns its id.
+    /// Starts `command` as a background process of the workspace, on a pseudo-terminal of the
+    /// given size if there is one; returns its id.
     pub async fn start_process(
         &self,
         key: &str,
         command: String,
         env: BTreeMap<String, String>,
         cwd: Option<String>,
+        terminal: Option<WindowSize>,
     ) -> Result<u32> {
+        if let Some(size) = terminal {
+            if size.cols == 0 || size.rows == 0 {
+                return Err(Error::invalid(
+                    "cols",
+                    format!("a terminal of {}x{} characters", size.cols, size.rows),
+                ));
+            }
+        }
         // The checks of an exec's command, environment and directory.
         let params = crate::core::spec::ExecParams {
             command,
@@ -164,7 +179,8 @@ impl Manager {
             command: streams,
             input,
             output,
-        } = self.ports.executor.process_streams()?;
+            terminal: pty,
+        } = self.ports.executor.process_streams(terminal)?;
         let (signals_tx, signals_rx) = mpsc::unbounded_channel();
         let (process, id) = {
             let mut all = self.procs();
@@ -198,24 +214,33 @@ impl Manager {
                     exit_code: -1,
                     started_at_usec: now_usec(),
                     ended_at_usec: 0,
+                    pty: pty.is_some(),
                 }),
                 output: Mutex::default(),
                 changed: watch::channel(0).0,
                 signals: signals_tx,
                 stdin: tokio::sync::Mutex::new(Some(input)),
+                terminal: pty,
+                attached: Default::default(),
             });
             mine.by_id.insert(id, process.clone());
             (process, id)
         };
+        let mut env = command_env(&ws, env);
+        if terminal.is_some() {
+            env.entry("TERM".into())
+                .or_insert_with(|| "xterm-256color".into());
+        }
         let request = ExecRequest {
             workspace_id: ws.id.clone(),
             command,
-            env: command_env(&ws, env),
+            env,
             cwd: command_cwd(&ws, cwd),
             io: streams,
             timeout: NO_TIMEOUT,
             output_cap: 0,
             signals: Some(signals_rx),
+            terminal: terminal.is_some(),
         };
         info!(workspace_id = %ws.id, workspace_name = %ws.name, process = id,
               "Starting background process {id} in workspace {}", ws.name);
@@ -317,28 +342,61 @@ impl Manager {
     }
 
     /// Writes to the process's stdin; empty `data` closes it (the process reads end of file).
+    /// On a terminal, empty `data` types the end-of-file character (Ctrl-D) instead: a
+    /// terminal's input stays open as long as the terminal.
     pub async fn write_input(&self, key: &str, process: u32, data: &[u8]) -> Result<()> {
         let (_, p) = self.process(key, process)?;
-        let mut stdin = p.stdin.lock().await;
-        let closed = || Error::JobFailed(format!("The input of process {process} is closed"));
-        if data.is_empty() {
-            return stdin.take().map(drop).ok_or_else(closed);
-        }
-        let pipe = stdin.as_mut().ok_or_else(closed)?;
-        match tokio::time::timeout(Duration::from_secs(10), pipe.write_all(data)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                stdin.take();
-                Err(Error::JobFailed(format!(
-                    "Cannot write to process {process}: {e}"
-                )))
-            }
-            Err(_) => Err(Error::JobFailed(format!(
-                "Process {process} did not read its input for 10 s"
-            ))),
-        }
+        write_to(&p, process, data).await
     }
 
+    /// Sets the size of the process's terminal.
+    pub fn resize_process(&self, key: &str, process: u32, size: WindowSize) -> Result<()> {
+        let (_, p) = self.process(key, process)?;
+        let terminal = p.terminal.as_ref().ok_or_else(|| no_terminal(process))?;
+        if size.cols == 0 || size.rows == 0 {
+            return Err(Error::invalid(
+                "cols",
+                format!("a terminal of {}x{} characters", size.cols, size.rows),
+            ));
+        }
+        if !p.info().running {
+            return Err(Error::JobFailed(format!("Process {process} has ended")));
+        }
+        terminal.resize(size).map_err(|e| {
+            Error::io(
+                format!("Cannot resize the terminal of process {process}"),
+                e,
+            )
+        })
+    }
+
+    /// Attaches a caller to the process's terminal: the returned end of a socket pair carries
+    /// the terminal's output (the output kept so far first, then as it comes, ending when the
+    /// process has ended and all is sent), and what the caller writes is typed into it.
+    pub fn open_pty(&self, key: &str, process: u32) -> Result<std::os::fd::OwnedFd> {
+        let (ws_id, p) = self.process(key, process)?;
+        if p.terminal.is_none() {
+            return Err(no_terminal(process));
+        }
+        let attached = p.attached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if attached >= MAX_ATTACHED {
+            p.attached.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(Error::LimitsExceeded(format!(
+                "Process {process} has {MAX_ATTACHED} callers attached to its terminal already"
+            )));
+        }
+        let tracker = self
+            .ready_for_command(&ws_id)
+            .map(|place| place.tracker)
+            .inspect_err(|_| {
+                p.attached.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            })?;
+        let pair = self.ports.executor.attachment().inspect_err(|_| {
+            p.attached.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        })?;
+        tracker.spawn(attach(p, process, pair.reader, pair.writer));
+        Ok(pair.caller)
+    }
     /// Sends signal `sig` to every process of the background process's tree.
     pub fn signal_process(&self, key: &str, process: u32, sig: i32) -> Result<()> {
         if !(1..=64).contains(&sig) {
@@ -424,6 +482,93 @@ impl Manager {
             });
         }
     }
+}
+
+/// Callers attached to one process's terminal at most.
+const MAX_ATTACHED: usize = 16;
+
+fn no_terminal(process: u32) -> Error {
+    Error::invalid(
+        "process",
+        format!("process {process} has no terminal (start it with the option pty)"),
+    )
+}
+
+/// Writes to a process's stdin (see `Manager::write_input`).
+async fn write_to(p: &Process, process: u32, data: &[u8]) -> Result<()> {
+    let mut stdin = p.stdin.lock().await;
+    let closed = || Error::JobFailed(format!("The input of process {process} is closed"));
+    let data = match (data.is_empty(), p.terminal.is_some()) {
+        (true, true) => b"\x04".as_slice(),
+        (true, false) => return stdin.take().map(drop).ok_or_else(closed),
+        (false, _) => data,
+    };
+    let pipe = stdin.as_mut().ok_or_else(closed)?;
+    match tokio::time::timeout(Duration::from_secs(10), pipe.write_all(data)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            stdin.take();
+            Err(Error::JobFailed(format!(
+                "Cannot write to process {process}: {e}"
+            )))
+        }
+        Err(_) => Err(Error::JobFailed(format!(
+            "Process {process} did not read its input for 10 s"
+        ))),
+    }
+}
+
+/// One caller attached to a process's terminal (see `Manager::open_pty`): output to the
+/// caller until the process has ended and all is sent or the caller is gone; the caller's
+/// bytes typed into the terminal until it stops writing.
+async fn attach(
+    p: Arc<Process>,
+    process: u32,
+    mut from_caller: Box<dyn AsyncRead + Send + Unpin>,
+    mut to_caller: Box<dyn AsyncWrite + Send + Unpin>,
+) {
+    let output = async {
+        let mut changed = p.changed.subscribe();
+        let mut offset = 0;
+        loop {
+            let (data, next, ended) = p
+                .output
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .read(offset, 64 * 1024);
+            if !data.is_empty() {
+                if to_caller.write_all(&data).await.is_err() {
+                    return;
+                }
+                offset = next;
+                continue;
+            }
+            if ended || changed.changed().await.is_err() {
+                let _ = to_caller.shutdown().await;
+                return;
+            }
+        }
+    };
+    let input = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from_caller.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if write_to(&p, process, &buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // The caller has stopped writing; its output goes on.
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = output => {}
+        () = input => {}
+    }
+    p.attached.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
 }
 
 #[cfg(test)]

@@ -153,6 +153,47 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
     p.write_input(b"x").await.unwrap();
     p.signal(15).await.unwrap();
     assert_eq!(p.wait(0).await.unwrap(), (-1, true));
+    assert!(!p.pty().await.unwrap());
+    // On a terminal: its size as asked, resized, and a caller attached to it.
+    let options = HashMap::from([
+        ("pty", Variant::from(true)),
+        ("cols", Variant::from(100u16)),
+        ("rows", Variant::from(30u16)),
+    ]);
+    let t = m.start_process("h", "block", options).await.unwrap();
+    let t = crate::dbus::client::ProcessProxy::builder(&s.client)
+        .path(t)
+        .build()
+        .await
+        .unwrap();
+    assert!(t.pty().await.unwrap());
+    t.resize(120, 40).await.unwrap();
+    let sizes = |v: &[(u16, u16)]| {
+        v.iter()
+            .map(|&(cols, rows)| crate::core::ports::WindowSize { cols, rows })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        *s.fakes.exec.2.lock().unwrap(),
+        sizes(&[(100, 30), (120, 40)])
+    );
+    let attached = t.open_pty().await.unwrap();
+    drop(attached);
+    // Without a terminal, neither.
+    for e in [
+        p.resize(80, 24).await.unwrap_err(),
+        p.open_pty().await.map(drop).unwrap_err(),
+        m.start_process(
+            "h",
+            "block",
+            HashMap::from([("cols", Variant::from(80u16))]),
+        )
+        .await
+        .unwrap_err(),
+    ] {
+        let (name, e) = super::error(e);
+        assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs", "{e}");
+    }
     assert_eq!(m.list_library().await.unwrap().0, ["a", "b"]);
     assert_eq!(m.list_templates().await.unwrap()[0].0, "tpl");
     assert!(m.get_template("tpl").await.unwrap().contains_key("skills"));

@@ -436,6 +436,7 @@ impl Containers for NspawnContainers {
                 .into_iter()
                 .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
                 .collect(),
+            terminal: req.terminal,
         };
         let command = Command {
             launch: Launch::Agent {
@@ -489,6 +490,7 @@ impl Containers for NspawnContainers {
             timeout,
             output_cap: self.output_cap,
             signals: None,
+            terminal: false,
         };
         let outcome = self.exec(ws, req, cancel).await?;
         self.append_to_log(ws, &outcome.stdout).await;
