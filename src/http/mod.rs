@@ -9,6 +9,7 @@ mod processes;
 mod routes;
 mod server;
 mod stream;
+mod terminal;
 
 pub use error::ApiError;
 pub use pages::OPENAPI;

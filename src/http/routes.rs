@@ -50,6 +50,7 @@ pub(super) fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             "/api/workspaces/{id}/processes/{pid}/signal",
             post(processes::signal),
         ),
+        ("/api/workspaces/{id}/terminal", get(terminal::terminal)),
         ("/api/workspaces/{id}/init-log", get(init_log)),
         ("/api/workspaces/{id}/debug", get(debug)),
         ("/api/workspaces/{id}/rerun-init", post(rerun_init)),

@@ -23,8 +23,10 @@ pub(super) async fn require_token(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(state.token.as_bytes())) && !given.is_empty() {
+        .map(|t| t.as_bytes().to_vec())
+        .or_else(|| websocket_token(&headers))
+        .unwrap_or_default();
+    if bool::from(given.ct_eq(state.token.as_bytes())) && !given.is_empty() {
         next.run(request).await
     } else {
         ApiError::new(
@@ -34,6 +36,25 @@ pub(super) async fn require_token(
         )
         .into_response()
     }
+}
+
+/// The token a browser's WebSocket gives, which cannot set `Authorization`: offered as the
+/// subprotocol `bearer.<the token in hex>` (beside `agent-workspaces.terminal`, the one the
+/// server selects), as Kubernetes takes its bearer token. Hex, because a subprotocol is a
+/// plain token and base64 has characters it may not hold.
+fn websocket_token(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL)?.to_str().ok()?;
+    let hex = offered
+        .split(',')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("bearer."))?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// A request head over [`MAX_HEADER_BYTES`] is answered 431 with the documented error body.
@@ -82,7 +103,10 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let app = app(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // hyper-util's GracefulShutdown does not take connections that may be upgraded (the
+    // terminal's WebSocket): each connection is told to finish by this token instead.
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let connections = tokio_util::task::TaskTracker::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -107,13 +131,26 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            let _ = conn.await;
+        let conn = http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let stopping = stopping.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stopping.cancelled() => {
+                    // Finishes the request in flight, then closes.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
             drop(slot);
         });
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+    stopping.cancel();
+    connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait())
         .await
         .is_err()
     {

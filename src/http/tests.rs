@@ -255,3 +255,43 @@ fn bodies_are_json_whatever_the_content_type() {
     assert!(body_json(Bytes::from_static(b"[1]")).is_err());
     assert!(body_json(Bytes::from_static(b"  ")).unwrap().is_empty());
 }
+
+/// A browser's WebSocket cannot send `Authorization`: the token comes as the subprotocol
+/// `bearer.<hex>`. The terminal without an upgrade is 426; with the token in either form it
+/// gets past the token check (the call then fails: nobody serves the bus here); a wrong or
+/// malformed one is 401.
+#[tokio::test]
+async fn the_terminal_takes_the_token_as_a_subprotocol() {
+    use axum::body::Body;
+    use tower::ServiceExt;
+    let (app, token, _peer) = test_app().await;
+    let hex: String = token.bytes().map(|b| format!("{b:02x}")).collect();
+    let request = |auth: Option<(&str, String)>| {
+        let mut r = axum::http::Request::get("/api/workspaces/host/terminal");
+        if let Some((name, value)) = auth {
+            r = r.header(name, value);
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    let status = |r: axum::http::Request<Body>| {
+        let app = app.clone();
+        async move { app.oneshot(r).await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(request(None)).await, 401);
+    let bearer = ("authorization", format!("Bearer {token}"));
+    assert_eq!(status(request(Some(bearer))).await, 426);
+    let offered = format!("agent-workspaces.terminal, bearer.{hex}");
+    assert_eq!(
+        status(request(Some(("sec-websocket-protocol", offered)))).await,
+        426
+    );
+    for wrong in [
+        format!("bearer.{}", &hex[2..]),
+        format!("bearer.{hex}0"),
+        "bearer.zz".to_owned(),
+        format!("agent-workspaces.terminal, bearer.{}", "00".repeat(16)),
+    ] {
+        let r = request(Some(("sec-websocket-protocol", wrong.clone())));
+        assert_eq!(status(r).await, 401, "{wrong}");
+    }
+}

@@ -447,3 +447,116 @@ async fn processes_over_rest() {
         "{p}"
     );
 }
+
+/// `GET /api/workspaces/{id}/terminal`: a login shell on a terminal over a WebSocket, the
+/// token as a subprotocol (as a browser gives it), its size from the query and from a resize
+/// frame, its exit code at the end; a client that goes away hangs the shell up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_over_a_websocket() {
+    use super::rest::{TOKEN, bridge_socket_up, curl};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    require_test_host();
+    bridge_socket_up();
+    let hex: String = TOKEN.bytes().map(|b| format!("{b:02x}")).collect();
+    let connect = || async {
+        let mut req = "ws://127.0.0.1:7600/api/workspaces/host/terminal?cols=90&rows=20"
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("agent-workspaces.terminal, bearer.{hex}")
+                .parse()
+                .unwrap(),
+        );
+        let (ws, response) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(
+            response.headers()["sec-websocket-protocol"],
+            "agent-workspaces.terminal"
+        );
+        ws
+    };
+    let mut ws = connect().await;
+    let mut shown = Vec::new();
+    let mut exit = None;
+    async fn until(
+        ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+        shown: &mut Vec<u8>,
+        exit: &mut Option<String>,
+        want: &str,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !String::from_utf8_lossy(shown).contains(want) && exit.is_none() {
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => shown.extend_from_slice(&b),
+                Ok(Some(Ok(Message::Text(t)))) => *exit = Some(t.to_string()),
+                Ok(Some(Ok(_))) => {}
+                other => panic!(
+                    "{want:?}: {other:?}; shown {:?}",
+                    String::from_utf8_lossy(shown)
+                ),
+            }
+        }
+    }
+    ws.send(Message::binary(
+        b"stty size; echo \"term=$TERM\"\n".to_vec(),
+    ))
+    .await
+    .unwrap();
+    until(&mut ws, &mut shown, &mut exit, "term=xterm-256color").await;
+    assert!(
+        String::from_utf8_lossy(&shown).contains("\r\n20 90\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&shown)
+    );
+    ws.send(Message::text(r#"{"cols": 100, "rows": 30}"#))
+        .await
+        .unwrap();
+    ws.send(Message::binary(b"stty size\n".to_vec()))
+        .await
+        .unwrap();
+    until(&mut ws, &mut shown, &mut exit, "\r\n30 100\r\n").await;
+    ws.send(Message::binary(b"exit 5\n".to_vec()))
+        .await
+        .unwrap();
+    until(&mut ws, &mut shown, &mut exit, "never shown").await;
+    assert_eq!(exit.as_deref(), Some(r#"{"exit_code":5}"#));
+    assert!(
+        matches!(ws.next().await, Some(Ok(Message::Close(_)))),
+        "a normal close follows"
+    );
+
+    // A client that goes away: the shell is hung up (bash ends at SIGHUP: 128+1).
+    let mut ws = connect().await;
+    ws.send(Message::binary(b"echo ready\n".to_vec()))
+        .await
+        .unwrap();
+    let (mut shown, mut exit) = (Vec::new(), None);
+    until(&mut ws, &mut shown, &mut exit, "ready\r\n").await;
+    // This test's terminal: the one running the login shell (started by no other test).
+    let login = "command -v bash >/dev/null && exec bash -l; exec sh -l";
+    let (_, list) = curl("GET", "/api/workspaces/host/processes", Some(TOKEN), "");
+    let ours: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["command"] == login && p["running"] == true)
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ours.len(), 1, "{list}");
+    drop(ws);
+    let path = format!("/api/workspaces/host/processes/{}", ours[0]);
+    let ended = wait_for("the shell to be hung up", Duration::from_secs(20), || {
+        let (status, p) = curl("GET", &path, Some(TOKEN), "");
+        assert_eq!(status, 200);
+        (p["running"] == false).then_some(p)
+    });
+    assert_eq!(ended["exit_code"], 129, "{ended}");
+    // Without an upgrade: 426, by name.
+    let (status, body) = curl("GET", "/api/workspaces/host/terminal", Some(TOKEN), "");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (426, Some("upgrade_required"))
+    );
+}
