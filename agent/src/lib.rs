@@ -36,9 +36,13 @@ const KIND_EXEC: u8 = 1;
 /// own). A kind of its own: an agent older than it refuses it instead of running the command
 /// without its terminal.
 const KIND_EXEC_TERMINAL: u8 = 2;
+/// Connect to a TCP port on the container's loopback and hand the connection over.
+const KIND_CONNECT: u8 = 3;
 const KIND_STARTED: u8 = 1;
 const KIND_EXITED: u8 = 2;
 const KIND_REFUSED: u8 = 3;
+/// The connection asked for: the descriptor comes with this reply.
+const KIND_CONNECTED: u8 = 4;
 
 /// Run `command` with the container's shell (`/bin/bash -c`, `/bin/sh -c` without bash).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +57,53 @@ pub struct ExecRequest {
     pub terminal: bool,
 }
 
+/// Connect to `127.0.0.1:port` as seen inside the container (its own network, or the host's
+/// for a container on the host network) and send the connected socket back (`Connected`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectRequest {
+    pub port: u16,
+}
+
+/// Any request the agent takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Exec(ExecRequest),
+    Connect(ConnectRequest),
+}
+
+impl Request {
+    /// Decodes a frame's contents (after its length), whatever its kind.
+    pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
+        match frame.first() {
+            Some(&KIND_CONNECT) => ConnectRequest::decode(frame).map(Request::Connect),
+            _ => ExecRequest::decode(frame).map(Request::Exec),
+        }
+    }
+}
+
+impl ConnectRequest {
+    /// The whole frame, header included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        body.extend_from_slice(&u32::from(self.port).to_le_bytes());
+        frame(KIND_CONNECT, &body)
+    }
+
+    pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader(frame);
+        if r.u8()? != KIND_CONNECT {
+            return Err(DecodeError("unknown request kind"));
+        }
+        if r.u32()? != PROTOCOL_VERSION {
+            return Err(DecodeError("unsupported protocol version"));
+        }
+        let port = u16::try_from(r.u32()?).map_err(|_| DecodeError("port out of range"))?;
+        r.end()?;
+        Ok(Self { port })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefuseReason {
     /// The working directory is missing or not a directory.
@@ -61,6 +112,8 @@ pub enum RefuseReason {
     Spawn,
     /// The request was malformed or carried the wrong descriptors.
     BadRequest,
+    /// Nothing accepts connections on the port (or it could not be reached).
+    Connect,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +122,8 @@ pub enum Reply {
     Started { pid: u32 },
     /// The shell exited: its exit status, or 128+N for death by signal N.
     Exited { code: i32 },
+    /// The connection asked for (`ConnectRequest`): its descriptor comes with this reply.
+    Connected,
     Refused {
         reason: RefuseReason,
         message: String,
@@ -204,11 +259,13 @@ impl Reply {
         match self {
             Reply::Started { pid } => frame(KIND_STARTED, &pid.to_le_bytes()),
             Reply::Exited { code } => frame(KIND_EXITED, &code.to_le_bytes()),
+            Reply::Connected => frame(KIND_CONNECTED, &[]),
             Reply::Refused { reason, message } => {
                 let mut body = vec![match reason {
                     RefuseReason::Cwd => 1,
                     RefuseReason::Spawn => 2,
                     RefuseReason::BadRequest => 3,
+                    RefuseReason::Connect => 4,
                 }];
                 let m = message.as_bytes();
                 put_bytes(&mut body, &m[..m.len().min(MAX_REPLY / 2)]);
@@ -225,11 +282,13 @@ impl Reply {
             KIND_EXITED => Reply::Exited {
                 code: r.u32()? as i32,
             },
+            KIND_CONNECTED => Reply::Connected,
             KIND_REFUSED => {
                 let reason = match r.u8()? {
                     1 => RefuseReason::Cwd,
                     2 => RefuseReason::Spawn,
                     3 => RefuseReason::BadRequest,
+                    4 => RefuseReason::Connect,
                     _ => return Err(DecodeError("unknown refusal reason")),
                 };
                 let message = String::from_utf8_lossy(r.bytes()?).into_owned();
@@ -379,7 +438,24 @@ mod tests {
             ..request()
         };
         assert_eq!(ExecRequest::decode(&t.encode()[4..]).unwrap(), t);
+        let c = ConnectRequest { port: 9222 };
+        assert_eq!(
+            Request::decode(&c.encode()[4..]).unwrap(),
+            Request::Connect(c)
+        );
+        assert_eq!(
+            Request::decode(&r.encode()[4..]).unwrap(),
+            Request::Exec(r.clone())
+        );
+        let mut big = c.encode();
+        big[9..13].copy_from_slice(&70_000u32.to_le_bytes());
+        assert!(Request::decode(&big[4..]).is_err(), "a port above 65535");
         for reply in [
+            Reply::Connected,
+            Reply::Refused {
+                reason: RefuseReason::Connect,
+                message: "Connection refused".into(),
+            },
             Reply::Started { pid: 42 },
             Reply::Exited { code: -1 },
             Reply::Exited { code: 137 },

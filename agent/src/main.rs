@@ -19,7 +19,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agent_workspaces_agent::{
-    ExecRequest, MAX_REQUEST, RefuseReason, Reply, SOCKET, direct, frame_len, recv_with_fds, spawn,
+    MAX_REQUEST, RefuseReason, Reply, Request, SOCKET, direct, frame_len, recv_with_fds,
+    send_with_fds, spawn,
 };
 
 fn main() -> ExitCode {
@@ -105,7 +106,7 @@ fn refuse(conn: &mut UnixStream, reason: RefuseReason, message: String) {
 }
 
 /// Reads one request frame and the descriptors that came with it.
-fn read_request(conn: &mut UnixStream) -> io::Result<(ExecRequest, Vec<OwnedFd>)> {
+fn read_request(conn: &mut UnixStream) -> io::Result<(Request, Vec<OwnedFd>)> {
     let mut fds = Vec::new();
     let mut header = [0u8; 4];
     let mut got = 0;
@@ -120,8 +121,7 @@ fn read_request(conn: &mut UnixStream) -> io::Result<(ExecRequest, Vec<OwnedFd>)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     let mut body = vec![0u8; len];
     conn.read_exact(&mut body)?;
-    let req =
-        ExecRequest::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let req = Request::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok((req, fds))
 }
 
@@ -131,6 +131,10 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     let (req, fds) = match read_request(&mut conn) {
         Ok(r) => r,
         Err(e) => return refuse(&mut conn, RefuseReason::BadRequest, e.to_string()),
+    };
+    let req = match req {
+        Request::Exec(req) => req,
+        Request::Connect(c) => return connect(&mut conn, c.port),
     };
     if !(3..=4).contains(&fds.len()) {
         let message = format!("expected 3 or 4 descriptors, got {}", fds.len());
@@ -201,6 +205,28 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     );
     let code = wait(child.pid);
     send(&mut conn, Reply::Exited { code });
+}
+
+/// How long a connection to a port inside may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the port on this container's loopback and sends the connection back.
+fn connect(conn: &mut UnixStream, port: u16) {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    match std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        Ok(tcp) => {
+            let frame = Reply::Connected.encode();
+            // One small frame: sent whole with its descriptor, or not at all.
+            if let Ok(n) = send_with_fds(conn.as_fd(), &frame, &[tcp.as_fd()]) {
+                let _ = conn.write_all(&frame[n..]);
+            }
+        }
+        Err(e) => refuse(
+            conn,
+            RefuseReason::Connect,
+            format!("cannot connect to port {port} inside: {e}"),
+        ),
+    }
 }
 
 /// Waits for the child and reaps it: its exit status, or 128+N for death by signal N.

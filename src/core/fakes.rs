@@ -99,6 +99,12 @@ impl Executor for FakeExec {
         })
     }
 
+    /// One end of a socket pair stands for the connection.
+    async fn connect_port(&self, _port: u16) -> Result<std::os::fd::OwnedFd> {
+        let (a, _b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
+        Ok(a.into_std().map_err(|e| Error::io("deregister", e))?.into())
+    }
+
     fn attachment(&self) -> Result<Attachment> {
         let (a, b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
         let a = a.into_std().map_err(|e| Error::io("deregister", e))?;
@@ -200,6 +206,11 @@ impl Containers for FakeContainers {
         ));
         Ok(ExecOutcome::default())
     }
+    async fn connect_port(&self, _ws: &Workspace, _port: u16) -> Result<std::os::fd::OwnedFd> {
+        let (a, _b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
+        Ok(a.into_std().map_err(|e| Error::io("deregister", e))?.into())
+    }
+
     async fn run_init(
         &self,
         ws: &Workspace,

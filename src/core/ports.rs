@@ -104,6 +104,8 @@ pub trait Executor: Send + Sync {
     /// A connected pair: one end for a caller (`OpenPty`), the other as the service's reader
     /// and writer.
     fn attachment(&self) -> Result<Attachment>;
+    /// A TCP connection to `port` on the host's loopback, for a caller (`ConnectPort`).
+    async fn connect_port(&self, port: u16) -> Result<std::os::fd::OwnedFd>;
 }
 
 /// A background process's streams.
@@ -217,6 +219,9 @@ pub trait Containers: Send + Sync {
         req: ExecRequest,
         cancel: CancellationToken,
     ) -> Result<ExecOutcome>;
+    /// A TCP connection to `port` on the container's loopback (its own network, or the host's
+    /// for a container on the host network), made inside by its agent, for a caller.
+    async fn connect_port(&self, ws: &Workspace, port: u16) -> Result<std::os::fd::OwnedFd>;
     /// Runs the init script inside the container, appending its output to the init log.
     async fn run_init(
         &self,

@@ -101,6 +101,8 @@ macro_rules! proxies {
             #[zbus($($flag)?)]
             fn list_processes(&self, workspace: &str) -> zbus::Result<Vec<ProcessEntry>>;
             #[zbus($($flag)?)]
+            fn connect_port(&self, workspace: &str, port: u16) -> zbus::Result<zbus::OwnedFd>;
+            #[zbus($($flag)?)]
             fn build_workspace(&self, workspace: &str) -> zbus::Result<()>;
             #[zbus($($flag)?)]
             fn rebuild_workspace(&self, workspace: &str) -> zbus::Result<()>;
@@ -150,6 +152,8 @@ macro_rules! proxies {
                 -> zbus::Result<OwnedObjectPath>;
             #[zbus($($flag)?)]
             fn list_processes(&self) -> zbus::Result<Vec<ProcessEntry>>;
+            #[zbus($($flag)?)]
+            fn connect_port(&self, port: u16) -> zbus::Result<zbus::OwnedFd>;
             #[zbus($($flag)?)]
             fn update(&self, changes: Args<'_>) -> zbus::Result<()>;
             #[zbus($($flag)?)]

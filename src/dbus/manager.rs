@@ -117,6 +117,17 @@ impl ManagerObject {
         self.ctx.list_processes(&header, workspace).await
     }
 
+    /// A TCP connection to a port inside the workspace.
+    #[zbus(out_args("connection"))]
+    async fn connect_port(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        port: u16,
+    ) -> Result<zbus::OwnedFd> {
+        self.ctx.connect_port(&header, workspace, port).await
+    }
+
     async fn build_workspace(
         &self,
         #[zbus(header)] header: Header<'_>,

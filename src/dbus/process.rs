@@ -52,6 +52,19 @@ impl Context {
         Ok(process_path(&id, n))
     }
 
+    pub async fn connect_port(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        port: u16,
+    ) -> Result<zbus::OwnedFd> {
+        let id = self
+            .authorize_exec(header, key, "connect to a port of")
+            .await?;
+        let fd = self.manager.connect_port(&id, port).await?;
+        Ok(zbus::OwnedFd::from(fd))
+    }
+
     pub async fn list_processes(
         &self,
         header: &Header<'_>,

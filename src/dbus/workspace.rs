@@ -77,6 +77,16 @@ impl WorkspaceObject {
         self.ctx.list_processes(&header, &self.id).await
     }
 
+    /// A TCP connection to a port inside the workspace.
+    #[zbus(out_args("connection"))]
+    async fn connect_port(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        port: u16,
+    ) -> Result<zbus::OwnedFd> {
+        self.ctx.connect_port(&header, &self.id, port).await
+    }
+
     async fn update(&self, #[zbus(header)] header: Header<'_>, changes: Dict) -> Result<()> {
         self.ctx.update(&header, &self.id, changes).await
     }

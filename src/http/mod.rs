@@ -5,6 +5,7 @@
 mod convert;
 mod error;
 mod pages;
+mod ports;
 mod processes;
 mod routes;
 mod server;

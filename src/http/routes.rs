@@ -51,6 +51,8 @@ pub(super) fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
             post(processes::signal),
         ),
         ("/api/workspaces/{id}/terminal", get(terminal::terminal)),
+        ("/api/workspaces/{id}/ports/{port}/", proxy_methods()),
+        ("/api/workspaces/{id}/ports/{port}/{*path}", proxy_methods()),
         ("/api/workspaces/{id}/init-log", get(init_log)),
         ("/api/workspaces/{id}/debug", get(debug)),
         ("/api/workspaces/{id}/rerun-init", post(rerun_init)),
@@ -58,6 +60,18 @@ pub(super) fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/api/templates", get(templates)),
         ("/api/library", get(library)),
     ]
+}
+
+/// The port proxy takes the methods the OpenAPI document lists for it (a server inside may
+/// take others; these are what browsers and DevTools use).
+fn proxy_methods() -> MethodRouter<Arc<AppState>> {
+    get(ports::proxy)
+        .post(ports::proxy)
+        .put(ports::proxy)
+        .patch(ports::proxy)
+        .delete(ports::proxy)
+        .head(ports::proxy)
+        .options(ports::proxy)
 }
 
 /// Every route of the API.

@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
-use agent_workspaces_agent::{ExecRequest, MAX_REPLY, Reply, SOCKET, frame_len, send_with_fds};
+use agent_workspaces_agent::{
+    ConnectRequest, ExecRequest, MAX_REPLY, RefuseReason, Reply, SOCKET, frame_len, recv_with_fds,
+    send_with_fds,
+};
 use pathrs::RootRef;
 use rustix::fs::{self as rfs, FileType, Mode, OFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -170,4 +173,91 @@ impl AgentConnection {
             .map(Some)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
+
+    /// Asks the agent for a TCP connection to `port` on the container's loopback; the
+    /// connected socket it sends back (checked to be a stream socket: the agent is not
+    /// trusted).
+    pub async fn connect_port(&mut self, port: u16) -> io::Result<OwnedFd> {
+        let frame = ConnectRequest { port }.encode();
+        tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(&frame))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))??;
+        let mut buf = vec![0u8; MAX_REPLY + 4];
+        let mut got = 0;
+        let mut fds = Vec::new();
+        let receive = async {
+            loop {
+                if got >= 4 {
+                    let n = frame_len([buf[0], buf[1], buf[2], buf[3]], MAX_REPLY)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    if got >= 4 + n {
+                        return Ok::<usize, io::Error>(n);
+                    }
+                }
+                self.stream.readable().await?;
+                match self.stream.try_io(Interest::READABLE, || {
+                    recv_with_fds(self.stream.as_fd(), &mut buf[got..], &mut fds)
+                }) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        // The agent connects with a timeout of its own (5 s); a little more for the answer.
+        let n = tokio::time::timeout(Duration::from_secs(8), receive)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not answer"))??;
+        let reply = Reply::decode(&buf[4..4 + n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        match reply {
+            Reply::Connected => {
+                let fd = fds.pop().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "no connection came with the answer",
+                    )
+                })?;
+                if !is_stream_socket(&fd) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the agent answered with something that is not a connection",
+                    ));
+                }
+                Ok(fd)
+            }
+            Reply::Refused {
+                reason: RefuseReason::Connect,
+                message,
+            } => Err(io::Error::new(io::ErrorKind::ConnectionRefused, message)),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+}
+
+/// A connected stream socket (what a TCP connection is).
+fn is_stream_socket(fd: &OwnedFd) -> bool {
+    let Ok(st) = rfs::fstat(fd) else {
+        return false;
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return false;
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local of the size given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut ty).cast(),
+            &mut len,
+        )
+    };
+    r == 0 && ty == libc::SOCK_STREAM
 }

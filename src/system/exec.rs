@@ -437,6 +437,23 @@ impl Executor for HostExecutor {
         super::pipes::attachment().map_err(|e| Error::io("Cannot make a socket pair", e))
     }
 
+    async fn connect_port(&self, port: u16) -> Result<OwnedFd> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let failed = |e: io::Error| {
+            Error::JobFailed(format!("Cannot connect to port {port} on the host: {e}"))
+        };
+        let tcp =
+            tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| failed(io::ErrorKind::TimedOut.into()))?
+                .map_err(failed)?
+                .into_std()
+                .map_err(failed)?;
+        // Handed to a caller, which expects a plain (blocking) descriptor.
+        tcp.set_nonblocking(false).map_err(failed)?;
+        Ok(tcp.into())
+    }
+
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome> {
         let dir = agent_proto::spawn::WorkDir::open(&req.cwd).map_err(|e| {
             Error::invalid(

@@ -10,6 +10,7 @@ mod library;
 mod load;
 mod ownership;
 mod polkit;
+mod ports;
 mod processes;
 mod rest;
 mod service;

@@ -506,7 +506,7 @@ async fn a_terminal_over_a_websocket() {
     .unwrap();
     until(&mut ws, &mut shown, &mut exit, "term=xterm-256color").await;
     assert!(
-        String::from_utf8_lossy(&shown).contains("\r\n20 90\r\n"),
+        String::from_utf8_lossy(&shown).contains("20 90\r\nterm=xterm-256color\r\n"),
         "{:?}",
         String::from_utf8_lossy(&shown)
     );
@@ -516,7 +516,7 @@ async fn a_terminal_over_a_websocket() {
     ws.send(Message::binary(b"stty size\n".to_vec()))
         .await
         .unwrap();
-    until(&mut ws, &mut shown, &mut exit, "\r\n30 100\r\n").await;
+    until(&mut ws, &mut shown, &mut exit, "30 100\r\n").await;
     ws.send(Message::binary(b"exit 5\n".to_vec()))
         .await
         .unwrap();

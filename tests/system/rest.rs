@@ -8,16 +8,24 @@ pub const TOKEN: &str = "test-token-0123456789abcdef";
 
 /// Runs curl against the socket-activated bridge; returns (HTTP status, body as JSON or text).
 pub fn curl(method: &str, path: &str, token: Option<&str>, args: &str) -> (u16, serde_json::Value) {
+    // A body file of its own: tests run at once.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let file = format!(
+        "/tmp/aw-body-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let auth = token.map_or(String::new(), |t| format!("-H 'Authorization: Bearer {t}'"));
     let out = sh(&format!(
-        "curl -sS -o /tmp/aw-body -w '%{{http_code}}' -X {method} {auth} {args} 'http://127.0.0.1:7600{path}'"
+        "curl -sS -o {file} -w '%{{http_code}}' -X {method} {auth} {args} 'http://127.0.0.1:7600{path}'"
     ));
     let status: u16 = out
         .stdout
         .trim()
         .parse()
         .unwrap_or_else(|_| panic!("curl: {}{}", out.stdout, out.stderr));
-    let body = std::fs::read_to_string("/tmp/aw-body").unwrap_or_default();
+    let body = std::fs::read_to_string(&file).unwrap_or_default();
+    let _ = std::fs::remove_file(&file);
     let json = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body));
     (status, json)
 }

@@ -178,6 +178,25 @@ impl Manager {
         Ok(outcome)
     }
 
+    /// A TCP connection to `port` inside the workspace (the host's loopback for a host
+    /// workspace, the container's for a container), for a caller to talk to what listens
+    /// there: a dev server, a browser's DevTools.
+    pub async fn connect_port(&self, key: &str, port: u16) -> Result<std::os::fd::OwnedFd> {
+        if port == 0 {
+            return Err(Error::invalid("port", "must be 1 to 65535"));
+        }
+        let CommandPlace {
+            ws,
+            running: _running,
+            ..
+        } = self.ready_for_command(key)?;
+        if ws.is_container() {
+            self.ports.containers.connect_port(&ws, port).await
+        } else {
+            self.ports.executor.connect_port(port).await
+        }
+    }
+
     /// A place for one more command: at once while fewer than `max_concurrent` run; else it
     /// waits, up to `queue_timeout_secs`, for one to end (or the caller to leave), and then
     /// it is `LimitsExceeded`.

@@ -194,6 +194,9 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
         let (name, e) = super::error(e);
         assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs", "{e}");
     }
+    drop(m.connect_port("h", 8000).await.unwrap());
+    let (name, err) = super::error(m.connect_port("h", 0).await.map(drop).unwrap_err());
+    assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs", "{err}");
     assert_eq!(m.list_library().await.unwrap().0, ["a", "b"]);
     assert_eq!(m.list_templates().await.unwrap()[0].0, "tpl");
     assert!(m.get_template("tpl").await.unwrap().contains_key("skills"));
@@ -214,6 +217,7 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
         .await
         .unwrap();
     wh.sync().await.unwrap();
+    drop(wh.connect_port(3000).await.unwrap());
     wh.start_process("true", no_options()).await.unwrap();
     assert_eq!(wh.list_processes().await.unwrap().len(), 1);
     s.fakes.containers.release_build.notify_one();

@@ -453,6 +453,22 @@ impl Containers for NspawnContainers {
         run_contained(command, &containment, &cancel).await
     }
 
+    async fn connect_port(&self, ws: &Workspace, port: u16) -> Result<std::os::fd::OwnedFd> {
+        let leader = self.leader(ws).await?;
+        let mut conn = AgentConnection::connect(&leader).await.map_err(|e| {
+            Error::JobFailed(format!(
+                "The agent of workspace '{}' does not answer: {e}",
+                ws.name
+            ))
+        })?;
+        conn.connect_port(port).await.map_err(|e| {
+            Error::JobFailed(format!(
+                "Cannot connect to port {port} in workspace '{}': {e}",
+                ws.name
+            ))
+        })
+    }
+
     async fn run_init(
         &self,
         ws: &Workspace,
