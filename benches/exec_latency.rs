@@ -229,6 +229,60 @@ impl RestClient {
     }
 }
 
+impl RestClient {
+    /// GET `path`, the whole answer read; its status.
+    async fn get(&self, path: &str) -> u16 {
+        use http_body_util::BodyExt;
+        let request = hyper::Request::get(path)
+            .header("host", "127.0.0.1")
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(http_body_util::Full::new(axum::body::Bytes::new()))
+            .expect("request");
+        let mut sender = self.sender.lock().await;
+        sender.ready().await.expect("the connection is open");
+        let response = sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        response.into_body().collect().await.expect("body");
+        status
+    }
+}
+
+/// A minimal HTTP server on the loopback (what a dev server in a host workspace would be):
+/// `ok` to every request, one per connection.
+async fn tiny_http_server() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let port = listener.local_addr().expect("its address").port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// GET / on the loopback port over a fresh connection (as the proxy reaches the server).
+async fn direct_get(port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.expect("answer");
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+}
+
 async fn time_async<F, Fut>(f: F) -> Vec<Duration>
 where
     F: FnMut() -> Fut,
@@ -381,6 +435,48 @@ async fn main() {
             (rest_exec.p50 - host.p50 - check.p50) * 1e3
         ),
     );
+
+    println!("\nbackground processes and ports (host workspace)");
+    let started = report(
+        "StartProcess('host', 'true') through D-Bus",
+        time_async(|| async {
+            m.start_process("host", "true", HashMap::new())
+                .await
+                .expect("StartProcess");
+        })
+        .await,
+    );
+    fig.set("start_process_p50_ms", started.p50 * 1e3);
+    fig.ratio(
+        "start_process_vs_exec",
+        started.p50 / host.p50,
+        Bound::Reported,
+        "(the call returns once the command has started)",
+    );
+    let port = tiny_http_server().await;
+    let direct = report(
+        "baseline: GET / on a loopback port (new connection)",
+        time_async(|| direct_get(port)).await,
+    );
+    let path = format!("/api/workspaces/host/ports/{port}/");
+    let proxied = report(
+        "GET through the bridge's port proxy",
+        time_async(|| async {
+            assert_eq!(rest.get(&path).await, 200);
+        })
+        .await,
+    );
+    fig.set("port_proxy_p50_ms", proxied.p50 * 1e3);
+    fig.ratio(
+        "port_proxy_vs_direct",
+        proxied.p50 / direct.p50,
+        Bound::Reported,
+        &format!(
+            "(the proxy adds {:.3} ms: the bridge, ConnectPort with its polkit check, the connection passed)",
+            (proxied.p50 - direct.p50) * 1e3
+        ),
+    );
+
     let host_rate = throughput(|| exec("host".into(), "true"), 100).await;
     fig.set("host_throughput_8_clients", host_rate);
 

@@ -7,6 +7,7 @@ const TOKEN_KEY = 'agent-workspaces-token';
 const POLL_MS = 2000;
 
 let pollTimer = null;
+let pageCleanup = null; // what a page leaves open (the terminal's WebSocket) closes on navigation
 let pageToken = 0; // increases on every navigation; stale async work checks it
 
 // ---- DOM helpers -------------------------------------------------------------------------
@@ -99,6 +100,8 @@ function poll(fn) {
 
 function render() {
   stopPolling();
+  if (pageCleanup) pageCleanup();
+  pageCleanup = null;
   pageToken += 1;
   const app = document.getElementById('app');
   app.replaceChildren();
@@ -455,6 +458,13 @@ async function workspacePage(main, r, token) {
     command,
     h('button', { type: 'submit', class: 'primary' }, 'Run')),
     out);
+  const terminalBox = h('div', { id: 'terminal', class: 'terminal', hidden: true });
+  const terminalButton = h('button', { type: 'button', id: 'open-terminal' }, 'Open terminal');
+  const processes = h('div', { id: 'processes' });
+  const processOutput = h('pre', { id: 'process-output', class: 'stdout', hidden: true, role: 'region',
+    'aria-label': 'Process output', tabindex: '0' });
+  main.append(h('h2', {}, 'Terminal'), terminalButton, terminalBox,
+    h('h2', {}, 'Processes'), processes, processOutput);
   const containerSections = h('div', { hidden: true },
     h('h2', {}, 'Init log'), initLog,
     h('h2', {}, 'Debug report'),
@@ -485,6 +495,87 @@ async function workspacePage(main, r, token) {
       showError(debug, err);
     }
   };
+  // The terminal: a login shell in the workspace over the bridge's WebSocket (xterm.js).
+  let session = null;
+  const closeTerminal = () => {
+    if (session) {
+      session.ws.close();
+      session.term.dispose();
+      session = null;
+    }
+    terminalBox.hidden = true;
+    terminalBox.replaceChildren();
+    terminalButton.textContent = 'Open terminal';
+  };
+  pageCleanup = closeTerminal;
+  const openTerminal = () => {
+    if (session) { closeTerminal(); return; }
+    const term = new Terminal({ cols: 100, rows: 28, scrollback: 2000 });
+    terminalBox.hidden = false;
+    term.open(terminalBox);
+    // A browser's WebSocket cannot send Authorization: the token goes as a subprotocol.
+    const hex = Array.from(new TextEncoder().encode(sessionStorage.getItem(TOKEN_KEY) || ''),
+      (b) => b.toString(16).padStart(2, '0')).join('');
+    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(`${scheme}//${location.host}${base}/terminal?cols=${term.cols}&rows=${term.rows}`,
+      ['agent-workspaces.terminal', `bearer.${hex}`]);
+    ws.binaryType = 'arraybuffer';
+    const encoder = new TextEncoder();
+    ws.onmessage = (e) => {
+      if (typeof e.data !== 'string') { term.write(new Uint8Array(e.data)); return; }
+      try {
+        const m = JSON.parse(e.data);
+        if ('exit_code' in m) {
+          term.write(`\r\n[the shell ended: exit code ${m.exit_code}]\r\n`);
+          announce(`The terminal's shell ended with exit code ${m.exit_code}`);
+        }
+      } catch (_) { /* not ours to read */ }
+    };
+    ws.onerror = () => term.write('\r\n[the terminal could not connect]\r\n');
+    term.onData((d) => { if (ws.readyState === WebSocket.OPEN) ws.send(encoder.encode(d)); });
+    term.onResize(({ cols, rows }) => {
+      if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ cols, rows }));
+    });
+    session = { term, ws };
+    terminalButton.textContent = 'Close terminal';
+    term.focus();
+  };
+  terminalButton.addEventListener('click', openTerminal);
+
+  // Background processes: listed with each refresh, their output on demand.
+  let shownProcesses = '';
+  const showOutput = async (id) => {
+    try {
+      const o = await api('GET', `${base}/processes/${encodeURIComponent(id)}/output?max_bytes=65536`);
+      processOutput.hidden = false;
+      processOutput.textContent = o.data || '(no output)';
+      announce(`Output of process ${id} shown`);
+    } catch (err) {
+      showError(top, err);
+    }
+  };
+  const stopProcess = (id) => act(`Process ${id} stopped`,
+    () => api('DELETE', `${base}/processes/${encodeURIComponent(id)}`));
+  const renderProcesses = (list) => {
+    const json = JSON.stringify(list);
+    if (json === shownProcesses) return;
+    shownProcesses = json;
+    processes.replaceChildren(list.length === 0 ? h('p', {}, 'No background processes.')
+      : h('table', { 'aria-label': 'Processes' },
+        h('thead', {}, h('tr', {}, ['ID', 'Command', 'State', 'Exit code', 'Actions']
+          .map((t) => h('th', { scope: 'col' }, t)))),
+        h('tbody', {}, list.map((p) => h('tr', {},
+          h('td', {}, p.id),
+          h('td', {}, h('code', {}, p.command)),
+          h('td', {}, p.running ? 'running' : 'ended'),
+          h('td', {}, p.running ? '' : String(p.exit_code)),
+          h('td', {},
+            h('button', { type: 'button', 'aria-label': `Output of process ${p.id}`,
+              onclick: () => showOutput(p.id) }, 'Output'),
+            p.running ? h('button', { type: 'button', class: 'danger', 'aria-label': `Stop process ${p.id}`,
+              onclick: () => stopProcess(p.id) }, 'Stop') : null))))));
+  };
+
   const renderActions = (ws) => {
     const container = ws.workspace_type === 'container';
     const busy = ws.status === 'building' || ws.status === 'destroying';
@@ -527,6 +618,11 @@ async function workspacePage(main, r, token) {
       if (changed) {
         renderActions(ws);
         if (last) announce(`Status: ${ws.status}`);
+      }
+      if (ws.status === 'ready') {
+        const list = await api('GET', `${base}/processes`);
+        if (token !== pageToken) return;
+        renderProcesses(list);
       }
       const container = ws.workspace_type === 'container';
       containerSections.hidden = !container;

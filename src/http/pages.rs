@@ -24,11 +24,24 @@ pub(super) const PAGES: &[(&str, &str, &str)] = &[
         "text/css; charset=utf-8",
         include_str!("../../web/app.css"),
     ),
+    // The terminal (xterm.js, MIT; see web/vendor/README).
+    (
+        "/vendor/xterm.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../web/vendor/xterm.js"),
+    ),
+    (
+        "/vendor/xterm.css",
+        "text/css; charset=utf-8",
+        include_str!("../../web/vendor/xterm.css"),
+    ),
 ];
 
 /// The pages load nothing from elsewhere, and the browser is told to refuse anything else.
-pub(super) const PAGE_POLICY: &str = "default-src 'self'; img-src 'self' data:; object-src 'none'; \
-    base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+/// Styles may be inline: the terminal (xterm.js) sets its colours in a `<style>` it makes.
+pub(super) const PAGE_POLICY: &str = "default-src 'self'; img-src 'self' data:; \
+    style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; form-action 'self'; \
+    frame-ancestors 'none'";
 
 pub(super) fn page(content_type: &'static str, body: &'static str) -> Response {
     (

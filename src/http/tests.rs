@@ -83,10 +83,18 @@ async fn pages_need_no_token_and_load_nothing_from_elsewhere() {
     }
     let r = app.clone().oneshot(get("/api/openapi.json")).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    // The pages name no other origin: no fonts, scripts or styles from elsewhere.
-    for (path, _, body) in PAGES {
+    // The pages name no other origin: no fonts, scripts or styles from elsewhere. (A style
+    // sheet's comments may credit a site: xterm.css's licence header does.)
+    for (path, content_type, body) in PAGES {
+        let mut text = body.to_string();
+        if content_type.starts_with("text/css") {
+            while let Some(start) = text.find("/*") {
+                let end = text[start..].find("*/").map_or(text.len(), |e| start + e + 2);
+                text.replace_range(start..end, "");
+            }
+        }
         for foreign in ["http://", "https://", "//fonts", "@import"] {
-            assert!(!body.contains(foreign), "{path} contains {foreign}");
+            assert!(!text.contains(foreign), "{path} contains {foreign}");
         }
     }
     // The API itself still needs the token.

@@ -112,6 +112,38 @@ test('a host workspace: create, run a command, destroy', async ({ page }) => {
   await destroy(page, name);
 });
 
+test('a terminal on the workspace page: type into a shell, see its answer, find it among the processes', async ({ page }) => {
+  const name = unique('e2e-term');
+  await signIn(page);
+  await openNewWorkspace(page);
+  await page.getByLabel('Host').check();
+  await page.getByLabel('Name', { exact: true }).fill(name);
+  await page.getByRole('button', { name: 'Create' }).click();
+  await expect(page.locator('#ws-status')).toHaveText('ready');
+
+  await page.getByRole('button', { name: 'Open terminal' }).click();
+  const screen = page.locator('#terminal .xterm-rows');
+  await expect(screen).toContainText('#', { timeout: 20000 }); // root's prompt
+  // Typed as a person types: into the terminal, which has the focus.
+  await page.keyboard.type('echo "sum=$((40+2))"');
+  await page.keyboard.press('Enter');
+  await expect(screen).toContainText('sum=42');
+  // The shell is one of the workspace's background processes.
+  const row = page.getByRole('row').filter({ hasText: 'exec bash -l' });
+  await expect(row).toContainText('running');
+  await shot(page, '09-workspace-terminal');
+  await page.keyboard.type('exit 7');
+  await page.keyboard.press('Enter');
+  await expect(screen).toContainText('exit code 7');
+  await expect(row).toContainText('ended');
+  await expect(row.getByRole('cell').nth(3)).toHaveText('7');
+  await row.getByRole('button', { name: /^Output of process/ }).click();
+  await expect(page.locator('#process-output')).toContainText('sum=42');
+  await page.getByRole('button', { name: 'Close terminal' }).click();
+  await expect(page.locator('#terminal')).toBeHidden();
+  await destroy(page, name);
+});
+
 test('an invalid name is refused next to its field', async ({ page }) => {
   await signIn(page);
   await openNewWorkspace(page);
