@@ -89,7 +89,9 @@ async fn pages_need_no_token_and_load_nothing_from_elsewhere() {
         let mut text = body.to_string();
         if content_type.starts_with("text/css") {
             while let Some(start) = text.find("/*") {
-                let end = text[start..].find("*/").map_or(text.len(), |e| start + e + 2);
+                let end = text[start..]
+                    .find("*/")
+                    .map_or(text.len(), |e| start + e + 2);
                 text.replace_range(start..end, "");
             }
         }

@@ -1,0 +1,105 @@
+//! The benchmark's HTTP pieces: a kept-alive client of the bridge, a tiny server on the
+//! loopback (a dev server's stand-in) and a one-shot GET to it.
+
+/// A minimal client of the bridge: hyper's HTTP/1.1 connection, kept alive.
+pub struct RestClient {
+    sender: tokio::sync::Mutex<
+        hyper::client::conn::http1::SendRequest<http_body_util::Full<axum::body::Bytes>>,
+    >,
+    token: String,
+}
+
+impl RestClient {
+    pub async fn connect(addr: &str, token: &str) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("the bridge listens (agent-workspaces-http.socket)");
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("HTTP handshake");
+        tokio::spawn(conn);
+        Self {
+            sender: tokio::sync::Mutex::new(sender),
+            token: token.to_owned(),
+        }
+    }
+
+    pub async fn exec(&self, workspace: &str, command: &str) {
+        use http_body_util::BodyExt;
+        let body = serde_json::json!({ "command": command }).to_string();
+        let request = hyper::Request::post(format!("/api/workspaces/{workspace}/exec"))
+            .header("host", "127.0.0.1")
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
+            .expect("request");
+        let mut sender = self.sender.lock().await;
+        sender.ready().await.expect("the connection is open");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(v["exit_code"], 0, "{v}");
+    }
+}
+
+impl RestClient {
+    /// GET `path`, the whole answer read; its status.
+    pub async fn get(&self, path: &str) -> u16 {
+        use http_body_util::BodyExt;
+        let request = hyper::Request::get(path)
+            .header("host", "127.0.0.1")
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(http_body_util::Full::new(axum::body::Bytes::new()))
+            .expect("request");
+        let mut sender = self.sender.lock().await;
+        sender.ready().await.expect("the connection is open");
+        let response = sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        response.into_body().collect().await.expect("body");
+        status
+    }
+}
+
+/// A minimal HTTP server on the loopback (what a dev server in a host workspace would be):
+/// `ok` to every request, one per connection.
+pub async fn tiny_http_server() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let port = listener.local_addr().expect("its address").port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// GET / on the loopback port over a fresh connection (as the proxy reaches the server).
+pub async fn direct_get(port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.expect("answer");
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+}
