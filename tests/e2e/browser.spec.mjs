@@ -93,10 +93,11 @@ test('Chromium in a container workspace, driven over CDP through the port proxy'
     await browser.close();
 
     // The sandbox is on: Chromium's processes run as the unprivileged user.
+    // (Chromium's processes by their executable: this check's own command line names both.)
     const check = await api('POST', `/api/workspaces/${name}/exec`, {
-      command: 'n=0; s=0; for d in /proc/[0-9]*; do c=$(tr "\\0" " " < $d/cmdline 2>/dev/null); '
-        + 'case "$c" in */chromium*) [ "$(stat -c %U $d)" = browser ] && n=$((n+1)); '
-        + 'case "$c" in *--no-sandbox*) s=$((s+1));; esac;; esac; done; echo $n; echo $s',
+      command: 'n=0; s=0; for d in /proc/[0-9]*; do case "$(readlink $d/exe 2>/dev/null)" in */chromium/chromium) '
+        + '[ "$(stat -c %U $d)" = browser ] && n=$((n+1)); '
+        + 'case "$(tr "\\0" " " < $d/cmdline)" in *--no-sandbox*) s=$((s+1));; esac;; esac; done; echo $n; echo $s',
     });
     const [asBrowser, noSandbox] = check.stdout.trim().split('\n').map(Number);
     expect(asBrowser).toBeGreaterThan(0);
