@@ -89,7 +89,7 @@ test('Chromium in a container workspace, driven over CDP through the port proxy'
     await until('the page served inside', 60, async () => (await page.goto(`http://127.0.0.1:${SITE}/`)).ok());
     await expect(page).toHaveTitle('Hello from the workspace');
     await expect(page.getByRole('heading', { name: 'Served inside' })).toBeVisible();
-    await page.screenshot({ path: `${SHOTS}/10-browser-in-a-workspace.png` });
+    await page.screenshot({ path: `${SHOTS}/12-browser-in-a-workspace.png` });
     await browser.close();
 
     // The sandbox is on: Chromium's processes run as the unprivileged user.

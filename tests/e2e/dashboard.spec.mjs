@@ -131,7 +131,7 @@ test('a terminal on the workspace page: type into a shell, see its answer, find 
   // The shell is one of the workspace's background processes.
   const row = page.getByRole('row').filter({ hasText: 'exec bash -l' });
   await expect(row).toContainText('running');
-  await shot(page, '09-workspace-terminal');
+  await shot(page, '11-workspace-terminal');
   await page.keyboard.type('exit 7');
   await page.keyboard.press('Enter');
   await expect(screen).toContainText('exit code 7');
