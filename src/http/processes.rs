@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::dbus::client::{ProcessProxy, args};
+use crate::dbus::client::{ProcessProxy, args, variant_json};
 use crate::dbus::schema;
 
 use super::*;
@@ -36,15 +36,33 @@ async fn process(state: &AppState, id: &str, n: &str) -> ApiResult<ProcessProxy<
     Ok(p)
 }
 
-async fn process_json(p: &ProcessProxy<'_>) -> ApiResult<Value> {
+/// The process as JSON: all its properties in one `GetAll`.
+async fn process_json(state: &AppState, p: &ProcessProxy<'_>) -> ApiResult<Value> {
+    let props = zbus::fdo::PropertiesProxy::builder(&state.conn)
+        .destination("org.agent.Workspaces")
+        .path(p.inner().path().to_owned())
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?
+        .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+            "org.agent.Workspaces.Process",
+        ))
+        .await
+        .map_err(zbus::Error::from)?;
+    let get = |name: &str| {
+        props
+            .get(name)
+            .map(|v| variant_json(v))
+            .unwrap_or(Value::Null)
+    };
     Ok(json!({
-        "id": p.id().await?,
-        "command": p.command().await?,
-        "running": p.running().await?,
-        "exit_code": p.exit_code().await?,
-        "started_at": p.started_at().await?,
-        "ended_at": p.ended_at().await?,
-        "pty": p.pty().await?,
+        "id": get("Id"),
+        "command": get("Command"),
+        "running": get("Running"),
+        "exit_code": get("ExitCode"),
+        "started_at": get("StartedAt"),
+        "ended_at": get("EndedAt"),
+        "pty": get("Pty"),
     }))
 }
 
@@ -66,7 +84,7 @@ pub(super) async fn start(
         .await?;
     let n = path.as_str().rsplit('/').next().unwrap_or_default();
     let p = process(&state, &id, n).await?;
-    Ok((StatusCode::CREATED, Json(process_json(&p).await?)))
+    Ok((StatusCode::CREATED, Json(process_json(&state, &p).await?)))
 }
 
 pub(super) async fn list(
@@ -87,7 +105,9 @@ pub(super) async fn get_one(
     State(state): State<Arc<AppState>>,
     Path((id, n)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(process_json(&process(&state, &id, &n).await?).await?))
+    Ok(Json(
+        process_json(&state, &process(&state, &id, &n).await?).await?,
+    ))
 }
 
 /// Ends the process: SIGKILL to its whole tree (nothing when it has ended already).

@@ -207,7 +207,8 @@ async fn on_a_terminal(conn: &Connection, m: &WorkspacesProxy<'_>, workspace: &s
     .await
     .expect("end of file after the process ended")
     .unwrap();
-    assert!(!p.running().await.unwrap());
+    // (Asked, not read from the proxy's cache, which follows PropertiesChanged a little later.)
+    assert_eq!(p.wait(0).await.unwrap(), (3, false));
 }
 
 #[tokio::test]
