@@ -12,6 +12,10 @@ pub async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
     }
 }
 
+/// What a terminal runs where no command is given (`workspacectl shell`, the REST terminal):
+/// bash's login shell where there is bash, sh's elsewhere.
+pub const LOGIN_SHELL: &str = "command -v bash >/dev/null && exec bash -l; exec sh -l";
+
 /// A D-Bus value as JSON, for the bridge and the CLI.
 pub fn variant_json(v: &Variant<'_>) -> serde_json::Value {
     use serde_json::{Value, json};

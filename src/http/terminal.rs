@@ -16,15 +16,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::dbus::client::{ProcessProxy, args};
+use crate::dbus::client::{LOGIN_SHELL, ProcessProxy, args};
 use crate::dbus::schema;
 
 use super::*;
 
 /// The subprotocol the server selects (a browser offers it beside `bearer.<token in hex>`).
 pub const PROTOCOL: &str = "agent-workspaces.terminal";
-/// What runs where no command is given: bash's login shell where there is bash.
-const LOGIN_SHELL: &str = "command -v bash >/dev/null && exec bash -l; exec sh -l";
 const SIGHUP: i32 = 1;
 
 #[derive(Deserialize)]

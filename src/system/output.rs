@@ -102,6 +102,11 @@ pub(super) async fn collect_after_end(
                 continue;
             }
             progressed = true;
+            if p.revents & libc::POLLIN == 0 && p.revents & libc::POLLHUP != 0 {
+                // Nothing left in it and nobody to write more: its end, without a read.
+                open[i] = None;
+                continue;
+            }
             // Readable or at end: this read does not block.
             // SAFETY: read into a local buffer from a descriptor we own.
             let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };

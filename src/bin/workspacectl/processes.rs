@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 
+use agent_workspaces::dbus::client::LOGIN_SHELL;
 use agent_workspaces::dbus::client::interactive::{ProcessProxy, WorkspacesProxy};
 use serde_json::json;
 
@@ -96,9 +97,6 @@ pub async fn kill(
         .await
         .map_err(e)
 }
-
-/// The login shell `shell` starts where no command is given: bash where there is one.
-const LOGIN_SHELL: &str = "command -v bash >/dev/null && exec bash -l; exec sh -l";
 
 /// Puts this terminal in raw mode (every key goes to the workspace's terminal as typed) until
 /// dropped.
