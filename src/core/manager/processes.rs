@@ -95,7 +95,9 @@ pub(super) struct Process {
     changed: watch::Sender<u64>,
     signals: mpsc::UnboundedSender<i32>,
     stdin: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>,
-    terminal: Option<Box<dyn Terminal>>,
+    /// Its terminal's controls while it runs (let go when it ends: a finished process keeps
+    /// no terminal open).
+    terminal: Mutex<Option<Box<dyn Terminal>>>,
     /// Callers attached to its terminal (`open_pty`).
     attached: std::sync::atomic::AtomicUsize,
 }
@@ -220,7 +222,7 @@ impl Manager {
                 changed: watch::channel(0).0,
                 signals: signals_tx,
                 stdin: tokio::sync::Mutex::new(Some(input)),
-                terminal: pty,
+                terminal: Mutex::new(pty),
                 attached: Default::default(),
             });
             mine.by_id.insert(id, process.clone());
@@ -292,8 +294,13 @@ impl Manager {
                 info.exit_code = exit_code;
                 info.ended_at_usec = now_usec();
             }
-            // Its stdin goes with it.
+            // Its stdin and terminal go with it.
             process.stdin.lock().await.take();
+            process
+                .terminal
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
             match outcome {
                 Ok(_) => info!(workspace_id = %ws_id, workspace_name = %name, process = id,
                                exit_code, "Background process {id} in workspace {name} ended: exit code {exit_code}"),
@@ -352,16 +359,19 @@ impl Manager {
     /// Sets the size of the process's terminal.
     pub fn resize_process(&self, key: &str, process: u32, size: WindowSize) -> Result<()> {
         let (_, p) = self.process(key, process)?;
-        let terminal = p.terminal.as_ref().ok_or_else(|| no_terminal(process))?;
+        if !p.info().pty {
+            return Err(no_terminal(process));
+        }
         if size.cols == 0 || size.rows == 0 {
             return Err(Error::invalid(
                 "cols",
                 format!("a terminal of {}x{} characters", size.cols, size.rows),
             ));
         }
-        if !p.info().running {
+        let terminal = p.terminal.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(terminal) = terminal.as_ref() else {
             return Err(Error::JobFailed(format!("Process {process} has ended")));
-        }
+        };
         terminal.resize(size).map_err(|e| {
             Error::io(
                 format!("Cannot resize the terminal of process {process}"),
@@ -375,7 +385,7 @@ impl Manager {
     /// process has ended and all is sent), and what the caller writes is typed into it.
     pub fn open_pty(&self, key: &str, process: u32) -> Result<std::os::fd::OwnedFd> {
         let (ws_id, p) = self.process(key, process)?;
-        if p.terminal.is_none() {
+        if !p.info().pty {
             return Err(no_terminal(process));
         }
         let attached = p.attached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -498,7 +508,8 @@ fn no_terminal(process: u32) -> Error {
 async fn write_to(p: &Process, process: u32, data: &[u8]) -> Result<()> {
     let mut stdin = p.stdin.lock().await;
     let closed = || Error::JobFailed(format!("The input of process {process} is closed"));
-    let data = match (data.is_empty(), p.terminal.is_some()) {
+    let on_terminal = p.info().pty;
+    let data = match (data.is_empty(), on_terminal) {
         (true, true) => b"\x04".as_slice(),
         (true, false) => return stdin.take().map(drop).ok_or_else(closed),
         (false, _) => data,
