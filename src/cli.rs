@@ -186,12 +186,8 @@ pub mod workspacectl {
             /// Seconds before the command is killed.
             #[arg(long)]
             timeout: Option<u32>,
-            /// Working directory, relative to the workspace's.
-            #[arg(long)]
-            cwd: Option<String>,
-            /// KEY=VALUE for this command, repeatable; wins over the workspace's.
-            #[arg(long = "env", value_name = "KEY=VALUE")]
-            env: Vec<String>,
+            #[command(flatten)]
+            place: Place,
             /// The command (after --); several words are quoted for the shell.
             #[arg(required = true, last = true)]
             command: Vec<String>,
@@ -212,12 +208,8 @@ pub mod workspacectl {
             /// The terminal's height (24 unless given).
             #[arg(long, requires = "pty")]
             rows: Option<u16>,
-            /// Working directory, relative to the workspace's.
-            #[arg(long)]
-            cwd: Option<String>,
-            /// KEY=VALUE for this command, repeatable; wins over the workspace's.
-            #[arg(long = "env", value_name = "KEY=VALUE")]
-            env: Vec<String>,
+            #[command(flatten)]
+            place: Place,
             /// The command (after --); several words are quoted for the shell.
             #[arg(required = true, last = true)]
             command: Vec<String>,
@@ -226,12 +218,8 @@ pub mod workspacectl {
         /// login shell, or the command given. Exits with its exit code.
         Shell {
             workspace: String,
-            /// Working directory, relative to the workspace's.
-            #[arg(long)]
-            cwd: Option<String>,
-            /// KEY=VALUE for the shell, repeatable; wins over the workspace's.
-            #[arg(long = "env", value_name = "KEY=VALUE")]
-            env: Vec<String>,
+            #[command(flatten)]
+            place: Place,
             /// A command to run on the terminal instead of a login shell (after --).
             #[arg(last = true)]
             command: Vec<String>,
@@ -305,6 +293,17 @@ pub mod workspacectl {
         /// File holding the init script (containers).
         #[arg(long, value_name = "FILE")]
         pub init_script: Option<PathBuf>,
+    }
+
+    /// Where and with what a command runs: `exec`, `run` and `shell` take the same options.
+    #[derive(clap::Args, Default)]
+    pub struct Place {
+        /// Working directory, relative to the workspace's.
+        #[arg(long)]
+        pub cwd: Option<String>,
+        /// KEY=VALUE for this command, repeatable; wins over the workspace's.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        pub env: Vec<String>,
     }
 
     /// A container's resource limits (in an update, 0 removes one).

@@ -266,6 +266,53 @@ pub fn plan(command: &[u8], env: &[(Vec<u8>, Vec<u8>)], dir: &WorkDir) -> Option
     })
 }
 
+/// A shell command to start (see `start`).
+pub struct Command<'a> {
+    /// `/bin/bash`, or `/bin/sh` where there is no bash (then the shell runs every command).
+    pub shell: &'a str,
+    pub command: &'a [u8],
+    /// The complete environment.
+    pub env: &'a [(Vec<u8>, Vec<u8>)],
+    pub dir: &'a WorkDir,
+    /// stdin, stdout, stderr.
+    pub fds: [&'a std::os::fd::OwnedFd; 3],
+    /// The open `cgroup.procs` of the command's cgroup.
+    pub procs: Option<&'a std::os::fd::OwnedFd>,
+    /// Its stdin is a terminal to make its controlling terminal.
+    pub terminal: bool,
+    pub nofile_soft: u64,
+}
+
+/// Starts `SHELL -c COMMAND` in its own process group: a plain list of words exec'd as bash
+/// would exec it (`plan`), anything else, or a direct start that fails, through the shell.
+/// Used by the service for host commands and by the agent inside each container.
+pub fn start(c: Command<'_>) -> std::io::Result<crate::spawn::Child> {
+    let spawn = |program: &[u8], argv: &[Vec<u8>], env: &[(Vec<u8>, Vec<u8>)]| {
+        crate::spawn::spawn(crate::spawn::Spec {
+            program,
+            argv,
+            env,
+            cwd: Some(&c.dir.path),
+            cwd_fd: Some(&c.dir.fd),
+            fds: c.fds,
+            procs: c.procs,
+            process_group: true,
+            terminal: c.terminal,
+            nofile_soft: c.nofile_soft,
+        })
+    };
+    let direct = (c.shell == "/bin/bash")
+        .then(|| plan(c.command, c.env, c.dir))
+        .flatten();
+    if let Some(d) = &direct
+        && let Ok(child) = spawn(d.program.as_os_str().as_bytes(), &d.argv, &d.env)
+    {
+        return Ok(child);
+    }
+    let argv = [c.shell.into(), b"-c".to_vec(), c.command.to_vec()];
+    spawn(c.shell.as_bytes(), &argv, c.env)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -155,36 +155,21 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
             return refuse(&mut conn, RefuseReason::Cwd, message);
         }
     };
-    let bash = Path::new("/bin/bash").is_file();
-    let shell = if bash { "/bin/bash" } else { "/bin/sh" };
-    // A plain list of words is exec'd as bash would exec it (see `direct`); anything else, or
-    // a direct start that fails, goes to the shell.
-    let direct = bash
-        .then(|| direct::plan(&req.command, &req.env, &dir))
-        .flatten();
-    let stdio = [&stdin, &stdout, &stderr];
-    let start = |program: &[u8], argv: &[Vec<u8>], env: &[(Vec<u8>, Vec<u8>)]| {
-        spawn::spawn(spawn::Spec {
-            program,
-            argv,
-            env,
-            cwd: Some(cwd),
-            cwd_fd: Some(&dir.fd),
-            fds: stdio,
-            procs: procs.as_ref(),
-            process_group: true,
-            terminal: req.terminal,
-            nofile_soft: child_nofile,
-        })
+    let shell = if Path::new("/bin/bash").is_file() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
     };
-    let mut spawned = Err(io::ErrorKind::NotFound.into());
-    if let Some(d) = &direct {
-        spawned = start(d.program.as_os_str().as_bytes(), &d.argv, &d.env);
-    }
-    if spawned.is_err() {
-        let argv = [shell.into(), b"-c".to_vec(), req.command.clone()];
-        spawned = start(shell.as_bytes(), &argv, &req.env);
-    }
+    let spawned = direct::start(direct::Command {
+        shell,
+        command: &req.command,
+        env: &req.env,
+        dir: &dir,
+        fds: [&stdin, &stdout, &stderr],
+        procs: procs.as_ref(),
+        terminal: req.terminal,
+        nofile_soft: child_nofile,
+    });
     // Close this side's copies of the command's descriptors: its output ends when it does.
     drop((stdin, stdout, stderr, procs));
     let child = match spawned {

@@ -61,6 +61,12 @@ pub(crate) struct FakeExec(
     pub(crate) std::sync::Arc<Mutex<Vec<WindowSize>>>,
 );
 
+/// One end of a socket pair, standing for a connection to a port (`connect_port`).
+fn fake_connection() -> Result<std::os::fd::OwnedFd> {
+    let (a, _b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
+    Ok(a.into_std().map_err(|e| Error::io("deregister", e))?.into())
+}
+
 /// A background process's terminal that records its sizes.
 struct FakeTerminal(std::sync::Arc<Mutex<Vec<WindowSize>>>);
 
@@ -101,8 +107,7 @@ impl Executor for FakeExec {
 
     /// One end of a socket pair stands for the connection.
     async fn connect_port(&self, _port: u16) -> Result<std::os::fd::OwnedFd> {
-        let (a, _b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
-        Ok(a.into_std().map_err(|e| Error::io("deregister", e))?.into())
+        fake_connection()
     }
 
     fn attachment(&self) -> Result<Attachment> {
@@ -207,8 +212,7 @@ impl Containers for FakeContainers {
         Ok(ExecOutcome::default())
     }
     async fn connect_port(&self, _ws: &Workspace, _port: u16) -> Result<std::os::fd::OwnedFd> {
-        let (a, _b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
-        Ok(a.into_std().map_err(|e| Error::io("deregister", e))?.into())
+        fake_connection()
     }
 
     async fn run_init(

@@ -17,30 +17,21 @@ use crate::dbus::schema;
 
 use super::*;
 
-/// Process `n` of workspace `id`, checked to exist (`not_found` otherwise).
-async fn process(state: &AppState, id: &str, n: &str) -> ApiResult<ProcessProxy<'static>> {
+/// The path of process `n` of workspace `id`.
+async fn process_path(state: &AppState, id: &str, n: &str) -> ApiResult<(u32, String)> {
     let n: u32 = n
         .parse()
         .map_err(|_| ApiError::invalid("pid", "must be a process number"))?;
     let ws = manager(state).await?.get_workspace(id).await?;
-    let path = format!("{}/process/{n}", ws.as_str());
-    let p = ProcessProxy::builder(&state.conn)
-        .path(path)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
-    // An object that is not there answers UnknownObject: the process is not known.
-    if p.id().await.is_err() {
-        return Err(crate::core::Error::NoSuchProcess(format!("{n} in workspace '{id}'")).into());
-    }
-    Ok(p)
+    Ok((n, format!("{}/process/{n}", ws.as_str())))
 }
 
-/// The process as JSON: all its properties in one `GetAll`.
-async fn process_json(state: &AppState, p: &ProcessProxy<'_>) -> ApiResult<Value> {
+/// The process at `path` as JSON: all its properties in one `GetAll`, which is also the check
+/// that it exists (`NoSuchProcess`, as `what`, when it is not known).
+async fn process_json(state: &AppState, path: &str, what: &str) -> ApiResult<Value> {
     let props = zbus::fdo::PropertiesProxy::builder(&state.conn)
         .destination("org.agent.Workspaces")
-        .path(p.inner().path().to_owned())
+        .path(path.to_owned())
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?
@@ -48,7 +39,13 @@ async fn process_json(state: &AppState, p: &ProcessProxy<'_>) -> ApiResult<Value
             "org.agent.Workspaces.Process",
         ))
         .await
-        .map_err(zbus::Error::from)?;
+        .map_err(|e| match e {
+            // An object that is not there answers UnknownObject: the process is not known.
+            zbus::fdo::Error::UnknownObject(_) => {
+                ApiError::from(crate::core::Error::NoSuchProcess(what.to_owned()))
+            }
+            other => ApiError::from(zbus::Error::from(other)),
+        })?;
     let get = |name: &str| {
         props
             .get(name)
@@ -64,6 +61,21 @@ async fn process_json(state: &AppState, p: &ProcessProxy<'_>) -> ApiResult<Value
         "ended_at": get("EndedAt"),
         "pty": get("Pty"),
     }))
+}
+
+/// Process `n` of workspace `id`, checked to exist (`NoSuchProcess` otherwise).
+async fn process(state: &AppState, id: &str, n: &str) -> ApiResult<ProcessProxy<'static>> {
+    let (n, path) = process_path(state, id, n).await?;
+    let p = ProcessProxy::builder(&state.conn)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    // An object that is not there answers UnknownObject: the process is not known.
+    if p.id().await.is_err() {
+        return Err(crate::core::Error::NoSuchProcess(format!("{n} in workspace '{id}'")).into());
+    }
+    Ok(p)
 }
 
 pub(super) async fn start(
@@ -83,8 +95,11 @@ pub(super) async fn start(
         .start_process(&id, &command, args(&options))
         .await?;
     let n = path.as_str().rsplit('/').next().unwrap_or_default();
-    let p = process(&state, &id, n).await?;
-    Ok((StatusCode::CREATED, Json(process_json(&state, &p).await?)))
+    let what = format!("{n} in workspace '{id}'");
+    Ok((
+        StatusCode::CREATED,
+        Json(process_json(&state, path.as_str(), &what).await?),
+    ))
 }
 
 pub(super) async fn list(
@@ -105,9 +120,9 @@ pub(super) async fn get_one(
     State(state): State<Arc<AppState>>,
     Path((id, n)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(
-        process_json(&state, &process(&state, &id, &n).await?).await?,
-    ))
+    let (n, path) = process_path(&state, &id, &n).await?;
+    let what = format!("{n} in workspace '{id}'");
+    Ok(Json(process_json(&state, &path, &what).await?))
 }
 
 /// Ends the process: SIGKILL to its whole tree (nothing when it has ended already).

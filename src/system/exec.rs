@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,53 +190,18 @@ async fn launch<'a>(
                 .iter()
                 .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
                 .collect();
-            fn spec<'s>(
-                program: &'s [u8],
-                argv: &'s [Vec<u8>],
-                env: &'s [(Vec<u8>, Vec<u8>)],
-                dir: &'s agent_proto::spawn::WorkDir,
-                fds: [&'s OwnedFd; 3],
-                procs: Option<&'s OwnedFd>,
-                terminal: bool,
-            ) -> super::spawn::Spec<'s> {
-                super::spawn::Spec {
-                    program,
-                    argv,
-                    env,
-                    cwd: Some(&dir.path),
-                    cwd_fd: Some(&dir.fd),
-                    fds,
-                    procs,
-                    process_group: true,
-                    terminal,
-                    nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
-                }
-            }
-            let fds = [stdin, stdout, stderr];
             let shell = shell();
-            // A plain list of words is exec'd as bash would exec it (agent_proto::direct);
-            // anything else, or a direct start that fails, goes to the shell.
-            let direct = (shell == "/bin/bash")
-                .then(|| agent_proto::direct::plan(command.as_bytes(), &env, dir))
-                .flatten();
-            let mut spawned = Err(io::ErrorKind::NotFound.into());
-            if let Some(d) = &direct {
-                let program = d.program.as_os_str().as_bytes();
-                spawned =
-                    super::spawn::spawn(spec(program, &d.argv, &d.env, dir, fds, procs, terminal));
-            }
-            if spawned.is_err() {
-                let argv = [shell.into(), b"-c".to_vec(), command.as_bytes().to_vec()];
-                spawned = super::spawn::spawn(spec(
-                    shell.as_bytes(),
-                    &argv,
-                    &env,
-                    dir,
-                    fds,
-                    procs,
-                    terminal,
-                ));
-            }
+            let spawned = agent_proto::direct::start(agent_proto::direct::Command {
+                shell,
+                command: command.as_bytes(),
+                env: &env,
+                dir,
+                fds: [stdin, stdout, stderr],
+                procs,
+                terminal,
+                nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
+            })
+            .and_then(super::spawn::watch);
             // The command has its own copies of its descriptors now; close the service's.
             drop(child);
             spawned

@@ -20,7 +20,7 @@ pub(super) struct Streams {
     /// input, it reads `/dev/null`).
     pub(super) stdin: Option<(OwnedFd, Vec<u8>)>,
     /// The service's ends of the command's stdout and stderr, not yet registered with the
-    /// runtime (see `exec::collect`).
+    /// runtime (see `output.rs`).
     pub(super) stdout: Option<OwnedFd>,
     pub(super) stderr: Option<OwnedFd>,
 }

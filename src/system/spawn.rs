@@ -1,12 +1,11 @@
-//! Host commands, started by `agent_workspaces_agent::spawn` (shared with the agent) and
-//! awaited through their pidfd.
+//! Host commands, started by `agent_workspaces_agent::direct::start` (shared with the agent)
+//! and awaited through their pidfd.
 
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
-pub use agent_workspaces_agent::spawn::Spec;
 use tokio::io::unix::AsyncFd;
 
 /// A started command.
@@ -16,8 +15,8 @@ pub struct Spawned {
     reaped: bool,
 }
 
-pub fn spawn(spec: Spec<'_>) -> io::Result<Spawned> {
-    let child = agent_workspaces_agent::spawn::spawn(spec)?;
+/// Registers a started command's pidfd with the runtime, to await its end.
+pub fn watch(child: agent_workspaces_agent::spawn::Child) -> io::Result<Spawned> {
     let pid = child.pid;
     // SAFETY: the OwnedFd keeps its descriptor open for the AsyncFd's life.
     let pidfd = match unsafe {

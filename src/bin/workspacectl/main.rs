@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 
-use agent_workspaces::cli::workspacectl::{Cli, Command, Contents, Limits};
+use agent_workspaces::cli::workspacectl::{Cli, Command, Contents, Limits, Place};
 use agent_workspaces::dbus::schema;
 use serde_json::{Map, Value, json};
 use zbus::{OwnedObjectPath, OwnedVariant};
@@ -153,6 +153,15 @@ fn contents_json(c: &Contents, body: &mut Map<String, Value>) -> Result<(), Stri
     Ok(())
 }
 
+/// Options of `exec`, `run` and `shell`: the command's directory and environment.
+fn place_json(p: &Place, body: &mut Map<String, Value>) -> Result<(), String> {
+    put(body, "cwd", p.cwd.clone());
+    if !p.env.is_empty() {
+        body.insert("env".into(), env_json(&p.env)?);
+    }
+    Ok(())
+}
+
 fn limits_json(l: &Limits, body: &mut Map<String, Value>) {
     let mut limits = Map::new();
     put(&mut limits, "memory_max", l.memory_max);
@@ -217,14 +226,9 @@ fn request(command: &Command) -> Result<Option<Dict>, String> {
             limits_json(limits, &mut body);
             schema::CHANGES
         }
-        Command::Exec {
-            timeout, cwd, env, ..
-        } => {
+        Command::Exec { timeout, place, .. } => {
             put(&mut body, "timeout_secs", *timeout);
-            put(&mut body, "cwd", cwd.clone());
-            if !env.is_empty() {
-                body.insert("env".into(), env_json(env)?);
-            }
+            place_json(place, &mut body)?;
             schema::EXEC_WITH_FDS
         }
         Command::RerunInit { timeout, .. } => {
@@ -233,31 +237,24 @@ fn request(command: &Command) -> Result<Option<Dict>, String> {
         }
         Command::Run {
             background,
-            cwd,
-            env,
+            place,
             pty,
             cols,
             rows,
             ..
         } => {
-            put(&mut body, "cwd", cwd.clone());
+            place_json(place, &mut body)?;
             put(&mut body, "pty", pty.then_some(true));
             put(&mut body, "cols", *cols);
             put(&mut body, "rows", *rows);
-            if !env.is_empty() {
-                body.insert("env".into(), env_json(env)?);
-            }
             if *background {
                 schema::START_PROCESS
             } else {
                 schema::EXEC_WITH_FDS
             }
         }
-        Command::Shell { cwd, env, .. } => {
-            put(&mut body, "cwd", cwd.clone());
-            if !env.is_empty() {
-                body.insert("env".into(), env_json(env)?);
-            }
+        Command::Shell { place, .. } => {
+            place_json(place, &mut body)?;
             schema::START_PROCESS
         }
         _ => return Ok(None),

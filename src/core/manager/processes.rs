@@ -152,12 +152,7 @@ impl Manager {
         terminal: Option<WindowSize>,
     ) -> Result<u32> {
         if let Some(size) = terminal {
-            if size.cols == 0 || size.rows == 0 {
-                return Err(Error::invalid(
-                    "cols",
-                    format!("a terminal of {}x{} characters", size.cols, size.rows),
-                ));
-            }
+            check_size(size)?;
         }
         // The checks of an exec's command, environment and directory.
         let params = crate::core::spec::ExecParams {
@@ -362,12 +357,7 @@ impl Manager {
         if !p.info().pty {
             return Err(no_terminal(process));
         }
-        if size.cols == 0 || size.rows == 0 {
-            return Err(Error::invalid(
-                "cols",
-                format!("a terminal of {}x{} characters", size.cols, size.rows),
-            ));
-        }
+        check_size(size)?;
         let terminal = p.terminal.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(terminal) = terminal.as_ref() else {
             return Err(Error::JobFailed(format!("Process {process} has ended")));
@@ -497,6 +487,19 @@ impl Manager {
 /// Callers attached to one process's terminal at most.
 const MAX_ATTACHED: usize = 16;
 
+/// A terminal has at least one column and one row; the field that has none is named.
+fn check_size(size: WindowSize) -> Result<()> {
+    for (field, n) in [("cols", size.cols), ("rows", size.rows)] {
+        if n == 0 {
+            return Err(Error::invalid(
+                field,
+                format!("a terminal of {}x{} characters", size.cols, size.rows),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn no_terminal(process: u32) -> Error {
     Error::invalid(
         "process",
@@ -585,6 +588,18 @@ async fn attach(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_terminal_without_columns_or_rows_is_refused_by_the_field() {
+        let field = |cols, rows| {
+            check_size(WindowSize { cols, rows })
+                .err()
+                .and_then(|e| e.field().map(str::to_owned))
+        };
+        assert_eq!(field(0, 24).as_deref(), Some("cols"));
+        assert_eq!(field(80, 0).as_deref(), Some("rows"));
+        assert_eq!(field(80, 24), None);
+    }
 
     #[test]
     fn the_output_buffer_keeps_the_last_bytes_and_says_where_it_resumes() {
