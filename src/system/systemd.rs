@@ -92,6 +92,17 @@ fn bus_error(what: &str, e: zbus::Error) -> Error {
     Error::JobFailed(format!("{what}: {e}"))
 }
 
+/// True when a call failed with the D-Bus error `name`. A method's error comes as
+/// `MethodError`, a property's (read through `org.freedesktop.DBus.Properties`) as `FDO`:
+/// both are looked at.
+fn is_error(e: &zbus::Error, name: &str) -> bool {
+    match e {
+        zbus::Error::MethodError(n, ..) => n.as_str() == name,
+        zbus::Error::FDO(f) => zbus::DBusError::name(f.as_ref()).as_str() == name,
+        _ => false,
+    }
+}
+
 /// State of a unit, as systemd reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitState {
@@ -161,11 +172,7 @@ impl Systemd {
                 _ = poll.tick() => {
                     let gone = match id {
                         None => true,
-                        Some(id) => matches!(
-                            self.manager.get_job(id).await,
-                            Err(zbus::Error::MethodError(name, ..))
-                                if name.as_str() == "org.freedesktop.systemd1.NoSuchJob"
-                        ),
+                        Some(id) => matches!(self.manager.get_job(id).await, Err(e) if is_error(&e, "org.freedesktop.systemd1.NoSuchJob")),
                     };
                     if gone {
                         tracing::warn!(unit, "Job {job} of {unit} ended without a JobRemoved signal; its unit's state decides");
@@ -293,11 +300,7 @@ impl Systemd {
             .await
         {
             Ok(()) => Ok(()),
-            Err(zbus::Error::MethodError(name, ..))
-                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
-            {
-                Ok(())
-            }
+            Err(e) if is_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => Ok(()),
             Err(e) => Err(bus_error(&format!("Cannot set the limits of {unit}"), e)),
         }
     }
@@ -309,9 +312,7 @@ impl Systemd {
             .stop_unit(unit.to_owned(), "replace".to_owned());
         match self.await_job(unit, call).await {
             Ok(_) => {}
-            Err(zbus::Error::MethodError(name, ..))
-                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
-            {
+            Err(e) if is_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => {
                 return Ok(());
             }
             Err(e) => return Err(bus_error(&format!("Cannot stop {unit}"), e)),
@@ -325,9 +326,7 @@ impl Systemd {
     pub async fn unit_state(&self, unit: &str) -> Result<Option<UnitState>> {
         let path = match self.manager.get_unit(unit.to_owned()).await {
             Ok(p) => p,
-            Err(zbus::Error::MethodError(name, ..))
-                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
-            {
+            Err(e) if is_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => {
                 return Ok(None);
             }
             Err(e) => return Err(bus_error(&format!("Cannot look up {unit}"), e)),
@@ -374,19 +373,11 @@ impl Systemd {
                 match m.leader().await {
                     Ok(pid) => Ok(Some(pid)),
                     // Gone between the two calls (it was terminating): not running.
-                    Err(zbus::Error::MethodError(n, ..))
-                        if n.as_str() == "org.freedesktop.DBus.Error.UnknownObject" =>
-                    {
-                        Ok(None)
-                    }
+                    Err(e) if is_error(&e, "org.freedesktop.DBus.Error.UnknownObject") => Ok(None),
                     Err(e) => Err(bus_error(name, e)),
                 }
             }
-            Err(zbus::Error::MethodError(n, ..))
-                if n.as_str() == "org.freedesktop.machine1.NoSuchMachine" =>
-            {
-                Ok(None)
-            }
+            Err(e) if is_error(&e, "org.freedesktop.machine1.NoSuchMachine") => Ok(None),
             Err(e) => Err(bus_error(&format!("Cannot look up machine {name}"), e)),
         }
     }
@@ -398,12 +389,28 @@ impl Systemd {
         }
         match self.machines.get_image(name.to_owned()).await {
             Ok(_) => Ok(true),
-            Err(zbus::Error::MethodError(n, ..))
-                if n.as_str() == "org.freedesktop.machine1.NoSuchImage" =>
-            {
-                Ok(false)
-            }
+            Err(e) if is_error(&e, "org.freedesktop.machine1.NoSuchImage") => Ok(false),
             Err(e) => Err(bus_error(&format!("Cannot look up image {name}"), e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_error;
+
+    #[test]
+    fn a_property_reads_error_is_recognised_by_its_name() {
+        // What a property read on an object that went away returns (the CI failure of stop 17:
+        // a machine ending between GetMachine and reading its Leader).
+        let gone = zbus::Error::FDO(Box::new(zbus::fdo::Error::UnknownObject(
+            "Unknown object '/org/freedesktop/machine1/machine/box'.".into(),
+        )));
+        assert!(is_error(&gone, "org.freedesktop.DBus.Error.UnknownObject"));
+        assert!(!is_error(&gone, "org.freedesktop.machine1.NoSuchMachine"));
+        assert!(!is_error(
+            &zbus::Error::Failure("x".into()),
+            "org.freedesktop.DBus.Error.UnknownObject"
+        ));
     }
 }

@@ -152,21 +152,25 @@ impl NspawnContainers {
             return Ok(l.clone());
         }
         *cached = None;
-        let pid = match self.systemd.machine_leader(&ws.name).await? {
-            Some(pid) => pid,
-            None => {
-                self.start(ws).await?;
-                self.systemd
-                    .machine_leader(&ws.name)
-                    .await?
-                    .ok_or_else(|| {
-                        Error::JobFailed(format!(
-                            "The container of workspace '{}' is not running",
-                            ws.name
-                        ))
-                    })?
-            }
-        };
+        let mut pid = self.systemd.machine_leader(&ws.name).await?;
+        if pid.is_none() {
+            self.start(ws).await?;
+            pid = self.systemd.machine_leader(&ws.name).await?;
+        }
+        if pid.is_none() {
+            // The start found the machine of a container that was ending (its agent just
+            // killed) still registered, and it went a moment later: its unit's end is waited
+            // for, and it is started again.
+            self.systemd.stop(&unit_name(&ws.name)).await?;
+            self.start(ws).await?;
+            pid = self.systemd.machine_leader(&ws.name).await?;
+        }
+        let pid = pid.ok_or_else(|| {
+            Error::JobFailed(format!(
+                "The container of workspace '{}' is not running",
+                ws.name
+            ))
+        })?;
         let leader = Arc::new(Leader::open(pid).map_err(|e| {
             Error::JobFailed(format!(
                 "Cannot reach the container of workspace '{}': {e}",
