@@ -19,8 +19,9 @@ use agent_workspaces::core::{Manager, Ports};
 use agent_workspaces::dbus::{self, BUS_NAME};
 use agent_workspaces::system::cgroup::{CgroupTree, Containment};
 use agent_workspaces::system::config::{Config, ContainmentMode};
-use agent_workspaces::system::containers::NspawnContainers;
-use agent_workspaces::system::exec::HostExecutor;
+use agent_workspaces::system::containers::{AGENT_FILE, NspawnContainers};
+use agent_workspaces::system::host_agent::HostAgent;
+use agent_workspaces::system::host_exec::HostExecutor;
 use agent_workspaces::system::library::FsLibrary;
 use agent_workspaces::system::logging;
 use agent_workspaces::system::store::{Dirs, FileStore};
@@ -48,6 +49,8 @@ async fn main() -> ExitCode {
     if let Some(Internal::BuildTree { plan }) = &args.command {
         return ExitCode::from(agent_workspaces::system::build::main(plan));
     }
+    // What systemd kept for this service across its restart (background processes).
+    agent_workspaces::system::keep::init();
     if let Err(e) = logging::init(args.log_target) {
         eprintln!("agent-workspaced: {e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -99,13 +102,21 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("Cannot reach systemd on the bus: {e}"))?;
     let program = std::env::current_exe().map_err(|e| format!("Cannot find this program: {e}"))?;
+    let agent_program = program.with_file_name(AGENT_FILE);
     let containers = Arc::new(NspawnContainers::new(
-        systemd,
+        systemd.clone(),
         config.container.clone(),
         &state_dir,
         program,
         config.limits.exec.max_output_bytes,
     ));
+    // Background processes of host workspaces run under the host agent (where they outlive a
+    // restart of this service), when commands get cgroups at all.
+    let host_executor = match &containment {
+        Containment::Cgroup(_) => HostExecutor::new(containment)
+            .with_host_agent(HostAgent::new(systemd.clone(), agent_program)),
+        Containment::ProcessGroup => HostExecutor::new(containment),
+    };
     let (events, receiver) = dbus::objects::EventQueue::new();
     let host_dir = config
         .host_workspace_dir
@@ -115,7 +126,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         Ports {
             store: Arc::new(store),
             dirs: Arc::new(Dirs::new(state_dir.join("workspaces"))),
-            executor: Arc::new(HostExecutor::new(containment)),
+            executor: Arc::new(host_executor),
             containers: containers.clone(),
             library: Arc::new(FsLibrary::new(
                 config
@@ -130,6 +141,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
     ));
     manager.load().map_err(|e| e.to_string())?;
     manager.reconcile();
+    manager.recover_processes();
     dbus::serve(&conn, manager.clone(), events, receiver)
         .await
         .map_err(|e| format!("Cannot serve the D-Bus objects: {e}"))?;

@@ -80,7 +80,11 @@ impl Terminal for FakeTerminal {
 impl Executor for FakeExec {
     /// Socket pairs in place of pipes: what the command's ends are does not matter here. A
     /// terminal's sizes are recorded in `FakeExec::sizes`.
-    fn process_streams(&self, terminal: Option<WindowSize>) -> Result<ProcessStreams> {
+    fn process_streams(
+        &self,
+        terminal: Option<WindowSize>,
+        _keep: Option<&str>,
+    ) -> Result<ProcessStreams> {
         let pair = || {
             let (a, b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
             let a = a.into_std().map_err(|e| Error::io("deregister", e))?;

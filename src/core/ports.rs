@@ -75,6 +75,47 @@ pub struct ExecRequest {
     /// Its stdin is a terminal (`ProcessStreams::terminal`): the command runs in a session of
     /// its own with that terminal as its controlling terminal.
     pub terminal: bool,
+    /// A background process to keep across a restart of the service (where the executor
+    /// `keeps_processes`): it is started where a restart does not end it, and what reports
+    /// its end is kept with `record` under this key.
+    pub keep: Option<KeepAs>,
+}
+
+/// The key and record a background process is kept under (`Executor::keeps_processes`).
+#[derive(Debug, Clone)]
+pub struct KeepAs {
+    pub key: String,
+    /// The core's record of the process, given back as it was (`KeptProcess::record`).
+    pub record: Vec<u8>,
+}
+
+/// How a kept process runs on after a restart: its end (the exit code), awaited while its
+/// signals are delivered; cancelled, it ends the process.
+pub type Resume = Box<
+    dyn FnOnce(
+            Signals,
+            CancellationToken,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i32>> + Send>>
+        + Send,
+>;
+
+/// A background process found again after a restart of the service.
+pub struct KeptProcess {
+    pub key: String,
+    pub record: Vec<u8>,
+    /// What the service kept of its output when it stopped (`Executor::keep_output`); none
+    /// after a crash.
+    pub output: Option<Vec<u8>>,
+    /// Its streams and its end, when all of them were kept; `None`: it is known only by its
+    /// record (it is reported ended).
+    pub live: Option<KeptLive>,
+}
+
+pub struct KeptLive {
+    pub input: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    pub output: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    pub terminal: Option<Box<dyn Terminal>>,
+    pub resume: Resume,
 }
 
 /// Where the signals for a running command come from.
@@ -100,12 +141,31 @@ pub trait Executor: Send + Sync {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
     /// The streams of a background process (host or container): the command's ends, and the
     /// service's. With a window size: a pseudo-terminal of that size.
-    fn process_streams(&self, terminal: Option<WindowSize>) -> Result<ProcessStreams>;
+    /// `keep`: the key the process is kept under across a restart (only where the executor
+    /// `keeps_processes`).
+    fn process_streams(
+        &self,
+        terminal: Option<WindowSize>,
+        keep: Option<&str>,
+    ) -> Result<ProcessStreams>;
     /// A connected pair: one end for a caller (`OpenPty`), the other as the service's reader
     /// and writer.
     fn attachment(&self) -> Result<Attachment>;
     /// A TCP connection to `port` on the host's loopback, for a caller (`ConnectPort`).
     async fn connect_port(&self, port: u16) -> Result<std::os::fd::OwnedFd>;
+    /// Background processes can be kept across a restart of the service (under systemd, with
+    /// its descriptor store): `ExecRequest::keep` is then honoured.
+    fn keeps_processes(&self) -> bool {
+        false
+    }
+    /// Keeps a process's output (as the core encodes it) for the next start; at shutdown.
+    fn keep_output(&self, _key: &str, _output: &[u8]) {}
+    /// Lets go of everything kept for a process (it ended, or it is no longer wanted).
+    fn forget_kept(&self, _key: &str) {}
+    /// The processes kept by the previous run of the service (once, at start).
+    fn kept_processes(&self) -> Vec<KeptProcess> {
+        Vec::new()
+    }
 }
 
 /// A background process's streams.

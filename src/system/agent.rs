@@ -134,6 +134,28 @@ impl AgentConnection {
         Ok(Self { stream })
     }
 
+    /// Connects to an agent's socket on the host (the host agent's, `host_agent.rs`).
+    pub async fn connect_path(path: &std::path::Path) -> io::Result<Self> {
+        let stream = tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
+        Ok(Self { stream })
+    }
+
+    /// A connection kept across a restart of the service (`keep.rs`), taken up again.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(Self {
+            stream: UnixStream::from_std(std)?,
+        })
+    }
+
+    /// The connection's socket, to keep across a restart.
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
     /// Sends the request with the command's descriptors (stdin, stdout, stderr, and the open
     /// `cgroup.procs` of its cgroup).
     pub async fn send(&mut self, req: &ExecRequest, fds: &[BorrowedFd<'_>]) -> io::Result<()> {

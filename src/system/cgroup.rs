@@ -204,6 +204,19 @@ pub(super) struct CommandCgroup {
 }
 
 impl CommandCgroup {
+    /// A command's cgroup made by an earlier run of the service (a kept process's).
+    pub(super) fn open(dir: &Path) -> io::Result<Self> {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join("cgroup.procs"))?;
+        Ok(CommandCgroup {
+            dir: dir.to_path_buf(),
+            procs: OwnedFd::from(procs),
+            events: fs::File::open(dir.join("cgroup.events"))?,
+        })
+    }
+
     /// Ends what the command left running: nothing to do (and nothing written) when its
     /// cgroup is already empty, as it is after most commands. Says whether it was empty.
     pub(super) fn kill_leftovers(&self) -> bool {

@@ -3,7 +3,7 @@
 //! stderr both, read into the process's buffer).
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use tokio::net::unix::pipe;
 
@@ -66,13 +66,26 @@ pub(super) fn streams(io: ExecIo) -> io::Result<Streams> {
 
 /// A background process's streams: its stdin, and one pipe for its stdout and stderr; or, with
 /// a window size, a pseudo-terminal of that size as all three.
-pub(super) fn process_streams(terminal: Option<WindowSize>) -> io::Result<ProcessStreams> {
+/// With `keep`, the service's ends are kept across a restart under that key (`keep.rs`).
+pub(super) fn process_streams(
+    terminal: Option<WindowSize>,
+    keep: Option<&str>,
+) -> io::Result<ProcessStreams> {
+    let keeper = super::keep::keeper();
     if let Some(size) = terminal {
-        return pty(size);
+        let (streams, master) = pty(size)?;
+        if let Some(key) = keep {
+            keeper.store(key, "pty", master.as_fd());
+        }
+        return Ok(streams);
     }
     let (stdin, input) = pipe_pair()?;
     let (output, stdout) = pipe_pair()?;
     let stderr = stdout.try_clone()?;
+    if let Some(key) = keep {
+        keeper.store(key, "in", input.as_fd());
+        keeper.store(key, "out", output.as_fd());
+    }
     Ok(ProcessStreams {
         command: ExecIo::Pass {
             stdin,
@@ -89,7 +102,7 @@ pub(super) fn process_streams(terminal: Option<WindowSize>) -> io::Result<Proces
 /// console): the command gets the terminal, opened from the master (`TIOCGPTPEER`, no path
 /// looked up), as stdin, stdout and stderr; the service reads and writes the master. When the
 /// last holder of the terminal closes it, reading the master fails (`EIO`): the output's end.
-fn pty(size: WindowSize) -> io::Result<ProcessStreams> {
+fn pty(size: WindowSize) -> io::Result<(ProcessStreams, OwnedFd)> {
     use rustix::pty::OpenptFlags;
     let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
     let master = rustix::pty::openpt(flags)?;
@@ -100,24 +113,44 @@ fn pty(size: WindowSize) -> io::Result<ProcessStreams> {
     master.resize(size)?;
     // Non-blocking for the runtime: the flag is the open file's, shared by every copy.
     rustix::io::ioctl_fionbio(&master.0, true)?;
-    Ok(ProcessStreams {
-        command: ExecIo::Pass {
-            stdin: terminal.try_clone()?,
-            stdout: terminal.try_clone()?,
-            stderr: terminal,
+    let kept = master.0.try_clone()?;
+    let (input, output, terminal_controls) = pty_ends(master)?;
+    Ok((
+        ProcessStreams {
+            command: ExecIo::Pass {
+                stdin: terminal.try_clone()?,
+                stdout: terminal.try_clone()?,
+                stderr: terminal,
+            },
+            input,
+            output,
+            terminal: Some(terminal_controls),
         },
-        input: Box::new(pipe::Sender::from_owned_fd_unchecked(
+        kept,
+    ))
+}
+
+type PtyEnds = (
+    Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    Box<dyn Terminal>,
+);
+
+/// The service's ends of a terminal (non-blocking): what it types, what it reads, its controls.
+pub(super) fn pty_ends(master: Pty) -> io::Result<PtyEnds> {
+    Ok((
+        Box::new(pipe::Sender::from_owned_fd_unchecked(
             master.0.try_clone()?,
         )?),
-        output: Box::new(pipe::Receiver::from_owned_fd_unchecked(
+        Box::new(pipe::Receiver::from_owned_fd_unchecked(
             master.0.try_clone()?,
         )?),
-        terminal: Some(Box::new(master)),
-    })
+        Box::new(master),
+    ))
 }
 
 /// The master of a background process's pseudo-terminal.
-struct Pty(OwnedFd);
+pub(super) struct Pty(pub(super) OwnedFd);
 
 impl Terminal for Pty {
     fn resize(&self, size: WindowSize) -> io::Result<()> {

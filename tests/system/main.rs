@@ -15,5 +15,6 @@ mod processes;
 mod rest;
 mod service;
 mod support;
+mod survival;
 
 use support::*;

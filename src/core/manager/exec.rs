@@ -74,6 +74,8 @@ pub(super) struct CommandPlace {
     pub tracker: TaskTracker,
     /// Fires on destroy and shutdown.
     pub cancel: CancellationToken,
+    /// Fires on destroy (and on shutdown where processes are not kept).
+    pub end_processes: CancellationToken,
 }
 
 /// A running command's place among the `max_concurrent`.
@@ -103,6 +105,7 @@ impl Manager {
             running: e.execs.token(),
             tracker: e.execs.clone(),
             cancel: e.cancel.child_token(),
+            end_processes: e.processes.child_token(),
         })
     }
 
@@ -133,6 +136,7 @@ impl Manager {
             output_cap: limits.max_output_bytes,
             signals: None,
             terminal: false,
+            keep: None,
         };
         let run = run_command(
             &self.ports.containers,

@@ -241,6 +241,7 @@ impl Manager {
                 .get_mut(&id)
                 .ok_or_else(|| Error::NoSuchWorkspace(key.to_owned()))?;
             e.ws.status = Status::Destroying;
+            e.processes.cancel();
             (e.ws.clone(), e.execs.clone(), e.cancel.clone())
         };
         // Persisted first, so a crash from here on finishes the destroy at the next start.

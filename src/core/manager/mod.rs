@@ -7,8 +7,10 @@
 
 mod container;
 mod exec;
+mod kept;
 mod library;
 mod lifecycle;
+mod output;
 mod processes;
 mod recovery;
 
@@ -83,6 +85,9 @@ struct Entry {
     execs: TaskTracker,
     /// Cancels this workspace's running execs.
     cancel: CancellationToken,
+    /// Ends its background processes (destroy; not the service's shutdown where processes
+    /// are kept across a restart).
+    processes: CancellationToken,
 }
 
 impl Entry {
@@ -92,6 +97,7 @@ impl Entry {
             ops: Arc::default(),
             execs: TaskTracker::new(),
             cancel: shutdown.child_token(),
+            processes: CancellationToken::new(),
         }
     }
 }
@@ -216,8 +222,17 @@ impl Manager {
         });
     }
 
-    /// Cancels every running exec; used when the service stops.
+    /// Cancels every running exec; used when the service stops. Background processes are
+    /// kept for the next start where the executor keeps them (their output with them), and
+    /// ended with the rest where it does not.
     pub fn shutdown(&self) {
+        if self.ports.executor.keeps_processes() {
+            self.keep_outputs();
+        } else {
+            for e in self.reg().by_id.values() {
+                e.processes.cancel();
+            }
+        }
         self.shutdown.cancel();
     }
 }

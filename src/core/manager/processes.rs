@@ -7,7 +7,7 @@
 //! This is the one place the core makes descriptors itself (the pipes of a process): a
 //! background process has no caller whose descriptors it could use.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use super::exec::{CommandPlace, command_cwd, command_env, run_command};
+use super::output::OutputBuffer;
 use super::{Manager, now_usec};
 use crate::core::error::{Error, Result};
 use crate::core::ports::{Event, ExecIo, ExecRequest, ProcessStreams, Terminal, WindowSize};
@@ -50,47 +51,9 @@ pub struct ProcessInfo {
     pub pty: bool,
 }
 
-/// The last `OUTPUT_CAP` bytes of a process's output, addressed by offsets counted from its
-/// first byte.
-#[derive(Debug, Default)]
-pub struct OutputBuffer {
-    data: VecDeque<u8>,
-    /// The offset of `data[0]`: how much was dropped.
-    start: u64,
-    /// The pipe reached end of file: nothing more will come.
-    complete: bool,
-}
-
-impl OutputBuffer {
-    pub fn push(&mut self, bytes: &[u8], cap: usize) {
-        self.data.extend(bytes);
-        let over = self.data.len().saturating_sub(cap);
-        self.data.drain(..over);
-        self.start += over as u64;
-    }
-
-    fn end(&self) -> u64 {
-        self.start + self.data.len() as u64
-    }
-
-    /// Up to `max` bytes from `offset` (from the oldest kept byte when `offset` was dropped),
-    /// the offset after them, and whether that is the end of all output.
-    pub fn read(&self, offset: u64, max: u32) -> (Vec<u8>, u64, bool) {
-        let from = offset.clamp(self.start, self.end());
-        let to = (from + u64::from(max)).min(self.end());
-        let skip = (from - self.start) as usize;
-        let data: Vec<u8> = self
-            .data
-            .range(skip..skip + (to - from) as usize)
-            .copied()
-            .collect();
-        (data, to, self.complete && to == self.end())
-    }
-}
-
 pub(super) struct Process {
     info: Mutex<ProcessInfo>,
-    output: Mutex<OutputBuffer>,
+    pub(super) output: Mutex<OutputBuffer>,
     /// Bumped when output arrives and when the process ends.
     changed: watch::Sender<u64>,
     signals: mpsc::UnboundedSender<i32>,
@@ -100,10 +63,32 @@ pub(super) struct Process {
     terminal: Mutex<Option<Box<dyn Terminal>>>,
     /// Callers attached to its terminal (`open_pty`).
     attached: std::sync::atomic::AtomicUsize,
+    /// The key it is kept under across a restart (`kept.rs`), where the executor keeps.
+    pub(super) kept: Option<String>,
 }
 
 impl Process {
-    fn info(&self) -> ProcessInfo {
+    pub(super) fn new(
+        info: ProcessInfo,
+        output: OutputBuffer,
+        signals: mpsc::UnboundedSender<i32>,
+        input: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+        terminal: Option<Box<dyn Terminal>>,
+        kept: Option<String>,
+    ) -> Self {
+        Self {
+            info: Mutex::new(info),
+            output: Mutex::new(output),
+            changed: watch::channel(0).0,
+            signals,
+            stdin: tokio::sync::Mutex::new(input),
+            terminal: Mutex::new(terminal),
+            attached: Default::default(),
+            kept,
+        }
+    }
+
+    pub(super) fn info(&self) -> ProcessInfo {
         self.info
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -118,14 +103,14 @@ impl Process {
 /// A workspace's processes.
 #[derive(Default)]
 pub(super) struct WorkspaceProcesses {
-    next: u32,
-    by_id: BTreeMap<u32, Arc<Process>>,
+    pub(super) next: u32,
+    pub(super) by_id: BTreeMap<u32, Arc<Process>>,
 }
 
 pub(super) type Processes = Mutex<HashMap<String, WorkspaceProcesses>>;
 
 impl Manager {
-    fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkspaceProcesses>> {
+    pub(super) fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<String, WorkspaceProcesses>> {
         self.processes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -170,14 +155,22 @@ impl Manager {
             ws,
             running: _running,
             tracker,
-            cancel,
+            end_processes: cancel,
+            ..
         } = self.ready_for_command(key)?;
+        // Kept across a restart under a key its id completes (taken below, with the caps).
+        let keeps = self.ports.executor.keeps_processes();
+        let next = self.procs().get(&ws.id).map_or(0, |w| w.next) + 1;
+        let kept_key = keeps.then(|| super::kept::key(&ws.id, next));
         let ProcessStreams {
             command: streams,
             input,
             output,
             terminal: pty,
-        } = self.ports.executor.process_streams(terminal)?;
+        } = self
+            .ports
+            .executor
+            .process_streams(terminal, kept_key.as_deref())?;
         let (signals_tx, signals_rx) = mpsc::unbounded_channel();
         let (process, id) = {
             let mut all = self.procs();
@@ -203,8 +196,11 @@ impl Manager {
             }
             mine.next += 1;
             let id = mine.next;
-            let process = Arc::new(Process {
-                info: Mutex::new(ProcessInfo {
+            // Another start took `next` meanwhile: this one is not kept (its streams were
+            // handed to the store under the other's key).
+            let kept = kept_key.filter(|k| *k == super::kept::key(&ws.id, id));
+            let process = Arc::new(Process::new(
+                ProcessInfo {
                     id,
                     command: command.clone(),
                     running: true,
@@ -212,14 +208,13 @@ impl Manager {
                     started_at_usec: now_usec(),
                     ended_at_usec: 0,
                     pty: pty.is_some(),
-                }),
-                output: Mutex::default(),
-                changed: watch::channel(0).0,
-                signals: signals_tx,
-                stdin: tokio::sync::Mutex::new(Some(input)),
-                terminal: Mutex::new(pty),
-                attached: Default::default(),
-            });
+                },
+                OutputBuffer::default(),
+                signals_tx,
+                Some(input),
+                pty,
+                kept,
+            ));
             mine.by_id.insert(id, process.clone());
             (process, id)
         };
@@ -238,6 +233,10 @@ impl Manager {
             output_cap: 0,
             signals: Some(signals_rx),
             terminal: terminal.is_some(),
+            keep: process.kept.clone().map(|key| crate::core::ports::KeepAs {
+                key,
+                record: super::kept::record(&ws.id, &process.info()),
+            }),
         };
         info!(workspace_id = %ws.id, workspace_name = %ws.name, process = id,
               "Starting background process {id} in workspace {}", ws.name);
@@ -245,70 +244,23 @@ impl Manager {
             id: ws.id.clone(),
             process: id,
         });
-        let reader = {
-            let process = process.clone();
-            async move {
-                let mut out_r: Box<dyn AsyncRead + Send + Unpin> = output;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match out_r.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            process
-                                .output
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .push(&buf[..n], OUTPUT_CAP);
-                            process.bump();
-                        }
-                    }
-                }
-                process
-                    .output
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .complete = true;
-                process.bump();
-            }
-        };
         let containers = self.ports.containers.clone();
         let executor = self.ports.executor.clone();
-        let events = self.ports.events.clone();
-        let ws_id = ws.id.clone();
-        let forget = ws.id.clone();
-        let name = ws.name.clone();
-        let run = async move {
-            let outcome = run_command(&containers, &executor, &ws, request, cancel).await;
-            let exit_code = match &outcome {
-                Ok(o) => o.exit_code,
-                Err(_) => -1,
-            };
-            {
-                let mut info = process.info.lock().unwrap_or_else(PoisonError::into_inner);
-                info.running = false;
-                info.exit_code = exit_code;
-                info.ended_at_usec = now_usec();
-            }
-            // Its stdin and terminal go with it.
-            process.stdin.lock().await.take();
-            process
-                .terminal
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            match outcome {
-                Ok(_) => info!(workspace_id = %ws_id, workspace_name = %name, process = id,
-                               exit_code, "Background process {id} in workspace {name} ended: exit code {exit_code}"),
-                Err(e) => info!(workspace_id = %ws_id, workspace_name = %name, process = id,
-                                "Background process {id} in workspace {name} ended: {e}"),
-            }
-            process.bump();
-            events.emit(Event::ProcessExited {
-                id: ws_id,
-                process: id,
-            });
+        let ending = Ending {
+            process: process.clone(),
+            executor: self.ports.executor.clone(),
+            events: self.ports.events.clone(),
+            ws_id: ws.id.clone(),
+            name: ws.name.clone(),
         };
-        tracker.spawn(reader);
+        let forget = ws.id.clone();
+        let run = async move {
+            let outcome = run_command(&containers, &executor, &ws, request, cancel)
+                .await
+                .map(|o| o.exit_code);
+            ending.end(outcome).await;
+        };
+        tracker.spawn(read_output(process, output));
         tracker.spawn(run);
         self.forget_finished(&forget);
         Ok(id)
@@ -484,6 +436,85 @@ impl Manager {
     }
 }
 
+/// Reads a process's output into its buffer until the end.
+pub(super) async fn read_output(
+    process: Arc<Process>,
+    mut output: Box<dyn AsyncRead + Send + Unpin>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match output.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                process
+                    .output
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(&buf[..n], OUTPUT_CAP);
+                process.bump();
+            }
+        }
+    }
+    process
+        .output
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .complete = true;
+    process.bump();
+}
+
+/// What the end of a process updates and tells.
+pub(super) struct Ending {
+    pub(super) process: Arc<Process>,
+    pub(super) executor: Arc<dyn crate::core::ports::Executor>,
+    pub(super) events: Arc<dyn crate::core::ports::Events>,
+    pub(super) ws_id: String,
+    pub(super) name: String,
+}
+
+impl Ending {
+    /// Records the process's end (`outcome`: its exit code, or why it is unknown), lets its
+    /// stdin, terminal and kept descriptors go, and announces it.
+    pub(super) async fn end(self, outcome: Result<i32>) {
+        let Self {
+            process,
+            executor,
+            events,
+            ws_id,
+            name,
+        } = self;
+        let id = process.info().id;
+        let exit_code = *outcome.as_ref().unwrap_or(&-1);
+        {
+            let mut info = process.info.lock().unwrap_or_else(PoisonError::into_inner);
+            info.running = false;
+            info.exit_code = exit_code;
+            info.ended_at_usec = now_usec();
+        }
+        // Its stdin and terminal go with it.
+        process.stdin.lock().await.take();
+        process
+            .terminal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(key) = &process.kept {
+            executor.forget_kept(key);
+        }
+        match outcome {
+            Ok(_) => info!(workspace_id = %ws_id, workspace_name = %name, process = id,
+                           exit_code, "Background process {id} in workspace {name} ended: exit code {exit_code}"),
+            Err(e) => info!(workspace_id = %ws_id, workspace_name = %name, process = id,
+                            "Background process {id} in workspace {name} ended: {e}"),
+        }
+        process.bump();
+        events.emit(Event::ProcessExited {
+            id: ws_id,
+            process: id,
+        });
+    }
+}
+
 /// Callers attached to one process's terminal at most.
 const MAX_ATTACHED: usize = 16;
 
@@ -599,20 +630,5 @@ mod tests {
         assert_eq!(field(0, 24).as_deref(), Some("cols"));
         assert_eq!(field(80, 0).as_deref(), Some("rows"));
         assert_eq!(field(80, 24), None);
-    }
-
-    #[test]
-    fn the_output_buffer_keeps_the_last_bytes_and_says_where_it_resumes() {
-        let mut b = OutputBuffer::default();
-        b.push(b"hello ", 8);
-        b.push(b"world", 8);
-        // 11 bytes written, the first 3 dropped.
-        assert_eq!(b.read(0, 100), (b"lo world".to_vec(), 11, false));
-        assert_eq!(b.read(5, 3), (b" wo".to_vec(), 8, false));
-        assert_eq!(b.read(11, 10), (Vec::new(), 11, false));
-        assert_eq!(b.read(99, 10), (Vec::new(), 11, false));
-        b.complete = true;
-        assert_eq!(b.read(8, 10), (b"rld".to_vec(), 11, true));
-        assert_eq!(b.read(8, 2), (b"rl".to_vec(), 10, false));
     }
 }

@@ -20,7 +20,6 @@ pub use units::{DEFAULT_TASKS_MAX, build_unit_name, container_properties, nspawn
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +33,7 @@ use super::agent::{AgentConnection, Leader};
 use super::build::{BuildPlan, BuildResult};
 use super::cgroup::Containment;
 use super::config::ContainerConfig;
-use super::exec::{Command, Launch, run_contained};
+use super::exec::{Command, Launch, agent_request, run_contained};
 use super::layer;
 use super::systemd::{Systemd, prop};
 use super::tree::Tree;
@@ -42,7 +41,6 @@ use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
 use crate::core::ports::{BuildSteps, Containers, DebugInfo, ExecIo, ExecOutcome, ExecRequest};
 use crate::core::workspace::Workspace;
-use agent_workspaces_agent::{self as agent_proto};
 
 /// The service's own files inside a container: `/.agent-workspaces/init`.
 const OWN_DIR: &str = ".agent-workspaces";
@@ -432,16 +430,7 @@ impl Containers for NspawnContainers {
             Err(e) => return Err(not_answering(e)),
         };
         // The working directory is resolved by the agent, inside the container.
-        let request = agent_proto::ExecRequest {
-            command: req.command.into_bytes(),
-            cwd: req.cwd.as_os_str().as_bytes().to_vec(),
-            env: req
-                .env
-                .into_iter()
-                .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
-                .collect(),
-            terminal: req.terminal,
-        };
+        let request = agent_request(req.command, &req.cwd, req.env, req.terminal);
         let command = Command {
             launch: Launch::Agent {
                 conn,
@@ -452,6 +441,7 @@ impl Containers for NspawnContainers {
             timeout: req.timeout,
             output_cap: req.output_cap,
             signals: req.signals,
+            keep: req.keep,
         };
         let containment = Containment::Cgroup(leader.payload.clone());
         run_contained(command, &containment, &cancel).await
@@ -511,6 +501,7 @@ impl Containers for NspawnContainers {
             output_cap: self.output_cap,
             signals: None,
             terminal: false,
+            keep: None,
         };
         let outcome = self.exec(ws, req, cancel).await?;
         self.append_to_log(ws, &outcome.stdout).await;

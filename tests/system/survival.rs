@@ -1,0 +1,211 @@
+//! Background processes outlive a restart of the service: host processes (run by the host
+//! agent) and container processes alike are found again with their ids, output, input,
+//! terminal and signals; one that ended while the service restarted is reported with its
+//! exit code.
+
+use std::time::Duration;
+
+use agent_workspaces::dbus::client::ProcessProxy;
+use zbus::{Connection, OwnedObjectPath, Variant};
+
+use super::*;
+
+async fn process(conn: &Connection, path: &OwnedObjectPath) -> ProcessProxy<'static> {
+    ProcessProxy::builder(conn)
+        .path(path.clone())
+        .build()
+        .await
+        .unwrap()
+}
+
+/// All output from offset 0 once `want` is in it (20 s at most).
+async fn output_until(p: &ProcessProxy<'_>, want: &str) -> String {
+    for _ in 0..400 {
+        let (data, _, ended) = p.read_output(0, 1 << 20).await.unwrap();
+        let text = String::from_utf8(data).unwrap();
+        if text.contains(want) || ended {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    String::from_utf8(p.read_output(0, 1 << 20).await.unwrap().0).unwrap()
+}
+
+/// The PID a process printed as `pid=N`.
+fn pid_in(text: &str) -> u32 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("pid="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a pid in {text:?}"))
+}
+
+/// Reads `stream` until `want` has come (20 s at most).
+async fn read_until(stream: &mut tokio::net::UnixStream, want: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{want:?}; got {:?}", String::from_utf8_lossy(&seen)))
+            .unwrap();
+        assert!(n > 0, "{want:?}; got {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+const ECHO: &str = "echo pid=$$; while read -r l; do echo \"got $l\"; done; echo eof; exit 5";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_processes_outlive_a_restart_of_the_service() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let box_name = unique("keep");
+    m.create_workspace(container_spec(
+        &box_name,
+        vec![("build_on_create", Variant::from(true))],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        wait_built(&conn, &box_name, Duration::from_secs(1200)).await,
+        "ready"
+    );
+    let service_pid = ok(&format!("systemctl show -p MainPID --value {UNIT}"));
+
+    // Host: one reading its input, one on a terminal, one that ends when the old service does.
+    let host_echo = m.start_process("host", ECHO, no_options()).await.unwrap();
+    let host_pty = m
+        .start_process(
+            "host",
+            "echo pid=$$; stty size; read -r l; echo \"typed $l\"; exit 4",
+            spec(vec![
+                ("pty", Variant::from(true)),
+                ("cols", Variant::from(90u16)),
+                ("rows", Variant::from(20u16)),
+            ]),
+        )
+        .await
+        .unwrap();
+    let ends = m
+        .start_process(
+            "host",
+            &format!(
+                "while kill -0 {} 2>/dev/null; do sleep 0.05; done; exit 9",
+                service_pid.trim()
+            ),
+            no_options(),
+        )
+        .await
+        .unwrap();
+    // Container: one reading its input.
+    let boxed = m
+        .start_process(&box_name, ECHO, no_options())
+        .await
+        .unwrap();
+
+    let mut pids = Vec::new();
+    for (path, want) in [(&host_echo, "pid="), (&host_pty, "20 90"), (&boxed, "pid=")] {
+        let text = output_until(&process(&conn, path).await, want).await;
+        assert!(text.contains(want), "{text:?}");
+        pids.push(pid_in(&text));
+    }
+    let listed_before = m.list_processes("host").await.unwrap();
+
+    restart_service();
+    assert_ne!(
+        ok(&format!("systemctl show -p MainPID --value {UNIT}")),
+        service_pid,
+        "the service was restarted"
+    );
+    let conn = bus().await;
+    let m = manager(&conn).await;
+
+    // The host processes run on, the same processes (their PIDs live; the host agent's).
+    for pid in &pids[..2] {
+        assert!(!pid_gone(*pid), "host process {pid} survived the restart");
+    }
+    let agent_procs = ok(
+        "cat /sys/fs/cgroup/system.slice/agent-workspaces-host-agent.service/exec-*/cgroup.procs",
+    );
+    assert!(
+        agent_procs.lines().any(|l| l.trim() == pids[0].to_string()),
+        "{} runs under the host agent: {agent_procs}",
+        pids[0]
+    );
+    // Listed with the same ids and commands; the one that ended with the old service has its
+    // exit code.
+    let listed = m.list_processes("host").await.unwrap();
+    for (id, command, ..) in &listed_before {
+        assert!(
+            listed.iter().any(|(i, c, ..)| i == id && c == command),
+            "{id} is listed again: {listed:?}"
+        );
+    }
+    let ended = process(&conn, &ends).await;
+    assert_eq!(ended.wait(30).await.unwrap(), (9, false));
+    assert!(!ended.running().await.unwrap());
+
+    // Output kept from before the restart, input taken after it, the end reported.
+    for (path, pid) in [(&host_echo, pids[0]), (&boxed, pids[2])] {
+        let p = process(&conn, path).await;
+        assert!(p.running().await.unwrap(), "{path} runs");
+        let before = output_until(&p, "pid=").await;
+        assert_eq!(
+            before,
+            format!("pid={pid}\n"),
+            "the output kept across the restart"
+        );
+        p.write_input(b"after\n").await.unwrap();
+        assert_eq!(
+            output_until(&p, "got after").await,
+            format!("pid={pid}\ngot after\n")
+        );
+        p.write_input(b"").await.unwrap();
+        assert_eq!(p.wait(30).await.unwrap(), (5, false));
+        assert_eq!(
+            output_until(&p, "eof").await,
+            format!("pid={pid}\ngot after\neof\n")
+        );
+    }
+
+    // The terminal: attached after the restart, the kept output first, then typing.
+    let p = process(&conn, &host_pty).await;
+    assert!(p.running().await.unwrap());
+    let fd = p.open_pty().await.unwrap();
+    let std_stream = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
+    std_stream.set_nonblocking(true).unwrap();
+    let mut t = tokio::net::UnixStream::from_std(std_stream).unwrap();
+    read_until(&mut t, "20 90\r\n").await;
+    p.resize(100, 30).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        t.write_all(b"hi\n").await.unwrap();
+    }
+    read_until(&mut t, "typed hi\r\n").await;
+    assert_eq!(p.wait(30).await.unwrap(), (4, false));
+
+    // A process started after the restart gets the next id, and a signal still reaches a
+    // process taken up again.
+    let again = m.start_process("host", ECHO, no_options()).await.unwrap();
+    let ids: Vec<u32> = listed_before
+        .iter()
+        .map(|(id, ..)| id.parse().unwrap())
+        .collect();
+    let p = process(&conn, &again).await;
+    let new_id: u32 = p.id().await.unwrap().parse().unwrap();
+    assert!(ids.iter().all(|id| *id < new_id), "{new_id} after {ids:?}");
+    output_until(&p, "pid=").await;
+    restart_service();
+    let conn = bus().await;
+    let p = process(&conn, &again).await;
+    p.signal(15).await.unwrap();
+    assert_eq!(p.wait(30).await.unwrap(), (128 + 15, false));
+    manager(&conn)
+        .await
+        .destroy_workspace(&box_name)
+        .await
+        .unwrap();
+}
