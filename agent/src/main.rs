@@ -190,6 +190,11 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     );
     let code = wait(child.pid);
     send(&mut conn, Reply::Exited { code });
+    // The connection stays open until the service closes it: one the service keeps across
+    // its restart in systemd's descriptor store would be dropped from there at our hang-up,
+    // with the exit status unread in it.
+    let _ = conn.set_read_timeout(None);
+    let _ = conn.read(&mut [0u8; 1]);
 }
 
 /// How long a connection to a port inside may take.

@@ -112,7 +112,8 @@ pub struct KeptProcess {
 }
 
 pub struct KeptLive {
-    pub input: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    /// None when its stdin was closed (by the process, or as it ended).
+    pub input: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
     pub output: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
     pub terminal: Option<Box<dyn Terminal>>,
     pub resume: Resume,
@@ -160,6 +161,8 @@ pub trait Executor: Send + Sync {
     }
     /// Keeps a process's output (as the core encodes it) for the next start; at shutdown.
     fn keep_output(&self, _key: &str, _output: &[u8]) {}
+    /// Lets go of the kept copy of a process's stdin (the service closed it).
+    fn forget_kept_input(&self, _key: &str) {}
     /// Lets go of everything kept for a process (it ended, or it is no longer wanted).
     fn forget_kept(&self, _key: &str) {}
     /// The processes kept by the previous run of the service (once, at start).

@@ -61,6 +61,10 @@ impl Executor for HostExecutor {
         super::keep::keeper().store_data(key, "output", output);
     }
 
+    fn forget_kept_input(&self, key: &str) {
+        super::keep::keeper().remove(key, "in");
+    }
+
     fn forget_kept(&self, key: &str) {
         super::keep::keeper().forget(key);
     }
@@ -138,9 +142,9 @@ impl Executor for HostExecutor {
 mod tests {
     use super::*;
     use crate::core::ports::ExecIo;
-    use std::time::Instant;
     use std::collections::BTreeMap;
     use std::fs;
+    use std::time::Instant;
 
     fn req(cmd: &str) -> ExecRequest {
         ExecRequest {

@@ -7,7 +7,12 @@
 //!
 //! Names: `process.<workspace id>.<process id>.<kind>`, kind one of `in`, `out`, `pty`,
 //! `agent`, `record`, `cgroup` (the process's cgroup directory), `output` (the output kept
-//! when the service stopped). One keeper per process, as there is one descriptor store per
+//! when the service stopped), and `hold`: the command's own end of its output (a pipe's write
+//! end, the terminal), which the service itself does not keep open. systemd drops a stored
+//! descriptor that hangs up; held, the output's end cannot hang up while the service is away,
+//! so what the process wrote last (and its exit status, the agent keeping its end of the
+//! connection open until the service closes it) is still there when it comes back. `hold`
+//! is let go with the rest when the process's end has been read. One keeper per process, as there is one descriptor store per
 //! service: `keeper()`.
 
 use std::collections::BTreeMap;
@@ -19,7 +24,9 @@ use libsystemd::daemon::{self, NotifyState};
 use tracing::warn;
 
 /// The kinds of descriptor kept for a process.
-pub const KINDS: [&str; 7] = ["in", "out", "pty", "agent", "record", "cgroup", "output"];
+pub const KINDS: [&str; 8] = [
+    "in", "out", "pty", "hold", "agent", "record", "cgroup", "output",
+];
 
 /// The longest record or kept output read back.
 const MAX_MEMFD: u64 = 2 * 1024 * 1024;
@@ -172,10 +179,14 @@ pub fn kept_processes() -> (
                 (Some(master), _, _) => {
                     let (input, output, terminal) =
                         super::pipes::pty_ends(super::pipes::Pty(master))?;
-                    (input, output, Some(terminal))
+                    (Some(input), output, Some(terminal))
                 }
-                (None, Some(input), Some(output)) => (
-                    Box::new(pipe::Sender::from_owned_fd(input)?) as Box<_>,
+                // Its stdin is gone from the store when nothing read it any more.
+                (None, input, Some(output)) => (
+                    input
+                        .map(pipe::Sender::from_owned_fd)
+                        .transpose()?
+                        .map(|i| Box::new(i) as Box<_>),
                     Box::new(pipe::Receiver::from_owned_fd(output)?) as Box<_>,
                     None,
                 ),

@@ -74,8 +74,9 @@ pub(super) fn process_streams(
     let keeper = super::keep::keeper();
     if let Some(size) = terminal {
         let (streams, master) = pty(size)?;
-        if let Some(key) = keep {
+        if let (Some(key), ExecIo::Pass { stdout, .. }) = (keep, &streams.command) {
             keeper.store(key, "pty", master.as_fd());
+            keeper.store(key, "hold", stdout.as_fd());
         }
         return Ok(streams);
     }
@@ -85,6 +86,7 @@ pub(super) fn process_streams(
     if let Some(key) = keep {
         keeper.store(key, "in", input.as_fd());
         keeper.store(key, "out", output.as_fd());
+        keeper.store(key, "hold", stdout.as_fd());
     }
     Ok(ProcessStreams {
         command: ExecIo::Pass {

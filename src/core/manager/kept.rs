@@ -123,7 +123,7 @@ impl Manager {
             };
             let (signals, signals_rx) = mpsc::unbounded_channel();
             let (input, terminal, streams) = match live {
-                Some(l) => (Some(l.input), l.terminal, Some((l.output, l.resume))),
+                Some(l) => (l.input, l.terminal, Some((l.output, l.resume))),
                 None => (None, None, None),
             };
             let kept_key = streams.as_ref().map(|_| kept.key.clone());

@@ -29,6 +29,8 @@ pub const MAX_TOTAL: usize = 256;
 /// Finished processes kept per workspace, each for at most `KEEP_FINISHED`.
 pub const FINISHED_PER_WORKSPACE: usize = 16;
 pub const KEEP_FINISHED: Duration = Duration::from_secs(600);
+/// How long the end of a process waits for the end of its output.
+const OUTPUT_END: Duration = Duration::from_secs(5);
 /// Longest `ReadOutput` answer.
 pub const MAX_READ: u32 = 1024 * 1024;
 /// A background process has no timeout of its own: it ends, is signalled, or its workspace
@@ -300,7 +302,12 @@ impl Manager {
     /// terminal's input stays open as long as the terminal.
     pub async fn write_input(&self, key: &str, process: u32, data: &[u8]) -> Result<()> {
         let (_, p) = self.process(key, process)?;
-        write_to(&p, process, data).await
+        write_to(&p, process, data).await?;
+        // Closed: the copy kept for a restart goes too, or the process never reads its end.
+        if let (true, false, Some(kept)) = (data.is_empty(), p.info().pty, &p.kept) {
+            self.ports.executor.forget_kept_input(kept);
+        }
+        Ok(())
     }
 
     /// Sets the size of the process's terminal.
@@ -485,6 +492,24 @@ impl Ending {
         } = self;
         let id = process.info().id;
         let exit_code = *outcome.as_ref().unwrap_or(&-1);
+        // What was kept for a restart goes (with it the output's end the store held), and
+        // its output is read to the end first: whoever learns of the end reads all of it.
+        // (Bounded: whatever else held the output was ended with the process's cgroup.)
+        if let Some(key) = &process.kept {
+            executor.forget_kept(key);
+        }
+        let mut changed = process.changed.subscribe();
+        let complete = || {
+            process
+                .output
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .complete
+        };
+        let _ = tokio::time::timeout(OUTPUT_END, async {
+            while !complete() && changed.changed().await.is_ok() {}
+        })
+        .await;
         {
             let mut info = process.info.lock().unwrap_or_else(PoisonError::into_inner);
             info.running = false;
@@ -498,9 +523,6 @@ impl Ending {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(key) = &process.kept {
-            executor.forget_kept(key);
-        }
         match outcome {
             Ok(_) => info!(workspace_id = %ws_id, workspace_name = %name, process = id,
                            exit_code, "Background process {id} in workspace {name} ended: exit code {exit_code}"),
