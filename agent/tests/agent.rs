@@ -128,8 +128,13 @@ fn run(agent: &Agent, command: &str, cwd: &Path, stdin: &[u8]) -> Outcome {
     };
     let (out, err) = (reader(out_r), reader(err_r));
     let mut replies = Vec::new();
+    // The agent keeps the connection open after the last reply, until its client closes it.
     while let Some(r) = read_reply(&mut conn) {
+        let last = matches!(r, Reply::Exited { .. } | Reply::Refused { .. });
         replies.push(r);
+        if last {
+            break;
+        }
     }
     Outcome {
         replies,
@@ -257,8 +262,13 @@ fn a_command_on_a_terminal_leads_its_session_and_controls_the_terminal() {
     conn.write_all(&frame[n..]).unwrap();
     drop(terminal);
     let mut replies = Vec::new();
+    // The agent keeps the connection open after the last reply, until its client closes it.
     while let Some(r) = read_reply(&mut conn) {
+        let last = matches!(r, Reply::Exited { .. } | Reply::Refused { .. });
         replies.push(r);
+        if last {
+            break;
+        }
     }
     assert!(
         matches!(replies.last(), Some(Reply::Exited { code: 0 })),
