@@ -1,8 +1,9 @@
 //! Background processes: commands that outlive the call that started them. Each runs as an
 //! exec with no practical timeout, its stdout and stderr into one pipe read into a bounded
 //! buffer, its stdin a pipe the service holds; it is tracked with the workspace's execs, so
-//! `Stop`, `Destroy` and the service's shutdown end it like any command, and its whole tree
-//! lives in its own cgroup. Finished processes are kept for a while, then forgotten.
+//! `Stop` and `Destroy` end it like any command (and the service's shutdown, unless it is kept
+//! across a restart: `kept.rs`), and its whole tree lives in its own cgroup. Finished processes
+//! are kept for a while, then forgotten.
 //!
 //! This is the one place the core makes descriptors itself (the pipes of a process): a
 //! background process has no caller whose descriptors it could use.
