@@ -197,15 +197,58 @@ async fn background_processes_outlive_a_restart_of_the_service() {
     let p = process(&conn, &again).await;
     let new_id: u32 = p.id().await.unwrap().parse().unwrap();
     assert!(ids.iter().all(|id| *id < new_id), "{new_id} after {ids:?}");
-    output_until(&p, "pid=").await;
-    restart_service();
+    let pid = pid_in(&output_until(&p, "pid=").await);
+
+    // A crash: systemd restarts the service with what it kept; the process runs on, takes
+    // input and a signal (its output from before the crash is lost).
+    let restarts = || ok(&format!("systemctl show -p NRestarts --value {UNIT}"));
+    let before = restarts();
+    ok(&format!("systemctl kill -s KILL {UNIT}"));
+    wait_for(
+        "systemd to restart the service",
+        Duration::from_secs(30),
+        || {
+            let active = sh(&format!("systemctl is-active {UNIT}")).stdout;
+            (active.trim() == "active" && restarts() != before).then_some(())
+        },
+    );
     let conn = bus().await;
+    let m = manager(&conn).await;
     let p = process(&conn, &again).await;
+    assert!(p.running().await.unwrap(), "it runs on after the crash");
+    assert!(!pid_gone(pid));
+    p.write_input(
+        b"crash
+",
+    )
+    .await
+    .unwrap();
+    assert!(output_until(&p, "got crash").await.contains(
+        "got crash
+"
+    ));
     p.signal(15).await.unwrap();
     assert_eq!(p.wait(30).await.unwrap(), (128 + 15, false));
-    manager(&conn)
-        .await
-        .destroy_workspace(&box_name)
-        .await
-        .unwrap();
+
+    // A stop lets systemd drop what it kept: the next start ends what the host agent still
+    // runs for the old service, and lists nothing of it.
+    let orphan = m.start_process("host", ECHO, no_options()).await.unwrap();
+    let pid = pid_in(&output_until(&process(&conn, &orphan).await, "pid=").await);
+    systemctl(&format!("stop {UNIT}"));
+    restart_service();
+    wait_for("the orphan to be ended", Duration::from_secs(10), || {
+        pid_gone(pid).then_some(())
+    });
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let orphan_id = orphan.as_str().rsplit('/').next().unwrap().to_owned();
+    assert!(
+        !m.list_processes("host")
+            .await
+            .unwrap()
+            .iter()
+            .any(|(id, ..)| *id == orphan_id),
+        "not listed after a stop"
+    );
+    m.destroy_workspace(&box_name).await.unwrap();
 }
