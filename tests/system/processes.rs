@@ -267,6 +267,20 @@ async fn container_processes_run_inside_and_end_with_their_container() {
     a_signal_ends_the_whole_tree(&conn, &m, &name).await;
     on_a_terminal(&conn, &m, &name).await;
 
+    // A rebuild ends them (the container stops for it).
+    let path = m
+        .start_process(&name, "sleep 600", no_options())
+        .await
+        .unwrap();
+    let p = process(&conn, path).await;
+    m.rebuild_workspace(&name).await.unwrap();
+    let (code, timed_out) = p.wait(60).await.unwrap();
+    assert!(!timed_out && code != 0, "ended by the rebuild: {code}");
+    assert_eq!(
+        wait_built(&conn, &name, Duration::from_secs(1200)).await,
+        "ready"
+    );
+
     // It runs inside, in the container's /workspace.
     let path = m
         .start_process(&name, "pwd; sleep 600", no_options())
