@@ -290,13 +290,12 @@ pub async fn run_contained(
         };
     let pid = running.pid();
     if let (Some(keep), Running::Agent { conn, .. }) = (&c.keep, &running) {
-        let keeper = super::keep::keeper();
-        keeper.store(&keep.key, "agent", conn.socket());
-        keeper.store_data(&keep.key, "record", &keep.record);
-        if let Some(cg) = &cgroup {
-            use std::os::unix::ffi::OsStrExt;
-            keeper.store_data(&keep.key, "cgroup", cg.dir.as_os_str().as_bytes());
-        }
+        super::keep::keeper().keep_started(
+            &keep.key,
+            conn.socket(),
+            cgroup.as_ref().map(|cg| cg.dir.as_path()),
+            &keep.record,
+        );
     }
     if let Some((stdin, data)) = streams.stdin {
         if let Ok(mut stdin) = pipe::Sender::from_owned_fd(stdin) {

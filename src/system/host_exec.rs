@@ -58,11 +58,11 @@ impl Executor for HostExecutor {
     }
 
     fn keep_output(&self, key: &str, output: &[u8]) {
-        super::keep::keeper().store_data(key, "output", output);
+        super::keep::keeper().keep_stopping(key, output);
     }
 
     fn forget_kept_input(&self, key: &str) {
-        super::keep::keeper().remove(key, "in");
+        super::keep::keeper().forget_input(key);
     }
 
     fn forget_kept(&self, key: &str) {

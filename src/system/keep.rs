@@ -3,30 +3,33 @@
 //! its exit) and its record, in the unit's file descriptor store (`FDSTORE=1` with an
 //! `FDNAME=`, `FileDescriptorStoreMax=` in the unit). systemd hands them back at the next start
 //! (`LISTEN_FDS`, `LISTEN_FDNAMES`), after a `systemctl restart` and after a crash alike; a
-//! `systemctl stop` lets them go. Outside systemd nothing is kept.
+//! `systemctl stop` lets them go. Outside systemd nothing is kept. One keeper per service, as
+//! there is one descriptor store: `keeper()`.
 //!
-//! Names: `process.<workspace id>.<process id>.<kind>`, kind one of `in`, `out`, `pty`,
-//! `agent`, `record`, `cgroup` (the process's cgroup directory), `output` (the output kept
-//! when the service stopped), and `hold`: the command's own end of its output (a pipe's write
-//! end, the terminal), which the service itself does not keep open. systemd drops a stored
-//! descriptor that hangs up; held, the output's end cannot hang up while the service is away,
-//! so what the process wrote last (and its exit status, the agent keeping its end of the
-//! connection open until the service closes it) is still there when it comes back. `hold`
-//! is let go with the rest when the process's end has been read. One keeper per process, as there is one descriptor store per
-//! service: `keeper()`.
+//! Names, for a process's key `process.<workspace id>.<process id>` (few messages to PID 1:
+//! two when a process starts, two when it ends):
+//! - `<key>`: the service's end of its output (a pipe's read end, or the terminal's master),
+//!   the agent connection, and a memory file with its cgroup and the core's record; stored
+//!   together once the agent has started it.
+//! - `<key>.in`: its stdin's write end (pipes only); let go alone when the service closes it.
+//! - `<key>.hold`, `<key>.output`: stored when the service stops: the command's own end of its
+//!   output, which the service holds while it runs (`holds`), and the output kept so far.
+//!
+//! systemd drops a stored descriptor that hangs up. Held, a process's output cannot hang up
+//! while the service is away, so what it wrote last is still there when the service comes
+//! back; the agent keeps a finished command's connection open until the service closes it, so
+//! its exit status is too. (After a crash nothing held the output: a process that ended
+//! meanwhile has its exit status and not its last output.) When the service has read a
+//! process's end it lets its hold go, and the output reaches its end at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use libsystemd::daemon::{self, NotifyState};
 use tracing::warn;
-
-/// The kinds of descriptor kept for a process.
-pub const KINDS: [&str; 8] = [
-    "in", "out", "pty", "hold", "agent", "record", "cgroup", "output",
-];
 
 /// The longest record or kept output read back.
 const MAX_MEMFD: u64 = 2 * 1024 * 1024;
@@ -44,11 +47,35 @@ pub fn init() {
     let _ = KEEPER.set(Keeper::from_env());
 }
 
+/// What systemd handed back for one process.
+#[derive(Default)]
+pub struct Received {
+    /// Under `<key>`: output end, agent connection, record.
+    pub main: Vec<OwnedFd>,
+    pub input: Option<OwnedFd>,
+    pub hold: Option<OwnedFd>,
+    pub output: Option<OwnedFd>,
+}
+
+/// A process's streams between `prepare` and `keep_started`.
+struct Pending {
+    out: OwnedFd,
+    input: Option<OwnedFd>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub struct Keeper {
     /// The service runs under systemd, which keeps what it is given.
     enabled: bool,
-    /// What systemd handed over at start, by key (`process.<ws>.<n>`) and kind.
-    received: Mutex<BTreeMap<String, BTreeMap<String, OwnedFd>>>,
+    received: Mutex<BTreeMap<String, Received>>,
+    pending: Mutex<HashMap<String, Pending>>,
+    /// The command's end of each kept process's output, held while it runs.
+    holds: Mutex<HashMap<String, OwnedFd>>,
+    /// Processes with a `.hold` and `.output` in the store.
+    stopped_with: Mutex<HashSet<String>>,
 }
 
 impl Keeper {
@@ -57,14 +84,18 @@ impl Keeper {
         Self {
             enabled: false,
             received: Mutex::default(),
+            pending: Mutex::default(),
+            holds: Mutex::default(),
+            stopped_with: Mutex::default(),
         }
     }
 
     /// Takes what systemd passed at start (call before anything else opens descriptors).
     /// Keeping is on when the service runs under systemd's notification socket.
     pub fn from_env() -> Self {
-        let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
-        let mut received: BTreeMap<String, BTreeMap<String, OwnedFd>> = BTreeMap::new();
+        let mut keeper = Self::disabled();
+        keeper.enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
+        let received = keeper.received.get_mut().unwrap_or_else(|e| e.into_inner());
         match libsystemd::activation::receive_descriptors_with_names(true) {
             Ok(fds) => {
                 for (fd, name) in fds {
@@ -72,130 +103,200 @@ impl Keeper {
                     // SAFETY: systemd passed this descriptor to this process (the crate set
                     // it close-on-exec); it is ours alone.
                     let fd: OwnedFd = unsafe { OwnedFd::from_raw_fd(fd.into_raw_fd()) };
-                    match split_name(&name) {
-                        Some((key, kind)) => {
-                            received
-                                .entry(key.to_owned())
-                                .or_default()
-                                .insert(kind.to_owned(), fd);
-                        }
-                        None => warn!("Dropping a stored descriptor of unknown name {name:?}"),
+                    let Some((key, kind)) = split_name(&name) else {
+                        warn!("Dropping a stored descriptor of unknown name {name:?}");
+                        continue;
+                    };
+                    let r = received.entry(key.to_owned()).or_default();
+                    match kind {
+                        Kind::Main => r.main.push(fd),
+                        Kind::In => r.input = Some(fd),
+                        Kind::Hold => r.hold = Some(fd),
+                        Kind::Output => r.output = Some(fd),
                     }
                 }
             }
             Err(e) => warn!("Cannot take the descriptors systemd passed: {e}"),
         }
-        Self {
-            enabled,
-            received: Mutex::new(received),
-        }
+        keeper
     }
 
     pub fn enabled(&self) -> bool {
         self.enabled
     }
 
-    /// Everything received at start, by key and kind (once).
-    pub fn take_received(&self) -> BTreeMap<String, BTreeMap<String, OwnedFd>> {
-        std::mem::take(&mut *self.received.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Everything received at start, by key (once). A process received with a hold gets it
+    /// back as held.
+    pub fn take_received(&self) -> BTreeMap<String, Received> {
+        let mut all = std::mem::take(&mut *lock(&self.received));
+        for (key, r) in &mut all {
+            if r.hold.is_some() || r.output.is_some() {
+                lock(&self.stopped_with).insert(key.clone());
+            }
+            if let Some(hold) = r.hold.take() {
+                lock(&self.holds).insert(key.clone(), hold);
+            }
+        }
+        all
     }
 
-    /// Gives systemd a descriptor to keep as `<key>.<kind>`.
-    pub fn store(&self, key: &str, kind: &str, fd: BorrowedFd<'_>) {
-        if !self.enabled {
-            return;
-        }
-        let name = format!("{key}.{kind}");
+    fn send(&self, name: &str, fds: &[BorrowedFd<'_>]) {
+        let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let sent = daemon::notify_with_fds(
             false,
-            &[NotifyState::Fdstore, NotifyState::Fdname(name.clone())],
-            &[std::os::fd::AsRawFd::as_raw_fd(&fd)],
+            &[NotifyState::Fdstore, NotifyState::Fdname(name.to_owned())],
+            &raw,
         );
         if let Err(e) = sent {
             warn!("Cannot hand {name} to systemd's descriptor store: {e}");
         }
     }
 
-    /// Keeps `data` as `<key>.<kind>` in a memory file (replacing what was kept under it).
-    pub fn store_data(&self, key: &str, kind: &str, data: &[u8]) {
-        if !self.enabled {
-            return;
-        }
-        self.remove(key, kind);
-        match memfd(key, data) {
-            Ok(fd) => self.store(key, kind, fd.as_fd()),
-            Err(e) => warn!("Cannot keep {key}.{kind}: {e}"),
-        }
-    }
-
-    /// Lets go of `<key>.<kind>`.
-    pub fn remove(&self, key: &str, kind: &str) {
-        if !self.enabled {
-            return;
-        }
+    fn remove(&self, name: &str) {
         let _ = daemon::notify(
             false,
             &[
                 NotifyState::FdstoreRemove,
-                NotifyState::Fdname(format!("{key}.{kind}")),
+                NotifyState::Fdname(name.to_owned()),
             ],
         );
     }
 
-    /// Lets go of everything kept for a process.
+    /// A new process's streams, to keep once it has started: the service's ends of its
+    /// output and input, and the command's end of its output, held from now on.
+    pub fn prepare(
+        &self,
+        key: &str,
+        out: BorrowedFd<'_>,
+        input: Option<BorrowedFd<'_>>,
+        hold: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let pending = Pending {
+            out: out.try_clone_to_owned()?,
+            input: input.map(|i| i.try_clone_to_owned()).transpose()?,
+        };
+        let hold = hold.try_clone_to_owned()?;
+        lock(&self.pending).insert(key.to_owned(), pending);
+        lock(&self.holds).insert(key.to_owned(), hold);
+        Ok(())
+    }
+
+    /// Keeps a started process: its prepared streams, the agent connection that reports its
+    /// end, its cgroup and record.
+    pub fn keep_started(
+        &self,
+        key: &str,
+        agent: BorrowedFd<'_>,
+        cgroup: Option<&Path>,
+        record: &[u8],
+    ) {
+        let Some(pending) = lock(&self.pending).remove(key) else {
+            return;
+        };
+        let mut data = cgroup
+            .map(|c| c.as_os_str().as_encoded_bytes().to_vec())
+            .unwrap_or_default();
+        data.push(b'\n');
+        data.extend_from_slice(record);
+        let record = match memfd(key, &data) {
+            Ok(fd) => fd,
+            Err(e) => return warn!("Cannot keep {key}: {e}"),
+        };
+        self.send(key, &[pending.out.as_fd(), agent, record.as_fd()]);
+        if let Some(input) = &pending.input {
+            self.send(&format!("{key}.in"), &[input.as_fd()]);
+        }
+    }
+
+    /// At shutdown: keeps a running process's output so far, and its hold.
+    pub fn keep_stopping(&self, key: &str, output: &[u8]) {
+        if !self.enabled {
+            return;
+        }
+        if lock(&self.stopped_with).contains(key) {
+            self.remove(&format!("{key}.output"));
+        }
+        match memfd(key, output) {
+            Ok(fd) => self.send(&format!("{key}.output"), &[fd.as_fd()]),
+            Err(e) => warn!("Cannot keep the output of {key}: {e}"),
+        }
+        if let Some(hold) = lock(&self.holds).get(key) {
+            // The same descriptor stored again is ignored by systemd.
+            self.send(&format!("{key}.hold"), &[hold.as_fd()]);
+        }
+        lock(&self.stopped_with).insert(key.to_owned());
+    }
+
+    /// Lets go of the kept stdin of a process (the service closed its own).
+    pub fn forget_input(&self, key: &str) {
+        if self.enabled {
+            self.remove(&format!("{key}.in"));
+        }
+    }
+
+    /// Lets go of everything kept for a process; its output reaches its end.
     pub fn forget(&self, key: &str) {
-        for kind in KINDS {
-            self.remove(key, kind);
+        if !self.enabled {
+            return;
+        }
+        lock(&self.holds).remove(key);
+        lock(&self.pending).remove(key);
+        self.remove(key);
+        self.remove(&format!("{key}.in"));
+        if lock(&self.stopped_with).remove(key) {
+            self.remove(&format!("{key}.hold"));
+            self.remove(&format!("{key}.output"));
         }
     }
 }
 
-/// The processes the previous run kept, each with its streams and its end where all of them
-/// were kept (an agent connection, and a terminal or both pipes).
-/// Also the cgroups of those that run on.
-pub fn kept_processes() -> (
-    Vec<crate::core::ports::KeptProcess>,
-    Vec<std::path::PathBuf>,
-) {
+/// The processes the previous run kept, each with its streams and its end where its agent
+/// connection was kept; also the cgroups of those that run on.
+pub fn kept_processes() -> (Vec<crate::core::ports::KeptProcess>, Vec<PathBuf>) {
     use crate::core::ports::{KeptLive, KeptProcess};
     use tokio::net::unix::pipe;
     let mut found = Vec::new();
     let mut claimed = Vec::new();
-    for (key, mut fds) in keeper().take_received() {
-        let Some(record) = fds.get("record").and_then(|fd| read_memfd(fd).ok()) else {
+    for (key, received) in keeper().take_received() {
+        let mut main = Main::default();
+        for fd in received.main {
+            main.sort(fd);
+        }
+        let Some((cgroup, record)) = main.record.as_ref().and_then(read_record) else {
             warn!("Dropping kept descriptors of {key}: no record came with them");
             keeper().forget(&key);
             continue;
         };
-        let output = fds.get("output").and_then(|fd| read_memfd(fd).ok());
-        let cgroup = fds
-            .get("cgroup")
-            .and_then(|fd| read_memfd(fd).ok())
-            .and_then(|p| String::from_utf8(p).ok())
-            .map(std::path::PathBuf::from)
-            .filter(|p| super::cgroup::cgroup2_mount().is_some_and(|m| p.starts_with(m)));
-        let mut streams = || -> io::Result<Option<_>> {
-            let ends = match (fds.remove("pty"), fds.remove("in"), fds.remove("out")) {
-                (Some(master), _, _) => {
+        let output = received.output.and_then(|fd| read_memfd(&fd).ok());
+        let input = received.input;
+        let streams = || -> io::Result<Option<_>> {
+            let Some(agent) = main.agent.take() else {
+                return Ok(None);
+            };
+            let conn = super::agent::AgentConnection::from_fd(agent)?;
+            // After a crash, an output whose command ended meanwhile is gone: it has ended.
+            let ends = match (main.pty.take(), main.out.take()) {
+                (Some(master), _) => {
                     let (input, output, terminal) =
                         super::pipes::pty_ends(super::pipes::Pty(master))?;
                     (Some(input), output, Some(terminal))
                 }
-                // Its stdin is gone from the store when nothing read it any more.
-                (None, input, Some(output)) => (
+                (None, out) => (
                     input
                         .map(pipe::Sender::from_owned_fd)
                         .transpose()?
                         .map(|i| Box::new(i) as Box<_>),
-                    Box::new(pipe::Receiver::from_owned_fd(output)?) as Box<_>,
+                    match out {
+                        Some(out) => Box::new(pipe::Receiver::from_owned_fd(out)?) as Box<_>,
+                        None => Box::new(tokio::io::empty()) as Box<_>,
+                    },
                     None,
                 ),
-                _ => return Ok(None),
             };
-            let Some(agent) = fds.remove("agent") else {
-                return Ok(None);
-            };
-            Ok(Some((ends, super::agent::AgentConnection::from_fd(agent)?)))
+            Ok(Some((ends, conn)))
         };
         let live = match streams() {
             Ok(Some(((input, output, terminal), conn))) => {
@@ -227,10 +328,68 @@ pub fn kept_processes() -> (
     (found, claimed)
 }
 
-/// `process.<ws>.<n>.<kind>` -> (`process.<ws>.<n>`, kind).
-fn split_name(name: &str) -> Option<(&str, &str)> {
-    let (key, kind) = name.rsplit_once('.')?;
-    (key.starts_with("process.") && KINDS.contains(&kind)).then_some((key, kind))
+/// The descriptors kept under a process's key, told apart by what they are.
+#[derive(Default)]
+struct Main {
+    out: Option<OwnedFd>,
+    pty: Option<OwnedFd>,
+    agent: Option<OwnedFd>,
+    record: Option<OwnedFd>,
+}
+
+impl Main {
+    fn sort(&mut self, fd: OwnedFd) {
+        use rustix::fs::FileType;
+        let Ok(st) = rustix::fs::fstat(&fd) else {
+            return;
+        };
+        let slot = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Socket => &mut self.agent,
+            FileType::Fifo => &mut self.out,
+            FileType::CharacterDevice => &mut self.pty,
+            FileType::RegularFile => &mut self.record,
+            _ => return,
+        };
+        *slot = Some(fd);
+    }
+}
+
+/// A record as `keep_started` wrote it: the cgroup (checked to be one) and the core's record.
+fn read_record(fd: &OwnedFd) -> Option<(Option<PathBuf>, Vec<u8>)> {
+    let data = read_memfd(fd).ok()?;
+    let newline = data.iter().position(|b| *b == b'\n')?;
+    let cgroup = std::str::from_utf8(&data[..newline])
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .filter(|p| super::cgroup::cgroup2_mount().is_some_and(|m| p.starts_with(m)));
+    Some((cgroup, data[newline + 1..].to_vec()))
+}
+
+enum Kind {
+    Main,
+    In,
+    Hold,
+    Output,
+}
+
+/// A stored name -> the process's key and what it holds.
+fn split_name(name: &str) -> Option<(&str, Kind)> {
+    if !name.starts_with("process.") {
+        return None;
+    }
+    // A key is `process.<ws>.<n>`: its last part is a number.
+    let (rest, last) = name.rsplit_once('.')?;
+    if last.bytes().all(|b| b.is_ascii_digit()) {
+        return Some((name, Kind::Main));
+    }
+    let kind = match last {
+        "in" => Kind::In,
+        "hold" => Kind::Hold,
+        "output" => Kind::Output,
+        _ => return None,
+    };
+    Some((rest, kind))
 }
 
 /// A sealed-size memory file holding `data`.
@@ -257,17 +416,35 @@ mod tests {
 
     #[test]
     fn names_split_into_key_and_kind() {
+        let kind = |n| split_name(n).map(|(k, kind)| (k, kind as u8));
         assert_eq!(
-            split_name("process.host.3.agent"),
-            Some(("process.host.3", "agent"))
+            kind("process.host.3"),
+            Some(("process.host.3", Kind::Main as u8))
         );
         assert_eq!(
-            split_name("process.0f0e-aa.12.output"),
-            Some(("process.0f0e-aa.12", "output"))
+            kind("process.0f0e-aa.12.output"),
+            Some(("process.0f0e-aa.12", Kind::Output as u8))
         );
-        assert_eq!(split_name("process.host.3.other"), None);
-        assert_eq!(split_name("socket.agent"), None);
-        assert_eq!(split_name("agent"), None);
+        assert_eq!(
+            kind("process.host.3.in"),
+            Some(("process.host.3", Kind::In as u8))
+        );
+        assert_eq!(
+            kind("process.host.3.hold"),
+            Some(("process.host.3", Kind::Hold as u8))
+        );
+        assert_eq!(kind("process.host.3.other"), None);
+        assert_eq!(kind("socket.agent"), None);
+    }
+
+    #[test]
+    fn a_record_gives_back_its_cgroup_and_the_cores_record() {
+        let fd = memfd("t", b"\n{\"id\":1}").unwrap();
+        assert_eq!(read_record(&fd), Some((None, b"{\"id\":1}".to_vec())));
+        // A path outside the cgroup hierarchy is no cgroup.
+        let fd = memfd("t", b"/etc\n{}").unwrap();
+        assert_eq!(read_record(&fd), Some((None, b"{}".to_vec())));
+        assert_eq!(read_record(&memfd("t", b"no newline").unwrap()), None);
     }
 
     #[test]

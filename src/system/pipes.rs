@@ -75,8 +75,7 @@ pub(super) fn process_streams(
     if let Some(size) = terminal {
         let (streams, master) = pty(size)?;
         if let (Some(key), ExecIo::Pass { stdout, .. }) = (keep, &streams.command) {
-            keeper.store(key, "pty", master.as_fd());
-            keeper.store(key, "hold", stdout.as_fd());
+            keeper.prepare(key, master.as_fd(), None, stdout.as_fd())?;
         }
         return Ok(streams);
     }
@@ -84,9 +83,7 @@ pub(super) fn process_streams(
     let (output, stdout) = pipe_pair()?;
     let stderr = stdout.try_clone()?;
     if let Some(key) = keep {
-        keeper.store(key, "in", input.as_fd());
-        keeper.store(key, "out", output.as_fd());
-        keeper.store(key, "hold", stdout.as_fd());
+        keeper.prepare(key, output.as_fd(), Some(input.as_fd()), stdout.as_fd())?;
     }
     Ok(ProcessStreams {
         command: ExecIo::Pass {

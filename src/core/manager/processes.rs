@@ -161,21 +161,12 @@ impl Manager {
             end_processes: cancel,
             ..
         } = self.ready_for_command(key)?;
-        // Kept across a restart under a key its id completes (taken below, with the caps).
         let keeps = self.ports.executor.keeps_processes();
-        let next = self.procs().get(&ws.id).map_or(0, |w| w.next) + 1;
-        let kept_key = keeps.then(|| super::kept::key(&ws.id, next));
-        let ProcessStreams {
-            command: streams,
-            input,
-            output,
-            terminal: pty,
-        } = self
-            .ports
-            .executor
-            .process_streams(terminal, kept_key.as_deref())?;
         let (signals_tx, signals_rx) = mpsc::unbounded_channel();
-        let (process, id) = {
+        // The caps checked, the id taken and the streams made (kept under a key the id
+        // completes) under one lock: concurrent starts neither pass a cap together nor share
+        // a key. Making the streams is a few system calls.
+        let (process, streams) = {
             let mut all = self.procs();
             let running = |w: &WorkspaceProcesses| {
                 w.by_id
@@ -197,11 +188,18 @@ impl Manager {
                     running(mine)
                 )));
             }
-            mine.next += 1;
-            let id = mine.next;
-            // Another start took `next` meanwhile: this one is not kept (its streams were
-            // handed to the store under the other's key).
-            let kept = kept_key.filter(|k| *k == super::kept::key(&ws.id, id));
+            let id = mine.next + 1;
+            let kept = keeps.then(|| super::kept::key(&ws.id, id));
+            let ProcessStreams {
+                command: streams,
+                input,
+                output,
+                terminal: pty,
+            } = self
+                .ports
+                .executor
+                .process_streams(terminal, kept.as_deref())?;
+            mine.next = id;
             let process = Arc::new(Process::new(
                 ProcessInfo {
                     id,
@@ -219,8 +217,10 @@ impl Manager {
                 kept,
             ));
             mine.by_id.insert(id, process.clone());
-            (process, id)
+            (process, (streams, output))
         };
+        let id = process.info().id;
+        let (streams, output) = streams;
         let mut env = command_env(&ws, env);
         if terminal.is_some() {
             env.entry("TERM".into())
