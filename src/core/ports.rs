@@ -161,6 +161,8 @@ pub trait Executor: Send + Sync {
     }
     /// Keeps a process's output (as the core encodes it) for the next start; at shutdown.
     fn keep_output(&self, _key: &str, _output: &[u8]) {}
+    /// Keeps a finished process's record and output for the next start; at shutdown.
+    fn keep_finished(&self, _key: &str, _record: &[u8], _output: &[u8]) {}
     /// Lets go of the kept copy of a process's stdin (the service closed it).
     fn forget_kept_input(&self, _key: &str) {}
     /// Lets go of everything kept for a process (it ended, or it is no longer wanted).

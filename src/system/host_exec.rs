@@ -61,6 +61,10 @@ impl Executor for HostExecutor {
         super::keep::keeper().keep_stopping(key, output);
     }
 
+    fn keep_finished(&self, key: &str, record: &[u8], output: &[u8]) {
+        super::keep::keeper().keep_finished(key, record, output);
+    }
+
     fn forget_kept_input(&self, key: &str) {
         super::keep::keeper().forget_input(key);
     }

@@ -13,7 +13,9 @@
 //!   together once the agent has started it.
 //! - `<key>.in`: its stdin's write end (pipes only); let go alone when the service closes it.
 //! - `<key>.hold`, `<key>.output`: stored when the service stops: the command's own end of its
-//!   output, which the service holds while it runs (`holds`), and the output kept so far.
+//!   output, which the service holds while it runs (`holds`), and the output kept so far. A
+//!   process that had finished is kept then too: its record (with its exit code) under `<key>`
+//!   and its output.
 //!
 //! systemd drops a stored descriptor that hangs up. Held, a process's output cannot hang up
 //! while the service is away, so what it wrote last is still there when the service comes
@@ -228,6 +230,23 @@ impl Keeper {
             self.send(&format!("{key}.hold"), &[hold.as_fd()]);
         }
         lock(&self.stopped_with).insert(key.to_owned());
+    }
+
+    /// At shutdown: keeps a finished process's record and output (its exit code, for
+    /// whoever asks after the restart).
+    pub fn keep_finished(&self, key: &str, record: &[u8], output: &[u8]) {
+        if !self.enabled {
+            return;
+        }
+        let mut data = vec![b'\n'];
+        data.extend_from_slice(record);
+        match (memfd(key, &data), memfd(key, output)) {
+            (Ok(record), Ok(output)) => {
+                self.send(key, &[record.as_fd()]);
+                self.send(&format!("{key}.output"), &[output.as_fd()]);
+            }
+            (Err(e), _) | (_, Err(e)) => warn!("Cannot keep finished process {key}: {e}"),
+        }
     }
 
     /// Lets go of the kept stdin of a process (the service closed its own).

@@ -112,6 +112,13 @@ async fn background_processes_outlive_a_restart_of_the_service() {
         assert!(text.contains(want), "{text:?}");
         pids.push(pid_in(&text));
     }
+    // One that has finished before the restart.
+    let finished = m
+        .start_process("host", "echo done; exit 3", no_options())
+        .await
+        .unwrap();
+    let finished = process(&conn, &finished).await;
+    assert_eq!(finished.wait(30).await.unwrap(), (3, false));
     let listed_before = m.list_processes("host").await.unwrap();
 
     restart_service();
@@ -135,15 +142,24 @@ async fn background_processes_outlive_a_restart_of_the_service() {
         "{} runs under the host agent: {agent_procs}",
         pids[0]
     );
-    // Listed with the same ids and commands; the one that ended with the old service has its
-    // exit code.
+    // Listed with the same ids and commands (those that had finished, with their exit codes);
+    // the one that ended with the old service has its exit code.
     let listed = m.list_processes("host").await.unwrap();
-    for (id, command, ..) in &listed_before {
+    for (id, command, running, code) in &listed_before {
         assert!(
-            listed.iter().any(|(i, c, ..)| i == id && c == command),
+            listed
+                .iter()
+                .any(|(i, c, r, x)| i == id && c == command && (*running || (!r && x == code))),
             "{id} is listed again: {listed:?}"
         );
     }
+    let finished = process(&conn, &finished.inner().path().to_owned().into()).await;
+    assert_eq!(finished.exit_code().await.unwrap(), 3);
+    assert_eq!(
+        finished.read_output(0, 100).await.unwrap(),
+        (b"done\n".to_vec(), 5, true),
+        "a finished process's output is kept across the restart"
+    );
     let ended = process(&conn, &ends).await;
     assert_eq!(ended.wait(30).await.unwrap(), (9, false));
     assert!(!ended.running().await.unwrap());

@@ -30,6 +30,11 @@ struct Record {
     command: String,
     started_at_usec: u64,
     pty: bool,
+    /// A finished process's exit code and end (kept at shutdown with its output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exit_code: Option<i32>,
+    #[serde(default)]
+    ended_at_usec: u64,
 }
 
 /// The record of a process, as kept.
@@ -40,6 +45,8 @@ pub(super) fn record(ws_id: &str, info: &ProcessInfo) -> Vec<u8> {
         command: info.command.clone(),
         started_at_usec: info.started_at_usec,
         pty: info.pty,
+        exit_code: (!info.running).then_some(info.exit_code),
+        ended_at_usec: info.ended_at_usec,
     })
     .unwrap_or_default()
 }
@@ -64,13 +71,19 @@ fn decode_output(bytes: &[u8]) -> Option<OutputBuffer> {
 }
 
 impl Manager {
-    /// Keeps the output of every kept process that runs (at shutdown).
+    /// At shutdown: keeps the output of every kept process, and the record of each finished
+    /// one (its exit code for whoever asks after the restart).
     pub(super) fn keep_outputs(&self) {
-        for w in self.procs().values() {
+        for (ws_id, w) in self.procs().iter() {
             for p in w.by_id.values() {
-                if let (Some(key), true) = (&p.kept, p.info().running) {
-                    let bytes = encode_output(&p.output.lock().unwrap_or_else(|e| e.into_inner()));
+                let Some(key) = &p.kept else { continue };
+                let info = p.info();
+                let bytes = encode_output(&p.output.lock().unwrap_or_else(|e| e.into_inner()));
+                if info.running {
                     self.ports.executor.keep_output(key, &bytes);
+                } else {
+                    let record = record(ws_id, &info);
+                    self.ports.executor.keep_finished(key, &record, &bytes);
                 }
             }
         }
@@ -108,17 +121,23 @@ impl Manager {
                 .as_deref()
                 .and_then(decode_output)
                 .unwrap_or_default();
-            let live = kept.live;
+            // A finished one's record has its exit code; a live one ends when its agent says.
+            let live = kept.live.filter(|_| rec.exit_code.is_none());
             if live.is_none() {
                 output.complete = true;
             }
+            let ended_at_usec = match (&live, rec.ended_at_usec) {
+                (Some(_), _) => 0,
+                (None, 0) => now_usec(),
+                (None, at) => at,
+            };
             let info = ProcessInfo {
                 id: rec.id,
                 command: rec.command,
                 running: live.is_some(),
-                exit_code: -1,
+                exit_code: rec.exit_code.unwrap_or(-1),
                 started_at_usec: rec.started_at_usec,
-                ended_at_usec: if live.is_some() { 0 } else { now_usec() },
+                ended_at_usec,
                 pty: rec.pty,
             };
             let (signals, signals_rx) = mpsc::unbounded_channel();
@@ -142,8 +161,10 @@ impl Manager {
             });
             let id = rec.id;
             let Some((out, resume)) = streams else {
-                warn!(workspace_id = %rec.workspace_id, workspace_name = %name, process = id,
-                      "Background process {id} of workspace {name} was not kept whole across the restart; it is listed as ended");
+                if rec.exit_code.is_none() {
+                    warn!(workspace_id = %rec.workspace_id, workspace_name = %name, process = id,
+                          "Background process {id} of workspace {name} was not kept whole across the restart; it is listed as ended");
+                }
                 self.ports.executor.forget_kept(&kept.key);
                 continue;
             };
@@ -195,7 +216,9 @@ mod tests {
                 id: 7,
                 command: "sleep 1".into(),
                 started_at_usec: 42,
-                pty: true
+                pty: true,
+                exit_code: None,
+                ended_at_usec: 0,
             }
         );
         assert_eq!(key("ws", 7), "process.ws.7");
