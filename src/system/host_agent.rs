@@ -25,8 +25,9 @@ pub struct HostAgent {
     systemd: Systemd,
     /// The agent binary.
     program: PathBuf,
-    /// One start at a time.
-    starting: tokio::sync::Mutex<()>,
+    /// One start at a time; the cgroup of the agent's unit once it is known to run (the
+    /// next connection then makes no bus call).
+    starting: tokio::sync::Mutex<Option<PathBuf>>,
 }
 
 impl HostAgent {
@@ -34,14 +35,21 @@ impl HostAgent {
         Self {
             systemd,
             program,
-            starting: tokio::sync::Mutex::new(()),
+            starting: tokio::sync::Mutex::new(None),
         }
     }
 
     /// The agent's unit's cgroup directory, the agent started first if it does not run, and a
     /// connection to it.
     pub async fn connect(&self) -> Result<(PathBuf, AgentConnection)> {
-        let _one = self.starting.lock().await;
+        let known = self.starting.lock().await.clone();
+        if let Some(cgroup) = known {
+            // Where that fails, the agent stopped since: looked at again, started again.
+            if let Ok(conn) = AgentConnection::connect_path(Path::new(SOCKET)).await {
+                return Ok((cgroup, conn));
+            }
+        }
+        let mut known = self.starting.lock().await;
         let cgroup = match self.running_cgroup().await? {
             Some(cg) => cg,
             None => {
@@ -66,7 +74,10 @@ impl HostAgent {
         let mut pause = Duration::from_millis(1);
         loop {
             match AgentConnection::connect_path(Path::new(SOCKET)).await {
-                Ok(conn) => return Ok((cgroup, conn)),
+                Ok(conn) => {
+                    *known = Some(cgroup.clone());
+                    return Ok((cgroup, conn));
+                }
                 Err(e) if tokio::time::Instant::now() + pause >= deadline => {
                     return Err(Error::JobFailed(format!(
                         "The host agent ({UNIT}) does not answer on {SOCKET}: {e}"
