@@ -10,7 +10,7 @@
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -190,11 +190,24 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     );
     let code = wait(child.pid);
     send(&mut conn, Reply::Exited { code });
-    // The connection stays open until the service closes it: one the service keeps across
-    // its restart in systemd's descriptor store would be dropped from there at our hang-up,
-    // with the exit status unread in it.
-    let _ = conn.set_read_timeout(None);
-    let _ = conn.read(&mut [0u8; 1]);
+    // A connection the service keeps across its restart (in systemd's descriptor store) it
+    // marks with one byte after `Started`: that one stays open until the service closes it,
+    // as systemd drops a stored descriptor that hangs up, with the exit status unread in it.
+    // Any other ends here, with no wait.
+    let mut mark = [0u8; 1];
+    // SAFETY: a non-blocking peek into a local buffer.
+    let marked = unsafe {
+        libc::recv(
+            conn.as_raw_fd(),
+            mark.as_mut_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT,
+        )
+    } == 1;
+    if marked {
+        let _ = conn.set_read_timeout(None);
+        let _ = conn.read(&mut mark);
+    }
 }
 
 /// How long a connection to a port inside may take.

@@ -292,3 +292,38 @@ fn a_command_on_a_terminal_leads_its_session_and_controls_the_terminal() {
     assert_eq!(fields[2], format!("sid={pid}"), "{out:?}");
     assert_eq!(fields[3], format!("fg={pid}"), "{out:?}");
 }
+
+#[test]
+fn a_connection_marked_after_started_stays_open_until_its_client_closes_it() {
+    let agent = start_agent();
+    for marked in [false, true] {
+        let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let (i, o, e) = (null(), null(), null());
+        let req = ExecRequest {
+            command: b"sleep 0.2".to_vec(),
+            cwd: b"/".to_vec(),
+            env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
+            terminal: false,
+        };
+        let mut conn = UnixStream::connect(&agent.socket).unwrap();
+        let frame = req.encode();
+        let n = send_with_fds(conn.as_fd(), &frame, &[i.as_fd(), o.as_fd(), e.as_fd()]).unwrap();
+        conn.write_all(&frame[n..]).unwrap();
+        assert!(matches!(read_reply(&mut conn), Some(Reply::Started { .. })));
+        if marked {
+            conn.write_all(b"k").unwrap();
+        }
+        assert_eq!(read_reply(&mut conn), Some(Reply::Exited { code: 0 }));
+        conn.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let r = conn.read(&mut [0u8; 1]);
+        if marked {
+            assert!(
+                matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+                "a marked connection stays open: {r:?}"
+            );
+        } else {
+            assert_eq!(r.unwrap(), 0, "an unmarked one ends with the exit");
+        }
+    }
+}

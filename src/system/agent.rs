@@ -151,6 +151,14 @@ impl AgentConnection {
         })
     }
 
+    /// Asks the agent to keep this connection open after the command's exit until the
+    /// service closes it (one byte after `Started`; an older agent ignores it).
+    pub async fn keep_open(&mut self) -> io::Result<()> {
+        tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(b"k"))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))?
+    }
+
     /// The connection's socket, to keep across a restart.
     pub fn socket(&self) -> BorrowedFd<'_> {
         self.stream.as_fd()

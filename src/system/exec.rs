@@ -289,7 +289,13 @@ pub async fn run_contained(
             }
         };
     let pid = running.pid();
-    if let (Some(keep), Running::Agent { conn, .. }) = (&c.keep, &running) {
+    if let (Some(keep), Running::Agent { conn, .. }) = (&c.keep, &mut running) {
+        if let Err(e) = conn.keep_open().await {
+            tracing::warn!(
+                "Cannot ask the agent to keep {}'s connection: {e}",
+                keep.key
+            );
+        }
         super::keep::keeper().keep_started(
             &keep.key,
             conn.socket(),

@@ -19,8 +19,9 @@
 //!
 //! systemd drops a stored descriptor that hangs up. Held, a process's output cannot hang up
 //! while the service is away, so what it wrote last is still there when the service comes
-//! back; the agent keeps a finished command's connection open until the service closes it, so
-//! its exit status is too. (After a crash nothing held the output: a process that ended
+//! back; the agent keeps a finished command's connection open until the service closes it
+//! (asked to by one byte after `Started`: `AgentConnection::keep_open`), so its exit status is
+//! too. (After a crash nothing held the output: a process that ended
 //! meanwhile has its exit status and not its last output.) When the service has read a
 //! process's end it lets its hold go, and the output reaches its end at once.
 
