@@ -278,6 +278,8 @@ pub struct Command<'a> {
     pub fds: [&'a std::os::fd::OwnedFd; 3],
     /// The open `cgroup.procs` of the command's cgroup.
     pub procs: Option<&'a std::os::fd::OwnedFd>,
+    /// The command's cgroup directory, open (`spawn::Spec::cgroup`).
+    pub cgroup: Option<&'a std::os::fd::OwnedFd>,
     /// Its stdin is a terminal to make its controlling terminal.
     pub terminal: bool,
     pub nofile_soft: u64,
@@ -296,6 +298,7 @@ pub fn start(c: Command<'_>) -> std::io::Result<crate::spawn::Child> {
             cwd_fd: Some(&c.dir.fd),
             fds: c.fds,
             procs: c.procs,
+            cgroup: c.cgroup,
             process_group: true,
             terminal: c.terminal,
             nofile_soft: c.nofile_soft,

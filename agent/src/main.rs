@@ -167,6 +167,8 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
         dir: &dir,
         fds: [&stdin, &stdout, &stderr],
         procs: procs.as_ref(),
+        // Only the descriptor of `cgroup.procs` comes from the service.
+        cgroup: None,
         terminal: req.terminal,
         nofile_soft: child_nofile,
     });

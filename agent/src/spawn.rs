@@ -1,6 +1,7 @@
-//! Starts a command without copying the caller: `clone(CLONE_VM | CLONE_VFORK)` on a stack
-//! of its own, as `posix_spawn` does, plus what `posix_spawn` cannot do before the exec: join
-//! the command's cgroup (one write to its open `cgroup.procs`) and give back the soft
+//! Starts a command without copying the caller: `clone3(CLONE_VM | CLONE_VFORK)` (or `clone`
+//! where clone3 is refused) on a stack of its own, as `posix_spawn` does, plus what
+//! `posix_spawn` cannot do before the exec: join the command's cgroup (made in it by
+//! `CLONE_INTO_CGROUP`, or one write to its open `cgroup.procs`) and give back the soft
 //! descriptor limit. A `fork` (what a `pre_exec` hook forces) copies the page tables of the
 //! whole multi-threaded caller and turns every page it touches next into a copy-on-write
 //! fault. Used by the service for host commands and by the agent inside each container.
@@ -28,6 +29,11 @@ struct ChildArgs {
     process_group: bool,
     terminal: bool,
     nofile_soft: libc::rlim_t,
+    /// The kernel set every handled signal back to its default (`CLONE_CLEAR_SIGHAND`): only
+    /// the signals in `ignored` are left to reset.
+    handlers_cleared: bool,
+    /// Signals the caller ignores (bit N-1 for signal N), read once.
+    ignored: u64,
     /// Where the child reports why it could not exec: the memory is shared until it execs,
     /// as in glibc's `posix_spawn`, so no pipe is needed.
     err: c_int,
@@ -68,6 +74,19 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
+            let dfl: KernelSigaction = std::mem::zeroed();
+            if a_.handlers_cleared {
+                if a_.ignored & (1 << (sig - 1)) != 0 {
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        &dfl,
+                        std::ptr::null_mut::<KernelSigaction>(),
+                        8usize,
+                    );
+                }
+                continue;
+            }
             let mut old: KernelSigaction = std::mem::zeroed();
             if libc::syscall(
                 libc::SYS_rt_sigaction,
@@ -78,7 +97,6 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
             ) == 0
                 && old.handler != libc::SIG_DFL
             {
-                let dfl: KernelSigaction = std::mem::zeroed();
                 libc::syscall(
                     libc::SYS_rt_sigaction,
                     sig,
@@ -128,6 +146,188 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::execve(a_.program, a_.argv, a_.envp);
         fail(a)
+    }
+}
+
+/// The signals this process ignores (bit N-1 for signal N), read once: what a child made
+/// with `CLONE_CLEAR_SIGHAND` still has to reset (SIGPIPE, which Rust programs ignore). The
+/// handled ones the kernel resets itself, so none can run in the child whatever changes later.
+fn ignored_signals() -> u64 {
+    static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        let mut mask = 0u64;
+        for sig in 1..=64 {
+            // SAFETY: reading a disposition into a local.
+            unsafe {
+                let mut old: KernelSigaction = std::mem::zeroed();
+                if libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    std::ptr::null::<KernelSigaction>(),
+                    &mut old,
+                    8usize,
+                ) == 0
+                    && old.handler == libc::SIG_IGN
+                {
+                    mask |= 1 << (sig - 1);
+                }
+            }
+        }
+        mask
+    })
+}
+
+/// `clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD | CLONE_CLEAR_SIGHAND [| CLONE_INTO_CGROUP])`:
+/// the kernel resets the child's signal handlers and puts it in its cgroup as it makes it, so
+/// the child skips 64 `rt_sigaction` calls and its move through `cgroup.procs`. Where clone3
+/// is refused (an old kernel, a seccomp filter) or may not place the child (a caller in a
+/// user namespace, as the agent is, lacks the rights on the cgroup), the caller falls back to
+/// `clone` and the child's own work, and remembers.
+#[cfg(target_arch = "x86_64")]
+mod clone3 {
+    use super::{ChildArgs, child};
+    use std::ffi::{c_int, c_void};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const CLONE_PIDFD: u64 = 0x1000;
+    const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+    static NO_CLONE3: AtomicBool = AtomicBool::new(false);
+    static NO_INTO_CGROUP: AtomicBool = AtomicBool::new(false);
+
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+
+    /// Starts the child through clone3 on `stack`; `None` when clone3 cannot be used (the
+    /// caller then uses `clone`). Signals are blocked around it as around `clone`.
+    pub(super) fn start(
+        stack: &mut [u8],
+        args: &mut ChildArgs,
+        cgroup: Option<&OwnedFd>,
+        pidfd: &mut c_int,
+    ) -> Option<std::io::Result<libc::pid_t>> {
+        if NO_CLONE3.load(Ordering::Relaxed) {
+            return None;
+        }
+        let into = cgroup.filter(|_| !NO_INTO_CGROUP.load(Ordering::Relaxed));
+        let base = stack.as_mut_ptr() as usize;
+        // 16-byte aligned top: the child's first `call` then sees the ABI's alignment.
+        let size = ((base + stack.len()) & !15) - base;
+        let mut clone_args = CloneArgs {
+            flags: libc::CLONE_VM as u64
+                | libc::CLONE_VFORK as u64
+                | CLONE_PIDFD
+                | CLONE_CLEAR_SIGHAND
+                | into.map_or(0, |_| CLONE_INTO_CGROUP),
+            pidfd: pidfd as *mut c_int as u64,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: base as u64,
+            stack_size: size as u64,
+            tls: 0,
+            set_tid: 0,
+            set_tid_size: 0,
+            cgroup: into.map_or(0, |c| c.as_raw_fd() as u64),
+        };
+        let procs = args.procs;
+        args.handlers_cleared = true;
+        if into.is_some() {
+            args.procs = -1;
+        }
+        // SAFETY: as for `clone` in `spawn`: all signals blocked around it, the child runs
+        // `child` on its own stack with `args`, both untouched by this thread until the child
+        // has exec'd or exited (CLONE_VFORK).
+        let ret = unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let ret = raw_clone3(
+                &mut clone_args,
+                child,
+                args as *mut ChildArgs as *mut c_void,
+            );
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            ret
+        };
+        if ret >= 0 {
+            return Some(Ok(ret as libc::pid_t));
+        }
+        args.handlers_cleared = false;
+        args.procs = procs;
+        match (-ret) as i32 {
+            // No clone3 here (an old kernel; a seccomp filter says EPERM): `clone` from now on.
+            libc::ENOSYS => {
+                NO_CLONE3.store(true, Ordering::Relaxed);
+                None
+            }
+            // Not into that cgroup (no rights on it, or it may not hold processes): without
+            // it from now on; this once through `clone` and `procs`.
+            libc::EPERM | libc::EACCES | libc::EINVAL | libc::EOPNOTSUPP | libc::EBUSY
+                if into.is_some() =>
+            {
+                NO_INTO_CGROUP.store(true, Ordering::Relaxed);
+                None
+            }
+            libc::EPERM => {
+                NO_CLONE3.store(true, Ordering::Relaxed);
+                None
+            }
+            // What `clone` would fail with too (no memory, too many processes).
+            e => Some(Err(std::io::Error::from_raw_os_error(e))),
+        }
+    }
+
+    /// The raw system call: in the child (on its new stack, rax 0) calls `f(arg)`, which
+    /// execs or exits; the exit below is never reached in practice. Returns the child's pid or
+    /// -errno in the parent.
+    unsafe fn raw_clone3(
+        args: &mut CloneArgs,
+        f: extern "C" fn(*mut c_void) -> c_int,
+        arg: *mut c_void,
+    ) -> isize {
+        let ret: isize;
+        // SAFETY: the caller's contract; r12 and r13 survive the system call in both
+        // processes, and the child never returns into this function's frame.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "xor ebp, ebp",
+                "mov rdi, r12",
+                "call r13",
+                "mov edi, eax",
+                "mov eax, 60",
+                "syscall",
+                "ud2",
+                "2:",
+                inlateout("rax") libc::SYS_clone3 as isize => ret,
+                in("rdi") args as *mut CloneArgs,
+                in("rsi") std::mem::size_of::<CloneArgs>(),
+                in("r12") arg,
+                in("r13") f,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
     }
 }
 
@@ -188,6 +388,9 @@ pub struct Spec<'a> {
     pub fds: [&'a OwnedFd; 3],
     /// The open `cgroup.procs` of the command's cgroup.
     pub procs: Option<&'a OwnedFd>,
+    /// The command's cgroup directory, open: the child is made in it (`CLONE_INTO_CGROUP`)
+    /// where the kernel allows, instead of moving itself there through `procs`.
+    pub cgroup: Option<&'a OwnedFd>,
     /// A process group of its own.
     pub process_group: bool,
     /// A session of its own whose controlling terminal is its stdin, a terminal (for a
@@ -267,10 +470,16 @@ pub fn spawn(spec: Spec<'_>) -> io::Result<Child> {
         process_group: spec.process_group,
         terminal: spec.terminal,
         nofile_soft: spec.nofile_soft as libc::rlim_t,
+        handlers_cleared: false,
+        ignored: ignored_signals(),
         err: 0,
     };
     let mut pidfd: c_int = -1;
     let pid = STACK.with_borrow_mut(|stack| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(pid) = clone3::start(stack, &mut args, spec.cgroup, &mut pidfd) {
+            return pid;
+        }
         // The stack grows down; its top, 16-byte aligned.
         let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
         // SAFETY: signals are blocked around the clone so that none runs a service handler in
@@ -341,6 +550,7 @@ mod tests {
             cwd_fd: dir.map(|d| &d.fd),
             fds: [&null, &w, &w],
             procs: None,
+            cgroup: None,
             process_group: true,
             terminal: false,
             nofile_soft: 1024,
@@ -352,6 +562,68 @@ mod tests {
         // SAFETY: reaping our own child.
         unsafe { libc::waitpid(child.pid, &mut status, 0) };
         Ok((libc::WEXITSTATUS(status), out))
+    }
+
+    /// The cgroup v2 hierarchy's mount point and this process's cgroup in it.
+    fn own_cgroup() -> Option<std::path::PathBuf> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let mount = info
+            .lines()
+            .find(|l| l.contains(" - cgroup2 "))?
+            .split(' ')
+            .nth(4)?
+            .to_owned();
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.to_owned();
+        Some(Path::new(&mount).join(rel.trim_start_matches('/')))
+    }
+
+    #[test]
+    fn a_command_is_made_in_its_cgroup() {
+        // Needs a cgroup this process may create (root, as the service and CI run).
+        let Some(parent) = own_cgroup() else {
+            return eprintln!("no cgroup v2 hierarchy: skipped");
+        };
+        let dir = parent.join(format!("aw-spawn-test-{}", std::process::id()));
+        if let Err(e) = std::fs::create_dir(&dir) {
+            return eprintln!("cannot create {}: {e}: skipped", dir.display());
+        }
+        let cgroup = OwnedFd::from(std::fs::File::open(&dir).unwrap());
+        let (r, w) = {
+            let mut p = [0; 2];
+            // SAFETY: pipe2 fills the array with two new descriptors.
+            assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            // SAFETY: both were just made for us.
+            unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+        };
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let child = spawn(Spec {
+            program: b"/bin/cat",
+            argv: &[b"cat".to_vec(), b"/proc/self/cgroup".to_vec()],
+            env: &[],
+            cwd: None,
+            cwd_fd: None,
+            fds: [&null, &w, &w],
+            procs: None,
+            cgroup: Some(&cgroup),
+            process_group: true,
+            terminal: false,
+            nofile_soft: 1024,
+        })
+        .unwrap();
+        drop(w);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut out).unwrap();
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(child.pid, &mut status, 0) };
+        std::fs::remove_dir(&dir).unwrap();
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("0::") && l.ends_with(name)),
+            "{out:?} is in {name}"
+        );
     }
 
     #[test]

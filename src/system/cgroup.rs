@@ -168,11 +168,18 @@ impl CommandCgroup {
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(dir.join("cgroup.procs"));
-        let opened = procs.and_then(|p| Ok((p, fs::File::open(dir.join("cgroup.events"))?)));
+        let opened = procs.and_then(|p| {
+            Ok((
+                p,
+                fs::File::open(dir.join("cgroup.events"))?,
+                open_dir(&dir)?,
+            ))
+        });
         match opened {
-            Ok((procs, events)) => Ok(CommandCgroup {
+            Ok((procs, events, dir_fd)) => Ok(CommandCgroup {
                 dir,
                 procs: OwnedFd::from(procs),
+                dir_fd,
                 events,
             }),
             Err(e) => {
@@ -181,6 +188,15 @@ impl CommandCgroup {
             }
         }
     }
+}
+
+/// A cgroup's directory, open for `CLONE_INTO_CGROUP`.
+fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    Ok(fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?
+        .into())
 }
 
 fn remove_cgroup_blocking(dir: &Path) -> io::Result<()> {
@@ -199,6 +215,8 @@ pub(super) struct CommandCgroup {
     pub(super) dir: PathBuf,
     /// Open before fork, so the child only has to write(2) to it.
     pub(super) procs: OwnedFd,
+    /// The directory itself, open: a child is made in it (`CLONE_INTO_CGROUP`) where it can.
+    pub(super) dir_fd: OwnedFd,
     /// Its `cgroup.events`, kept open: whether it holds processes is one read.
     events: fs::File,
 }
@@ -213,6 +231,7 @@ impl CommandCgroup {
         Ok(CommandCgroup {
             dir: dir.to_path_buf(),
             procs: OwnedFd::from(procs),
+            dir_fd: open_dir(dir)?,
             events: fs::File::open(dir.join("cgroup.events"))?,
         })
     }

@@ -186,8 +186,9 @@ impl Running<'_> {
 async fn launch<'a>(
     launch: Launch<'a>,
     child: [OwnedFd; 3],
-    procs: Option<&OwnedFd>,
+    cgroup: Option<&CommandCgroup>,
 ) -> Result<Running<'a>> {
+    let procs = cgroup.map(|cg| &cg.procs);
     match launch {
         Launch::Here {
             command,
@@ -208,6 +209,7 @@ async fn launch<'a>(
                 dir,
                 fds: [stdin, stdout, stderr],
                 procs,
+                cgroup: cgroup.map(|cg| &cg.dir_fd),
                 terminal,
                 nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
             })
@@ -277,17 +279,16 @@ pub async fn run_contained(
         Containment::ProcessGroup => None,
     };
     let start = Instant::now();
-    let mut running =
-        match launch(c.launch, streams.child, cgroup.as_ref().map(|cg| &cg.procs)).await {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(cg) = cgroup {
-                    cg.kill();
-                    cg.remove().await;
-                }
-                return Err(e);
+    let mut running = match launch(c.launch, streams.child, cgroup.as_ref()).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(cg) = cgroup {
+                cg.kill();
+                cg.remove().await;
             }
-        };
+            return Err(e);
+        }
+    };
     let pid = running.pid();
     if let (Some(keep), Running::Agent { conn, .. }) = (&c.keep, &mut running) {
         if let Err(e) = conn.keep_open().await {
