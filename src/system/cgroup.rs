@@ -291,24 +291,11 @@ impl CommandCgroup {
         }
     }
 
-    /// Once the killed processes are gone, keeps the cgroup for a next command below the same
-    /// parent, or removes it when enough are kept.
-    pub(super) async fn release(self) {
-        if !self.dir.exists() {
-            return;
-        }
-        if !self.wait_empty().await {
-            warn!(
-                "{} still has processes 5 s after cgroup.kill",
-                self.dir.display()
-            );
-            return;
-        }
-        self.keep();
-    }
-
     /// Keeps the empty cgroup for a next command below the same parent, or removes it when
-    /// enough are kept.
+    /// enough are kept. Only one never killed: Linux (seen on 6.18) kills at birth a child
+    /// made by `CLONE_INTO_CGROUP` in a cgroup that has seen `cgroup.kill` (it compares that
+    /// cgroup's kill count with the one of the cgroup the parent is in), so a killed cgroup is
+    /// removed (`remove`), never kept.
     pub(super) fn keep(self) {
         let parent = self.dir.parent().unwrap_or(Path::new("/")).to_path_buf();
         let mut pool = POOL

@@ -395,8 +395,9 @@ pub async fn run_contained(
     match cgroup {
         // Empty, as after most commands: kept for the next one at once.
         Some(cg) if empty => cg.keep(),
-        // Being emptied by cgroup.kill: kept or removed once it is, after the answer.
-        Some(cg) => drop(tokio::spawn(cg.release())),
+        // Being emptied by cgroup.kill: removed once it is, after the answer (a killed
+        // cgroup is never kept: see `CommandCgroup::keep`).
+        Some(cg) => drop(tokio::spawn(cg.remove())),
         None => {}
     }
     let timed_out = code.is_none() && !cancel.is_cancelled();
@@ -457,7 +458,7 @@ pub(super) async fn resume(
         }
     };
     if let Some(cg) = cg {
-        drop(tokio::spawn(cg.release()));
+        drop(tokio::spawn(cg.remove()));
     }
     code
 }
