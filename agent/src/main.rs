@@ -16,6 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use agent_workspaces_agent::{
@@ -75,25 +76,58 @@ fn serve(socket: &Path) -> io::Result<()> {
     }
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    for conn in listener.incoming() {
-        let conn = match conn {
-            Ok(c) => c,
-            // A connection that went away before accept, or a passing shortage: keep serving.
-            Err(e) => {
-                eprintln!("agent-workspaces-agent: accept: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
+    let pool = std::sync::Arc::new(Pool {
+        listener,
+        idle: AtomicUsize::new(0),
+        child_nofile,
+    });
+    // This thread serves too, and never ends.
+    pool.work(false);
+    Ok(())
+}
+
+/// Idle serving threads kept beyond those needed; more end when they finish a command.
+const MAX_IDLE: usize = 4;
+
+/// The threads that serve connections: each accepts one, serves it to its end (the command's
+/// exit), and accepts the next. A thread is made only when none is left waiting: most
+/// commands are served by a thread that already exists (making one per connection costs
+/// more than the rest of a short command's start).
+struct Pool {
+    listener: UnixListener,
+    idle: AtomicUsize,
+    child_nofile: libc::rlim_t,
+}
+
+impl Pool {
+    fn work(self: &std::sync::Arc<Self>, may_end: bool) {
+        loop {
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            let conn = self.listener.accept();
+            if self.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+                // The last waiting thread took this one: another waits for the next.
+                let pool = self.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("exec".into())
+                    .stack_size(256 * 1024)
+                    .spawn(move || pool.work(true));
+                if let Err(e) = spawned {
+                    eprintln!("agent-workspaces-agent: cannot start a thread: {e}");
+                }
             }
-        };
-        let spawned = std::thread::Builder::new()
-            .name("exec".into())
-            .stack_size(256 * 1024)
-            .spawn(move || serve_one(conn, child_nofile));
-        if let Err(e) = spawned {
-            eprintln!("agent-workspaces-agent: cannot start a thread: {e}");
+            match conn {
+                Ok((conn, _)) => serve_one(conn, self.child_nofile),
+                // A connection that went away before accept, or a passing shortage.
+                Err(e) => {
+                    eprintln!("agent-workspaces-agent: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            if may_end && self.idle.load(Ordering::SeqCst) >= MAX_IDLE {
+                return;
+            }
         }
     }
-    Ok(())
 }
 
 fn send(conn: &mut UnixStream, reply: Reply) {

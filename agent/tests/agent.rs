@@ -196,6 +196,42 @@ fn many_commands_at_once() {
 }
 
 #[test]
+fn serving_threads_are_reused_and_the_idle_ones_end() {
+    let agent = std::sync::Arc::new(start_agent());
+    let threads = |agent: &Agent| {
+        std::fs::read_dir(format!("/proc/{}/task", agent.child.id()))
+            .unwrap()
+            .count()
+    };
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let agent = agent.clone();
+            std::thread::spawn(move || run(&agent, "sleep 0.3", Path::new("/"), b""))
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(
+            c.join().unwrap().replies.last(),
+            Some(&Reply::Exited { code: 0 })
+        );
+    }
+    // After a burst, at most 4 idle threads stay, besides the first and the one waiting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads(&agent) > 6 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(threads(&agent) <= 6, "{} threads", threads(&agent));
+    // One command after another: served by the threads there are.
+    for _ in 0..20 {
+        assert_eq!(
+            run(&agent, "true", Path::new("/"), b"").replies.last(),
+            Some(&Reply::Exited { code: 0 })
+        );
+        assert!(threads(&agent) <= 6, "{} threads", threads(&agent));
+    }
+}
+
+#[test]
 fn garbage_and_missing_descriptors_are_refused_and_the_agent_keeps_serving() {
     let agent = start_agent();
     let mut conn = UnixStream::connect(&agent.socket).unwrap();

@@ -63,6 +63,8 @@ pub struct Leader {
     root: OwnedFd,
     /// The leader's cgroup v2 directory (nspawn's delegated `payload`).
     pub payload: PathBuf,
+    /// The agent's socket once found (`agent_socket`).
+    socket: std::sync::OnceLock<OwnedFd>,
 }
 
 impl Leader {
@@ -87,6 +89,7 @@ impl Leader {
             pidfd,
             root,
             payload,
+            socket: std::sync::OnceLock::new(),
         };
         // What was opened belongs to the leader only if it still lives: its PID was not reused.
         if !leader.alive() {
@@ -104,8 +107,20 @@ impl Leader {
     }
 
     /// The agent's socket, as an `O_PATH` descriptor of the socket inode itself, resolved
-    /// inside the container.
-    fn agent_socket(&self) -> io::Result<OwnedFd> {
+    /// inside the container once it is there and kept: every later connection goes to that
+    /// same socket, whatever the container does to its path meanwhile. (The agent binds it
+    /// once, at the container's start; a restarted container has a new leader.)
+    fn agent_socket(&self) -> io::Result<BorrowedFd<'_>> {
+        if let Some(fd) = self.socket.get() {
+            return Ok(fd.as_fd());
+        }
+        let fd = self.resolve_agent_socket()?;
+        // Another connection may have set it meanwhile: the same socket either way.
+        let _ = self.socket.set(fd);
+        Ok(self.socket.get().expect("set above").as_fd())
+    }
+
+    fn resolve_agent_socket(&self) -> io::Result<OwnedFd> {
         let handle = RootRef::from_fd(self.root.as_fd())
             .resolve_nofollow(SOCKET)
             .map_err(|e| match e.kind() {
