@@ -510,9 +510,10 @@ async fn planted_links_fifos_and_files_never_lead_the_service_out_of_the_tree() 
         "'cwd'",
     );
 
-    // The agent's socket replaced by a link to the host's system bus: the service does not
-    // follow it (it connects to the socket itself, resolved inside), says so, and a restart of
-    // the container brings the agent back.
+    // The agent's socket replaced by a link to the host's system bus: the service keeps
+    // talking to the socket it found (its descriptor, not the path); a service that looks for
+    // it afresh (restarted) does not follow the link, says so, and a restart of the container
+    // brings the agent back.
     let (code, ..) = m
         .exec(
             &name,
@@ -522,6 +523,10 @@ async fn planted_links_fifos_and_files_never_lead_the_service_out_of_the_tree() 
         .await
         .unwrap();
     assert_eq!(code, 0);
+    assert_eq!(inside(&m, &name, "echo still").await, "still\n");
+    restart_service();
+    let conn = bus().await;
+    let m = manager(&conn).await;
     assert_error(
         m.exec(&name, "true", no_options()).await,
         "org.agent.Workspaces.Error.JobFailed",
