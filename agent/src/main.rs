@@ -218,14 +218,21 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
             );
         }
     };
-    send(
-        &mut conn,
-        Reply::Started {
-            pid: child.pid as u32,
-        },
-    );
-    let code = wait(child.pid);
-    send(&mut conn, Reply::Exited { code });
+    let started = Reply::Started {
+        pid: child.pid as u32,
+    };
+    if ends_within(&child.pidfd, QUICK_MS) {
+        // Most commands end within a millisecond: their start and end go in one write, and
+        // the service wakes once for both.
+        let code = wait(child.pid);
+        let mut both = started.encode();
+        both.extend_from_slice(&Reply::Exited { code }.encode());
+        let _ = conn.write_all(&both);
+    } else {
+        send(&mut conn, started);
+        let code = wait(child.pid);
+        send(&mut conn, Reply::Exited { code });
+    }
     // A connection the service keeps across its restart (in systemd's descriptor store) it
     // marks with one byte after `Started`: that one stays open until the service closes it,
     // as systemd drops a stored descriptor that hangs up, with the exit status unread in it.
@@ -266,6 +273,20 @@ fn connect(conn: &mut UnixStream, port: u16) {
             format!("cannot connect to port {port} inside: {e}"),
         ),
     }
+}
+
+/// How long the start of a command is held back in case its end comes with it.
+const QUICK_MS: i32 = 1;
+
+/// The process the pidfd holds ends within `ms` milliseconds.
+fn ends_within(pidfd: &OwnedFd, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one descriptor we hold.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
 }
 
 /// Waits for the child and reaps it: its exit status, or 128+N for death by signal N.
