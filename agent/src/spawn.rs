@@ -74,36 +74,13 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
-            let dfl: KernelSigaction = std::mem::zeroed();
-            if a_.handlers_cleared {
-                if a_.ignored & (1 << (sig - 1)) != 0 {
-                    libc::syscall(
-                        libc::SYS_rt_sigaction,
-                        sig,
-                        &dfl,
-                        std::ptr::null_mut::<KernelSigaction>(),
-                        8usize,
-                    );
-                }
-                continue;
-            }
-            let mut old: KernelSigaction = std::mem::zeroed();
-            if libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                std::ptr::null::<KernelSigaction>(),
-                &mut old,
-                8usize,
-            ) == 0
-                && old.handler != libc::SIG_DFL
-            {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    &dfl,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8usize,
-                );
+            let reset = if a_.handlers_cleared {
+                a_.ignored & (1 << (sig - 1)) != 0
+            } else {
+                disposition(sig).is_some_and(|h| h != libc::SIG_DFL)
+            };
+            if reset {
+                set_default(sig);
             }
         }
         if a_.procs >= 0 && libc::write(a_.procs, c"0".as_ptr().cast(), 1) != 1 {
@@ -149,31 +126,47 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     }
 }
 
+/// A signal's disposition (handler, `SIG_IGN` or `SIG_DFL`); raw `rt_sigaction`, which glibc's
+/// wrapper is not (it refuses its internal signals), and async-signal-safe.
+fn disposition(sig: c_int) -> Option<libc::sighandler_t> {
+    // SAFETY: reading a disposition into a local.
+    unsafe {
+        let mut old: KernelSigaction = std::mem::zeroed();
+        (libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            std::ptr::null::<KernelSigaction>(),
+            &mut old,
+            8usize,
+        ) == 0)
+            .then_some(old.handler)
+    }
+}
+
+/// Sets a signal back to its default (raw `rt_sigaction`, async-signal-safe).
+fn set_default(sig: c_int) {
+    // SAFETY: a zeroed kernel sigaction is SIG_DFL with no flags and an empty mask.
+    unsafe {
+        let dfl: KernelSigaction = std::mem::zeroed();
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            &dfl,
+            std::ptr::null_mut::<KernelSigaction>(),
+            8usize,
+        );
+    }
+}
+
 /// The signals this process ignores (bit N-1 for signal N), read once: what a child made
 /// with `CLONE_CLEAR_SIGHAND` still has to reset (SIGPIPE, which Rust programs ignore). The
 /// handled ones the kernel resets itself, so none can run in the child whatever changes later.
 fn ignored_signals() -> u64 {
     static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *IGNORED.get_or_init(|| {
-        let mut mask = 0u64;
-        for sig in 1..=64 {
-            // SAFETY: reading a disposition into a local.
-            unsafe {
-                let mut old: KernelSigaction = std::mem::zeroed();
-                if libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    std::ptr::null::<KernelSigaction>(),
-                    &mut old,
-                    8usize,
-                ) == 0
-                    && old.handler == libc::SIG_IGN
-                {
-                    mask |= 1 << (sig - 1);
-                }
-            }
-        }
-        mask
+        (1..=64)
+            .filter(|&sig| disposition(sig) == Some(libc::SIG_IGN))
+            .fold(0u64, |mask, sig| mask | 1 << (sig - 1))
     })
 }
 

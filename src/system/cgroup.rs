@@ -164,29 +164,9 @@ impl CommandCgroup {
                 Err(e) => return Err(e),
             }
         }
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(dir.join("cgroup.procs"));
-        let opened = procs.and_then(|p| {
-            Ok((
-                p,
-                fs::File::open(dir.join("cgroup.events"))?,
-                open_dir(&dir)?,
-            ))
-        });
-        match opened {
-            Ok((procs, events, dir_fd)) => Ok(CommandCgroup {
-                dir,
-                procs: OwnedFd::from(procs),
-                dir_fd,
-                events,
-            }),
-            Err(e) => {
-                let _ = fs::remove_dir(&dir);
-                Err(e)
-            }
-        }
+        CommandCgroup::open(&dir).inspect_err(|_| {
+            let _ = fs::remove_dir(&dir);
+        })
     }
 }
 
@@ -222,7 +202,8 @@ pub(super) struct CommandCgroup {
 }
 
 impl CommandCgroup {
-    /// A command's cgroup made by an earlier run of the service (a kept process's).
+    /// A command's cgroup that exists: just made, or made by an earlier run of the service (a
+    /// kept process's).
     pub(super) fn open(dir: &Path) -> io::Result<Self> {
         let procs = fs::OpenOptions::new()
             .write(true)

@@ -260,6 +260,72 @@ async fn launch<'a>(
     }
 }
 
+/// Until the command's shell exits, its `timeout` passes or `cancel` fires, with its `signals`
+/// delivered to every process of it meanwhile; then ends what it left running (its cgroup, or
+/// its process group). How it ended, and whether its cgroup was empty already.
+async fn until_end(
+    running: &mut Running<'_>,
+    cgroup: Option<&CommandCgroup>,
+    timeout: Option<Duration>,
+    cancel: &CancellationToken,
+    mut signals: Option<&mut Signals>,
+) -> (Ending, bool) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    let pid = running.pid();
+    let timeout = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timeout);
+    let ending = loop {
+        tokio::select! {
+            r = running.wait() => break Ending::Exited(r),
+            () = &mut timeout => break Ending::TimedOut,
+            () = cancel.cancelled() => break Ending::Cancelled,
+            Some(sig) = async {
+                match signals.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match cgroup {
+                Some(cg) => cg.signal(sig),
+                None => {
+                    if let (Some(pid), Ok(sig)) = (pid, Signal::try_from(sig)) {
+                        let _ = killpg(Pid::from_raw(pid as i32), sig);
+                    }
+                }
+            },
+        }
+    };
+    let mut empty = false;
+    match cgroup {
+        Some(cg) => match ending {
+            Ending::Exited(_) => empty = cg.kill_leftovers(),
+            Ending::TimedOut | Ending::Cancelled => cg.kill(),
+        },
+        None => {
+            if let Some(pid) = pid {
+                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+    (ending, empty)
+}
+
+/// A command's cgroup after it: kept for the next one when it was empty (as after most
+/// commands), else removed once `cgroup.kill` has emptied it, after the answer (a killed
+/// cgroup is never kept: see `CommandCgroup::keep`).
+fn put_back(cg: CommandCgroup, empty: bool) {
+    if empty {
+        cg.keep();
+    } else {
+        drop(tokio::spawn(cg.remove()));
+    }
+}
+
 /// Runs a command to its end, its timeout or `cancel`, reading its output as it comes; then
 /// ends every process it left in its cgroup (or process group).
 pub async fn run_contained(
@@ -289,7 +355,6 @@ pub async fn run_contained(
             return Err(e);
         }
     };
-    let pid = running.pid();
     if let (Some(keep), Running::Agent { conn, .. }) = (&c.keep, &mut running) {
         if let Err(e) = conn.keep_open().await {
             tracing::warn!(
@@ -318,45 +383,15 @@ pub async fn run_contained(
     let cap = c.output_cap;
     let mut signals = c.signals;
     let run = async {
-        let timeout = tokio::time::sleep(c.timeout);
-        tokio::pin!(timeout);
-        let ending = loop {
-            tokio::select! {
-                r = running.wait() => break Ending::Exited(r),
-                () = &mut timeout => break Ending::TimedOut,
-                () = cancel.cancelled() => break Ending::Cancelled,
-                Some(sig) = async {
-                    match signals.as_mut() {
-                        Some(s) => s.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => match &cgroup {
-                    Some(cg) => cg.signal(sig),
-                    None => {
-                        if let (Some(pid), Ok(sig)) = (pid, nix::sys::signal::Signal::try_from(sig)) {
-                            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), sig);
-                        }
-                    }
-                },
-            }
-        };
+        let (ending, empty) = until_end(
+            &mut running,
+            cgroup.as_ref(),
+            Some(c.timeout),
+            cancel,
+            signals.as_mut(),
+        )
+        .await;
         let duration = start.elapsed();
-        // End everything the command left running; its pipes then reach end of file.
-        let mut empty = false;
-        match &cgroup {
-            Some(cg) => match ending {
-                Ending::Exited(_) => empty = cg.kill_leftovers(),
-                Ending::TimedOut | Ending::Cancelled => cg.kill(),
-            },
-            None => {
-                if let Some(pid) = pid {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
         ended.cancel();
         let code = match ending {
             Ending::Exited(r) => Some(r),
@@ -392,13 +427,8 @@ pub async fn run_contained(
             }
         }
     };
-    match cgroup {
-        // Empty, as after most commands: kept for the next one at once.
-        Some(cg) if empty => cg.keep(),
-        // Being emptied by cgroup.kill: removed once it is, after the answer (a killed
-        // cgroup is never kept: see `CommandCgroup::keep`).
-        Some(cg) => drop(tokio::spawn(cg.remove())),
-        None => {}
+    if let Some(cg) = cgroup {
+        put_back(cg, empty);
     }
     let timed_out = code.is_none() && !cancel.is_cancelled();
     let exit_code = match code {
@@ -431,34 +461,17 @@ pub(super) async fn resume(
         conn,
         workspace: &key,
     };
-    let ending = loop {
-        tokio::select! {
-            r = running.wait() => break Ending::Exited(r),
-            () = cancel.cancelled() => break Ending::Cancelled,
-            Some(sig) = signals.recv() => {
-                if let Some(cg) = &cg {
-                    cg.signal(sig);
-                }
-            }
-        }
-    };
+    let (ending, empty) =
+        until_end(&mut running, cg.as_ref(), None, &cancel, Some(&mut signals)).await;
     let code = match ending {
-        Ending::Exited(r) => {
-            if let Some(cg) = &cg {
-                cg.kill_leftovers();
-            }
-            r
-        }
+        Ending::Exited(r) => r,
         Ending::TimedOut | Ending::Cancelled => {
-            if let Some(cg) = &cg {
-                cg.kill();
-            }
             running.reap().await;
             Ok(-1)
         }
     };
     if let Some(cg) = cg {
-        drop(tokio::spawn(cg.remove()));
+        put_back(cg, empty);
     }
     code
 }

@@ -16,6 +16,9 @@ use super::systemd::{Systemd, prop};
 use crate::core::error::{Error, Result};
 
 pub const UNIT: &str = "agent-workspaces-host-agent.service";
+/// Its slice, set on the unit: where its cgroup is found at start (`end_unclaimed`) before
+/// systemd can be asked.
+const SLICE: &str = "system.slice";
 /// Its socket (the agent makes the directory, mode 0700).
 pub const SOCKET: &str = "/run/agent-workspaces-host-agent/agent.sock";
 /// How long a started agent may take to listen.
@@ -117,6 +120,7 @@ impl HostAgent {
                 "agent-workspaces host agent (background processes of host workspaces)",
             ),
             prop("ExecStart", vec![(program, argv, false)]),
+            prop("Slice", SLICE),
             // Its processes get cgroups of their own below the unit's.
             prop("Delegate", true),
             // Killed by the OOM killer, one process must not take the rest down.
@@ -130,8 +134,7 @@ impl HostAgent {
 /// read their output or report their end any more. At start, before any process is started.
 pub fn end_unclaimed(claimed: &[PathBuf]) {
     let Some(mount) = cgroup2_mount() else { return };
-    // Transient services go to system.slice.
-    let unit = mount.join("system.slice").join(UNIT);
+    let unit = mount.join(SLICE).join(UNIT);
     let Ok(entries) = std::fs::read_dir(&unit) else {
         return;
     };

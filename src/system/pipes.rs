@@ -71,19 +71,14 @@ pub(super) fn process_streams(
     terminal: Option<WindowSize>,
     keep: Option<&str>,
 ) -> io::Result<ProcessStreams> {
-    let keeper = super::keep::keeper();
     if let Some(size) = terminal {
-        let (streams, master) = pty(size)?;
-        if let (Some(key), ExecIo::Pass { stdout, .. }) = (keep, &streams.command) {
-            keeper.prepare(key, master.as_fd(), None, stdout.as_fd())?;
-        }
-        return Ok(streams);
+        return pty(size, keep);
     }
     let (stdin, input) = pipe_pair()?;
     let (output, stdout) = pipe_pair()?;
     let stderr = stdout.try_clone()?;
     if let Some(key) = keep {
-        keeper.prepare(key, output.as_fd(), Some(input.as_fd()), stdout.as_fd())?;
+        super::keep::keeper().prepare(key, output.as_fd(), Some(input.as_fd()), stdout.as_fd())?;
     }
     Ok(ProcessStreams {
         command: ExecIo::Pass {
@@ -101,7 +96,7 @@ pub(super) fn process_streams(
 /// console): the command gets the terminal, opened from the master (`TIOCGPTPEER`, no path
 /// looked up), as stdin, stdout and stderr; the service reads and writes the master. When the
 /// last holder of the terminal closes it, reading the master fails (`EIO`): the output's end.
-fn pty(size: WindowSize) -> io::Result<(ProcessStreams, OwnedFd)> {
+fn pty(size: WindowSize, keep: Option<&str>) -> io::Result<ProcessStreams> {
     use rustix::pty::OpenptFlags;
     let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
     let master = rustix::pty::openpt(flags)?;
@@ -112,21 +107,20 @@ fn pty(size: WindowSize) -> io::Result<(ProcessStreams, OwnedFd)> {
     master.resize(size)?;
     // Non-blocking for the runtime: the flag is the open file's, shared by every copy.
     rustix::io::ioctl_fionbio(&master.0, true)?;
-    let kept = master.0.try_clone()?;
+    if let Some(key) = keep {
+        super::keep::keeper().prepare(key, master.0.as_fd(), None, terminal.as_fd())?;
+    }
     let (input, output, terminal_controls) = pty_ends(master)?;
-    Ok((
-        ProcessStreams {
-            command: ExecIo::Pass {
-                stdin: terminal.try_clone()?,
-                stdout: terminal.try_clone()?,
-                stderr: terminal,
-            },
-            input,
-            output,
-            terminal: Some(terminal_controls),
+    Ok(ProcessStreams {
+        command: ExecIo::Pass {
+            stdin: terminal.try_clone()?,
+            stdout: terminal.try_clone()?,
+            stderr: terminal,
         },
-        kept,
-    ))
+        input,
+        output,
+        terminal: Some(terminal_controls),
+    })
 }
 
 type PtyEnds = (

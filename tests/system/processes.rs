@@ -9,7 +9,7 @@ use zbus::{Connection, OwnedObjectPath, Variant};
 
 use super::*;
 
-async fn process(conn: &Connection, path: OwnedObjectPath) -> ProcessProxy<'static> {
+pub(super) async fn process(conn: &Connection, path: OwnedObjectPath) -> ProcessProxy<'static> {
     ProcessProxy::builder(conn)
         .path(path)
         .build()
@@ -18,7 +18,7 @@ async fn process(conn: &Connection, path: OwnedObjectPath) -> ProcessProxy<'stat
 }
 
 /// Output from `offset` until `want` is in it (or 20 s pass): all of it, and the next offset.
-async fn output_until(p: &ProcessProxy<'_>, want: &str) -> String {
+pub(super) async fn output_until(p: &ProcessProxy<'_>, want: &str) -> String {
     let mut all = Vec::new();
     let mut offset = 0;
     for _ in 0..400 {
@@ -133,7 +133,11 @@ async fn a_signal_ends_the_whole_tree(conn: &Connection, m: &WorkspacesProxy<'_>
 }
 
 /// Reads `stream` until `want` has come (20 s at most); everything read.
-async fn read_until(stream: &mut tokio::net::UnixStream, seen: &mut Vec<u8>, want: &str) {
+pub(super) async fn read_until(
+    stream: &mut tokio::net::UnixStream,
+    seen: &mut Vec<u8>,
+    want: &str,
+) {
     use tokio::io::AsyncReadExt;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut buf = [0u8; 4096];
@@ -252,17 +256,7 @@ async fn container_processes_run_inside_and_end_with_their_container() {
     require_test_host();
     let conn = bus().await;
     let m = manager(&conn).await;
-    let name = unique("cproc");
-    m.create_workspace(container_spec(
-        &name,
-        vec![("build_on_create", Variant::from(true))],
-    ))
-    .await
-    .unwrap();
-    assert_eq!(
-        wait_built(&conn, &name, Duration::from_secs(1200)).await,
-        "ready"
-    );
+    let name = ready_container_named(&conn, "cproc").await;
     input_output_and_exit(&conn, &m, &name).await;
     a_signal_ends_the_whole_tree(&conn, &m, &name).await;
     on_a_terminal(&conn, &m, &name).await;

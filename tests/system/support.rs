@@ -192,6 +192,24 @@ pub async fn wait_built(conn: &zbus::Connection, name: &str, limit: Duration) ->
     }
 }
 
+/// A new debian-bookworm container workspace, built at its creation and ready; its name.
+pub async fn ready_container_named(conn: &zbus::Connection, prefix: &str) -> String {
+    let name = unique(prefix);
+    manager(conn)
+        .await
+        .create_workspace(container_spec(
+            &name,
+            vec![("build_on_create", Variant::from(true))],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_built(conn, &name, Duration::from_secs(1200)).await,
+        "ready"
+    );
+    name
+}
+
 pub fn container_spec<'a>(
     name: &'a str,
     extra: Vec<(&'a str, Variant<'a>)>,

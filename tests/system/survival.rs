@@ -5,31 +5,10 @@
 
 use std::time::Duration;
 
-use agent_workspaces::dbus::client::ProcessProxy;
-use zbus::{Connection, OwnedObjectPath, Variant};
+use zbus::Variant;
 
+use super::processes::{output_until, process, read_until};
 use super::*;
-
-async fn process(conn: &Connection, path: &OwnedObjectPath) -> ProcessProxy<'static> {
-    ProcessProxy::builder(conn)
-        .path(path.clone())
-        .build()
-        .await
-        .unwrap()
-}
-
-/// All output from offset 0 once `want` is in it (20 s at most).
-async fn output_until(p: &ProcessProxy<'_>, want: &str) -> String {
-    for _ in 0..400 {
-        let (data, _, ended) = p.read_output(0, 1 << 20).await.unwrap();
-        let text = String::from_utf8(data).unwrap();
-        if text.contains(want) || ended {
-            return text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    String::from_utf8(p.read_output(0, 1 << 20).await.unwrap().0).unwrap()
-}
 
 /// The PID a process printed as `pid=N`.
 fn pid_in(text: &str) -> u32 {
@@ -39,22 +18,6 @@ fn pid_in(text: &str) -> u32 {
         .unwrap_or_else(|| panic!("a pid in {text:?}"))
 }
 
-/// Reads `stream` until `want` has come (20 s at most).
-async fn read_until(stream: &mut tokio::net::UnixStream, want: &str) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains(want) {
-        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("{want:?}; got {:?}", String::from_utf8_lossy(&seen)))
-            .unwrap();
-        assert!(n > 0, "{want:?}; got {:?}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&seen).into_owned()
-}
-
 const ECHO: &str = "echo pid=$$; while read -r l; do echo \"got $l\"; done; echo eof; exit 5";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,17 +25,7 @@ async fn background_processes_outlive_a_restart_of_the_service() {
     require_test_host();
     let conn = bus().await;
     let m = manager(&conn).await;
-    let box_name = unique("keep");
-    m.create_workspace(container_spec(
-        &box_name,
-        vec![("build_on_create", Variant::from(true))],
-    ))
-    .await
-    .unwrap();
-    assert_eq!(
-        wait_built(&conn, &box_name, Duration::from_secs(1200)).await,
-        "ready"
-    );
+    let box_name = ready_container_named(&conn, "keep").await;
     let service_pid = ok(&format!("systemctl show -p MainPID --value {UNIT}"));
 
     // Host: one reading its input, one on a terminal, one that ends when the old service does.
@@ -108,7 +61,7 @@ async fn background_processes_outlive_a_restart_of_the_service() {
 
     let mut pids = Vec::new();
     for (path, want) in [(&host_echo, "pid="), (&host_pty, "20 90"), (&boxed, "pid=")] {
-        let text = output_until(&process(&conn, path).await, want).await;
+        let text = output_until(&process(&conn, path.clone()).await, want).await;
         assert!(text.contains(want), "{text:?}");
         pids.push(pid_in(&text));
     }
@@ -117,7 +70,7 @@ async fn background_processes_outlive_a_restart_of_the_service() {
         .start_process("host", "echo done; exit 3", no_options())
         .await
         .unwrap();
-    let finished = process(&conn, &finished).await;
+    let finished = process(&conn, finished.clone()).await;
     assert_eq!(finished.wait(30).await.unwrap(), (3, false));
     let listed_before = m.list_processes("host").await.unwrap();
 
@@ -153,20 +106,20 @@ async fn background_processes_outlive_a_restart_of_the_service() {
             "{id} is listed again: {listed:?}"
         );
     }
-    let finished = process(&conn, &finished.inner().path().to_owned().into()).await;
+    let finished = process(&conn, finished.inner().path().to_owned().into()).await;
     assert_eq!(finished.exit_code().await.unwrap(), 3);
     assert_eq!(
         finished.read_output(0, 100).await.unwrap(),
         (b"done\n".to_vec(), 5, true),
         "a finished process's output is kept across the restart"
     );
-    let ended = process(&conn, &ends).await;
+    let ended = process(&conn, ends.clone()).await;
     assert_eq!(ended.wait(30).await.unwrap(), (9, false));
     assert!(!ended.running().await.unwrap());
 
     // Output kept from before the restart, input taken after it, the end reported.
     for (path, pid) in [(&host_echo, pids[0]), (&boxed, pids[2])] {
-        let p = process(&conn, path).await;
+        let p = process(&conn, path.clone()).await;
         assert!(p.running().await.unwrap(), "{path} runs");
         let before = output_until(&p, "pid=").await;
         assert_eq!(
@@ -188,19 +141,20 @@ async fn background_processes_outlive_a_restart_of_the_service() {
     }
 
     // The terminal: attached after the restart, the kept output first, then typing.
-    let p = process(&conn, &host_pty).await;
+    let p = process(&conn, host_pty.clone()).await;
     assert!(p.running().await.unwrap());
     let fd = p.open_pty().await.unwrap();
     let std_stream = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
     std_stream.set_nonblocking(true).unwrap();
     let mut t = tokio::net::UnixStream::from_std(std_stream).unwrap();
-    read_until(&mut t, "20 90\r\n").await;
+    let mut seen = Vec::new();
+    read_until(&mut t, &mut seen, "20 90\r\n").await;
     p.resize(100, 30).await.unwrap();
     {
         use tokio::io::AsyncWriteExt;
         t.write_all(b"hi\n").await.unwrap();
     }
-    read_until(&mut t, "typed hi\r\n").await;
+    read_until(&mut t, &mut seen, "typed hi\r\n").await;
     assert_eq!(p.wait(30).await.unwrap(), (4, false));
 
     // A process started after the restart gets the next id, and a signal still reaches a
@@ -210,7 +164,7 @@ async fn background_processes_outlive_a_restart_of_the_service() {
         .iter()
         .map(|(id, ..)| id.parse().unwrap())
         .collect();
-    let p = process(&conn, &again).await;
+    let p = process(&conn, again.clone()).await;
     let new_id: u32 = p.id().await.unwrap().parse().unwrap();
     assert!(ids.iter().all(|id| *id < new_id), "{new_id} after {ids:?}");
     let pid = pid_in(&output_until(&p, "pid=").await);
@@ -230,7 +184,7 @@ async fn background_processes_outlive_a_restart_of_the_service() {
     );
     let conn = bus().await;
     let m = manager(&conn).await;
-    let p = process(&conn, &again).await;
+    let p = process(&conn, again.clone()).await;
     assert!(p.running().await.unwrap(), "it runs on after the crash");
     assert!(!pid_gone(pid));
     p.write_input(
@@ -249,7 +203,7 @@ async fn background_processes_outlive_a_restart_of_the_service() {
     // A stop lets systemd drop what it kept: the next start ends what the host agent still
     // runs for the old service, and lists nothing of it.
     let orphan = m.start_process("host", ECHO, no_options()).await.unwrap();
-    let pid = pid_in(&output_until(&process(&conn, &orphan).await, "pid=").await);
+    let pid = pid_in(&output_until(&process(&conn, orphan.clone()).await, "pid=").await);
     systemctl(&format!("stop {UNIT}"));
     restart_service();
     wait_for("the orphan to be ended", Duration::from_secs(10), || {
