@@ -2,10 +2,16 @@
 //! both sides.
 //!
 //! The service connects to the agent's Unix socket (`/run/agent-workspaces/agent.sock` inside
-//! the container), one connection per command, and sends one request frame with the command's
-//! descriptors attached (`SCM_RIGHTS`): stdin, stdout, stderr and, optionally, an open
-//! `cgroup.procs` of the cgroup the command must run in. The agent answers `Started`, then
-//! `Exited` when the command's shell exits, or `Refused` when it could not start it.
+//! the container) and sends one request frame with the command's descriptors attached
+//! (`SCM_RIGHTS`): stdin, stdout, stderr and, optionally, an open `cgroup.procs` of the cgroup
+//! the command must run in. The agent answers `Started`, then `Exited` when the command's
+//! shell exits, or `Refused` when it could not start it.
+//!
+//! After `Exited` the connection serves one command after another: the agent reads one byte.
+//! `NEXT` is followed by the next request frame (with its descriptors); `KEEP` (sent by the
+//! service after `Started`) asks it to hold the connection open until the service closes it;
+//! an end of the connection, or anything else, ends it. A connection that was refused, or
+//! asked for a port (`ConnectRequest`), ends after its answer.
 //!
 //! A frame is a little-endian `u32` length of what follows, one byte of kind, then the body.
 //! Byte strings are a `u32` length and the bytes. Every decoder here treats its input as
@@ -24,6 +30,11 @@ pub const SOCKET: &str = "/run/agent-workspaces/agent.sock";
 /// Where the agent binary is bind-mounted (read-only) inside every container.
 pub const AGENT_PATH: &str = "/run/host/agent-workspaces-agent";
 pub const PROTOCOL_VERSION: u32 = 1;
+/// After `Exited`: the next request follows on this connection.
+pub const NEXT: u8 = b'n';
+/// After `Started`: keep the connection open after `Exited` until the service closes it (a
+/// connection the service keeps across its restart: systemd drops a stored one that hangs up).
+pub const KEEP: u8 = b'k';
 /// The largest request (command, working directory and environment together).
 pub const MAX_REQUEST: usize = 24 * 1024 * 1024;
 /// The largest reply.

@@ -1,10 +1,11 @@
 //! agent-workspaces-agent: the payload of every container workspace. systemd-nspawn starts it
 //! (bind-mounted read-only from the host) as the container's PID 2, so it and every command it
 //! starts are inside the container's boundary: its user namespace, capability bounding set,
-//! seccomp filter, mount namespace and cgroup. The service connects to its socket for each
-//! command and passes the command's descriptors; see the library for the protocol.
+//! seccomp filter, mount namespace and cgroup. The service connects to its socket and passes
+//! each command's descriptors, one command after another on a connection; see the library for
+//! the protocol.
 //!
-//! Usage: agent-workspaces-agent [--socket PATH]
+//! Usage: agent-workspaces-agent [--socket PATH] [--idle-timeout SECONDS]
 //! Prints one line to stderr when it cannot serve. The service knows it is ready when its
 //! socket answers (nspawn takes READY=1 only from the container's PID 1, its stub init).
 
@@ -20,23 +21,28 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use agent_workspaces_agent::{
-    MAX_REQUEST, RefuseReason, Reply, Request, SOCKET, direct, frame_len, recv_with_fds,
-    send_with_fds, spawn,
+    KEEP, MAX_REQUEST, NEXT, RefuseReason, Reply, Request, SOCKET, direct, frame_len,
+    recv_with_fds, send_with_fds, spawn,
 };
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let mut socket = std::path::PathBuf::from(SOCKET);
+    let mut idle_timeout = IDLE_TIMEOUT;
     while let Some(a) = args.next() {
-        match (a.to_str(), args.next()) {
+        let value = args.next();
+        match (a.to_str(), value.as_ref().and_then(|v| v.to_str())) {
             (Some("--socket"), Some(p)) => socket = p.into(),
+            (Some("--idle-timeout"), Some(s)) if s.parse::<u64>().is_ok_and(|s| s > 0) => {
+                idle_timeout = Duration::from_secs(s.parse().expect("checked"));
+            }
             _ => {
-                eprintln!("usage: agent-workspaces-agent [--socket PATH]");
+                eprintln!("usage: agent-workspaces-agent [--socket PATH] [--idle-timeout SECONDS]");
                 return ExitCode::from(2);
             }
         }
     }
-    match serve(&socket) {
+    match serve(&socket, idle_timeout) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("agent-workspaces-agent: {}: {e}", socket.display());
@@ -64,7 +70,7 @@ fn raise_fd_limit() -> libc::rlim_t {
     }
 }
 
-fn serve(socket: &Path) -> io::Result<()> {
+fn serve(socket: &Path, idle_timeout: Duration) -> io::Result<()> {
     let child_nofile = raise_fd_limit();
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
@@ -76,6 +82,25 @@ fn serve(socket: &Path) -> io::Result<()> {
     }
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    // A thread's accept returns after this long without a connection (SO_RCVTIMEO holds for
+    // accept on Linux), and the thread may end.
+    let timeout = libc::timeval {
+        tv_sec: idle_timeout.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt from a local of the size given.
+    if unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
     let pool = std::sync::Arc::new(Pool {
         listener,
         idle: AtomicUsize::new(0),
@@ -86,15 +111,17 @@ fn serve(socket: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Idle serving threads kept beyond those needed; more end when they finish a command.
-const MAX_IDLE: usize = 4;
+/// How long a serving thread waits for a connection before it ends (one always stays).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The threads that serve connections: each accepts one, serves it to its end (the command's
-/// exit), and accepts the next. A thread is made only when none is left waiting: most
-/// commands are served by a thread that already exists (making one per connection costs
-/// more than the rest of a short command's start).
+/// The threads that serve connections: each accepts one, serves it to its end (its commands,
+/// one after another), and accepts the next. A thread is made only when none is left waiting, so the pool
+/// grows to the number of commands that run at once and serves every later command with a
+/// thread that exists (making one costs more than the rest of a short command's start); a
+/// thread that waited `IDLE_TIMEOUT` for a connection ends, unless it is the last one waiting.
 struct Pool {
     listener: UnixListener,
+    /// Threads waiting in accept.
     idle: AtomicUsize,
     child_nofile: libc::rlim_t,
 }
@@ -104,27 +131,33 @@ impl Pool {
         loop {
             self.idle.fetch_add(1, Ordering::SeqCst);
             let conn = self.listener.accept();
-            if self.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
-                // The last waiting thread took this one: another waits for the next.
-                let pool = self.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("exec".into())
-                    .stack_size(256 * 1024)
-                    .spawn(move || pool.work(true));
-                if let Err(e) = spawned {
-                    eprintln!("agent-workspaces-agent: cannot start a thread: {e}");
-                }
-            }
+            let others_waiting = self.idle.fetch_sub(1, Ordering::SeqCst) - 1;
             match conn {
-                Ok((conn, _)) => serve_one(conn, self.child_nofile),
+                Ok((conn, _)) => {
+                    if others_waiting == 0 {
+                        // The last waiting thread took this one: another waits for the next.
+                        let pool = self.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("exec".into())
+                            .stack_size(256 * 1024)
+                            .spawn(move || pool.work(true));
+                        if let Err(e) = spawned {
+                            eprintln!("agent-workspaces-agent: cannot start a thread: {e}");
+                        }
+                    }
+                    serve_connection(conn, self.child_nofile);
+                }
+                // Nothing to serve for IDLE_TIMEOUT.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if may_end && others_waiting > 0 {
+                        return;
+                    }
+                }
                 // A connection that went away before accept, or a passing shortage.
                 Err(e) => {
                     eprintln!("agent-workspaces-agent: accept: {e}");
                     std::thread::sleep(Duration::from_millis(10));
                 }
-            }
-            if may_end && self.idle.load(Ordering::SeqCst) >= MAX_IDLE {
-                return;
             }
         }
     }
@@ -139,9 +172,12 @@ fn refuse(conn: &mut UnixStream, reason: RefuseReason, message: String) {
     send(conn, Reply::Refused { reason, message });
 }
 
-/// Reads one request frame and the descriptors that came with it.
-fn read_request(conn: &mut UnixStream) -> io::Result<(Request, Vec<OwnedFd>)> {
-    let mut fds = Vec::new();
+/// Reads one request frame and the descriptors that came with it (some may have come with
+/// the byte before it: `fds`).
+fn read_request(
+    conn: &mut UnixStream,
+    mut fds: Vec<OwnedFd>,
+) -> io::Result<(Request, Vec<OwnedFd>)> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < header.len() {
@@ -159,20 +195,49 @@ fn read_request(conn: &mut UnixStream) -> io::Result<(Request, Vec<OwnedFd>)> {
     Ok((req, fds))
 }
 
-fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
-    // Only a client that sends nothing could hold this thread; the service sends at once.
+/// Serves one connection: one command after another (see the library for the protocol).
+fn serve_connection(mut conn: UnixStream, child_nofile: libc::rlim_t) {
+    // Only a client that sends nothing could hold this thread; the service sends at once, and
+    // lets a connection it holds for the next command go before this passes.
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-    let (req, fds) = match read_request(&mut conn) {
+    let mut fds = Vec::new();
+    while serve_one(&mut conn, std::mem::take(&mut fds), child_nofile) {
+        let mut next = [0u8; 1];
+        // The request's descriptors come with the first byte sent with them: this one.
+        match recv_with_fds(conn.as_fd(), &mut next, &mut fds) {
+            Ok(1) if next[0] == NEXT => {}
+            Ok(1) if next[0] == KEEP => {
+                // Open until the service closes it.
+                let _ = conn.set_read_timeout(None);
+                while matches!(conn.read(&mut next), Ok(1..)) {}
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Serves one request; true when it ran a command to its end (so the connection may serve
+/// another).
+fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_t) -> bool {
+    let (req, fds) = match read_request(conn, fds) {
         Ok(r) => r,
-        Err(e) => return refuse(&mut conn, RefuseReason::BadRequest, e.to_string()),
+        Err(e) => {
+            refuse(conn, RefuseReason::BadRequest, e.to_string());
+            return false;
+        }
     };
     let req = match req {
         Request::Exec(req) => req,
-        Request::Connect(c) => return connect(&mut conn, c.port),
+        Request::Connect(c) => {
+            connect(conn, c.port);
+            return false;
+        }
     };
     if !(3..=4).contains(&fds.len()) {
         let message = format!("expected 3 or 4 descriptors, got {}", fds.len());
-        return refuse(&mut conn, RefuseReason::BadRequest, message);
+        refuse(conn, RefuseReason::BadRequest, message);
+        return false;
     }
     let mut fds = fds.into_iter();
     let (stdin, stdout, stderr) = match (fds.next(), fds.next(), fds.next()) {
@@ -186,7 +251,8 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
         Ok(d) => d,
         Err(e) => {
             let message = format!("{} is not a directory in the container: {e}", cwd.display());
-            return refuse(&mut conn, RefuseReason::Cwd, message);
+            refuse(conn, RefuseReason::Cwd, message);
+            return false;
         }
     };
     let shell = if Path::new("/bin/bash").is_file() {
@@ -211,11 +277,9 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     let child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            return refuse(
-                &mut conn,
-                RefuseReason::Spawn,
-                format!("cannot start {shell}: {e}"),
-            );
+            let message = format!("cannot start {shell}: {e}");
+            refuse(conn, RefuseReason::Spawn, message);
+            return false;
         }
     };
     let started = Reply::Started {
@@ -227,29 +291,12 @@ fn serve_one(mut conn: UnixStream, child_nofile: libc::rlim_t) {
         let code = wait(child.pid);
         let mut both = started.encode();
         both.extend_from_slice(&Reply::Exited { code }.encode());
-        let _ = conn.write_all(&both);
+        conn.write_all(&both).is_ok()
     } else {
-        send(&mut conn, started);
+        let sent = conn.write_all(&started.encode());
         let code = wait(child.pid);
-        send(&mut conn, Reply::Exited { code });
-    }
-    // A connection the service keeps across its restart (in systemd's descriptor store) it
-    // marks with one byte after `Started`: that one stays open until the service closes it,
-    // as systemd drops a stored descriptor that hangs up, with the exit status unread in it.
-    // Any other ends here, with no wait.
-    let mut mark = [0u8; 1];
-    // SAFETY: a non-blocking peek into a local buffer.
-    let marked = unsafe {
-        libc::recv(
-            conn.as_raw_fd(),
-            mark.as_mut_ptr().cast(),
-            1,
-            libc::MSG_DONTWAIT,
-        )
-    } == 1;
-    if marked {
-        let _ = conn.set_read_timeout(None);
-        let _ = conn.read(&mut mark);
+        // The service may have gone (it cancelled the command): the connection ends.
+        sent.is_ok() && conn.write_all(&Reply::Exited { code }.encode()).is_ok()
     }
 }
 

@@ -34,6 +34,10 @@ impl Drop for Agent {
 }
 
 fn start_agent() -> Agent {
+    start_agent_with(&[])
+}
+
+fn start_agent_with(args: &[&str]) -> Agent {
     let dir = std::env::temp_dir().join(format!(
         "aw-agent-test-{}-{}",
         std::process::id(),
@@ -44,6 +48,7 @@ fn start_agent() -> Agent {
     let child = Command::new(env!("CARGO_BIN_EXE_agent-workspaces-agent"))
         .arg("--socket")
         .arg(&socket)
+        .args(args)
         .env_remove("NOTIFY_SOCKET")
         .spawn()
         .unwrap();
@@ -195,39 +200,52 @@ fn many_commands_at_once() {
     }
 }
 
+/// The agent's threads (their ids).
+fn threads(agent: &Agent) -> std::collections::BTreeSet<u32> {
+    std::fs::read_dir(format!("/proc/{}/task", agent.child.id()))
+        .unwrap()
+        .map(|t| t.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect()
+}
+
 #[test]
 fn serving_threads_are_reused_and_the_idle_ones_end() {
-    let agent = std::sync::Arc::new(start_agent());
-    let threads = |agent: &Agent| {
-        std::fs::read_dir(format!("/proc/{}/task", agent.child.id()))
-            .unwrap()
-            .count()
+    let agent = std::sync::Arc::new(start_agent_with(&["--idle-timeout", "1"]));
+    let round = |clients: usize, each: usize, command: &'static str| {
+        let clients: Vec<_> = (0..clients)
+            .map(|_| {
+                let agent = agent.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..each {
+                        let o = run(&agent, command, Path::new("/"), b"");
+                        assert_eq!(o.replies.last(), Some(&Reply::Exited { code: 0 }));
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
     };
-    let clients: Vec<_> = (0..32)
-        .map(|_| {
-            let agent = agent.clone();
-            std::thread::spawn(move || run(&agent, "sleep 0.3", Path::new("/"), b""))
-        })
-        .collect();
-    for c in clients {
-        assert_eq!(
-            c.join().unwrap().replies.last(),
-            Some(&Reply::Exited { code: 0 })
-        );
-    }
-    // After a burst, at most 4 idle threads stay, besides the first and the one waiting.
+    // A burst of 32 at once makes about as many threads.
+    round(32, 1, "sleep 0.3");
+    assert!(threads(&agent).len() >= 32, "{:?}", threads(&agent));
+    // Then: commands from 8 clients at once are served by threads that exist (before the
+    // idle ones end), none made for them.
+    let before = threads(&agent);
+    round(8, 25, "true");
+    let made: Vec<_> = threads(&agent).difference(&before).copied().collect();
+    assert!(made.is_empty(), "threads made: {made:?}");
+    // A second after, the idle ones have ended: the first thread and one waiting stay.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while threads(&agent) > 6 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    while threads(&agent).len() > 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(threads(&agent) <= 6, "{} threads", threads(&agent));
-    // One command after another: served by the threads there are.
+    assert!(threads(&agent).len() <= 2, "{:?}", threads(&agent));
+    // One command after another is served by what is left.
     for _ in 0..20 {
-        assert_eq!(
-            run(&agent, "true", Path::new("/"), b"").replies.last(),
-            Some(&Reply::Exited { code: 0 })
-        );
-        assert!(threads(&agent) <= 6, "{} threads", threads(&agent));
+        round(1, 1, "true");
+        assert!(threads(&agent).len() <= 2, "{:?}", threads(&agent));
     }
 }
 
@@ -329,37 +347,82 @@ fn a_command_on_a_terminal_leads_its_session_and_controls_the_terminal() {
     assert_eq!(fields[3], format!("fg={pid}"), "{out:?}");
 }
 
+/// Sends a request on `conn` (after `prefix`) with /dev/null for stdin and stderr; its
+/// stdout's read end.
+fn send_request(conn: &mut UnixStream, prefix: &[u8], command: &str) -> OwnedFd {
+    let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let (out_r, out_w) = pipe();
+    let req = ExecRequest {
+        command: command.as_bytes().to_vec(),
+        cwd: b"/".to_vec(),
+        env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
+        terminal: false,
+    };
+    let mut frame = prefix.to_vec();
+    frame.extend(req.encode());
+    let n = send_with_fds(
+        conn.as_fd(),
+        &frame,
+        &[null().as_fd(), out_w.as_fd(), null().as_fd()],
+    )
+    .unwrap();
+    conn.write_all(&frame[n..]).unwrap();
+    out_r
+}
+
+fn read_all(fd: OwnedFd) -> String {
+    let mut s = String::new();
+    std::fs::File::from(fd).read_to_string(&mut s).unwrap();
+    s
+}
+
+#[test]
+fn a_connection_serves_commands_in_a_row_until_its_client_ends_it() {
+    use agent_workspaces_agent::NEXT;
+    let agent = start_agent();
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    for (i, prefix) in [&[][..], &[NEXT], &[NEXT]].into_iter().enumerate() {
+        let out = send_request(&mut conn, prefix, &format!("echo {i}; exit {i}"));
+        let r = read_reply(&mut conn);
+        assert!(
+            matches!(r, Some(Reply::Started { .. })),
+            "command {i}: {r:?}"
+        );
+        assert_eq!(
+            read_reply(&mut conn),
+            Some(Reply::Exited { code: i as i32 })
+        );
+        assert_eq!(read_all(out), format!("{i}\n"));
+    }
+    // Anything but NEXT or KEEP after an exit ends the connection.
+    conn.write_all(b"x").unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(conn.read(&mut [0u8; 1]).unwrap(), 0);
+    // A refused request ends its connection too.
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    conn.write_all(&[5, 0, 0, 0, 9, 9, 9, 9, 9]).unwrap();
+    assert!(matches!(read_reply(&mut conn), Some(Reply::Refused { .. })));
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(conn.read(&mut [0u8; 1]).unwrap(), 0);
+}
+
 #[test]
 fn a_connection_marked_after_started_stays_open_until_its_client_closes_it() {
+    use agent_workspaces_agent::{KEEP, NEXT};
     let agent = start_agent();
-    for marked in [false, true] {
-        let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        let (i, o, e) = (null(), null(), null());
-        let req = ExecRequest {
-            command: b"sleep 0.2".to_vec(),
-            cwd: b"/".to_vec(),
-            env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
-            terminal: false,
-        };
-        let mut conn = UnixStream::connect(&agent.socket).unwrap();
-        let frame = req.encode();
-        let n = send_with_fds(conn.as_fd(), &frame, &[i.as_fd(), o.as_fd(), e.as_fd()]).unwrap();
-        conn.write_all(&frame[n..]).unwrap();
-        assert!(matches!(read_reply(&mut conn), Some(Reply::Started { .. })));
-        if marked {
-            conn.write_all(b"k").unwrap();
-        }
-        assert_eq!(read_reply(&mut conn), Some(Reply::Exited { code: 0 }));
-        conn.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let r = conn.read(&mut [0u8; 1]);
-        if marked {
-            assert!(
-                matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
-                "a marked connection stays open: {r:?}"
-            );
-        } else {
-            assert_eq!(r.unwrap(), 0, "an unmarked one ends with the exit");
-        }
-    }
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    let out = send_request(&mut conn, &[], "sleep 0.2");
+    assert!(matches!(read_reply(&mut conn), Some(Reply::Started { .. })));
+    conn.write_all(&[KEEP]).unwrap();
+    assert_eq!(read_reply(&mut conn), Some(Reply::Exited { code: 0 }));
+    assert_eq!(read_all(out), "");
+    // It serves nothing more, and stays open.
+    let _out = send_request(&mut conn, &[NEXT], "echo no");
+    conn.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let r = conn.read(&mut [0u8; 1]);
+    assert!(
+        matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "a marked connection stays open: {r:?}"
+    );
 }

@@ -1,5 +1,6 @@
 //! The service's side of the agent inside each container (`agent-workspaces-agent`, the
-//! container's PID 2): one connection per command, the command's descriptors passed along.
+//! container's PID 2): a connection per running command, the command's descriptors passed
+//! along; a connection whose command ended is kept for a next command (`AgentHome`).
 //!
 //! The agent's socket lives in the container's own `/run`. It is reached through the leader's
 //! root (`/proc/<leader>/root`), resolved inside that root like every other path in a
@@ -9,13 +10,15 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
 use agent_workspaces_agent::{
-    ConnectRequest, ExecRequest, MAX_REPLY, RefuseReason, Reply, SOCKET, frame_len, recv_with_fds,
-    send_with_fds,
+    ConnectRequest, ExecRequest, KEEP, MAX_REPLY, NEXT, RefuseReason, Reply, SOCKET, frame_len,
+    recv_with_fds, send_with_fds,
 };
 use pathrs::RootRef;
 use rustix::fs::{self as rfs, FileType, Mode, OFlags};
@@ -27,8 +30,79 @@ use super::cgroup::cgroup2_mount;
 /// How long connecting and sending a request may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections kept for a next command, per agent, at most.
+const MAX_IDLE_CONNECTIONS: usize = 16;
+/// How long a kept connection is used again; the agent ends one after 30 s of nothing.
+const IDLE_CONNECTION_LIFE: Duration = Duration::from_secs(20);
+
 pub struct AgentConnection {
     stream: UnixStream,
+    /// It served a command before: the next request is preceded by `NEXT`.
+    reused: bool,
+    /// Where it goes back to when its command ended (a container's agent).
+    home: Option<Arc<AgentHome>>,
+}
+
+/// One container's agent as the service reaches it: its socket, and the connections whose
+/// commands ended, kept for the next ones (a command then costs no connect, no accept and no
+/// registration with the reactor).
+struct AgentHome {
+    /// An `O_PATH` descriptor of the socket inode (see `Leader::agent_socket`).
+    socket: OwnedFd,
+    idle: Mutex<Vec<(UnixStream, Instant)>>,
+    /// Off once a kept connection ended before it answered: an agent older than the reuse
+    /// of connections ends each after its command (one still runs in a container started
+    /// before an upgrade).
+    reuse: AtomicBool,
+}
+
+impl AgentHome {
+    async fn connect(self: &Arc<Self>) -> io::Result<AgentConnection> {
+        let path = format!("/proc/self/fd/{}", self.socket.as_raw_fd());
+        let stream = tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
+        Ok(AgentConnection {
+            stream,
+            reused: false,
+            home: Some(self.clone()),
+        })
+    }
+
+    /// A kept connection that the agent still serves, the most recently used one.
+    fn take_idle(self: &Arc<Self>) -> Option<AgentConnection> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|(_, since)| since.elapsed() < IDLE_CONNECTION_LIFE);
+        while let Some((stream, _)) = idle.pop() {
+            if still_open(&stream) {
+                return Some(AgentConnection {
+                    stream,
+                    reused: true,
+                    home: Some(self.clone()),
+                });
+            }
+            // The agent ended it (it ended, or it is an agent that ends every connection
+            // after its command): none is kept for it again.
+            self.reuse.store(false, Ordering::Relaxed);
+            idle.clear();
+        }
+        None
+    }
+}
+
+/// Nothing has come on a kept connection, not even its end (a peek that does not wait).
+fn still_open(stream: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    // SAFETY: a non-blocking peek into a local buffer.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
@@ -63,8 +137,8 @@ pub struct Leader {
     root: OwnedFd,
     /// The leader's cgroup v2 directory (nspawn's delegated `payload`).
     pub payload: PathBuf,
-    /// The agent's socket once found (`agent_socket`).
-    socket: std::sync::OnceLock<OwnedFd>,
+    /// The agent once its socket was found (`agent_home`).
+    agent: OnceLock<Arc<AgentHome>>,
 }
 
 impl Leader {
@@ -89,7 +163,7 @@ impl Leader {
             pidfd,
             root,
             payload,
-            socket: std::sync::OnceLock::new(),
+            agent: OnceLock::new(),
         };
         // What was opened belongs to the leader only if it still lives: its PID was not reused.
         if !leader.alive() {
@@ -110,14 +184,17 @@ impl Leader {
     /// inside the container once it is there and kept: every later connection goes to that
     /// same socket, whatever the container does to its path meanwhile. (The agent binds it
     /// once, at the container's start; a restarted container has a new leader.)
-    fn agent_socket(&self) -> io::Result<BorrowedFd<'_>> {
-        if let Some(fd) = self.socket.get() {
-            return Ok(fd.as_fd());
+    fn agent_home(&self) -> io::Result<&Arc<AgentHome>> {
+        if let Some(home) = self.agent.get() {
+            return Ok(home);
         }
-        let fd = self.resolve_agent_socket()?;
+        let home = Arc::new(AgentHome {
+            socket: self.resolve_agent_socket()?,
+            idle: Mutex::default(),
+            reuse: AtomicBool::new(true),
+        });
         // Another connection may have set it meanwhile: the same socket either way.
-        let _ = self.socket.set(fd);
-        Ok(self.socket.get().expect("set above").as_fd())
+        Ok(self.agent.get_or_init(|| home))
     }
 
     fn resolve_agent_socket(&self) -> io::Result<OwnedFd> {
@@ -139,14 +216,16 @@ impl Leader {
 }
 
 impl AgentConnection {
-    /// Connects to the agent of the container whose leader this is.
+    /// A connection to the agent of the container whose leader this is: one kept from an
+    /// earlier command, or a new one.
     pub async fn connect(leader: &Leader) -> io::Result<Self> {
-        let socket = leader.agent_socket()?;
-        let path = format!("/proc/self/fd/{}", socket.as_raw_fd());
-        let stream = tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
-        Ok(Self { stream })
+        let home = leader.agent_home()?;
+        if home.reuse.load(Ordering::Relaxed)
+            && let Some(conn) = home.take_idle()
+        {
+            return Ok(conn);
+        }
+        home.connect().await
     }
 
     /// Connects to an agent's socket on the host (the host agent's, `host_agent.rs`).
@@ -154,7 +233,11 @@ impl AgentConnection {
         let stream = tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
-        Ok(Self { stream })
+        Ok(Self {
+            stream,
+            reused: false,
+            home: None,
+        })
     }
 
     /// A connection kept across a restart of the service (`keep.rs`), taken up again.
@@ -163,13 +246,17 @@ impl AgentConnection {
         std.set_nonblocking(true)?;
         Ok(Self {
             stream: UnixStream::from_std(std)?,
+            reused: false,
+            home: None,
         })
     }
 
     /// Asks the agent to keep this connection open after the command's exit until the
-    /// service closes it (one byte after `Started`; an older agent ignores it).
+    /// service closes it (one byte after `Started`; an older agent ignores it). It then serves
+    /// no other command.
     pub async fn keep_open(&mut self) -> io::Result<()> {
-        tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(b"k"))
+        self.home = None;
+        tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(&[KEEP]))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))?
     }
@@ -180,15 +267,49 @@ impl AgentConnection {
     }
 
     /// Sends the request with the command's descriptors (stdin, stdout, stderr, and the open
-    /// `cgroup.procs` of its cgroup).
-    pub async fn send(&mut self, req: &ExecRequest, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        let frame = req.encode();
+    /// `cgroup.procs` of its cgroup) and reads the agent's first answer (`None`: it closed the
+    /// connection). A kept connection that the agent ended meanwhile is replaced by a new one
+    /// (and no connection to that agent is kept again): it ended before it read the request.
+    pub async fn start(
+        &mut self,
+        req: &ExecRequest,
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<Option<Reply>> {
+        let mut frame = req.encode();
+        if self.reused {
+            frame.insert(0, NEXT);
+        }
+        let first = match self.send(&frame, fds).await {
+            Ok(()) => self.reply().await,
+            Err(e) => Err(e),
+        };
+        let ended = match &first {
+            Ok(None) => true,
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ),
+            Ok(Some(_)) => false,
+        };
+        match self.home.clone() {
+            Some(home) if self.reused && ended => {
+                home.reuse.store(false, Ordering::Relaxed);
+                *self = home.connect().await?;
+                frame.remove(0);
+                self.send(&frame, fds).await?;
+                self.reply().await
+            }
+            _ => first,
+        }
+    }
+
+    async fn send(&mut self, frame: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         let send = async {
             let mut sent = 0;
             while sent == 0 {
                 self.stream.writable().await?;
                 match self.stream.try_io(Interest::WRITABLE, || {
-                    send_with_fds(self.stream.as_fd(), &frame, fds)
+                    send_with_fds(self.stream.as_fd(), frame, fds)
                 }) {
                     Ok(n) => sent = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -200,6 +321,19 @@ impl AgentConnection {
         tokio::time::timeout(SEND_TIMEOUT, send)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))?
+    }
+
+    /// After its command's `Exited`: kept for the agent's next command, where it has a home
+    /// (a container's agent) and was not asked to stay open (`keep_open`).
+    pub fn recycle(self) {
+        let Some(home) = self.home else { return };
+        if !home.reuse.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut idle = home.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push((self.stream, Instant::now()));
+        }
     }
 
     /// The agent's next reply; `None` when it closed the connection.

@@ -230,17 +230,16 @@ async fn launch<'a>(
                     "Cannot run the command through the agent of workspace '{workspace}': {e}"
                 ))
             };
-            {
+            let first = {
                 let mut fds: Vec<BorrowedFd<'_>> = child.iter().map(|f| f.as_fd()).collect();
                 fds.extend(procs.map(|p| p.as_fd()));
-                conn.send(&request, &fds).await.map_err(lost)?;
-            }
+                // The agent answers as soon as it has forked; whatever sits at its socket
+                // instead gets no longer than this.
+                tokio::time::timeout(DRAIN, conn.start(&request, &fds))
+                    .await
+                    .map_err(|_| lost(io::Error::new(io::ErrorKind::TimedOut, "no answer")))?
+            };
             drop(child);
-            // The agent answers as soon as it has forked; whatever sits at its socket instead
-            // gets no longer than this.
-            let first = tokio::time::timeout(DRAIN, conn.reply())
-                .await
-                .map_err(|_| lost(io::Error::new(io::ErrorKind::TimedOut, "no answer")))?;
             match first.map_err(lost)? {
                 Some(Reply::Started { .. }) => Ok(Running::Agent { conn, workspace }),
                 Some(Reply::Refused {
@@ -429,6 +428,10 @@ pub async fn run_contained(
     };
     if let Some(cg) = cgroup {
         put_back(cg, empty);
+    }
+    // The agent's connection serves the next command once this one has ended.
+    if let (Some(Ok(_)), Running::Agent { conn, .. }) = (&code, running) {
+        conn.recycle();
     }
     let timed_out = code.is_none() && !cancel.is_cancelled();
     let exit_code = match code {
