@@ -20,6 +20,7 @@
 
 pub mod direct;
 pub mod spawn;
+pub mod workdir;
 
 use std::io;
 use std::mem::{size_of, zeroed};

@@ -324,46 +324,7 @@ mod clone3 {
     }
 }
 
-/// A command's working directory, opened once: the open checks that it is a directory, the
-/// child changes to it with `fchdir` (no second walk of the path), and its resolved path is
-/// what `getcwd()` will say there.
-pub struct WorkDir {
-    /// As given.
-    pub path: std::path::PathBuf,
-    /// `O_PATH | O_DIRECTORY`.
-    pub fd: OwnedFd,
-    /// Its path with every link resolved (the kernel's name of the open directory), or `None`
-    /// when that has no plain name (it was removed, or lies outside this root).
-    pub resolved: Option<std::path::PathBuf>,
-}
-
-impl WorkDir {
-    /// Opens `path`, which must be a directory (following links, as `chdir` does).
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let c = cstring(path.as_os_str().as_bytes())?;
-        // SAFETY: a plain syscall on a NUL-terminated path; a result >= 0 is ours to own.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: just opened for us.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let resolved = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .ok()
-            .filter(|p| p.is_absolute() && !p.as_os_str().as_bytes().ends_with(b" (deleted)"))
-            .or_else(|| std::fs::canonicalize(path).ok());
-        Ok(WorkDir {
-            path: path.to_path_buf(),
-            fd,
-            resolved,
-        })
-    }
-}
+pub use crate::workdir::WorkDir;
 
 /// What to start.
 pub struct Spec<'a> {
@@ -392,7 +353,7 @@ pub struct Spec<'a> {
     pub nofile_soft: u64,
 }
 
-fn cstring(b: &[u8]) -> io::Result<CString> {
+pub(crate) fn cstring(b: &[u8]) -> io::Result<CString> {
     CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte"))
 }
 
