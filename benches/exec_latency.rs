@@ -10,81 +10,15 @@ use std::time::{Duration, Instant};
 use agent_workspaces::dbus::client::WorkspacesProxy;
 
 mod common;
+use common::timing::{
+    Bound, Figures, ROUNDS, WARMUP, median, report, throughput, time_async, time_in_turn, time_n,
+};
 use common::{RestClient, direct_get, tiny_http_server};
 
-const ROUNDS: usize = 300;
 /// Per-exec systemd-nspawn is slow; fewer rounds of it.
 const NSPAWN_ROUNDS: usize = 40;
-const WARMUP: usize = 20;
 /// Rounds of host and container throughput, each in turn.
 const THROUGHPUT_ROUNDS: usize = 5;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-/// p50 and p99 of a set of samples.
-#[derive(Clone, Copy)]
-struct Latency {
-    p50: f64,
-    p99: f64,
-}
-
-fn report(label: &str, mut samples: Vec<Duration>) -> Latency {
-    samples.sort();
-    let l = Latency {
-        p50: percentile(&samples, 0.5).as_secs_f64(),
-        p99: percentile(&samples, 0.99).as_secs_f64(),
-    };
-    println!(
-        "{label:<48} p50 {:>8.3} ms   p99 {:>8.3} ms   ({} runs)",
-        l.p50 * 1e3,
-        l.p99 * 1e3,
-        samples.len()
-    );
-    l
-}
-
-fn median(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    v[v.len() / 2].as_secs_f64()
-}
-
-/// Every figure of the run, for the JSON line at the end.
-#[derive(Default)]
-struct Figures(serde_json::Map<String, serde_json::Value>);
-
-impl Figures {
-    fn set(&mut self, key: &str, value: f64) {
-        self.0
-            .insert(key.into(), serde_json::json!((value * 1e4).round() / 1e4));
-    }
-
-    /// A target's ratio: printed with its bound and whether it is met, and recorded.
-    fn ratio(&mut self, key: &str, value: f64, bound: Bound, what: &str) {
-        let (met, text) = match bound {
-            Bound::AtMost(b) => (value <= b, format!("at most {b}x")),
-            Bound::AtLeast(b) => (value >= b, format!("at least {b}x")),
-            Bound::Reported => {
-                println!("  ratio {key}: {value:.2}x (no target)   {what}");
-                self.set(key, value);
-                return;
-            }
-        };
-        println!(
-            "  ratio {key}: {value:.2}x (target {text}: {})   {what}",
-            if met { "met" } else { "NOT met" }
-        );
-        self.set(key, value);
-    }
-}
-
-enum Bound {
-    AtMost(f64),
-    AtLeast(f64),
-    /// Printed and recorded beside the targets, for comparison.
-    Reported,
-}
 
 /// The service's resident memory now, and its peak, in bytes.
 fn service_memory() -> (u64, u64) {
@@ -144,23 +78,6 @@ fn unit_memory(unit: &str) -> Option<(u64, &'static str)> {
 
 const MB: f64 = 1024.0 * 1024.0;
 
-async fn time_n<F, Fut>(rounds: usize, mut f: F) -> Vec<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for _ in 0..WARMUP.min(rounds) {
-        f().await;
-    }
-    let mut out = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        f().await;
-        out.push(t.elapsed());
-    }
-    out
-}
-
 async fn run_ok(argv: Vec<String>) {
     let s = tokio::process::Command::new(&argv[0])
         .args(&argv[1..])
@@ -185,48 +102,6 @@ async fn build_container(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name:
     let path = m.create_workspace(spec).await.expect("create container");
     wait_ready(conn, path).await;
     t.elapsed()
-}
-
-/// Times `a`, `b` and `c` in turn, round after round (after WARMUP rounds): every sample of
-/// each sees the machine as the others' do (caches, idle CPUs woken or not). A target compared
-/// with baselines timed each in a loop of its own favours the baselines: a loop of Pings alone
-/// keeps the bus path hot in a way an Exec, which forks between its call and its reply, never
-/// is.
-async fn time_in_turn<A, FA, B, FB, C, FC>(mut a: A, mut b: B, mut c: C) -> [Vec<Duration>; 3]
-where
-    A: FnMut() -> FA,
-    FA: std::future::Future<Output = ()>,
-    B: FnMut() -> FB,
-    FB: std::future::Future<Output = ()>,
-    C: FnMut() -> FC,
-    FC: std::future::Future<Output = ()>,
-{
-    for _ in 0..WARMUP {
-        a().await;
-        b().await;
-        c().await;
-    }
-    let mut out: [Vec<Duration>; 3] = Default::default();
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        a().await;
-        out[0].push(t.elapsed());
-        let t = Instant::now();
-        b().await;
-        out[1].push(t.elapsed());
-        let t = Instant::now();
-        c().await;
-        out[2].push(t.elapsed());
-    }
-    out
-}
-
-async fn time_async<F, Fut>(f: F) -> Vec<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    time_n(ROUNDS, f).await
 }
 
 #[tokio::main]
@@ -721,22 +596,6 @@ async fn main() {
     }
     println!();
     println!("{}", serde_json::Value::Object(fig.0));
-}
-
-/// Commands per second with 8 clients, each running `per_client` in a row.
-async fn throughput<F, Fut>(f: F, per_client: usize) -> f64
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let t = Instant::now();
-    futures_util::future::join_all((0..8).map(|_| async {
-        for _ in 0..per_client {
-            f().await;
-        }
-    }))
-    .await;
-    (8 * per_client) as f64 / t.elapsed().as_secs_f64()
 }
 
 /// Waits until a workspace is ready (after a create or a rebuild).

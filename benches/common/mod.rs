@@ -1,5 +1,7 @@
 //! The benchmark's HTTP pieces: a kept-alive client of the bridge, a tiny server on the
-//! loopback (a dev server's stand-in) and a one-shot GET to it.
+//! loopback (a dev server's stand-in) and a one-shot GET to it; timing (`timing`).
+
+pub mod timing;
 
 /// A minimal client of the bridge: hyper's HTTP/1.1 connection, kept alive.
 pub struct RestClient {
