@@ -36,6 +36,9 @@ pub const NEXT: u8 = b'n';
 /// After `Started`: keep the connection open after `Exited` until the service closes it (a
 /// connection the service keeps across its restart: systemd drops a stored one that hangs up).
 pub const KEEP: u8 = b'k';
+/// How long the agent waits for a request (a connection's first, or the next one after
+/// `Exited`) before it ends the connection.
+pub const IDLE_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The largest request (command, working directory and environment together).
 pub const MAX_REQUEST: usize = 24 * 1024 * 1024;
 /// The largest reply.

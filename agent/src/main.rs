@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use agent_workspaces_agent::{
-    KEEP, MAX_REQUEST, NEXT, RefuseReason, Reply, Request, SOCKET, direct, frame_len,
-    recv_with_fds, send_with_fds, spawn,
+    IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REQUEST, NEXT, RefuseReason, Reply, Request, SOCKET, direct,
+    frame_len, recv_with_fds, send_with_fds, spawn,
 };
 
 fn main() -> ExitCode {
@@ -199,7 +199,7 @@ fn read_request(
 fn serve_connection(mut conn: UnixStream, child_nofile: libc::rlim_t) {
     // Only a client that sends nothing could hold this thread; the service sends at once, and
     // lets a connection it holds for the next command go before this passes.
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = conn.set_read_timeout(Some(IDLE_CONNECTION_TIMEOUT));
     let mut fds = Vec::new();
     while serve_one(&mut conn, std::mem::take(&mut fds), child_nofile) {
         let mut next = [0u8; 1];

@@ -30,7 +30,9 @@ impl WorkDir {
         // kernel's name of the directory it opens: one open that refuses links says both, with
         // no read of the name through /proc (which costs more than the rest of the open). Any
         // failure of it (a link on the way, an old kernel, a seccomp filter) goes the general
-        // way, which also gives the error the caller sees.
+        // way, which also gives the error the caller sees. (On a case-folding file system a
+        // path that differs from the stored names in case only is taken as given, where
+        // getcwd would give the stored case: both name the same directory.)
         if plain_absolute(path.as_os_str().as_bytes())
             && let Some(fd) = open_without_links(&c)
         {

@@ -90,9 +90,10 @@ where
     out
 }
 
-/// Times `a`, `b` and `c` in turn, round after round (after WARMUP rounds): every sample of
-/// each sees the machine as the others' do (caches, idle CPUs woken or not). A target compared
-/// with baselines timed each in a loop of its own favours the baselines: a loop of Pings alone
+/// Times `a`, `b` and `c` in turn, round after round (after WARMUP rounds), the order turned
+/// by one each round (so none always follows the same other): every sample of each sees the
+/// machine as the others' do (caches, idle CPUs woken or not). A target compared with
+/// baselines timed each in a loop of its own favours the baselines: a loop of Pings alone
 /// keeps the bus path hot in a way an Exec, which forks between its call and its reply, never
 /// is.
 pub async fn time_in_turn<A, FA, B, FB, C, FC>(mut a: A, mut b: B, mut c: C) -> [Vec<Duration>; 3]
@@ -104,22 +105,20 @@ where
     C: FnMut() -> FC,
     FC: std::future::Future<Output = ()>,
 {
-    for _ in 0..WARMUP {
-        a().await;
-        b().await;
-        c().await;
-    }
     let mut out: [Vec<Duration>; 3] = Default::default();
-    for _ in 0..ROUNDS {
-        let t = Instant::now();
-        a().await;
-        out[0].push(t.elapsed());
-        let t = Instant::now();
-        b().await;
-        out[1].push(t.elapsed());
-        let t = Instant::now();
-        c().await;
-        out[2].push(t.elapsed());
+    for round in 0..WARMUP + ROUNDS {
+        for k in 0..3 {
+            let which = (round + k) % 3;
+            let t = Instant::now();
+            match which {
+                0 => a().await,
+                1 => b().await,
+                _ => c().await,
+            }
+            if round >= WARMUP {
+                out[which].push(t.elapsed());
+            }
+        }
     }
     out
 }

@@ -234,10 +234,8 @@ async fn launch<'a>(
                 let mut fds: Vec<BorrowedFd<'_>> = child.iter().map(|f| f.as_fd()).collect();
                 fds.extend(procs.map(|p| p.as_fd()));
                 // The agent answers as soon as it has forked; whatever sits at its socket
-                // instead gets no longer than this.
-                tokio::time::timeout(DRAIN, conn.start(&request, &fds))
-                    .await
-                    .map_err(|_| lost(io::Error::new(io::ErrorKind::TimedOut, "no answer")))?
+                // instead gets no longer than DRAIN (sending has a limit of its own).
+                conn.start(&request, &fds, DRAIN).await
             };
             drop(child);
             match first.map_err(lost)? {

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use std::path::PathBuf;
 
 use agent_workspaces_agent::{
-    ConnectRequest, ExecRequest, KEEP, MAX_REPLY, NEXT, RefuseReason, Reply, SOCKET, frame_len,
-    recv_with_fds, send_with_fds,
+    ConnectRequest, ExecRequest, IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REPLY, NEXT, RefuseReason,
+    Reply, SOCKET, frame_len, recv_with_fds, send_with_fds,
 };
 use pathrs::RootRef;
 use rustix::fs::{self as rfs, FileType, Mode, OFlags};
@@ -32,13 +32,20 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections kept for a next command, per agent, at most.
 const MAX_IDLE_CONNECTIONS: usize = 16;
-/// How long a kept connection is used again; the agent ends one after 30 s of nothing.
-const IDLE_CONNECTION_LIFE: Duration = Duration::from_secs(20);
+/// How long a kept connection is used again: well within the agent's own limit.
+const IDLE_CONNECTION_LIFE: Duration =
+    IDLE_CONNECTION_TIMEOUT.saturating_sub(Duration::from_secs(10));
+/// A kept connection found ended sooner than this after its command is an agent that ends
+/// every connection after its command (one from before the reuse of connections, still running
+/// in a container started before an upgrade): none is kept for it again. One ended later (its
+/// agent ended, or the connection waited long) is only dropped.
+const ENDS_EVERY_CONNECTION: Duration = Duration::from_secs(2);
 
 pub struct AgentConnection {
     stream: UnixStream,
-    /// It served a command before: the next request is preceded by `NEXT`.
-    reused: bool,
+    /// It served a command before, which ended at this instant: the next request is
+    /// preceded by `NEXT`.
+    reused: Option<Instant>,
     /// Where it goes back to when its command ended (a container's agent).
     home: Option<Arc<AgentHome>>,
 }
@@ -50,9 +57,7 @@ struct AgentHome {
     /// An `O_PATH` descriptor of the socket inode (see `Leader::agent_socket`).
     socket: OwnedFd,
     idle: Mutex<Vec<(UnixStream, Instant)>>,
-    /// Off once a kept connection ended before it answered: an agent older than the reuse
-    /// of connections ends each after its command (one still runs in a container started
-    /// before an upgrade).
+    /// Off for an agent that ends every connection after its command (`ENDS_EVERY_CONNECTION`).
     reuse: AtomicBool,
 }
 
@@ -64,7 +69,7 @@ impl AgentHome {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
         Ok(AgentConnection {
             stream,
-            reused: false,
+            reused: None,
             home: Some(self.clone()),
         })
     }
@@ -73,20 +78,40 @@ impl AgentHome {
     fn take_idle(self: &Arc<Self>) -> Option<AgentConnection> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|(_, since)| since.elapsed() < IDLE_CONNECTION_LIFE);
-        while let Some((stream, _)) = idle.pop() {
+        while let Some((stream, since)) = idle.pop() {
             if still_open(&stream) {
                 return Some(AgentConnection {
                     stream,
-                    reused: true,
+                    reused: Some(since),
                     home: Some(self.clone()),
                 });
             }
-            // The agent ended it (it ended, or it is an agent that ends every connection
-            // after its command): none is kept for it again.
-            self.reuse.store(false, Ordering::Relaxed);
-            idle.clear();
+            if self.ended_early(since) {
+                idle.clear();
+            }
         }
         None
+    }
+
+    /// A kept connection, idle since `since`, was found ended: whether that turned reuse off.
+    fn ended_early(&self, since: Instant) -> bool {
+        let early = since.elapsed() < ENDS_EVERY_CONNECTION;
+        if early {
+            self.reuse.store(false, Ordering::Relaxed);
+        }
+        early
+    }
+
+    /// Keeps a connection whose command ended, unless reuse is off or enough are kept.
+    fn keep(&self, stream: UnixStream) {
+        if !self.reuse.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|(_, since)| since.elapsed() < IDLE_CONNECTION_LIFE);
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push((stream, Instant::now()));
+        }
     }
 }
 
@@ -235,7 +260,7 @@ impl AgentConnection {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
         Ok(Self {
             stream,
-            reused: false,
+            reused: None,
             home: None,
         })
     }
@@ -246,7 +271,7 @@ impl AgentConnection {
         std.set_nonblocking(true)?;
         Ok(Self {
             stream: UnixStream::from_std(std)?,
-            reused: false,
+            reused: None,
             home: None,
         })
     }
@@ -268,21 +293,17 @@ impl AgentConnection {
 
     /// Sends the request with the command's descriptors (stdin, stdout, stderr, and the open
     /// `cgroup.procs` of its cgroup) and reads the agent's first answer (`None`: it closed the
-    /// connection). A kept connection that the agent ended meanwhile is replaced by a new one
-    /// (and no connection to that agent is kept again): it ended before it read the request.
+    /// connection), waiting for it at most `answer_within`. A kept connection that the agent
+    /// ended meanwhile (it ended without an answer: the agent never reads a request it does
+    /// not answer) is replaced by a new one, once.
     pub async fn start(
         &mut self,
         req: &ExecRequest,
         fds: &[BorrowedFd<'_>],
+        answer_within: Duration,
     ) -> io::Result<Option<Reply>> {
-        let mut frame = req.encode();
-        if self.reused {
-            frame.insert(0, NEXT);
-        }
-        let first = match self.send(&frame, fds).await {
-            Ok(()) => self.reply().await,
-            Err(e) => Err(e),
-        };
+        let frame = req.encode();
+        let first = self.request(&frame, fds, answer_within).await;
         let ended = match &first {
             Ok(None) => true,
             Err(e) => matches!(
@@ -291,16 +312,39 @@ impl AgentConnection {
             ),
             Ok(Some(_)) => false,
         };
-        match self.home.clone() {
-            Some(home) if self.reused && ended => {
-                home.reuse.store(false, Ordering::Relaxed);
+        match (self.reused, self.home.clone()) {
+            (Some(since), Some(home)) if ended => {
+                if home.ended_early(since) {
+                    home.idle
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clear();
+                }
                 *self = home.connect().await?;
-                frame.remove(0);
-                self.send(&frame, fds).await?;
-                self.reply().await
+                self.request(&frame, fds, answer_within).await
             }
             _ => first,
         }
+    }
+
+    /// Sends one request frame (after `NEXT` on a kept connection) and reads the first answer.
+    async fn request(
+        &mut self,
+        frame: &[u8],
+        fds: &[BorrowedFd<'_>],
+        answer_within: Duration,
+    ) -> io::Result<Option<Reply>> {
+        if self.reused.is_some() {
+            let mut next = Vec::with_capacity(frame.len() + 1);
+            next.push(NEXT);
+            next.extend_from_slice(frame);
+            self.send(&next, fds).await?;
+        } else {
+            self.send(frame, fds).await?;
+        }
+        tokio::time::timeout(answer_within, self.reply())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
     }
 
     async fn send(&mut self, frame: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
@@ -326,13 +370,8 @@ impl AgentConnection {
     /// After its command's `Exited`: kept for the agent's next command, where it has a home
     /// (a container's agent) and was not asked to stay open (`keep_open`).
     pub fn recycle(self) {
-        let Some(home) = self.home else { return };
-        if !home.reuse.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut idle = home.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_CONNECTIONS {
-            idle.push((self.stream, Instant::now()));
+        if let Some(home) = self.home {
+            home.keep(self.stream);
         }
     }
 
@@ -357,7 +396,13 @@ impl AgentConnection {
     /// connected socket it sends back (checked to be a stream socket: the agent is not
     /// trusted).
     pub async fn connect_port(&mut self, port: u16) -> io::Result<OwnedFd> {
-        let frame = ConnectRequest { port }.encode();
+        let mut frame = ConnectRequest { port }.encode();
+        if self.reused.is_some() {
+            // A kept connection: the request follows NEXT (and the agent ends the connection
+            // after its answer).
+            frame.insert(0, NEXT);
+        }
+        self.home = None;
         tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(&frame))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))??;
@@ -442,150 +487,4 @@ fn is_stream_socket(fd: &OwnedFd) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use agent_workspaces_agent::{ExecRequest, Reply};
-    use std::io::{Read, Write};
-    use std::os::unix::net::{UnixListener, UnixStream as StdStream};
-
-    /// A home for an agent listening at `path` (a container's is found through its leader).
-    fn home_at(path: &std::path::Path) -> Arc<AgentHome> {
-        let socket = rfs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap();
-        Arc::new(AgentHome {
-            socket,
-            idle: Mutex::default(),
-            reuse: AtomicBool::new(true),
-        })
-    }
-
-    /// A stand-in agent: answers every request on a connection with Started and Exited 0;
-    /// after each, ends the connection (`serves_next: false`, as agents before NEXT did) or
-    /// reads NEXT and serves the next request. Counts the connections it accepted.
-    fn fake_agent(
-        listener: UnixListener,
-        serves_next: bool,
-    ) -> Arc<std::sync::atomic::AtomicUsize> {
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = accepted.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let mut conn = conn.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                loop {
-                    let mut header = [0u8; 4];
-                    let mut fds = Vec::new();
-                    if recv_with_fds(conn.as_fd(), &mut header, &mut fds).unwrap_or(0) != 4 {
-                        break;
-                    }
-                    let mut body = vec![0u8; u32::from_le_bytes(header) as usize];
-                    conn.read_exact(&mut body).unwrap();
-                    let mut out = Reply::Started { pid: 1 }.encode();
-                    out.extend(Reply::Exited { code: 0 }.encode());
-                    conn.write_all(&out).unwrap();
-                    if !serves_next {
-                        break;
-                    }
-                    let mut next = [0u8; 1];
-                    if conn.read(&mut next).unwrap_or(0) != 1 || next[0] != NEXT {
-                        break;
-                    }
-                }
-            }
-        });
-        accepted
-    }
-
-    async fn run_one(home: &Arc<AgentHome>) {
-        let mut conn = match home.take_idle() {
-            Some(c) => c,
-            None => home.connect().await.unwrap(),
-        };
-        let req = ExecRequest {
-            command: b"true".to_vec(),
-            cwd: b"/".to_vec(),
-            env: vec![],
-            terminal: false,
-        };
-        let null = std::fs::File::open("/dev/null").unwrap();
-        let fds = [null.as_fd(), null.as_fd(), null.as_fd()];
-        assert_eq!(
-            conn.start(&req, &fds).await.unwrap(),
-            Some(Reply::Started { pid: 1 })
-        );
-        assert_eq!(conn.reply().await.unwrap(), Some(Reply::Exited { code: 0 }));
-        conn.recycle();
-    }
-
-    #[tokio::test]
-    async fn a_connection_is_used_again_and_one_the_agent_ended_is_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        for serves_next in [true, false] {
-            let path = dir.path().join(format!("agent-{serves_next}.sock"));
-            let accepted = fake_agent(UnixListener::bind(&path).unwrap(), serves_next);
-            let home = home_at(&path);
-            for _ in 0..5 {
-                run_one(&home).await;
-            }
-            if serves_next {
-                // One connection served all five; it waits for the next.
-                assert_eq!(accepted.load(Ordering::SeqCst), 1);
-                assert!(home.reuse.load(Ordering::SeqCst));
-                assert_eq!(home.idle.lock().unwrap().len(), 1);
-            } else {
-                // The first kept connection was found ended: reuse is off, each command has
-                // a connection of its own, and none is kept.
-                assert_eq!(accepted.load(Ordering::SeqCst), 5);
-                assert!(!home.reuse.load(Ordering::SeqCst));
-                assert!(home.idle.lock().unwrap().is_empty());
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn a_kept_connection_that_ends_before_it_answers_is_replaced_by_a_new_one() {
-        // The agent ends the connection after reading NEXT and the request (as it would if it
-        // ended it between the service's peek and the request): the request goes again, on
-        // a new connection.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let home = home_at(&path);
-        let served = std::thread::spawn(move || {
-            let (mut first, _) = listener.accept().unwrap();
-            let mut buf = vec![0u8; 4096];
-            recv_with_fds(first.as_fd(), &mut buf, &mut Vec::new()).unwrap();
-            let mut out = Reply::Started { pid: 1 }.encode();
-            out.extend(Reply::Exited { code: 0 }.encode());
-            first.write_all(&out).unwrap();
-            // The next request comes on this connection; it ends unanswered.
-            recv_with_fds(first.as_fd(), &mut buf, &mut Vec::new()).unwrap();
-            drop(first);
-            let (mut second, _): (StdStream, _) = listener.accept().unwrap();
-            let n = recv_with_fds(second.as_fd(), &mut buf, &mut Vec::new()).unwrap();
-            // A new connection's request comes without NEXT.
-            assert_ne!(buf[0], NEXT);
-            assert!(n >= 4);
-            second.write_all(&out).unwrap();
-        });
-        let send = async |conn: &mut AgentConnection| {
-            let req = ExecRequest {
-                command: b"true".to_vec(),
-                cwd: b"/".to_vec(),
-                env: vec![],
-                terminal: false,
-            };
-            let null = std::fs::File::open("/dev/null").unwrap();
-            let fds = [null.as_fd(), null.as_fd(), null.as_fd()];
-            conn.start(&req, &fds).await.unwrap()
-        };
-        let mut conn = home.connect().await.unwrap();
-        assert_eq!(send(&mut conn).await, Some(Reply::Started { pid: 1 }));
-        assert_eq!(conn.reply().await.unwrap(), Some(Reply::Exited { code: 0 }));
-        conn.recycle();
-        let mut conn = home.take_idle().expect("kept");
-        assert_eq!(send(&mut conn).await, Some(Reply::Started { pid: 1 }));
-        assert!(!conn.reused);
-        assert!(!home.reuse.load(Ordering::SeqCst));
-        served.join().unwrap();
-    }
-}
+mod tests;
