@@ -163,13 +163,9 @@ impl Pool {
     }
 }
 
-fn send(conn: &mut UnixStream, reply: Reply) {
-    // The service may have gone (it cancelled the command): nothing to do about that here.
-    let _ = conn.write_all(&reply.encode());
-}
-
 fn refuse(conn: &mut UnixStream, reason: RefuseReason, message: String) {
-    send(conn, Reply::Refused { reason, message });
+    // The service may have gone: nothing to do about that here.
+    let _ = conn.write_all(&Reply::Refused { reason, message }.encode());
 }
 
 /// Reads one request frame and the descriptors that came with it (some may have come with

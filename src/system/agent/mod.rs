@@ -61,14 +61,17 @@ struct AgentHome {
     reuse: AtomicBool,
 }
 
+/// A new connection to the socket at `path`, within `SEND_TIMEOUT`.
+async fn connect_to(path: impl AsRef<std::path::Path>) -> io::Result<UnixStream> {
+    tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))?
+}
+
 impl AgentHome {
     async fn connect(self: &Arc<Self>) -> io::Result<AgentConnection> {
-        let path = format!("/proc/self/fd/{}", self.socket.as_raw_fd());
-        let stream = tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
         Ok(AgentConnection {
-            stream,
+            stream: connect_to(format!("/proc/self/fd/{}", self.socket.as_raw_fd())).await?,
             reused: None,
             home: Some(self.clone()),
         })
@@ -255,11 +258,8 @@ impl AgentConnection {
 
     /// Connects to an agent's socket on the host (the host agent's, `host_agent.rs`).
     pub async fn connect_path(path: &std::path::Path) -> io::Result<Self> {
-        let stream = tokio::time::timeout(SEND_TIMEOUT, UnixStream::connect(path))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not accept"))??;
         Ok(Self {
-            stream,
+            stream: connect_to(path).await?,
             reused: None,
             home: None,
         })
@@ -302,8 +302,11 @@ impl AgentConnection {
         fds: &[BorrowedFd<'_>],
         answer_within: Duration,
     ) -> io::Result<Option<Reply>> {
-        let frame = req.encode();
-        let first = self.request(&frame, fds, answer_within).await;
+        // The frame after NEXT: a kept connection sends all of it, a new one from the second
+        // byte.
+        let mut framed = vec![NEXT];
+        framed.extend(req.encode());
+        let first = self.request(&framed, fds, answer_within).await;
         let ended = match &first {
             Ok(None) => true,
             Err(e) => matches!(
@@ -321,27 +324,22 @@ impl AgentConnection {
                         .clear();
                 }
                 *self = home.connect().await?;
-                self.request(&frame, fds, answer_within).await
+                self.request(&framed, fds, answer_within).await
             }
             _ => first,
         }
     }
 
-    /// Sends one request frame (after `NEXT` on a kept connection) and reads the first answer.
+    /// Sends one request frame, `NEXT` first on a kept connection (`framed` holds both), and
+    /// reads the first answer.
     async fn request(
         &mut self,
-        frame: &[u8],
+        framed: &[u8],
         fds: &[BorrowedFd<'_>],
         answer_within: Duration,
     ) -> io::Result<Option<Reply>> {
-        if self.reused.is_some() {
-            let mut next = Vec::with_capacity(frame.len() + 1);
-            next.push(NEXT);
-            next.extend_from_slice(frame);
-            self.send(&next, fds).await?;
-        } else {
-            self.send(frame, fds).await?;
-        }
+        let from = usize::from(self.reused.is_none());
+        self.send(&framed[from..], fds).await?;
         tokio::time::timeout(answer_within, self.reply())
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?

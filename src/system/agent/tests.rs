@@ -58,11 +58,8 @@ fn fake_agent(listener: UnixListener, serves_next: bool) -> Arc<std::sync::atomi
     accepted
 }
 
-async fn run_one(home: &Arc<AgentHome>) {
-    let mut conn = match home.take_idle() {
-        Some(c) => c,
-        None => home.connect().await.unwrap(),
-    };
+/// Starts `true` on `conn` (stdin, stdout and stderr /dev/null): the agent's first answer.
+async fn start_true(conn: &mut AgentConnection) -> Option<Reply> {
     let req = ExecRequest {
         command: b"true".to_vec(),
         cwd: b"/".to_vec(),
@@ -71,12 +68,18 @@ async fn run_one(home: &Arc<AgentHome>) {
     };
     let null = std::fs::File::open("/dev/null").unwrap();
     let fds = [null.as_fd(), null.as_fd(), null.as_fd()];
-    assert_eq!(
-        conn.start(&req, &fds, Duration::from_secs(5))
-            .await
-            .unwrap(),
-        Some(Reply::Started { pid: 1 })
-    );
+    conn.start(&req, &fds, Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
+/// One command on a kept connection or a new one, to its end; the connection kept after.
+async fn run_one(home: &Arc<AgentHome>) {
+    let mut conn = match home.take_idle() {
+        Some(c) => c,
+        None => home.connect().await.unwrap(),
+    };
+    assert_eq!(start_true(&mut conn).await, Some(Reply::Started { pid: 1 }));
     assert_eq!(conn.reply().await.unwrap(), Some(Reply::Exited { code: 0 }));
     conn.recycle();
 }
@@ -132,25 +135,12 @@ async fn a_kept_connection_that_ends_before_it_answers_is_replaced_by_a_new_one(
         assert!(n >= 4);
         second.write_all(&out).unwrap();
     });
-    let send = async |conn: &mut AgentConnection| {
-        let req = ExecRequest {
-            command: b"true".to_vec(),
-            cwd: b"/".to_vec(),
-            env: vec![],
-            terminal: false,
-        };
-        let null = std::fs::File::open("/dev/null").unwrap();
-        let fds = [null.as_fd(), null.as_fd(), null.as_fd()];
-        conn.start(&req, &fds, Duration::from_secs(5))
-            .await
-            .unwrap()
-    };
     let mut conn = home.connect().await.unwrap();
-    assert_eq!(send(&mut conn).await, Some(Reply::Started { pid: 1 }));
+    assert_eq!(start_true(&mut conn).await, Some(Reply::Started { pid: 1 }));
     assert_eq!(conn.reply().await.unwrap(), Some(Reply::Exited { code: 0 }));
     conn.recycle();
     let mut conn = home.take_idle().expect("kept");
-    assert_eq!(send(&mut conn).await, Some(Reply::Started { pid: 1 }));
+    assert_eq!(start_true(&mut conn).await, Some(Reply::Started { pid: 1 }));
     assert!(conn.reused.is_none());
     assert!(!home.reuse.load(Ordering::SeqCst));
     served.join().unwrap();
