@@ -81,7 +81,7 @@ fn the_bridge_reaches_the_service_only_over_dbus() {
 
 /// Files that are one thing though longer than the rest, and why.
 const LONG_ON_PURPOSE: &[(&str, &str)] = &[(
-    "src/system/tree.rs",
+    "src/system/containers/tree.rs",
     "confined access to an untrusted tree: one abstraction, half of it property tests",
 )];
 
@@ -112,4 +112,112 @@ fn no_source_file_holds_several_jobs() {
         "split these along their seams (or say in LONG_ON_PURPOSE why one is one thing):\n{}",
         long.join("\n")
     );
+}
+
+/// The module a file under `src/` is, as a path of names (`system::commands::exec`); a
+/// directory's `mod.rs` is the directory.
+fn module_of(file: &Path) -> String {
+    let rel = file.strip_prefix(root().join("src")).unwrap();
+    let mut parts: Vec<String> = rel
+        .with_extension("")
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    if parts.last().is_some_and(|p| p == "mod") {
+        parts.pop();
+    }
+    parts.join("::")
+}
+
+/// The modules of `src/system` each file there names (`crate::system::...`), resolved to the
+/// files that exist; a module's own descendants and ancestors are left out (a directory's
+/// `mod.rs` declares its children; `tests` modules look into their parent).
+fn system_imports() -> Vec<(String, Vec<String>)> {
+    let mut files = Vec::new();
+    rust_files(&root().join("src/system"), &mut files);
+    let modules: Vec<String> = files.iter().map(|f| module_of(f)).collect();
+    files
+        .iter()
+        .zip(&modules)
+        .map(|(f, me)| {
+            let text = fs::read_to_string(f).unwrap();
+            let mut names: Vec<String> = Vec::new();
+            for (i, _) in text.match_indices("crate::system::") {
+                let path: String = text[i + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                    .collect();
+                // The longest prefix of the path that is a file's module.
+                let mut parts: Vec<&str> = path.split("::").filter(|p| !p.is_empty()).collect();
+                while !parts.is_empty() && !modules.contains(&parts.join("::")) {
+                    parts.pop();
+                }
+                let target = parts.join("::");
+                let related = target.starts_with(&format!("{me}::"))
+                    || me.starts_with(&format!("{target}::"))
+                    || target == *me;
+                if !target.is_empty() && !related && !names.contains(&target) {
+                    names.push(target);
+                }
+            }
+            (me.clone(), names)
+        })
+        .collect()
+}
+
+#[test]
+fn no_files_of_src_system_import_each_other_in_a_circle() {
+    let graph = system_imports();
+    let edges = |m: &str| -> Vec<String> {
+        graph
+            .iter()
+            .find(|(n, _)| n == m)
+            .map(|(_, e)| e.clone())
+            .unwrap_or_default()
+    };
+    // A depth-first walk from every module; a module met again on the current path closes a
+    // circle.
+    fn walk(
+        m: &str,
+        path: &mut Vec<String>,
+        done: &mut Vec<String>,
+        edges: &dyn Fn(&str) -> Vec<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|p| p == m) {
+            let mut circle = path[at..].to_vec();
+            circle.push(m.to_owned());
+            return Some(circle);
+        }
+        if done.iter().any(|d| d == m) {
+            return None;
+        }
+        path.push(m.to_owned());
+        for next in edges(m) {
+            if let Some(c) = walk(&next, path, done, edges) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.push(m.to_owned());
+        None
+    }
+    let mut done = Vec::new();
+    for (m, _) in &graph {
+        if let Some(circle) = walk(m, &mut Vec::new(), &mut done, &edges) {
+            panic!(
+                "files of src/system import each other in a circle: {}",
+                circle.join(" -> ")
+            );
+        }
+    }
+    // The rooms: commands serve containers, never the other way.
+    for (m, e) in &graph {
+        if m.starts_with("system::commands") {
+            let up: Vec<_> = e
+                .iter()
+                .filter(|t| t.starts_with("system::containers"))
+                .collect();
+            assert!(up.is_empty(), "{m} imports the containers room: {up:?}");
+        }
+    }
 }

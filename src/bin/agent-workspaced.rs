@@ -17,11 +17,11 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 use agent_workspaces::core::messages;
 use agent_workspaces::core::{Manager, Ports};
 use agent_workspaces::dbus::{self, BUS_NAME};
-use agent_workspaces::system::cgroup::{CgroupTree, Containment};
+use agent_workspaces::system::commands::cgroup::{CgroupTree, Containment};
+use agent_workspaces::system::commands::host::HostExecutor;
+use agent_workspaces::system::commands::host_agent::HostAgent;
 use agent_workspaces::system::config::{Config, ContainmentMode};
 use agent_workspaces::system::containers::{AGENT_FILE, NspawnContainers};
-use agent_workspaces::system::host_agent::HostAgent;
-use agent_workspaces::system::host_exec::HostExecutor;
 use agent_workspaces::system::library::FsLibrary;
 use agent_workspaces::system::logging;
 use agent_workspaces::system::store::{Dirs, FileStore};
@@ -47,10 +47,10 @@ fn notify_or_warn(states: &[NotifyState]) {
 async fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Internal::BuildTree { plan }) = &args.command {
-        return ExitCode::from(agent_workspaces::system::build::main(plan));
+        return ExitCode::from(agent_workspaces::system::containers::build::main(plan));
     }
     // What systemd kept for this service across its restart (background processes).
-    agent_workspaces::system::keep::init();
+    agent_workspaces::system::commands::keep::init();
     if let Err(e) = logging::init(args.log_target) {
         eprintln!("agent-workspaced: {e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -91,7 +91,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
             Containment::ProcessGroup
         }
     };
-    if let Err(e) = agent_workspaces::system::exec::raise_fd_limit() {
+    if let Err(e) = agent_workspaces::system::commands::exec::raise_fd_limit() {
         warn!("Cannot raise the descriptor limit (commands at once are fewer): {e}");
     }
     let store = FileStore::open(state_dir.join("records")).map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::core::spec::{BuildLimits, ExecLimits, ServiceLimits};
 use crate::core::workspace::Distro;
-use crate::system::distro::DistroSettings;
+use crate::system::containers::distro::DistroSettings;
 
 pub const DEFAULT_PATH: &str = "/etc/agent-workspaces/config.toml";
 /// Largest per-stream output cap: two streams must fit well inside the system bus's 32 MiB
@@ -67,7 +67,7 @@ impl ContainerConfig {
 }
 
 /// How host commands are contained (`[exec] isolation`): resolved into an
-/// [`cgroup::Containment`](crate::system::cgroup::Containment) once the service knows its cgroup.
+/// [`cgroup::Containment`](crate::system::commands::cgroup::Containment) once the service knows its cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ContainmentMode {

@@ -16,11 +16,11 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
-use super::tree::{Tree, TreeDir};
 use crate::core::error::{Error, Result};
 use crate::core::names::validate_library_name;
 use crate::core::ports::{InstallTarget, Library};
 use crate::core::template::Template;
+use crate::system::containers::tree::{Tree, TreeDir};
 
 pub struct FsLibrary {
     root: PathBuf,

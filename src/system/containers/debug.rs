@@ -6,8 +6,8 @@ use std::time::Duration;
 use crate::core::error::{Error, Result};
 use crate::core::ports::{Containers, DebugInfo, DebugValue};
 use crate::core::workspace::Workspace;
-use crate::system::cgroup::cgroup2_mount;
-use crate::system::layer;
+use crate::system::commands::cgroup::cgroup2_mount;
+use crate::system::containers::layer;
 
 use super::*;
 

@@ -10,9 +10,13 @@
 //! The tree is the container's: code inside can put anything anywhere in it. Every file the
 //! service reads or writes there goes through `tree::Tree`, resolved inside the tree.
 
+pub mod build;
 mod debug;
+pub mod distro;
 mod init_log;
+pub mod layer;
 mod orphans;
+pub mod tree;
 mod units;
 
 use units::*;
@@ -29,18 +33,17 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::agent::{AgentConnection, Leader};
-use super::build::{BuildPlan, BuildResult};
-use super::cgroup::Containment;
 use super::config::ContainerConfig;
-use super::exec::{Command, Launch, agent_request, run_contained};
-use super::layer;
 use super::systemd::{Systemd, prop};
-use super::tree::Tree;
 use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
 use crate::core::ports::{BuildSteps, Containers, DebugInfo, ExecIo, ExecOutcome, ExecRequest};
 use crate::core::workspace::Workspace;
+use crate::system::commands::agent::{AgentConnection, Leader};
+use crate::system::commands::cgroup::Containment;
+use crate::system::commands::exec::{Command, Launch, agent_request, run_contained};
+use build::{BuildPlan, BuildResult};
+use tree::Tree;
 
 /// The service's own files inside a container: `/.agent-workspaces/init`.
 const OWN_DIR: &str = ".agent-workspaces";

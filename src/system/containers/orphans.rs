@@ -4,8 +4,8 @@ use std::fs;
 
 use tracing::warn;
 
-use crate::system::layer;
-use crate::system::tree::Tree;
+use crate::system::containers::layer;
+use crate::system::containers::tree::Tree;
 
 use super::*;
 

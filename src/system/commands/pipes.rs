@@ -3,7 +3,7 @@
 //! stderr both, read into the process's buffer).
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use tokio::net::unix::pipe;
 
@@ -66,10 +66,11 @@ pub(super) fn streams(io: ExecIo) -> io::Result<Streams> {
 
 /// A background process's streams: its stdin, and one pipe for its stdout and stderr; or, with
 /// a window size, a pseudo-terminal of that size as all three.
-/// With `keep`, the service's ends are kept across a restart under that key (`keep.rs`).
+/// `keep` is given the service's ends of its output and input, and the command's end of its
+/// output, before they are handed out (to keep them across a restart: `keep.rs`).
 pub(super) fn process_streams(
     terminal: Option<WindowSize>,
-    keep: Option<&str>,
+    keep: impl FnOnce(BorrowedFd<'_>, Option<BorrowedFd<'_>>, BorrowedFd<'_>) -> io::Result<()>,
 ) -> io::Result<ProcessStreams> {
     if let Some(size) = terminal {
         return pty(size, keep);
@@ -77,9 +78,7 @@ pub(super) fn process_streams(
     let (stdin, input) = pipe_pair()?;
     let (output, stdout) = pipe_pair()?;
     let stderr = stdout.try_clone()?;
-    if let Some(key) = keep {
-        super::keep::keeper().prepare(key, output.as_fd(), Some(input.as_fd()), stdout.as_fd())?;
-    }
+    keep(output.as_fd(), Some(input.as_fd()), stdout.as_fd())?;
     Ok(ProcessStreams {
         command: ExecIo::Pass {
             stdin,
@@ -96,7 +95,10 @@ pub(super) fn process_streams(
 /// console): the command gets the terminal, opened from the master (`TIOCGPTPEER`, no path
 /// looked up), as stdin, stdout and stderr; the service reads and writes the master. When the
 /// last holder of the terminal closes it, reading the master fails (`EIO`): the output's end.
-fn pty(size: WindowSize, keep: Option<&str>) -> io::Result<ProcessStreams> {
+fn pty(
+    size: WindowSize,
+    keep: impl FnOnce(BorrowedFd<'_>, Option<BorrowedFd<'_>>, BorrowedFd<'_>) -> io::Result<()>,
+) -> io::Result<ProcessStreams> {
     use rustix::pty::OpenptFlags;
     let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
     let master = rustix::pty::openpt(flags)?;
@@ -107,9 +109,7 @@ fn pty(size: WindowSize, keep: Option<&str>) -> io::Result<ProcessStreams> {
     master.resize(size)?;
     // Non-blocking for the runtime: the flag is the open file's, shared by every copy.
     rustix::io::ioctl_fionbio(&master.0, true)?;
-    if let Some(key) = keep {
-        super::keep::keeper().prepare(key, master.0.as_fd(), None, terminal.as_fd())?;
-    }
+    keep(master.0.as_fd(), None, terminal.as_fd())?;
     let (input, output, terminal_controls) = pty_ends(master)?;
     Ok(ProcessStreams {
         command: ExecIo::Pass {

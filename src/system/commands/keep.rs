@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use libsystemd::daemon::{self, NotifyState};
@@ -273,119 +273,6 @@ impl Keeper {
     }
 }
 
-/// The processes the previous run kept, each with its streams and its end where its agent
-/// connection was kept; also the cgroups of those that run on.
-pub fn kept_processes() -> (Vec<crate::core::ports::KeptProcess>, Vec<PathBuf>) {
-    use crate::core::ports::{KeptLive, KeptProcess};
-    use tokio::net::unix::pipe;
-    let mut found = Vec::new();
-    let mut claimed = Vec::new();
-    for (key, received) in keeper().take_received() {
-        let mut main = Main::default();
-        for fd in received.main {
-            main.sort(fd);
-        }
-        let Some((cgroup, record)) = main.record.as_ref().and_then(read_record) else {
-            warn!("Dropping kept descriptors of {key}: no record came with them");
-            keeper().forget(&key);
-            continue;
-        };
-        let output = received.output.and_then(|fd| read_memfd(&fd).ok());
-        let input = received.input;
-        let streams = || -> io::Result<Option<_>> {
-            let Some(agent) = main.agent.take() else {
-                return Ok(None);
-            };
-            let conn = super::agent::AgentConnection::from_fd(agent)?;
-            // After a crash, an output whose command ended meanwhile is gone: it has ended.
-            let ends = match (main.pty.take(), main.out.take()) {
-                (Some(master), _) => {
-                    let (input, output, terminal) =
-                        super::pipes::pty_ends(super::pipes::Pty(master))?;
-                    (Some(input), output, Some(terminal))
-                }
-                (None, out) => (
-                    input
-                        .map(pipe::Sender::from_owned_fd)
-                        .transpose()?
-                        .map(|i| Box::new(i) as Box<_>),
-                    match out {
-                        Some(out) => Box::new(pipe::Receiver::from_owned_fd(out)?) as Box<_>,
-                        None => Box::new(tokio::io::empty()) as Box<_>,
-                    },
-                    None,
-                ),
-            };
-            Ok(Some((ends, conn)))
-        };
-        let live = match streams() {
-            Ok(Some(((input, output, terminal), conn))) => {
-                claimed.extend(cgroup.clone());
-                let key = key.clone();
-                let resume: crate::core::ports::Resume = Box::new(move |signals, cancel| {
-                    Box::pin(super::exec::resume(key, conn, cgroup, signals, cancel))
-                });
-                Some(KeptLive {
-                    input,
-                    output,
-                    terminal,
-                    resume,
-                })
-            }
-            Ok(None) => None,
-            Err(e) => {
-                warn!("Cannot take up the kept streams of {key}: {e}");
-                None
-            }
-        };
-        found.push(KeptProcess {
-            key,
-            record,
-            output,
-            live,
-        });
-    }
-    (found, claimed)
-}
-
-/// The descriptors kept under a process's key, told apart by what they are.
-#[derive(Default)]
-struct Main {
-    out: Option<OwnedFd>,
-    pty: Option<OwnedFd>,
-    agent: Option<OwnedFd>,
-    record: Option<OwnedFd>,
-}
-
-impl Main {
-    fn sort(&mut self, fd: OwnedFd) {
-        use rustix::fs::FileType;
-        let Ok(st) = rustix::fs::fstat(&fd) else {
-            return;
-        };
-        let slot = match FileType::from_raw_mode(st.st_mode) {
-            FileType::Socket => &mut self.agent,
-            FileType::Fifo => &mut self.out,
-            FileType::CharacterDevice => &mut self.pty,
-            FileType::RegularFile => &mut self.record,
-            _ => return,
-        };
-        *slot = Some(fd);
-    }
-}
-
-/// A record as `keep_started` wrote it: the cgroup (checked to be one) and the core's record.
-fn read_record(fd: &OwnedFd) -> Option<(Option<PathBuf>, Vec<u8>)> {
-    let data = read_memfd(fd).ok()?;
-    let newline = data.iter().position(|b| *b == b'\n')?;
-    let cgroup = std::str::from_utf8(&data[..newline])
-        .ok()
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .filter(|p| super::cgroup::cgroup2_mount().is_some_and(|m| p.starts_with(m)));
-    Some((cgroup, data[newline + 1..].to_vec()))
-}
-
 enum Kind {
     Main,
     In,
@@ -413,7 +300,7 @@ fn split_name(name: &str) -> Option<(&str, Kind)> {
 }
 
 /// A sealed-size memory file holding `data`.
-fn memfd(key: &str, data: &[u8]) -> io::Result<OwnedFd> {
+pub(super) fn memfd(key: &str, data: &[u8]) -> io::Result<OwnedFd> {
     let fd = rustix::fs::memfd_create(key, rustix::fs::MemfdFlags::CLOEXEC)?;
     let mut file = std::fs::File::from(fd);
     file.write_all(data)?;
@@ -455,16 +342,6 @@ mod tests {
         );
         assert_eq!(kind("process.host.3.other"), None);
         assert_eq!(kind("socket.agent"), None);
-    }
-
-    #[test]
-    fn a_record_gives_back_its_cgroup_and_the_cores_record() {
-        let fd = memfd("t", b"\n{\"id\":1}").unwrap();
-        assert_eq!(read_record(&fd), Some((None, b"{\"id\":1}".to_vec())));
-        // A path outside the cgroup hierarchy is no cgroup.
-        let fd = memfd("t", b"/etc\n{}").unwrap();
-        assert_eq!(read_record(&fd), Some((None, b"{}".to_vec())));
-        assert_eq!(read_record(&memfd("t", b"no newline").unwrap()), None);
     }
 
     #[test]

@@ -10,10 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::agent::AgentConnection;
-use super::cgroup::cgroup2_mount;
-use super::systemd::{Systemd, prop};
 use crate::core::error::{Error, Result};
+use crate::system::commands::agent::AgentConnection;
+use crate::system::commands::cgroup::cgroup2_mount;
+use crate::system::systemd::{Systemd, prop};
 
 pub const UNIT: &str = "agent-workspaces-host-agent.service";
 /// Its slice, set on the unit: where its cgroup is found at start (`end_unclaimed`) before

@@ -3,25 +3,25 @@
 //! restart, `host_agent.rs`), the streams of processes, attachments and host ports.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::cgroup::Containment;
-use super::exec::{Command, Launch, agent_request, run_contained};
 use crate::core::error::{Error, Result};
 use crate::core::ports::{
     Attachment, ExecOutcome, ExecRequest, Executor, ProcessStreams, WindowSize,
 };
+use crate::system::commands::cgroup::Containment;
+use crate::system::commands::exec::{Command, Launch, agent_request, run_contained};
 use agent_workspaces_agent as agent_proto;
 
 pub struct HostExecutor {
     containment: Containment,
     /// Starts the background processes kept across a restart (`host_agent.rs`); none where
     /// nothing is kept.
-    host_agent: Option<super::host_agent::HostAgent>,
+    host_agent: Option<crate::system::commands::host_agent::HostAgent>,
 }
 
 impl HostExecutor {
@@ -34,8 +34,11 @@ impl HostExecutor {
 
     /// Background processes of host workspaces started by the host agent, and every
     /// background process kept across a restart (with systemd's descriptor store).
-    pub fn with_host_agent(mut self, agent: super::host_agent::HostAgent) -> Self {
-        if super::keep::keeper().enabled() {
+    pub fn with_host_agent(
+        mut self,
+        agent: crate::system::commands::host_agent::HostAgent,
+    ) -> Self {
+        if crate::system::commands::keep::keeper().enabled() {
             self.host_agent = Some(agent);
         }
         self
@@ -49,7 +52,14 @@ impl Executor for HostExecutor {
         terminal: Option<WindowSize>,
         keep: Option<&str>,
     ) -> Result<ProcessStreams> {
-        super::pipes::process_streams(terminal, keep)
+        let keeper = crate::system::commands::keep::keeper();
+        let prepare = |output: BorrowedFd<'_>,
+                       input: Option<BorrowedFd<'_>>,
+                       hold: BorrowedFd<'_>| match keep {
+            Some(key) => keeper.prepare(key, output, input, hold),
+            None => Ok(()),
+        };
+        crate::system::commands::pipes::process_streams(terminal, prepare)
             .map_err(|e| Error::io("Cannot make the pipes or terminal of a process", e))
     }
 
@@ -58,31 +68,32 @@ impl Executor for HostExecutor {
     }
 
     fn keep_output(&self, key: &str, output: &[u8]) {
-        super::keep::keeper().keep_stopping(key, output);
+        crate::system::commands::keep::keeper().keep_stopping(key, output);
     }
 
     fn keep_finished(&self, key: &str, record: &[u8], output: &[u8]) {
-        super::keep::keeper().keep_finished(key, record, output);
+        crate::system::commands::keep::keeper().keep_finished(key, record, output);
     }
 
     fn forget_kept_input(&self, key: &str) {
-        super::keep::keeper().forget_input(key);
+        crate::system::commands::keep::keeper().forget_input(key);
     }
 
     fn forget_kept(&self, key: &str) {
-        super::keep::keeper().forget(key);
+        crate::system::commands::keep::keeper().forget(key);
     }
 
     fn kept_processes(&self) -> Vec<crate::core::ports::KeptProcess> {
-        let (kept, claimed) = super::keep::kept_processes();
+        let (kept, claimed) = crate::system::commands::kept::kept_processes();
         if self.host_agent.is_some() {
-            super::host_agent::end_unclaimed(&claimed);
+            crate::system::commands::host_agent::end_unclaimed(&claimed);
         }
         kept
     }
 
     fn attachment(&self) -> Result<Attachment> {
-        super::pipes::attachment().map_err(|e| Error::io("Cannot make a socket pair", e))
+        crate::system::commands::pipes::attachment()
+            .map_err(|e| Error::io("Cannot make a socket pair", e))
     }
 
     async fn connect_port(&self, port: u16) -> Result<OwnedFd> {

@@ -16,11 +16,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 
-use super::agent::AgentConnection;
-use super::cgroup::{CommandCgroup, Containment};
-use super::output::{DRAIN, READ_GRACE, collect_after_end, collect_running};
 use crate::core::error::{Error, Result};
 use crate::core::ports::{ExecIo, ExecOutcome, KeepAs, Signals};
+use crate::system::commands::agent::AgentConnection;
+use crate::system::commands::cgroup::{CommandCgroup, Containment};
+use crate::system::commands::output::{DRAIN, READ_GRACE, collect_after_end, collect_running};
 
 /// The soft descriptor limit the service started with, which the commands it starts get back.
 static CHILD_NOFILE_SOFT: AtomicU64 = AtomicU64::new(1024);
@@ -50,7 +50,7 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 
 /// The request to an agent for a command: its shell command, working directory (resolved
 /// by the agent, where it runs) and exact environment.
-pub(super) fn agent_request(
+pub(crate) fn agent_request(
     command: String,
     cwd: &Path,
     env: BTreeMap<String, String>,
@@ -130,7 +130,7 @@ pub struct Command<'a> {
 
 /// A started command.
 enum Running<'a> {
-    Here(super::spawn::Spawned),
+    Here(crate::system::commands::spawn::Spawned),
     Agent {
         conn: AgentConnection,
         workspace: &'a str,
@@ -213,7 +213,7 @@ async fn launch<'a>(
                 terminal,
                 nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
             })
-            .and_then(super::spawn::watch);
+            .and_then(crate::system::commands::spawn::watch);
             // The command has its own copies of its descriptors now; close the service's.
             drop(child);
             spawned
@@ -330,7 +330,7 @@ pub async fn run_contained(
     containment: &Containment,
     cancel: &CancellationToken,
 ) -> Result<ExecOutcome> {
-    let streams = super::pipes::streams(c.io)
+    let streams = crate::system::commands::pipes::streams(c.io)
         .map_err(|e| Error::JobFailed(format!("Cannot make the command's pipes: {e}")))?;
     let cgroup = match containment {
         Containment::Cgroup(parent) => Some(CommandCgroup::create(parent).map_err(|e| {
@@ -359,7 +359,7 @@ pub async fn run_contained(
                 keep.key
             );
         }
-        super::keep::keeper().keep_started(
+        crate::system::commands::keep::keeper().keep_started(
             &keep.key,
             conn.socket(),
             cgroup.as_ref().map(|cg| cg.dir.as_path()),

@@ -11,10 +11,10 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-use super::distro::{self, DistroSettings};
-use super::layer;
-use super::tree::Tree;
 use crate::core::workspace::Distro;
+use crate::system::containers::distro::{self, DistroSettings};
+use crate::system::containers::layer;
+use crate::system::containers::tree::Tree;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildPlan {

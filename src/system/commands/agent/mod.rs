@@ -25,7 +25,7 @@ use rustix::fs::{self as rfs, FileType, Mode, OFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
-use super::cgroup::cgroup2_mount;
+use crate::system::commands::cgroup::cgroup2_mount;
 
 /// How long connecting and sending a request may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,145 @@
+//! Background processes kept by the previous run of the service (`keep.rs` holds their
+//! descriptors), taken up again at start: each one's streams, and its end awaited on the
+//! agent connection that was kept with it (`exec::resume`).
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use tracing::warn;
+
+use super::keep::{keeper, read_memfd};
+
+/// The processes the previous run kept, each with its streams and its end where its agent
+/// connection was kept; also the cgroups of those that run on.
+pub fn kept_processes() -> (Vec<crate::core::ports::KeptProcess>, Vec<PathBuf>) {
+    use crate::core::ports::{KeptLive, KeptProcess};
+    use tokio::net::unix::pipe;
+    let mut found = Vec::new();
+    let mut claimed = Vec::new();
+    for (key, received) in keeper().take_received() {
+        let mut main = Main::default();
+        for fd in received.main {
+            main.sort(fd);
+        }
+        let Some((cgroup, record)) = main.record.as_ref().and_then(read_record) else {
+            warn!("Dropping kept descriptors of {key}: no record came with them");
+            keeper().forget(&key);
+            continue;
+        };
+        let output = received.output.and_then(|fd| read_memfd(&fd).ok());
+        let input = received.input;
+        let streams = || -> io::Result<Option<_>> {
+            let Some(agent) = main.agent.take() else {
+                return Ok(None);
+            };
+            let conn = crate::system::commands::agent::AgentConnection::from_fd(agent)?;
+            // After a crash, an output whose command ended meanwhile is gone: it has ended.
+            let ends = match (main.pty.take(), main.out.take()) {
+                (Some(master), _) => {
+                    let (input, output, terminal) = crate::system::commands::pipes::pty_ends(
+                        crate::system::commands::pipes::Pty(master),
+                    )?;
+                    (Some(input), output, Some(terminal))
+                }
+                (None, out) => (
+                    input
+                        .map(pipe::Sender::from_owned_fd)
+                        .transpose()?
+                        .map(|i| Box::new(i) as Box<_>),
+                    match out {
+                        Some(out) => Box::new(pipe::Receiver::from_owned_fd(out)?) as Box<_>,
+                        None => Box::new(tokio::io::empty()) as Box<_>,
+                    },
+                    None,
+                ),
+            };
+            Ok(Some((ends, conn)))
+        };
+        let live = match streams() {
+            Ok(Some(((input, output, terminal), conn))) => {
+                claimed.extend(cgroup.clone());
+                let key = key.clone();
+                let resume: crate::core::ports::Resume = Box::new(move |signals, cancel| {
+                    Box::pin(crate::system::commands::exec::resume(
+                        key, conn, cgroup, signals, cancel,
+                    ))
+                });
+                Some(KeptLive {
+                    input,
+                    output,
+                    terminal,
+                    resume,
+                })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!("Cannot take up the kept streams of {key}: {e}");
+                None
+            }
+        };
+        found.push(KeptProcess {
+            key,
+            record,
+            output,
+            live,
+        });
+    }
+    (found, claimed)
+}
+
+/// The descriptors kept under a process's key, told apart by what they are.
+#[derive(Default)]
+struct Main {
+    out: Option<OwnedFd>,
+    pty: Option<OwnedFd>,
+    agent: Option<OwnedFd>,
+    record: Option<OwnedFd>,
+}
+
+impl Main {
+    fn sort(&mut self, fd: OwnedFd) {
+        use rustix::fs::FileType;
+        let Ok(st) = rustix::fs::fstat(&fd) else {
+            return;
+        };
+        let slot = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Socket => &mut self.agent,
+            FileType::Fifo => &mut self.out,
+            FileType::CharacterDevice => &mut self.pty,
+            FileType::RegularFile => &mut self.record,
+            _ => return,
+        };
+        *slot = Some(fd);
+    }
+}
+
+/// A record as `keep_started` wrote it: the cgroup (checked to be one) and the core's record.
+fn read_record(fd: &OwnedFd) -> Option<(Option<PathBuf>, Vec<u8>)> {
+    let data = read_memfd(fd).ok()?;
+    let newline = data.iter().position(|b| *b == b'\n')?;
+    let cgroup = std::str::from_utf8(&data[..newline])
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .filter(|p| {
+            crate::system::commands::cgroup::cgroup2_mount().is_some_and(|m| p.starts_with(m))
+        });
+    Some((cgroup, data[newline + 1..].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::commands::keep::memfd;
+
+    #[test]
+    fn a_record_gives_back_its_cgroup_and_the_cores_record() {
+        let fd = memfd("t", b"\n{\"id\":1}").unwrap();
+        assert_eq!(read_record(&fd), Some((None, b"{\"id\":1}".to_vec())));
+        // A path outside the cgroup hierarchy is no cgroup.
+        let fd = memfd("t", b"/etc\n{}").unwrap();
+        assert_eq!(read_record(&fd), Some((None, b"{}".to_vec())));
+        assert_eq!(read_record(&memfd("t", b"no newline").unwrap()), None);
+    }
+}
