@@ -2,16 +2,24 @@
 //! both sides.
 //!
 //! The service connects to the agent's Unix socket (`/run/agent-workspaces/agent.sock` inside
-//! the container) and sends one request frame with the command's descriptors attached
-//! (`SCM_RIGHTS`): stdin, stdout, stderr and, optionally, an open `cgroup.procs` of the cgroup
-//! the command must run in. The agent answers `Started`, then `Exited` when the command's
-//! shell exits, or `Refused` when it could not start it.
+//! the container) and sends one request frame with the command's three standard streams
+//! attached (`SCM_RIGHTS`): pipes the service made and relays, never a descriptor a caller lent
+//! it, nor one opened with the service's credentials. The request names the cgroup the command
+//! joins as the agent sees it (`/exec-7` below the container's own cgroup root): the agent
+//! opens it itself, so what it can do with it is what the container's root can do anyway. The
+//! agent answers `Started`, then `Exited` when the command's shell exits, or `Refused` when it
+//! could not start it.
+//!
+//! A command on a terminal made inside (`Terminal::Make`) gets a pseudo-terminal of the
+//! container's own devpts from the agent, which relays it to and from the pipes; between
+//! `Started` and `Exited` the service may send `RESIZE` messages for it.
 //!
 //! After `Exited` the connection serves one command after another: the agent reads one byte.
 //! `NEXT` is followed by the next request frame (with its descriptors); `KEEP` (sent by the
 //! service after `Started`) asks it to hold the connection open until the service closes it;
-//! an end of the connection, or anything else, ends it. A connection that was refused, or
-//! asked for a port (`ConnectRequest`), ends after its answer.
+//! an end of the connection, or anything else, ends it. A connection that was refused, that
+//! ran a command on a terminal, or that asked for a port (`ConnectRequest`), ends after its
+//! answer.
 //!
 //! A frame is a little-endian `u32` length of what follows, one byte of kind, then the body.
 //! Byte strings are a `u32` length and the bytes. Every decoder here treats its input as
@@ -30,12 +38,17 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 pub const SOCKET: &str = "/run/agent-workspaces/agent.sock";
 /// Where the agent binary is bind-mounted (read-only) inside every container.
 pub const AGENT_PATH: &str = "/run/host/agent-workspaces-agent";
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: the cgroup named, not passed; terminals made inside. An agent of version 1 refuses a
+/// request of version 2 ("unsupported protocol version").
+pub const PROTOCOL_VERSION: u32 = 2;
 /// After `Exited`: the next request follows on this connection.
 pub const NEXT: u8 = b'n';
 /// After `Started`: keep the connection open after `Exited` until the service closes it (a
 /// connection the service keeps across its restart: systemd drops a stored one that hangs up).
 pub const KEEP: u8 = b'k';
+/// After `Started`, for a command on a terminal made inside: its new size follows, columns
+/// and rows as little-endian `u16`s (`resize_message`).
+pub const RESIZE: u8 = b'r';
 /// How long the agent waits for a request (a connection's first, or the next one after
 /// `Exited`) before it ends the connection.
 pub const IDLE_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -43,14 +56,16 @@ pub const IDLE_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::fr
 pub const MAX_REQUEST: usize = 24 * 1024 * 1024;
 /// The largest reply.
 pub const MAX_REPLY: usize = 64 * 1024;
-/// Descriptors a request carries at most: stdin, stdout, stderr, cgroup.procs.
-pub const MAX_FDS: usize = 4;
+/// Descriptors a request carries at most: stdin, stdout, stderr.
+pub const MAX_FDS: usize = 3;
 
 const KIND_EXEC: u8 = 1;
 /// An exec whose stdin is a terminal it gets as its controlling terminal (in a session of its
 /// own). A kind of its own: an agent older than it refuses it instead of running the command
 /// without its terminal.
 const KIND_EXEC_TERMINAL: u8 = 2;
+/// An exec on a terminal the agent makes (`Terminal::Make`), its size after the request.
+const KIND_EXEC_MAKE_TERMINAL: u8 = 4;
 /// Connect to a TCP port on the container's loopback and hand the connection over.
 const KIND_CONNECT: u8 = 3;
 const KIND_STARTED: u8 = 1;
@@ -67,9 +82,32 @@ pub struct ExecRequest {
     pub cwd: Vec<u8>,
     /// The complete environment.
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Its stdin is a terminal: the command runs in a session of its own with that terminal
-    /// as its controlling terminal.
-    pub terminal: bool,
+    /// The cgroup the command joins before it execs, as a path from the root of the cgroup v2
+    /// hierarchy the agent sees (`/exec-7` in a container); empty: none.
+    pub cgroup: Vec<u8>,
+    pub terminal: Terminal,
+}
+
+/// Whether and how a command runs on a terminal: in a session of its own, with the terminal as
+/// its controlling terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Terminal {
+    None,
+    /// Its stdin is the terminal (the host agent's: made by the service).
+    Given,
+    /// The agent makes one of this size from its own `/dev/ptmx` (the container's devpts) and
+    /// relays it: its input from the stdin pipe, its output to the stdout pipe.
+    Make {
+        cols: u16,
+        rows: u16,
+    },
+}
+
+/// The `RESIZE` message for a command on a terminal made inside.
+pub fn resize_message(cols: u16, rows: u16) -> [u8; 5] {
+    let [c0, c1] = cols.to_le_bytes();
+    let [r0, r1] = rows.to_le_bytes();
+    [RESIZE, c0, c1, r0, r1]
 }
 
 /// Connect to `127.0.0.1:port` as seen inside the container (its own network, or the host's
@@ -183,6 +221,10 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
     fn u32(&mut self) -> Result<u32, DecodeError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -224,24 +266,26 @@ impl ExecRequest {
             put_bytes(&mut body, k);
             put_bytes(&mut body, v);
         }
-        frame(
-            if self.terminal {
-                KIND_EXEC_TERMINAL
-            } else {
-                KIND_EXEC
-            },
-            &body,
-        )
+        put_bytes(&mut body, &self.cgroup);
+        let kind = match self.terminal {
+            Terminal::None => KIND_EXEC,
+            Terminal::Given => KIND_EXEC_TERMINAL,
+            Terminal::Make { cols, rows } => {
+                body.extend_from_slice(&cols.to_le_bytes());
+                body.extend_from_slice(&rows.to_le_bytes());
+                KIND_EXEC_MAKE_TERMINAL
+            }
+        };
+        frame(kind, &body)
     }
 
     /// Decodes a frame's contents (after its length).
     pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader(frame);
-        let terminal = match r.u8()? {
-            KIND_EXEC => false,
-            KIND_EXEC_TERMINAL => true,
-            _ => return Err(DecodeError("unknown request kind")),
-        };
+        let kind = r.u8()?;
+        if ![KIND_EXEC, KIND_EXEC_TERMINAL, KIND_EXEC_MAKE_TERMINAL].contains(&kind) {
+            return Err(DecodeError("unknown request kind"));
+        }
         if r.u32()? != PROTOCOL_VERSION {
             return Err(DecodeError("unsupported protocol version"));
         }
@@ -258,11 +302,21 @@ impl ExecRequest {
             let v = r.bytes()?.to_vec();
             env.push((k, v));
         }
+        let cgroup = r.bytes()?.to_vec();
+        let terminal = match kind {
+            KIND_EXEC_TERMINAL => Terminal::Given,
+            KIND_EXEC_MAKE_TERMINAL => Terminal::Make {
+                cols: r.u16()?,
+                rows: r.u16()?,
+            },
+            _ => Terminal::None,
+        };
         r.end()?;
         Ok(Self {
             command,
             cwd,
             env,
+            cgroup,
             terminal,
         })
     }
@@ -437,7 +491,8 @@ mod tests {
                 (b"A".to_vec(), b"b\0c".to_vec()),
                 (b"PATH".to_vec(), b"/bin".to_vec()),
             ],
-            terminal: false,
+            cgroup: b"/exec-7".to_vec(),
+            terminal: Terminal::None,
         }
     }
 
@@ -448,11 +503,26 @@ mod tests {
         let n = frame_len([f[0], f[1], f[2], f[3]], MAX_REQUEST).unwrap();
         assert_eq!(n, f.len() - 4);
         assert_eq!(ExecRequest::decode(&f[4..]).unwrap(), r);
-        let t = ExecRequest {
-            terminal: true,
-            ..request()
-        };
-        assert_eq!(ExecRequest::decode(&t.encode()[4..]).unwrap(), t);
+        for terminal in [
+            Terminal::Given,
+            Terminal::Make {
+                cols: 132,
+                rows: 43,
+            },
+        ] {
+            let t = ExecRequest {
+                terminal,
+                ..request()
+            };
+            assert_eq!(ExecRequest::decode(&t.encode()[4..]).unwrap(), t);
+        }
+        // A request of the first version is refused (its agent's service sent the cgroup).
+        let mut old = r.encode();
+        old[5..9].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(
+            ExecRequest::decode(&old[4..]),
+            Err(DecodeError("unsupported protocol version"))
+        );
         let c = ConnectRequest { port: 9222 };
         assert_eq!(
             Request::decode(&c.encode()[4..]).unwrap(),
@@ -486,7 +556,11 @@ mod tests {
 
     #[test]
     fn malformed_input_is_an_error_never_a_panic_or_a_huge_allocation() {
-        let f = request().encode();
+        let f = ExecRequest {
+            terminal: Terminal::Make { cols: 80, rows: 24 },
+            ..request()
+        }
+        .encode();
         // Every truncation and every single-byte corruption of a valid frame.
         for cut in 0..f.len() - 4 {
             assert!(ExecRequest::decode(&f[4..4 + cut]).is_err(), "cut at {cut}");

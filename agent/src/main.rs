@@ -21,9 +21,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use agent_workspaces_agent::{
-    IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REQUEST, NEXT, RefuseReason, Reply, Request, SOCKET, direct,
-    frame_len, recv_with_fds, send_with_fds, spawn,
+    IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REQUEST, NEXT, RefuseReason, Reply, Request, SOCKET,
+    Terminal, direct, frame_len, recv_with_fds, send_with_fds, spawn,
 };
+
+mod join;
+mod terminal;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
@@ -202,19 +205,14 @@ fn serve_connection(mut conn: UnixStream, child_nofile: libc::rlim_t) {
         // The request's descriptors come with the first byte sent with them: this one.
         match recv_with_fds(conn.as_fd(), &mut next, &mut fds) {
             Ok(1) if next[0] == NEXT => {}
-            Ok(1) if next[0] == KEEP => {
-                // Open until the service closes it.
-                let _ = conn.set_read_timeout(None);
-                while matches!(conn.read(&mut next), Ok(1..)) {}
-                return;
-            }
+            Ok(1) if next[0] == KEEP => return hold_open(&mut conn),
             _ => return,
         }
     }
 }
 
-/// Serves one request; true when it ran a command to its end (so the connection may serve
-/// another).
+/// Serves one request; true when it ran a command to its end and the connection may serve
+/// another.
 fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_t) -> bool {
     let (req, fds) = match read_request(conn, fds) {
         Ok(r) => r,
@@ -230,17 +228,14 @@ fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_
             return false;
         }
     };
-    if !(3..=4).contains(&fds.len()) {
-        let message = format!("expected 3 or 4 descriptors, got {}", fds.len());
-        refuse(conn, RefuseReason::BadRequest, message);
+    let Ok::<[OwnedFd; 3], _>([stdin, stdout, stderr]) = fds.try_into() else {
+        refuse(
+            conn,
+            RefuseReason::BadRequest,
+            "expected 3 descriptors: stdin, stdout and stderr".into(),
+        );
         return false;
-    }
-    let mut fds = fds.into_iter();
-    let (stdin, stdout, stderr) = match (fds.next(), fds.next(), fds.next()) {
-        (Some(i), Some(o), Some(e)) => (i, o, e),
-        _ => unreachable!("three descriptors were counted"),
     };
-    let procs = fds.next();
     // Inside the container, so whatever links are in the way resolve inside it too.
     let cwd = Path::new(OsStr::from_bytes(&req.cwd));
     let dir = match spawn::WorkDir::open(cwd) {
@@ -251,25 +246,55 @@ fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_
             return false;
         }
     };
+    // The command's cgroup, opened here, through this agent's own view of the hierarchy: the
+    // service hands over no descriptor of its own for it.
+    let cgroup = match join::open(&req.cgroup) {
+        Ok(c) => c,
+        Err(e) => {
+            let message = format!(
+                "cannot open the command's cgroup {}: {e}",
+                String::from_utf8_lossy(&req.cgroup)
+            );
+            refuse(conn, RefuseReason::Spawn, message);
+            return false;
+        }
+    };
+    // A terminal made here: the command gets its far end as all three streams; the pipes are
+    // relayed to and from it (`terminal::relay`).
+    let made = match req.terminal {
+        Terminal::Make { cols, rows } => match terminal::open(cols, rows) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let message = format!("cannot make a terminal in the container: {e}");
+                refuse(conn, RefuseReason::Spawn, message);
+                return false;
+            }
+        },
+        _ => None,
+    };
     let shell = if Path::new("/bin/bash").is_file() {
         "/bin/bash"
     } else {
         "/bin/sh"
     };
-    let spawned = direct::start(direct::Command {
-        shell,
-        command: &req.command,
-        env: &req.env,
-        dir: &dir,
-        fds: [&stdin, &stdout, &stderr],
-        procs: procs.as_ref(),
-        // Only the descriptor of `cgroup.procs` comes from the service.
-        cgroup: None,
-        terminal: req.terminal,
-        nofile_soft: child_nofile,
-    });
-    // Close this side's copies of the command's descriptors: its output ends when it does.
-    drop((stdin, stdout, stderr, procs));
+    let spawned = {
+        let fds = match &made {
+            Some(t) => [&t.peer, &t.peer, &t.peer],
+            None => [&stdin, &stdout, &stderr],
+        };
+        direct::start(direct::Command {
+            shell,
+            command: &req.command,
+            env: &req.env,
+            dir: &dir,
+            fds,
+            procs: cgroup.as_ref().map(|c| &c.procs),
+            cgroup: cgroup.as_ref().map(|c| &c.dir),
+            terminal: req.terminal != Terminal::None,
+            nofile_soft: child_nofile,
+        })
+    };
+    drop(cgroup);
     let child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -281,6 +306,24 @@ fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_
     let started = Reply::Started {
         pid: child.pid as u32,
     };
+    if let Some(t) = made {
+        // Only the command holds the terminal now: its output ends when the last process
+        // that has it closes it.
+        let terminal::Made { master, peer } = t;
+        drop(peer);
+        drop(stderr);
+        if conn.write_all(&started.encode()).is_err() {
+            return false;
+        }
+        let keep = terminal::relay(conn, &child, master, stdin, stdout, wait);
+        if keep {
+            hold_open(conn);
+        }
+        // A connection that ran a command on a terminal serves no other.
+        return false;
+    }
+    // Close this side's copies of the command's descriptors: its output ends when it does.
+    drop((stdin, stdout, stderr));
     if ends_within(&child.pidfd, QUICK_MS) {
         // Most commands end within a millisecond: their start and end go in one write, and
         // the service wakes once for both.
@@ -294,6 +337,13 @@ fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_
         // The service may have gone (it cancelled the command): the connection ends.
         sent.is_ok() && conn.write_all(&Reply::Exited { code }.encode()).is_ok()
     }
+}
+
+/// Holds a connection open until the service closes it (`KEEP`).
+fn hold_open(conn: &mut UnixStream) {
+    let _ = conn.set_read_timeout(None);
+    let mut byte = [0u8; 1];
+    while matches!(conn.read(&mut byte), Ok(1..)) {}
 }
 
 /// How long a connection to a port inside may take.
@@ -333,7 +383,7 @@ fn ends_within(pidfd: &OwnedFd, ms: i32) -> bool {
 }
 
 /// Waits for the child and reaps it: its exit status, or 128+N for death by signal N.
-fn wait(pid: libc::pid_t) -> i32 {
+pub(crate) fn wait(pid: libc::pid_t) -> i32 {
     let mut status = 0;
     loop {
         // SAFETY: reaping our own child into a local.

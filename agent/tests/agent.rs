@@ -8,7 +8,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use agent_workspaces_agent::{
-    ExecRequest, MAX_REPLY, RefuseReason, Reply, frame_len, send_with_fds,
+    ExecRequest, MAX_REPLY, RefuseReason, Reply, Terminal, frame_len, send_with_fds,
 };
 
 struct Agent {
@@ -109,7 +109,8 @@ fn run(agent: &Agent, command: &str, cwd: &Path, stdin: &[u8]) -> Outcome {
             (b"PATH".to_vec(), b"/usr/bin:/bin".to_vec()),
             (b"GREETING".to_vec(), b"hello there".to_vec()),
         ],
-        terminal: false,
+        cgroup: Vec::new(),
+        terminal: Terminal::None,
     };
     let mut conn = UnixStream::connect(&agent.socket).unwrap();
     let frame = req.encode();
@@ -208,45 +209,83 @@ fn threads(agent: &Agent) -> std::collections::BTreeSet<u32> {
         .collect()
 }
 
-#[test]
-fn serving_threads_are_reused_and_the_idle_ones_end() {
-    let agent = std::sync::Arc::new(start_agent_with(&["--idle-timeout", "1"]));
-    let round = |clients: usize, each: usize, command: &'static str| {
-        let clients: Vec<_> = (0..clients)
-            .map(|_| {
-                let agent = agent.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..each {
-                        let o = run(&agent, command, Path::new("/"), b"");
-                        assert_eq!(o.replies.last(), Some(&Reply::Exited { code: 0 }));
-                    }
-                })
+/// Runs `each` commands from each of `clients` clients at once; every one must succeed.
+fn clients_at_once(agent: &std::sync::Arc<Agent>, clients: usize, each: usize, command: &str) {
+    let clients: Vec<_> = (0..clients)
+        .map(|_| {
+            let agent = agent.clone();
+            let command = command.to_owned();
+            std::thread::spawn(move || {
+                for _ in 0..each {
+                    let o = run(&agent, &command, Path::new("/"), b"");
+                    assert_eq!(
+                        o.replies.last(),
+                        Some(&Reply::Exited { code: 0 }),
+                        "{command}"
+                    );
+                }
             })
-            .collect();
-        for c in clients {
-            c.join().unwrap();
-        }
-    };
-    // A burst of 32 at once makes about as many threads.
-    round(32, 1, "sleep 0.3");
-    assert!(threads(&agent).len() >= 32, "{:?}", threads(&agent));
-    // Then: commands from 8 clients at once are served by threads that exist (before the
-    // idle ones end), none made for them.
-    let before = threads(&agent);
-    round(8, 25, "true");
-    let made: Vec<_> = threads(&agent).difference(&before).copied().collect();
-    assert!(made.is_empty(), "threads made: {made:?}");
-    // A second after, the idle ones have ended: the first thread and one waiting stay.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while threads(&agent).len() > 2 && Instant::now() < deadline {
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+}
+
+/// A command that runs until `n` commands of its kind run at once (a barrier through a
+/// directory): however slowly the machine starts them, `n` run together.
+fn all_at_once(n: usize) -> (String, tempdir::Dir) {
+    let dir = std::env::temp_dir().join(format!("aw-agent-barrier-{}", rand_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let command = format!("touch {d}/$$; while [ $(ls {d} | wc -l) -lt {n} ]; do sleep 0.01; done");
+    (command, tempdir::Dir(dir))
+}
+
+/// Waits (up to a minute: nothing here depends on how fast threads wake) until the agent
+/// has at most `n` threads; the count it came down to.
+fn threads_come_down_to(agent: &Agent, n: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while threads(agent).len() > n && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(threads(&agent).len() <= 2, "{:?}", threads(&agent));
-    // One command after another is served by what is left.
+    threads(agent).len()
+}
+
+#[test]
+fn serving_threads_are_reused_and_the_idle_ones_end() {
+    // 32 commands that run at once make at least 32 threads.
+    let agent = std::sync::Arc::new(start_agent_with(&["--idle-timeout", "600"]));
+    let (barrier, _dir) = all_at_once(32);
+    clients_at_once(&agent, 32, 1, &barrier);
+    let before = threads(&agent);
+    assert!(before.len() > 32, "{before:?}");
+    // Then commands from 8 clients at once are served by threads that exist: at least 24 wait
+    // while 8 serve, none is made.
+    clients_at_once(&agent, 8, 25, "true");
+    let made: Vec<_> = threads(&agent).difference(&before).copied().collect();
+    assert!(made.is_empty(), "threads made: {made:?}");
+
+    // With a short idle limit, the idle ones end: the first thread and one waiting stay.
+    let agent = std::sync::Arc::new(start_agent_with(&["--idle-timeout", "1"]));
+    let (barrier, _dir) = all_at_once(32);
+    clients_at_once(&agent, 32, 1, &barrier);
+    assert!(threads(&agent).len() > 32);
+    assert!(
+        threads_come_down_to(&agent, 2) <= 2,
+        "{:?}",
+        threads(&agent)
+    );
+    // One command after another is served by what is left: a thread made while the one that
+    // served the last command was between connections ends too.
     for _ in 0..20 {
-        round(1, 1, "true");
-        assert!(threads(&agent).len() <= 2, "{:?}", threads(&agent));
+        clients_at_once(&agent, 1, 1, "true");
     }
+    assert!(
+        threads_come_down_to(&agent, 2) <= 2,
+        "{:?}",
+        threads(&agent)
+    );
 }
 
 #[test]
@@ -266,7 +305,8 @@ fn garbage_and_missing_descriptors_are_refused_and_the_agent_keeps_serving() {
         command: b"true".to_vec(),
         cwd: b"/".to_vec(),
         env: vec![],
-        terminal: false,
+        cgroup: Vec::new(),
+        terminal: Terminal::None,
     };
     conn.write_all(&req.encode()).unwrap();
     assert!(
@@ -303,7 +343,8 @@ fn a_command_on_a_terminal_leads_its_session_and_controls_the_terminal() {
             .to_vec(),
         cwd: b"/".to_vec(),
         env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
-        terminal: true,
+        cgroup: Vec::new(),
+        terminal: Terminal::Given,
     };
     let mut conn = UnixStream::connect(&agent.socket).unwrap();
     let frame = req.encode();
@@ -356,7 +397,8 @@ fn send_request(conn: &mut UnixStream, prefix: &[u8], command: &str) -> OwnedFd 
         command: command.as_bytes().to_vec(),
         cwd: b"/".to_vec(),
         env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
-        terminal: false,
+        cgroup: Vec::new(),
+        terminal: Terminal::None,
     };
     let mut frame = prefix.to_vec();
     frame.extend(req.encode());
@@ -453,4 +495,143 @@ fn a_connection_marked_after_started_stays_open_until_its_client_closes_it() {
         matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
         "a marked connection stays open: {r:?}"
     );
+}
+
+/// Reads from `fd` until `needle` has come (or the end); all that came.
+fn read_until(fd: &mut std::fs::File, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match fd.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A terminal made by the agent: the command's terminal is a device of the agent's own
+/// devpts (it has a name), typed into from the stdin pipe, its output relayed to the stdout
+/// pipe, resized by `RESIZE`; the exit comes as `Exited` and the output ends with the terminal.
+#[test]
+fn a_terminal_made_inside_has_a_name_is_relayed_and_resized() {
+    let agent = start_agent();
+    let (in_r, in_w) = pipe();
+    let (out_r, out_w) = pipe();
+    let req = ExecRequest {
+        command: br#"tty; stty size; read -r line; stty size; echo "got $line"; exit 3"#.to_vec(),
+        cwd: b"/".to_vec(),
+        env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
+        cgroup: Vec::new(),
+        terminal: Terminal::Make { cols: 80, rows: 24 },
+    };
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    let frame = req.encode();
+    let n = send_with_fds(
+        conn.as_fd(),
+        &frame,
+        &[in_r.as_fd(), out_w.as_fd(), out_w.as_fd()],
+    )
+    .unwrap();
+    conn.write_all(&frame[n..]).unwrap();
+    drop((in_r, out_w));
+    assert!(matches!(read_reply(&mut conn), Some(Reply::Started { .. })));
+    let mut out = std::fs::File::from(out_r);
+    let first = read_until(&mut out, "24 80");
+    let name = first.lines().next().unwrap_or_default().trim().to_owned();
+    assert!(name.starts_with("/dev/pts/"), "{first:?}");
+    assert!(
+        Path::new(&name).exists(),
+        "{name} is a device of the agent's devpts"
+    );
+    conn.write_all(&agent_workspaces_agent::resize_message(100, 30))
+        .unwrap();
+    let mut input = std::fs::File::from(in_w);
+    input.write_all(b"hi\n").unwrap();
+    let rest = read_until(&mut out, "got hi");
+    assert!(rest.contains("30 100"), "{rest:?}");
+    assert_eq!(read_reply(&mut conn), Some(Reply::Exited { code: 3 }));
+    // The terminal's last holder has exited: its output ends.
+    let mut tail = String::new();
+    out.read_to_string(&mut tail).unwrap();
+    // A connection that ran a command on a terminal serves no other.
+    assert_eq!(read_reply(&mut conn), None);
+}
+
+/// The command joins the cgroup the request names, opened by the agent itself.
+#[test]
+fn a_command_joins_the_cgroup_the_request_names() {
+    // The cgroup v2 mount and this process's cgroup in it; root may make a child there.
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let Some(mount) = info
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .and_then(|l| l.split(' ').nth(4))
+    else {
+        return eprintln!("no cgroup v2 hierarchy: skipped");
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap()
+        .trim()
+        .trim_end_matches('/')
+        .to_owned();
+    let name = format!("aw-agent-join-{}", std::process::id());
+    let dir = Path::new(mount)
+        .join(rel.trim_start_matches('/'))
+        .join(&name);
+    if let Err(e) = std::fs::create_dir(&dir) {
+        return eprintln!("cannot create {}: {e}: skipped", dir.display());
+    }
+    let agent = start_agent();
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    let (out_r, out_w) = pipe();
+    let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let req = ExecRequest {
+        command: b"cat /proc/self/cgroup".to_vec(),
+        cwd: b"/".to_vec(),
+        env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
+        cgroup: format!("{rel}/{name}").into_bytes(),
+        terminal: Terminal::None,
+    };
+    let frame = req.encode();
+    let n = send_with_fds(
+        conn.as_fd(),
+        &frame,
+        &[null().as_fd(), out_w.as_fd(), null().as_fd()],
+    )
+    .unwrap();
+    conn.write_all(&frame[n..]).unwrap();
+    drop(out_w);
+    let out = read_all(out_r);
+    let _ = std::fs::remove_dir(&dir);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("0::") && l.trim_end().ends_with(&name)),
+        "{out:?} is in {name}"
+    );
+    // A cgroup that is not there is refused, by the agent, with its name.
+    let mut conn = UnixStream::connect(&agent.socket).unwrap();
+    let missing = ExecRequest {
+        cgroup: format!("{rel}/{name}-gone").into_bytes(),
+        ..req
+    };
+    send_request_with(&mut conn, missing);
+    assert!(
+        matches!(read_reply(&mut conn), Some(Reply::Refused { reason: RefuseReason::Spawn, message }) if message.contains("-gone")),
+    );
+}
+
+fn send_request_with(conn: &mut UnixStream, req: ExecRequest) {
+    let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let frame = req.encode();
+    let n = send_with_fds(
+        conn.as_fd(),
+        &frame,
+        &[null().as_fd(), null().as_fd(), null().as_fd()],
+    )
+    .unwrap();
+    conn.write_all(&frame[n..]).unwrap();
 }

@@ -82,7 +82,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
                      leaves its process group survives a timeout), set [exec] isolation = \"process-group\""
                 )
             })?;
-            Containment::Cgroup(tree.base().to_path_buf())
+            Containment::Cgroup(tree.base().clone())
         }
         ContainmentMode::ProcessGroup => {
             warn!(

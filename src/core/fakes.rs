@@ -84,6 +84,7 @@ impl Executor for FakeExec {
         &self,
         terminal: Option<WindowSize>,
         _keep: Option<&str>,
+        _container: bool,
     ) -> Result<ProcessStreams> {
         let pair = || {
             let (a, b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
@@ -94,11 +95,12 @@ impl Executor for FakeExec {
         let (out_cmd, output) = pair()?;
         let err_cmd = out_cmd.try_clone().map_err(|e| Error::io("dup", e))?;
         Ok(ProcessStreams {
-            command: ExecIo::Pass {
+            command: ExecIo::Process(ProcessIo {
                 stdin: in_cmd.into(),
                 stdout: out_cmd.into(),
                 stderr: err_cmd.into(),
-            },
+                terminal_inside: None,
+            }),
             input: Box::new(input),
             output: Box::new(output),
             terminal: terminal.map(|size| {

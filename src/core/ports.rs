@@ -40,13 +40,36 @@ pub trait HostDirs: Send + Sync {
 pub enum ExecIo {
     /// stdin from these bytes; stdout and stderr collected into the outcome, capped.
     Collect { stdin: Vec<u8> },
-    /// The caller's own descriptors: the command reads and writes them directly, as it runs;
-    /// nothing is collected and nothing passes through the service's memory.
-    Pass {
+    /// The caller's own descriptors (`ExecWithFds`), used as the command runs; nothing is
+    /// collected. A host command is given them, as a shell gives its own; a command in a
+    /// container never is (nothing a caller lends crosses into a container): it gets pipes the
+    /// service relays to and from them until the command has ended, then lets them go.
+    Lend {
         stdin: OwnedFd,
         stdout: OwnedFd,
         stderr: OwnedFd,
     },
+    /// A background process's streams, as `Executor::process_streams` made them.
+    Process(ProcessIo),
+}
+
+/// The command's ends of a background process's streams.
+#[derive(Debug)]
+pub struct ProcessIo {
+    /// Its stdin, and one pipe for its stdout and stderr both; or a terminal the service made
+    /// (host workspaces) as all three.
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// A terminal its container's agent makes inside, of this size, relayed to and from the
+    /// pipes above; its new sizes come on `resizes`.
+    pub terminal_inside: Option<TerminalInside>,
+}
+
+#[derive(Debug)]
+pub struct TerminalInside {
+    pub size: WindowSize,
+    pub resizes: tokio::sync::mpsc::UnboundedReceiver<WindowSize>,
 }
 
 impl Default for ExecIo {
@@ -126,7 +149,7 @@ pub type Signals = tokio::sync::mpsc::UnboundedReceiver<i32>;
 pub struct ExecOutcome {
     /// The exit status, 128+N for death by signal N, -1 on timeout.
     pub exit_code: i32,
-    /// Empty when the streams were passed (`ExecIo::Pass`).
+    /// Empty when the caller's descriptors were used (`ExecIo::Lend`).
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub timed_out: bool,
@@ -141,13 +164,15 @@ pub struct ExecOutcome {
 pub trait Executor: Send + Sync {
     async fn run(&self, req: ExecRequest, cancel: CancellationToken) -> Result<ExecOutcome>;
     /// The streams of a background process (host or container): the command's ends, and the
-    /// service's. With a window size: a pseudo-terminal of that size.
+    /// service's. With a window size: a pseudo-terminal of that size, made by the service for
+    /// a host command, by the container's agent inside for a container's (`container`).
     /// `keep`: the key the process is kept under across a restart (only where the executor
     /// `keeps_processes`).
     fn process_streams(
         &self,
         terminal: Option<WindowSize>,
         keep: Option<&str>,
+        container: bool,
     ) -> Result<ProcessStreams>;
     /// A connected pair: one end for a caller (`OpenPty`), the other as the service's reader
     /// and writer.
@@ -176,7 +201,7 @@ pub trait Executor: Send + Sync {
 /// A background process's streams.
 pub struct ProcessStreams {
     /// The command's: its stdin, and one pipe for stdout and stderr both, or the terminal as
-    /// all three (`ExecIo::Pass`).
+    /// all three (`ExecIo::Process`).
     pub command: ExecIo,
     /// The service's end of the command's stdin (the terminal's input).
     pub input: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,

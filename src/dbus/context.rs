@@ -185,7 +185,7 @@ impl Context {
         stderr: zbus::OwnedFd,
         options: Dict,
     ) -> Result<ExecFdsReply> {
-        let io = ExecIo::Pass {
+        let io = ExecIo::Lend {
             stdin: stdin.into(),
             stdout: stdout.into(),
             stderr: stderr.into(),

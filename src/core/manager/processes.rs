@@ -195,10 +195,11 @@ impl Manager {
                 input,
                 output,
                 terminal: pty,
-            } = self
-                .ports
-                .executor
-                .process_streams(terminal, kept.as_deref())?;
+            } = self.ports.executor.process_streams(
+                terminal,
+                kept.as_deref(),
+                ws.workspace_type == crate::core::workspace::WorkspaceType::Container,
+            )?;
             mine.next = id;
             let process = Arc::new(Process::new(
                 ProcessInfo {

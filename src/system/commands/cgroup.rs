@@ -1,37 +1,37 @@
 //! Cgroups of commands: the service's delegated subtree (`<unit cgroup>/daemon` for itself,
-//! `exec-N` for each host command) and a container's payload subtree alike. A command's
-//! cgroup is created before it starts and joined by the child before it execs; `cgroup.kill`
-//! ends everything it started; the cgroup is removed once empty.
+//! `exec-N` for each host command), the host agent's and a container's payload subtree alike.
+//! A command's cgroup is made before it starts and joined by the child before it execs;
+//! `cgroup.kill` ends everything it started; the cgroup is removed once empty.
+//!
+//! Every cgroup is acted on through a descriptor of its directory, opened when it was made
+//! (and checked then to be the one made: host root's), never through its path again: a
+//! container's root can remove and remake cgroups in its own subtree, and move its processes
+//! between them, but it cannot make the service act on a cgroup other than the one it holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use tracing::warn;
 
 pub(super) const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// How the process tree of a command is contained: a host command's (the service's
 /// setting) and a container command's (its payload cgroup) alike.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Containment {
     /// In a new cgroup `exec-N` below this delegated cgroup (the default): `cgroup.kill` ends
     /// everything the command started.
-    Cgroup(PathBuf),
+    Cgroup(Arc<CgroupParent>),
     /// In a new process group: for running the daemon by hand outside systemd. Weaker: a
     /// process that leaves its process group (setsid) survives a timeout.
     ProcessGroup,
-}
-
-/// The service's delegated cgroup v2 subtree: `<unit cgroup>/daemon` holds the service itself,
-/// `<unit cgroup>/exec-N` one command each (cgroup v2 allows no processes in inner nodes).
-pub struct CgroupTree {
-    base: PathBuf,
 }
 
 pub(super) fn is_cgroup2(path: &Path) -> bool {
@@ -40,12 +40,80 @@ pub(super) fn is_cgroup2(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+fn fd_is_cgroup2(fd: impl AsFd) -> bool {
+    rfs::fstatfs(fd).is_ok_and(|s| s.f_type == CGROUP2_SUPER_MAGIC)
+}
+
 /// Where the cgroup v2 hierarchy is mounted.
 pub fn cgroup2_mount() -> Option<&'static Path> {
     ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
         .into_iter()
         .map(Path::new)
         .find(|p| is_cgroup2(p))
+}
+
+/// A delegated cgroup below which commands get cgroups of their own: the service's, the host
+/// agent's unit's, or a container's payload. Open once, as a directory descriptor.
+pub struct CgroupParent {
+    dir: OwnedFd,
+    /// For messages, and the key of the cgroups kept for the next commands.
+    path: PathBuf,
+    /// Its cgroup id (the directory's inode number).
+    id: u64,
+    /// The path of this cgroup as the agent that starts commands in it sees it (from the root
+    /// of its own view of the hierarchy: `/` for a container's payload); the command's cgroup
+    /// is named to the agent below it. None: commands here are started by the service.
+    seen_as: Option<PathBuf>,
+    /// Whose processes join the commands' cgroups by themselves (a container's root): their
+    /// `cgroup.procs` and `cgroup.threads` are given to that user and group, so the agent can
+    /// join with its own credentials. Everything else of the cgroup stays host root's.
+    joiner: Option<(u32, u32)>,
+}
+
+impl CgroupParent {
+    /// Opens the cgroup at `path` (a unit's delegated cgroup: every directory on the way is
+    /// host root's, so the path cannot be redirected).
+    pub fn open(
+        path: &Path,
+        seen_as: Option<PathBuf>,
+        joiner: Option<(u32, u32)>,
+    ) -> io::Result<Arc<Self>> {
+        let dir = rfs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        if !fd_is_cgroup2(&dir) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a cgroup", path.display()),
+            ));
+        }
+        let id = rfs::fstat(&dir)?.st_ino;
+        Ok(Arc::new(Self {
+            dir,
+            path: path.to_path_buf(),
+            id,
+            seen_as,
+            joiner,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The owner of its directory (a container's payload belongs to the container's root).
+    pub fn owner(&self) -> io::Result<(u32, u32)> {
+        let st = rfs::fstat(&self.dir)?;
+        Ok((st.st_uid, st.st_gid))
+    }
+}
+
+/// The service's delegated cgroup v2 subtree: `<unit cgroup>/daemon` holds the service itself,
+/// `<unit cgroup>/exec-N` one command each (cgroup v2 allows no processes in inner nodes).
+pub struct CgroupTree {
+    base: Arc<CgroupParent>,
 }
 
 impl CgroupTree {
@@ -60,10 +128,7 @@ impl CgroupTree {
             .ok_or("no cgroup v2 membership in /proc/self/cgroup")?
             .trim()
             .to_owned();
-        let mount = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-            .into_iter()
-            .map(Path::new)
-            .find(|p| is_cgroup2(p))
+        let mount = cgroup2_mount()
             .ok_or("no cgroup v2 hierarchy mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified")?;
         let rel = rel.strip_suffix("/daemon").unwrap_or(&rel).to_owned();
         let unit = rel.rsplit('/').next().unwrap_or("");
@@ -88,95 +153,35 @@ impl CgroupTree {
         })?;
         fs::write(daemon.join("cgroup.procs"), std::process::id().to_string())
             .map_err(|e| format!("cannot move the service into {}: {e}", daemon.display()))?;
-        let tree = Self { base };
-        tree.remove_stale();
-        Ok(tree)
-    }
-
-    fn remove_stale(&self) {
-        let Ok(entries) = fs::read_dir(&self.base) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("exec-") {
-                let dir = e.path();
-                let _ = fs::write(dir.join("cgroup.kill"), "1");
-                if let Err(err) = remove_cgroup_blocking(&dir) {
-                    warn!(
-                        "Cannot remove stale command cgroup {}: {err}",
-                        dir.display()
-                    );
-                }
-            }
-        }
+        remove_stale(&base);
+        let base = CgroupParent::open(&base, None, None)
+            .map_err(|e| format!("cannot open {}: {e}", base.display()))?;
+        Ok(Self { base })
     }
 
     /// The cgroup below which host commands run.
-    pub fn base(&self) -> &Path {
+    pub fn base(&self) -> &Arc<CgroupParent> {
         &self.base
     }
 }
 
-/// Numbers command cgroups (`exec-N`), unique for the life of the service.
-pub(super) static NEXT_COMMAND: AtomicU64 = AtomicU64::new(1);
-
-/// Empty command cgroups kept for the next commands below the same parent: making a cgroup
-/// costs a third of a millisecond (measured in the test host), more than the rest of the
-/// service's work for a command. Their files belong to host root, so nothing inside a
-/// container can put a process into one while it waits here; one that is gone (its container
-/// stopped) or not empty is not used.
-static POOL: std::sync::LazyLock<std::sync::Mutex<HashMap<PathBuf, Vec<CommandCgroup>>>> =
-    std::sync::LazyLock::new(Default::default);
-/// Empty cgroups kept per parent.
-const POOL_PER_PARENT: usize = 16;
-
-impl CommandCgroup {
-    /// A cgroup for one command below `parent`: an empty one kept from an earlier command, or a
-    /// new `exec-N`.
-    pub(super) fn create(parent: &Path) -> io::Result<Self> {
-        loop {
-            let pooled = POOL
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get_mut(parent)
-                .and_then(Vec::pop);
-            let Some(cg) = pooled else { break };
-            match read_populated(&cg.events) {
-                Some(false) => return Ok(cg),
-                Some(true) => {
-                    cg.kill();
-                    tokio::spawn(cg.remove());
-                }
-                // Gone with its container.
-                None => {}
+/// Ends and removes the `exec-*` cgroups below the service's own (only host root's there).
+fn remove_stale(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("exec-") {
+            let dir = e.path();
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+            if let Err(err) = remove_cgroup_blocking(&dir) {
+                warn!(
+                    "Cannot remove stale command cgroup {}: {err}",
+                    dir.display()
+                );
             }
         }
-        // Numbers are unique in this run; a cgroup an earlier run of the service left (kept in
-        // a container's subtree) may hold one.
-        let mut dir;
-        let mut tries = 0;
-        loop {
-            let n = NEXT_COMMAND.fetch_add(1, Ordering::Relaxed);
-            dir = parent.join(format!("exec-{n}"));
-            match fs::create_dir(&dir) {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 10_000 => tries += 1,
-                Err(e) => return Err(e),
-            }
-        }
-        CommandCgroup::open(&dir).inspect_err(|_| {
-            let _ = fs::remove_dir(&dir);
-        })
     }
-}
-
-/// A cgroup's directory, open for `CLONE_INTO_CGROUP`.
-fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
-    Ok(fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(dir)?
-        .into())
 }
 
 fn remove_cgroup_blocking(dir: &Path) -> io::Result<()> {
@@ -191,30 +196,155 @@ fn remove_cgroup_blocking(dir: &Path) -> io::Result<()> {
     fs::remove_dir(dir)
 }
 
+/// Numbers command cgroups (`exec-N`), unique for the life of the service.
+pub(super) static NEXT_COMMAND: AtomicU64 = AtomicU64::new(1);
+
+/// Empty command cgroups kept for the next commands below the same parent: making a cgroup
+/// costs a third of a millisecond (measured in the test host), more than the rest of the
+/// service's work for a command. One whose parent is gone (its container stopped), or that is
+/// not empty (a container's root may move its processes into a kept cgroup of its subtree),
+/// is not used.
+static POOL: std::sync::LazyLock<std::sync::Mutex<HashMap<PathBuf, Vec<CommandCgroup>>>> =
+    std::sync::LazyLock::new(Default::default);
+/// Empty cgroups kept per parent.
+const POOL_PER_PARENT: usize = 16;
+
+/// One command's cgroup, held by its directory's descriptor.
 pub(super) struct CommandCgroup {
-    pub(super) dir: PathBuf,
-    /// Open before fork, so the child only has to write(2) to it.
-    pub(super) procs: OwnedFd,
-    /// The directory itself, open: a child is made in it (`CLONE_INTO_CGROUP`) where it can.
-    pub(super) dir_fd: OwnedFd,
+    parent: Arc<CgroupParent>,
+    /// Its name in the parent (`exec-N`).
+    name: String,
+    /// The directory: the child is made in it (`CLONE_INTO_CGROUP`) where it can, and every
+    /// file of the cgroup is opened from it.
+    pub(super) dir: OwnedFd,
+    id: u64,
     /// Its `cgroup.events`, kept open: whether it holds processes is one read.
     events: fs::File,
 }
 
+fn open_in(dir: impl AsFd, name: &str, flags: OFlags) -> io::Result<OwnedFd> {
+    Ok(rfs::openat(
+        dir,
+        name,
+        flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?)
+}
+
 impl CommandCgroup {
-    /// A command's cgroup that exists: just made, or made by an earlier run of the service (a
-    /// kept process's).
-    pub(super) fn open(dir: &Path) -> io::Result<Self> {
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(dir.join("cgroup.procs"))?;
-        Ok(CommandCgroup {
-            dir: dir.to_path_buf(),
-            procs: OwnedFd::from(procs),
-            dir_fd: open_dir(dir)?,
-            events: fs::File::open(dir.join("cgroup.events"))?,
+    /// A cgroup for one command below `parent`: an empty one kept from an earlier command, or a
+    /// new `exec-N`.
+    pub(super) fn create(parent: &Arc<CgroupParent>) -> io::Result<Self> {
+        loop {
+            let pooled = POOL
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_mut(&parent.path)
+                .and_then(Vec::pop);
+            let Some(cg) = pooled else { break };
+            if cg.parent.id != parent.id {
+                // Of an earlier cgroup at that path (a container started again).
+                continue;
+            }
+            match read_populated(&cg.events) {
+                Some(false) => return Ok(cg),
+                Some(true) => {
+                    cg.kill();
+                    tokio::spawn(cg.remove());
+                }
+                // Gone with its container.
+                None => {}
+            }
+        }
+        // Numbers are unique in this run; a cgroup an earlier run of the service left (kept in
+        // a container's subtree) may hold one, and so may one the container made.
+        let mut tries = 0;
+        let name = loop {
+            let name = format!("exec-{}", NEXT_COMMAND.fetch_add(1, Ordering::Relaxed));
+            match rfs::mkdirat(&parent.dir, name.as_str(), Mode::from_raw_mode(0o755)) {
+                Ok(()) => break name,
+                Err(e) if e == rustix::io::Errno::EXIST && tries < 10_000 => tries += 1,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Self::made(parent, name.clone()).inspect_err(|_| {
+            let _ = rfs::unlinkat(&parent.dir, name.as_str(), AtFlags::REMOVEDIR);
         })
+    }
+
+    /// The cgroup just made as `name`: opened, checked to be the one made (host root's: what
+    /// a container's root makes in its subtree is its own), and given to whoever joins it.
+    fn made(parent: &Arc<CgroupParent>, name: String) -> io::Result<Self> {
+        let dir = open_in(&parent.dir, &name, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let st = rfs::fstat(&dir)?;
+        if st.st_uid != 0 || !fd_is_cgroup2(&dir) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{name} was replaced as it was made"),
+            ));
+        }
+        if let Some((uid, gid)) = parent.joiner {
+            let (uid, gid) = (rfs::Uid::from_raw(uid), rfs::Gid::from_raw(gid));
+            for file in ["cgroup.procs", "cgroup.threads"] {
+                rfs::chownat(&dir, file, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
+            }
+        }
+        let events = fs::File::from(open_in(&dir, "cgroup.events", OFlags::RDONLY)?);
+        Ok(Self {
+            parent: parent.clone(),
+            name,
+            dir,
+            id: st.st_ino,
+            events,
+        })
+    }
+
+    /// A command's cgroup kept across a restart of the service (its directory's descriptor,
+    /// from systemd's store): its parent is found through it.
+    pub(super) fn from_dir(dir: OwnedFd) -> io::Result<Self> {
+        if !fd_is_cgroup2(&dir) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not a cgroup"));
+        }
+        let path = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| n.starts_with("exec-"))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not a command's cgroup"))?
+            .to_owned();
+        let up = open_in(&dir, "..", OFlags::RDONLY | OFlags::DIRECTORY)?;
+        let parent = Arc::new(CgroupParent {
+            id: rfs::fstat(&up)?.st_ino,
+            dir: up,
+            path: path.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            seen_as: None,
+            joiner: None,
+        });
+        let id = rfs::fstat(&dir)?.st_ino;
+        let events = fs::File::from(open_in(&dir, "cgroup.events", OFlags::RDONLY)?);
+        Ok(Self {
+            parent,
+            name,
+            dir,
+            id,
+            events,
+        })
+    }
+
+    /// Its path, for messages.
+    pub(super) fn path(&self) -> PathBuf {
+        self.parent.path.join(&self.name)
+    }
+
+    /// Its path as the agent that starts commands in its parent sees it.
+    pub(super) fn seen_by_agent(&self) -> Option<PathBuf> {
+        self.parent.seen_as.as_ref().map(|p| p.join(&self.name))
+    }
+
+    /// Its `cgroup.procs`, open for writing: the service's own child writes itself into it
+    /// where it is not made in the cgroup.
+    pub(super) fn procs(&self) -> io::Result<OwnedFd> {
+        open_in(&self.dir, "cgroup.procs", OFlags::WRONLY)
     }
 
     /// Ends what the command left running: nothing to do (and nothing written) when its
@@ -227,48 +357,25 @@ impl CommandCgroup {
         empty
     }
 
-    /// Sends `sig` to every process in the cgroup. Each is held by a pidfd before the signal,
-    /// and signalled only if the cgroup still lists it after: a pid reused meanwhile by a
-    /// process elsewhere is never signalled.
-    pub(super) fn signal(&self, sig: i32) {
-        let procs = || -> Vec<i32> {
-            fs::read_to_string(self.dir.join("cgroup.procs"))
-                .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
-                .unwrap_or_default()
+    /// Sends `sig` to every process in the cgroup, off the runtime's threads, in time linear in
+    /// their number (`signal_all`).
+    pub(super) async fn signal(&self, sig: i32) {
+        let dir = match self.dir.try_clone() {
+            Ok(d) => d,
+            Err(e) => return warn!("Cannot signal {}: {e}", self.path().display()),
         };
-        let held: Vec<(i32, OwnedFd)> = procs()
-            .into_iter()
-            .filter_map(|pid| {
-                // SAFETY: a plain syscall; a non-negative result is a new descriptor we own.
-                let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-                (fd >= 0).then(|| (pid, unsafe { OwnedFd::from_raw_fd(fd as i32) }))
-            })
-            .collect();
-        let still = procs();
-        for (pid, fd) in held.iter().filter(|(pid, _)| still.contains(pid)) {
-            // SAFETY: signalling the process the pidfd holds.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    sig,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            if r != 0 {
-                warn!(
-                    "Cannot send signal {sig} to process {pid} of {}: {}",
-                    self.dir.display(),
-                    io::Error::last_os_error()
-                );
-            }
+        let path = self.path();
+        let sent = tokio::task::spawn_blocking(move || signal_all(&dir, sig)).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("Cannot send signal {sig} to {}: {e}", path.display()),
+            Err(e) => warn!("Cannot send signal {sig} to {}: {e}", path.display()),
         }
     }
 
     pub(super) fn kill(&self) {
-        if let Err(e) = fs::write(self.dir.join("cgroup.kill"), "1") {
-            warn!("Cannot kill {}: {e}", self.dir.display());
+        if let Err(e) = kill(&self.dir) {
+            warn!("Cannot kill {}: {e}", self.path().display());
         }
     }
 
@@ -278,11 +385,10 @@ impl CommandCgroup {
     /// cgroup's kill count with the one of the cgroup the parent is in), so a killed cgroup is
     /// removed (`remove`), never kept.
     pub(super) fn keep(self) {
-        let parent = self.dir.parent().unwrap_or(Path::new("/")).to_path_buf();
         let mut pool = POOL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let kept = pool.entry(parent).or_default();
+        let kept = pool.entry(self.parent.path.clone()).or_default();
         if kept.len() < POOL_PER_PARENT {
             kept.push(self);
             return;
@@ -305,10 +411,13 @@ impl CommandCgroup {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             match &events {
-                Ok(f) if read_populated(f.get_ref()) == Some(false) => return true,
-                Ok(_) => {}
-                // Gone (its container stopped): empty, and nothing to keep.
-                Err(_) => return !self.dir.exists(),
+                Ok(f) => match read_populated(f.get_ref()) {
+                    Some(false) => return true,
+                    // Gone (its container stopped): empty, and nothing to keep.
+                    None => return true,
+                    Some(true) => {}
+                },
+                Err(_) => return read_populated(&self.events) != Some(true),
             }
             if tokio::time::Instant::now() >= deadline {
                 return false;
@@ -331,22 +440,93 @@ impl CommandCgroup {
         if !self.wait_empty().await {
             warn!(
                 "{} still has processes 5 s after cgroup.kill",
-                self.dir.display()
+                self.path().display()
             );
             return;
         }
         self.remove_dir();
     }
 
-    /// Removes the (empty) cgroup; one already gone is no error.
+    /// Removes the (empty) cgroup: the one of its name in its parent, if that is still this
+    /// one (a container's root may have removed it and made another of that name); one
+    /// already gone is no error.
     fn remove_dir(&self) {
-        match fs::remove_dir(&self.dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                warn!("Cannot remove {}: {e}", self.dir.display())
+        match rfs::statat(
+            &self.parent.dir,
+            self.name.as_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        ) {
+            Ok(st) if st.st_ino == self.id => {}
+            _ => return,
+        }
+        match rfs::unlinkat(&self.parent.dir, self.name.as_str(), AtFlags::REMOVEDIR) {
+            Err(e) if e != rustix::io::Errno::NOENT => {
+                warn!("Cannot remove {}: {e}", self.path().display())
             }
             _ => {}
         }
     }
+}
+
+/// Writes `cgroup.kill` of the cgroup whose directory this is.
+fn kill(dir: &OwnedFd) -> io::Result<()> {
+    let mut f = fs::File::from(open_in(dir, "cgroup.kill", OFlags::WRONLY)?);
+    f.write_all(b"1")
+}
+
+/// The processes a cgroup lists, in the service's PID namespace (that of whoever opened the
+/// list), read to its end: bounded by the cgroup's `pids.max`, `TasksMax=` of its unit.
+fn listed(dir: &OwnedFd) -> io::Result<Vec<i32>> {
+    let mut text = String::new();
+    fs::File::from(open_in(dir, "cgroup.procs", OFlags::RDONLY)?).read_to_string(&mut text)?;
+    Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+/// Processes held by a pidfd at once while signalling: each batch costs one more reading of
+/// the list, so the whole is linear in the number of processes for any cgroup under
+/// `TasksMax=` (16384 by default: 16 readings).
+const SIGNAL_BATCH: usize = 1024;
+
+/// Sends `sig` to every process of a cgroup. `SIGKILL` is the cgroup's `cgroup.kill`. Any
+/// other signal: each listed process is held by a pidfd first, then signalled only if the
+/// cgroup still lists it (a pid reused meanwhile by a process elsewhere is never signalled).
+fn signal_all(dir: &OwnedFd, sig: i32) -> io::Result<()> {
+    if sig == libc::SIGKILL {
+        return kill(dir);
+    }
+    let pids = listed(dir)?;
+    let mut failed = None;
+    for batch in pids.chunks(SIGNAL_BATCH) {
+        let held: Vec<(i32, OwnedFd)> = batch
+            .iter()
+            .filter_map(|&pid| {
+                // SAFETY: a plain syscall; a non-negative result is a new descriptor we own.
+                let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+                (fd >= 0).then(|| (pid, unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+            })
+            .collect();
+        let still: HashSet<i32> = listed(dir)?.into_iter().collect();
+        for (pid, fd) in held.iter().filter(|(pid, _)| still.contains(pid)) {
+            // SAFETY: signalling the process the pidfd holds.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    sig,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                // One that ended meanwhile was not missed.
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    failed = Some(io::Error::new(e.kind(), format!("process {pid}: {e}")));
+                }
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// Whether a cgroup still holds processes, from its `cgroup.events` (read from the start);

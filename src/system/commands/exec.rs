@@ -17,10 +17,19 @@ use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::error::{Error, Result};
-use crate::core::ports::{ExecIo, ExecOutcome, KeepAs, Signals};
+use crate::core::ports::{ExecIo, ExecOutcome, KeepAs, ProcessIo, Signals, WindowSize};
+use crate::system::commands::pipes::Streams;
+use crate::system::commands::relay;
+
+/// The first line of a kept process's record when its terminal was made inside its container
+/// (`kept.rs` gives it its resizes again).
+pub(crate) const TERMINAL_INSIDE: &str = "terminal-inside";
 use crate::system::commands::agent::AgentConnection;
 use crate::system::commands::cgroup::{CommandCgroup, Containment};
 use crate::system::commands::output::{DRAIN, READ_GRACE, collect_after_end, collect_running};
+
+/// How long an agent may take to answer a request (it answers as soon as it has forked).
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 /// The soft descriptor limit the service started with, which the commands it starts get back.
 static CHILD_NOFILE_SOFT: AtomicU64 = AtomicU64::new(1024);
@@ -54,7 +63,7 @@ pub(crate) fn agent_request(
     command: String,
     cwd: &Path,
     env: BTreeMap<String, String>,
-    terminal: bool,
+    terminal: agent_proto::Terminal,
 ) -> agent_proto::ExecRequest {
     use std::os::unix::ffi::OsStrExt;
     agent_proto::ExecRequest {
@@ -64,6 +73,8 @@ pub(crate) fn agent_request(
             .into_iter()
             .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
             .collect(),
+        // Named once the command's cgroup is made (`launch`).
+        cgroup: Vec::new(),
         terminal,
     }
 }
@@ -128,6 +139,32 @@ pub struct Command<'a> {
     pub keep: Option<KeepAs>,
 }
 
+/// How an agent starts a command on a terminal: one made inside (its size in a background
+/// process's streams), the one the service made as its stdin, or none.
+pub(crate) fn agent_terminal(terminal: bool, io: &ExecIo) -> agent_proto::Terminal {
+    match io {
+        ExecIo::Process(ProcessIo {
+            terminal_inside: Some(t),
+            ..
+        }) => agent_proto::Terminal::Make {
+            cols: t.size.cols,
+            rows: t.size.rows,
+        },
+        _ if terminal => agent_proto::Terminal::Given,
+        _ => agent_proto::Terminal::None,
+    }
+}
+
+/// What reaches a running command from outside: signals for its processes, and the new sizes
+/// of a terminal its agent made.
+#[derive(Default)]
+struct Controls<'a> {
+    signals: Option<&'a mut Signals>,
+    resizes: Option<&'a mut Resizes>,
+}
+
+type Resizes = tokio::sync::mpsc::UnboundedReceiver<WindowSize>;
+
 /// A started command.
 enum Running<'a> {
     Here(crate::system::commands::spawn::Spawned),
@@ -181,14 +218,14 @@ impl Running<'_> {
     }
 }
 
-/// Starts the command with the given ends of its streams, in the cgroup whose `cgroup.procs`
-/// is open as `procs`.
+/// Starts the command with the given ends of its streams, in its cgroup: made in it, or joined
+/// before it execs (the service's own child writes itself into the cgroup's `cgroup.procs`; an
+/// agent's opens the cgroup it is told the name of, through its own view of the hierarchy).
 async fn launch<'a>(
     launch: Launch<'a>,
     child: [OwnedFd; 3],
     cgroup: Option<&CommandCgroup>,
 ) -> Result<Running<'a>> {
-    let procs = cgroup.map(|cg| &cg.procs);
     match launch {
         Launch::Here {
             command,
@@ -197,6 +234,10 @@ async fn launch<'a>(
             terminal,
         } => {
             let [stdin, stdout, stderr] = &child;
+            let procs = cgroup
+                .map(CommandCgroup::procs)
+                .transpose()
+                .map_err(|e| Error::JobFailed(format!("Cannot open the command's cgroup: {e}")))?;
             let env: Vec<(Vec<u8>, Vec<u8>)> = env
                 .iter()
                 .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
@@ -208,8 +249,8 @@ async fn launch<'a>(
                 env: &env,
                 dir,
                 fds: [stdin, stdout, stderr],
-                procs,
-                cgroup: cgroup.map(|cg| &cg.dir_fd),
+                procs: procs.as_ref(),
+                cgroup: cgroup.map(|cg| &cg.dir),
                 terminal,
                 nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
             })
@@ -222,7 +263,7 @@ async fn launch<'a>(
         }
         Launch::Agent {
             mut conn,
-            request,
+            mut request,
             workspace,
         } => {
             let lost = |e: io::Error| {
@@ -230,12 +271,17 @@ async fn launch<'a>(
                     "Cannot run the command through the agent of workspace '{workspace}': {e}"
                 ))
             };
+            if let Some(cg) = cgroup {
+                let seen = cg.seen_by_agent().ok_or_else(|| {
+                    lost(io::Error::other("its cgroup has no name the agent knows"))
+                })?;
+                request.cgroup = seen.into_os_string().into_encoded_bytes();
+            }
             let first = {
-                let mut fds: Vec<BorrowedFd<'_>> = child.iter().map(|f| f.as_fd()).collect();
-                fds.extend(procs.map(|p| p.as_fd()));
+                let fds: Vec<BorrowedFd<'_>> = child.iter().map(|f| f.as_fd()).collect();
                 // The agent answers as soon as it has forked; whatever sits at its socket
-                // instead gets no longer than DRAIN (sending has a limit of its own).
-                conn.start(&request, &fds, DRAIN).await
+                // instead gets no longer than ANSWER_WITHIN (sending has a limit of its own).
+                conn.start(&request, &fds, ANSWER_WITHIN).await
             };
             drop(child);
             match first.map_err(lost)? {
@@ -257,16 +303,21 @@ async fn launch<'a>(
     }
 }
 
-/// Until the command's shell exits, its `timeout` passes or `cancel` fires, with its `signals`
-/// delivered to every process of it meanwhile; then ends what it left running (its cgroup, or
-/// its process group). How it ended, and whether its cgroup was empty already.
+/// Until the command's shell exits, its `timeout` passes or `cancel` fires, with its signals
+/// delivered to every process of it and its terminal's new sizes to its agent meanwhile; then
+/// ends what it left running (its cgroup, or its process group). How it ended, and whether its
+/// cgroup was empty already.
 async fn until_end(
     running: &mut Running<'_>,
     cgroup: Option<&CommandCgroup>,
     timeout: Option<Duration>,
     cancel: &CancellationToken,
-    mut signals: Option<&mut Signals>,
+    controls: Controls<'_>,
 ) -> (Ending, bool) {
+    let Controls {
+        mut signals,
+        mut resizes,
+    } = controls;
     use nix::sys::signal::{Signal, killpg};
     use nix::unistd::Pid;
     let pid = running.pid();
@@ -288,10 +339,23 @@ async fn until_end(
                     None => std::future::pending().await,
                 }
             } => match cgroup {
-                Some(cg) => cg.signal(sig),
+                Some(cg) => cg.signal(sig).await,
                 None => {
                     if let (Some(pid), Ok(sig)) = (pid, Signal::try_from(sig)) {
                         let _ = killpg(Pid::from_raw(pid as i32), sig);
+                    }
+                }
+            },
+            Some(size) = async {
+                match resizes.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Running::Agent { conn, .. } = running {
+                    let message = agent_proto::resize_message(size.cols, size.rows);
+                    if let Err(e) = conn.control(&message).await {
+                        tracing::warn!("Cannot resize a terminal through its agent: {e}");
                     }
                 }
             },
@@ -330,13 +394,36 @@ pub async fn run_contained(
     containment: &Containment,
     cancel: &CancellationToken,
 ) -> Result<ExecOutcome> {
-    let streams = crate::system::commands::pipes::streams(c.io)
-        .map_err(|e| Error::JobFailed(format!("Cannot make the command's pipes: {e}")))?;
+    let no_pipes = |e: io::Error| Error::JobFailed(format!("Cannot make the command's pipes: {e}"));
+    let mut resizes = None;
+    let mut relays = None;
+    let streams = match c.io {
+        // An agent's command never gets what a caller lent: pipes, relayed.
+        ExecIo::Lend {
+            stdin,
+            stdout,
+            stderr,
+        } if matches!(c.launch, Launch::Agent { .. }) => {
+            let r = relay::relay(stdin, stdout, stderr).map_err(no_pipes)?;
+            relays = Some(r.relays);
+            Streams {
+                child: r.child,
+                stdin: None,
+                stdout: None,
+                stderr: None,
+            }
+        }
+        ExecIo::Process(mut p) => {
+            resizes = p.terminal_inside.take().map(|t| t.resizes);
+            crate::system::commands::pipes::streams(ExecIo::Process(p)).map_err(no_pipes)?
+        }
+        io => crate::system::commands::pipes::streams(io).map_err(no_pipes)?,
+    };
     let cgroup = match containment {
         Containment::Cgroup(parent) => Some(CommandCgroup::create(parent).map_err(|e| {
             Error::JobFailed(format!(
                 "Cannot create a cgroup for the command below {}: {e}",
-                parent.display()
+                parent.path().display()
             ))
         })?),
         Containment::ProcessGroup => None,
@@ -348,6 +435,9 @@ pub async fn run_contained(
             if let Some(cg) = cgroup {
                 cg.kill();
                 cg.remove().await;
+            }
+            if let Some(r) = relays {
+                r.finish().await;
             }
             return Err(e);
         }
@@ -362,7 +452,12 @@ pub async fn run_contained(
         crate::system::commands::keep::keeper().keep_started(
             &keep.key,
             conn.socket(),
-            cgroup.as_ref().map(|cg| cg.dir.as_path()),
+            cgroup.as_ref().map(|cg| cg.dir.as_fd()),
+            if resizes.is_some() {
+                TERMINAL_INSIDE
+            } else {
+                ""
+            },
             &keep.record,
         );
     }
@@ -380,12 +475,16 @@ pub async fn run_contained(
     let cap = c.output_cap;
     let mut signals = c.signals;
     let run = async {
+        let controls = Controls {
+            signals: signals.as_mut(),
+            resizes: resizes.as_mut(),
+        };
         let (ending, empty) = until_end(
             &mut running,
             cgroup.as_ref(),
             Some(c.timeout),
             cancel,
-            signals.as_mut(),
+            controls,
         )
         .await;
         let duration = start.elapsed();
@@ -431,6 +530,10 @@ pub async fn run_contained(
     if let (Some(Ok(_)), Running::Agent { conn, .. }) = (&code, running) {
         conn.recycle();
     }
+    // The caller's descriptors: what is left of the output drained, then let go.
+    if let Some(r) = relays {
+        r.finish().await;
+    }
     let timed_out = code.is_none() && !cancel.is_cancelled();
     let exit_code = match code {
         Some(r) => r?,
@@ -453,17 +556,25 @@ pub async fn run_contained(
 pub(super) async fn resume(
     key: String,
     conn: AgentConnection,
-    cgroup: Option<std::path::PathBuf>,
+    cgroup: Option<OwnedFd>,
     mut signals: Signals,
+    mut resizes: Option<Resizes>,
     cancel: CancellationToken,
 ) -> Result<i32> {
-    let cg = cgroup.and_then(|dir| CommandCgroup::open(&dir).ok());
+    let cg = cgroup.and_then(|dir| {
+        CommandCgroup::from_dir(dir)
+            .inspect_err(|e| tracing::warn!("Cannot take up the cgroup of {key}: {e}"))
+            .ok()
+    });
     let mut running = Running::Agent {
         conn,
         workspace: &key,
     };
-    let (ending, empty) =
-        until_end(&mut running, cg.as_ref(), None, &cancel, Some(&mut signals)).await;
+    let controls = Controls {
+        signals: Some(&mut signals),
+        resizes: resizes.as_mut(),
+    };
+    let (ending, empty) = until_end(&mut running, cg.as_ref(), None, &cancel, controls).await;
     let code = match ending {
         Ending::Exited(r) => r,
         Ending::TimedOut | Ending::Cancelled => {

@@ -14,7 +14,9 @@ use crate::core::ports::{
     Attachment, ExecOutcome, ExecRequest, Executor, ProcessStreams, WindowSize,
 };
 use crate::system::commands::cgroup::Containment;
-use crate::system::commands::exec::{Command, Launch, agent_request, run_contained};
+use crate::system::commands::exec::{
+    Command, Launch, agent_request, agent_terminal, run_contained,
+};
 use agent_workspaces_agent as agent_proto;
 
 pub struct HostExecutor {
@@ -51,6 +53,7 @@ impl Executor for HostExecutor {
         &self,
         terminal: Option<WindowSize>,
         keep: Option<&str>,
+        container: bool,
     ) -> Result<ProcessStreams> {
         let keeper = crate::system::commands::keep::keeper();
         let prepare = |output: BorrowedFd<'_>,
@@ -59,7 +62,7 @@ impl Executor for HostExecutor {
             Some(key) => keeper.prepare(key, output, input, hold),
             None => Ok(()),
         };
-        crate::system::commands::pipes::process_streams(terminal, prepare)
+        crate::system::commands::pipes::process_streams(terminal, container, prepare)
             .map_err(|e| Error::io("Cannot make the pipes or terminal of a process", e))
     }
 
@@ -119,7 +122,12 @@ impl Executor for HostExecutor {
             let command = Command {
                 launch: Launch::Agent {
                     conn,
-                    request: agent_request(req.command, &req.cwd, req.env, req.terminal),
+                    request: agent_request(
+                        req.command,
+                        &req.cwd,
+                        req.env,
+                        agent_terminal(req.terminal, &req.io),
+                    ),
                     workspace: &req.workspace_id,
                 },
                 io: req.io,
@@ -246,7 +254,7 @@ mod tests {
         let (stdout_r, stdout_w) = pipe();
         let (mut stderr_r, stderr_w) = pipe();
         let mut r = req("echo first; read line; echo \"got $line\" >&2; exit 4");
-        r.io = ExecIo::Pass {
+        r.io = ExecIo::Lend {
             stdin: stdin_r.into(),
             stdout: stdout_w.into(),
             stderr: stderr_w.into(),

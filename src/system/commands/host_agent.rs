@@ -8,11 +8,12 @@
 //! service's own children: they end with the call, and with the service.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::core::error::{Error, Result};
 use crate::system::commands::agent::AgentConnection;
-use crate::system::commands::cgroup::cgroup2_mount;
+use crate::system::commands::cgroup::{CgroupParent, cgroup2_mount};
 use crate::system::systemd::{Systemd, prop};
 
 pub const UNIT: &str = "agent-workspaces-host-agent.service";
@@ -30,7 +31,7 @@ pub struct HostAgent {
     program: PathBuf,
     /// One start at a time; the cgroup of the agent's unit once it is known to run (the
     /// next connection then makes no bus call).
-    starting: tokio::sync::Mutex<Option<PathBuf>>,
+    starting: tokio::sync::Mutex<Option<Arc<CgroupParent>>>,
 }
 
 impl HostAgent {
@@ -42,9 +43,9 @@ impl HostAgent {
         }
     }
 
-    /// The agent's unit's cgroup directory, the agent started first if it does not run, and a
+    /// The agent's unit's cgroup, the agent started first if it does not run, and a
     /// connection to it.
-    pub async fn connect(&self) -> Result<(PathBuf, AgentConnection)> {
+    pub async fn connect(&self) -> Result<(Arc<CgroupParent>, AgentConnection)> {
         let known = self.starting.lock().await.clone();
         if let Some(cgroup) = known {
             // Where that fails, the agent stopped since: looked at again, started again.
@@ -94,8 +95,9 @@ impl HostAgent {
         }
     }
 
-    /// The cgroup of the agent's unit while it runs.
-    async fn running_cgroup(&self) -> Result<Option<PathBuf>> {
+    /// The cgroup of the agent's unit while it runs. The agent sees the host's whole
+    /// hierarchy: a command's cgroup is named to it by its path from the root.
+    async fn running_cgroup(&self) -> Result<Option<Arc<CgroupParent>>> {
         let Some(state) = self.systemd.unit_state(UNIT).await? else {
             return Ok(None);
         };
@@ -106,9 +108,10 @@ impl HostAgent {
         }
         let mount = cgroup2_mount()
             .ok_or_else(|| Error::JobFailed("No cgroup v2 hierarchy is mounted".into()))?;
-        Ok(Some(
-            mount.join(state.control_group.trim_start_matches('/')),
-        ))
+        let path = mount.join(state.control_group.trim_start_matches('/'));
+        let parent = CgroupParent::open(&path, Some(PathBuf::from(&state.control_group)), None)
+            .map_err(|e| Error::io(format!("Cannot open {}", path.display()), e))?;
+        Ok(Some(parent))
     }
 
     fn properties(&self) -> Vec<(String, zbus::OwnedVariant)> {
@@ -132,7 +135,7 @@ impl HostAgent {
 /// Ends the processes of the host agent's that no kept process claims: left by a run of the
 /// service whose descriptors systemd let go (`systemctl stop`, then start), nothing could
 /// read their output or report their end any more. At start, before any process is started.
-pub fn end_unclaimed(claimed: &[PathBuf]) {
+pub fn end_unclaimed(claimed: &[u64]) {
     let Some(mount) = cgroup2_mount() else { return };
     let unit = mount.join(SLICE).join(UNIT);
     let Ok(entries) = std::fs::read_dir(&unit) else {
@@ -144,7 +147,11 @@ pub fn end_unclaimed(claimed: &[PathBuf]) {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with("exec-"));
-        if is_command && dir.is_dir() && !claimed.contains(&dir) {
+        let id = std::fs::symlink_metadata(&dir).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        });
+        if is_command && dir.is_dir() && !id.is_ok_and(|id| claimed.contains(&id)) {
             if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
                 ended += 1;
             }

@@ -9,8 +9,8 @@
 //! Names, for a process's key `process.<workspace id>.<process id>` (few messages to PID 1:
 //! two when a process starts, two when it ends):
 //! - `<key>`: the service's end of its output (a pipe's read end, or the terminal's master),
-//!   the agent connection, and a memory file with its cgroup and the core's record; stored
-//!   together once the agent has started it.
+//!   the agent connection, its cgroup's directory, and a memory file with the core's record;
+//!   stored together once the agent has started it.
 //! - `<key>.in`: its stdin's write end (pipes only); let go alone when the service closes it.
 //! - `<key>.hold`, `<key>.output`: stored when the service stops: the command's own end of its
 //!   output, which the service holds while it runs (`holds`), and the output kept so far. A
@@ -28,7 +28,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use libsystemd::daemon::{self, NotifyState};
@@ -188,27 +187,29 @@ impl Keeper {
     }
 
     /// Keeps a started process: its prepared streams, the agent connection that reports its
-    /// end, its cgroup and record.
+    /// end, its cgroup's directory and its record (after a first line of `flags`, words that
+    /// say how to take it up).
     pub fn keep_started(
         &self,
         key: &str,
         agent: BorrowedFd<'_>,
-        cgroup: Option<&Path>,
+        cgroup: Option<BorrowedFd<'_>>,
+        flags: &str,
         record: &[u8],
     ) {
         let Some(pending) = lock(&self.pending).remove(key) else {
             return;
         };
-        let mut data = cgroup
-            .map(|c| c.as_os_str().as_encoded_bytes().to_vec())
-            .unwrap_or_default();
+        let mut data = flags.as_bytes().to_vec();
         data.push(b'\n');
         data.extend_from_slice(record);
         let record = match memfd(key, &data) {
             Ok(fd) => fd,
             Err(e) => return warn!("Cannot keep {key}: {e}"),
         };
-        self.send(key, &[pending.out.as_fd(), agent, record.as_fd()]);
+        let mut fds = vec![pending.out.as_fd(), agent, record.as_fd()];
+        fds.extend(cgroup);
+        self.send(key, &fds);
         if let Some(input) = &pending.input {
             self.send(&format!("{key}.in"), &[input.as_fd()]);
         }

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 
 use tracing::warn;
 
+use super::exec::TERMINAL_INSIDE;
 use super::keep::{keeper, read_memfd};
 
 /// The processes the previous run kept, each with its streams and its end where its agent
-/// connection was kept; also the cgroups of those that run on.
-pub fn kept_processes() -> (Vec<crate::core::ports::KeptProcess>, Vec<PathBuf>) {
+/// connection was kept; also the ids of the cgroups of those that run on.
+pub fn kept_processes() -> (Vec<crate::core::ports::KeptProcess>, Vec<u64>) {
     use crate::core::ports::{KeptLive, KeptProcess};
     use tokio::net::unix::pipe;
     let mut found = Vec::new();
@@ -22,13 +23,15 @@ pub fn kept_processes() -> (Vec<crate::core::ports::KeptProcess>, Vec<PathBuf>) 
         for fd in received.main {
             main.sort(fd);
         }
-        let Some((cgroup, record)) = main.record.as_ref().and_then(read_record) else {
+        let Some((flags, record)) = main.record.as_ref().and_then(read_record) else {
             warn!("Dropping kept descriptors of {key}: no record came with them");
             keeper().forget(&key);
             continue;
         };
         let output = received.output.and_then(|fd| read_memfd(&fd).ok());
         let input = received.input;
+        let cgroup = main.cgroup.take().or_else(|| legacy_cgroup(&flags));
+        let inside = flags.split_whitespace().any(|f| f == TERMINAL_INSIDE);
         let streams = || -> io::Result<Option<_>> {
             let Some(agent) = main.agent.take() else {
                 return Ok(None);
@@ -54,15 +57,28 @@ pub fn kept_processes() -> (Vec<crate::core::ports::KeptProcess>, Vec<PathBuf>) 
                     None,
                 ),
             };
-            Ok(Some((ends, conn)))
+            // A terminal its container's agent made: resized through the kept connection.
+            let (ends, resizes) = match (ends, inside) {
+                ((input, output, None), true) => {
+                    let (controls, resizes) = crate::system::commands::pipes::resizer();
+                    ((input, output, Some(controls)), Some(resizes))
+                }
+                (ends, _) => (ends, None),
+            };
+            Ok(Some((ends, resizes, conn)))
         };
         let live = match streams() {
-            Ok(Some(((input, output, terminal), conn))) => {
-                claimed.extend(cgroup.clone());
+            Ok(Some(((input, output, terminal), resizes, conn))) => {
+                claimed.extend(
+                    cgroup
+                        .as_ref()
+                        .and_then(|c| rustix::fs::fstat(c).ok())
+                        .map(|s| s.st_ino),
+                );
                 let key = key.clone();
                 let resume: crate::core::ports::Resume = Box::new(move |signals, cancel| {
                     Box::pin(crate::system::commands::exec::resume(
-                        key, conn, cgroup, signals, cancel,
+                        key, conn, cgroup, signals, resizes, cancel,
                     ))
                 });
                 Some(KeptLive {
@@ -95,6 +111,7 @@ struct Main {
     pty: Option<OwnedFd>,
     agent: Option<OwnedFd>,
     record: Option<OwnedFd>,
+    cgroup: Option<OwnedFd>,
 }
 
 impl Main {
@@ -108,24 +125,32 @@ impl Main {
             FileType::Fifo => &mut self.out,
             FileType::CharacterDevice => &mut self.pty,
             FileType::RegularFile => &mut self.record,
+            FileType::Directory => &mut self.cgroup,
             _ => return,
         };
         *slot = Some(fd);
     }
 }
 
-/// A record as `keep_started` wrote it: the cgroup (checked to be one) and the core's record.
-fn read_record(fd: &OwnedFd) -> Option<(Option<PathBuf>, Vec<u8>)> {
+/// A record as `keep_started` wrote it: its first line (the flags) and the core's record.
+fn read_record(fd: &OwnedFd) -> Option<(String, Vec<u8>)> {
     let data = read_memfd(fd).ok()?;
     let newline = data.iter().position(|b| *b == b'\n')?;
-    let cgroup = std::str::from_utf8(&data[..newline])
-        .ok()
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .filter(|p| {
-            crate::system::commands::cgroup::cgroup2_mount().is_some_and(|m| p.starts_with(m))
-        });
-    Some((cgroup, data[newline + 1..].to_vec()))
+    let flags = String::from_utf8_lossy(&data[..newline]).into_owned();
+    Some((flags, data[newline + 1..].to_vec()))
+}
+
+/// The cgroup of a process kept by a version of the service that kept its path, not its
+/// directory (the record's first line): opened by that path once, where it is in the cgroup
+/// hierarchy (the host agent's: a container's are not taken up by path).
+fn legacy_cgroup(first_line: &str) -> Option<OwnedFd> {
+    let path = PathBuf::from(first_line);
+    let mount = crate::system::commands::cgroup::cgroup2_mount()?;
+    let below = path.strip_prefix(mount).ok()?;
+    if !below.starts_with("system.slice/agent-workspaces-host-agent.service") {
+        return None;
+    }
+    std::fs::File::open(&path).ok().map(OwnedFd::from)
 }
 
 #[cfg(test)]
@@ -134,12 +159,20 @@ mod tests {
     use crate::system::commands::keep::memfd;
 
     #[test]
-    fn a_record_gives_back_its_cgroup_and_the_cores_record() {
+    fn a_record_gives_back_its_flags_and_the_cores_record() {
         let fd = memfd("t", b"\n{\"id\":1}").unwrap();
-        assert_eq!(read_record(&fd), Some((None, b"{\"id\":1}".to_vec())));
-        // A path outside the cgroup hierarchy is no cgroup.
-        let fd = memfd("t", b"/etc\n{}").unwrap();
-        assert_eq!(read_record(&fd), Some((None, b"{}".to_vec())));
+        assert_eq!(
+            read_record(&fd),
+            Some((String::new(), b"{\"id\":1}".to_vec()))
+        );
+        let fd = memfd("t", b"terminal-inside\n{}").unwrap();
+        assert_eq!(
+            read_record(&fd),
+            Some(("terminal-inside".into(), b"{}".to_vec()))
+        );
         assert_eq!(read_record(&memfd("t", b"no newline").unwrap()), None);
+        // A path an earlier version kept is taken up only below the host agent's unit.
+        assert!(legacy_cgroup("/etc").is_none());
+        assert!(legacy_cgroup("").is_none());
     }
 }

@@ -12,4 +12,5 @@ pub mod keep;
 pub mod kept;
 mod output;
 pub mod pipes;
+pub mod relay;
 pub mod spawn;

@@ -10,17 +10,23 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::unix::pipe;
 use tokio_util::sync::CancellationToken;
 
-/// How long output may still arrive after the command's processes were killed: only a
-/// process outside the command's cgroup (a hostile agent) could hold a stream open longer.
-pub(super) const DRAIN: Duration = Duration::from_secs(5);
+/// How long output may still arrive after the command has ended (its processes, and its
+/// cgroup's, are gone): only a process that left the command's cgroup could hold a stream open
+/// longer. Then the service's end of the stream is closed (the writer gets `EPIPE`).
+pub(crate) const DRAIN: Duration = Duration::from_secs(2);
+/// How much output may still be read, per stream, after the command has ended (a command's
+/// own output left in a pipe is at most the pipe's size, 1 MiB at most).
+pub(crate) const DRAIN_BYTES: usize = 4 * 1024 * 1024;
 
 /// Reads a stream to its end, keeping the first `cap` bytes. Once `ended` fires (the
-/// command's processes were killed), the end of file may take at most `DRAIN` more: only a
-/// process outside the command's cgroup (a hostile agent) could hold the stream open longer.
+/// command's processes were killed), the end of file may take at most `DRAIN` and
+/// `DRAIN_BYTES` more (`already`: read since the end before): only a process outside the
+/// command's cgroup could hold the stream open longer.
 async fn read_capped<R: AsyncRead + Unpin>(
     mut r: R,
     cap: usize,
     ended: &CancellationToken,
+    already: usize,
 ) -> (Vec<u8>, bool) {
     let mut kept = Vec::new();
     let mut truncated = false;
@@ -31,7 +37,12 @@ async fn read_capped<R: AsyncRead + Unpin>(
         tokio::time::sleep(DRAIN).await;
     };
     tokio::pin!(drain);
+    let mut after_end = already;
     loop {
+        let at_end = ended.is_cancelled();
+        if at_end && after_end >= DRAIN_BYTES {
+            break;
+        }
         let room = cap.saturating_sub(kept.len());
         // Read straight into what is kept: nothing to zero or copy, and nothing allocated for
         // a command that prints nothing.
@@ -52,8 +63,10 @@ async fn read_capped<R: AsyncRead + Unpin>(
             n = read => n,
             () = &mut drain => break,
         };
-        if matches!(n, Ok(0) | Err(_)) {
-            break;
+        match n {
+            Ok(0) | Err(_) => break,
+            Ok(n) if at_end => after_end += n,
+            Ok(_) => {}
         }
     }
     (kept, truncated)
@@ -67,8 +80,10 @@ pub(super) const READ_GRACE: Duration = Duration::from_millis(1);
 
 /// Collects the output of a command that has ended (and whatever it left is killed): what its
 /// pipes hold is read at once, both looked at with one `poll` (for most commands, that is all:
-/// both at end of file, nothing to read). Only a pipe something outside the command's cgroup
-/// still holds is awaited (for `DRAIN`).
+/// both at end of file, nothing to read), up to `DRAIN_BYTES` in all: what a writer that
+/// keeps ahead of this loop (a process that left the command) sends does not hold the
+/// runtime's thread. Only a pipe something outside the command's cgroup still holds is then
+/// awaited (for `DRAIN`, and what is left of `DRAIN_BYTES`).
 pub(super) async fn collect_after_end(
     streams: [Option<OwnedFd>; 2],
     cap: usize,
@@ -78,7 +93,8 @@ pub(super) async fn collect_after_end(
     let mut out: [(Vec<u8>, bool); 2] = Default::default();
     let mut open: [Option<OwnedFd>; 2] = streams;
     let mut buf = [0u8; 16 * 1024];
-    loop {
+    let mut read_here = 0usize;
+    while read_here < DRAIN_BYTES {
         let mut fds: Vec<libc::pollfd> = open
             .iter()
             .map(|f| libc::pollfd {
@@ -118,6 +134,7 @@ pub(super) async fn collect_after_end(
                 continue;
             }
             let r = r as usize;
+            read_here += r;
             let (kept, truncated) = &mut out[i];
             let room = cap.saturating_sub(kept.len());
             kept.extend_from_slice(&buf[..r.min(room)]);
@@ -133,7 +150,7 @@ pub(super) async fn collect_after_end(
         let room = cap.saturating_sub(out[i].0.len());
         async move {
             match fd.map(pipe::Receiver::from_owned_fd) {
-                Some(Ok(r)) => read_capped(r, room, ended).await,
+                Some(Ok(r)) => read_capped(r, room, ended, read_here).await,
                 _ => Default::default(),
             }
         }
@@ -153,7 +170,7 @@ pub(super) async fn collect_running(
     ended: &CancellationToken,
 ) -> (Vec<u8>, bool) {
     match fd.map(pipe::Receiver::from_owned_fd) {
-        Some(Ok(r)) => read_capped(r, cap, ended).await,
+        Some(Ok(r)) => read_capped(r, cap, ended, 0).await,
         _ => Default::default(),
     }
 }

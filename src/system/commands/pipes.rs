@@ -1,13 +1,17 @@
 //! The pipes of commands: an exec's (its output collected by the service, or the caller's own
-//! descriptors passed through) and a background process's (stdin, and one pipe for stdout and
-//! stderr both, read into the process's buffer).
+//! descriptors given to a host command: a container's are relayed, `relay.rs`) and a
+//! background process's (stdin, and one pipe for stdout and stderr both, read into the
+//! process's buffer; or a terminal: the service's own for a host command, one the agent makes
+//! inside for a container's).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use tokio::net::unix::pipe;
 
-use crate::core::ports::{Attachment, ExecIo, ProcessStreams, Terminal, WindowSize};
+use crate::core::ports::{
+    Attachment, ExecIo, ProcessIo, ProcessStreams, Terminal, TerminalInside, WindowSize,
+};
 
 fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
@@ -51,11 +55,17 @@ pub(super) fn streams(io: ExecIo) -> io::Result<Streams> {
                 stderr: Some(err_r),
             })
         }
-        ExecIo::Pass {
+        ExecIo::Lend {
             stdin,
             stdout,
             stderr,
-        } => Ok(Streams {
+        }
+        | ExecIo::Process(ProcessIo {
+            stdin,
+            stdout,
+            stderr,
+            ..
+        }) => Ok(Streams {
             child: [stdin, stdout, stderr],
             stdin: None,
             stdout: None,
@@ -65,30 +75,62 @@ pub(super) fn streams(io: ExecIo) -> io::Result<Streams> {
 }
 
 /// A background process's streams: its stdin, and one pipe for its stdout and stderr; or, with
-/// a window size, a pseudo-terminal of that size as all three.
+/// a window size, a pseudo-terminal of that size: the service's own as all three for a host
+/// command, or (`container`) one the container's agent makes inside and relays to and from
+/// the pipes, resized through the request's channel.
 /// `keep` is given the service's ends of its output and input, and the command's end of its
 /// output, before they are handed out (to keep them across a restart: `keep.rs`).
 pub(super) fn process_streams(
     terminal: Option<WindowSize>,
+    container: bool,
     keep: impl FnOnce(BorrowedFd<'_>, Option<BorrowedFd<'_>>, BorrowedFd<'_>) -> io::Result<()>,
 ) -> io::Result<ProcessStreams> {
-    if let Some(size) = terminal {
+    if let (Some(size), false) = (terminal, container) {
         return pty(size, keep);
     }
     let (stdin, input) = pipe_pair()?;
     let (output, stdout) = pipe_pair()?;
     let stderr = stdout.try_clone()?;
     keep(output.as_fd(), Some(input.as_fd()), stdout.as_fd())?;
+    let (terminal_inside, controls) = match terminal {
+        Some(size) => {
+            let (controls, resizes) = resizer();
+            (Some(TerminalInside { size, resizes }), Some(controls))
+        }
+        None => (None, None),
+    };
     Ok(ProcessStreams {
-        command: ExecIo::Pass {
+        command: ExecIo::Process(ProcessIo {
             stdin,
             stdout,
             stderr,
-        },
+            terminal_inside,
+        }),
         input: Box::new(pipe::Sender::from_owned_fd(input)?),
         output: Box::new(pipe::Receiver::from_owned_fd(output)?),
-        terminal: None,
+        terminal: controls,
     })
+}
+
+/// The controls of a terminal the container's agent made, and where its resizes go (to the
+/// command's connection to the agent: `exec.rs`).
+pub(super) fn resizer() -> (
+    Box<dyn Terminal>,
+    tokio::sync::mpsc::UnboundedReceiver<WindowSize>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (Box::new(Resizer(tx)), rx)
+}
+
+/// A terminal made inside a container, as the service controls it.
+struct Resizer(tokio::sync::mpsc::UnboundedSender<WindowSize>);
+
+impl Terminal for Resizer {
+    fn resize(&self, size: WindowSize) -> io::Result<()> {
+        self.0
+            .send(size)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the process has ended"))
+    }
 }
 
 /// A pseudo-terminal from the service's own `/dev/ptmx` (as nspawn makes a container's
@@ -112,11 +154,12 @@ fn pty(
     keep(master.0.as_fd(), None, terminal.as_fd())?;
     let (input, output, terminal_controls) = pty_ends(master)?;
     Ok(ProcessStreams {
-        command: ExecIo::Pass {
+        command: ExecIo::Process(ProcessIo {
             stdin: terminal.try_clone()?,
             stdout: terminal.try_clone()?,
             stderr: terminal,
-        },
+            terminal_inside: None,
+        }),
         input,
         output,
         terminal: Some(terminal_controls),

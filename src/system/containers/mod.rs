@@ -15,6 +15,7 @@ mod debug;
 pub mod distro;
 mod init_log;
 pub mod layer;
+pub mod leader;
 mod orphans;
 pub mod tree;
 mod units;
@@ -39,10 +40,13 @@ use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
 use crate::core::ports::{BuildSteps, Containers, DebugInfo, ExecIo, ExecOutcome, ExecRequest};
 use crate::core::workspace::Workspace;
-use crate::system::commands::agent::{AgentConnection, Leader};
+use crate::system::commands::agent::AgentConnection;
 use crate::system::commands::cgroup::Containment;
-use crate::system::commands::exec::{Command, Launch, agent_request, run_contained};
+use crate::system::commands::exec::{
+    Command, Launch, agent_request, agent_terminal, run_contained,
+};
 use build::{BuildPlan, BuildResult};
+use leader::Leader;
 use tree::Tree;
 
 /// The service's own files inside a container: `/.agent-workspaces/init`.
@@ -61,6 +65,8 @@ pub struct NspawnContainers {
     config: std::sync::RwLock<ContainerConfig>,
     /// `<state>/builds`: build plans and results.
     builds_dir: PathBuf,
+    /// `<state>/agents`: each running container's agent socket, remembered (`leader.rs`).
+    agents_dir: PathBuf,
     /// This program, which the build unit runs as `build-tree`.
     program: PathBuf,
     /// The leader of each running container, by workspace name (see `leader`).
@@ -86,6 +92,7 @@ impl NspawnContainers {
             systemd,
             config: std::sync::RwLock::new(config),
             builds_dir: state_dir.join("builds"),
+            agents_dir: state_dir.join("agents"),
             agent: program.with_file_name(AGENT_FILE),
             leaders: Default::default(),
             program,
@@ -172,14 +179,27 @@ impl NspawnContainers {
                 ws.name
             ))
         })?;
-        let leader = Arc::new(Leader::open(pid).map_err(|e| {
+        let leader = Arc::new(self.open_leader(ws, pid).await?);
+        *cached = Some(leader.clone());
+        Ok(leader)
+    }
+
+    /// The leader `pid` of the workspace's container, opened with its payload cgroup (from what
+    /// systemd says of its unit) and where its agent's socket is remembered.
+    async fn open_leader(&self, ws: &Workspace, pid: u32) -> Result<Leader> {
+        let unit = unit_name(&ws.name);
+        let cgroup = self
+            .systemd
+            .unit_state(&unit)
+            .await?
+            .map(|s| s.control_group)
+            .unwrap_or_default();
+        Leader::open(pid, &cgroup, self.agents_dir.join(&ws.name)).map_err(|e| {
             Error::JobFailed(format!(
                 "Cannot reach the container of workspace '{}': {e}",
                 ws.name
             ))
-        })?);
-        *cached = Some(leader.clone());
-        Ok(leader)
+        })
     }
 
     /// Forgets the leader of a container that is stopped or removed.
@@ -355,15 +375,15 @@ impl Containers for NspawnContainers {
             let why = match &leader {
                 None => match self.systemd.machine_leader(&ws.name).await? {
                     None => format!("machine '{}' did not register with machined", ws.name),
-                    Some(pid) => match Leader::open(pid) {
+                    Some(pid) => match self.open_leader(ws, pid).await {
                         Ok(l) => {
                             leader = Some(l);
                             continue;
                         }
-                        Err(e) => format!("its leader is gone: {e}"),
+                        Err(e) => format!("its leader cannot be reached: {e}"),
                     },
                 },
-                Some(l) => match AgentConnection::connect(l).await {
+                Some(l) => match agent_connection(l).await {
                     Ok(_) => {
                         info!(workspace_id = %ws.id, workspace_name = %ws.name,
                               "Started container {} ({unit})", ws.name);
@@ -417,7 +437,7 @@ impl Containers for NspawnContainers {
                 ws.name
             ))
         };
-        let conn = match AgentConnection::connect(&leader).await {
+        let conn = match agent_connection(&leader).await {
             Ok(conn) => conn,
             // No one listens on the agent's socket: the agent is gone (killed, crashed), and
             // the container with it. It is started again, once, and that is logged.
@@ -426,14 +446,13 @@ impl Containers for NspawnContainers {
                       "The agent of workspace {} is gone ({e}); restarting its container", ws.name);
                 self.stop(ws).await?;
                 leader = self.leader(ws).await?;
-                AgentConnection::connect(&leader)
-                    .await
-                    .map_err(not_answering)?
+                agent_connection(&leader).await.map_err(not_answering)?
             }
             Err(e) => return Err(not_answering(e)),
         };
         // The working directory is resolved by the agent, inside the container.
-        let request = agent_request(req.command, &req.cwd, req.env, req.terminal);
+        let terminal = agent_terminal(req.terminal, &req.io);
+        let request = agent_request(req.command, &req.cwd, req.env, terminal);
         let command = Command {
             launch: Launch::Agent {
                 conn,
@@ -452,7 +471,7 @@ impl Containers for NspawnContainers {
 
     async fn connect_port(&self, ws: &Workspace, port: u16) -> Result<std::os::fd::OwnedFd> {
         let leader = self.leader(ws).await?;
-        let mut conn = AgentConnection::connect(&leader).await.map_err(|e| {
+        let mut conn = agent_connection(&leader).await.map_err(|e| {
             Error::JobFailed(format!(
                 "The agent of workspace '{}' does not answer: {e}",
                 ws.name
@@ -571,6 +590,11 @@ impl Containers for NspawnContainers {
         let _ = fs::remove_file(result);
         Ok(())
     }
+}
+
+/// A connection to the agent of the container whose leader this is.
+async fn agent_connection(leader: &Leader) -> std::io::Result<AgentConnection> {
+    AgentConnection::connect(leader.agent()?).await
 }
 
 /// Whether connecting to an agent failed because nothing listens there any more (its

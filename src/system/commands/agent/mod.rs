@@ -1,31 +1,27 @@
-//! The service's side of the agent inside each container (`agent-workspaces-agent`, the
-//! container's PID 2): a connection per running command, the command's descriptors passed
-//! along; a connection whose command ended is kept for a next command (`AgentHome`).
+//! The service's side of an agent (`agent-workspaces-agent`: a container's PID 2, or the host
+//! agent): a connection per running command, the command's pipes passed along; a connection
+//! whose command ended is kept for a next command (`AgentHome`).
 //!
-//! The agent's socket lives in the container's own `/run`. It is reached through the leader's
-//! root (`/proc/<leader>/root`), resolved inside that root like every other path in a
-//! container, and connected to through the descriptor of the socket itself, so nothing the
-//! container plants can redirect the service to another socket of the host. The agent is
-//! not trusted: its replies are bounded and checked, and every wait on it has an end.
+//! A container's agent is reached through the descriptor of its socket itself
+//! (`containers::leader` finds it inside the container), and the process at the other end of
+//! each new connection is checked to be in the container's namespaces and run by its root
+//! (`Peer`). The agent is not trusted: its replies are bounded and checked, every wait on it
+//! has an end, and it is given nothing its container's root does not have (the command's
+//! pipes; its cgroup by name).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-
-use std::path::PathBuf;
 
 use agent_workspaces_agent::{
     ConnectRequest, ExecRequest, IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REPLY, NEXT, RefuseReason,
-    Reply, SOCKET, frame_len, recv_with_fds, send_with_fds,
+    Reply, frame_len, recv_with_fds, send_with_fds,
 };
-use pathrs::RootRef;
-use rustix::fs::{self as rfs, FileType, Mode, OFlags};
+use rustix::fs::{self as rfs, FileType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
-
-use crate::system::commands::cgroup::cgroup2_mount;
 
 /// How long connecting and sending a request may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,15 +46,28 @@ pub struct AgentConnection {
     home: Option<Arc<AgentHome>>,
 }
 
-/// One container's agent as the service reaches it: its socket, and the connections whose
-/// commands ended, kept for the next ones (a command then costs no connect, no accept and no
-/// registration with the reactor).
-struct AgentHome {
-    /// An `O_PATH` descriptor of the socket inode (see `Leader::agent_socket`).
+/// One container's agent as the service reaches it: its socket, who may answer there, and the
+/// connections whose commands ended, kept for the next ones (a command then costs no connect,
+/// no accept and no registration with the reactor).
+pub struct AgentHome {
+    /// An `O_PATH` descriptor of the socket inode (see `containers::leader`).
     socket: OwnedFd,
+    /// Who must be at the other end of a new connection.
+    peer: Option<Peer>,
     idle: Mutex<Vec<(UnixStream, Instant)>>,
     /// Off for an agent that ends every connection after its command (`ENDS_EVERY_CONNECTION`).
     reuse: AtomicBool,
+}
+
+/// The process an agent's socket must belong to: one in the container's PID namespace, run
+/// by the container's root. (Any process of the container's root passes: the service gives an
+/// agent nothing its container's root could not do already, so that is all it needs to know.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The inode of the container's PID namespace.
+    pub pid_ns: u64,
+    /// The container's root, as the host sees it.
+    pub uid: u32,
 }
 
 /// A new connection to the socket at `path`, within `SEND_TIMEOUT`.
@@ -69,9 +78,23 @@ async fn connect_to(path: impl AsRef<std::path::Path>) -> io::Result<UnixStream>
 }
 
 impl AgentHome {
+    /// The agent behind the socket whose `O_PATH` descriptor this is, which `peer` must serve.
+    pub fn new(socket: OwnedFd, peer: Option<Peer>) -> Arc<Self> {
+        Arc::new(Self {
+            socket,
+            peer,
+            idle: Mutex::default(),
+            reuse: AtomicBool::new(true),
+        })
+    }
+
     async fn connect(self: &Arc<Self>) -> io::Result<AgentConnection> {
+        let stream = connect_to(format!("/proc/self/fd/{}", self.socket.as_raw_fd())).await?;
+        if let Some(peer) = &self.peer {
+            check_peer(&stream, peer)?;
+        }
         Ok(AgentConnection {
-            stream: connect_to(format!("/proc/self/fd/{}", self.socket.as_raw_fd())).await?,
+            stream,
             reused: None,
             home: Some(self.clone()),
         })
@@ -133,16 +156,77 @@ fn still_open(stream: &UnixStream) -> bool {
     n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: a plain syscall; a non-negative result is a new descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
+/// The process at the other end of a new connection is the agent's kind: in the container's
+/// PID namespace, run by its root. Found through `SO_PEERPIDFD` where the kernel has it (so a
+/// PID reused meanwhile is never taken for the agent), else `SO_PEERCRED`.
+fn check_peer(stream: &UnixStream, peer: &Peer) -> io::Result<()> {
+    let refused = |why: String| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the process at the agent's socket is not the container's agent: {why}"),
+        )
+    };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local of the size given.
+    if unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    } != 0
+    {
         return Err(io::Error::last_os_error());
     }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    if cred.uid != peer.uid {
+        return Err(refused(format!(
+            "it runs as uid {}, not the container's root ({})",
+            cred.uid, peer.uid
+        )));
+    }
+    let pidfd = peer_pidfd(stream);
+    let ns = std::fs::metadata(format!("/proc/{}/ns/pid", cred.pid)).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.ino()
+    });
+    // Read from /proc by its PID: still the same process if its pidfd says it lives.
+    let same = pidfd.as_ref().is_none_or(|fd| pidfd_alive(fd.as_fd()));
+    match ns {
+        Ok(ns) if same && ns == peer.pid_ns => Ok(()),
+        Ok(_) if same => Err(refused(format!(
+            "process {} is in another PID namespace",
+            cred.pid
+        ))),
+        _ => Err(refused(format!("process {} is gone", cred.pid))),
+    }
 }
 
-fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
+/// The connected peer's pidfd (Linux 6.5 and later).
+fn peer_pidfd(stream: &UnixStream) -> Option<OwnedFd> {
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local of the size given; a descriptor it returns is ours.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe {
         libc::syscall(
@@ -155,99 +239,9 @@ fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// A running container as the service reaches it: its leader (the container's PID 1), held
-/// by a pidfd so that a reused PID is never taken for it; the leader's root (the container's
-/// file system); and its payload cgroup, below which commands get their cgroups. Opened once
-/// per container start and kept: the exec path then makes no bus call.
-pub struct Leader {
-    pub pid: u32,
-    pidfd: OwnedFd,
-    root: OwnedFd,
-    /// The leader's cgroup v2 directory (nspawn's delegated `payload`).
-    pub payload: PathBuf,
-    /// The agent once its socket was found (`agent_home`).
-    agent: OnceLock<Arc<AgentHome>>,
-}
-
-impl Leader {
-    pub fn open(pid: u32) -> io::Result<Self> {
-        let pidfd = pidfd_open(pid)?;
-        let root = rfs::openat(
-            rfs::CWD,
-            format!("/proc/{pid}/root"),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-        let rel = text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| io::Error::other("the container has no cgroup v2 membership"))?;
-        let mount =
-            cgroup2_mount().ok_or_else(|| io::Error::other("no cgroup v2 hierarchy is mounted"))?;
-        let payload = mount.join(rel.trim().trim_start_matches('/'));
-        let leader = Self {
-            pid,
-            pidfd,
-            root,
-            payload,
-            agent: OnceLock::new(),
-        };
-        // What was opened belongs to the leader only if it still lives: its PID was not reused.
-        if !leader.alive() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "the container's leader is gone",
-            ));
-        }
-        Ok(leader)
-    }
-
-    /// The leader still runs (and so its root and cgroup are the container's).
-    pub fn alive(&self) -> bool {
-        pidfd_alive(self.pidfd.as_fd())
-    }
-
-    /// The agent's socket, as an `O_PATH` descriptor of the socket inode itself, resolved
-    /// inside the container once it is there and kept: every later connection goes to that
-    /// same socket, whatever the container does to its path meanwhile. (The agent binds it
-    /// once, at the container's start; a restarted container has a new leader.)
-    fn agent_home(&self) -> io::Result<&Arc<AgentHome>> {
-        if let Some(home) = self.agent.get() {
-            return Ok(home);
-        }
-        let home = Arc::new(AgentHome {
-            socket: self.resolve_agent_socket()?,
-            idle: Mutex::default(),
-            reuse: AtomicBool::new(true),
-        });
-        // Another connection may have set it meanwhile: the same socket either way.
-        Ok(self.agent.get_or_init(|| home))
-    }
-
-    fn resolve_agent_socket(&self) -> io::Result<OwnedFd> {
-        let handle = RootRef::from_fd(self.root.as_fd())
-            .resolve_nofollow(SOCKET)
-            .map_err(|e| match e.kind() {
-                pathrs::error::ErrorKind::OsError(Some(n)) => io::Error::from_raw_os_error(n),
-                _ => io::Error::other(e.to_string()),
-            })?;
-        let st = rfs::fstat(handle.as_fd())?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{SOCKET} is not a socket"),
-            ));
-        }
-        Ok(handle.into())
-    }
-}
-
 impl AgentConnection {
-    /// A connection to the agent of the container whose leader this is: one kept from an
-    /// earlier command, or a new one.
-    pub async fn connect(leader: &Leader) -> io::Result<Self> {
-        let home = leader.agent_home()?;
+    /// A connection to the agent at `home`: one kept from an earlier command, or a new one.
+    pub async fn connect(home: &Arc<AgentHome>) -> io::Result<Self> {
         if home.reuse.load(Ordering::Relaxed)
             && let Some(conn) = home.take_idle()
         {
@@ -286,6 +280,13 @@ impl AgentConnection {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))?
     }
 
+    /// Sends a control message while the command runs (`RESIZE`).
+    pub async fn control(&mut self, message: &[u8]) -> io::Result<()> {
+        tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(message))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))?
+    }
+
     /// The connection's socket, to keep across a restart.
     pub fn socket(&self) -> BorrowedFd<'_> {
         self.stream.as_fd()
@@ -297,6 +298,21 @@ impl AgentConnection {
     /// ended meanwhile (it ended without an answer: the agent never reads a request it does
     /// not answer) is replaced by a new one, once.
     pub async fn start(
+        &mut self,
+        req: &ExecRequest,
+        fds: &[BorrowedFd<'_>],
+        answer_within: Duration,
+    ) -> io::Result<Option<Reply>> {
+        // The agent ends a connection that ran a command on a terminal it made.
+        let serves_another = !matches!(req.terminal, agent_workspaces_agent::Terminal::Make { .. });
+        let result = self.start_request(req, fds, answer_within).await;
+        if !serves_another {
+            self.home = None;
+        }
+        result
+    }
+
+    async fn start_request(
         &mut self,
         req: &ExecRequest,
         fds: &[BorrowedFd<'_>],

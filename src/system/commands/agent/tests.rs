@@ -8,12 +8,13 @@ use std::os::unix::net::{UnixListener, UnixStream as StdStream};
 
 /// A home for an agent listening at `path` (a container's is found through its leader).
 fn home_at(path: &std::path::Path) -> Arc<AgentHome> {
+    home_for(path, None)
+}
+
+fn home_for(path: &std::path::Path, peer: Option<Peer>) -> Arc<AgentHome> {
+    use rustix::fs::{Mode, OFlags};
     let socket = rfs::open(path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap();
-    Arc::new(AgentHome {
-        socket,
-        idle: Mutex::default(),
-        reuse: AtomicBool::new(true),
-    })
+    AgentHome::new(socket, peer)
 }
 
 /// A stand-in agent: answers every command on a connection with Started and Exited 0;
@@ -64,7 +65,8 @@ async fn start_true(conn: &mut AgentConnection) -> Option<Reply> {
         command: b"true".to_vec(),
         cwd: b"/".to_vec(),
         env: vec![],
-        terminal: false,
+        cgroup: Vec::new(),
+        terminal: agent_workspaces_agent::Terminal::None,
     };
     let null = std::fs::File::open("/dev/null").unwrap();
     let fds = [null.as_fd(), null.as_fd(), null.as_fd()];
@@ -180,4 +182,44 @@ async fn a_kept_connection_found_ended_long_after_its_command_is_only_dropped() 
     assert!(home.take_idle().is_none());
     // Its agent may have ended it for waiting (or ended): reuse stays on.
     assert!(home.reuse.load(Ordering::SeqCst));
+}
+
+/// This process's PID namespace, as an agent's peer check sees it.
+fn own_pid_ns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").unwrap().ino()
+}
+
+#[tokio::test]
+async fn only_a_process_of_the_containers_root_in_its_namespace_is_taken_for_its_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    fake_agent(UnixListener::bind(&path).unwrap(), true);
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let right = Peer {
+        pid_ns: own_pid_ns(),
+        uid: me,
+    };
+    let mut conn = AgentConnection::connect(&home_for(&path, Some(right)))
+        .await
+        .unwrap();
+    assert_eq!(start_true(&mut conn).await, Some(Reply::Started { pid: 1 }));
+    for wrong in [
+        Peer {
+            uid: me.wrapping_add(65536),
+            ..right
+        },
+        Peer {
+            pid_ns: right.pid_ns + 1,
+            ..right
+        },
+    ] {
+        let e = AgentConnection::connect(&home_for(&path, Some(wrong)))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{wrong:?}: {e}");
+        assert!(e.to_string().contains("not the container's agent"), "{e}");
+    }
 }
