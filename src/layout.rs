@@ -35,10 +35,20 @@ fn code_lines(dir: &str) -> Vec<(PathBuf, String)> {
         .collect()
 }
 
+/// `line` names the path `word` (as a whole name: `unix::net` does not name `nix::`).
+fn names(line: &str, word: &str) -> bool {
+    line.match_indices(word).any(|(at, _)| {
+        !line[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
+}
+
 fn assert_none_use(dir: &str, forbidden: &[&str], why: &str) {
     let found: Vec<String> = code_lines(dir)
         .into_iter()
-        .filter(|(_, l)| forbidden.iter().any(|f| l.contains(f)))
+        .filter(|(_, l)| forbidden.iter().any(|f| names(l, f)))
         .map(|(f, l)| format!("{}: {}", f.display(), l.trim()))
         .collect();
     assert!(found.is_empty(), "{why}:\n{}", found.join("\n"));

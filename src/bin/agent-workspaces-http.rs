@@ -13,8 +13,9 @@ use agent_workspaces::cli::http::Args;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
-use agent_workspaces::http::{AppState, serve};
+use agent_workspaces::http::{AppState, PortLimits, PortProxy, serve};
 use agent_workspaces::system::logging;
+use std::time::Duration;
 
 fn token(args: &Args) -> Result<String, String> {
     let path = match &args.token_file {
@@ -92,6 +93,12 @@ async fn run(args: Args) -> Result<(), String> {
         conn,
         bus_address,
         token,
+        ports: PortProxy::new(PortLimits {
+            connect: Duration::from_secs(args.port_connect_timeout),
+            first_byte: Duration::from_secs(args.port_response_timeout),
+            idle: Duration::from_secs(args.port_idle_timeout),
+            per_workspace: args.port_connections_per_workspace,
+        }),
     };
     serve(listener, Arc::new(state), shutdown)
         .await

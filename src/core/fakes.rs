@@ -61,6 +61,10 @@ pub(crate) struct FakeExec(
     pub(crate) std::sync::Arc<Mutex<Vec<WindowSize>>>,
 );
 
+/// The writer a command "escape" left behind was cut off (its reader, the service, let go).
+pub(crate) static ESCAPED_WRITER_CUT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// One end of a socket pair, standing for a connection to a port (`connect_port`).
 fn fake_connection() -> Result<std::os::fd::OwnedFd> {
     let (a, _b) = tokio::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
@@ -134,7 +138,19 @@ impl Executor for FakeExec {
         let hold = req.command == "hold";
         // The command's descriptors are its while it runs, and closed when it returns, as
         // a real command's are.
-        let _io = std::mem::take(&mut req.io);
+        let mut io = std::mem::take(&mut req.io);
+        // "escape": something the command started outlives it and keeps writing its output.
+        if let (true, ExecIo::Process(p)) = (req.command == "escape", &mut io) {
+            let stdout = p.stdout.try_clone().map_err(|e| Error::io("dup", e))?;
+            let out = std::os::unix::net::UnixStream::from(stdout);
+            let mut out =
+                tokio::net::UnixStream::from_std(out).map_err(|e| Error::io("register", e))?;
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                while out.write_all(&[b'x'; 4096]).await.is_ok() {}
+                ESCAPED_WRITER_CUT.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
         self.0.lock().unwrap().push(req);
         if hold {
             self.1.notified().await;

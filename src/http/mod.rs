@@ -14,6 +14,7 @@ mod terminal;
 
 pub use error::ApiError;
 pub use pages::OPENAPI;
+pub use ports::{PortLimits, PortProxy};
 pub use routes::app;
 pub use server::{BODY_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADER_BYTES, serve};
 use {convert::*, error::*, pages::*, server::*};
@@ -26,6 +27,8 @@ pub struct AppState {
     /// Where `conn` goes (None: the system bus); streaming execs open their own connection.
     pub bus_address: Option<String>,
     pub token: String,
+    /// The port proxy's limits and its open connections.
+    pub ports: PortProxy,
 }
 
 #[cfg(test)]

@@ -3,9 +3,18 @@
 //! either network, without opening the host's network. Each request gets a connection from
 //! `ConnectPort` (made inside a container by its agent) and is sent on as HTTP/1.1; a
 //! WebSocket (or any upgrade) is joined through once both sides have switched.
+//!
+//! What the workspace serves is not trusted to end: reaching the port, the answer's first
+//! byte and every pause of a connection have a limit (`PortLimits`, set on the command line),
+//! and so has the number of connections open to one workspace's ports at once.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -29,6 +38,176 @@ const HOP_BY_HOP: &[HeaderName] = &[
 
 fn bad_gateway(message: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "bad_gateway", message.to_string())
+}
+
+fn gateway_timeout(message: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "gateway_timeout",
+        message.to_string(),
+    )
+}
+
+/// The port proxy's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct PortLimits {
+    /// To reach the port (`ConnectPort` and the HTTP handshake).
+    pub connect: Duration,
+    /// For the server to begin its answer.
+    pub first_byte: Duration,
+    /// A connection with nothing sent either way for this long is closed.
+    pub idle: Duration,
+    /// Connections open at once to one workspace's ports.
+    pub per_workspace: u64,
+}
+
+impl Default for PortLimits {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            first_byte: Duration::from_secs(60),
+            idle: Duration::from_secs(300),
+            per_workspace: 64,
+        }
+    }
+}
+
+/// The port proxy's state: its limits and the connections open to each workspace.
+pub struct PortProxy {
+    limits: PortLimits,
+    open: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl PortProxy {
+    pub fn new(limits: PortLimits) -> Self {
+        Self {
+            limits,
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for one more connection to `workspace`'s ports, held until it is dropped.
+    fn take(&self, workspace: &str) -> ApiResult<Arc<Place>> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(workspace.to_owned()).or_default();
+        if *n >= self.limits.per_workspace {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "limits_exceeded",
+                format!(
+                    "{} connections to the ports of workspace '{workspace}' are open already (at most {})",
+                    *n, self.limits.per_workspace
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(Arc::new(Place {
+            open: self.open.clone(),
+            workspace: workspace.to_owned(),
+        }))
+    }
+}
+
+/// One connection's place among a workspace's: given back when the last holder drops it.
+struct Place {
+    open: Arc<Mutex<HashMap<String, u64>>>,
+    workspace: String,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.workspace) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.workspace);
+            }
+        }
+    }
+}
+
+/// A connection that fails (`TimedOut`) once nothing has moved either way for `limit`; it
+/// holds its workspace's place while it lives.
+struct Idle<T> {
+    inner: T,
+    limit: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    _place: Arc<Place>,
+}
+
+impl<T> Idle<T> {
+    fn new(inner: T, limit: Duration, place: Arc<Place>) -> Self {
+        Self {
+            inner,
+            limit,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            _place: place,
+        }
+    }
+
+    fn moved(&mut self) {
+        let next = tokio::time::Instant::now() + self.limit;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// Pending: whether the limit has passed (then the call fails).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "nothing was sent either way within the port proxy's idle limit",
+    )
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Idle<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    self.moved();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(idle_error())),
+            other => other,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Removes the hop-by-hop headers; keeps `Connection: upgrade` and `Upgrade` when `upgrade`.
@@ -92,22 +271,36 @@ pub(super) async fn proxy(
         .parse()
         .map_err(|e| ApiError::invalid("path", e))?;
 
-    let fd = manager(&state)
-        .await?
-        .connect_port(&id, port)
-        .await
-        .map_err(|e| match crate::core::Error::from(e) {
-            crate::core::Error::JobFailed(m) => bad_gateway(m),
-            other => other.into(),
-        })?;
-    let tcp = std::net::TcpStream::from(std::os::fd::OwnedFd::from(fd));
-    let tcp = tcp
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::TcpStream::from_std(tcp))
-        .map_err(bad_gateway)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(bad_gateway)?;
+    let limits = state.ports.limits;
+    let place = state.ports.take(&id)?;
+    let reach = async {
+        let fd = manager(&state)
+            .await?
+            .connect_port(&id, port)
+            .await
+            .map_err(|e| match crate::core::Error::from(e) {
+                crate::core::Error::JobFailed(m) => bad_gateway(m),
+                other => other.into(),
+            })?;
+        let tcp = std::net::TcpStream::from(std::os::fd::OwnedFd::from(fd));
+        let tcp = tcp
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(tcp))
+            .map_err(bad_gateway)?;
+        let tcp = Idle::new(tcp, limits.idle, place);
+        hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(bad_gateway)
+    };
+    let (mut sender, conn) =
+        tokio::time::timeout(limits.connect, reach)
+            .await
+            .map_err(|_| {
+                gateway_timeout(format!(
+                    "port {port} in workspace '{id}' was not reached within {} s",
+                    limits.connect.as_secs()
+                ))
+            })??;
     tokio::spawn(conn.with_upgrades());
 
     let upgrade = request.headers().contains_key(header::UPGRADE);
@@ -124,10 +317,18 @@ pub(super) async fn proxy(
     if let Ok(v) = HeaderValue::from_str(&prefix) {
         parts.headers.insert("x-forwarded-prefix", v);
     }
-    let mut response = sender
-        .send_request(Request::from_parts(parts, body))
-        .await
-        .map_err(bad_gateway)?;
+    let mut response = tokio::time::timeout(
+        limits.first_byte,
+        sender.send_request(Request::from_parts(parts, body)),
+    )
+    .await
+    .map_err(|_| {
+        gateway_timeout(format!(
+            "the server on port {port} in workspace '{id}' did not answer within {} s",
+            limits.first_byte.as_secs()
+        ))
+    })?
+    .map_err(bad_gateway)?;
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_side) = client_side
@@ -203,5 +404,50 @@ mod tests {
         assert_eq!(h[header::CONNECTION], "upgrade");
         assert_eq!(h[header::UPGRADE], "websocket");
         assert!(!h.contains_key(header::SEC_WEBSOCKET_PROTOCOL));
+    }
+
+    #[test]
+    fn connections_to_one_workspace_are_capped_and_given_back() {
+        let proxy = PortProxy::new(PortLimits {
+            per_workspace: 2,
+            ..PortLimits::default()
+        });
+        let a = proxy.take("box").unwrap();
+        let b = proxy.take("box").unwrap();
+        let e = proxy.take("box").err().unwrap();
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::TOO_MANY_REQUESTS, "limits_exceeded")
+        );
+        // Another workspace has places of its own.
+        let _other = proxy.take("web").unwrap();
+        drop(a);
+        let _c = proxy.take("box").unwrap();
+        drop(b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_stays_silent_is_cut_at_the_idle_limit() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let proxy = PortProxy::new(PortLimits::default());
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut conn = Idle::new(near, Duration::from_secs(30), proxy.take("box").unwrap());
+        // Traffic either way keeps it open past the limit.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            far.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            conn.read_exact(&mut b).await.unwrap();
+            conn.write_all(b"y").await.unwrap();
+            far.read_exact(&mut b).await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        let mut b = [0u8; 1];
+        let e = conn.read(&mut b).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        // Its place is given back with it.
+        drop(conn);
+        assert!(proxy.open.lock().unwrap().is_empty());
     }
 }

@@ -151,6 +151,11 @@ pub(super) struct OutputQuery {
 
 /// How often a followed output is read again while nothing new has come.
 const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long a follower that has caught up waits before it reads again: output that trickles
+/// in is sent in batches, not a round trip to the service per write.
+const FOLLOW_BATCH: std::time::Duration = std::time::Duration::from_millis(50);
+/// The most read at once by a follower.
+const FOLLOW_READ: u32 = 256 * 1024;
 
 /// Output from `offset` as text. A character cut by the end of what is kept so far is left
 /// for the next read (`next_offset` before it), so text arrives whole; invalid bytes are
@@ -192,19 +197,25 @@ fn follow(
         p: ProcessProxy<'static>,
         offset: u64,
         done: bool,
+        /// The last read had caught up (it was not full).
+        caught_up: bool,
     }
     let events = futures_util::stream::unfold(
         Follow {
             p,
             offset,
             done: false,
+            caught_up: false,
         },
         |mut st| async move {
             if st.done {
                 return None;
             }
+            if std::mem::take(&mut st.caught_up) {
+                tokio::time::sleep(FOLLOW_BATCH).await;
+            }
             loop {
-                let read = st.p.read_output(st.offset, 65536).await;
+                let read = st.p.read_output(st.offset, FOLLOW_READ).await;
                 let event = match read {
                     Err(e) => {
                         let e = ApiError::from(e);
@@ -218,6 +229,8 @@ fn follow(
                         data.truncate(data.len() - cut);
                         st.offset = next - cut as u64;
                         if !data.is_empty() {
+                            // (A character cut at the end of a full read is left for the next.)
+                            st.caught_up = data.len() + 4 < FOLLOW_READ as usize;
                             Event::default().event("output").data(
                                 Value::String(String::from_utf8_lossy(&data).into_owned())
                                     .to_string(),

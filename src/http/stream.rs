@@ -17,6 +17,10 @@
 //! command, as for any caller that leaves the bus. A client that reads slowly fills a small
 //! queue, then the pipe, and then the command blocks on write: the bridge holds at most
 //! [`QUEUE`] chunks per stream, and the command's timeout still applies.
+//!
+//! The stream's end is the command's, not the pipes': once the call has answered, what the
+//! pipes still hold is sent for at most [`AFTER_ANSWER`], then `exit` follows and the pipes are
+//! let go (something that outlived the command and kept them gets `EPIPE`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -31,6 +35,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use zbus::Variant;
 
@@ -44,6 +49,9 @@ pub const VERDICT_WAIT: Duration = Duration::from_millis(250);
 const CHUNK: usize = 16 * 1024;
 /// Chunks held for a client that has not read them yet.
 pub const QUEUE: usize = 8;
+/// How long output may still come after the call has answered (the service has drained a
+/// container command's output already; a host command's pipes are the command's own).
+pub const AFTER_ANSWER: Duration = Duration::from_secs(2);
 
 /// The running `ExecWithFds` call; dropping it (the client left) ends the call and closes its
 /// bus connection.
@@ -129,8 +137,10 @@ pub(super) async fn exec(
         reply
     }));
     let (tx, mut rx) = mpsc::channel(QUEUE);
-    tokio::spawn(forward(out_r, "stdout", tx.clone()));
-    tokio::spawn(forward(err_r, "stderr", tx));
+    // Dropped with the stream: the forwarding ends, whatever holds the pipes.
+    let stop = CancellationToken::new();
+    tokio::spawn(forward(out_r, "stdout", tx.clone(), stop.clone()));
+    tokio::spawn(forward(err_r, "stderr", tx, stop.clone()));
 
     enum Early {
         Done(zbus::Result<ExecFdsReply>),
@@ -158,21 +168,42 @@ pub(super) async fn exec(
         first: Option<Event>,
         rx: Option<mpsc::Receiver<Event>>,
         verdict: Option<Verdict>,
+        /// Once the call has answered: until when output may still come.
+        until: Option<tokio::time::Instant>,
+        _stop: tokio_util::sync::DropGuard,
     }
     let start = Stream {
         first,
         rx: Some(rx),
         verdict: Some(verdict),
+        until: None,
+        _stop: stop.drop_guard(),
     };
     let events = futures_util::stream::unfold(start, |mut st| async move {
         if let Some(ev) = st.first.take() {
             return Some((Ok::<_, Infallible>(ev), st));
         }
-        if let Some(rx) = &mut st.rx {
-            if let Some(ev) = rx.recv().await {
-                return Some((Ok(ev), st));
+        while let Some(rx) = &mut st.rx {
+            let next = match (&mut st.verdict, st.until) {
+                (Some(Verdict::Pending(call)), _) => tokio::select! {
+                    ev = rx.recv() => ev,
+                    r = &mut call.0 => {
+                        st.verdict = Some(Verdict::Known(joined(r)));
+                        continue;
+                    }
+                },
+                (_, None) => {
+                    st.until = Some(tokio::time::Instant::now() + AFTER_ANSWER);
+                    continue;
+                }
+                (_, Some(until)) => tokio::time::timeout_at(until, rx.recv())
+                    .await
+                    .unwrap_or(None),
+            };
+            match next {
+                Some(ev) => return Some((Ok(ev), st)),
+                None => st.rx = None,
             }
-            st.rx = None;
         }
         let last = match st.verdict.take()?.get().await {
             Ok((exit_code, timed_out, _)) => Event::default()
@@ -192,8 +223,13 @@ pub(super) async fn exec(
         .into_response())
 }
 
-/// Reads one pipe to its end, sending its text as events named `name`.
-async fn forward(fd: OwnedFd, name: &'static str, tx: mpsc::Sender<Event>) {
+/// Reads one pipe to its end (or until `stop`), sending its text as events named `name`.
+async fn forward(
+    fd: OwnedFd,
+    name: &'static str,
+    tx: mpsc::Sender<Event>,
+    stop: CancellationToken,
+) {
     let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
         Ok(p) => p,
         Err(e) => {
@@ -204,7 +240,10 @@ async fn forward(fd: OwnedFd, name: &'static str, tx: mpsc::Sender<Event>) {
     let mut buf = vec![0u8; CHUNK];
     let mut pending = Vec::new();
     loop {
-        let n = pipe.read(&mut buf).await.unwrap_or(0);
+        let n = tokio::select! {
+            n = pipe.read(&mut buf) => n.unwrap_or(0),
+            () = stop.cancelled() => return,
+        };
         let text = if n == 0 {
             String::from_utf8_lossy(&std::mem::take(&mut pending)).into_owned()
         } else {
@@ -216,7 +255,11 @@ async fn forward(fd: OwnedFd, name: &'static str, tx: mpsc::Sender<Event>) {
                 .event(name)
                 .data(serde_json::Value::String(text).to_string());
             // The client left: stop reading, so the command sees a closed pipe.
-            if tx.send(ev).await.is_err() {
+            let sent = tokio::select! {
+                r = tx.send(ev) => r.is_ok(),
+                () = stop.cancelled() => false,
+            };
+            if !sent {
                 return;
             }
         }

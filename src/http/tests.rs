@@ -62,6 +62,7 @@ async fn test_app() -> (Router, String, zbus::Connection) {
         conn,
         bus_address: None,
         token: token.clone(),
+        ports: PortProxy::new(PortLimits::default()),
     };
     (app(Arc::new(state)), token, server)
 }

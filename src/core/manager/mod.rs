@@ -13,6 +13,7 @@ mod lifecycle;
 mod output;
 mod processes;
 mod recovery;
+mod terminals;
 
 pub use exec::{BASE_PATH, command_env};
 pub use processes::ProcessInfo;

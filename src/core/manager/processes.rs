@@ -30,8 +30,11 @@ pub const MAX_TOTAL: usize = 256;
 /// Finished processes kept per workspace, each for at most `KEEP_FINISHED`.
 pub const FINISHED_PER_WORKSPACE: usize = 16;
 pub const KEEP_FINISHED: Duration = Duration::from_secs(600);
-/// How long the end of a process waits for the end of its output.
-const OUTPUT_END: Duration = Duration::from_secs(5);
+/// How long a process's output is still read after the process has ended (its processes, and
+/// its cgroup's, are gone: only one that left it could still write), and how much at most;
+/// then the service's end is closed, and whatever writes to it gets `EPIPE`.
+const OUTPUT_END: Duration = Duration::from_secs(2);
+const OUTPUT_END_BYTES: usize = 4 * 1024 * 1024;
 /// Longest `ReadOutput` answer.
 pub const MAX_READ: u32 = 1024 * 1024;
 /// A background process has no timeout of its own: it ends, is signalled, or its workspace
@@ -56,16 +59,18 @@ pub struct ProcessInfo {
 
 pub(super) struct Process {
     info: Mutex<ProcessInfo>,
+    /// Fired when the process has ended: its output is read for `OUTPUT_END` more at most.
+    exited: tokio_util::sync::CancellationToken,
     pub(super) output: Mutex<OutputBuffer>,
     /// Bumped when output arrives and when the process ends.
-    changed: watch::Sender<u64>,
+    pub(super) changed: watch::Sender<u64>,
     signals: mpsc::UnboundedSender<i32>,
     stdin: tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>,
     /// Its terminal's controls while it runs (let go when it ends: a finished process keeps
     /// no terminal open).
-    terminal: Mutex<Option<Box<dyn Terminal>>>,
+    pub(super) terminal: Mutex<Option<Box<dyn Terminal>>>,
     /// Callers attached to its terminal (`open_pty`).
-    attached: std::sync::atomic::AtomicUsize,
+    pub(super) attached: std::sync::atomic::AtomicUsize,
     /// The key it is kept under across a restart (`kept.rs`), where the executor keeps.
     pub(super) kept: Option<String>,
 }
@@ -81,6 +86,7 @@ impl Process {
     ) -> Self {
         Self {
             info: Mutex::new(info),
+            exited: Default::default(),
             output: Mutex::new(output),
             changed: watch::channel(0).0,
             signals,
@@ -119,7 +125,7 @@ impl Manager {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn process(&self, key: &str, process: u32) -> Result<(String, Arc<Process>)> {
+    pub(super) fn process(&self, key: &str, process: u32) -> Result<(String, Arc<Process>)> {
         let id = self.get(key)?.id;
         let p = self
             .procs()
@@ -140,7 +146,7 @@ impl Manager {
         terminal: Option<WindowSize>,
     ) -> Result<u32> {
         if let Some(size) = terminal {
-            check_size(size)?;
+            super::terminals::check_size(size)?;
         }
         // The checks of an exec's command, environment and directory.
         let params = crate::core::spec::ExecParams {
@@ -312,52 +318,6 @@ impl Manager {
         Ok(())
     }
 
-    /// Sets the size of the process's terminal.
-    pub fn resize_process(&self, key: &str, process: u32, size: WindowSize) -> Result<()> {
-        let (_, p) = self.process(key, process)?;
-        if !p.info().pty {
-            return Err(no_terminal(process));
-        }
-        check_size(size)?;
-        let terminal = p.terminal.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(terminal) = terminal.as_ref() else {
-            return Err(Error::JobFailed(format!("Process {process} has ended")));
-        };
-        terminal.resize(size).map_err(|e| {
-            Error::io(
-                format!("Cannot resize the terminal of process {process}"),
-                e,
-            )
-        })
-    }
-
-    /// Attaches a caller to the process's terminal: the returned end of a socket pair carries
-    /// the terminal's output (the output kept so far first, then as it comes, ending when the
-    /// process has ended and all is sent), and what the caller writes is typed into it.
-    pub fn open_pty(&self, key: &str, process: u32) -> Result<std::os::fd::OwnedFd> {
-        let (ws_id, p) = self.process(key, process)?;
-        if !p.info().pty {
-            return Err(no_terminal(process));
-        }
-        let attached = p.attached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if attached >= MAX_ATTACHED {
-            p.attached.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            return Err(Error::LimitsExceeded(format!(
-                "Process {process} has {MAX_ATTACHED} callers attached to its terminal already"
-            )));
-        }
-        let tracker = self
-            .ready_for_command(&ws_id)
-            .map(|place| place.tracker)
-            .inspect_err(|_| {
-                p.attached.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            })?;
-        let pair = self.ports.executor.attachment().inspect_err(|_| {
-            p.attached.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        })?;
-        tracker.spawn(attach(p, process, pair.reader, pair.writer));
-        Ok(pair.caller)
-    }
     /// Sends signal `sig` to every process of the background process's tree.
     pub fn signal_process(&self, key: &str, process: u32, sig: i32) -> Result<()> {
         if !(1..=64).contains(&sig) {
@@ -445,16 +405,35 @@ impl Manager {
     }
 }
 
-/// Reads a process's output into its buffer until the end.
+/// Reads a process's output into its buffer until its end; once the process has ended, for at
+/// most `OUTPUT_END` and `OUTPUT_END_BYTES` more. Then the output is let go.
 pub(super) async fn read_output(
     process: Arc<Process>,
     mut output: Box<dyn AsyncRead + Send + Unpin>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
+    let drain = async {
+        process.exited.cancelled().await;
+        tokio::time::sleep(OUTPUT_END).await;
+    };
+    tokio::pin!(drain);
+    let mut after_end = 0usize;
     loop {
-        match output.read(&mut buf).await {
+        let ended = process.exited.is_cancelled();
+        if ended && after_end >= OUTPUT_END_BYTES {
+            break;
+        }
+        let n = tokio::select! {
+            biased;
+            n = output.read(&mut buf) => n,
+            () = &mut drain => break,
+        };
+        match n {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if ended {
+                    after_end += n;
+                }
                 process
                     .output
                     .lock()
@@ -470,6 +449,8 @@ pub(super) async fn read_output(
         .unwrap_or_else(PoisonError::into_inner)
         .complete = true;
     process.bump();
+    // Let go last: whatever learns that the output is over finds it so.
+    drop(output);
 }
 
 /// What the end of a process updates and tells.
@@ -496,10 +477,12 @@ impl Ending {
         let exit_code = *outcome.as_ref().unwrap_or(&-1);
         // What was kept for a restart goes (with it the output's end the store held), and
         // its output is read to the end first: whoever learns of the end reads all of it.
-        // (Bounded: whatever else held the output was ended with the process's cgroup.)
+        // (Bounded: whatever else held the output was ended with the process's cgroup, and
+        // what left it is read for OUTPUT_END at most.)
         if let Some(key) = &process.kept {
             executor.forget_kept(key);
         }
+        process.exited.cancel();
         let mut changed = process.changed.subscribe();
         let complete = || {
             process
@@ -508,7 +491,8 @@ impl Ending {
                 .unwrap_or_else(PoisonError::into_inner)
                 .complete
         };
-        let _ = tokio::time::timeout(OUTPUT_END, async {
+        // The reader ends within OUTPUT_END (a little more for it to be scheduled).
+        let _ = tokio::time::timeout(OUTPUT_END * 2, async {
             while !complete() && changed.changed().await.is_ok() {}
         })
         .await;
@@ -539,31 +523,8 @@ impl Ending {
     }
 }
 
-/// Callers attached to one process's terminal at most.
-const MAX_ATTACHED: usize = 16;
-
-/// A terminal has at least one column and one row; the field that has none is named.
-fn check_size(size: WindowSize) -> Result<()> {
-    for (field, n) in [("cols", size.cols), ("rows", size.rows)] {
-        if n == 0 {
-            return Err(Error::invalid(
-                field,
-                format!("a terminal of {}x{} characters", size.cols, size.rows),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn no_terminal(process: u32) -> Error {
-    Error::invalid(
-        "process",
-        format!("process {process} has no terminal (start it with the option pty)"),
-    )
-}
-
 /// Writes to a process's stdin (see `Manager::write_input`).
-async fn write_to(p: &Process, process: u32, data: &[u8]) -> Result<()> {
+pub(super) async fn write_to(p: &Process, process: u32, data: &[u8]) -> Result<()> {
     let mut stdin = p.stdin.lock().await;
     let closed = || Error::JobFailed(format!("The input of process {process} is closed"));
     let on_terminal = p.info().pty;
@@ -584,75 +545,5 @@ async fn write_to(p: &Process, process: u32, data: &[u8]) -> Result<()> {
         Err(_) => Err(Error::JobFailed(format!(
             "Process {process} did not read its input for 10 s"
         ))),
-    }
-}
-
-/// One caller attached to a process's terminal (see `Manager::open_pty`): output to the
-/// caller until the process has ended and all is sent or the caller is gone; the caller's
-/// bytes typed into the terminal until it stops writing.
-async fn attach(
-    p: Arc<Process>,
-    process: u32,
-    mut from_caller: Box<dyn AsyncRead + Send + Unpin>,
-    mut to_caller: Box<dyn AsyncWrite + Send + Unpin>,
-) {
-    let output = async {
-        let mut changed = p.changed.subscribe();
-        let mut offset = 0;
-        loop {
-            let (data, next, ended) = p
-                .output
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .read(offset, 64 * 1024);
-            if !data.is_empty() {
-                if to_caller.write_all(&data).await.is_err() {
-                    return;
-                }
-                offset = next;
-                continue;
-            }
-            if ended || changed.changed().await.is_err() {
-                let _ = to_caller.shutdown().await;
-                return;
-            }
-        }
-    };
-    let input = async {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match from_caller.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if write_to(&p, process, &buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        // The caller has stopped writing; its output goes on.
-        std::future::pending::<()>().await;
-    };
-    tokio::select! {
-        () = output => {}
-        () = input => {}
-    }
-    p.attached.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_terminal_without_columns_or_rows_is_refused_by_the_field() {
-        let field = |cols, rows| {
-            check_size(WindowSize { cols, rows })
-                .err()
-                .and_then(|e| e.field().map(str::to_owned))
-        };
-        assert_eq!(field(0, 24).as_deref(), Some("cols"));
-        assert_eq!(field(80, 0).as_deref(), Some("rows"));
-        assert_eq!(field(80, 24), None);
     }
 }

@@ -305,3 +305,32 @@ async fn exec_in_a_missing_workspace_and_bad_timeouts() {
     assert!(matches!(r, Err(e @ Error::InvalidArgs { .. }) if e.to_string().contains("3600")));
     assert!(f.exec.0.lock().unwrap().is_empty(), "nothing ran");
 }
+
+#[tokio::test]
+async fn an_ended_processs_output_is_let_go_though_something_that_left_it_still_writes() {
+    use std::sync::atomic::Ordering;
+    let f = fixture();
+    let id = f
+        .manager
+        .start_process("host", "escape".into(), Default::default(), None, None)
+        .await
+        .unwrap();
+    let (_, timed_out) = f
+        .manager
+        .wait_process("host", id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(!timed_out, "the process ended");
+    // Its output is complete (the reader stopped) and the writer that outlived it is cut off
+    // (the service's end was closed), within the drain: not when the writer chooses to stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !crate::core::fakes::ESCAPED_WRITER_CUT.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late writer still writes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, _, complete) = f.manager.read_output("host", id, u64::MAX, 0).unwrap();
+    assert!(complete, "its output is over");
+}
