@@ -93,17 +93,17 @@ pub mod http {
         #[arg(long, value_enum, default_value = "auto")]
         pub log_target: logging::Target,
         /// Port proxy: seconds to reach a port in a workspace (then 504).
-        #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        #[arg(long, env = "AGENT_WORKSPACES_PORT_CONNECT_TIMEOUT", value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         pub port_connect_timeout: u64,
         /// Port proxy: seconds for the server in the workspace to begin its answer (then 504).
-        #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        #[arg(long, env = "AGENT_WORKSPACES_PORT_RESPONSE_TIMEOUT", value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
         pub port_response_timeout: u64,
         /// Port proxy: seconds a connection (an answer's body, a WebSocket) may pass with nothing
         /// sent either way before it is closed.
-        #[arg(long, value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        #[arg(long, env = "AGENT_WORKSPACES_PORT_IDLE_TIMEOUT", value_name = "SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
         pub port_idle_timeout: u64,
         /// Port proxy: connections open at once to the ports of one workspace (then 429).
-        #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100000))]
+        #[arg(long, env = "AGENT_WORKSPACES_PORT_CONNECTIONS_PER_WORKSPACE", value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100000))]
         pub port_connections_per_workspace: u64,
     }
 }

@@ -6,6 +6,8 @@ mod boundary;
 mod cli;
 mod containers;
 mod host;
+mod hostile;
+mod lent;
 mod library;
 mod load;
 mod ownership;

@@ -441,7 +441,7 @@ fn raw_http(request: &[u8]) -> String {
 }
 
 /// Starts a streaming exec with curl; its stdout is the event stream.
-fn sse_exec(workspace: &str, body: &str) -> std::process::Child {
+pub(super) fn sse_exec(workspace: &str, body: &str) -> std::process::Child {
     std::process::Command::new("curl")
         .args(["-sS", "-N", "-X", "POST"])
         .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
@@ -455,7 +455,7 @@ fn sse_exec(workspace: &str, body: &str) -> std::process::Child {
 }
 
 /// The next server-sent event: (name, data as JSON); None at the end of the stream.
-fn next_event(r: &mut impl std::io::BufRead) -> Option<(String, serde_json::Value)> {
+pub(super) fn next_event(r: &mut impl std::io::BufRead) -> Option<(String, serde_json::Value)> {
     let (mut name, mut data) = (String::new(), String::new());
     loop {
         let mut line = String::new();

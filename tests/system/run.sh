@@ -16,6 +16,11 @@ mkdir -p "$artifacts"
 [ "$(id -u)" = 0 ] || { echo "system tests need root (they boot a test host)" >&2; exit 1; }
 
 cargo build --release --locked
+# The hostile agent of tests/system/hostile.rs, static as the real one (it runs in containers).
+triple=$(rustc -vV | sed -n 's/^host: //p')
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+  -p agent-workspaces-agent --example hostile_agent --target "$triple"
+hostile=target/$triple/release/examples/hostile_agent
 bin=$(cargo test --locked --test system --no-run 2>&1 | tee "$artifacts/build.log" |
       sed -n 's/^ *Executable .*(\(.*\))$/\1/p' | tail -1)
 if [ -z "$bin" ] || [ ! -x "$bin" ]; then
@@ -27,5 +32,5 @@ fi
 # shellcheck source=tests/testhost/session.sh
 . tests/testhost/session.sh
 testhost_session "$artifacts" "system tests"
-"$testhost" run -E AGENT_WORKSPACES_TESTHOST=1 -- \
+"$testhost" run -E AGENT_WORKSPACES_TESTHOST=1 -E "HOSTILE_AGENT=$hostile" -- \
   "$repo/$bin" --test-threads=1 "$@"

@@ -220,6 +220,9 @@ pub(super) struct CommandCgroup {
     id: u64,
     /// Its `cgroup.events`, kept open: whether it holds processes is one read.
     events: fs::File,
+    /// `cgroup.kill` was written (by a timeout, a cancel, or a `SIGKILL` sent to it): it is
+    /// never kept for another command (see `keep`).
+    killed: std::sync::atomic::AtomicBool,
 }
 
 fn open_in(dir: impl AsFd, name: &str, flags: OFlags) -> io::Result<OwnedFd> {
@@ -296,6 +299,7 @@ impl CommandCgroup {
             dir,
             id: st.st_ino,
             events,
+            killed: Default::default(),
         })
     }
 
@@ -328,6 +332,8 @@ impl CommandCgroup {
             dir,
             id,
             events,
+            // Not known: as if it was.
+            killed: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -360,6 +366,9 @@ impl CommandCgroup {
     /// Sends `sig` to every process in the cgroup, off the runtime's threads, in time linear in
     /// their number (`signal_all`).
     pub(super) async fn signal(&self, sig: i32) {
+        if sig == libc::SIGKILL {
+            self.killed.store(true, Ordering::Relaxed);
+        }
         let dir = match self.dir.try_clone() {
             Ok(d) => d,
             Err(e) => return warn!("Cannot signal {}: {e}", self.path().display()),
@@ -374,6 +383,7 @@ impl CommandCgroup {
     }
 
     pub(super) fn kill(&self) {
+        self.killed.store(true, Ordering::Relaxed);
         if let Err(e) = kill(&self.dir) {
             warn!("Cannot kill {}: {e}", self.path().display());
         }
@@ -385,6 +395,10 @@ impl CommandCgroup {
     /// cgroup's kill count with the one of the cgroup the parent is in), so a killed cgroup is
     /// removed (`remove`), never kept.
     pub(super) fn keep(self) {
+        if self.killed.load(Ordering::Relaxed) {
+            drop(tokio::spawn(self.remove()));
+            return;
+        }
         let mut pool = POOL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
