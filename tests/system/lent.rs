@@ -235,19 +235,20 @@ async fn the_port_proxy_cuts_a_server_that_never_answers_or_stalls_and_caps_conn
             held.push(s);
         }
     });
+    // (curl gives up after 30 s: a proxy without limits fails the test, it does not hang it.)
     let started = Instant::now();
     let (status, body) = curl(
         "GET",
         &format!("/api/workspaces/host/ports/{silent_port}/"),
         Some(TOKEN),
-        "",
+        "-m 30",
     );
     let took = started.elapsed();
     assert_eq!(status, 504, "{body}");
     assert!(took < Duration::from_secs(15), "answered after {took:?}");
     let started = Instant::now();
     let stalled = sh(&format!(
-        "curl -sS -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {TOKEN}' http://127.0.0.1:7600/api/workspaces/host/ports/{stalls_port}/"
+        "curl -sS -m 30 -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {TOKEN}' http://127.0.0.1:7600/api/workspaces/host/ports/{stalls_port}/"
     ));
     let took = started.elapsed();
     assert!(
@@ -258,7 +259,7 @@ async fn the_port_proxy_cuts_a_server_that_never_answers_or_stalls_and_caps_conn
     // Two connections at once to one workspace's ports, then 429 until one closes.
     let hold = || {
         std::process::Command::new("curl")
-            .args(["-sS", "-o", "/dev/null"])
+            .args(["-sS", "-m", "30", "-o", "/dev/null"])
             .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
             .arg(format!(
                 "http://127.0.0.1:7600/api/workspaces/host/ports/{silent_port}/"
@@ -272,7 +273,7 @@ async fn the_port_proxy_cuts_a_server_that_never_answers_or_stalls_and_caps_conn
         "GET",
         &format!("/api/workspaces/host/ports/{stalls_port}/"),
         Some(TOKEN),
-        "",
+        "-m 30",
     );
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["code"], "limits_exceeded", "{body}");

@@ -200,7 +200,19 @@ fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// One `read(2)`; `None` when interrupted.
+/// Waits until `fd` is ready for `events` (a caller's descriptor may be non-blocking: its
+/// flags are the caller's); woken like a blocked read or write.
+fn wait_ready(fd: BorrowedFd<'_>, events: libc::c_short) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: polling one descriptor we hold; an interruption returns, as a wake-up should.
+    unsafe { libc::poll(&mut p, 1, -1) };
+}
+
+/// One `read(2)`; `None` when interrupted (or, on a non-blocking descriptor, once it is ready).
 fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
     // SAFETY: read into a buffer of the length given.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -208,10 +220,13 @@ fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
         return Ok(Some(n as usize));
     }
     let e = io::Error::last_os_error();
-    if e.kind() == io::ErrorKind::Interrupted {
-        Ok(None)
-    } else {
-        Err(e)
+    match e.kind() {
+        io::ErrorKind::Interrupted => Ok(None),
+        io::ErrorKind::WouldBlock => {
+            wait_ready(fd, libc::POLLIN);
+            Ok(None)
+        }
+        _ => Err(e),
     }
 }
 
@@ -225,10 +240,14 @@ fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8], state: &AtomicU8) -> bool {
         // ignores SIGPIPE.
         let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
         if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
+            match io::Error::last_os_error().kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    wait_ready(fd, libc::POLLOUT);
+                    continue;
+                }
+                _ => return false,
             }
-            return false;
         }
         buf = &buf[n as usize..];
     }
@@ -403,5 +422,33 @@ mod tests {
         let mut s = String::new();
         file(caller_r).read_to_string(&mut s).unwrap();
         assert_eq!(s, "12");
+    }
+
+    #[tokio::test]
+    async fn a_non_blocking_callers_descriptor_is_waited_on_not_given_up() {
+        // The caller's output is a non-blocking pipe (its flags are the caller's): what does
+        // not fit at once is written when the caller has read.
+        let (caller_r, caller_w) = pipe().unwrap();
+        rustix::io::ioctl_fionbio(&caller_w, true).unwrap();
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let devnull_out = OwnedFd::from(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .unwrap(),
+        );
+        let r = relay(null, caller_w, devnull_out).unwrap();
+        let [_child_in, child_out, _child_err] = r.child;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || file(child_out).write_all(&data).unwrap());
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            file(caller_r).read_to_end(&mut all).unwrap();
+            all
+        });
+        writer.join().unwrap();
+        r.relays.finish().await;
+        assert_eq!(reader.join().unwrap(), expected);
     }
 }
