@@ -273,14 +273,12 @@ fn copy_in(caller: &OwnedFd, pipe: OwnedFd, state: &AtomicU8) {
 }
 
 /// The command's output pipe into the caller's descriptor, until the pipe's end; once the
-/// command has ended, for at most `DRAIN_BYTES` more (and `DRAIN`: `Worker::end`).
+/// command has ended, for at most `DRAIN_BYTES` more (and `DRAIN`: `Worker::end`). A caller's
+/// descriptor that fails a write (its reader left) ends the relay, and with it the pipe: the
+/// command gets `EPIPE`, as it would writing to the caller's descriptor itself.
 fn copy_out(pipe: OwnedFd, caller: &OwnedFd, state: &AtomicU8) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut after_end = 0usize;
-    // A caller's descriptor that fails a write (its reader left) is written no more, but the
-    // pipe is still read, as a command writing to a closed pipe would have it: it is not
-    // held up.
-    let mut writable = true;
     loop {
         let told = state.load(Ordering::SeqCst);
         if told == STOP || (told == DRAINING && after_end >= DRAIN_BYTES) {
@@ -293,8 +291,8 @@ fn copy_out(pipe: OwnedFd, caller: &OwnedFd, state: &AtomicU8) {
                 if told == DRAINING {
                     after_end += n;
                 }
-                if writable {
-                    writable = write_all(caller.as_fd(), &buf[..n], state);
+                if !write_all(caller.as_fd(), &buf[..n], state) {
+                    return;
                 }
             }
         }
@@ -450,5 +448,31 @@ mod tests {
         writer.join().unwrap();
         r.relays.finish().await;
         assert_eq!(reader.join().unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_stops_reading_ends_the_commands_output_as_its_own_would() {
+        // `... | head -1`: the caller's reader leaves; the command then gets EPIPE.
+        let (caller_r, caller_w) = pipe().unwrap();
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let devnull_out = OwnedFd::from(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .unwrap(),
+        );
+        let r = relay(null, caller_w, devnull_out).unwrap();
+        let [_child_in, child_out, _child_err] = r.child;
+        drop(caller_r);
+        let writer = std::thread::spawn(move || {
+            let mut f = file(child_out);
+            loop {
+                if let Err(e) = f.write_all(b"y\n") {
+                    return e.kind();
+                }
+            }
+        });
+        assert_eq!(writer.join().unwrap(), std::io::ErrorKind::BrokenPipe);
+        r.relays.finish().await;
     }
 }
