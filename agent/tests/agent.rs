@@ -526,14 +526,7 @@ fn a_terminal_made_inside_has_a_name_is_relayed_and_resized() {
         terminal: Terminal::Make { cols: 80, rows: 24 },
     };
     let mut conn = UnixStream::connect(&agent.socket).unwrap();
-    let frame = req.encode();
-    let n = send_with_fds(
-        conn.as_fd(),
-        &frame,
-        &[in_r.as_fd(), out_w.as_fd(), out_w.as_fd()],
-    )
-    .unwrap();
-    conn.write_all(&frame[n..]).unwrap();
+    send_request_on(&mut conn, &req, [&in_r, &out_w, &out_w]);
     drop((in_r, out_w));
     assert!(matches!(read_reply(&mut conn), Some(Reply::Started { .. })));
     let mut out = std::fs::File::from(out_r);
@@ -596,14 +589,7 @@ fn a_command_joins_the_cgroup_the_request_names() {
         cgroup: format!("{rel}/{name}").into_bytes(),
         terminal: Terminal::None,
     };
-    let frame = req.encode();
-    let n = send_with_fds(
-        conn.as_fd(),
-        &frame,
-        &[null().as_fd(), out_w.as_fd(), null().as_fd()],
-    )
-    .unwrap();
-    conn.write_all(&frame[n..]).unwrap();
+    send_request_on(&mut conn, &req, [&null(), &out_w, &null()]);
     drop(out_w);
     let out = read_all(out_r);
     let _ = std::fs::remove_dir(&dir);
@@ -626,12 +612,13 @@ fn a_command_joins_the_cgroup_the_request_names() {
 
 fn send_request_with(conn: &mut UnixStream, req: ExecRequest) {
     let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    send_request_on(conn, &req, [&null(), &null(), &null()]);
+}
+
+/// Sends `req` on `conn` with these three descriptors.
+fn send_request_on(conn: &mut UnixStream, req: &ExecRequest, fds: [&OwnedFd; 3]) {
     let frame = req.encode();
-    let n = send_with_fds(
-        conn.as_fd(),
-        &frame,
-        &[null().as_fd(), null().as_fd(), null().as_fd()],
-    )
-    .unwrap();
+    let fds = fds.map(|f| f.as_fd());
+    let n = send_with_fds(conn.as_fd(), &frame, &fds).unwrap();
     conn.write_all(&frame[n..]).unwrap();
 }

@@ -102,12 +102,6 @@ impl CgroupParent {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    /// The owner of its directory (a container's payload belongs to the container's root).
-    pub fn owner(&self) -> io::Result<(u32, u32)> {
-        let st = rfs::fstat(&self.dir)?;
-        Ok((st.st_uid, st.st_gid))
-    }
 }
 
 /// The service's delegated cgroup v2 subtree: `<unit cgroup>/daemon` holds the service itself,

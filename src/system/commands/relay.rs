@@ -309,6 +309,14 @@ mod tests {
         std::fs::File::from(fd)
     }
 
+    /// Relays for a command whose stdout the caller gives as `stdout` (stdin and stderr are
+    /// `/dev/null`).
+    fn relay_out(stdout: OwnedFd) -> Relayed {
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let sink = std::fs::OpenOptions::new().write(true).open("/dev/null");
+        relay(null, stdout, OwnedFd::from(sink.unwrap())).unwrap()
+    }
+
     #[tokio::test]
     async fn output_is_relayed_and_the_callers_descriptors_are_let_go_at_the_end() {
         let (caller_out_r, caller_out_w) = pipe().unwrap();
@@ -337,14 +345,7 @@ mod tests {
     #[tokio::test]
     async fn an_output_still_held_after_the_end_is_cut_at_the_drain() {
         let (caller_out_r, caller_out_w) = pipe().unwrap();
-        let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        let devnull_out = OwnedFd::from(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/null")
-                .unwrap(),
-        );
-        let r = relay(null(), caller_out_w, devnull_out).unwrap();
+        let r = relay_out(caller_out_w);
         let [_child_in, child_out, _child_err] = r.child;
         // Something that outlived the command keeps writing.
         let writer = std::thread::spawn(move || {
@@ -376,14 +377,7 @@ mod tests {
     async fn a_relay_blocked_on_a_caller_that_never_reads_is_stopped() {
         // The caller's output is a pipe nobody reads: the relay blocks writing to it.
         let (_caller_out_r, caller_out_w) = pipe().unwrap();
-        let devnull_out = OwnedFd::from(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/null")
-                .unwrap(),
-        );
-        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        let r = relay(null, caller_out_w, devnull_out).unwrap();
+        let r = relay_out(caller_out_w);
         let [_child_in, child_out, _child_err] = r.child;
         let mut f = file(child_out);
         // More than both pipes hold.
@@ -428,14 +422,7 @@ mod tests {
         // not fit at once is written when the caller has read.
         let (caller_r, caller_w) = pipe().unwrap();
         rustix::io::ioctl_fionbio(&caller_w, true).unwrap();
-        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        let devnull_out = OwnedFd::from(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/null")
-                .unwrap(),
-        );
-        let r = relay(null, caller_w, devnull_out).unwrap();
+        let r = relay_out(caller_w);
         let [_child_in, child_out, _child_err] = r.child;
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
@@ -454,14 +441,7 @@ mod tests {
     async fn a_caller_that_stops_reading_ends_the_commands_output_as_its_own_would() {
         // `... | head -1`: the caller's reader leaves; the command then gets EPIPE.
         let (caller_r, caller_w) = pipe().unwrap();
-        let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        let devnull_out = OwnedFd::from(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/null")
-                .unwrap(),
-        );
-        let r = relay(null, caller_w, devnull_out).unwrap();
+        let r = relay_out(caller_w);
         let [_child_in, child_out, _child_err] = r.child;
         drop(caller_r);
         let writer = std::thread::spawn(move || {
