@@ -159,8 +159,13 @@ async fn a_streaming_exec_ends_with_exit_though_a_process_that_left_it_keeps_its
     let conn = bus().await;
     let m = manager(&conn).await;
     let name = ready_container_named(&conn, "sse").await;
+    inside(&m, &name, "rm -f /escaped").await;
+    // (The command waits until its child has left its cgroup, or its end would kill it first.)
     let body = serde_json::json!({
-        "command": format!("setsid sh -c '{LEAVE}; sleep 60' & echo started"),
+        "command": format!(
+            "setsid sh -c '{LEAVE}; touch /escaped; sleep 60' & \
+             while [ ! -e /escaped ]; do sleep 0.05; done; echo started"
+        ),
     })
     .to_string();
     let started = Instant::now();
@@ -180,10 +185,21 @@ async fn a_streaming_exec_ends_with_exit_though_a_process_that_left_it_keeps_its
     // The drain after the command's end (2 s) and after the answer (2 s), not the minute the
     // process that left it sleeps.
     assert!(took < Duration::from_secs(20), "exit after {took:?}");
-    // The stream then ends.
+    // The stream then ends; the child that left still runs.
     let mut rest = String::new();
     events.read_to_string(&mut rest).unwrap();
     assert!(curl.wait().unwrap().success());
+    let left = inside(
+        &m,
+        &name,
+        "grep -lx sleep /proc/[0-9]*/comm 2>/dev/null | wc -l",
+    )
+    .await;
+    assert_eq!(
+        left.trim(),
+        "1",
+        "the child that left its command still runs"
+    );
     m.destroy_workspace(&name).await.unwrap();
 }
 
