@@ -592,7 +592,11 @@ fn a_command_joins_the_cgroup_the_request_names() {
     send_request_on(&mut conn, &req, [&null(), &out_w, &null()]);
     drop(out_w);
     let out = read_all(out_r);
-    let _ = std::fs::remove_dir(&dir);
+    // Removed once the agent has reaped the command (a cgroup with a process is busy).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::remove_dir(&dir).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
         out.lines()
             .any(|l| l.starts_with("0::") && l.trim_end().ends_with(&name)),

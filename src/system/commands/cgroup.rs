@@ -545,3 +545,100 @@ fn read_populated(events: &fs::File) -> Option<bool> {
     let n = events.read_at(&mut buf, 0).ok()?;
     Some(!String::from_utf8_lossy(&buf[..n]).contains("populated 0"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cgroup below this process's own, made for a test (root may: as the service and CI
+    /// run), removed at the end; `None` where there is no such cgroup v2 hierarchy.
+    struct TestParent(PathBuf);
+
+    impl TestParent {
+        fn make(name: &str) -> Option<Self> {
+            let mount = cgroup2_mount()?;
+            let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+            let rel = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))?
+                .trim()
+                .to_owned();
+            let dir = mount
+                .join(rel.trim_start_matches('/'))
+                .join(format!("{name}-{}", std::process::id()));
+            fs::create_dir(&dir).ok()?;
+            Some(Self(dir))
+        }
+    }
+
+    impl Drop for TestParent {
+        fn drop(&mut self) {
+            if let Ok(entries) = fs::read_dir(&self.0) {
+                for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+            let _ = fs::remove_dir(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_commands_cgroup_is_named_for_its_agent_and_given_to_whoever_joins_it() {
+        let Some(dir) = TestParent::make("aw-cgroup-test") else {
+            return eprintln!("no writable cgroup v2 hierarchy: skipped");
+        };
+        let parent =
+            CgroupParent::open(&dir.0, Some(PathBuf::from("/seen")), Some((65534, 65534))).unwrap();
+        let cg = CommandCgroup::create(&parent).unwrap();
+        let seen = cg.seen_by_agent().unwrap();
+        assert_eq!(seen.parent(), Some(Path::new("/seen")));
+        assert!(
+            seen.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("exec-")
+        );
+        use std::os::unix::fs::MetadataExt;
+        let owner = |f: &str| {
+            let m = fs::metadata(cg.path().join(f)).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(owner("cgroup.procs"), (65534, 65534));
+        assert_eq!(owner("cgroup.threads"), (65534, 65534));
+        // Only those: the directory and the rest stay host root's.
+        assert_eq!(owner("."), (0, 0));
+        assert_eq!(owner("cgroup.kill"), (0, 0));
+        assert!(cg.kill_leftovers(), "an empty cgroup is left alone");
+        cg.remove().await;
+    }
+
+    #[tokio::test]
+    async fn a_killed_cgroup_is_never_kept_for_another_command() {
+        let Some(dir) = TestParent::make("aw-cgroup-kill-test") else {
+            return eprintln!("no writable cgroup v2 hierarchy: skipped");
+        };
+        let parent = CgroupParent::open(&dir.0, None, None).unwrap();
+        let kept = CommandCgroup::create(&parent).unwrap();
+        let kept_path = kept.path();
+        kept.keep();
+        // Taken again: the one kept.
+        let again = CommandCgroup::create(&parent).unwrap();
+        assert_eq!(again.path(), kept_path);
+        // A SIGKILL is its cgroup.kill: then it is removed, not kept.
+        again.signal(libc::SIGKILL).await;
+        again.keep();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while kept_path.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} kept",
+                kept_path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let fresh = CommandCgroup::create(&parent).unwrap();
+        assert_ne!(fresh.path(), kept_path);
+        fresh.remove().await;
+    }
+}
