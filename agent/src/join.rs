@@ -78,6 +78,7 @@ pub fn open(path: &[u8]) -> io::Result<Option<Cgroup>> {
         ));
     }
     let root = mount()?;
+    // Below the hierarchy's root, one directory of cgroupfs to the next: no link to follow.
     let dir = open_at(
         root.as_raw_fd(),
         below,

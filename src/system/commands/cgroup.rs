@@ -217,6 +217,8 @@ pub(super) struct CommandCgroup {
     /// `cgroup.kill` was written (by a timeout, a cancel, or a `SIGKILL` sent to it): it is
     /// never kept for another command (see `keep`).
     killed: std::sync::atomic::AtomicBool,
+    /// Its `cgroup.procs`, open for writing once the service's own child needs it (`procs`).
+    procs: std::sync::OnceLock<OwnedFd>,
 }
 
 fn open_in(dir: impl AsFd, name: &str, flags: OFlags) -> io::Result<OwnedFd> {
@@ -294,6 +296,7 @@ impl CommandCgroup {
             id: st.st_ino,
             events,
             killed: Default::default(),
+            procs: Default::default(),
         })
     }
 
@@ -328,6 +331,7 @@ impl CommandCgroup {
             events,
             // Not known: as if it was.
             killed: std::sync::atomic::AtomicBool::new(true),
+            procs: Default::default(),
         })
     }
 
@@ -341,10 +345,14 @@ impl CommandCgroup {
         self.parent.seen_as.as_ref().map(|p| p.join(&self.name))
     }
 
-    /// Its `cgroup.procs`, open for writing: the service's own child writes itself into it
-    /// where it is not made in the cgroup.
-    pub(super) fn procs(&self) -> io::Result<OwnedFd> {
-        open_in(&self.dir, "cgroup.procs", OFlags::WRONLY)
+    /// Its `cgroup.procs`, open for writing (once, kept with the cgroup): the service's own
+    /// child writes itself into it where it is not made in the cgroup.
+    pub(super) fn procs(&self) -> io::Result<&OwnedFd> {
+        if let Some(fd) = self.procs.get() {
+            return Ok(fd);
+        }
+        let fd = open_in(&self.dir, "cgroup.procs", OFlags::WRONLY)?;
+        Ok(self.procs.get_or_init(|| fd))
     }
 
     /// Ends what the command left running: nothing to do (and nothing written) when its

@@ -249,7 +249,7 @@ async fn launch<'a>(
                 env: &env,
                 dir,
                 fds: [stdin, stdout, stderr],
-                procs: procs.as_ref(),
+                procs,
                 cgroup: cgroup.map(|cg| &cg.dir),
                 terminal,
                 nofile_soft: CHILD_NOFILE_SOFT.load(Ordering::Relaxed),
