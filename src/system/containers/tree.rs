@@ -734,7 +734,8 @@ mod tests {
             "resolves to the tree's /dev/zero"
         );
         assert!(tree.read("d", 100).is_err());
-        assert!(start.elapsed() < Duration::from_secs(2));
+        // A read that blocked would never end: the bound only has to be far from that.
+        assert!(start.elapsed() < Duration::from_secs(30));
         let u = tree.disk_usage("", Duration::from_secs(5), 1000);
         assert!(
             u.complete && u.bytes < 1 << 20,
