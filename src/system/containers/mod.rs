@@ -588,6 +588,7 @@ impl Containers for NspawnContainers {
         let (plan, result) = self.plan_paths(ws);
         let _ = fs::remove_file(plan);
         let _ = fs::remove_file(result);
+        let _ = fs::remove_file(self.agents_dir.join(&ws.name));
         Ok(())
     }
 }
