@@ -18,15 +18,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::error::{Error, Result};
 use crate::core::ports::{ExecIo, ExecOutcome, KeepAs, ProcessIo, Signals, WindowSize};
+use crate::system::commands::agent::AgentConnection;
+use crate::system::commands::cgroup::{CommandCgroup, Containment};
+use crate::system::commands::output::{DRAIN, READ_GRACE, collect_after_end, collect_running};
 use crate::system::commands::pipes::Streams;
 use crate::system::commands::relay;
 
 /// The first line of a kept process's record when its terminal was made inside its container
 /// (`kept.rs` gives it its resizes again).
 pub(crate) const TERMINAL_INSIDE: &str = "terminal-inside";
-use crate::system::commands::agent::AgentConnection;
-use crate::system::commands::cgroup::{CommandCgroup, Containment};
-use crate::system::commands::output::{DRAIN, READ_GRACE, collect_after_end, collect_running};
 
 /// How long an agent may take to answer a request (it answers as soon as it has forked).
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
@@ -290,9 +290,19 @@ async fn launch<'a>(
                     reason: RefuseReason::Cwd,
                     message,
                 }) => Err(Error::invalid("cwd", message)),
-                Some(Reply::Refused { message, .. }) => Err(Error::JobFailed(format!(
-                    "The agent of workspace '{workspace}' could not start the command: {message}"
-                ))),
+                Some(Reply::Refused { message, .. }) => {
+                    // An agent from before this protocol (a container started before an
+                    // upgrade) is not spoken to in the older one.
+                    let older = if message.contains("unsupported protocol version") {
+                        " (the agent in the running container is older than the service: \
+                         StopWorkspace and StartWorkspace restart it with the installed one)"
+                    } else {
+                        ""
+                    };
+                    Err(Error::JobFailed(format!(
+                        "The agent of workspace '{workspace}' could not start the command: {message}{older}"
+                    )))
+                }
                 Some(other) => Err(lost(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("unexpected reply {other:?}"),
