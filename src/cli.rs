@@ -95,7 +95,8 @@ pub mod http {
         /// Port proxy: seconds to reach a port in a workspace (then 504).
         #[arg(long, env = "AGENT_WORKSPACES_PORT_CONNECT_TIMEOUT", value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         pub port_connect_timeout: u64,
-        /// Port proxy: seconds for the server in the workspace to begin its answer (then 504).
+        /// Port proxy: seconds for the request to be sent on and the server in the workspace to
+        /// begin its answer (then 504).
         #[arg(long, env = "AGENT_WORKSPACES_PORT_RESPONSE_TIMEOUT", value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
         pub port_response_timeout: u64,
         /// Port proxy: seconds a connection (an answer's body, a WebSocket) may pass with nothing

@@ -313,6 +313,8 @@ fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_
         drop(peer);
         drop(stderr);
         if conn.write_all(&started.encode()).is_err() {
+            // The service is gone before it knew of the command: it ends, and is reaped.
+            end(&child);
             return false;
         }
         let keep = terminal::relay(conn, &child, master, stdin, stdout, wait);
@@ -366,6 +368,21 @@ fn connect(conn: &mut UnixStream, port: u16) {
             format!("cannot connect to port {port} inside: {e}"),
         ),
     }
+}
+
+/// Kills and reaps a command nobody will learn the end of.
+pub(crate) fn end(child: &spawn::Child) {
+    // SAFETY: signalling the process the pidfd holds; then reaping our own child.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            child.pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+    wait(child.pid);
 }
 
 /// How long the start of a command is held back in case its end comes with it.

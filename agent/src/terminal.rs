@@ -148,15 +148,25 @@ pub fn relay(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            // A side whose buffer is full is not looked at (its hangup, which poll reports
+            // unasked, is found once there is room to read what it still holds).
             libc::pollfd {
-                fd: if master_open { master.as_raw_fd() } else { -1 },
+                fd: if master_open && (to_output.len() < HELD || !to_master.is_empty()) {
+                    master.as_raw_fd()
+                } else {
+                    -1
+                },
                 events: ev(to_output.len() < HELD, libc::POLLIN)
                     | ev(!to_master.is_empty(), libc::POLLOUT),
                 revents: 0,
             },
             libc::pollfd {
-                fd: if input_open { input.as_raw_fd() } else { -1 },
-                events: ev(to_master.len() < HELD, libc::POLLIN),
+                fd: if input_open && to_master.len() < HELD {
+                    input.as_raw_fd()
+                } else {
+                    -1
+                },
+                events: libc::POLLIN,
                 revents: 0,
             },
             // Its error (the service closed its end) is reported whatever is asked.
@@ -170,6 +180,10 @@ pub fn relay(
         if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) } < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
+            }
+            // Nothing can be relayed any more: the command ends with it, reaped.
+            if running {
+                crate::end(child);
             }
             return keep;
         }
@@ -193,7 +207,7 @@ pub fn relay(
                     std::io::Write::write_all(conn, &Reply::Exited { code }.encode()).is_ok();
             }
         }
-        if ready(2, libc::POLLIN | gone) {
+        if ready(2, libc::POLLIN | gone) && to_output.len() < HELD {
             match read_into(&master, &mut to_output) {
                 // End of file, or EIO: the last holder of the terminal closed it.
                 Ok(Some(0)) | Err(_) => master_open = false,

@@ -127,22 +127,40 @@ impl Drop for Place {
 }
 
 /// A connection that fails (`TimedOut`) once nothing has moved either way for `limit`; it
-/// holds its workspace's place while it lives.
-struct Idle<T> {
-    inner: T,
+/// holds its workspace's place while it lives, and until it is closed. It is closed off the
+/// event loop: the workspace's side may have set `SO_LINGER` on it (it came from inside), and
+/// closing the last copy of such a socket waits for its peer.
+struct Idle<T: Send + 'static> {
+    inner: Option<T>,
     limit: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
-    _place: Arc<Place>,
+    place: Option<Arc<Place>>,
 }
 
-impl<T> Idle<T> {
+impl<T: Send + 'static> Drop for Idle<T> {
+    fn drop(&mut self) {
+        let (inner, place) = (self.inner.take(), self.place.take());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn_blocking(move || drop((inner, place))));
+        }
+    }
+}
+
+impl<T: Send + 'static> Idle<T> {
     fn new(inner: T, limit: Duration, place: Arc<Place>) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             limit,
             deadline: Box::pin(tokio::time::sleep(limit)),
-            _place: place,
+            place: Some(place),
         }
+    }
+
+    fn inner(&mut self) -> Pin<&mut T>
+    where
+        T: Unpin,
+    {
+        Pin::new(self.inner.as_mut().expect("held until dropped"))
     }
 
     fn moved(&mut self) {
@@ -163,14 +181,14 @@ fn idle_error() -> std::io::Error {
     )
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Idle<T> {
+impl<T: AsyncRead + Unpin + Send + 'static> AsyncRead for Idle<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+        match self.inner().poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     self.moved();
@@ -183,13 +201,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Idle<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
+impl<T: AsyncWrite + Unpin + Send + 'static> AsyncWrite for Idle<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, data) {
+        match self.inner().poll_write(cx, data) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     self.moved();
@@ -202,11 +220,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Idle<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.inner().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.inner().poll_shutdown(cx)
     }
 }
 
@@ -446,8 +464,15 @@ mod tests {
         let e = conn.read(&mut b).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(30));
-        // Its place is given back with it.
+        // Its place is given back once it is closed (off the event loop).
         drop(conn);
-        assert!(proxy.open.lock().unwrap().is_empty());
+        let given_back = async {
+            while !proxy.open.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), given_back)
+            .await
+            .expect("the place given back");
     }
 }

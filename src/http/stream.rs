@@ -196,6 +196,8 @@ pub(super) async fn exec(
                     st.until = Some(tokio::time::Instant::now() + AFTER_ANSWER);
                     continue;
                 }
+                // (Looked at before each event: output that keeps coming does not hold it off.)
+                (_, Some(until)) if tokio::time::Instant::now() >= until => None,
                 (_, Some(until)) => tokio::time::timeout_at(until, rx.recv())
                     .await
                     .unwrap_or(None),

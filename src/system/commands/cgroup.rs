@@ -203,6 +203,14 @@ static POOL: std::sync::LazyLock<std::sync::Mutex<HashMap<PathBuf, Vec<CommandCg
 /// Empty cgroups kept per parent.
 const POOL_PER_PARENT: usize = 16;
 
+/// Lets go of the cgroups kept below `parent` (a container that stopped: they, and its
+/// payload's descriptor, would otherwise be held until its next command).
+pub fn forget_kept_below(parent: &Path) {
+    POOL.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(parent);
+}
+
 /// One command's cgroup, held by its directory's descriptor.
 pub(super) struct CommandCgroup {
     parent: Arc<CgroupParent>,
@@ -256,13 +264,18 @@ impl CommandCgroup {
             }
         }
         // Numbers are unique in this run; a cgroup an earlier run of the service left (kept in
-        // a container's subtree) may hold one, and so may one the container made.
+        // a container's subtree) may hold one, and so may one the container's root made (it
+        // sees the names): the numbers then jump ahead by a random stride, a few times at most.
         let mut tries = 0;
         let name = loop {
             let name = format!("exec-{}", NEXT_COMMAND.fetch_add(1, Ordering::Relaxed));
             match rfs::mkdirat(&parent.dir, name.as_str(), Mode::from_raw_mode(0o755)) {
                 Ok(()) => break name,
-                Err(e) if e == rustix::io::Errno::EXIST && tries < 10_000 => tries += 1,
+                Err(e) if e == rustix::io::Errno::EXIST && tries < 16 => {
+                    tries += 1;
+                    let stride = (uuid::Uuid::new_v4().as_u128() as u64) >> 32;
+                    NEXT_COMMAND.fetch_add(stride, Ordering::Relaxed);
+                }
                 Err(e) => return Err(e.into()),
             }
         };

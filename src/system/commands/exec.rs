@@ -293,7 +293,9 @@ async fn launch<'a>(
                 Some(Reply::Refused { message, .. }) => {
                     // An agent from before this protocol (a container started before an
                     // upgrade) is not spoken to in the older one.
-                    let older = if message.contains("unsupported protocol version") {
+                    let older = if message.contains("unsupported protocol version")
+                        || message.contains("unknown request kind")
+                    {
                         " (the agent in the running container is older than the service: \
                          StopWorkspace and StartWorkspace restart it with the installed one)"
                     } else {
@@ -404,31 +406,6 @@ pub async fn run_contained(
     containment: &Containment,
     cancel: &CancellationToken,
 ) -> Result<ExecOutcome> {
-    let no_pipes = |e: io::Error| Error::JobFailed(format!("Cannot make the command's pipes: {e}"));
-    let mut resizes = None;
-    let mut relays = None;
-    let streams = match c.io {
-        // An agent's command never gets what a caller lent: pipes, relayed.
-        ExecIo::Lend {
-            stdin,
-            stdout,
-            stderr,
-        } if matches!(c.launch, Launch::Agent { .. }) => {
-            let r = relay::relay(stdin, stdout, stderr).map_err(no_pipes)?;
-            relays = Some(r.relays);
-            Streams {
-                child: r.child,
-                stdin: None,
-                stdout: None,
-                stderr: None,
-            }
-        }
-        ExecIo::Process(mut p) => {
-            resizes = p.terminal_inside.take().map(|t| t.resizes);
-            crate::system::commands::pipes::streams(ExecIo::Process(p)).map_err(no_pipes)?
-        }
-        io => crate::system::commands::pipes::streams(io).map_err(no_pipes)?,
-    };
     let cgroup = match containment {
         Containment::Cgroup(parent) => Some(CommandCgroup::create(parent).map_err(|e| {
             Error::JobFailed(format!(
@@ -437,6 +414,47 @@ pub async fn run_contained(
             ))
         })?),
         Containment::ProcessGroup => None,
+    };
+    let no_pipes = |e: io::Error| Error::JobFailed(format!("Cannot make the command's pipes: {e}"));
+    let mut resizes = None;
+    let mut relays = None;
+    let streams = match c.io {
+        // An agent's command never gets what a caller lent: pipes, relayed. (What the caller
+        // lent is looked at off the event loop: it may be on any file system.)
+        ExecIo::Lend {
+            stdin,
+            stdout,
+            stderr,
+        } if matches!(c.launch, Launch::Agent { .. }) => {
+            tokio::task::spawn_blocking(move || relay::relay(stdin, stdout, stderr))
+                .await
+                .map_err(|e| no_pipes(io::Error::other(e)))
+                .and_then(|r| r.map_err(no_pipes))
+                .map(|r| {
+                    relays = Some(r.relays);
+                    Streams {
+                        child: r.child,
+                        stdin: None,
+                        stdout: None,
+                        stderr: None,
+                    }
+                })
+        }
+        ExecIo::Process(mut p) => {
+            resizes = p.terminal_inside.take().map(|t| t.resizes);
+            crate::system::commands::pipes::streams(ExecIo::Process(p)).map_err(no_pipes)
+        }
+        io => crate::system::commands::pipes::streams(io).map_err(no_pipes),
+    };
+    let streams = match streams {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing ran in it: as after a command that left nothing.
+            if let Some(cg) = cgroup {
+                put_back(cg, true);
+            }
+            return Err(e);
+        }
     };
     let start = Instant::now();
     let mut running = match launch(c.launch, streams.child, cgroup.as_ref()).await {

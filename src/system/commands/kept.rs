@@ -141,13 +141,27 @@ fn read_record(fd: &OwnedFd) -> Option<(String, Vec<u8>)> {
 }
 
 /// The cgroup of a process kept by a version of the service that kept its path, not its
-/// directory (the record's first line): opened by that path once, where it is in the cgroup
-/// hierarchy (the host agent's: a container's are not taken up by path).
+/// directory (the record's first line): opened by that path once, where it is a command's
+/// cgroup below the host agent's unit or a container's payload. (Every directory on the way
+/// there is host root's; below a payload, a container's root can make and remove cgroups but
+/// no link, so the path leads to a cgroup of that container's at worst.)
 fn legacy_cgroup(first_line: &str) -> Option<OwnedFd> {
     let path = PathBuf::from(first_line);
     let mount = crate::system::commands::cgroup::cgroup2_mount()?;
     let below = path.strip_prefix(mount).ok()?;
-    if !below.starts_with("system.slice/agent-workspaces-host-agent.service") {
+    let parts: Vec<&str> = below.iter().filter_map(|p| p.to_str()).collect();
+    let plain = below
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    let command = parts.last().is_some_and(|n| n.starts_with("exec-"));
+    let place = match parts.as_slice() {
+        ["system.slice", "agent-workspaces-host-agent.service", _] => true,
+        ["machine.slice", unit, "payload", _] => {
+            unit.starts_with("agent-workspace-") && unit.ends_with(".service")
+        }
+        _ => false,
+    };
+    if !(plain && command && place) {
         return None;
     }
     std::fs::File::open(&path).ok().map(OwnedFd::from)
@@ -171,8 +185,22 @@ mod tests {
             Some(("terminal-inside".into(), b"{}".to_vec()))
         );
         assert_eq!(read_record(&memfd("t", b"no newline").unwrap()), None);
-        // A path an earlier version kept is taken up only below the host agent's unit.
+        // A path an earlier version kept is taken up only where a command's cgroup is.
         assert!(legacy_cgroup("/etc").is_none());
         assert!(legacy_cgroup("").is_none());
+        let mount = crate::system::commands::cgroup::cgroup2_mount()
+            .map(|m| m.display().to_string())
+            .unwrap_or_default();
+        for elsewhere in [
+            "system.slice/sshd.service",
+            "machine.slice/agent-workspace-box.service/payload/../../x/exec-1",
+            "machine.slice/other.service/payload/exec-1",
+            "machine.slice/agent-workspace-box.service/payload/sub/exec-1",
+        ] {
+            assert!(
+                legacy_cgroup(&format!("{mount}/{elsewhere}")).is_none(),
+                "{elsewhere}"
+            );
+        }
     }
 }

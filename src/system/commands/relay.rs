@@ -25,7 +25,7 @@ use super::output::{DRAIN, DRAIN_BYTES};
 /// The signal that wakes a relay thread blocked on a caller's descriptor.
 const WAKE: libc::c_int = libc::SIGURG;
 
-extern "C" fn wake(_: libc::c_int) {}
+extern "C" fn on_wake(_: libc::c_int) {}
 
 /// Installs the handler of `WAKE` once: it does nothing, and a call it interrupts returns
 /// `EINTR` (no `SA_RESTART`). A command's exec resets it, as every handled signal.
@@ -35,7 +35,7 @@ fn install_wake() -> io::Result<()> {
         // SAFETY: a handler that touches nothing; the struct is fully set before use.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = wake as *const () as usize;
+            sa.sa_sigaction = on_wake as *const () as usize;
             sa.sa_flags = 0;
             libc::sigemptyset(&mut sa.sa_mask);
             if libc::sigaction(WAKE, &sa, std::ptr::null_mut()) != 0 {
@@ -58,12 +58,19 @@ const DRAINING: u8 = 1;
 /// Stop now, whatever is left.
 const STOP: u8 = 2;
 
-/// One relay thread: its state, and its end.
+/// One relay thread: its state, and its end. Dropped before it was ended (an error on the way
+/// to the command's start), it is stopped all the same.
 struct Worker {
-    thread: std::thread::JoinHandle<()>,
+    /// Held until the thread is joined, or left to itself (`GIVE_UP`).
+    thread: Option<std::thread::JoinHandle<()>>,
     state: Arc<AtomicU8>,
-    done: tokio::sync::oneshot::Receiver<()>,
+    done: Option<tokio::sync::oneshot::Receiver<()>>,
 }
+
+/// How long a stopped relay thread is woken before it is left to itself: a call no signal
+/// interrupts (a lent file on a hung network file system) then holds that thread alone, not the
+/// command's answer.
+const GIVE_UP: Duration = Duration::from_secs(5);
 
 impl Worker {
     fn spawn(name: &str, work: impl FnOnce(&AtomicU8) + Send + 'static) -> io::Result<Self> {
@@ -78,41 +85,78 @@ impl Worker {
                 let _ = tx.send(());
             })?;
         Ok(Self {
-            thread,
+            thread: Some(thread),
             state,
-            done,
+            done: Some(done),
         })
     }
 
     /// Tells the thread `state` and waits for its end, up to `within`; then stops it: woken
-    /// from whatever call it is blocked in until it has ended.
+    /// from whatever call it is blocked in until it has ended (or `GIVE_UP` has passed).
     async fn end(mut self, state: u8, within: Duration) {
-        self.state.store(state, Ordering::SeqCst);
-        if state == STOP {
-            self.wake();
+        if let (Some(thread), Some(done)) = (self.thread.take(), self.done.take()) {
+            stop(thread, self.state.clone(), done, state, within).await;
         }
-        if tokio::time::timeout(within, &mut self.done).await.is_err() {
-            self.state.store(STOP, Ordering::SeqCst);
-            // A signal sent just before the thread enters a blocking call is lost: sent again
-            // until the thread has ended.
-            loop {
-                self.wake();
-                if tokio::time::timeout(Duration::from_millis(10), &mut self.done)
-                    .await
-                    .is_ok()
-                {
-                    break;
-                }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let (Some(thread), Some(done)) = (self.thread.take(), self.done.take()) else {
+            return;
+        };
+        let state = self.state.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(stop(thread, state, done, STOP, Duration::ZERO))),
+            Err(_) => {
+                state.store(STOP, Ordering::SeqCst);
+                wake(&thread);
             }
         }
-        // It has ended (its last act): joining does not block.
-        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
     }
+}
 
-    fn wake(&self) {
-        // SAFETY: the thread is not joined yet (its handle is held here), so its id is valid.
-        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), WAKE) };
+async fn stop(
+    thread: std::thread::JoinHandle<()>,
+    state: Arc<AtomicU8>,
+    mut done: tokio::sync::oneshot::Receiver<()>,
+    told: u8,
+    within: Duration,
+) {
+    state.store(told, Ordering::SeqCst);
+    if told == STOP {
+        wake(&thread);
     }
+    if tokio::time::timeout(within, &mut done).await.is_err() {
+        state.store(STOP, Ordering::SeqCst);
+        // A signal sent just before the thread enters a blocking call is lost: sent again
+        // until the thread has ended.
+        let since = tokio::time::Instant::now();
+        loop {
+            wake(&thread);
+            if tokio::time::timeout(Duration::from_millis(10), &mut done)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if since.elapsed() > GIVE_UP {
+                tracing::warn!(
+                    "A relay of a caller's descriptor is stuck in a call no signal interrupts; left to itself"
+                );
+                // Not joined: it is detached, and never signalled again.
+                return;
+            }
+        }
+    }
+    // It has ended (its last act): joining does not block.
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+}
+
+fn wake(thread: &std::thread::JoinHandle<()>) {
+    // SAFETY: the thread is not joined nor detached yet (its handle is borrowed here), so its
+    // id is valid.
+    unsafe { libc::pthread_kill(thread.as_pthread_t(), WAKE) };
 }
 
 /// The relays of one command.

@@ -7,7 +7,7 @@
 //! and nspawn's `payload` below it), not from the leader's own cgroup, which the container's
 //! root can move. The agent's socket is resolved inside the container and kept as a
 //! descriptor of the socket itself; it is remembered (`<state>/agents/<name>`) with the
-//! leader it belongs to, so a service that restarts while the container runs takes the same
+//! leader it belongs to (its PID and start time in this boot), so a service that restarts while the container runs takes the same
 //! socket again or none: a socket the container's root bound at the agent's path meanwhile is
 //! refused.
 
@@ -146,13 +146,14 @@ impl Leader {
     fn check_remembered(&self, socket: &OwnedFd) -> io::Result<()> {
         let st = rfs::fstat(socket)?;
         let this = AgentRecord {
+            boot: boot_id(),
             leader: self.pid,
             started: self.started,
             dev: st.st_dev,
             ino: st.st_ino,
         };
         match AgentRecord::read(&self.record) {
-            Some(r) if r.leader == this.leader && r.started == this.started => {
+            Some(r) if (r.boot, r.leader, r.started) == (this.boot, this.leader, this.started) => {
                 if (r.dev, r.ino) == (this.dev, this.ino) {
                     Ok(())
                 } else {
@@ -179,9 +180,18 @@ fn start_time(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unreadable /proc/PID/stat"))
 }
 
+/// This boot's id (a leader's PID and start time name it within one boot only), as a number.
+fn boot_id() -> u128 {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|t| u128::from_str_radix(&t.trim().replace('-', ""), 16).ok())
+        .unwrap_or(0)
+}
+
 /// The agent's socket of one container start, remembered across restarts of the service.
 #[derive(Debug, PartialEq, Eq)]
 struct AgentRecord {
+    boot: u128,
     leader: u32,
     started: u64,
     dev: u64,
@@ -191,9 +201,12 @@ struct AgentRecord {
 impl AgentRecord {
     fn read(path: &Path) -> Option<Self> {
         let text = std::fs::read_to_string(path).ok()?;
-        let mut n = text.split_whitespace().map(str::parse::<u64>);
+        let mut words = text.split_whitespace();
+        let boot = u128::from_str_radix(words.next()?, 16).ok()?;
+        let mut n = words.map(str::parse::<u64>);
         let mut next = || n.next()?.ok();
         Some(Self {
+            boot,
             leader: u32::try_from(next()?).ok()?,
             started: next()?,
             dev: next()?,
@@ -210,8 +223,8 @@ impl AgentRecord {
         std::fs::write(
             &tmp,
             format!(
-                "{} {} {} {}\n",
-                self.leader, self.started, self.dev, self.ino
+                "{:x} {} {} {} {}\n",
+                self.boot, self.leader, self.started, self.dev, self.ino
             ),
         )?;
         std::fs::rename(&tmp, path)
@@ -228,6 +241,7 @@ mod tests {
         let path = dir.path().join("agents").join("box");
         assert_eq!(AgentRecord::read(&path), None);
         let r = AgentRecord {
+            boot: boot_id(),
             leader: 4242,
             started: 123_456,
             dev: 38,
@@ -235,6 +249,7 @@ mod tests {
         };
         r.write(&path).unwrap();
         assert_eq!(AgentRecord::read(&path), Some(r));
+        assert_ne!(boot_id(), 0);
         std::fs::write(&path, "4242 oops").unwrap();
         assert_eq!(AgentRecord::read(&path), None);
     }

@@ -202,12 +202,18 @@ impl NspawnContainers {
         })
     }
 
-    /// Forgets the leader of a container that is stopped or removed.
+    /// Forgets the leader of a container that is stopped or removed, with the command cgroups
+    /// kept below its payload and the record of its agent's socket.
     fn forget_leader(&self, name: &str) {
-        self.leaders
+        let slot = self
+            .leaders
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name);
+        if let Some(leader) = slot.as_ref().and_then(|s| s.try_lock().ok()?.clone()) {
+            crate::system::commands::cgroup::forget_kept_below(leader.payload.path());
+        }
+        let _ = fs::remove_file(self.agents_dir.join(name));
     }
 }
 
@@ -588,7 +594,6 @@ impl Containers for NspawnContainers {
         let (plan, result) = self.plan_paths(ws);
         let _ = fs::remove_file(plan);
         let _ = fs::remove_file(result);
-        let _ = fs::remove_file(self.agents_dir.join(&ws.name));
         Ok(())
     }
 }

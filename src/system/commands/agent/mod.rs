@@ -20,7 +20,7 @@ use agent_workspaces_agent::{
     Reply, frame_len, recv_with_fds, send_with_fds,
 };
 use rustix::fs::{self as rfs, FileType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
 /// How long connecting and sending a request may take.
@@ -44,6 +44,8 @@ pub struct AgentConnection {
     reused: Option<Instant>,
     /// Where it goes back to when its command ended (a container's agent).
     home: Option<Arc<AgentHome>>,
+    /// What has come of a reply so far: a read may be cancelled between two halves of one.
+    pending: Vec<u8>,
 }
 
 /// One container's agent as the service reaches it: its socket, who may answer there, and the
@@ -93,11 +95,7 @@ impl AgentHome {
         if let Some(peer) = &self.peer {
             check_peer(&stream, peer)?;
         }
-        Ok(AgentConnection {
-            stream,
-            reused: None,
-            home: Some(self.clone()),
-        })
+        Ok(AgentConnection::on(stream, None, Some(self.clone())))
     }
 
     /// A kept connection that the agent still serves, the most recently used one.
@@ -106,11 +104,7 @@ impl AgentHome {
         idle.retain(|(_, since)| since.elapsed() < IDLE_CONNECTION_LIFE);
         while let Some((stream, since)) = idle.pop() {
             if still_open(&stream) {
-                return Some(AgentConnection {
-                    stream,
-                    reused: Some(since),
-                    home: Some(self.clone()),
-                });
+                return Some(AgentConnection::on(stream, Some(since), Some(self.clone())));
             }
             if self.ended_early(since) {
                 idle.clear();
@@ -250,24 +244,27 @@ impl AgentConnection {
         home.connect().await
     }
 
+    /// A connection on `stream`, which takes no descriptor but the ones asked for.
+    fn on(stream: UnixStream, reused: Option<Instant>, home: Option<Arc<AgentHome>>) -> Self {
+        pass_rights(&stream, false);
+        Self {
+            stream,
+            reused,
+            home,
+            pending: Vec::new(),
+        }
+    }
+
     /// Connects to an agent's socket on the host (the host agent's, `host_agent.rs`).
     pub async fn connect_path(path: &std::path::Path) -> io::Result<Self> {
-        Ok(Self {
-            stream: connect_to(path).await?,
-            reused: None,
-            home: None,
-        })
+        Ok(Self::on(connect_to(path).await?, None, None))
     }
 
     /// A connection kept across a restart of the service (`keep.rs`), taken up again.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Self> {
         let std = std::os::unix::net::UnixStream::from(fd);
         std.set_nonblocking(true)?;
-        Ok(Self {
-            stream: UnixStream::from_std(std)?,
-            reused: None,
-            home: None,
-        })
+        Ok(Self::on(UnixStream::from_std(std)?, None, None))
     }
 
     /// Asks the agent to keep this connection open after the command's exit until the
@@ -280,9 +277,10 @@ impl AgentConnection {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))?
     }
 
-    /// Sends a control message while the command runs (`RESIZE`).
+    /// Sends a control message while the command runs (`RESIZE`): within a second, or not at
+    /// all (an agent that does not read its connection only delays its own terminal's size).
     pub async fn control(&mut self, message: &[u8]) -> io::Result<()> {
-        tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(message))
+        tokio::time::timeout(Duration::from_secs(1), self.stream.write_all(message))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))?
     }
@@ -292,9 +290,8 @@ impl AgentConnection {
         self.stream.as_fd()
     }
 
-    /// Sends the request with the command's descriptors (stdin, stdout, stderr, and the open
-    /// `cgroup.procs` of its cgroup) and reads the agent's first answer (`None`: it closed the
-    /// connection), waiting for it at most `answer_within`. A kept connection that the agent
+    /// Sends the request with the command's three streams and reads the agent's first answer
+    /// (`None`: it closed the connection), waiting for it at most `answer_within`. A kept connection that the agent
     /// ended meanwhile (it ended without an answer: the agent never reads a request it does
     /// not answer) is replaced by a new one, once.
     pub async fn start(
@@ -389,21 +386,57 @@ impl AgentConnection {
         }
     }
 
-    /// The agent's next reply; `None` when it closed the connection.
+    /// The agent's next reply; `None` when it closed the connection. Cancel-safe: what came
+    /// of a reply stays for the next call.
     pub async fn reply(&mut self) -> io::Result<Option<Reply>> {
-        let mut header = [0u8; 4];
-        match self.stream.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
+        self.next_reply(None).await
+    }
+
+    /// The next reply; descriptors that come with it go to `fds` where they are asked for
+    /// (`Some`), and are closed (`discard`) where not. No byte past the reply is read: what
+    /// follows stays in the socket (a kept connection is stored with it across a restart).
+    async fn next_reply(
+        &mut self,
+        mut fds: Option<&mut Vec<OwnedFd>>,
+    ) -> io::Result<Option<Reply>> {
+        loop {
+            let want = if self.pending.len() < 4 {
+                4
+            } else {
+                let header = [
+                    self.pending[0],
+                    self.pending[1],
+                    self.pending[2],
+                    self.pending[3],
+                ];
+                4 + frame_len(header, MAX_REPLY)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            };
+            if self.pending.len() >= 4 && self.pending.len() == want {
+                let reply = Reply::decode(&self.pending[4..]);
+                self.pending.clear();
+                return reply
+                    .map(Some)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            self.stream.readable().await?;
+            let mut buf = vec![0u8; want - self.pending.len()];
+            let mut came = Vec::new();
+            let read = self.stream.try_io(Interest::READABLE, || {
+                recv_with_fds(self.stream.as_fd(), &mut buf, &mut came)
+            });
+            match fds.as_deref_mut() {
+                Some(fds) => fds.append(&mut came),
+                None => discard(came),
+            }
+            match read {
+                Ok(0) if self.pending.is_empty() => return Ok(None),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
-        let n = frame_len(header, MAX_REPLY)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let mut body = vec![0u8; n];
-        self.stream.read_exact(&mut body).await?;
-        Reply::decode(&body)
-            .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     /// Asks the agent for a TCP connection to `port` on the container's loopback; the
@@ -417,47 +450,30 @@ impl AgentConnection {
             frame.insert(0, NEXT);
         }
         self.home = None;
+        // This answer, and only this one, brings a descriptor.
+        pass_rights(&self.stream, true);
         tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(&frame))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))??;
-        let mut buf = vec![0u8; MAX_REPLY + 4];
-        let mut got = 0;
         let mut fds = Vec::new();
-        let receive = async {
-            loop {
-                if got >= 4 {
-                    let n = frame_len([buf[0], buf[1], buf[2], buf[3]], MAX_REPLY)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    if got >= 4 + n {
-                        return Ok::<usize, io::Error>(n);
-                    }
-                }
-                self.stream.readable().await?;
-                match self.stream.try_io(Interest::READABLE, || {
-                    recv_with_fds(self.stream.as_fd(), &mut buf[got..], &mut fds)
-                }) {
-                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        };
         // The agent connects with a timeout of its own (5 s); a little more for the answer.
-        let n = tokio::time::timeout(Duration::from_secs(8), receive)
+        let reply = tokio::time::timeout(Duration::from_secs(8), self.next_reply(Some(&mut fds)))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not answer"))??;
-        let reply = Reply::decode(&buf[4..4 + n])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not answer"));
+        let mut fds = fds.into_iter();
+        let connection = fds.next();
+        discard(fds.collect());
+        let reply = reply??.ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
         match reply {
             Reply::Connected => {
-                let fd = fds.pop().ok_or_else(|| {
+                let fd = connection.ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::InvalidData,
                         "no connection came with the answer",
                     )
                 })?;
                 if !is_stream_socket(&fd) {
+                    discard(vec![fd]);
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "the agent answered with something that is not a connection",
@@ -474,6 +490,62 @@ impl AgentConnection {
                 format!("unexpected reply {other:?}"),
             )),
         }
+    }
+}
+
+/// `SO_PASSRIGHTS` (Linux 6.16): whether a socket takes descriptors passed to it. Off, the
+/// agent's `sendmsg` with any fails: an agent cannot make the service close descriptors of its
+/// choosing (a socket whose close lingers, say) on its event loop's threads.
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+fn pass_rights(stream: &UnixStream, on: bool) {
+    let value = libc::c_int::from(on);
+    // SAFETY: setsockopt from a local of the size given. An older kernel refuses the option;
+    // then descriptors still come, and `discard` closes them off the event loop.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Closes descriptors an agent sent unasked, off the event loop: closing the last copy of a
+/// socket whose `SO_LINGER` is set waits for its peer, so each is reset to close at once.
+fn discard(fds: Vec<OwnedFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        "The agent sent {} descriptors with a reply; closed",
+        fds.len()
+    );
+    let close = move || {
+        for fd in fds {
+            let abort = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt from a local of the size given; fails harmlessly on what is
+            // not a socket.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const abort).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+            drop(fd);
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(close)),
+        Err(_) => close(),
     }
 }
 

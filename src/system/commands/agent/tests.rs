@@ -223,3 +223,53 @@ async fn only_a_process_of_the_containers_root_in_its_namespace_is_taken_for_its
         assert!(e.to_string().contains("not the container's agent"), "{e}");
     }
 }
+
+#[tokio::test]
+async fn a_descriptor_sent_with_a_reply_unasked_is_refused_or_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    // A stand-in agent that attaches a pipe's write end to its Started.
+    let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let agent = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut header = [0u8; 4];
+        let mut fds = Vec::new();
+        recv_with_fds(conn.as_fd(), &mut header, &mut fds).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(header) as usize];
+        conn.read_exact(&mut body).unwrap();
+        let started = Reply::Started { pid: 1 }.encode();
+        let sent = send_with_fds(conn.as_fd(), &started, &[pipe_w.as_fd()]);
+        match &sent {
+            Ok(n) => conn.write_all(&started[*n..]).unwrap(),
+            // The service's socket takes no descriptor (SO_PASSRIGHTS, Linux 6.16).
+            Err(_) => conn.write_all(&started).unwrap(),
+        }
+        drop(pipe_w);
+        conn.write_all(&Reply::Exited { code: 0 }.encode()).unwrap();
+        // Held until the service closes the connection.
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        sent.map(drop)
+    });
+    let mut conn = AgentConnection::connect(&home_at(&path)).await.unwrap();
+    assert_eq!(start_true(&mut conn).await, Some(Reply::Started { pid: 1 }));
+    assert_eq!(conn.reply().await.unwrap(), Some(Reply::Exited { code: 0 }));
+    // Nothing of the pipe is held by the service: its reader sees the end.
+    let mut pipe = std::fs::File::from(pipe_r);
+    let mut got = Vec::new();
+    let ended = tokio::task::spawn_blocking(move || pipe.read_to_end(&mut got).map(|_| got));
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), ended)
+            .await
+            .expect("the pipe's end")
+            .unwrap()
+            .unwrap(),
+        b""
+    );
+    drop(conn);
+    let sent = agent.join().unwrap();
+    if let Err(e) = sent {
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    }
+}
