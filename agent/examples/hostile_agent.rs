@@ -8,6 +8,7 @@
 //!   could do with descriptors lent to it);
 //! - it tries to move the process whose PID is in `/hostile-target` (an administrator's shell
 //!   `nsenter`ed into the container, say) into the command's cgroup, and into its own root;
+//! - it attaches a descriptor to its answers (the service takes none it did not ask for);
 //! - it logs every attempt and its result to `/hostile.log`, so a test can tell the attack
 //!   was made (and failed), not skipped.
 //!
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use agent_workspaces_agent::{
     MAX_REQUEST, NEXT, RefuseReason, Reply, Request, SOCKET, direct, frame_len, recv_with_fds,
-    spawn,
+    send_with_fds, spawn,
 };
 
 const LOG: &str = "/hostile.log";
@@ -98,16 +99,26 @@ fn serve(mut conn: UnixStream) {
         let Ok(child) = child else { return };
         // Everything lent is kept, for later.
         abuse_later([stdin, stdout, stderr]);
-        if conn
-            .write_all(
-                &Reply::Started {
-                    pid: child.pid as u32,
+        // Its answer carries a descriptor nobody asked for (one whose close could be made to
+        // linger): refused by the service's socket where the kernel can, else closed by it.
+        let started = Reply::Started {
+            pid: child.pid as u32,
+        }
+        .encode();
+        let (r, _w) = pipe();
+        match send_with_fds(conn.as_fd(), &started, &[r.as_fd()]) {
+            Ok(n) => {
+                log("attached a descriptor to Started: sent");
+                if conn.write_all(&started[n..]).is_err() {
+                    return;
                 }
-                .encode(),
-            )
-            .is_err()
-        {
-            return;
+            }
+            Err(e) => {
+                log(&format!("attached a descriptor to Started: {e}"));
+                if conn.write_all(&started).is_err() {
+                    return;
+                }
+            }
         }
         let mut status = 0;
         // SAFETY: reaping our own child.
@@ -125,6 +136,16 @@ fn serve(mut conn: UnixStream) {
             Ok(1) if next[0] == NEXT => {}
             _ => return,
         }
+    }
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut p = [0; 2];
+    // SAFETY: pipe2 fills the array with two new descriptors, owned at once.
+    unsafe {
+        assert_eq!(libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        use std::os::fd::FromRawFd;
+        (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1]))
     }
 }
 

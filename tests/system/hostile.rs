@@ -155,6 +155,9 @@ async fn a_hostile_agent_gains_nothing_from_what_the_service_gives_it() {
     assert!(!log.contains("wrote"), "late writes went somewhere: {log}");
     // The administrator's shell stayed where it was, though the agent tried to move it.
     assert!(log.contains("cannot move"), "{log}");
+    // A descriptor attached to its answers: refused (or, on a kernel before 6.16, closed),
+    // and the service answered all the same.
+    assert!(log.contains("attached a descriptor to Started"), "{log}");
     assert!(!log.contains("moved "), "{log}");
     assert_eq!(cgroup_of(admin_pid), before);
     let _ = admin.kill();
