@@ -45,6 +45,10 @@ TESTHOST_DIR=${TESTHOST_DIR:-/var/tmp/agent-workspaces-testhost}
 TESTHOST_CACHE=${TESTHOST_CACHE:-/var/cache/agent-workspaces-testhost}
 TESTHOST_NAME=${TESTHOST_NAME:-aw-testhost}
 TESTHOST_MIRROR=${TESTHOST_MIRROR:-http://deb.debian.org/debian}
+# shared: the test host uses this machine's network namespace. slirp: a namespace of its own,
+# wired out through slirp4netns (user-space NAT; nothing changes in this machine's namespace),
+# in which the test host's root may make veths, routes and nftables tables.
+TESTHOST_NET=${TESTHOST_NET:-shared}
 
 ROOTFS=$TESTHOST_DIR/rootfs
 ROOTFS_KEY_FILE=$TESTHOST_DIR/rootfs.key # written once the tree is complete
@@ -96,6 +100,8 @@ Environment:
               .deb cache and rootfs tarballs, kept across runs; mounted at the same path inside
   TESTHOST_NAME=$TESTHOST_NAME    machine name (hostname inside) and cgroup name
   TESTHOST_MIRROR=$TESTHOST_MIRROR
+  TESTHOST_NET=$TESTHOST_NET    shared (this machine's network namespace) or slirp (one of its
+              own, out through slirp4netns: for tests that make veths, routes and nftables rules)
 EOF
 }
 
@@ -198,6 +204,7 @@ take_lock() { # serialises up/down; fd 9 is closed for the test host itself
 
 ensure_host_packages() {
 	local missing=() pkg
+	[ "$TESTHOST_NET" != slirp ] || HOST_PACKAGES+=(slirp4netns iproute2)
 	for pkg in "${HOST_PACKAGES[@]}"; do
 		# shellcheck disable=SC2016 # ${Status} is dpkg-query's format, not a shell expansion
 		dpkg-query -W -f='${Status}\n' "$pkg" 2>/dev/null | grep -q ' installed$' || missing+=("$pkg")
@@ -426,6 +433,36 @@ remove_own_cgroups() {
 # ---------------------------------------------------------------------------------------------------
 # Boot and shutdown
 
+# A network namespace for the test host, held by a sleeping process in its cgroup and wired out
+# through slirp4netns (user-space TCP/UDP NAT, its DNS forwarder at 10.0.2.3; this machine's
+# loopback out of reach). Both are ended with the test host's cgroup. Prints the holder's PID.
+start_own_network() {
+	(
+		join_own_cgroup
+		exec setsid unshare --net sleep infinity
+	) 9>&- </dev/null >/dev/null 2>&1 &
+	local holder=$! i own
+	own=$(readlink /proc/self/ns/net)
+	for i in $(seq 100); do
+		[ "$(readlink "/proc/$holder/ns/net" 2>/dev/null || echo "$own")" != "$own" ] && break
+		sleep 0.05
+	done
+	(
+		join_own_cgroup
+		exec setsid slirp4netns --configure --mtu=65520 --disable-host-loopback "$holder" tap0
+	) 9>&- </dev/null >"$LOG_DIR/slirp4netns.log" 2>&1 &
+	local routes=
+	for i in $(seq 100); do
+		routes=$(nsenter -t "$holder" -n ip -4 route 2>/dev/null) || true
+		[[ $routes != *default* ]] || break
+		sleep 0.05
+	done
+	[[ $routes == *default* ]] ||
+		die "slirp4netns gave the test host's network namespace no route out (log: $LOG_DIR/slirp4netns.log)"
+	printf 'nameserver 10.0.2.3\n' >"$RUN_DIR/resolv.conf"
+	echo "$holder"
+}
+
 start_nspawn() {
 	local args=(
 		--directory="$ROOTFS" --machine="$TESTHOST_NAME" --boot
@@ -433,6 +470,16 @@ start_nspawn() {
 		--bind="$BUS_DIR:/run/dbus" --bind="$REPO:$REPO_INSIDE" --bind="$TESTHOST_CACHE"
 		--bind="$MACHINES_DIR:/var/lib/machines"
 	)
+	case $TESTHOST_NET in
+	shared) ;;
+	slirp)
+		local holder
+		holder=$(start_own_network) && [ -n "$holder" ] || die "the test host's network namespace could not be made"
+		args+=(--network-namespace-path="/proc/$holder/ns/net" --bind-ro="$RUN_DIR/resolv.conf:/etc/resolv.conf")
+		log "network: a namespace of its own (held by PID $holder), out through slirp4netns"
+		;;
+	*) die "TESTHOST_NET must be shared or slirp, not '$TESTHOST_NET'" ;;
+	esac
 	[ ! -f "$CONSOLE_LOG" ] || mv -f "$CONSOLE_LOG" "$CONSOLE_LOG.prev"
 	remove_tree "$MACHINES_DIR"
 	mkdir -m 0700 "$MACHINES_DIR"
