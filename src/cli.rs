@@ -160,7 +160,7 @@ pub mod workspacectl {
             path: Option<String>,
             #[command(flatten)]
             contents: Contents,
-            /// host (default) or private: a container with only lo.
+            /// internet (default: a network of its own, the internet through NAT, the host out of reach), private (only lo) or host (the host's own: no network boundary).
             #[arg(long)]
             network: Option<String>,
             #[command(flatten)]
@@ -178,7 +178,7 @@ pub mod workspacectl {
             workspace: String,
             #[command(flatten)]
             contents: Contents,
-            /// host or private (containers; applies at the next start).
+            /// internet, private or host (containers; applies at the next start).
             #[arg(long)]
             network: Option<String>,
             #[command(flatten)]

@@ -229,5 +229,15 @@ fn no_files_of_src_system_import_each_other_in_a_circle() {
                 .collect();
             assert!(up.is_empty(), "{m} imports the containers room: {up:?}");
         }
+        // Networks are the containers' to use; they use neither containers nor commands.
+        if m.starts_with("system::network") {
+            let up: Vec<_> = e
+                .iter()
+                .filter(|t| {
+                    t.starts_with("system::containers") || t.starts_with("system::commands")
+                })
+                .collect();
+            assert!(up.is_empty(), "{m} imports another room: {up:?}");
+        }
     }
 }

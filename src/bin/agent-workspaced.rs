@@ -24,6 +24,7 @@ use agent_workspaces::system::config::{Config, ContainmentMode};
 use agent_workspaces::system::containers::{AGENT_FILE, NspawnContainers};
 use agent_workspaces::system::library::FsLibrary;
 use agent_workspaces::system::logging;
+use agent_workspaces::system::network::Networks;
 use agent_workspaces::system::store::{Dirs, FileStore};
 use agent_workspaces::system::systemd::Systemd;
 
@@ -109,6 +110,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         &state_dir,
         program,
         config.limits.exec.max_output_bytes,
+        Arc::new(Networks::new(config.network.clone())),
     ));
     // Background processes of host workspaces run under the host agent (where they outlive a
     // restart of this service), when commands get cgroups at all.

@@ -257,8 +257,9 @@ impl Containers for FakeContainers {
         Ok((String::new(), 0))
     }
     async fn append_log(&self, _: &Workspace, _: &str) {}
-    async fn clean_orphans(&self, known: &[String]) {
-        self.call(format!("clean_orphans {}", known.join(",")));
+    async fn clean_orphans(&self, known: &[Workspace]) {
+        let names: Vec<&str> = known.iter().map(|w| w.name.as_str()).collect();
+        self.call(format!("clean_orphans {}", names.join(",")));
     }
     async fn debug_info(&self, _: &Workspace) -> Result<DebugInfo> {
         Ok(DebugInfo::new())

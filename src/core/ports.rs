@@ -324,9 +324,10 @@ pub trait Containers: Send + Sync {
     /// Appends a line to the init log.
     async fn append_log(&self, ws: &Workspace, line: &str);
     /// At start: reports trees and units of containers that have no record (`known` are the
-    /// names of container workspaces), and removes what is clearly the service's own leftover
-    /// (half-built trees, units it started).
-    async fn clean_orphans(&self, known: &[String]);
+    /// container workspaces), and removes what is clearly the service's own leftover
+    /// (half-built trees, units it started, links of no running container); takes up the
+    /// networks of running containers.
+    async fn clean_orphans(&self, known: &[Workspace]);
     /// What the tree, the units and machined say about this container.
     async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo>;
     /// Removes tree, logs and leftovers; the units must be stopped.

@@ -163,7 +163,9 @@ impl CreateSpec {
             ));
         }
         let network = match self.network.as_deref() {
-            None => Network::Host,
+            // A host workspace is the host's network (the key is refused for it below).
+            None if workspace_type == WorkspaceType::Host => Network::Host,
+            None => Network::Internet,
             Some(n) => n.parse().map_err(|e| invalid("network", e))?,
         };
         let limits = Limits {

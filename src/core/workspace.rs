@@ -125,13 +125,16 @@ impl FromStr for Distro {
     }
 }
 
-/// A container's network: the host's, or a private one with only `lo`.
+/// A container's network: one of its own with the internet through NAT (the default for new
+/// containers), a private one with only `lo`, or the host's (no network boundary). A record
+/// without one is from before `internet` existed, when the host's was the default: it keeps it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Network {
     #[default]
     Host,
     Private,
+    Internet,
 }
 
 impl Network {
@@ -139,6 +142,7 @@ impl Network {
         match self {
             Self::Host => "host",
             Self::Private => "private",
+            Self::Internet => "internet",
         }
     }
 }
@@ -149,8 +153,9 @@ impl FromStr for Network {
         match s {
             "host" => Ok(Self::Host),
             "private" => Ok(Self::Private),
+            "internet" => Ok(Self::Internet),
             _ => Err(format!(
-                "unknown network '{}': expected 'host' or 'private'",
+                "unknown network '{}': expected 'internet', 'private' or 'host'",
                 s.escape_default()
             )),
         }

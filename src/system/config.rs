@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::core::spec::{BuildLimits, ExecLimits, ServiceLimits};
 use crate::core::workspace::Distro;
 use crate::system::containers::distro::DistroSettings;
+use crate::system::network::NetworkConfig;
 
 pub const DEFAULT_PATH: &str = "/etc/agent-workspaces/config.toml";
 /// Largest per-stream output cap: two streams must fit well inside the system bus's 32 MiB
@@ -26,6 +27,8 @@ pub struct Config {
     pub limits: ServiceLimits,
     pub exec_containment: ContainmentMode,
     pub container: ContainerConfig,
+    /// [network]: containers' networks of their own. Read at start only.
+    pub network: NetworkConfig,
 }
 
 /// Where container trees, caches and logs live, and how builds run.
@@ -86,6 +89,15 @@ struct File {
     container: ContainerSection,
     #[serde(default)]
     distro: BTreeMap<String, DistroSection>,
+    #[serde(default)]
+    network: NetworkSection,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NetworkSection {
+    pool: Option<String>,
+    dns: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -127,6 +139,7 @@ impl Default for Config {
             limits: ServiceLimits::default(),
             exec_containment: ContainmentMode::Cgroup,
             container: ContainerConfig::default(),
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -230,7 +243,18 @@ impl Config {
                 return Err("library_path must be an absolute path".into());
             }
         }
+        let mut network = NetworkConfig::default();
+        if let Some(pool) = file.network.pool {
+            network.pool = pool.parse().map_err(|e| format!("network.pool: {e}"))?;
+        }
+        for addr in file.network.dns.unwrap_or_default() {
+            let ip: std::net::IpAddr = addr
+                .parse()
+                .map_err(|_| format!("network.dns: '{addr}' is not an IP address"))?;
+            network.dns.push(std::net::SocketAddr::new(ip, 53));
+        }
         Ok(Self {
+            network,
             library_path: file.library_path,
             host_workspace_dir: file.host_workspace_dir,
             limits: ServiceLimits { exec, builds },
@@ -305,6 +329,21 @@ mod tests {
         assert!(c.container.distro(Distro::DebianBookworm).verify_signatures);
         let e = Config::parse("[distro.gentoo]\nmirror = \"x\"\n").unwrap_err();
         assert!(e.contains("gentoo"), "{e}");
+    }
+
+    #[test]
+    fn network_section() {
+        let c =
+            Config::parse("[network]\npool = \"10.99.0.0/24\"\ndns = [\"10.0.2.3\"]\n").unwrap();
+        assert_eq!(c.network.pool.to_string(), "10.99.0.0/24");
+        assert_eq!(c.network.dns, vec!["10.0.2.3:53".parse().unwrap()]);
+        for (text, says) in [
+            ("[network]\npool = \"10.99.0.1/24\"", "network.pool"),
+            ("[network]\ndns = [\"resolver\"]", "network.dns"),
+        ] {
+            let e = Config::parse(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

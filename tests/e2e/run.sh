@@ -2,8 +2,8 @@
 # The dashboard's end-to-end tests: boots a fresh test host (tests/testhost/testhost.sh), installs
 # the service with `make install`, sets the REST bridge up as an operator would (its user, a
 # token, the socket) with a small Library, then drives the dashboard in headless Chromium
-# (Debian's `chromium`, through Playwright) from outside the test host: it shares this machine's
-# loopback, where the bridge listens (127.0.0.1:7600).
+# (Debian's `chromium`, through Playwright) from outside the test host, through this machine's
+# 127.0.0.1:7600, which the test host forwards to its own (where the bridge listens).
 #
 # Screenshots of each page: target/e2e/screenshots/; traces of failures: target/e2e/results/.
 #   KEEP_TESTHOST=1 tests/e2e/run.sh     leave the test host up afterwards

@@ -10,6 +10,7 @@ mod hostile;
 mod lent;
 mod library;
 mod load;
+mod network;
 mod ownership;
 mod polkit;
 mod ports;

@@ -30,7 +30,7 @@ set -euo pipefail
 # Configuration
 
 SUITE=bookworm
-ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,systemd-container,polkitd,libpam-systemd,iproute2,procps,debootstrap,zstd,ca-certificates,psmisc,curl
+ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,systemd-container,polkitd,libpam-systemd,iproute2,procps,debootstrap,zstd,ca-certificates,psmisc,curl,nftables
 ROOTFS_FORMAT=1 # bump to rebuild cached trees and tarballs (changes to customize_rootfs do that anyway)
 HOST_PACKAGES=(systemd-container debootstrap zstd dbus)
 BOOT_TIMEOUT=180 # seconds until the test host must be ready
@@ -48,7 +48,10 @@ TESTHOST_MIRROR=${TESTHOST_MIRROR:-http://deb.debian.org/debian}
 # shared: the test host uses this machine's network namespace. slirp: a namespace of its own,
 # wired out through slirp4netns (user-space NAT; nothing changes in this machine's namespace),
 # in which the test host's root may make veths, routes and nftables tables.
-TESTHOST_NET=${TESTHOST_NET:-shared}
+TESTHOST_NET=${TESTHOST_NET:-slirp}
+# slirp: TCP ports of the test host's loopback that this machine's loopback forwards to (the REST
+# bridge), so a browser here reaches the dashboard.
+TESTHOST_FORWARD=${TESTHOST_FORWARD:-7600}
 
 ROOTFS=$TESTHOST_DIR/rootfs
 ROOTFS_KEY_FILE=$TESTHOST_DIR/rootfs.key # written once the tree is complete
@@ -100,8 +103,10 @@ Environment:
               .deb cache and rootfs tarballs, kept across runs; mounted at the same path inside
   TESTHOST_NAME=$TESTHOST_NAME    machine name (hostname inside) and cgroup name
   TESTHOST_MIRROR=$TESTHOST_MIRROR
-  TESTHOST_NET=$TESTHOST_NET    shared (this machine's network namespace) or slirp (one of its
-              own, out through slirp4netns: for tests that make veths, routes and nftables rules)
+  TESTHOST_NET=$TESTHOST_NET    slirp (a network namespace of its own, out through slirp4netns,
+              where the service makes containers' veths, routes and nftables rules) or shared (this
+              machine's: only for a service whose containers all have network = host or private)
+  TESTHOST_FORWARD=$TESTHOST_FORWARD  slirp: loopback TCP ports forwarded from here to the test host
 EOF
 }
 
@@ -204,7 +209,7 @@ take_lock() { # serialises up/down; fd 9 is closed for the test host itself
 
 ensure_host_packages() {
 	local missing=() pkg
-	[ "$TESTHOST_NET" != slirp ] || HOST_PACKAGES+=(slirp4netns iproute2)
+	[ "$TESTHOST_NET" != slirp ] || HOST_PACKAGES+=(slirp4netns iproute2 socat)
 	for pkg in "${HOST_PACKAGES[@]}"; do
 		# shellcheck disable=SC2016 # ${Status} is dpkg-query's format, not a shell expansion
 		dpkg-query -W -f='${Status}\n' "$pkg" 2>/dev/null | grep -q ' installed$' || missing+=("$pkg")
@@ -460,6 +465,17 @@ start_own_network() {
 	[[ $routes == *default* ]] ||
 		die "slirp4netns gave the test host's network namespace no route out (log: $LOG_DIR/slirp4netns.log)"
 	printf 'nameserver 10.0.2.3\n' >"$RUN_DIR/resolv.conf"
+	local port
+	for port in $TESTHOST_FORWARD; do
+		[[ $port =~ ^[0-9]+$ ]] || die "TESTHOST_FORWARD: '$port' is no port"
+		# Each connection to 127.0.0.1:PORT here is carried to 127.0.0.1:PORT in there by a
+		# socat that joins the namespace (and nothing else of the test host).
+		(
+			join_own_cgroup
+			exec setsid socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" \
+				"EXEC:nsenter --net=/proc/$holder/ns/net socat STDIO TCP\:127.0.0.1\:$port"
+		) 9>&- </dev/null >>"$LOG_DIR/forward.log" 2>&1 &
+	done
 	echo "$holder"
 }
 
@@ -475,7 +491,10 @@ start_nspawn() {
 	slirp)
 		local holder
 		holder=$(start_own_network) && [ -n "$holder" ] || die "the test host's network namespace could not be made"
-		args+=(--network-namespace-path="/proc/$holder/ns/net" --bind-ro="$RUN_DIR/resolv.conf:/etc/resolv.conf")
+		# Its root configures that namespace (veths, addresses, routes, nftables): CAP_NET_ADMIN,
+		# which nspawn grants by itself only to a network it made.
+		args+=(--network-namespace-path="/proc/$holder/ns/net" --bind-ro="$RUN_DIR/resolv.conf:/etc/resolv.conf"
+			--capability=CAP_NET_ADMIN)
 		log "network: a namespace of its own (held by PID $holder), out through slirp4netns"
 		;;
 	*) die "TESTHOST_NET must be shared or slirp, not '$TESTHOST_NET'" ;;
@@ -487,7 +506,11 @@ start_nspawn() {
 	log "booting: systemd-nspawn ${args[*]}"
 	(
 		join_own_cgroup
-		exec env SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 TERM=dumb setsid unshare --mount --propagation private -- \
+		# A namespace of its own (slirp): /proc/sys/net writable, as nspawn makes it for a network
+		# it made itself (the service turns forwarding on there).
+		vfs=SYSTEMD_NSPAWN_API_VFS_WRITABLE=no
+		[ "$TESTHOST_NET" != slirp ] || vfs=SYSTEMD_NSPAWN_API_VFS_WRITABLE=network
+		exec env SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 TERM=dumb "$vfs" setsid unshare --mount --propagation private -- \
 			bash -c 'mount -t tmpfs -o mode=0755,nosuid,nodev testhost-run /run && exec "$@"' testhost-boot \
 			systemd-nspawn "${args[@]}"
 	) 9>&- </dev/null >"$CONSOLE_LOG" 2>&1 &

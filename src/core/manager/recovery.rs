@@ -108,12 +108,12 @@ impl Manager {
             .filter(|e| e.ws.is_container() && e.ws.status == Status::Building)
             .map(|e| (e.ws.clone(), e.execs.clone()))
             .collect();
-        let known: Vec<String> = self
+        let known: Vec<Workspace> = self
             .reg()
             .by_id
             .values()
             .filter(|e| e.ws.is_container())
-            .map(|e| e.ws.name.clone())
+            .map(|e| e.ws.clone())
             .collect();
         let this = self.clone();
         tokio::spawn(async move { this.ports.containers.clean_orphans(&known).await });

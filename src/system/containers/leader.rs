@@ -50,6 +50,11 @@ pub struct Leader {
 }
 
 impl Leader {
+    /// The leader's pidfd: what enters its namespaces (`setns`) without a PID to be reused.
+    pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
     /// The leader `pid` of the container whose unit's cgroup is `unit_cgroup` (as systemd
     /// says: `/machine.slice/agent-workspace-<name>.service`); `record`: where its agent's
     /// socket is remembered.

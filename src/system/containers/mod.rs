@@ -39,12 +39,13 @@ use super::systemd::{Systemd, prop};
 use crate::core::error::{Error, Result};
 use crate::core::manager::{CONTAINER_WORKDIR, command_env};
 use crate::core::ports::{BuildSteps, Containers, DebugInfo, ExecIo, ExecOutcome, ExecRequest};
-use crate::core::workspace::Workspace;
+use crate::core::workspace::{Network, Workspace};
 use crate::system::commands::agent::AgentConnection;
 use crate::system::commands::cgroup::Containment;
 use crate::system::commands::exec::{
     Command, Launch, agent_request, agent_terminal, run_contained,
 };
+use crate::system::network::Networks;
 use build::{BuildPlan, BuildResult};
 use leader::Leader;
 use tree::Tree;
@@ -74,6 +75,8 @@ pub struct NspawnContainers {
     /// The agent, bind-mounted read-only into every container as its payload.
     agent: PathBuf,
     output_cap: usize,
+    /// Links, addresses, DNS and rules of containers with a network of their own.
+    network: Arc<Networks>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -87,6 +90,7 @@ impl NspawnContainers {
         state_dir: &Path,
         program: PathBuf,
         output_cap: usize,
+        network: Arc<Networks>,
     ) -> Self {
         Self {
             systemd,
@@ -97,6 +101,7 @@ impl NspawnContainers {
             leaders: Default::default(),
             program,
             output_cap,
+            network,
         }
     }
 
@@ -200,6 +205,32 @@ impl NspawnContainers {
                 ws.name
             ))
         })
+    }
+
+    /// A started container with a network of its own gets it: addresses, resolver, rules,
+    /// and an `/etc/resolv.conf` naming its resolver (the service's: every query goes there,
+    /// whatever the file says, but a resolver the container cannot reach would make each
+    /// lookup wait for a timeout first).
+    async fn connect(&self, ws: &Workspace, leader: &Leader) -> Result<()> {
+        if ws.network != Network::Internet {
+            return Ok(());
+        }
+        let resolver = self.network.attach(&ws.id, leader.pidfd()).await?;
+        self.tree(ws)
+            .and_then(|t| t.dir("etc", true))
+            .and_then(|etc| {
+                etc.write_file(
+                    "resolv.conf",
+                    format!("# agent-workspaces: the service answers this container's DNS\nnameserver {resolver}\n").as_bytes(),
+                    0o644,
+                )
+            })
+            .map_err(|e| {
+                Error::io(
+                    format!("Cannot write /etc/resolv.conf in the tree of workspace '{}'", ws.name),
+                    e,
+                )
+            })
     }
 
     /// Forgets the leader of a container that is stopped or removed, with the command cgroups
@@ -391,6 +422,11 @@ impl Containers for NspawnContainers {
                 },
                 Some(l) => match agent_connection(l).await {
                     Ok(_) => {
+                        if let Err(e) = self.connect(ws, l).await {
+                            let _ = self.systemd.stop(&unit).await;
+                            let _ = self.network.detach(&ws.id).await;
+                            return Err(e);
+                        }
                         info!(workspace_id = %ws.id, workspace_name = %ws.name,
                               "Started container {} ({unit})", ws.name);
                         return Ok(());
@@ -414,7 +450,8 @@ impl Containers for NspawnContainers {
     async fn stop(&self, ws: &Workspace) -> Result<()> {
         self.forget_leader(&ws.name);
         self.systemd.stop(&build_unit_name(&ws.name)).await?;
-        self.systemd.stop(&unit_name(&ws.name)).await
+        self.systemd.stop(&unit_name(&ws.name)).await?;
+        self.network.detach(&ws.id).await
     }
 
     async fn apply_limits(&self, ws: &Workspace) -> Result<()> {
@@ -562,8 +599,15 @@ impl Containers for NspawnContainers {
         self.append_to_log(ws, format!("{line}\n").as_bytes()).await;
     }
 
-    async fn clean_orphans(&self, known: &[String]) {
-        self.remove_orphans(known).await
+    async fn clean_orphans(&self, known: &[Workspace]) {
+        let internet: Vec<String> = known
+            .iter()
+            .filter(|w| w.network == Network::Internet)
+            .map(|w| w.id.clone())
+            .collect();
+        self.network.reconcile(&internet).await;
+        let names: Vec<String> = known.iter().map(|w| w.name.clone()).collect();
+        self.remove_orphans(&names).await
     }
 
     async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo> {
@@ -571,6 +615,7 @@ impl Containers for NspawnContainers {
     }
 
     async fn remove(&self, ws: &Workspace) -> Result<()> {
+        self.network.detach(&ws.id).await?;
         let tree = self.tree_path(&ws.name);
         let mut partial = tree.clone().into_os_string();
         partial.push(".partial");

@@ -68,8 +68,18 @@ pub fn nspawn_argv(ws: &Workspace, tree: &Path, agent: &Path, layered: bool) -> 
         "--as-pid2".to_owned(),
         "--console=pipe".to_owned(),
     ];
-    if ws.network == Network::Private {
-        argv.push("--private-network".to_owned());
+    match ws.network {
+        Network::Host => {}
+        Network::Private => argv.push("--private-network".to_owned()),
+        Network::Internet => {
+            // A veth pair named by the service (its host end is how the table knows the
+            // container); the service configures both ends and writes /etc/resolv.conf.
+            argv.push(format!(
+                "--network-veth-extra={}:host0",
+                crate::system::network::link_name(&ws.id)
+            ));
+            argv.push("--resolv-conf=off".to_owned());
+        }
     }
     argv.push(AGENT_PATH.to_owned());
     argv
@@ -180,6 +190,12 @@ mod tests {
         );
         let p = nspawn_argv(&ws(Network::Private), Path::new("/t"), agent, false).join(" ");
         assert!(p.contains(" --private-network "), "{p}");
+        let i = nspawn_argv(&ws(Network::Internet), Path::new("/t"), agent, false).join(" ");
+        assert!(
+            i.contains(" --network-veth-extra=aw-1b4e28ba2fa1:host0 --resolv-conf=off "),
+            "{i}"
+        );
+        assert!(!i.contains("--private-network"), "{i}");
         let l = nspawn_argv(&ws(Network::Host), Path::new("/t"), agent, true).join(" ");
         assert!(
             l.contains(" --private-users=pick --private-users-ownership=chown "),
