@@ -164,6 +164,8 @@ pub mod workspacectl {
             #[arg(long)]
             network: Option<String>,
             #[command(flatten)]
+            egress: Egress,
+            #[command(flatten)]
             limits: Limits,
             /// Build at once (containers).
             #[arg(long)]
@@ -181,6 +183,8 @@ pub mod workspacectl {
             /// internet, private or host (containers; applies at the next start).
             #[arg(long)]
             network: Option<String>,
+            #[command(flatten)]
+            egress: Egress,
             #[command(flatten)]
             limits: Limits,
         },
@@ -318,6 +322,19 @@ pub mod workspacectl {
         /// KEY=VALUE for this command, repeatable; wins over the workspace's.
         #[arg(long = "env", value_name = "KEY=VALUE")]
         pub env: Vec<String>,
+    }
+
+    /// Egress rules of a container with network internet (in an update, what is given
+    /// replaces the list; an empty value empties it).
+    #[derive(clap::Args, Default)]
+    pub struct Egress {
+        /// With entries, only these are reachable: an IPv4 network or address, or a domain
+        /// name (*.example.com for the names below it); repeatable.
+        #[arg(long, value_name = "DEST")]
+        pub egress_allow: Option<Vec<String>>,
+        /// Not reachable, whatever else allows it; repeatable.
+        #[arg(long, value_name = "DEST")]
+        pub egress_deny: Option<Vec<String>>,
     }
 
     /// A container's resource limits (in an update, 0 removes one).

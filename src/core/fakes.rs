@@ -219,6 +219,13 @@ impl Containers for FakeContainers {
         self.call(format!("limits {} {:?}", ws.name, ws.limits));
         Ok(())
     }
+    async fn apply_egress(&self, ws: &Workspace) -> Result<()> {
+        self.call(format!(
+            "egress {} allow {:?} deny {:?}",
+            ws.name, ws.egress_allow, ws.egress_deny
+        ));
+        Ok(())
+    }
     async fn exec(
         &self,
         ws: &Workspace,

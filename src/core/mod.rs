@@ -1,6 +1,7 @@
 //! The domain: names, the workspace record and its lifecycle, request validation, and the
 //! manager that runs every operation over port traits. No D-Bus, HTTP, processes or files here.
 
+pub mod egress;
 pub mod error;
 pub mod manager;
 pub mod messages;

@@ -302,6 +302,9 @@ pub trait Containers: Send + Sync {
     /// Gives a running container unit the workspace's current limits (a removed limit becomes
     /// no limit); does nothing when the container is not running.
     async fn apply_limits(&self, ws: &Workspace) -> Result<()>;
+    /// Gives a running container with a network of its own the workspace's current egress
+    /// rules; does nothing when it is not running.
+    async fn apply_egress(&self, ws: &Workspace) -> Result<()>;
     /// Runs a command inside the running container (starting it if needed).
     async fn exec(
         &self,

@@ -34,6 +34,8 @@ pub struct CreateSpec {
     pub path: Option<String>,
     pub build_on_create: Option<bool>,
     pub network: Option<String>,
+    pub egress_allow: Option<Vec<String>>,
+    pub egress_deny: Option<Vec<String>>,
     pub memory_max: Option<u64>,
     pub cpu_quota_percent: Option<u32>,
     pub tasks_max: Option<u64>,
@@ -48,6 +50,9 @@ pub struct Changes {
     pub tools: Option<Vec<String>>,
     /// Containers only; applies at the container's next start.
     pub network: Option<String>,
+    /// Containers only; applied to a running container at once.
+    pub egress_allow: Option<Vec<String>>,
+    pub egress_deny: Option<Vec<String>>,
     /// Containers only; applied to a running container at once. 0 removes the limit.
     pub memory_max: Option<u64>,
     pub cpu_quota_percent: Option<u32>,
@@ -78,6 +83,8 @@ pub struct ValidCreate {
     pub path: Option<PathBuf>,
     pub build_on_create: bool,
     pub network: Network,
+    pub egress_allow: Vec<String>,
+    pub egress_deny: Vec<String>,
     pub limits: Limits,
 }
 
@@ -173,9 +180,13 @@ impl CreateSpec {
             cpu_quota_percent: self.cpu_quota_percent,
             tasks_max: self.tasks_max,
         };
+        let egress_allow = check_egress("egress_allow", self.egress_allow.as_deref())?;
+        let egress_deny = check_egress("egress_deny", self.egress_deny.as_deref())?;
         if workspace_type == WorkspaceType::Host {
             for (key, set) in [
                 ("network", self.network.is_some()),
+                ("egress_allow", self.egress_allow.is_some()),
+                ("egress_deny", self.egress_deny.is_some()),
                 ("memory_max", limits.memory_max.is_some()),
                 ("cpu_quota_percent", limits.cpu_quota_percent.is_some()),
                 ("tasks_max", limits.tasks_max.is_some()),
@@ -233,9 +244,16 @@ impl CreateSpec {
             path,
             build_on_create: self.build_on_create.unwrap_or(false),
             network,
+            egress_allow,
+            egress_deny,
             limits,
         })
     }
+}
+
+/// An egress list checked and normalized (`core::egress`); none is an empty one.
+fn check_egress(key: &str, list: Option<&[String]>) -> Result<Vec<String>> {
+    list.map_or(Ok(Vec::new()), |l| super::egress::check(key, l))
 }
 
 impl Changes {
@@ -243,6 +261,8 @@ impl Changes {
     pub fn container_keys(&self) -> Vec<&'static str> {
         [
             ("network", self.network.is_some()),
+            ("egress_allow", self.egress_allow.is_some()),
+            ("egress_deny", self.egress_deny.is_some()),
             ("memory_max", self.memory_max.is_some()),
             ("cpu_quota_percent", self.cpu_quota_percent.is_some()),
             ("tasks_max", self.tasks_max.is_some()),
@@ -275,8 +295,23 @@ impl Changes {
         }
     }
 
+    /// The egress lists asked for (allow, deny), checked and normalized (none: unchanged).
+    pub fn egress(&self) -> Result<[Option<Vec<String>>; 2]> {
+        Ok([
+            self.egress_allow
+                .as_deref()
+                .map(|l| super::egress::check("egress_allow", l))
+                .transpose()?,
+            self.egress_deny
+                .as_deref()
+                .map(|l| super::egress::check("egress_deny", l))
+                .transpose()?,
+        ])
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.network()?;
+        self.egress()?;
         if let Some(env) = &self.env_vars {
             check_env("env_vars", env)?;
         }

@@ -28,6 +28,10 @@ pub struct Template {
     #[serde(default)]
     pub network: Option<String>,
     #[serde(default)]
+    pub egress_allow: Option<Vec<String>>,
+    #[serde(default)]
+    pub egress_deny: Option<Vec<String>>,
+    #[serde(default)]
     pub memory_max: Option<u64>,
     #[serde(default)]
     pub cpu_quota_percent: Option<u32>,
@@ -70,6 +74,12 @@ pub fn merge(t: &Template, request: CreateSpec) -> CreateSpec {
         network: request
             .network
             .or_else(|| t.network.clone().filter(|_| container)),
+        egress_allow: request
+            .egress_allow
+            .or_else(|| t.egress_allow.clone().filter(|_| container)),
+        egress_deny: request
+            .egress_deny
+            .or_else(|| t.egress_deny.clone().filter(|_| container)),
         memory_max: request.memory_max.or(t.memory_max.filter(|_| container)),
         cpu_quota_percent: request
             .cpu_quota_percent

@@ -201,6 +201,11 @@ pub struct Workspace {
     pub created_at_usec: u64,
     #[serde(default)]
     pub network: Network,
+    /// Egress rules of a container with a network of its own (`core::egress`), normalized.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_deny: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
     /// Where a build is ("unpack", "init", ...); empty when no build runs.
@@ -227,6 +232,7 @@ pub enum Field {
     Skills,
     Tools,
     Network,
+    Egress,
     Limits,
     BuildStep,
 }

@@ -202,6 +202,10 @@ macro_rules! proxies {
             #[zbus(property)]
             fn network(&self) -> zbus::Result<String>;
             #[zbus(property)]
+            fn egress_allow(&self) -> zbus::Result<Vec<String>>;
+            #[zbus(property)]
+            fn egress_deny(&self) -> zbus::Result<Vec<String>>;
+            #[zbus(property)]
             fn path(&self) -> zbus::Result<String>;
             #[zbus(property)]
             fn skills(&self) -> zbus::Result<Vec<String>>;

@@ -316,6 +316,12 @@ impl Context {
         if let Some(n) = t.network {
             out.push(("network", s(n)));
         }
+        if let Some(a) = t.egress_allow {
+            out.push(("egress_allow", l(a)));
+        }
+        if let Some(d) = t.egress_deny {
+            out.push(("egress_deny", l(d)));
+        }
         let mut map: HashMap<String, OwnedVariant> = HashMap::new();
         for (k, v) in out {
             map.insert(k.to_owned(), v.map_err(Error::from)?);

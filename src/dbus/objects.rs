@@ -167,6 +167,10 @@ async fn apply(conn: &Connection, ctx: &Context, event: Event) -> zbus::Result<(
                     Field::Skills => object.skills_changed(emitter).await?,
                     Field::Tools => object.tools_changed(emitter).await?,
                     Field::Network => object.network_changed(emitter).await?,
+                    Field::Egress => {
+                        object.egress_allow_changed(emitter).await?;
+                        object.egress_deny_changed(emitter).await?;
+                    }
                     Field::BuildStep => object.build_step_changed(emitter).await?,
                     Field::Limits => {
                         object.memory_max_changed(emitter).await?;

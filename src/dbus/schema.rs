@@ -104,10 +104,35 @@ pub enum Json {
     Member,
     /// A member of the body's `limits` object.
     Limit,
+    /// A member of the body's `egress` object, named without `egress_` (`allow`, `deny`).
+    Egress,
 }
 
 /// The object that holds the `Json::Limit` keys in a REST body.
 pub const LIMITS: &str = "limits";
+/// The object that holds the `Json::Egress` keys in a REST body.
+pub const EGRESS: &str = "egress";
+
+impl Json {
+    /// The body's object that holds the keys of this place; none for members.
+    pub const fn object(self) -> Option<&'static str> {
+        match self {
+            Self::Member => None,
+            Self::Limit => Some(LIMITS),
+            Self::Egress => Some(EGRESS),
+        }
+    }
+
+    /// The name a key has at this place in JSON.
+    pub fn json_name(self, key: &'static str) -> &'static str {
+        match self {
+            Self::Egress => key.strip_prefix("egress_").unwrap_or(key),
+            _ => key,
+        }
+    }
+
+    const NESTED: [Json; 2] = [Json::Limit, Json::Egress];
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
@@ -129,6 +154,14 @@ const fn limit(name: &'static str, ty: Type) -> Key {
         name,
         ty,
         json: Json::Limit,
+    }
+}
+
+const fn egress(name: &'static str) -> Key {
+    Key {
+        name,
+        ty: Type::Strings,
+        json: Json::Egress,
     }
 }
 
@@ -155,6 +188,8 @@ pub const CREATE: Keys = Keys {
         key("path", Type::Str),
         key("build_on_create", Type::Bool),
         key("network", Type::Str),
+        egress("egress_allow"),
+        egress("egress_deny"),
         limit("memory_max", Type::U64),
         limit("cpu_quota_percent", Type::U32),
         limit("tasks_max", Type::U64),
@@ -170,6 +205,8 @@ pub const CHANGES: Keys = Keys {
         key("skills", Type::Strings),
         key("tools", Type::Strings),
         key("network", Type::Str),
+        egress("egress_allow"),
+        egress("egress_deny"),
         limit("memory_max", Type::U64),
         limit("cpu_quota_percent", Type::U32),
         limit("tasks_max", Type::U64),
@@ -233,28 +270,36 @@ impl Keys {
         )
     }
 
+    /// The places of nested objects (`limits`, `egress`) this dictionary has keys at.
+    pub fn nested(&self) -> Vec<Json> {
+        Json::NESTED
+            .into_iter()
+            .filter(|p| self.keys.iter().any(|k| k.json == *p))
+            .collect()
+    }
+
     /// A REST body (JSON) as this dictionary: each member converted to its key's D-Bus type,
-    /// the `limits` object's members to top-level keys, `null` members left out. An unknown
-    /// member or a wrong form is `InvalidArgs` naming it as the client wrote it
-    /// (`limits.memory_max`).
+    /// the members of the `limits` and `egress` objects to top-level keys (`egress.allow` is
+    /// `egress_allow`), `null` members left out. An unknown member or a wrong form is
+    /// `InvalidArgs` naming it as the client wrote it (`limits.memory_max`).
     pub fn from_json(&self, body: Map<String, Value>) -> Result<OwnedArgs, Error> {
         let mut out = OwnedArgs::new();
-        let has_limits = self.keys.iter().any(|k| k.json == Json::Limit);
         for (name, value) in body {
             if value.is_null() {
                 continue;
             }
-            if has_limits && name == LIMITS {
-                let Value::Object(limits) = value else {
+            if let Some(place) = self
+                .nested()
+                .into_iter()
+                .find(|p| p.object() == Some(&name))
+            {
+                let Value::Object(members) = value else {
                     return Err(Error::invalid(
-                        LIMITS,
-                        format!(
-                            "must be an object of {}",
-                            self.names(Json::Limit).join(", ")
-                        ),
+                        name,
+                        format!("must be an object of {}", self.names(place).join(", ")),
                     ));
                 };
-                self.convert(Json::Limit, limits, &mut out)?;
+                self.convert(place, members, &mut out)?;
                 continue;
             }
             self.convert(Json::Member, Map::from_iter([(name, value)]), &mut out)?;
@@ -268,18 +313,22 @@ impl Keys {
         members: Map<String, Value>,
         out: &mut OwnedArgs,
     ) -> Result<(), Error> {
-        let prefix = match place {
-            Json::Member => String::new(),
-            Json::Limit => format!("{LIMITS}."),
+        let prefix = match place.object() {
+            None => String::new(),
+            Some(object) => format!("{object}."),
         };
         for (name, value) in members {
             if value.is_null() {
                 continue;
             }
-            let Some(key) = self.get(&name).filter(|k| k.json == place) else {
+            let Some(key) = self
+                .keys
+                .iter()
+                .find(|k| k.json == place && place.json_name(k.name) == name)
+            else {
                 let mut known = self.names(place);
-                if place == Json::Member && self.keys.iter().any(|k| k.json == Json::Limit) {
-                    known.push(LIMITS);
+                if place == Json::Member {
+                    known.extend(self.nested().into_iter().filter_map(Json::object));
                 }
                 return Err(Error::invalid(
                     format!("{prefix}{name}"),
@@ -292,17 +341,17 @@ impl Keys {
                     format!("must be {}", key.ty.json_form()),
                 )
             })?;
-            out.insert(name, v);
+            out.insert(key.name.to_owned(), v);
         }
         Ok(())
     }
 
-    /// The names of the keys that sit at `place` in JSON.
+    /// The JSON names of the keys that sit at `place`.
     pub fn names(&self, place: Json) -> Vec<&'static str> {
         self.keys
             .iter()
             .filter(|k| k.json == place)
-            .map(|k| k.name)
+            .map(|k| place.json_name(k.name))
             .collect()
     }
 }

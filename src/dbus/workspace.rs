@@ -246,4 +246,16 @@ impl WorkspaceObject {
             String::new()
         })
     }
+
+    /// Egress rules: with entries, only what they name is reachable (`internet` network).
+    #[zbus(property)]
+    async fn egress_allow(&self) -> zbus::fdo::Result<Vec<String>> {
+        Ok(self.ws()?.egress_allow.clone())
+    }
+
+    /// Egress rules: what they name is not reachable (`internet` network).
+    #[zbus(property)]
+    async fn egress_deny(&self) -> zbus::fdo::Result<Vec<String>> {
+        Ok(self.ws()?.egress_deny.clone())
+    }
 }

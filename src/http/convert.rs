@@ -77,6 +77,10 @@ pub(super) fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
         "created_at": field("CreatedAt"),
         "machine_name": field("MachineName"),
         "network": field("Network"),
+        "egress": {
+            "allow": field("EgressAllow"),
+            "deny": field("EgressDeny"),
+        },
         "limits": {
             "memory_max": field("MemoryMax"),
             "cpu_quota_percent": field("CPUQuotaPercent"),

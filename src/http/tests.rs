@@ -128,10 +128,17 @@ fn the_openapi_request_bodies_are_the_schema() {
             .keys
             .iter()
             .filter(|k| k.json == place)
-            .map(|k| (k.name.to_owned(), k.ty.json_type().to_owned()))
+            .map(|k| {
+                (
+                    place.json_name(k.name).to_owned(),
+                    k.ty.json_type().to_owned(),
+                )
+            })
             .collect();
-        if place == Json::Member && keys.keys.iter().any(|k| k.json == Json::Limit) {
-            out.insert(schema::LIMITS.to_owned(), "$ref".to_owned());
+        if place == Json::Member {
+            for nested in keys.nested() {
+                out.insert(nested.object().unwrap().to_owned(), "$ref".to_owned());
+            }
         }
         out
     };
@@ -150,6 +157,14 @@ fn the_openapi_request_bodies_are_the_schema() {
     assert_eq!(
         documented("Limits", &[]),
         wanted(schema::CHANGES, Json::Limit)
+    );
+    assert_eq!(
+        documented("Egress", &[]),
+        wanted(schema::CREATE, Json::Egress)
+    );
+    assert_eq!(
+        documented("Egress", &[]),
+        wanted(schema::CHANGES, Json::Egress)
     );
     assert_eq!(
         documented("ExecRequest", &["command"]),

@@ -194,6 +194,8 @@ mod tests {
             template: String::new(),
             created_at_usec: 7,
             network: Default::default(),
+            egress_allow: vec![],
+            egress_deny: vec![],
             limits: Default::default(),
             build_step: String::new(),
         }

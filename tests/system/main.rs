@@ -5,6 +5,8 @@
 mod boundary;
 mod cli;
 mod containers;
+mod egress;
+mod far;
 mod host;
 mod hostile;
 mod lent;

@@ -199,6 +199,37 @@ async fn the_rest_bridge_serves_the_documented_calls() {
         systemctl(&format!("show -p MemoryMax -p TasksMax --value {unit}")),
         "536870912\n200\n"
     );
+    // Egress rules: an object of two lists, normalized; a bad entry names its key.
+    let (status, body) = curl(
+        "PATCH",
+        &format!("/api/workspaces/{id}"),
+        Some(TOKEN),
+        "-d '{\"egress\": {\"allow\": [\"192.0.2.0/24\", \"Deb.Debian.org\"], \"deny\": [\"*.example.com\"]}}'",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["egress"],
+        serde_json::json!({"allow": ["192.0.2.0/24", "deb.debian.org"], "deny": ["*.example.com"]})
+    );
+    let (status, body) = curl(
+        "PATCH",
+        &format!("/api/workspaces/{id}"),
+        Some(TOKEN),
+        "-d '{\"egress\": {\"allow\": [\"169.254.169.254\"]}}'",
+    );
+    assert_eq!(
+        (status, &body["error"]["field"]),
+        (400, &serde_json::json!("egress_allow")),
+        "{body}"
+    );
+    let (status, body) = curl(
+        "PATCH",
+        &format!("/api/workspaces/{id}"),
+        Some(TOKEN),
+        "-d '{\"egress\": {\"allow\": [], \"deny\": []}}'",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["egress"], serde_json::json!({"allow": [], "deny": []}));
     let (status, body) = curl(
         "PATCH",
         &format!("/api/workspaces/{id}"),

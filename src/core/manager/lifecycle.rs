@@ -115,6 +115,8 @@ impl Manager {
             template: v.template,
             created_at_usec: now_usec(),
             network: v.network,
+            egress_allow: v.egress_allow,
+            egress_deny: v.egress_deny,
             limits: v.limits,
             build_step: String::new(),
         };
@@ -155,6 +157,20 @@ impl Manager {
             }
             ws.network = network;
             keys.push("network");
+        }
+        let [allow, deny] = changes.egress()?;
+        let egress_changed = allow.as_ref().is_some_and(|a| *a != ws.egress_allow)
+            || deny.as_ref().is_some_and(|d| *d != ws.egress_deny);
+        if let Some(allow) = allow {
+            ws.egress_allow = allow;
+            keys.push("egress_allow");
+        }
+        if let Some(deny) = deny {
+            ws.egress_deny = deny;
+            keys.push("egress_deny");
+        }
+        if egress_changed {
+            fields.push(Field::Egress);
         }
         let new_limits = changes.apply_limits(ws.limits);
         let limits_changed = new_limits != ws.limits;
@@ -215,6 +231,16 @@ impl Manager {
               "Updated workspace {}: {}", ws.name, keys.join(", "));
         if !fields.is_empty() {
             self.ports.events.emit(Event::Changed { id, fields });
+        }
+        if egress_changed {
+            // A running container's rules change at once; a stopped one gets them at its
+            // next start.
+            self.ports.containers.apply_egress(&ws).await.map_err(|e| {
+                Error::JobFailed(format!(
+                    "Saved the new egress rules of workspace '{}', but could not apply them to the running container ({e}); they apply at its next start",
+                    ws.name
+                ))
+            })?;
         }
         if limits_changed {
             // A running container gets them at once; a stopped one at its next start.

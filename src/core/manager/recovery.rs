@@ -68,6 +68,8 @@ impl Manager {
                 template: String::new(),
                 created_at_usec: now_usec(),
                 network: Default::default(),
+                egress_allow: Vec::new(),
+                egress_deny: Vec::new(),
                 limits: Default::default(),
                 build_step: String::new(),
             }),

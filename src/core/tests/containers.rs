@@ -245,3 +245,64 @@ async fn limits_and_network_change_on_containers_only() {
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn egress_rules_are_checked_saved_and_given_to_the_running_container() {
+    let f = fixture();
+    // A new container has a network of its own; a host workspace takes no rules.
+    let mut s = container("box", "");
+    s.egress_allow = Some(vec!["Deb.Debian.org.".into(), "192.0.2.0/24".into()]);
+    let ws = f.manager.create(s).await.unwrap();
+    assert_eq!(ws.network, Network::Internet);
+    assert_eq!(ws.egress_allow, ["deb.debian.org", "192.0.2.0/24"]);
+    let mut h = spec("web");
+    h.egress_deny = Some(vec!["example.com".into()]);
+    assert!(matches!(
+        f.manager.create(h).await,
+        Err(e @ Error::InvalidArgs { .. }) if e.to_string().contains("'egress_deny'")
+    ));
+    // A bad entry names its key and changes nothing (not even the other keys).
+    for (allow, says) in [
+        (vec!["10.0.0.1/8".to_owned()], "did you mean 10.0.0.0/8"),
+        (vec!["169.254.169.254".to_owned()], "link-local"),
+        (vec!["not a name".to_owned()], "not a domain name"),
+        (
+            (0..300).map(|i| format!("h{i}.example.com")).collect(),
+            "at most 256",
+        ),
+    ] {
+        let bad = Changes {
+            egress_allow: Some(allow),
+            memory_max: Some(1 << 20),
+            ..Default::default()
+        };
+        let e = f.manager.update("box", bad).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgs { field, .. } if field == "egress_allow")
+                && e.to_string().contains(says),
+            "{e}"
+        );
+    }
+    let now = f.manager.get("box").unwrap();
+    assert_eq!((now.egress_allow.len(), now.limits.memory_max), (2, None));
+    // A change reaches the running container at once and is announced.
+    let change = Changes {
+        egress_allow: Some(vec![]),
+        egress_deny: Some(vec!["*.example.com".into()]),
+        ..Default::default()
+    };
+    let ws = f.manager.update("box", change).await.unwrap();
+    assert!(ws.egress_allow.is_empty());
+    assert_eq!(
+        f.store.0.lock().unwrap()[&ws.id].egress_deny,
+        ["*.example.com"]
+    );
+    assert_eq!(
+        f.containers.calls().last().unwrap(),
+        "egress box allow [] deny [\"*.example.com\"]"
+    );
+    assert!(f.events.0.lock().unwrap().contains(&Event::Changed {
+        id: ws.id.clone(),
+        fields: vec![Field::Egress]
+    }));
+}

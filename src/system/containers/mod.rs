@@ -16,6 +16,7 @@ pub mod distro;
 mod init_log;
 pub mod layer;
 pub mod leader;
+mod networking;
 mod orphans;
 pub mod tree;
 mod units;
@@ -205,32 +206,6 @@ impl NspawnContainers {
                 ws.name
             ))
         })
-    }
-
-    /// A started container with a network of its own gets it: addresses, resolver, rules,
-    /// and an `/etc/resolv.conf` naming its resolver (the service's: every query goes there,
-    /// whatever the file says, but a resolver the container cannot reach would make each
-    /// lookup wait for a timeout first).
-    async fn connect(&self, ws: &Workspace, leader: &Leader) -> Result<()> {
-        if ws.network != Network::Internet {
-            return Ok(());
-        }
-        let resolver = self.network.attach(&ws.id, leader.pidfd()).await?;
-        self.tree(ws)
-            .and_then(|t| t.dir("etc", true))
-            .and_then(|etc| {
-                etc.write_file(
-                    "resolv.conf",
-                    format!("# agent-workspaces: the service answers this container's DNS\nnameserver {resolver}\n").as_bytes(),
-                    0o644,
-                )
-            })
-            .map_err(|e| {
-                Error::io(
-                    format!("Cannot write /etc/resolv.conf in the tree of workspace '{}'", ws.name),
-                    e,
-                )
-            })
     }
 
     /// Forgets the leader of a container that is stopped or removed, with the command cgroups
@@ -454,6 +429,10 @@ impl Containers for NspawnContainers {
         self.network.detach(&ws.id).await
     }
 
+    async fn apply_egress(&self, ws: &Workspace) -> Result<()> {
+        self.set_egress(ws).await
+    }
+
     async fn apply_limits(&self, ws: &Workspace) -> Result<()> {
         let unit = unit_name(&ws.name);
         let running = self.systemd.unit_state(&unit).await?;
@@ -600,12 +579,7 @@ impl Containers for NspawnContainers {
     }
 
     async fn clean_orphans(&self, known: &[Workspace]) {
-        let internet: Vec<String> = known
-            .iter()
-            .filter(|w| w.network == Network::Internet)
-            .map(|w| w.id.clone())
-            .collect();
-        self.network.reconcile(&internet).await;
+        self.reconcile_networks(known).await;
         let names: Vec<String> = known.iter().map(|w| w.name.clone()).collect();
         self.remove_orphans(&names).await
     }

@@ -161,6 +161,8 @@ mod tests {
             template: String::new(),
             created_at_usec: 0,
             network,
+            egress_allow: vec![],
+            egress_deny: vec![],
             limits: Limits {
                 memory_max: Some(1 << 30),
                 cpu_quota_percent: Some(150),

@@ -3,26 +3,29 @@
 //! gives both ends their addresses from the pool (`pool.rs`), answers the container's DNS
 //! (`dns.rs`) and keeps the rules of its own nftables table (`nft.rs`) that let a container
 //! out to the internet through NAT and nowhere near the host, the host's networks or another
-//! container. The pair goes with the container's namespace when the container ends; the
-//! table follows the running containers, so rules outlive a restart of the service and are
-//! taken up again at its start (`reconcile`).
+//! container, as its egress rules say (`core::egress`). The pair goes with the container's
+//! namespace when the container ends; the table follows the running containers, so rules
+//! outlive a restart of the service and are taken up again at its start (`reconcile`).
 
 pub mod dns;
 mod link;
 pub mod nft;
 pub mod pool;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};
 
+use crate::core::egress::{Egress, NameVerdict};
 use crate::core::error::{Error, Result};
-use nft::{LINK_PREFIX, Member};
-use pool::Pool;
+use nft::{LINK_PREFIX, Learnt, Member};
+use pool::{Pool, within};
 
 /// Settings of `[network]`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -31,6 +34,14 @@ pub struct NetworkConfig {
     /// Resolvers the service asks for containers; empty: those of `/etc/resolv.conf`.
     pub dns: Vec<SocketAddr>,
 }
+
+/// How long an address a lookup answered stays open or closed: its TTL, within these bounds
+/// (a TTL of seconds would make every connection race its lookup's expiry; one of days would
+/// keep an address the name has left).
+const LEARNT_MIN: u64 = 60;
+const LEARNT_MAX: u64 = 24 * 3600;
+/// Refused lookups logged per container and minute; the rest are counted in the next line.
+const REFUSALS_LOGGED: u32 = 20;
 
 /// The name of a workspace's link on the host: `aw-` and the first 12 hex digits of its id
 /// (an interface name has 15 characters at most).
@@ -47,46 +58,71 @@ pub fn link_name(workspace_id: &str) -> String {
 struct Attached {
     slot: u32,
     link: String,
+    /// Shared with its resolver, which judges lookups by it.
+    egress: Arc<RwLock<Egress>>,
+    /// Addresses learnt from its lookups, until when.
+    opened: HashMap<Ipv4Addr, Instant>,
+    closed: HashMap<Ipv4Addr, Instant>,
     /// Ends its resolver when dropped.
     _dns: DropGuard,
 }
 
-pub struct Networks {
+struct Inner {
     config: NetworkConfig,
     /// Running containers by workspace id; its lock orders every change of the table.
     attached: tokio::sync::Mutex<BTreeMap<String, Attached>>,
+}
+
+pub struct Networks {
+    inner: Arc<Inner>,
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> Error {
     Error::JobFailed(format!("{what}: {e}"))
 }
 
+/// Whether an address is one a name's answer may open: not loopback, link-local, multicast,
+/// a private network or the pool (DNS rebinding: a public name pointed at them opens nothing).
+fn public(pool: Pool, a: Ipv4Addr) -> bool {
+    !pool.contains(a)
+        && !nft::NEVER
+            .iter()
+            .chain(nft::PRIVATE.iter())
+            .filter_map(|r| r.split_once('/'))
+            .any(|(net, len)| {
+                net.parse()
+                    .ok()
+                    .zip(len.parse().ok())
+                    .is_some_and(|(net, len)| within(a, net, len))
+            })
+}
+
 impl Networks {
     pub fn new(config: NetworkConfig) -> Self {
         Self {
-            config,
-            attached: Default::default(),
+            inner: Arc::new(Inner {
+                config,
+                attached: Default::default(),
+            }),
         }
     }
 
     pub fn pool(&self) -> Pool {
-        self.config.pool
-    }
-
-    fn upstreams(&self) -> Arc<Vec<SocketAddr>> {
-        if !self.config.dns.is_empty() {
-            return Arc::new(self.config.dns.clone());
-        }
-        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        Arc::new(dns::resolvers_of(&text))
+        self.inner.config.pool
     }
 
     /// Gives the running container of workspace `id` (its leader's pidfd) its addresses, its
     /// resolver and its rules. Returns the container's resolver address, for its
     /// `/etc/resolv.conf`.
-    pub async fn attach(&self, id: &str, leader: BorrowedFd<'_>) -> Result<Ipv4Addr> {
+    pub async fn attach(
+        &self,
+        id: &str,
+        leader: BorrowedFd<'_>,
+        egress: Egress,
+    ) -> Result<Ipv4Addr> {
         let link = link_name(id);
-        let mut attached = self.attached.lock().await;
+        let inner = &self.inner;
+        let mut attached = inner.attached.lock().await;
         attached.remove(id);
         // A container that ended by itself left its place taken; its link is gone.
         let present: Vec<String> = blocking(link::links)
@@ -101,7 +137,7 @@ impl Networks {
                 "The container has no link {link} on the host (systemd-nspawn did not make it)"
             )));
         }
-        let pool = self.config.pool;
+        let pool = inner.config.pool;
         let slot = (0..pool.slots())
             .find(|s| attached.values().all(|a| a.slot != *s))
             .ok_or_else(|| {
@@ -121,19 +157,12 @@ impl Networks {
         blocking(move || link::configure_inside(leader.as_fd(), host, inside))
             .await
             .map_err(|e| failed("Cannot configure the container's network", e))?;
-        let cancel = CancellationToken::new();
-        dns::serve(host, self.upstreams(), cancel.clone())
+        let entry = self
+            .entry(id, slot, link, egress)
             .await
             .map_err(|e| failed(&format!("Cannot serve DNS on {host}:53"), e))?;
-        attached.insert(
-            id.to_owned(),
-            Attached {
-                slot,
-                link: link.clone(),
-                _dns: cancel.drop_guard(),
-            },
-        );
-        if let Err(e) = self.apply(&attached).await {
+        attached.insert(id.to_owned(), entry);
+        if let Err(e) = Self::apply(inner, &attached).await {
             attached.remove(id);
             return Err(e);
         }
@@ -142,7 +171,7 @@ impl Networks {
             Ok(false) => {}
             Err(e) => {
                 attached.remove(id);
-                let _ = self.apply(&attached).await;
+                let _ = Self::apply(inner, &attached).await;
                 return Err(failed(
                     "Cannot turn IPv4 forwarding on (net.ipv4.ip_forward)",
                     e,
@@ -152,10 +181,70 @@ impl Networks {
         Ok(host)
     }
 
+    /// A container's place, with its resolver started on the host end of its link.
+    async fn entry(
+        &self,
+        id: &str,
+        slot: u32,
+        link: String,
+        egress: Egress,
+    ) -> std::io::Result<Attached> {
+        let (host, _) = self.inner.config.pool.addresses(slot);
+        let egress = Arc::new(RwLock::new(egress));
+        let policy = Arc::new(WorkspacePolicy {
+            id: id.to_owned(),
+            egress: egress.clone(),
+            networks: Arc::downgrade(&self.inner),
+            refusals: Mutex::new((Instant::now(), 0)),
+        });
+        let cancel = CancellationToken::new();
+        dns::serve(host, self.upstreams(), policy, cancel.clone()).await?;
+        Ok(Attached {
+            slot,
+            link,
+            egress,
+            opened: HashMap::new(),
+            closed: HashMap::new(),
+            _dns: cancel.drop_guard(),
+        })
+    }
+
+    fn upstreams(&self) -> Arc<Vec<SocketAddr>> {
+        let config = &self.inner.config;
+        if !config.dns.is_empty() {
+            return Arc::new(config.dns.clone());
+        }
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        Arc::new(dns::resolvers_of(&text))
+    }
+
+    /// Gives workspace `id`'s running container `egress` at once (nothing when it does not
+    /// run: its next start takes the record's). Addresses learnt under the old rules are
+    /// forgotten: the next lookups learn them again under the new ones.
+    pub async fn set_egress(&self, id: &str, egress: Egress) -> Result<()> {
+        let mut attached = self.inner.attached.lock().await;
+        let Some(a) = attached.get_mut(id) else {
+            return Ok(());
+        };
+        let before = std::mem::replace(
+            &mut *a.egress.write().unwrap_or_else(|e| e.into_inner()),
+            egress,
+        );
+        let learnt = (std::mem::take(&mut a.opened), std::mem::take(&mut a.closed));
+        if let Err(e) = Self::apply(&self.inner, &attached).await {
+            if let Some(a) = attached.get_mut(id) {
+                *a.egress.write().unwrap_or_else(|e| e.into_inner()) = before;
+                (a.opened, a.closed) = learnt;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Forgets workspace `id`'s container: its rules go, its place in the pool is free, its
     /// link (if the container left it) is removed.
     pub async fn detach(&self, id: &str) -> Result<()> {
-        let mut attached = self.attached.lock().await;
+        let mut attached = self.inner.attached.lock().await;
         let link = link_name(id);
         let had = attached.remove(id).is_some();
         let present = blocking(link::links).await.unwrap_or_default();
@@ -166,16 +255,16 @@ impl Networks {
             }
         }
         if had {
-            self.apply(&attached).await?;
+            Self::apply(&self.inner, &attached).await?;
         }
         Ok(())
     }
 
-    /// At start: takes up the links of running containers of `known` workspaces (ids of
-    /// container workspaces with a network of their own) with the addresses they have,
-    /// removes links of no known workspace, and writes the table for what runs.
-    pub async fn reconcile(&self, known: &[String]) {
-        let mut attached = self.attached.lock().await;
+    /// At start: takes up the links of running containers of `known` workspaces (ids and
+    /// rules of container workspaces with a network of their own) with the addresses they
+    /// have, removes links of no known workspace, and writes the table for what runs.
+    pub async fn reconcile(&self, known: &[(String, Egress)]) {
+        let mut attached = self.inner.attached.lock().await;
         let links = match blocking(link::links).await {
             Ok(l) => l,
             Err(e) => {
@@ -183,25 +272,18 @@ impl Networks {
                 return;
             }
         };
-        let pool = self.config.pool;
+        let pool = self.inner.config.pool;
         for (link, addr) in links {
-            let owner = known.iter().find(|id| link_name(id) == link);
+            let owner = known.iter().find(|(id, _)| link_name(id) == link);
             let slot = addr.and_then(|a| pool.slot_of_host(a));
             match (owner, slot) {
-                (Some(id), Some(slot)) => {
-                    let (host, _) = pool.addresses(slot);
-                    let cancel = CancellationToken::new();
-                    if let Err(e) = dns::serve(host, self.upstreams(), cancel.clone()).await {
-                        warn!("Cannot serve DNS on {host}:53 for {link}: {e}");
+                (Some((id, egress)), Some(slot)) => {
+                    match self.entry(id, slot, link.clone(), egress.clone()).await {
+                        Ok(entry) => {
+                            attached.insert(id.clone(), entry);
+                        }
+                        Err(e) => warn!("Cannot serve DNS for {link}: {e}"),
                     }
-                    attached.insert(
-                        id.clone(),
-                        Attached {
-                            slot,
-                            link,
-                            _dns: cancel.drop_guard(),
-                        },
-                    );
                 }
                 _ => {
                     warn!("Removing {link}: it belongs to no running workspace of this pool");
@@ -212,7 +294,7 @@ impl Networks {
                 }
             }
         }
-        if let Err(e) = self.apply(&attached).await {
+        if let Err(e) = Self::apply(&self.inner, &attached).await {
             // Nothing attached: a machine without nft never had a table of ours.
             if !attached.is_empty() {
                 warn!("{e}");
@@ -221,19 +303,103 @@ impl Networks {
     }
 
     /// Writes the table for `attached`.
-    async fn apply(&self, attached: &BTreeMap<String, Attached>) -> Result<()> {
-        let pool = self.config.pool;
+    async fn apply(inner: &Inner, attached: &BTreeMap<String, Attached>) -> Result<()> {
+        let pool = inner.config.pool;
+        let now = Instant::now();
+        let left = |m: &HashMap<Ipv4Addr, Instant>| -> Vec<(Ipv4Addr, u64)> {
+            m.iter()
+                .filter(|(_, until)| **until > now + Duration::from_secs(1))
+                .map(|(a, until)| (*a, (*until - now).as_secs()))
+                .collect()
+        };
         let members: Vec<Member> = attached
             .values()
             .map(|a| Member {
                 link: a.link.clone(),
                 inside: pool.addresses(a.slot).1,
+                egress: a.egress.read().unwrap_or_else(|e| e.into_inner()).clone(),
+                opened: left(&a.opened),
+                closed: left(&a.closed),
             })
             .collect();
         let script = nft::script(pool, &members);
         blocking(move || link::nft(&script))
             .await
             .map_err(|e| failed("Cannot write the nftables table inet agent_workspaces", e))
+    }
+}
+
+/// A container's egress rules as its resolver sees them.
+struct WorkspacePolicy {
+    id: String,
+    egress: Arc<RwLock<Egress>>,
+    networks: Weak<Inner>,
+    /// Refusals logged in the current minute: since when, how many.
+    refusals: Mutex<(Instant, u32)>,
+}
+
+#[async_trait]
+impl dns::Policy for WorkspacePolicy {
+    fn judge(&self, name: &str) -> NameVerdict {
+        self.egress
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .judge_name(name)
+    }
+
+    async fn resolved(&self, name: &str, verdict: NameVerdict, addresses: Vec<(Ipv4Addr, u32)>) {
+        let Some(inner) = self.networks.upgrade() else {
+            return;
+        };
+        let pool = inner.config.pool;
+        let learnt = match verdict {
+            NameVerdict::Open => Learnt::Opened,
+            NameVerdict::Deny => Learnt::Closed,
+            _ => return,
+        };
+        let addresses: Vec<(Ipv4Addr, u64)> = addresses
+            .into_iter()
+            .filter(|(a, _)| learnt == Learnt::Closed || public(pool, *a))
+            .map(|(a, ttl)| (a, u64::from(ttl).clamp(LEARNT_MIN, LEARNT_MAX)))
+            .collect();
+        if addresses.is_empty() {
+            return;
+        }
+        let mut attached = inner.attached.lock().await;
+        let Some(a) = attached.get_mut(&self.id) else {
+            return;
+        };
+        let now = Instant::now();
+        let map = match learnt {
+            Learnt::Opened => &mut a.opened,
+            Learnt::Closed => &mut a.closed,
+        };
+        for (addr, secs) in &addresses {
+            map.insert(*addr, now + Duration::from_secs(*secs));
+        }
+        map.retain(|_, until| *until > now);
+        let script = nft::learn(&a.link, learnt, &addresses);
+        if let Err(e) = blocking(move || link::nft(&script)).await {
+            warn!(workspace_id = %self.id, "Cannot add the addresses of {name} to the rules: {e}");
+        }
+    }
+
+    fn refused(&self, name: &str) {
+        let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(r.0) >= Duration::from_secs(60) {
+            if r.1 > REFUSALS_LOGGED {
+                info!(workspace_id = %self.id,
+                      "{} more DNS lookups refused by the egress rules in the last minute",
+                      r.1 - REFUSALS_LOGGED);
+            }
+            *r = (now, 0);
+        }
+        r.1 += 1;
+        if r.1 <= REFUSALS_LOGGED {
+            info!(workspace_id = %self.id, dns_name = %name,
+                  "Refused a DNS lookup of {name}: the egress rules do not allow it");
+        }
     }
 }
 
@@ -254,5 +420,26 @@ mod tests {
         let l = link_name("0f1e2d3c-4b5a-4987-8765-43210fedcba9");
         assert_eq!(l, "aw-0f1e2d3c4b5a");
         assert!(l.len() <= 15);
+    }
+
+    #[test]
+    fn only_public_addresses_are_opened_by_a_name() {
+        let pool = Pool::default();
+        for a in ["192.0.2.1", "198.51.100.7", "8.8.8.8"] {
+            assert!(public(pool, a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "224.0.0.1",
+            "0.0.0.0",
+            "10.213.0.2",
+        ] {
+            assert!(!public(pool, a.parse().unwrap()), "{a}");
+        }
     }
 }

@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use super::pool::Pool;
+use crate::core::egress::{Destination, Egress, overlaps};
 
 pub const TABLE: &str = "agent_workspaces";
 /// Every container link's name starts so; `aw-*` in the rules.
@@ -37,6 +38,112 @@ pub struct Member {
     pub link: String,
     /// The container's address.
     pub inside: Ipv4Addr,
+    pub egress: Egress,
+    /// Addresses its lookups of allowed names answered, with the seconds they stay open.
+    pub opened: Vec<(Ipv4Addr, u64)>,
+    /// Addresses its lookups of denied names answered, with the seconds they stay closed.
+    pub closed: Vec<(Ipv4Addr, u64)>,
+}
+
+/// A container's sets of addresses learnt from its lookups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learnt {
+    Opened,
+    Closed,
+}
+
+impl Learnt {
+    fn set(self, link: &str) -> String {
+        let suffix = link.trim_start_matches(LINK_PREFIX);
+        match self {
+            Self::Opened => format!("open_{suffix}"),
+            Self::Closed => format!("closed_{suffix}"),
+        }
+    }
+}
+
+/// The script that puts `addresses` into a container's set for the seconds given each, in
+/// one transaction (an element there already gets its new timeout: it is added, so that the
+/// delete finds it, deleted, and added again).
+pub fn learn(link: &str, learnt: Learnt, addresses: &[(Ipv4Addr, u64)]) -> String {
+    let set = learnt.set(link);
+    let mut s = String::new();
+    for (a, secs) in addresses {
+        let _ = writeln!(s, "add element inet {TABLE} {set} {{ {a} }}");
+        let _ = writeln!(s, "delete element inet {TABLE} {set} {{ {a} }}");
+        let _ = writeln!(
+            s,
+            "add element inet {TABLE} {set} {{ {a} timeout {secs}s }}"
+        );
+    }
+    s
+}
+
+fn set_block(name: &str, elements: &[(Ipv4Addr, u64)]) -> String {
+    let mut s = format!("\tset {name} {{\n\t\ttype ipv4_addr\n\t\tflags timeout\n");
+    if !elements.is_empty() {
+        let list: Vec<String> = elements
+            .iter()
+            .map(|(a, secs)| format!("{a} timeout {secs}s"))
+            .collect();
+        let _ = writeln!(s, "\t\telements = {{ {} }}", list.join(", "));
+    }
+    s.push_str("\t}\n");
+    s
+}
+
+/// The networks of a list of rules, without those another one of them holds (nft refuses
+/// overlapping intervals in one set).
+fn networks(rules: &[Destination]) -> Vec<String> {
+    let nets: Vec<(Ipv4Addr, u8)> = rules
+        .iter()
+        .filter_map(|d| match d {
+            Destination::Net { addr, prefix } => Some((*addr, *prefix)),
+            Destination::Name(_) => None,
+        })
+        .collect();
+    let mut kept: Vec<String> = Vec::new();
+    for (i, (a, len)) in nets.iter().enumerate() {
+        let held = nets.iter().enumerate().any(|(j, (b, blen))| {
+            j != i && overlaps(*a, *len, *b, *blen) && (*blen < *len || (*blen == *len && j < i))
+        });
+        if !held {
+            kept.push(format!("{a}/{len}"));
+        }
+    }
+    kept
+}
+
+/// The rules of one container's chain, in order: what is never reachable, what it denies
+/// (networks, and the addresses of denied names), what it allows by network (private ranges
+/// included), the private ranges, the addresses of allowed names (TCP only: QUIC and other
+/// UDP to them are closed, what no name check could follow), then the rest (or nothing, when
+/// it allows only what it names).
+fn chain_rules(link: &str, egress: &Egress) -> Vec<String> {
+    let mut rules = vec!["ip daddr @never drop".to_owned()];
+    let deny = networks(&egress.deny);
+    if !deny.is_empty() {
+        rules.push(format!("ip daddr {{ {} }} drop", deny.join(", ")));
+    }
+    rules.push(format!("ip daddr @{} drop", Learnt::Closed.set(link)));
+    let allow = networks(&egress.allow);
+    if !allow.is_empty() {
+        rules.push(format!("ip daddr {{ {} }} accept", allow.join(", ")));
+    }
+    rules.push("ip daddr @private drop".to_owned());
+    rules.push(format!(
+        "meta l4proto tcp ip daddr @{} accept",
+        Learnt::Opened.set(link)
+    ));
+    rules.push(
+        if egress.allow.is_empty() {
+            "accept"
+        } else {
+            "drop"
+        }
+        .to_owned(),
+    );
+    rules
 }
 
 fn chain_of(link: &str) -> String {
@@ -116,16 +223,13 @@ pub fn script(pool: Pool, members: &[Member]) -> String {
         private = PRIVATE.join(", "),
     );
     for m in members {
-        let _ = write!(
-            s,
-            "\tchain {} {{
-\t\tip daddr @never drop
-\t\tip daddr @private drop
-\t\taccept
-\t}}
-",
-            chain_of(&m.link)
-        );
+        s.push_str(&set_block(&Learnt::Opened.set(&m.link), &m.opened));
+        s.push_str(&set_block(&Learnt::Closed.set(&m.link), &m.closed));
+        let _ = writeln!(s, "\tchain {} {{", chain_of(&m.link));
+        for rule in chain_rules(&m.link, &m.egress) {
+            let _ = writeln!(s, "\t\t{rule}");
+        }
+        let _ = writeln!(s, "\t}}");
     }
     s.push_str("}\n");
     s
@@ -145,17 +249,25 @@ mod tests {
         assert!(!s.contains("flush"), "{s}");
     }
 
+    fn member(link: &str, last: u8, opened: Vec<(Ipv4Addr, u64)>) -> Member {
+        Member {
+            link: link.into(),
+            inside: Ipv4Addr::new(10, 213, 0, last),
+            egress: Egress::default(),
+            opened,
+            closed: vec![],
+        }
+    }
+
     #[test]
-    fn each_member_has_its_source_and_chain() {
+    fn each_member_has_its_source_chain_and_sets() {
         let members = [
-            Member {
-                link: "aw-0123456789ab".into(),
-                inside: Ipv4Addr::new(10, 213, 0, 2),
-            },
-            Member {
-                link: "aw-ba9876543210".into(),
-                inside: Ipv4Addr::new(10, 213, 0, 6),
-            },
+            member(
+                "aw-0123456789ab",
+                2,
+                vec![(Ipv4Addr::new(192, 0, 2, 1), 60)],
+            ),
+            member("aw-ba9876543210", 6, vec![]),
         ];
         let s = script(Pool::default(), &members);
         assert!(s.starts_with("table inet agent_workspaces\ndelete table inet agent_workspaces\n"));
@@ -167,10 +279,97 @@ mod tests {
             s.contains("\"aw-ba9876543210\" : jump ws_ba9876543210"),
             "{s}"
         );
-        assert!(s.contains("chain ws_0123456789ab {"), "{s}");
         assert!(s.contains("224.0.0.0/3, 10.213.0.0/16 }"), "{s}");
         assert!(!s.contains("flush"), "{s}");
+        assert!(
+            s.contains(
+                "chain ws_0123456789ab {\n\t\tip daddr @never drop\n\t\tip daddr @closed_0123456789ab drop\n\t\tip daddr @private drop\n\t\tmeta l4proto tcp ip daddr @open_0123456789ab accept\n\t\taccept\n\t}"
+            ),
+            "{s}"
+        );
+        // What lookups opened is kept when the table is written again.
+        assert!(
+            s.contains(
+                "set open_0123456789ab {\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t\telements = { 192.0.2.1 timeout 60s }\n\t}"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("set closed_ba9876543210 {\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t}"),
+            "{s}"
+        );
         // Braces balance: the script is one table.
         assert_eq!(s.matches('{').count(), s.matches('}').count(), "{s}");
+    }
+
+    fn egress(allow: &[&str], deny: &[&str]) -> Egress {
+        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        Egress::of(&l(allow), &l(deny))
+    }
+
+    #[test]
+    fn rules_in_their_order() {
+        assert_eq!(
+            chain_rules("aw-x", &egress(&[], &["198.51.100.0/24", "203.0.113.7"])),
+            [
+                "ip daddr @never drop",
+                "ip daddr { 198.51.100.0/24, 203.0.113.7/32 } drop",
+                "ip daddr @closed_x drop",
+                "ip daddr @private drop",
+                "meta l4proto tcp ip daddr @open_x accept",
+                "accept"
+            ]
+        );
+        // An allow list: its networks (private ones too) and nothing else; denials first.
+        assert_eq!(
+            chain_rules(
+                "aw-x",
+                &egress(&["10.9.0.0/16", "198.51.100.0/24"], &["198.51.100.128/25"])
+            ),
+            [
+                "ip daddr @never drop",
+                "ip daddr { 198.51.100.128/25 } drop",
+                "ip daddr @closed_x drop",
+                "ip daddr { 10.9.0.0/16, 198.51.100.0/24 } accept",
+                "ip daddr @private drop",
+                "meta l4proto tcp ip daddr @open_x accept",
+                "drop"
+            ]
+        );
+        // Names alone still close what they do not name.
+        let names = chain_rules("aw-x", &egress(&["example.com"], &[]));
+        assert_eq!(names.last().unwrap(), "drop");
+    }
+
+    #[test]
+    fn networks_held_by_another_are_left_out() {
+        let e = egress(
+            &[
+                "10.0.0.0/8",
+                "10.1.0.0/16",
+                "192.0.2.0/24",
+                "192.0.2.0/24",
+                "0.0.0.0/0",
+            ],
+            &[],
+        );
+        assert_eq!(networks(&e.allow), ["0.0.0.0/0"]);
+        let e = egress(&["10.1.0.0/16", "10.0.0.0/8", "192.0.2.0/24"], &[]);
+        assert_eq!(networks(&e.allow), ["10.0.0.0/8", "192.0.2.0/24"]);
+    }
+
+    #[test]
+    fn learnt_addresses_get_their_new_timeout() {
+        let s = learn(
+            "aw-x",
+            Learnt::Opened,
+            &[(Ipv4Addr::new(192, 0, 2, 9), 300)],
+        );
+        assert_eq!(
+            s,
+            "add element inet agent_workspaces open_x { 192.0.2.9 }\n\
+             delete element inet agent_workspaces open_x { 192.0.2.9 }\n\
+             add element inet agent_workspaces open_x { 192.0.2.9 timeout 300s }\n"
+        );
     }
 }
