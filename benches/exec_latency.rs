@@ -13,7 +13,7 @@ mod common;
 use common::timing::{
     Bound, Figures, ROUNDS, WARMUP, median, report, throughput, time_async, time_in_turn, time_n,
 };
-use common::{RestClient, direct_get, tiny_http_server};
+use common::{RestClient, direct_get, tiny_http_server, wait_ready};
 
 /// Per-exec systemd-nspawn is slow; fewer rounds of it.
 const NSPAWN_ROUNDS: usize = 40;
@@ -367,6 +367,7 @@ async fn main() {
         Bound::AtMost(2.0),
         "",
     );
+    common::network::figures(&conn, &m, &name, create_ready, &mut fig).await;
     let mut rebuilds = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
@@ -604,24 +605,4 @@ async fn main() {
     }
     println!();
     println!("{}", serde_json::Value::Object(fig.0));
-}
-
-/// Waits until a workspace is ready (after a create or a rebuild).
-async fn wait_ready(conn: &zbus::Connection, path: zbus::OwnedObjectPath) {
-    let ws = agent_workspaces::dbus::client::WorkspaceProxy::builder(conn)
-        .path(path)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .expect("proxy");
-    loop {
-        match ws.status().await.expect("status").as_str() {
-            "ready" => return,
-            "error" => panic!(
-                "build failed: {}",
-                ws.error_message().await.unwrap_or_default()
-            ),
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
 }

@@ -283,10 +283,21 @@ async function newWorkspacePage(main, _r, token) {
     placeholder: 'GREETING=hello' });
   const init = h('textarea', { id: 'init_script', rows: 5, 'aria-describedby': 'init_script-hint init_script-error',
     placeholder: '#!/bin/bash\napt install -y python3' });
+  const network = h('select', { id: 'network', 'aria-describedby': 'network-hint network-error' },
+    h('option', { value: 'internet' }, 'Internet — a network of its own, the host out of reach'),
+    h('option', { value: 'private' }, 'Private — no network at all'),
+    h('option', { value: 'host' }, "Host — the server's own network (no network boundary)"));
+  const allow = h('textarea', { id: 'egress_allow', rows: 2, 'aria-describedby': 'egress_allow-hint egress_allow-error',
+    placeholder: '*.debian.org\npypi.org' });
+  const deny = h('textarea', { id: 'egress_deny', rows: 2, 'aria-describedby': 'egress_deny-hint egress_deny-error',
+    placeholder: '203.0.113.0/24' });
   const containerOnly = h('div', { id: 'container-settings', hidden: true },
     field('template', 'Template', template, 'A template from the Library, or configure the container yourself.'),
     field('distro', 'Distribution', distro),
-    field('init_script', 'Init script', init, 'Runs inside the container after each build; it must be idempotent.'));
+    field('init_script', 'Init script', init, 'Runs inside the container after each build; it must be idempotent.'),
+    field('network', 'Network', network, 'Internet is right for untrusted code; Host gives it everything on the server.'),
+    field('egress_allow', 'Reachable only', allow, 'Internet network: one network or domain name per line; empty for everything public.'),
+    field('egress_deny', 'Never reachable', deny, 'One network or domain name per line.'));
   const form = h('form', { class: 'panel', novalidate: true },
     kind,
     field('name', 'Name', name, 'Lowercase letters, digits and dashes, e.g. python-project.'),
@@ -340,6 +351,9 @@ async function newWorkspacePage(main, _r, token) {
         if (template.value) body.template = template.value;
         if (distro.value) body.distro = distro.value;
         if (init.value.trim()) body.init_script = init.value;
+        body.network = network.value;
+        const egress = { allow: lines(allow.value), deny: lines(deny.value) };
+        if (egress.allow.length || egress.deny.length) body.egress = egress;
       } else {
         body.workspace_type = 'host';
       }
@@ -368,6 +382,11 @@ function confirmDialog(text, action) {
   });
 }
 
+/** The non-empty lines of a text, trimmed. */
+function lines(text) {
+  return text.split('\n').map((l) => l.trim()).filter(Boolean);
+}
+
 function props(ws) {
   const row = (k, v) => [h('dt', {}, k), h('dd', {}, v)];
   const list = (a) => (a && a.length ? a.join(', ') : '—');
@@ -385,6 +404,8 @@ function props(ws) {
     row('Tools', list(ws.tools)),
     row('Environment', list(ws.env_var_names)),
     ws.network ? row('Network', ws.network) : null,
+    ws.network === 'internet' ? row('Reachable only', list(ws.egress && ws.egress.allow)) : null,
+    ws.network === 'internet' ? row('Never reachable', list(ws.egress && ws.egress.deny)) : null,
     row('Created', new Date(ws.created_at / 1000).toLocaleString()));
 }
 
@@ -465,7 +486,28 @@ async function workspacePage(main, r, token) {
     'aria-label': 'Process output', tabindex: '0' });
   main.append(h('h2', {}, 'Terminal'), terminalButton, terminalBox,
     h('h2', {}, 'Processes'), processes, processOutput);
+  const allowRules = h('textarea', { id: 'edit-egress_allow', rows: 3, 'aria-describedby': 'edit-egress-hint' });
+  const denyRules = h('textarea', { id: 'edit-egress_deny', rows: 3, 'aria-describedby': 'edit-egress-hint' });
+  const egressResult = h('div', { role: 'status' });
+  const egressForm = h('form', { class: 'panel', id: 'egress-form', hidden: true, onsubmit: async (e) => {
+    e.preventDefault();
+    egressResult.replaceChildren();
+    try {
+      await api('PATCH', base, { egress: { allow: lines(allowRules.value), deny: lines(denyRules.value) } });
+      egressResult.append(h('p', {}, 'Saved: the running container has the new rules.'));
+      announce('Egress rules saved');
+      await refresh();
+    } catch (err) {
+      showError(egressResult, err);
+    }
+  } },
+  h('p', { class: 'hint', id: 'edit-egress-hint' },
+    'One IPv4 network or domain name per line (*.example.com for the names below it). With entries in the first, only they are reachable.'),
+  h('label', { for: 'edit-egress_allow' }, 'Reachable only'), allowRules,
+  h('label', { for: 'edit-egress_deny' }, 'Never reachable'), denyRules,
+  h('button', { type: 'submit' }, 'Save egress rules'), egressResult);
   const containerSections = h('div', { hidden: true },
+    h('h2', { id: 'egress-heading', hidden: true }, 'Egress rules'), egressForm,
     h('h2', {}, 'Init log'), initLog,
     h('h2', {}, 'Debug report'),
     h('button', { type: 'button', onclick: () => loadDebug() }, 'Load debug report'),
@@ -626,6 +668,14 @@ async function workspacePage(main, r, token) {
       }
       const container = ws.workspace_type === 'container';
       containerSections.hidden = !container;
+      const internet = ws.network === 'internet';
+      egressForm.hidden = !internet;
+      egressForm.previousSibling.hidden = !internet;
+      // The form shows the rules as saved until the user edits them.
+      if (internet && (!last || JSON.stringify(last.egress) !== JSON.stringify(ws.egress))) {
+        allowRules.value = ((ws.egress && ws.egress.allow) || []).join('\n');
+        denyRules.value = ((ws.egress && ws.egress.deny) || []).join('\n');
+      }
       if (container && (changed || ws.status === 'building')) {
         const log = await api('GET', `${base}/init-log?max_lines=400`);
         if (token !== pageToken) return;

@@ -1,6 +1,8 @@
 //! The benchmark's HTTP pieces: a kept-alive client of the bridge, a tiny server on the
-//! loopback (a dev server's stand-in) and a one-shot GET to it; timing (`timing`).
+//! loopback (a dev server's stand-in) and a one-shot GET to it; timing (`timing`); the far
+//! side of the network figures (`network`).
 
+pub mod network;
 pub mod timing;
 
 /// A minimal client of the bridge: hyper's HTTP/1.1 connection, kept alive.
@@ -104,4 +106,24 @@ pub async fn direct_get(port: u16) {
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).await.expect("answer");
     assert!(answer.starts_with(b"HTTP/1.1 200"));
+}
+
+/// Waits until a workspace is ready (after a create or a rebuild).
+pub async fn wait_ready(conn: &zbus::Connection, path: zbus::OwnedObjectPath) {
+    let ws = agent_workspaces::dbus::client::WorkspaceProxy::builder(conn)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .expect("proxy");
+    loop {
+        match ws.status().await.expect("status").as_str() {
+            "ready" => return,
+            "error" => panic!(
+                "build failed: {}",
+                ws.error_message().await.unwrap_or_default()
+            ),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+        }
+    }
 }

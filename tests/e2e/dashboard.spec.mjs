@@ -199,6 +199,19 @@ test('a container from a template: build, watch it reach ready, run a command', 
   await expect(page.locator('#exec-output .exit')).toHaveText('Init script: exit code 0');
   await shot(page, '09-container-debug-report');
 
+  // Egress rules of its network of its own, changed on the running container from its page.
+  await expect(page.locator('.props')).toContainText('internet');
+  await page.getByLabel('Reachable only', { exact: true }).fill('*.debian.org\n192.0.2.0/24');
+  await page.getByRole('button', { name: 'Save egress rules' }).click();
+  await expect(page.locator('#egress-form')).toContainText('Saved');
+  await expect(page.locator('.props')).toContainText('*.debian.org, 192.0.2.0/24');
+  await shot(page, '09b-container-egress-rules');
+  // A bad entry is refused in the API's words, and the rules stay.
+  await page.getByLabel('Reachable only', { exact: true }).fill('169.254.169.254');
+  await page.getByRole('button', { name: 'Save egress rules' }).click();
+  await expect(page.locator('#egress-form')).toContainText('link-local');
+  await expect(page.locator('.props')).toContainText('*.debian.org, 192.0.2.0/24');
+
   await destroy(page, name);
 });
 
