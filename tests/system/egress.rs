@@ -110,6 +110,36 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
         fetch(&m, &name, "http://allowed.far.test/").await,
         "far side allowed.far.test"
     );
+    // Through the name check on 80 and 443: a connection to the allowed name's address that
+    // names another site (domain fronting on a shared address) is closed, in HTTP and TLS.
+    assert_eq!(
+        fetch(
+            &m,
+            &name,
+            "-H 'Host: other.far.test' http://allowed.far.test/"
+        )
+        .await,
+        "failed"
+    );
+    fetch(
+        &m,
+        &name,
+        "--connect-to other.far.test:443:allowed.far.test:443 https://other.far.test/",
+    )
+    .await;
+    for (port, what) in [
+        (80, "which the egress rules do not allow"),
+        (443, "which the egress rules do not allow"),
+    ] {
+        let want =
+            format!("Refused a connection to {addr}:{port}: it names other.far.test, {what}");
+        wait_for(&want, Duration::from_secs(10), || {
+            journal(&format!("WORKSPACE_ID={id}"))
+                .iter()
+                .any(|e| e["MESSAGE"].as_str().is_some_and(|m| m == want))
+                .then_some(())
+        });
+    }
     // Another name is refused by the resolver, and its address stays closed.
     let looked = sh(&format!(
         "workspacectl exec {name} -- getent hosts other.far.test"
@@ -158,6 +188,21 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
         agent_workspaces::system::network::link_name(&id).trim_start_matches("aw-")
     ));
     assert!(!learnt.contains("10.0.2.100"), "{learnt}");
+    // A refused connection is in the journal under the workspace's id, with its destination.
+    wait_for(
+        "the refused connection in the journal",
+        Duration::from_secs(10),
+        || {
+            journal(&format!("WORKSPACE_ID={id}"))
+                .iter()
+                .any(|e| {
+                    e["MESSAGE"].as_str().is_some_and(|m| {
+                        m.contains(&format!("Refused a connection to {addr2}:80 (TCP)"))
+                    })
+                })
+                .then_some(())
+        },
+    );
     // The refusals are in the journal under the workspace's id.
     let refused = journal(&format!("WORKSPACE_ID={id}"));
     assert!(
@@ -167,6 +212,26 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
         "the journal names the refused lookup"
     );
 
+    // Two allowed names: each is reached on its own addresses only.
+    inside(&m, &name, "sed -i '/far.test/d' /etc/hosts").await;
+    set(&["allowed.far.test", "other.far.test"], &[]).await;
+    assert_eq!(
+        fetch(&m, &name, "http://other.far.test/").await,
+        "far side other.far.test"
+    );
+    assert_eq!(
+        fetch(
+            &m,
+            &name,
+            "-H 'Host: other.far.test' http://allowed.far.test/"
+        )
+        .await,
+        "failed"
+    );
+    assert_eq!(
+        fetch(&m, &name, "http://allowed.far.test/").await,
+        "far side allowed.far.test"
+    );
     // A wildcard, changed on the running container at once.
     inside(&m, &name, "sed -i '/far.test/d' /etc/hosts").await;
     set(&["*.far.test"], &[]).await;

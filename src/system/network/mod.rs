@@ -9,8 +9,10 @@
 
 pub mod dns;
 mod link;
+pub mod nflog;
 pub mod nft;
 pub mod pool;
+pub mod sni;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -195,10 +197,12 @@ impl Networks {
             id: id.to_owned(),
             egress: egress.clone(),
             networks: Arc::downgrade(&self.inner),
+            names: Mutex::new(HashMap::new()),
             refusals: Mutex::new((Instant::now(), 0)),
         });
         let cancel = CancellationToken::new();
-        dns::serve(host, self.upstreams(), policy, cancel.clone()).await?;
+        dns::serve(host, self.upstreams(), policy.clone(), cancel.clone()).await?;
+        sni::serve(host, policy, cancel.clone()).await?;
         Ok(Attached {
             slot,
             link,
@@ -313,8 +317,9 @@ impl Networks {
                 .collect()
         };
         let members: Vec<Member> = attached
-            .values()
-            .map(|a| Member {
+            .iter()
+            .map(|(id, a)| Member {
+                id: id.clone(),
                 link: a.link.clone(),
                 inside: pool.addresses(a.slot).1,
                 egress: a.egress.read().unwrap_or_else(|e| e.into_inner()).clone(),
@@ -322,6 +327,9 @@ impl Networks {
                 closed: left(&a.closed),
             })
             .collect();
+        if !members.is_empty() {
+            nflog::start();
+        }
         let script = nft::script(pool, &members);
         blocking(move || link::nft(&script))
             .await
@@ -334,8 +342,58 @@ struct WorkspacePolicy {
     id: String,
     egress: Arc<RwLock<Egress>>,
     networks: Weak<Inner>,
+    /// The addresses its lookups of allowed names answered, by name, until when: a
+    /// connection that names one of them must be for one of its addresses (`sni.rs`).
+    names: Mutex<HashMap<String, HashMap<Ipv4Addr, Instant>>>,
     /// Refusals logged in the current minute: since when, how many.
     refusals: Mutex<(Instant, u32)>,
+}
+
+impl WorkspacePolicy {
+    /// Logs a refusal, at most `REFUSALS_LOGGED` a minute (then a count).
+    fn log_refusal(&self, what: &str, field: &str) {
+        let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(r.0) >= Duration::from_secs(60) {
+            if r.1 > REFUSALS_LOGGED {
+                info!(workspace_id = %self.id,
+                      "{} more lookups and connections refused by the egress rules in the last minute",
+                      r.1 - REFUSALS_LOGGED);
+            }
+            *r = (now, 0);
+        }
+        r.1 += 1;
+        if r.1 <= REFUSALS_LOGGED {
+            info!(workspace_id = %self.id, refused = %field, "{what}");
+        }
+    }
+}
+
+impl sni::Names for WorkspacePolicy {
+    fn agrees(&self, name: &str, addr: Ipv4Addr) -> std::result::Result<(), String> {
+        if self
+            .egress
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .judge_name(name)
+            != NameVerdict::Open
+        {
+            return Err("which the egress rules do not allow".into());
+        }
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match names.get(name).and_then(|a| a.get(&addr)) {
+            Some(until) if *until > now => Ok(()),
+            _ => Err(format!("whose lookups did not answer {addr}")),
+        }
+    }
+
+    fn refused(&self, to: std::net::SocketAddrV4, why: &str) {
+        self.log_refusal(
+            &format!("Refused a connection to {to}: {why}"),
+            &to.to_string(),
+        );
+    }
 }
 
 #[async_trait]
@@ -377,6 +435,17 @@ impl dns::Policy for WorkspacePolicy {
         for (addr, secs) in &addresses {
             map.insert(*addr, now + Duration::from_secs(*secs));
         }
+        if learnt == Learnt::Opened {
+            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            names.retain(|_, a| {
+                a.retain(|_, until| *until > now);
+                !a.is_empty()
+            });
+            let of = names.entry(name.to_owned()).or_default();
+            for (addr, secs) in &addresses {
+                of.insert(*addr, now + Duration::from_secs(*secs));
+            }
+        }
         map.retain(|_, until| *until > now);
         let script = nft::learn(&a.link, learnt, &addresses);
         if let Err(e) = blocking(move || link::nft(&script)).await {
@@ -385,21 +454,10 @@ impl dns::Policy for WorkspacePolicy {
     }
 
     fn refused(&self, name: &str) {
-        let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if now.duration_since(r.0) >= Duration::from_secs(60) {
-            if r.1 > REFUSALS_LOGGED {
-                info!(workspace_id = %self.id,
-                      "{} more DNS lookups refused by the egress rules in the last minute",
-                      r.1 - REFUSALS_LOGGED);
-            }
-            *r = (now, 0);
-        }
-        r.1 += 1;
-        if r.1 <= REFUSALS_LOGGED {
-            info!(workspace_id = %self.id, dns_name = %name,
-                  "Refused a DNS lookup of {name}: the egress rules do not allow it");
-        }
+        self.log_refusal(
+            &format!("Refused a DNS lookup of {name}: the egress rules do not allow it"),
+            name,
+        );
     }
 }
 

@@ -4,8 +4,10 @@
 //! - `guard` (prerouting, raw): a packet from a container must carry that container's own
 //!   address (`sources`); IPv6 from containers is dropped (they have IPv4 only).
 //! - `dns` (prerouting, dstnat): every query to port 53, wherever addressed, goes to the
-//!   service's resolver on the container's host end.
-//! - `to_host` (input): the host answers a container's DNS and nothing else, on any address.
+//!   service's resolver on the container's host end; a connection to port 80 or 443 of an
+//!   address an allowed name opened goes to the name check (`sni.rs`) there.
+//! - `to_host` (input): the host answers a container's DNS and name check, nothing else, on
+//!   any address.
 //! - `forward`: nothing starts a connection into a container (other containers included);
 //!   what a container starts is judged by its own chain `ws_<link>`: never the ranges of
 //!   `never` (loopback, link-local, multicast, the pool), not the private ranges, the rest.
@@ -34,6 +36,8 @@ pub const PRIVATE: [&str; 4] = [
 /// One running container's link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
+    /// The workspace's id: the prefix of what its refusals log.
+    pub id: String,
     /// The host end, `aw-<12 hex digits of the workspace id>`.
     pub link: String,
     /// The container's address.
@@ -79,6 +83,13 @@ pub fn learn(link: &str, learnt: Learnt, addresses: &[(Ipv4Addr, u64)]) -> Strin
     s
 }
 
+/// A container's chain of refusals: the first packet of a connection logged to the service
+/// (`nflog.rs`; at most 10 a minute after a burst of 5, so a scan costs nothing), then
+/// dropped.
+fn refuse_chain(link: &str) -> String {
+    format!("refuse_{}", link.trim_start_matches(LINK_PREFIX))
+}
+
 fn set_block(name: &str, elements: &[(Ipv4Addr, u64)]) -> String {
     let mut s = format!("\tset {name} {{\n\t\ttype ipv4_addr\n\t\tflags timeout\n");
     if !elements.is_empty() {
@@ -120,29 +131,27 @@ fn networks(rules: &[Destination]) -> Vec<String> {
 /// UDP to them are closed, what no name check could follow), then the rest (or nothing, when
 /// it allows only what it names).
 fn chain_rules(link: &str, egress: &Egress) -> Vec<String> {
-    let mut rules = vec!["ip daddr @never drop".to_owned()];
+    let refuse = format!("jump {}", refuse_chain(link));
+    let mut rules = vec![format!("ip daddr @never {refuse}")];
     let deny = networks(&egress.deny);
     if !deny.is_empty() {
-        rules.push(format!("ip daddr {{ {} }} drop", deny.join(", ")));
+        rules.push(format!("ip daddr {{ {} }} {refuse}", deny.join(", ")));
     }
-    rules.push(format!("ip daddr @{} drop", Learnt::Closed.set(link)));
+    rules.push(format!("ip daddr @{} {refuse}", Learnt::Closed.set(link)));
     let allow = networks(&egress.allow);
     if !allow.is_empty() {
         rules.push(format!("ip daddr {{ {} }} accept", allow.join(", ")));
     }
-    rules.push("ip daddr @private drop".to_owned());
+    rules.push(format!("ip daddr @private {refuse}"));
     rules.push(format!(
         "meta l4proto tcp ip daddr @{} accept",
         Learnt::Opened.set(link)
     ));
-    rules.push(
-        if egress.allow.is_empty() {
-            "accept"
-        } else {
-            "drop"
-        }
-        .to_owned(),
-    );
+    rules.push(if egress.allow.is_empty() {
+        "accept".to_owned()
+    } else {
+        refuse
+    });
     rules
 }
 
@@ -202,10 +211,11 @@ pub fn script(pool: Pool, members: &[Member]) -> String {
 \tchain dns {{
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tiifname {any} meta l4proto {{ tcp, udp }} th dport 53 redirect to :53
-\t}}
+{names}\t}}
 \tchain to_host {{
 \t\ttype filter hook input priority filter; policy accept;
 \t\tiifname {any} meta l4proto {{ tcp, udp }} th dport 53 accept
+\t\tiifname {any} tcp dport {sni} accept
 \t\tiifname {any} drop
 \t}}
 \tchain forward {{
@@ -221,10 +231,28 @@ pub fn script(pool: Pool, members: &[Member]) -> String {
 \t}}
 ",
         private = PRIVATE.join(", "),
+        sni = super::sni::PORT,
+        names = members
+            .iter()
+            .map(|m| format!(
+                "\t\tiifname \"{}\" ip daddr @{} tcp dport {{ 80, 443 }} redirect to :{}\n",
+                m.link,
+                Learnt::Opened.set(&m.link),
+                super::sni::PORT
+            ))
+            .collect::<String>(),
     );
     for m in members {
         s.push_str(&set_block(&Learnt::Opened.set(&m.link), &m.opened));
         s.push_str(&set_block(&Learnt::Closed.set(&m.link), &m.closed));
+        let _ = writeln!(
+            s,
+            "\tchain {} {{\n\t\tct state new limit rate 10/minute burst 5 packets log prefix \"{}{}\" group {}\n\t\tdrop\n\t}}",
+            refuse_chain(&m.link),
+            super::nflog::PREFIX,
+            m.id,
+            super::nflog::GROUP
+        );
         let _ = writeln!(s, "\tchain {} {{", chain_of(&m.link));
         for rule in chain_rules(&m.link, &m.egress) {
             let _ = writeln!(s, "\t\t{rule}");
@@ -251,6 +279,7 @@ mod tests {
 
     fn member(link: &str, last: u8, opened: Vec<(Ipv4Addr, u64)>) -> Member {
         Member {
+            id: "0f1e2d3c-4b5a-4987-8765-43210fedcba9".into(),
             link: link.into(),
             inside: Ipv4Addr::new(10, 213, 0, last),
             egress: Egress::default(),
@@ -283,7 +312,7 @@ mod tests {
         assert!(!s.contains("flush"), "{s}");
         assert!(
             s.contains(
-                "chain ws_0123456789ab {\n\t\tip daddr @never drop\n\t\tip daddr @closed_0123456789ab drop\n\t\tip daddr @private drop\n\t\tmeta l4proto tcp ip daddr @open_0123456789ab accept\n\t\taccept\n\t}"
+                "chain ws_0123456789ab {\n\t\tip daddr @never jump refuse_0123456789ab\n\t\tip daddr @closed_0123456789ab jump refuse_0123456789ab\n\t\tip daddr @private jump refuse_0123456789ab\n\t\tmeta l4proto tcp ip daddr @open_0123456789ab accept\n\t\taccept\n\t}"
             ),
             "{s}"
         );
@@ -296,6 +325,14 @@ mod tests {
         );
         assert!(
             s.contains("set closed_ba9876543210 {\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t}"),
+            "{s}"
+        );
+        assert!(
+            s.contains("chain refuse_ba9876543210 {\n\t\tct state new limit rate 10/minute burst 5 packets log prefix \"aw-refused 0f1e2d3c-4b5a-4987-8765-43210fedcba9\" group 3407\n\t\tdrop\n\t}"),
+            "{s}"
+        );
+        assert!(
+            s.contains("iifname \"aw-0123456789ab\" ip daddr @open_0123456789ab tcp dport { 80, 443 } redirect to :3129\n"),
             "{s}"
         );
         // Braces balance: the script is one table.
@@ -312,10 +349,10 @@ mod tests {
         assert_eq!(
             chain_rules("aw-x", &egress(&[], &["198.51.100.0/24", "203.0.113.7"])),
             [
-                "ip daddr @never drop",
-                "ip daddr { 198.51.100.0/24, 203.0.113.7/32 } drop",
-                "ip daddr @closed_x drop",
-                "ip daddr @private drop",
+                "ip daddr @never jump refuse_x",
+                "ip daddr { 198.51.100.0/24, 203.0.113.7/32 } jump refuse_x",
+                "ip daddr @closed_x jump refuse_x",
+                "ip daddr @private jump refuse_x",
                 "meta l4proto tcp ip daddr @open_x accept",
                 "accept"
             ]
@@ -327,18 +364,18 @@ mod tests {
                 &egress(&["10.9.0.0/16", "198.51.100.0/24"], &["198.51.100.128/25"])
             ),
             [
-                "ip daddr @never drop",
-                "ip daddr { 198.51.100.128/25 } drop",
-                "ip daddr @closed_x drop",
+                "ip daddr @never jump refuse_x",
+                "ip daddr { 198.51.100.128/25 } jump refuse_x",
+                "ip daddr @closed_x jump refuse_x",
                 "ip daddr { 10.9.0.0/16, 198.51.100.0/24 } accept",
-                "ip daddr @private drop",
+                "ip daddr @private jump refuse_x",
                 "meta l4proto tcp ip daddr @open_x accept",
-                "drop"
+                "jump refuse_x"
             ]
         );
         // Names alone still close what they do not name.
         let names = chain_rules("aw-x", &egress(&["example.com"], &[]));
-        assert_eq!(names.last().unwrap(), "drop");
+        assert_eq!(names.last().unwrap(), "jump refuse_x");
     }
 
     #[test]
