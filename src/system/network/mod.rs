@@ -415,9 +415,22 @@ impl dns::Policy for WorkspacePolicy {
             NameVerdict::Deny => Learnt::Closed,
             _ => return,
         };
+        // An address a deny rule names is never opened by a name (the name check would
+        // otherwise let it through ahead of the rule).
+        let egress = self
+            .egress
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let denied = |a: Ipv4Addr| {
+            egress.deny.iter().any(|d| match d {
+                crate::core::egress::Destination::Net { addr, prefix } => within(a, *addr, *prefix),
+                _ => false,
+            })
+        };
         let addresses: Vec<(Ipv4Addr, u64)> = addresses
             .into_iter()
-            .filter(|(a, _)| learnt == Learnt::Closed || public(pool, *a))
+            .filter(|(a, _)| learnt == Learnt::Closed || (public(pool, *a) && !denied(*a)))
             .map(|(a, ttl)| (a, u64::from(ttl).clamp(LEARNT_MIN, LEARNT_MAX)))
             .collect();
         if addresses.is_empty() {

@@ -235,9 +235,10 @@ pub fn script(pool: Pool, members: &[Member]) -> String {
         names = members
             .iter()
             .map(|m| format!(
-                "\t\tiifname \"{}\" ip daddr @{} tcp dport {{ 80, 443 }} redirect to :{}\n",
+                "\t\tiifname \"{}\" ip daddr @{} ip daddr != @{} tcp dport {{ 80, 443 }} redirect to :{}\n",
                 m.link,
                 Learnt::Opened.set(&m.link),
+                Learnt::Closed.set(&m.link),
                 super::sni::PORT
             ))
             .collect::<String>(),
@@ -332,7 +333,7 @@ mod tests {
             "{s}"
         );
         assert!(
-            s.contains("iifname \"aw-0123456789ab\" ip daddr @open_0123456789ab tcp dport { 80, 443 } redirect to :3129\n"),
+            s.contains("iifname \"aw-0123456789ab\" ip daddr @open_0123456789ab ip daddr != @closed_0123456789ab tcp dport { 80, 443 } redirect to :3129\n"),
             "{s}"
         );
         // Braces balance: the script is one table.
