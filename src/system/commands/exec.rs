@@ -24,6 +24,10 @@ use crate::system::commands::output::{DRAIN, READ_GRACE, collect_after_end, coll
 use crate::system::commands::pipes::Streams;
 use crate::system::commands::relay;
 
+/// The start of the error of a command its agent did not start (the connection lost, or no
+/// answer): nothing of it ran.
+pub const NOT_STARTED: &str = "Cannot run the command through the agent of workspace";
+
 /// The first line of a kept process's record when its terminal was made inside its container
 /// (`kept.rs` gives it its resizes again).
 pub(crate) const TERMINAL_INSIDE: &str = "terminal-inside";
@@ -266,11 +270,7 @@ async fn launch<'a>(
             mut request,
             workspace,
         } => {
-            let lost = |e: io::Error| {
-                Error::JobFailed(format!(
-                    "Cannot run the command through the agent of workspace '{workspace}': {e}"
-                ))
-            };
+            let lost = |e: io::Error| Error::JobFailed(format!("{NOT_STARTED} '{workspace}': {e}"));
             if let Some(cg) = cgroup {
                 let seen = cg.seen_by_agent().ok_or_else(|| {
                     lost(io::Error::other("its cgroup has no name the agent knows"))

@@ -18,6 +18,7 @@ pub mod layer;
 pub mod leader;
 mod networking;
 mod orphans;
+mod run;
 pub mod tree;
 mod units;
 
@@ -44,11 +45,12 @@ use crate::core::workspace::{Network, Workspace};
 use crate::system::commands::agent::AgentConnection;
 use crate::system::commands::cgroup::Containment;
 use crate::system::commands::exec::{
-    Command, Launch, agent_request, agent_terminal, run_contained,
+    Command, Launch, NOT_STARTED, agent_request, agent_terminal, run_contained,
 };
 use crate::system::network::Networks;
 use build::{BuildPlan, BuildResult};
 use leader::Leader;
+use run::{agent_connection, ended};
 use tree::Tree;
 
 /// The service's own files inside a container: `/.agent-workspaces/init`.
@@ -452,43 +454,39 @@ impl Containers for NspawnContainers {
         req: ExecRequest,
         cancel: CancellationToken,
     ) -> Result<ExecOutcome> {
-        let mut leader = self.leader(ws).await?;
-        let not_answering = |e: std::io::Error| {
-            Error::JobFailed(format!(
-                "The agent of workspace '{}' does not answer: {e} (StopWorkspace and StartWorkspace restart it)",
-                ws.name
-            ))
+        // A plain exec (its stdin bytes in, its output collected) that could not be started
+        // because the container was ending just then (its agent killed while a connection to
+        // it still looked open) is started once more, in the container started afresh:
+        // nothing of it ran.
+        let again = match (&req.io, &req.signals, &req.keep) {
+            (ExecIo::Collect { stdin }, None, None) => Some(ExecRequest {
+                workspace_id: req.workspace_id.clone(),
+                command: req.command.clone(),
+                env: req.env.clone(),
+                cwd: req.cwd.clone(),
+                io: ExecIo::Collect {
+                    stdin: stdin.clone(),
+                },
+                timeout: req.timeout,
+                output_cap: req.output_cap,
+                signals: None,
+                terminal: req.terminal,
+                keep: None,
+            }),
+            _ => None,
         };
-        let conn = match agent_connection(&leader).await {
-            Ok(conn) => conn,
-            // No one listens on the agent's socket: the agent is gone (killed, crashed), and
-            // the container with it. It is started again, once, and that is logged.
-            Err(e) if agent_gone(&e) => {
+        let (leader, outcome) = self.exec_once(ws, req, &cancel).await?;
+        match (outcome, again) {
+            (Err(Error::JobFailed(why)), Some(again))
+                if why.starts_with(NOT_STARTED) && ended(&leader).await =>
+            {
                 warn!(workspace_id = %ws.id, workspace_name = %ws.name,
-                      "The agent of workspace {} is gone ({e}); restarting its container", ws.name);
+                      "The container of workspace {} ended as a command was started ({why}); starting both again", ws.name);
                 self.stop(ws).await?;
-                leader = self.leader(ws).await?;
-                agent_connection(&leader).await.map_err(not_answering)?
+                self.exec_once(ws, again, &cancel).await?.1
             }
-            Err(e) => return Err(not_answering(e)),
-        };
-        // The working directory is resolved by the agent, inside the container.
-        let terminal = agent_terminal(req.terminal, &req.io);
-        let request = agent_request(req.command, &req.cwd, req.env, terminal);
-        let command = Command {
-            launch: Launch::Agent {
-                conn,
-                request,
-                workspace: &ws.name,
-            },
-            io: req.io,
-            timeout: req.timeout,
-            output_cap: req.output_cap,
-            signals: req.signals,
-            keep: req.keep,
-        };
-        let containment = Containment::Cgroup(leader.payload.clone());
-        run_contained(command, &containment, &cancel).await
+            (outcome, _) => outcome,
+        }
     }
 
     async fn connect_port(&self, ws: &Workspace, port: u16) -> Result<std::os::fd::OwnedFd> {
@@ -615,20 +613,6 @@ impl Containers for NspawnContainers {
         let _ = fs::remove_file(result);
         Ok(())
     }
-}
-
-/// A connection to the agent of the container whose leader this is.
-async fn agent_connection(leader: &Leader) -> std::io::Result<AgentConnection> {
-    AgentConnection::connect(leader.agent()?).await
-}
-
-/// Whether connecting to an agent failed because nothing listens there any more (its
-/// process or its whole container ended), rather than because of what is at its path.
-fn agent_gone(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNREFUSED | libc::ENOENT | libc::ESRCH)
-    )
 }
 
 /// The outcome a build unit left, if any.
