@@ -167,6 +167,25 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
         .await,
         "failed"
     );
+    // A resolver over HTTP(S) at an allowed name (DNS over HTTPS, in the shape that matters:
+    // the address comes from elsewhere than the service's DNS): it answers, and the address it
+    // gave stays closed.
+    let doh = fetch(
+        &m,
+        &name,
+        "http://allowed.far.test/resolve?name=other.far.test",
+    )
+    .await;
+    assert_eq!(doh, addr2, "the resolver over HTTP answered");
+    assert_eq!(
+        fetch(
+            &m,
+            &name,
+            &format!("-H 'Host: other.far.test' http://{doh}/")
+        )
+        .await,
+        "failed"
+    );
     // UDP (QUIC) to the allowed name's address: closed.
     let before = far.udp_seen.load(Ordering::SeqCst);
     inside(&m, &name, &format!("echo x > /dev/udp/{addr}/443; sleep 1")).await;

@@ -96,7 +96,7 @@ pub fn far_side() -> &'static Far {
                 }
             });
             for conn in listener.incoming().flatten() {
-                std::thread::spawn(move || serve_far(conn));
+                std::thread::spawn(move || serve_far(conn, (addr, addr2)));
             }
         });
         rx.recv().unwrap();
@@ -128,8 +128,10 @@ pub fn far_side() -> &'static Far {
     })
 }
 
-/// Answers one HTTP request with "far side" and the Host it named.
-fn serve_far(mut conn: TcpStream) {
+/// Answers one HTTP request with "far side" and the Host it named; `GET /resolve?name=NAME`
+/// with the address of a far side's name as a resolver over HTTP would (DNS over HTTPS, in
+/// the shape that matters here: an address the service's DNS never gave).
+fn serve_far(mut conn: TcpStream, far: (Ipv4Addr, Ipv4Addr)) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
@@ -145,7 +147,20 @@ fn serve_far(mut conn: TcpStream) {
         .find_map(|l| l.strip_prefix("Host: "))
         .unwrap_or("")
         .to_owned();
-    let body = format!("far side {host}\n");
+    let resolved = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|path| path.strip_prefix("/resolve?name="))
+        .and_then(|name| match name {
+            "allowed.far.test" => Some(far.0),
+            "other.far.test" | "denied.far.test" => Some(far.1),
+            _ => None,
+        });
+    let body = match resolved {
+        Some(a) => format!("{a}\n"),
+        None => format!("far side {host}\n"),
+    };
     let _ = write!(
         conn,
         "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
