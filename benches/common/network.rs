@@ -142,7 +142,6 @@ pub async fn figures(
         bare_starts.push(t.elapsed());
     }
     let bare_start = median(bare_starts);
-    m.destroy_workspace(&bare).await.expect("destroy");
     println!(
         "{:<48} {:>8.3} s   (median of 5)",
         "baseline: bare nspawn start (host network)", bare_start
@@ -159,7 +158,7 @@ pub async fn figures(
     let far = far_side();
     let script = probe(far);
     let (mut inside, mut outside) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..5 {
         let (code, out, err, ..) = m
             .exec(name, &script, HashMap::new())
             .await
@@ -178,21 +177,24 @@ pub async fn figures(
         x.sort_by(f64::total_cmp);
         x[x.len() / 2]
     };
+    m.destroy_workspace(&bare).await.expect("destroy");
     let (c_in, c_out) = (med(&inside, |p| p.0), med(&outside, |p| p.0));
+
     let (b_in, b_out) = (med(&inside, |p| p.1), med(&outside, |p| p.1));
     println!(
-        "{:<48} {:>8.3} ms   (the test host's own: {:.3} ms; median of 3 rounds of {})",
+        "{:<48} {:>8.3} ms   (the test host's own: {:.3} ms; median of 5 rounds of {}, in turn)",
         "connect to the far side, from a container",
         c_in * 1e3,
         c_out * 1e3,
         CONNECTS
     );
     println!(
-        "{:<48} {:>8.0} MiB/s (the test host's own: {:.0} MiB/s; {} MiB, median of 3)",
+        "{:<48} {:>8.0} MiB/s (the test host's own: {:.0} MiB/s; {} MiB, median of 5)",
         "download from the far side, in a container", b_in, b_out, BULK_MB
     );
     fig.set("far_connect_ms", c_in * 1e3);
     fig.set("far_connect_host_ms", c_out * 1e3);
+
     fig.set("far_download_mib_s", b_in);
     fig.set("far_download_host_mib_s", b_out);
     fig.ratio(
@@ -201,6 +203,7 @@ pub async fn figures(
         Bound::AtLeast(0.8),
         "(the test host's connect time over the container's)",
     );
+
     fig.ratio(
         "far_download_vs_host",
         b_in / b_out,
