@@ -149,24 +149,6 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
         fetch(&m, &name, &format!("http://{addr2}/")).await,
         "failed"
     );
-    // /etc/hosts pointing the allowed name at the other address: closed.
-    inside(
-        &m,
-        &name,
-        &format!("echo '{addr2} allowed.far.test' >> /etc/hosts"),
-    )
-    .await;
-    assert_eq!(fetch(&m, &name, "http://allowed.far.test/").await, "failed");
-    // The other address with the allowed name as Host (domain fronting by address): closed.
-    assert_eq!(
-        fetch(
-            &m,
-            &name,
-            &format!("-H 'Host: allowed.far.test' http://{addr2}/")
-        )
-        .await,
-        "failed"
-    );
     // A resolver over HTTP(S) at an allowed name (DNS over HTTPS, in the shape that matters:
     // the address comes from elsewhere than the service's DNS): it answers, and the address it
     // gave stays closed.
@@ -182,6 +164,24 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
             &m,
             &name,
             &format!("-H 'Host: other.far.test' http://{doh}/")
+        )
+        .await,
+        "failed"
+    );
+    // /etc/hosts pointing the allowed name at the other address: closed.
+    inside(
+        &m,
+        &name,
+        &format!("echo '{addr2} allowed.far.test' >> /etc/hosts"),
+    )
+    .await;
+    assert_eq!(fetch(&m, &name, "http://allowed.far.test/").await, "failed");
+    // The other address with the allowed name as Host (domain fronting by address): closed.
+    assert_eq!(
+        fetch(
+            &m,
+            &name,
+            &format!("-H 'Host: allowed.far.test' http://{addr2}/")
         )
         .await,
         "failed"
