@@ -348,14 +348,7 @@ async fn main() {
     fig.set("create_ready_s", create_ready);
     fig.set("create_first_exec_s", create_first);
     // The floor of a create: starting the container's unit on a tree already prepared.
-    let mut starts = Vec::new();
-    for _ in 0..5 {
-        m.stop_workspace(&name).await.expect("stop");
-        let t = Instant::now();
-        m.start_workspace(&name).await.expect("start");
-        starts.push(t.elapsed());
-    }
-    let start = median(starts);
+    let start = common::start_time(&m, &name).await;
     println!(
         "{:<48} {:>8.3} s   (median of 5)",
         "baseline: start the unit on a prepared tree", start

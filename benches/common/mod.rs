@@ -127,3 +127,18 @@ pub async fn wait_ready(conn: &zbus::Connection, path: zbus::OwnedObjectPath) {
         }
     }
 }
+
+/// How long starting a stopped container takes: the median of 5 stops and starts.
+pub async fn start_time(
+    m: &agent_workspaces::dbus::client::WorkspacesProxy<'_>,
+    name: &str,
+) -> f64 {
+    let mut starts = Vec::new();
+    for _ in 0..5 {
+        m.stop_workspace(name).await.expect("stop");
+        let t = std::time::Instant::now();
+        m.start_workspace(name).await.expect("start");
+        starts.push(t.elapsed());
+    }
+    timing::median(starts)
+}

@@ -6,11 +6,10 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::time::Instant;
 
 use agent_workspaces::dbus::client::WorkspacesProxy;
 
-use super::timing::{Bound, Figures, median};
+use super::timing::{Bound, Figures};
 use super::wait_ready;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -134,14 +133,7 @@ pub async fn figures(
         ("build_on_create", zbus::Variant::from(true)),
     ]);
     wait_ready(conn, m.create_workspace(bare_spec).await.expect("create")).await;
-    let mut bare_starts = Vec::new();
-    for _ in 0..5 {
-        m.stop_workspace(&bare).await.expect("stop");
-        let t = Instant::now();
-        m.start_workspace(&bare).await.expect("start");
-        bare_starts.push(t.elapsed());
-    }
-    let bare_start = median(bare_starts);
+    let bare_start = super::start_time(m, &bare).await;
     println!(
         "{:<48} {:>8.3} s   (median of 5)",
         "baseline: bare nspawn start (host network)", bare_start

@@ -9,8 +9,23 @@ use std::time::Duration;
 
 use zbus::Variant;
 
+use agent_workspaces::dbus::client::WorkspacesProxy;
+
 use super::far::*;
 use super::*;
+
+/// Gives workspace `name` these egress rules (both lists replaced).
+async fn set_rules(m: &WorkspacesProxy<'_>, name: &str, allow: &[&str], deny: &[&str]) {
+    m.update_workspace(
+        name,
+        spec(vec![
+            ("egress_allow", Variant::from(allow.to_vec())),
+            ("egress_deny", Variant::from(deny.to_vec())),
+        ]),
+    )
+    .await
+    .unwrap();
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_rules_by_network_change_a_running_container_at_once() {
@@ -25,29 +40,14 @@ async fn egress_rules_by_network_change_a_running_container_at_once() {
     let far_net = format!("{}/24", Ipv4Addr::from(u32::from(far.addr) & !0xff));
     assert!(opens(&m, &name, &far_addr, 80).await);
     assert!(opens(&m, &name, mirror, 80).await);
-    let set = |allow: Vec<String>, deny: Vec<String>| {
-        let m = m.clone();
-        let name = name.clone();
-        async move {
-            m.update_workspace(
-                &name,
-                spec(vec![
-                    ("egress_allow", Variant::from(allow)),
-                    ("egress_deny", Variant::from(deny)),
-                ]),
-            )
-            .await
-            .unwrap()
-        }
-    };
     // Deny the far side's address: gone at once, the mirror still there.
-    set(vec![], vec![far_addr.clone()]).await;
+    set_rules(&m, &name, &[], &[&far_addr]).await;
     let ws = workspace(&conn, &m.get_workspace(&name).await.unwrap()).await;
     assert_eq!(ws.egress_deny().await.unwrap(), [format!("{far_addr}/32")]);
     assert!(!opens(&m, &name, &far_addr, 80).await);
     assert!(opens(&m, &name, mirror, 80).await);
     // Allow only the far side's network: the far side back, the mirror gone.
-    set(vec![far_net.clone()], vec![]).await;
+    set_rules(&m, &name, &[&far_net], &[]).await;
     assert!(opens(&m, &name, &far_addr, 80).await);
     assert!(!opens(&m, &name, mirror, 80).await);
     // The rules outlive a restart of the service, and a stop and start of the container.
@@ -58,7 +58,7 @@ async fn egress_rules_by_network_change_a_running_container_at_once() {
     assert!(!opens(&m, &name, mirror, 80).await);
     assert!(opens(&m, &name, &far_addr, 80).await);
     // No rules: everything public again.
-    set(vec![], vec![]).await;
+    set_rules(&m, &name, &[], &[]).await;
     assert!(opens(&m, &name, mirror, 80).await);
     m.destroy_workspace(&name).await.unwrap();
 }
@@ -76,22 +76,6 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
         .id()
         .await
         .unwrap();
-    let set = |allow: &[&str], deny: &[&str]| {
-        let (m, name) = (m.clone(), name.clone());
-        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
-        let deny: Vec<String> = deny.iter().map(|s| s.to_string()).collect();
-        async move {
-            m.update_workspace(
-                &name,
-                spec(vec![
-                    ("egress_allow", Variant::from(allow)),
-                    ("egress_deny", Variant::from(deny)),
-                ]),
-            )
-            .await
-            .unwrap()
-        }
-    };
     let (addr, addr2) = (far.addr.to_string(), far.addr2.to_string());
     // Without rules the far side's names resolve and both addresses answer; UDP arrives.
     assert_eq!(
@@ -105,7 +89,7 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
     });
 
     // Only allowed.far.test: its lookup opens its address, for TCP only.
-    set(&["allowed.far.test"], &[]).await;
+    set_rules(&m, &name, &["allowed.far.test"], &[]).await;
     assert_eq!(
         fetch(&m, &name, "http://allowed.far.test/").await,
         "far side allowed.far.test"
@@ -200,7 +184,7 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
     ));
     assert_ne!(own.code, 0, "{own:?}");
     // DNS rebinding: an allowed name answered with a private address opens nothing.
-    set(&["allowed.far.test", "rebind.far.test"], &[]).await;
+    set_rules(&m, &name, &["allowed.far.test", "rebind.far.test"], &[]).await;
     inside(&m, &name, "getent hosts rebind.far.test || true").await;
     let learnt = ok(&format!(
         "nft list set inet agent_workspaces open_{}",
@@ -233,7 +217,7 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
 
     // Two allowed names: each is reached on its own addresses only.
     inside(&m, &name, "sed -i '/far.test/d' /etc/hosts").await;
-    set(&["allowed.far.test", "other.far.test"], &[]).await;
+    set_rules(&m, &name, &["allowed.far.test", "other.far.test"], &[]).await;
     assert_eq!(
         fetch(&m, &name, "http://other.far.test/").await,
         "far side other.far.test"
@@ -253,7 +237,7 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
     );
     // A wildcard, changed on the running container at once.
     inside(&m, &name, "sed -i '/far.test/d' /etc/hosts").await;
-    set(&["*.far.test"], &[]).await;
+    set_rules(&m, &name, &["*.far.test"], &[]).await;
     assert_eq!(
         fetch(&m, &name, "http://other.far.test/").await,
         "far side other.far.test"
@@ -264,7 +248,7 @@ async fn egress_rules_by_name_hold_against_the_tricks_of_a_hostile_agent() {
     );
 
     // A denied name in an otherwise open policy: refused, and its address closed.
-    set(&[], &["denied.far.test"]).await;
+    set_rules(&m, &name, &[], &["denied.far.test"]).await;
     assert_eq!(fetch(&m, &name, "http://denied.far.test/").await, "failed");
     assert_eq!(
         fetch(&m, &name, &format!("http://{addr2}/")).await,

@@ -71,45 +71,12 @@ async fn two_hundred_fifty_six_commands_at_once_all_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_builds_at_once_all_reach_ready() {
     require_test_host();
-    let config = "/etc/agent-workspaces/config.toml";
-    let original = std::fs::read_to_string(config).unwrap_or_default();
-    std::fs::write(
-        config,
-        original.replace("[container]\n", "[container]\nmax_concurrent_builds = 20\n"),
-    )
-    .unwrap();
-    systemctl(&format!("reload {UNIT}"));
     let conn = bus().await;
+    let names = ready_containers_at_once(&conn, "many", 20).await;
     let m = manager(&conn).await;
-    let names: Vec<String> = (0..20).map(|i| unique(&format!("many-{i}"))).collect();
-    let creates = names.iter().map(|name| {
-        let m = m.clone();
-        async move {
-            m.create_workspace(container_spec(
-                name,
-                vec![("build_on_create", Variant::from(true))],
-            ))
-            .await
-        }
-    });
-    for r in futures_util::future::join_all(creates).await {
-        r.unwrap();
-    }
-    for name in &names {
-        let status = wait_built(&conn, name, Duration::from_secs(900)).await;
-        let ws = workspace(&conn, &m.get_workspace(name).await.unwrap()).await;
-        assert_eq!(
-            status,
-            "ready",
-            "{name}: {}",
-            ws.error_message().await.unwrap()
-        );
-    }
     for name in &names {
         m.destroy_workspace(name).await.unwrap();
     }
-    std::fs::write(config, original).unwrap();
-    systemctl(&format!("reload {UNIT}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

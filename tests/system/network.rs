@@ -217,42 +217,14 @@ async fn private_and_host_networks_are_as_they_were() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_containers_with_networks_at_once_have_fifty_addresses() {
     require_test_host();
-    let config = "/etc/agent-workspaces/config.toml";
-    let original = std::fs::read_to_string(config).unwrap_or_default();
-    std::fs::write(
-        config,
-        original.replace("[container]\n", "[container]\nmax_concurrent_builds = 50\n"),
-    )
-    .unwrap();
-    systemctl(&format!("reload {UNIT}"));
     let conn = bus().await;
     let m = manager(&conn).await;
-    let names: Vec<String> = (0..50).map(|i| unique(&format!("net50-{i}"))).collect();
-    let creates = names.iter().map(|name| {
-        let m = m.clone();
-        async move {
-            m.create_workspace(container_spec(
-                name,
-                vec![("build_on_create", Variant::from(true))],
-            ))
-            .await
-        }
-    });
-    for r in futures_util::future::join_all(creates).await {
-        r.unwrap();
-    }
+    let names = ready_containers_at_once(&conn, "net50", 50).await;
     let mut addresses = Vec::new();
     let mut ids = Vec::new();
     for name in &names {
-        let status = wait_built(&conn, name, Duration::from_secs(900)).await;
-        let ws = workspace(&conn, &m.get_workspace(name).await.unwrap()).await;
-        assert_eq!(
-            status,
-            "ready",
-            "{name}: {}",
-            ws.error_message().await.unwrap()
-        );
         addresses.push(inside(&m, name, "hostname -I").await.trim().to_owned());
+        let ws = workspace(&conn, &m.get_workspace(name).await.unwrap()).await;
         ids.push(ws.id().await.unwrap());
     }
     let mut unique_addresses = addresses.clone();
@@ -278,6 +250,4 @@ async fn fifty_containers_with_networks_at_once_have_fifty_addresses() {
     for id in &ids {
         assert!(!links.contains(&link_of(id)), "{links}");
     }
-    std::fs::write(config, original).unwrap();
-    systemctl(&format!("reload {UNIT}"));
 }

@@ -259,3 +259,53 @@ pub fn write_library() -> std::path::PathBuf {
     std::fs::write(root.join("workspace-template/broken.json"), "{\"name\": ").unwrap();
     root
 }
+
+/// `count` debian-bookworm containers created at once and built (`max_concurrent_builds`
+/// raised to `count` meanwhile, then put back); each must reach ready. Their names.
+pub async fn ready_containers_at_once(
+    conn: &zbus::Connection,
+    prefix: &str,
+    count: usize,
+) -> Vec<String> {
+    let config = "/etc/agent-workspaces/config.toml";
+    let original = std::fs::read_to_string(config).unwrap_or_default();
+    std::fs::write(
+        config,
+        original.replace(
+            "[container]\n",
+            &format!("[container]\nmax_concurrent_builds = {count}\n"),
+        ),
+    )
+    .unwrap();
+    systemctl(&format!("reload {UNIT}"));
+    let m = manager(conn).await;
+    let names: Vec<String> = (0..count)
+        .map(|i| unique(&format!("{prefix}-{i}")))
+        .collect();
+    let creates = names.iter().map(|name| {
+        let m = m.clone();
+        async move {
+            m.create_workspace(container_spec(
+                name,
+                vec![("build_on_create", Variant::from(true))],
+            ))
+            .await
+        }
+    });
+    for r in futures_util::future::join_all(creates).await {
+        r.unwrap();
+    }
+    for name in &names {
+        let status = wait_built(conn, name, Duration::from_secs(900)).await;
+        let ws = workspace(conn, &m.get_workspace(name).await.unwrap()).await;
+        assert_eq!(
+            status,
+            "ready",
+            "{name}: {}",
+            ws.error_message().await.unwrap()
+        );
+    }
+    std::fs::write(config, original).unwrap();
+    systemctl(&format!("reload {UNIT}"));
+    names
+}
