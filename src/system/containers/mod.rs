@@ -59,6 +59,9 @@ const OWN_DIR: &str = ".agent-workspaces";
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent binary, next to the service's own.
 pub const AGENT_FILE: &str = "agent-workspaces-agent";
+/// The most stdin a plain exec may have to be started again after its container ended as
+/// it began (`exec`).
+const RETRY_STDIN_MAX: usize = 64 * 1024;
 /// The cached leader of one container; its lock makes lookups single-flight.
 type LeaderSlot = Arc<tokio::sync::Mutex<Option<Arc<Leader>>>>;
 
@@ -457,22 +460,25 @@ impl Containers for NspawnContainers {
         // A plain exec (its stdin bytes in, its output collected) that could not be started
         // because the container was ending just then (its agent killed while a connection to
         // it still looked open) is started once more, in the container started afresh:
-        // nothing of it ran.
+        // nothing of it ran. (Kept for the retry: a copy of the request, so not for a large
+        // stdin, which every exec would pay for.)
         let again = match (&req.io, &req.signals, &req.keep) {
-            (ExecIo::Collect { stdin }, None, None) => Some(ExecRequest {
-                workspace_id: req.workspace_id.clone(),
-                command: req.command.clone(),
-                env: req.env.clone(),
-                cwd: req.cwd.clone(),
-                io: ExecIo::Collect {
-                    stdin: stdin.clone(),
-                },
-                timeout: req.timeout,
-                output_cap: req.output_cap,
-                signals: None,
-                terminal: req.terminal,
-                keep: None,
-            }),
+            (ExecIo::Collect { stdin }, None, None) if stdin.len() <= RETRY_STDIN_MAX => {
+                Some(ExecRequest {
+                    workspace_id: req.workspace_id.clone(),
+                    command: req.command.clone(),
+                    env: req.env.clone(),
+                    cwd: req.cwd.clone(),
+                    io: ExecIo::Collect {
+                        stdin: stdin.clone(),
+                    },
+                    timeout: req.timeout,
+                    output_cap: req.output_cap,
+                    signals: None,
+                    terminal: req.terminal,
+                    keep: None,
+                })
+            }
             _ => None,
         };
         let (leader, outcome) = self.exec_once(ws, req, &cancel).await?;
