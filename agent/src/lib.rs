@@ -27,6 +27,8 @@
 //! before anything is allocated, and nothing panics on malformed input.
 
 pub mod direct;
+pub mod files;
+pub mod fileserve;
 pub mod spawn;
 pub mod workdir;
 
@@ -122,6 +124,8 @@ pub struct ConnectRequest {
 pub enum Request {
     Exec(ExecRequest),
     Connect(ConnectRequest),
+    /// A workspace's files (`files`).
+    File(files::FileRequest),
 }
 
 impl Request {
@@ -129,6 +133,7 @@ impl Request {
     pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
         match frame.first() {
             Some(&KIND_CONNECT) => ConnectRequest::decode(frame).map(Request::Connect),
+            Some(&files::KIND_FILE) => files::FileRequest::decode(frame).map(Request::File),
             _ => ExecRequest::decode(frame).map(Request::Exec),
         }
     }
@@ -228,6 +233,10 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, DecodeError> {
         let b = self.take(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
     fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.u32()? as usize;

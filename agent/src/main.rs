@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use agent_workspaces_agent::{
     IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REQUEST, NEXT, RefuseReason, Reply, Request, SOCKET,
-    Terminal, direct, frame_len, recv_with_fds, send_with_fds, spawn,
+    Terminal, direct, fileserve, frame_len, recv_with_fds, send_with_fds, spawn,
 };
 
 mod join;
@@ -227,6 +227,8 @@ fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_
             connect(conn, c.port);
             return false;
         }
+        // The workspace's files, in this agent's own view of them.
+        Request::File(f) => return fileserve::serve(conn, f, fds),
     };
     let Ok::<[OwnedFd; 3], _>([stdin, stdout, stderr]) = fds.try_into() else {
         refuse(

@@ -11,6 +11,9 @@ use agent_workspaces_agent::{
     ExecRequest, MAX_REPLY, RefuseReason, Reply, Terminal, frame_len, send_with_fds,
 };
 
+#[path = "agent/files.rs"]
+mod files;
+
 struct Agent {
     child: Child,
     socket: PathBuf,
