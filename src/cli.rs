@@ -286,6 +286,73 @@ pub mod workspacectl {
         },
         /// Copy the workspace's skills and tools from the Library again.
         Sync { workspace: String },
+        /// Copy files between this machine and a workspace, as `docker cp` and `machinectl
+        /// copy-to` do: one of SRC and DEST is WORKSPACE:PATH, the other a local path. A
+        /// directory is copied with everything in it (into DEST when DEST is a directory that
+        /// exists, as DEST otherwise). PATH is absolute, or relative to the workspace's
+        /// directory.
+        Cp {
+            src: String,
+            dest: String,
+            #[command(flatten)]
+            who: FileUser,
+        },
+        /// List a directory of a workspace.
+        Ls {
+            workspace: String,
+            #[arg(default_value = ".")]
+            path: String,
+            /// Levels below the directory (1 to 64).
+            #[arg(short = 'd', long, default_value_t = 1)]
+            depth: u32,
+            #[command(flatten)]
+            who: FileUser,
+        },
+        /// Print a file of a workspace.
+        Cat {
+            workspace: String,
+            path: String,
+            #[command(flatten)]
+            who: FileUser,
+        },
+        /// Remove a file (or, with -r, a directory and everything in it) from a workspace.
+        Rm {
+            workspace: String,
+            path: String,
+            #[arg(short = 'r', long)]
+            recursive: bool,
+            #[command(flatten)]
+            who: FileUser,
+        },
+        /// Make a directory in a workspace.
+        Mkdir {
+            workspace: String,
+            path: String,
+            /// Make missing parents; one that exists is no error.
+            #[arg(short = 'p', long)]
+            parents: bool,
+            #[command(flatten)]
+            who: FileUser,
+        },
+        /// Move (rename) a file or directory in a workspace.
+        Mv {
+            workspace: String,
+            from: String,
+            to: String,
+            /// Replace what is at TO.
+            #[arg(short = 'f', long)]
+            force: bool,
+            #[command(flatten)]
+            who: FileUser,
+        },
+        /// Print the changes below a path of a workspace as lines of JSON until interrupted.
+        Watch {
+            workspace: String,
+            #[arg(default_value = ".")]
+            path: String,
+            #[command(flatten)]
+            who: FileUser,
+        },
         /// List the Library's skills and tools.
         Library,
         /// List the Library's templates.
@@ -311,6 +378,18 @@ pub mod workspacectl {
         /// File holding the init script (containers).
         #[arg(long, value_name = "FILE")]
         pub init_script: Option<PathBuf>,
+    }
+
+    /// Whose files: who a file command acts as in the workspace.
+    #[derive(clap::Args, Default, Clone)]
+    pub struct FileUser {
+        /// Act as this user of the workspace (a name or a number): permissions are checked as
+        /// them, and what is made is theirs.
+        #[arg(long)]
+        pub user: Option<String>,
+        /// Act with this group.
+        #[arg(long)]
+        pub group: Option<String>,
     }
 
     /// Where and with what a command runs: `exec`, `run` and `shell` take the same options.

@@ -49,12 +49,14 @@ class ApiError extends Error {
 
 function token() { return sessionStorage.getItem(TOKEN_KEY); }
 
-async function api(method, path, body, extraHeaders) {
-  const headers = { Authorization: `Bearer ${token()}`, ...(extraHeaders || {}) };
-  if (body !== undefined) headers['Content-Type'] = 'application/json';
+/**
+ * A request with the token: the response when it succeeded, else an ApiError with the API's code
+ * and message. `body` goes as it is (a string, a Blob or File, nothing).
+ */
+async function apiFetch(method, path, body, headers) {
   let res;
   try {
-    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    res = await fetch(path, { method, headers: { Authorization: `Bearer ${token()}`, ...(headers || {}) }, body });
   } catch (e) {
     throw new ApiError(0, 'unreachable', `The dashboard cannot reach the bridge: ${e.message}`);
   }
@@ -66,16 +68,23 @@ async function api(method, path, body, extraHeaders) {
     }
     throw new ApiError(401, 'unauthorized', 'The API token was refused; sign in again.');
   }
-  if (extraHeaders && extraHeaders.Accept === 'text/event-stream' && res.ok) return res;
-  if (res.status === 204) return null;
+  if (res.ok) return res;
   const text = await res.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
-  if (!res.ok) {
-    const err = (data && data.error) || {};
-    throw new ApiError(res.status, err.code || 'error', err.message || `HTTP ${res.status}`, err.field);
-  }
-  return data;
+  const err = (data && data.error) || {};
+  throw new ApiError(res.status, err.code || 'error', err.message || `HTTP ${res.status}`, err.field);
+}
+
+/** A JSON request: the parsed answer (null for none), or the response itself for an event stream. */
+async function api(method, path, body, extraHeaders) {
+  const headers = { ...(extraHeaders || {}) };
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const res = await apiFetch(method, path, body === undefined ? undefined : JSON.stringify(body), headers);
+  if (extraHeaders && extraHeaders.Accept === 'text/event-stream') return res;
+  if (res.status === 204) return null;
+  const text = await res.text();
+  try { return text ? JSON.parse(text) : null; } catch (_) { return null; }
 }
 
 // ---- routing -----------------------------------------------------------------------------
@@ -458,6 +467,297 @@ async function runCommand(id, command, out) {
   }
 }
 
+// ---- files -------------------------------------------------------------------------------
+
+const VIEW_MAX = 1024 * 1024; // a text file up to this size is shown in the page; larger ones are downloaded
+
+/** A size in bytes, the way people read it: 512 B, 1.5 KiB, 12 MiB. */
+function formatSize(n) {
+  if (n < 1024) return `${n} B`;
+  const units = ['KiB', 'MiB', 'GiB', 'TiB'];
+  let v = n;
+  let i = -1;
+  do { v /= 1024; i += 1; } while (v >= 1024 && i < units.length - 1);
+  return `${v < 10 ? v.toFixed(1) : Math.round(v)} ${units[i]}`;
+}
+
+/** The text of bytes that are UTF-8 with no NUL byte; null for anything else (binary). */
+function asText(bytes) {
+  let text;
+  try { text = new TextDecoder('utf-8', { fatal: true }).decode(bytes); } catch (_) { return null; }
+  return text.includes('\0') ? null : text;
+}
+
+/** Hands bytes to the browser as a download named `name`, as a link with `download` does. */
+function saveBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const a = h('a', { href: url, download: name, hidden: true });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  // Revoked a while later: the browser reads the blob after the click.
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+}
+
+/**
+ * The workspace page's file browser: a folder's entries (folders first), a text file shown in the
+ * page, downloads (a folder as a .tar.gz), uploads by picking or dropping files, deletion after a
+ * confirmation. Paths are relative to the workspace directory ('.'). The bytes go through fetch
+ * with the token: a plain link cannot send it. The page shows `section`, calls `setReady` with
+ * each refresh (the files can be reached once the workspace is ready) and `close` on leaving.
+ */
+function fileBrowser(base, token) {
+  let parts = []; // the folder shown: names below the workspace directory
+  let ready = null;
+  let loads = 0; // increases with each listing asked for; an answer to an older one is dropped
+  let viewPath = null; // the file the viewer shows
+  let viewUrl = null; // the object URL it offers as a download, revoked when it closes
+  const pathOf = (p) => (p.length ? p.join('/') : '.');
+  const join = (name) => (parts.length ? `${pathOf(parts)}/${name}` : name);
+  const query = (params) => new URLSearchParams(params).toString();
+  const TYPES = { dir: 'folder', file: 'file', symlink: 'link', other: 'other' };
+
+  const error = h('div');
+  const status = h('p', { class: 'note', role: 'status' });
+  const crumbs = h('ol');
+  const body = h('tbody');
+  const table = h('table', { id: 'file-list', 'aria-label': 'Folder contents', tabindex: '-1' },
+    h('thead', {}, h('tr', {}, ['Name', 'Type', 'Size', 'Modified', 'Actions']
+      .map((t) => h('th', { scope: 'col' }, t)))),
+    body);
+  const empty = h('p', { class: 'note', hidden: true }, 'This folder is empty.');
+  const truncated = h('p', { class: 'note', hidden: true }, 'The folder has more entries than are listed here.');
+  const zone = h('div', { class: 'dropzone' }, table, empty, truncated,
+    h('p', { class: 'hint' }, 'Drop files here to upload them into this folder.'));
+  const input = h('input', { type: 'file', id: 'file-upload', multiple: true, hidden: true,
+    'aria-label': 'Files to upload' });
+  const up = h('button', { type: 'button', disabled: true, onclick: () => go(parts.slice(0, -1)) }, 'Up');
+  const view = h('div', { id: 'file-view', class: 'panel file-view', hidden: true });
+  const note = h('p', { class: 'note' }, 'The files can be browsed once the workspace is ready.');
+  const content = h('div', { hidden: true },
+    h('div', { class: 'toolbar files-bar' },
+      h('nav', { class: 'crumbs', 'aria-label': 'Folder' }, crumbs),
+      up,
+      h('button', { type: 'button', onclick: () => act(() => load()) }, 'Refresh'),
+      h('button', { type: 'button',
+        onclick: () => act(() => saveArchive(pathOf(parts), parts[parts.length - 1] || 'workspace')) },
+      'Download folder'),
+      h('button', { type: 'button', class: 'primary', onclick: () => input.click() }, 'Upload'),
+      input),
+    status, zone, view);
+  const section = h('section', { id: 'files', 'aria-labelledby': 'files-heading' },
+    h('h2', { id: 'files-heading' }, 'Files'), error, note, content);
+
+  // Each user action: its error shown above the browser, the last one's cleared.
+  const act = async (fn) => {
+    error.replaceChildren();
+    status.textContent = '';
+    try {
+      await fn();
+    } catch (err) {
+      if (token === pageToken) showError(error, err);
+    }
+  };
+
+  const closeView = () => {
+    if (viewUrl) URL.revokeObjectURL(viewUrl);
+    viewUrl = null;
+    viewPath = null;
+    view.hidden = true;
+    view.replaceChildren();
+  };
+  const showView = (path, ...children) => {
+    closeView();
+    const title = h('h3', { tabindex: '-1' }, path);
+    view.append(h('div', { class: 'toolbar' }, title,
+      h('button', { type: 'button', onclick: closeView }, 'Close')), ...children);
+    view.hidden = false;
+    viewPath = path;
+    title.focus();
+  };
+
+  const renderCrumbs = () => {
+    const here = parts;
+    crumbs.replaceChildren(...['workspace', ...here].map((label, i) => h('li', {},
+      i === here.length ? h('span', { 'aria-current': 'location' }, label)
+        : h('button', { type: 'button', class: 'link', onclick: () => go(here.slice(0, i)) }, label))));
+    up.disabled = here.length === 0;
+  };
+
+  const row = (e) => {
+    const isDir = e.type === 'dir';
+    const opens = e.type !== 'other'; // a socket or a device has nothing to show or download
+    return h('tr', { 'data-name': e.name },
+      h('td', {}, opens
+        ? h('button', { type: 'button', class: isDir ? 'link dir' : 'link',
+          onclick: () => (isDir ? go([...parts, e.name]) : act(() => open(e))) }, e.name)
+        : e.name),
+      h('td', {}, e.type === 'symlink' && e.target ? `link → ${e.target}` : TYPES[e.type] || e.type),
+      h('td', {}, isDir ? '—' : formatSize(e.size)),
+      h('td', {}, e.mtime_usec ? new Date(e.mtime_usec / 1000).toLocaleString() : '—'),
+      h('td', { class: 'actions' },
+        opens ? h('button', { type: 'button', 'aria-label': `Download ${e.name}`,
+          onclick: () => act(() => download(e)) }, 'Download') : null,
+        h('button', { type: 'button', class: 'danger', 'aria-label': `Delete ${e.name}`,
+          onclick: () => act(() => remove(e)) }, 'Delete')));
+  };
+
+  /** Lists the folder `target` (the one shown, unless given), which is then the one shown. */
+  const load = async (target = parts, focus = false) => {
+    const seq = ++loads;
+    const res = await api('GET', `${base}/files/list?${query({ path: pathOf(target), depth: '1' })}`);
+    if (token !== pageToken || seq !== loads) return;
+    if (target !== parts) closeView();
+    parts = target;
+    renderCrumbs();
+    const entries = [...res.entries].sort((a, b) => ((a.type === 'dir') !== (b.type === 'dir')
+      ? (a.type === 'dir' ? -1 : 1) : a.name.localeCompare(b.name)));
+    body.replaceChildren(...entries.map(row));
+    empty.hidden = entries.length > 0;
+    truncated.hidden = !res.truncated;
+    if (focus) table.focus();
+  };
+  const go = (target) => act(async () => {
+    await load(target, true);
+    announce(`Folder ${pathOf(target)}`);
+  });
+
+  const saveArchive = async (path, name) => {
+    status.textContent = `Preparing ${name}.tar.gz…`;
+    const res = await apiFetch('GET', `${base}/archive?${query({ path, gzip: 'true' })}`);
+    saveBlob(await res.blob(), `${name}.tar.gz`);
+    status.textContent = '';
+    announce(`Downloaded ${name}.tar.gz`);
+  };
+  const download = async (e) => {
+    const path = join(e.name);
+    if (e.type === 'dir') { await saveArchive(path, e.name); return; }
+    let res;
+    try {
+      res = await apiFetch('GET', `${base}/files?${query({ path })}`);
+    } catch (err) {
+      if (err.code !== 'is_a_directory') throw err;
+      await saveArchive(path, e.name); // a link to a folder
+      return;
+    }
+    saveBlob(await res.blob(), e.name);
+    announce(`Downloaded ${e.name}`);
+  };
+
+  /** Shows a file: its text if it is UTF-8 text of at most VIEW_MAX bytes, else a download. */
+  const open = async (e) => {
+    const path = join(e.name);
+    if (e.type === 'file' && e.size > VIEW_MAX) {
+      showView(path, h('p', {}, `${e.name} is ${formatSize(e.size)}, too large to show here.`),
+        h('button', { type: 'button', onclick: () => act(() => download(e)) }, `Download ${e.name}`));
+      return;
+    }
+    let res;
+    try {
+      res = await apiFetch('GET', `${base}/files?${query({ path })}`);
+    } catch (err) {
+      if (err.code !== 'is_a_directory') throw err;
+      await go([...parts, e.name]); // a link to a folder: into it
+      return;
+    }
+    const blob = await res.blob();
+    if (token !== pageToken) return;
+    const text = blob.size <= VIEW_MAX ? asText(new Uint8Array(await blob.arrayBuffer())) : null;
+    if (text === '') {
+      showView(path, h('p', { class: 'note' }, 'The file is empty.'));
+    } else if (text !== null) {
+      // A named, focusable region, so that a long file can be scrolled by keyboard.
+      showView(path, h('pre', { id: 'file-content', role: 'region', 'aria-label': `Contents of ${path}`,
+        tabindex: '0' }, text));
+    } else {
+      const url = URL.createObjectURL(blob);
+      showView(path, h('p', {}, blob.size > VIEW_MAX ? `${e.name} is ${formatSize(blob.size)}, too large to show here.`
+        : `${e.name} is not text.`),
+      h('a', { class: 'button', href: url, download: e.name }, `Download ${e.name}`));
+      viewUrl = url;
+    }
+  };
+
+  const remove = async (e) => {
+    const isDir = e.type === 'dir';
+    const question = isDir ? `Delete the folder ${e.name} and everything in it?` : `Delete ${e.name}?`;
+    if (!(await confirmDialog(question, 'Delete'))) return;
+    const path = join(e.name);
+    await apiFetch('DELETE', `${base}/files?${query(isDir ? { path, recursive: 'true' } : { path })}`);
+    if (viewPath && (viewPath === path || viewPath.startsWith(`${path}/`))) closeView();
+    announce(`Deleted ${e.name}`);
+    await load(parts, true);
+  };
+
+  /** Uploads files, one after the other, into the folder shown when they were picked. */
+  const upload = (files) => act(async () => {
+    const into = parts;
+    let done = 0;
+    let failure = null;
+    for (const f of files) {
+      status.textContent = `Uploading ${f.name} (${done + 1} of ${files.length})…`;
+      const path = into.length ? `${pathOf(into)}/${f.name}` : f.name;
+      try {
+        await apiFetch('PUT', `${base}/files?${query({ path, create_parents: 'true' })}`, f,
+          { 'Content-Type': 'application/octet-stream' });
+      } catch (err) {
+        failure = new ApiError(err.status, err.code, `${f.name}: ${err.message}`);
+        break;
+      }
+      done += 1;
+    }
+    // Said by the status line (a live region), as was each file's progress.
+    if (!done) status.textContent = '';
+    else if (done === files.length) status.textContent = `Uploaded ${done === 1 ? files[0].name : `${done} files`}.`;
+    else status.textContent = `Uploaded ${done} of ${files.length} files.`;
+    try {
+      if (into === parts) await load();
+    } catch (err) {
+      failure = failure || err;
+    }
+    if (failure) throw failure;
+  });
+  input.addEventListener('change', () => {
+    const files = [...input.files];
+    input.value = ''; // the same file can be picked again
+    if (files.length) upload(files);
+  });
+  // Files dropped on the list; a dropped folder is refused (its entry cannot be read as bytes).
+  zone.addEventListener('dragover', (e) => {
+    if (!e.dataTransfer.types.includes('Files')) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = 'copy';
+    zone.classList.add('dropping');
+  });
+  zone.addEventListener('dragleave', (e) => {
+    if (!zone.contains(e.relatedTarget)) zone.classList.remove('dropping');
+  });
+  zone.addEventListener('drop', (e) => {
+    e.preventDefault();
+    zone.classList.remove('dropping');
+    const items = [...e.dataTransfer.items].filter((i) => i.kind === 'file');
+    const isFolder = (i) => {
+      const entry = i.webkitGetAsEntry && i.webkitGetAsEntry();
+      return Boolean(entry && entry.isDirectory);
+    };
+    const files = items.filter((i) => !isFolder(i)).map((i) => i.getAsFile()).filter(Boolean);
+    if (files.length) upload(files);
+    if (files.length < items.length) {
+      showError(error, new Error('Folders cannot be dropped here, only files.'));
+    }
+  });
+
+  const setReady = (now) => {
+    if (now === ready) return;
+    ready = now;
+    note.hidden = now;
+    content.hidden = !now;
+    if (now) act(() => load());
+    else closeView();
+  };
+  return { section, setReady, close: closeView };
+}
+
 async function workspacePage(main, r, token) {
   const top = h('div');
   const header = h('div', { class: 'toolbar' }, h('h1', {}, r.id));
@@ -486,6 +786,8 @@ async function workspacePage(main, r, token) {
     'aria-label': 'Process output', tabindex: '0' });
   main.append(h('h2', {}, 'Terminal'), terminalButton, terminalBox,
     h('h2', {}, 'Processes'), processes, processOutput);
+  const files = fileBrowser(`/api/workspaces/${encodeURIComponent(r.id)}`, token);
+  main.append(files.section);
   const allowRules = h('textarea', { id: 'edit-egress_allow', rows: 3, 'aria-describedby': 'edit-egress-hint' });
   const denyRules = h('textarea', { id: 'edit-egress_deny', rows: 3, 'aria-describedby': 'edit-egress-hint' });
   const egressResult = h('div', { role: 'status' });
@@ -549,7 +851,7 @@ async function workspacePage(main, r, token) {
     terminalBox.replaceChildren();
     terminalButton.textContent = 'Open terminal';
   };
-  pageCleanup = closeTerminal;
+  pageCleanup = () => { closeTerminal(); files.close(); };
   const openTerminal = () => {
     if (session) { closeTerminal(); return; }
     const term = new Terminal({ cols: 100, rows: 28, scrollback: 2000 });
@@ -661,6 +963,7 @@ async function workspacePage(main, r, token) {
         renderActions(ws);
         if (last) announce(`Status: ${ws.status}`);
       }
+      files.setReady(ws.status === 'ready');
       if (ws.status === 'ready') {
         const list = await api('GET', `${base}/processes`);
         if (token !== pageToken) return;

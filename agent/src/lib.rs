@@ -431,6 +431,31 @@ pub fn send_with_fds(
     }
 }
 
+/// Reads one request frame and the descriptors that came with it (some may have come with
+/// the byte before it: `fds`).
+pub fn read_request(
+    conn: &mut std::os::unix::net::UnixStream,
+    mut fds: Vec<OwnedFd>,
+) -> io::Result<(Request, Vec<OwnedFd>)> {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < header.len() {
+        let n = recv_with_fds(conn.as_fd(), &mut header[got..], &mut fds)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    let len = frame_len(header, MAX_REQUEST)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body)?;
+    let req = Request::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok((req, fds))
+}
+
 /// One `recvmsg(2)` into `buf`; descriptors that came with the bytes are appended to `fds`
 /// (close-on-exec). More than `MAX_FDS` descriptors, or a truncated control message, is an
 /// error (the descriptors that did arrive are closed).

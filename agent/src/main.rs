@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use agent_workspaces_agent::{
-    IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REQUEST, NEXT, RefuseReason, Reply, Request, SOCKET,
-    Terminal, direct, fileserve, frame_len, recv_with_fds, send_with_fds, spawn,
+    IDLE_CONNECTION_TIMEOUT, KEEP, NEXT, RefuseReason, Reply, Request, SOCKET, Terminal, direct,
+    fileserve, read_request, recv_with_fds, send_with_fds, spawn,
 };
 
 mod join;
@@ -169,29 +169,6 @@ impl Pool {
 fn refuse(conn: &mut UnixStream, reason: RefuseReason, message: String) {
     // The service may have gone: nothing to do about that here.
     let _ = conn.write_all(&Reply::Refused { reason, message }.encode());
-}
-
-/// Reads one request frame and the descriptors that came with it (some may have come with
-/// the byte before it: `fds`).
-fn read_request(
-    conn: &mut UnixStream,
-    mut fds: Vec<OwnedFd>,
-) -> io::Result<(Request, Vec<OwnedFd>)> {
-    let mut header = [0u8; 4];
-    let mut got = 0;
-    while got < header.len() {
-        let n = recv_with_fds(conn.as_fd(), &mut header[got..], &mut fds)?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        got += n;
-    }
-    let len = frame_len(header, MAX_REQUEST)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; len];
-    conn.read_exact(&mut body)?;
-    let req = Request::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    Ok((req, fds))
 }
 
 /// Serves one connection: one command after another (see the library for the protocol).

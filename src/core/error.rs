@@ -49,6 +49,14 @@ pub enum Error {
         #[source]
         source: Option<IoError>,
     },
+    /// A file call failed: why (`kind`), the path it is about, and the whole message (path,
+    /// workspace and cause).
+    #[error("{message}")]
+    File {
+        kind: crate::core::files::FileErrorKind,
+        path: String,
+        message: String,
+    },
     /// polkit refused the caller.
     #[error("{0}")]
     AccessDenied(String),

@@ -1,5 +1,6 @@
 //! In-memory fakes of every port, for the core's tests and the D-Bus contract tests.
 
+use crate::core::files::{FileCall, FileOutcome};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,65 @@ fn fake_connection() -> Result<std::os::fd::OwnedFd> {
     Ok(a.into_std().map_err(|e| Error::io("deregister", e))?.into())
 }
 
+/// A file call as the fakes serve it: a path with "missing" in it is `FileNotFound`; what
+/// streams out is a pipe holding the absolute path; content in is read to its end; `Stat`
+/// gives the path's entry, `ListDirectory` two entries.
+pub(crate) async fn fake_files(call: FileCall) -> Result<FileOutcome> {
+    use crate::core::files::{Entry, EntryType, FileErrorKind, FileOp};
+    use std::io::{Read, Write};
+    let path = String::from_utf8_lossy(&call.req.path).into_owned();
+    if path.contains("missing") {
+        return Err(crate::core::files::failure(
+            "fake",
+            FileErrorKind::NotFound,
+            path.as_bytes(),
+            "No such file or directory",
+        ));
+    }
+    let entry = |name: &str| Entry {
+        name: name.as_bytes().to_vec(),
+        kind: EntryType::File,
+        size: 4,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime_usec: 1,
+        target: Vec::new(),
+    };
+    Ok(match call.req.op {
+        FileOp::Read | FileOp::Download | FileOp::Watch => {
+            let (r, mut w) =
+                std::os::unix::net::UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
+            w.write_all(path.as_bytes())
+                .map_err(|e| Error::io("write", e))?;
+            FileOutcome::Stream(r.into())
+        }
+        // The content comes on a socket in the contract tests.
+        FileOp::Write | FileOp::Upload => {
+            let content = call.content.expect("content");
+            tokio::task::spawn_blocking(move || {
+                let mut all = Vec::new();
+                std::os::unix::net::UnixStream::from(content)
+                    .read_to_end(&mut all)
+                    .map(drop)
+            })
+            .await
+            .expect("joined")
+            .map_err(|e| Error::io("read", e))?;
+            FileOutcome::Done
+        }
+        FileOp::Stat => FileOutcome::Entries {
+            entries: vec![entry(&path)],
+            truncated: false,
+        },
+        FileOp::List => FileOutcome::Entries {
+            entries: vec![entry("a"), entry("b")],
+            truncated: true,
+        },
+        _ => FileOutcome::Done,
+    })
+}
+
 /// A background process's terminal that records its sizes.
 struct FakeTerminal(std::sync::Arc<Mutex<Vec<WindowSize>>>);
 
@@ -118,6 +178,15 @@ impl Executor for FakeExec {
     /// One end of a socket pair stands for the connection.
     async fn connect_port(&self, _port: u16) -> Result<std::os::fd::OwnedFd> {
         fake_connection()
+    }
+
+    async fn files(
+        &self,
+        _workspace: &str,
+        call: FileCall,
+        _cancel: CancellationToken,
+    ) -> Result<FileOutcome> {
+        fake_files(call).await
     }
 
     fn attachment(&self) -> Result<Attachment> {
@@ -242,6 +311,20 @@ impl Containers for FakeContainers {
     }
     async fn connect_port(&self, _ws: &Workspace, _port: u16) -> Result<std::os::fd::OwnedFd> {
         fake_connection()
+    }
+    async fn files(
+        &self,
+        ws: &Workspace,
+        call: FileCall,
+        _: CancellationToken,
+    ) -> Result<FileOutcome> {
+        self.call(format!(
+            "files {} {:?} {}",
+            ws.name,
+            call.req.op,
+            String::from_utf8_lossy(&call.req.path)
+        ));
+        fake_files(call).await
     }
 
     async fn run_init(

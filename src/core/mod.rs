@@ -3,6 +3,7 @@
 
 pub mod egress;
 pub mod error;
+pub mod files;
 pub mod manager;
 pub mod messages;
 pub mod names;

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::error::Result;
+use super::files::{FileCall, FileOutcome};
 use super::workspace::{Field, Workspace};
 
 /// Where a build reports its steps as it reaches them ("unpack", "configure", ...).
@@ -179,6 +180,14 @@ pub trait Executor: Send + Sync {
     fn attachment(&self) -> Result<Attachment>;
     /// A TCP connection to `port` on the host's loopback, for a caller (`ConnectPort`).
     async fn connect_port(&self, port: u16) -> Result<std::os::fd::OwnedFd>;
+    /// A file call on a host workspace (paths absolute on the host), served by the service
+    /// itself; `cancel` fires when the caller is gone.
+    async fn files(
+        &self,
+        workspace: &str,
+        call: FileCall,
+        cancel: CancellationToken,
+    ) -> Result<FileOutcome>;
     /// Background processes can be kept across a restart of the service (under systemd, with
     /// its descriptor store): `ExecRequest::keep` is then honoured.
     fn keeps_processes(&self) -> bool {
@@ -315,6 +324,14 @@ pub trait Containers: Send + Sync {
     /// A TCP connection to `port` on the container's loopback (its own network, or the host's
     /// for a container on the host network), made inside by its agent, for a caller.
     async fn connect_port(&self, ws: &Workspace, port: u16) -> Result<std::os::fd::OwnedFd>;
+    /// A file call served inside the container by its agent (started first if it is not
+    /// running); paths are absolute inside it. `cancel` fires when the caller is gone.
+    async fn files(
+        &self,
+        ws: &Workspace,
+        call: FileCall,
+        cancel: CancellationToken,
+    ) -> Result<FileOutcome>;
     /// Runs the init script inside the container, appending its output to the init log.
     async fn run_init(
         &self,

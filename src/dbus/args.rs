@@ -7,8 +7,10 @@ use zbus::OwnedVariant;
 
 use super::error::{Error, Result};
 use super::schema::{self, Keys};
+use crate::core::files::{FileOp, FileRequest, check_path, flag};
 use crate::core::ports::{ExecIo, WindowSize};
 use crate::core::spec::{Changes, CreateSpec, ExecParams};
+use agent_workspaces_agent::files::{MAX_DEPTH, MAX_LIST, MAX_WATCHED};
 
 pub type Dict = HashMap<String, OwnedVariant>;
 
@@ -153,6 +155,119 @@ pub fn process_options(map: Dict) -> Result<ProcessOptions> {
         None
     };
     Ok(ProcessOptions { env, cwd, terminal })
+}
+
+/// A file call's request from its path and options (`schema::READ_FILE` and the others, one
+/// per operation); `target` is `MoveFile`'s destination.
+pub fn file_request(
+    op: FileOp,
+    path: &str,
+    target: Option<&str>,
+    map: Dict,
+) -> Result<FileRequest> {
+    let keys = match op {
+        FileOp::Read => schema::READ_FILE,
+        FileOp::Write => schema::WRITE_FILE,
+        FileOp::List => schema::LIST_DIRECTORY,
+        FileOp::MakeDirectory => schema::MAKE_DIRECTORY,
+        FileOp::Remove => schema::REMOVE_FILE,
+        FileOp::Move => schema::MOVE_FILE,
+        FileOp::Watch => schema::WATCH_FILES,
+        FileOp::Stat | FileOp::Download | FileOp::Upload => schema::FILE_IDENTITY,
+    };
+    check_path("path", path)?;
+    let mut a = Args::new(map, keys)?;
+    let mut req = FileRequest::new(op, path.as_bytes().to_vec());
+    if let Some(t) = target {
+        check_path("to", t)?;
+        req.target = t.as_bytes().to_vec();
+    }
+    let mut set = |a: &mut Args, key: &str, bit: u32| -> Result<()> {
+        if keys.get(key).is_some() && a.take::<bool>(key)?.unwrap_or(false) {
+            req.flags |= bit;
+        }
+        Ok(())
+    };
+    set(&mut a, "create_parents", flag::PARENTS)?;
+    set(&mut a, "parents", flag::PARENTS)?;
+    set(&mut a, "append", flag::APPEND)?;
+    set(&mut a, "exclusive", flag::EXCLUSIVE)?;
+    set(&mut a, "recursive", flag::RECURSIVE)?;
+    set(&mut a, "replace", flag::REPLACE)?;
+    // An upload makes its directory (and the ones above it) where missing.
+    if op == FileOp::Upload {
+        req.flags |= flag::PARENTS;
+    }
+    if req.has(flag::APPEND) && req.has(flag::EXCLUSIVE) {
+        return Err(Error::invalid(
+            "append",
+            "cannot be combined with exclusive",
+        ));
+    }
+    let opt = |a: &mut Args, key: &str| -> Result<Option<u32>> {
+        if keys.get(key).is_some() {
+            a.take(key)
+        } else {
+            Ok(None)
+        }
+    };
+    let opt64 = |a: &mut Args, key: &str| -> Result<Option<u64>> {
+        if keys.get(key).is_some() {
+            a.take(key)
+        } else {
+            Ok(None)
+        }
+    };
+    if let Some(mode) = opt(&mut a, "mode")? {
+        if mode > 0o7777 {
+            return Err(Error::invalid(
+                "mode",
+                "permission bits: at most 0o7777 (4095)",
+            ));
+        }
+        // 0 would mean "the default" to the agent: a file with no permission bits is asked
+        // for as such.
+        req.mode = mode;
+    }
+    if let Some(o) = opt64(&mut a, "offset")? {
+        req.offset = o;
+    }
+    if let Some(l) = opt64(&mut a, "length")? {
+        req.length = l;
+    }
+    if let Some(size) = opt64(&mut a, "size")? {
+        req.flags |= flag::SIZED;
+        req.length = size;
+    }
+    if let Some(d) = opt(&mut a, "depth")? {
+        if d == 0 || d > MAX_DEPTH {
+            return Err(Error::invalid("depth", format!("must be 1 to {MAX_DEPTH}")));
+        }
+        req.depth = d;
+    }
+    if let Some(l) = opt(&mut a, "limit")? {
+        let max = if op == FileOp::Watch {
+            MAX_WATCHED
+        } else {
+            MAX_LIST
+        };
+        if l == 0 || l > max {
+            return Err(Error::invalid("limit", format!("must be 1 to {max}")));
+        }
+        req.limit = l;
+    }
+    for (key, field) in [("user", &mut req.user), ("group", &mut req.group)] {
+        if let Some(v) = a.take::<String>(key)? {
+            if v.is_empty() || v.contains(['\0', ':', '\n']) || v.len() > 256 {
+                return Err(Error::invalid(
+                    key,
+                    "must be a user (or group) name or number",
+                ));
+            }
+            *field = v.into_bytes();
+        }
+    }
+    Ok(req)
 }
 
 /// `RerunInit` options (`schema::RERUN_INIT`).

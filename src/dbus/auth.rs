@@ -27,6 +27,9 @@ pub enum Action {
     Exec,
     /// Run commands on the host, or choose host paths.
     ExecHost,
+    /// Read a container workspace's files (`ReadFile`, `ListDirectory`, `StatFile`,
+    /// `Download`, `WatchFiles`).
+    ReadFiles,
 }
 
 impl Action {
@@ -35,6 +38,7 @@ impl Action {
             Self::Manage => "org.agent.workspaces.manage",
             Self::Exec => "org.agent.workspaces.exec",
             Self::ExecHost => "org.agent.workspaces.exec-host",
+            Self::ReadFiles => "org.agent.workspaces.read-files",
         }
     }
 }

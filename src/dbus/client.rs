@@ -63,6 +63,7 @@ pub type WorkspaceEntry = (String, String, String, String, OwnedObjectPath);
 /// A dictionary in a reply: `a{sv}`.
 pub type Dict = HashMap<String, OwnedVariant>;
 
+pub use super::files::EntryTuple;
 pub use super::process::ProcessEntry;
 
 /// Both proxies of each interface are generated from one list of methods: `WorkspacesProxy` and
@@ -106,6 +107,46 @@ macro_rules! proxies {
             fn list_processes(&self, workspace: &str) -> zbus::Result<Vec<ProcessEntry>>;
             #[zbus($($flag)?)]
             fn connect_port(&self, workspace: &str, port: u16) -> zbus::Result<zbus::OwnedFd>;
+            #[zbus($($flag)?)]
+            fn read_file(&self, workspace: &str, path: &str, options: Args<'_>)
+                -> zbus::Result<zbus::OwnedFd>;
+            #[zbus($($flag)?)]
+            fn write_file(
+                &self,
+                workspace: &str,
+                path: &str,
+                content: zbus::Fd<'_>,
+                options: Args<'_>,
+            ) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn list_directory(&self, workspace: &str, path: &str, options: Args<'_>)
+                -> zbus::Result<(Vec<EntryTuple>, bool)>;
+            #[zbus($($flag)?)]
+            fn stat_file(&self, workspace: &str, path: &str, options: Args<'_>)
+                -> zbus::Result<EntryTuple>;
+            #[zbus($($flag)?)]
+            fn make_directory(&self, workspace: &str, path: &str, options: Args<'_>)
+                -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn remove_file(&self, workspace: &str, path: &str, options: Args<'_>)
+                -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn move_file(&self, workspace: &str, from: &str, to: &str, options: Args<'_>)
+                -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn download(&self, workspace: &str, path: &str, options: Args<'_>)
+                -> zbus::Result<zbus::OwnedFd>;
+            #[zbus($($flag)?)]
+            fn upload(
+                &self,
+                workspace: &str,
+                path: &str,
+                archive: zbus::Fd<'_>,
+                options: Args<'_>,
+            ) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn watch_files(&self, workspace: &str, path: &str, options: Args<'_>)
+                -> zbus::Result<zbus::OwnedFd>;
             #[zbus($($flag)?)]
             fn build_workspace(&self, workspace: &str) -> zbus::Result<()>;
             #[zbus($($flag)?)]
@@ -158,6 +199,44 @@ macro_rules! proxies {
             fn list_processes(&self) -> zbus::Result<Vec<ProcessEntry>>;
             #[zbus($($flag)?)]
             fn connect_port(&self, port: u16) -> zbus::Result<zbus::OwnedFd>;
+            #[zbus($($flag)?)]
+            fn read_file(&self, path: &str, options: Args<'_>)
+                -> zbus::Result<zbus::OwnedFd>;
+            #[zbus($($flag)?)]
+            fn write_file(
+                &self,
+                path: &str,
+                content: zbus::Fd<'_>,
+                options: Args<'_>,
+            ) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn list_directory(&self, path: &str, options: Args<'_>)
+                -> zbus::Result<(Vec<EntryTuple>, bool)>;
+            #[zbus($($flag)?)]
+            fn stat_file(&self, path: &str, options: Args<'_>)
+                -> zbus::Result<EntryTuple>;
+            #[zbus($($flag)?)]
+            fn make_directory(&self, path: &str, options: Args<'_>)
+                -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn remove_file(&self, path: &str, options: Args<'_>)
+                -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn move_file(&self, from: &str, to: &str, options: Args<'_>)
+                -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn download(&self, path: &str, options: Args<'_>)
+                -> zbus::Result<zbus::OwnedFd>;
+            #[zbus($($flag)?)]
+            fn upload(
+                &self,
+                path: &str,
+                archive: zbus::Fd<'_>,
+                options: Args<'_>,
+            ) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn watch_files(&self, path: &str, options: Args<'_>)
+                -> zbus::Result<zbus::OwnedFd>;
             #[zbus($($flag)?)]
             fn update(&self, changes: Args<'_>) -> zbus::Result<()>;
             #[zbus($($flag)?)]

@@ -53,7 +53,7 @@ impl Disconnects {
         Ok(this)
     }
 
-    fn token_for(&self, sender: &str) -> CancellationToken {
+    pub(super) fn token_for(&self, sender: &str) -> CancellationToken {
         self.tokens
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

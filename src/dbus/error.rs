@@ -18,6 +18,7 @@ use zbus::message::{Header, Message};
 use zbus::names::ErrorName;
 
 pub use crate::core::Error;
+use crate::core::files::FileErrorKind;
 
 pub const PREFIX: &str = "org.agent.Workspaces.Error.";
 const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
@@ -45,8 +46,61 @@ fn name_of(e: &Error) -> &str {
         Error::NoSuchTemplate(_) => "org.agent.Workspaces.Error.NoSuchTemplate",
         Error::NoSuchProcess(_) => "org.agent.Workspaces.Error.NoSuchProcess",
         Error::Library(_) => "org.agent.Workspaces.Error.LibraryError",
+        Error::File { kind, .. } => file_error_name(*kind),
         Error::Bus { name, .. } => name,
     }
+}
+
+/// The file errors' names; `Invalid` travels as `InvalidArgs`.
+const FILE_ERRORS: [(FileErrorKind, &str); 11] = [
+    (
+        FileErrorKind::NotFound,
+        "org.agent.Workspaces.Error.FileNotFound",
+    ),
+    (
+        FileErrorKind::NotADirectory,
+        "org.agent.Workspaces.Error.NotADirectory",
+    ),
+    (
+        FileErrorKind::IsADirectory,
+        "org.agent.Workspaces.Error.IsADirectory",
+    ),
+    (
+        FileErrorKind::Exists,
+        "org.agent.Workspaces.Error.FileExists",
+    ),
+    (
+        FileErrorKind::PermissionDenied,
+        "org.agent.Workspaces.Error.FilePermissionDenied",
+    ),
+    (
+        FileErrorKind::NotRegular,
+        "org.agent.Workspaces.Error.NotARegularFile",
+    ),
+    (
+        FileErrorKind::NoSpace,
+        "org.agent.Workspaces.Error.NoSpaceLeft",
+    ),
+    (
+        FileErrorKind::NotEmpty,
+        "org.agent.Workspaces.Error.DirectoryNotEmpty",
+    ),
+    (
+        FileErrorKind::ArchiveRefused,
+        "org.agent.Workspaces.Error.ArchiveRefused",
+    ),
+    (
+        FileErrorKind::Incomplete,
+        "org.agent.Workspaces.Error.IncompleteContent",
+    ),
+    (FileErrorKind::Other, "org.agent.Workspaces.Error.FileError"),
+];
+
+fn file_error_name(kind: FileErrorKind) -> &'static str {
+    FILE_ERRORS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or("org.agent.Workspaces.Error.FileError", |(_, n)| n)
 }
 
 /// The variant's data sent after the message (variants whose data is the message send none).
@@ -60,6 +114,7 @@ fn data_of(e: &Error) -> Vec<&str> {
         | Error::NoSuchTool(n)
         | Error::NoSuchTemplate(n)
         | Error::NoSuchProcess(n) => vec![n],
+        Error::File { path, .. } => vec![path],
         _ => vec![],
     }
 }
@@ -93,6 +148,13 @@ fn from_reply(name: &str, message: String, data: Vec<String>) -> Error {
             Some("NoSuchTemplate") => Error::NoSuchTemplate(next(&message)),
             Some("NoSuchProcess") => Error::NoSuchProcess(next(&message)),
             Some("LibraryError") => Error::Library(message),
+            Some(_) if let Some((kind, _)) = FILE_ERRORS.iter().find(|(_, n)| *n == name) => {
+                Error::File {
+                    kind: *kind,
+                    path: next(""),
+                    message,
+                }
+            }
             _ => Error::Bus {
                 name: name.to_owned(),
                 message,
@@ -114,7 +176,7 @@ impl zbus::DBusError for Error {
             Error::InvalidArgs { reason, .. } => Some(reason),
             Error::Io { what, .. } => Some(what),
             Error::NotReady { status, .. } => Some(status),
-            Error::Bus { message, .. } => Some(message),
+            Error::Bus { message, .. } | Error::File { message, .. } => Some(message),
             Error::NoSuchWorkspace(s)
             | Error::WorkspaceExists(s)
             | Error::Busy(s)
@@ -219,6 +281,16 @@ mod tests {
             Error::NoSuchTemplate("tpl".into()),
             Error::NoSuchProcess("3 in workspace 'box'".into()),
             Error::Library("malformed".into()),
+            Error::File {
+                kind: FileErrorKind::NotRegular,
+                path: "/workspace/fifo".into(),
+                message: "'/workspace/fifo' in workspace 'box': is a FIFO".into(),
+            },
+            Error::File {
+                kind: FileErrorKind::Other,
+                path: "/x".into(),
+                message: "'/x' in workspace 'box': Input/output error".into(),
+            },
             Error::io_msg("Cannot write"),
             Error::AccessDenied("no".into()),
             Error::InteractiveAuthorizationRequired("ask".into()),
@@ -262,6 +334,20 @@ mod tests {
                 .unwrap_err();
             assert_eq!(Error::from(e), want);
         }
+    }
+
+    #[test]
+    fn every_file_error_has_a_name_of_its_own() {
+        let mut names: Vec<_> = FILE_ERRORS
+            .iter()
+            .map(|(k, _)| file_error_name(*k))
+            .collect();
+        for name in &names {
+            assert!(name.starts_with(PREFIX), "{name}");
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), FILE_ERRORS.len());
     }
 
     #[test]

@@ -11,7 +11,9 @@ use zbus::{OwnedObjectPath, OwnedVariant, interface};
 use super::args::Dict;
 use super::context::Context;
 use super::error::Result;
+use super::files::EntryTuple;
 use super::process::ProcessEntry;
+use crate::core::files::FileOp;
 
 pub const BUS_NAME: &str = "org.agent.Workspaces";
 pub const MANAGER_PATH: &str = "/org/agent/Workspaces";
@@ -126,6 +128,137 @@ impl ManagerObject {
         port: u16,
     ) -> Result<zbus::OwnedFd> {
         self.ctx.connect_port(&header, workspace, port).await
+    }
+
+    /// A file's content, from `offset` for `length` bytes (options), on a pipe the caller
+    /// reads.
+    #[zbus(out_args("content"))]
+    async fn read_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        options: Dict,
+    ) -> Result<zbus::OwnedFd> {
+        self.ctx.read_file(&header, workspace, path, options).await
+    }
+
+    /// Writes a file from the caller's descriptor, whole or not at all.
+    async fn write_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        content: zbus::OwnedFd,
+        options: Dict,
+    ) -> Result<()> {
+        self.ctx
+            .write_file(&header, workspace, path, content, options)
+            .await
+    }
+
+    #[zbus(out_args("entries", "truncated"))]
+    async fn list_directory(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        options: Dict,
+    ) -> Result<(Vec<EntryTuple>, bool)> {
+        self.ctx
+            .list_directory(&header, workspace, path, options)
+            .await
+    }
+
+    #[zbus(out_args("entry"))]
+    async fn stat_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        options: Dict,
+    ) -> Result<EntryTuple> {
+        self.ctx.stat_file(&header, workspace, path, options).await
+    }
+
+    async fn make_directory(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        options: Dict,
+    ) -> Result<()> {
+        let op = FileOp::MakeDirectory;
+        self.ctx
+            .change_files(&header, workspace, op, (path, None), options)
+            .await
+    }
+
+    async fn remove_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        options: Dict,
+    ) -> Result<()> {
+        let op = FileOp::Remove;
+        self.ctx
+            .change_files(&header, workspace, op, (path, None), options)
+            .await
+    }
+
+    async fn move_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        from: &str,
+        to: &str,
+        options: Dict,
+    ) -> Result<()> {
+        let op = FileOp::Move;
+        self.ctx
+            .change_files(&header, workspace, op, (from, Some(to)), options)
+            .await
+    }
+
+    /// A directory (or a file) as a tar stream the caller reads.
+    #[zbus(out_args("archive"))]
+    async fn download(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        options: Dict,
+    ) -> Result<zbus::OwnedFd> {
+        self.ctx.download(&header, workspace, path, options).await
+    }
+
+    /// A tar stream from the caller's descriptor, unpacked into the directory `path`.
+    async fn upload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        archive: zbus::OwnedFd,
+        options: Dict,
+    ) -> Result<()> {
+        self.ctx
+            .upload(&header, workspace, path, archive, options)
+            .await
+    }
+
+    /// Changes below `path`, as lines of JSON on a pipe, until the caller closes it.
+    #[zbus(out_args("events"))]
+    async fn watch_files(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        path: &str,
+        options: Dict,
+    ) -> Result<zbus::OwnedFd> {
+        self.ctx
+            .watch_files(&header, workspace, path, options)
+            .await
     }
 
     async fn build_workspace(

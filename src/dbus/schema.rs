@@ -251,6 +251,87 @@ pub const RERUN_INIT: Keys = Keys {
     keys: &[key("timeout_secs", Type::U32)],
 };
 
+/// Who a file call acts as (permissions checked as that user, what is made theirs): a name
+/// or a number, looked up in the workspace's own `/etc/passwd` and `/etc/group`.
+const USER: Key = key("user", Type::Str);
+const GROUP: Key = key("group", Type::Str);
+
+/// `ReadFile`'s `options`.
+pub const READ_FILE: Keys = Keys {
+    what: "the read options",
+    keys: &[
+        key("offset", Type::U64),
+        key("length", Type::U64),
+        USER,
+        GROUP,
+    ],
+};
+
+/// `WriteFile`'s `options`.
+pub const WRITE_FILE: Keys = Keys {
+    what: "the write options",
+    keys: &[
+        key("mode", Type::U32),
+        key("create_parents", Type::Bool),
+        key("append", Type::Bool),
+        key("exclusive", Type::Bool),
+        key("size", Type::U64),
+        USER,
+        GROUP,
+    ],
+};
+
+/// `ListDirectory`'s `options`.
+pub const LIST_DIRECTORY: Keys = Keys {
+    what: "the listing options",
+    keys: &[
+        key("depth", Type::U32),
+        key("limit", Type::U32),
+        USER,
+        GROUP,
+    ],
+};
+
+/// `StatFile`'s, `Download`'s and `Upload`'s `options`.
+pub const FILE_IDENTITY: Keys = Keys {
+    what: "the file options",
+    keys: &[USER, GROUP],
+};
+
+/// `MakeDirectory`'s `options`.
+pub const MAKE_DIRECTORY: Keys = Keys {
+    what: "the directory options",
+    keys: &[
+        key("parents", Type::Bool),
+        key("mode", Type::U32),
+        USER,
+        GROUP,
+    ],
+};
+
+/// `RemoveFile`'s `options`.
+pub const REMOVE_FILE: Keys = Keys {
+    what: "the removal options",
+    keys: &[key("recursive", Type::Bool), USER, GROUP],
+};
+
+/// `MoveFile`'s `options`.
+pub const MOVE_FILE: Keys = Keys {
+    what: "the move options",
+    keys: &[
+        key("replace", Type::Bool),
+        key("create_parents", Type::Bool),
+        USER,
+        GROUP,
+    ],
+};
+
+/// `WatchFiles`' `options`.
+pub const WATCH_FILES: Keys = Keys {
+    what: "the watch options",
+    keys: &[key("limit", Type::U32), USER, GROUP],
+};
+
 impl Keys {
     pub fn get(&self, name: &str) -> Option<&'static Key> {
         self.keys.iter().find(|k| k.name == name)

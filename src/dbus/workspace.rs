@@ -10,6 +10,8 @@ use zbus::{OwnedVariant, interface};
 use super::args::Dict;
 use super::context::Context;
 use super::error::Result;
+use super::files::EntryTuple;
+use crate::core::files::FileOp;
 use crate::core::workspace::Workspace;
 
 pub struct WorkspaceObject {
@@ -55,6 +57,125 @@ impl WorkspaceObject {
         self.ctx
             .exec_with_fds(&header, &self.id, command, stdin, stdout, stderr, options)
             .await
+    }
+
+    /// A file's content, from `offset` for `length` bytes (options), on a pipe the caller
+    /// reads.
+    #[zbus(out_args("content"))]
+    async fn read_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        options: Dict,
+    ) -> Result<zbus::OwnedFd> {
+        self.ctx.read_file(&header, &self.id, path, options).await
+    }
+
+    /// Writes a file from the caller's descriptor, whole or not at all.
+    async fn write_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        content: zbus::OwnedFd,
+        options: Dict,
+    ) -> Result<()> {
+        self.ctx
+            .write_file(&header, &self.id, path, content, options)
+            .await
+    }
+
+    #[zbus(out_args("entries", "truncated"))]
+    async fn list_directory(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        options: Dict,
+    ) -> Result<(Vec<EntryTuple>, bool)> {
+        self.ctx
+            .list_directory(&header, &self.id, path, options)
+            .await
+    }
+
+    #[zbus(out_args("entry"))]
+    async fn stat_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        options: Dict,
+    ) -> Result<EntryTuple> {
+        self.ctx.stat_file(&header, &self.id, path, options).await
+    }
+
+    async fn make_directory(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        options: Dict,
+    ) -> Result<()> {
+        let op = FileOp::MakeDirectory;
+        self.ctx
+            .change_files(&header, &self.id, op, (path, None), options)
+            .await
+    }
+
+    async fn remove_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        options: Dict,
+    ) -> Result<()> {
+        let op = FileOp::Remove;
+        self.ctx
+            .change_files(&header, &self.id, op, (path, None), options)
+            .await
+    }
+
+    async fn move_file(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        from: &str,
+        to: &str,
+        options: Dict,
+    ) -> Result<()> {
+        let op = FileOp::Move;
+        self.ctx
+            .change_files(&header, &self.id, op, (from, Some(to)), options)
+            .await
+    }
+
+    /// A directory (or a file) as a tar stream the caller reads.
+    #[zbus(out_args("archive"))]
+    async fn download(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        options: Dict,
+    ) -> Result<zbus::OwnedFd> {
+        self.ctx.download(&header, &self.id, path, options).await
+    }
+
+    /// A tar stream from the caller's descriptor, unpacked into the directory `path`.
+    async fn upload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        archive: zbus::OwnedFd,
+        options: Dict,
+    ) -> Result<()> {
+        self.ctx
+            .upload(&header, &self.id, path, archive, options)
+            .await
+    }
+
+    /// Changes below `path`, as lines of JSON on a pipe, until the caller closes it.
+    #[zbus(out_args("events"))]
+    async fn watch_files(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        path: &str,
+        options: Dict,
+    ) -> Result<zbus::OwnedFd> {
+        self.ctx.watch_files(&header, &self.id, path, options).await
     }
 
     #[zbus(out_args("process"))]

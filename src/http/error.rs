@@ -50,6 +50,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A file call's failure, as a status and a stable code.
+fn file_status(kind: crate::core::files::FileErrorKind) -> (StatusCode, &'static str) {
+    use crate::core::files::FileErrorKind as K;
+    match kind {
+        K::NotFound => (StatusCode::NOT_FOUND, "file_not_found"),
+        K::NotADirectory => (StatusCode::CONFLICT, "not_a_directory"),
+        K::IsADirectory => (StatusCode::CONFLICT, "is_a_directory"),
+        K::Exists => (StatusCode::CONFLICT, "file_exists"),
+        K::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
+        K::NotRegular => (StatusCode::CONFLICT, "not_a_regular_file"),
+        K::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
+        K::NotEmpty => (StatusCode::CONFLICT, "directory_not_empty"),
+        K::ArchiveRefused => (StatusCode::UNPROCESSABLE_ENTITY, "archive_refused"),
+        K::Invalid => (StatusCode::BAD_REQUEST, "invalid_argument"),
+        K::Incomplete => (StatusCode::BAD_REQUEST, "incomplete_content"),
+        K::Other => (StatusCode::INTERNAL_SERVER_ERROR, "file_error"),
+    }
+}
+
 /// Each error of the service, as an HTTP status and a stable code.
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
@@ -73,6 +92,7 @@ impl From<Error> for ApiError {
                 (StatusCode::FORBIDDEN, "forbidden")
             }
             Error::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io_error"),
+            Error::File { kind, .. } => file_status(*kind),
             Error::Bus { name, message } => {
                 let short = name.rsplit('.').next().unwrap_or("");
                 return if matches!(

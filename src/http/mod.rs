@@ -4,6 +4,7 @@
 
 mod convert;
 mod error;
+mod files;
 mod pages;
 mod ports;
 mod processes;

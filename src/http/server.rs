@@ -163,6 +163,10 @@ pub async fn serve(
 /// handler runs; handlers then take it as `Bytes`.
 pub(super) async fn read_body(request: Request, next: Next) -> Response {
     use futures_util::StreamExt;
+    // A file's or an archive's content streams to the service as it comes.
+    if super::files::streams_body(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
     let (parts, body) = request.into_parts();
     let too_large = || {
         ApiError::new(

@@ -4,6 +4,7 @@
 import { test, expect } from '@playwright/test';
 import AxeBuilder from '@axe-core/playwright';
 import { randomBytes } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 
 const TOKEN = process.env.E2E_TOKEN;
 const SHOTS = process.env.E2E_SCREENSHOTS || '../../target/e2e/screenshots';
@@ -141,6 +142,72 @@ test('a terminal on the workspace page: type into a shell, see its answer, find 
   await expect(page.locator('#process-output')).toContainText('sum=42');
   await page.getByRole('button', { name: 'Close terminal' }).click();
   await expect(page.locator('#terminal')).toBeHidden();
+  await destroy(page, name);
+});
+
+test('the files of a workspace: upload, open, download, walk folders, delete', async ({ page }) => {
+  const name = unique('e2e-files');
+  const text = 'hello from the dashboard\n';
+  await signIn(page);
+  await openNewWorkspace(page);
+  await page.getByLabel('Host').check();
+  await page.getByLabel('Name', { exact: true }).fill(name);
+  await page.getByRole('button', { name: 'Create' }).click();
+  await expect(page.getByRole('heading', { level: 1, name })).toBeVisible();
+  await expect(page.locator('#ws-status')).toHaveText('ready');
+
+  const files = page.getByRole('region', { name: 'Files' });
+  await expect(files.getByRole('navigation', { name: 'Folder' })).toHaveText('workspace');
+  // Picked with the Upload button, as a person picks a file; it goes into the folder shown.
+  const chooser = page.waitForEvent('filechooser');
+  await files.getByRole('button', { name: 'Upload', exact: true }).click();
+  await (await chooser).setFiles({ name: 'hello.txt', mimeType: 'text/plain', buffer: Buffer.from(text) });
+  const row = files.getByRole('row').filter({ has: page.getByRole('button', { name: 'hello.txt', exact: true }) });
+  await expect(row).toContainText('file');
+  await expect(row).toContainText('25 B');
+  await expect(files.getByRole('status')).toHaveText('Uploaded hello.txt.');
+
+  // A text file opens in the page.
+  await row.getByRole('button', { name: 'hello.txt', exact: true }).click();
+  await expect(files.getByRole('region', { name: 'Contents of hello.txt' })).toHaveText(text);
+  await shot(page, '12-workspace-files');
+
+  // Downloaded through fetch with the token: the same bytes, under the file's name.
+  const downloading = page.waitForEvent('download');
+  await row.getByRole('button', { name: 'Download' }).click();
+  const download = await downloading;
+  expect(download.suggestedFilename()).toBe('hello.txt');
+  expect(await readFile(await download.path(), 'utf8')).toBe(text);
+
+  // Deleted after the confirmation: gone from the list, and from the viewer.
+  await row.getByRole('button', { name: 'Delete' }).click();
+  const dialog = page.getByRole('dialog', { name: 'Delete hello.txt?' });
+  await expect(dialog).toBeVisible();
+  await dialog.getByRole('button', { name: 'Delete' }).click();
+  await expect(row).toHaveCount(0);
+  await expect(page.locator('#file-view')).toBeHidden();
+
+  // Folders: listed first, entered and left; one downloads as a .tar.gz.
+  await run(page, 'mkdir -p notes && echo inside > notes/a.txt && echo top > alpha.txt');
+  await expect(page.locator('#exec-output .exit')).toHaveText('Exit code 0');
+  await files.getByRole('button', { name: 'Refresh' }).click();
+  const notes = files.getByRole('row').filter({ has: page.getByRole('button', { name: 'notes', exact: true }) });
+  await expect(notes).toContainText('folder');
+  const listed = await files.getByRole('table', { name: 'Folder contents' }).locator('tbody tr')
+    .evaluateAll((rows) => rows.map((r) => r.dataset.name));
+  expect(listed.indexOf('notes')).toBeLessThan(listed.indexOf('alpha.txt'));
+  expect(listed.indexOf('alpha.txt')).toBeGreaterThan(-1);
+  await notes.getByRole('button', { name: 'notes', exact: true }).click();
+  await expect(files.locator('[aria-current="location"]')).toHaveText('notes');
+  await expect(files.getByRole('row').filter({ hasText: 'a.txt' })).toContainText('7 B');
+  await files.getByRole('button', { name: 'Up', exact: true }).click();
+  await expect(files.locator('[aria-current="location"]')).toHaveText('workspace');
+  const archiving = page.waitForEvent('download');
+  await notes.getByRole('button', { name: 'Download' }).click();
+  const archive = await archiving;
+  expect(archive.suggestedFilename()).toBe('notes.tar.gz');
+  const gz = await readFile(await archive.path());
+  expect([gz[0], gz[1]]).toEqual([0x1f, 0x8b]); // gzip's magic
   await destroy(page, name);
 });
 

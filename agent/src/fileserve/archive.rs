@@ -19,8 +19,10 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use super::content::{temp_name, verdict, what};
 use super::io::{PipeReader, PipeWriter};
-use super::{Failure, Result, checked, make_parents, refuse, send, temp_name, verdict, what};
+use super::tree::make_parents;
+use super::{Failure, Result, checked, refuse, send};
 use crate::files::{FileErrorKind, FileReply, FileRequest, flag};
 
 /// `Download`: ready, then the tar stream into the pipe.
@@ -140,6 +142,38 @@ fn add_tree(tar: &mut tar::Builder<PipeWriter>, dir: &Path, prefix: &[u8]) -> st
         }
     }
     Ok(())
+}
+
+/// Writes `path` (a directory's contents, or a file as one entry) as a tar stream into `out`,
+/// as `Download` does: for a client packing its own files (`workspacectl cp`).
+pub fn pack(path: &Path, out: OwnedFd) -> std::io::Result<()> {
+    let m = std::fs::metadata(path)?;
+    let mut tar = tar::Builder::new(PipeWriter::new(out)?);
+    if m.is_dir() {
+        add_tree(&mut tar, path, b"")?;
+    } else {
+        let name = path.file_name().map(|n| n.as_bytes()).unwrap_or(b"file");
+        add_one(&mut tar, path, name)?;
+    }
+    tar.finish()
+}
+
+/// Unpacks the tar stream `input` (a pipe) into the directory `dir`, made where missing, with
+/// the checks of `Upload`: nothing is written outside it, whatever the archive says. For a
+/// client unpacking what a workspace sent (`workspacectl cp`): the archive is not trusted.
+pub fn unpack(dir: &Path, input: OwnedFd) -> std::result::Result<(), String> {
+    let mut req = FileRequest::new(
+        crate::files::FileOp::Upload,
+        dir.as_os_str().as_bytes().to_vec(),
+    );
+    req.flags = flag::PARENTS;
+    let message = |f: Failure| match f.0 {
+        FileReply::Failed { message, .. } => message,
+        other => format!("{other:?}"),
+    };
+    let dest = open_dest(&req).map_err(message)?;
+    let input = PipeReader::new(input).map_err(|e| e.to_string())?;
+    extract(&dest, &req, input).map_err(message)
 }
 
 /// `Upload`: the directory made if missing (with `PARENTS`), ready, then each entry of the tar

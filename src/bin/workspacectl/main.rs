@@ -20,6 +20,7 @@ use agent_workspaces::dbus::client::interactive::WorkspacesProxy;
 use agent_workspaces::dbus::client::{OwnedArgs, args, connect, variant_json};
 
 mod body;
+mod files;
 use body::request;
 mod processes;
 
@@ -291,6 +292,51 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             let _ = std::io::stderr().write_all(&err);
             return Ok(exit_status(code, timed_out));
         }
+        Command::Cp { src, dest, who } => files::cp(&c.m, &src, &dest, &who).await?,
+        Command::Ls {
+            workspace,
+            path,
+            depth,
+            who,
+        } => files::ls(&c.m, &workspace, &path, depth, &who, json_out).await?,
+        Command::Cat {
+            workspace,
+            path,
+            who,
+        } => files::cat(&c.m, &workspace, &path, &who).await?,
+        Command::Rm {
+            workspace,
+            path,
+            recursive,
+            who,
+        } => {
+            let o = files::flags(&who, vec![("recursive", recursive.into())]);
+            c.m.remove_file(&workspace, &path, o).await.map_err(e)?
+        }
+        Command::Mkdir {
+            workspace,
+            path,
+            parents,
+            who,
+        } => {
+            let o = files::flags(&who, vec![("parents", parents.into())]);
+            c.m.make_directory(&workspace, &path, o).await.map_err(e)?
+        }
+        Command::Mv {
+            workspace,
+            from,
+            to,
+            force,
+            who,
+        } => {
+            let o = files::flags(&who, vec![("replace", force.into())]);
+            c.m.move_file(&workspace, &from, &to, o).await.map_err(e)?
+        }
+        Command::Watch {
+            workspace,
+            path,
+            who,
+        } => files::watch(&c.m, &workspace, &path, &who).await?,
         Command::Completions { .. } => unreachable!("answered before connecting"),
         Command::Library => {
             let (skills, tools) = c.m.list_library().await.map_err(e)?;

@@ -7,6 +7,7 @@
 
 mod container;
 mod exec;
+mod files;
 mod kept;
 mod library;
 mod lifecycle;

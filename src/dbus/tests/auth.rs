@@ -42,6 +42,22 @@ async fn each_call_asks_for_its_action_and_a_refusal_changes_nothing() {
         ]
     );
 
+    // Files: reading a container's is an action of its own, changing them is exec; a host
+    // workspace's are exec-host either way.
+    let _ = m.stat_file("c", "/x", no_options()).await;
+    let _ = m.remove_file("c", "/x", no_options()).await;
+    let _ = m.stat_file("h", "/x", no_options()).await;
+    let _ = m.make_directory("h", "/x", no_options()).await;
+    assert_eq!(
+        s.authority.take_asked(),
+        [
+            asked(Action::ReadFiles, "c", "read the files of"),
+            asked(Action::Exec, "c", "change the files of"),
+            asked(Action::ExecHost, "h", "read the files of"),
+            asked(Action::ExecHost, "h", "change the files of"),
+        ]
+    );
+
     // Reading needs no authorization.
     m.list_workspaces().await.unwrap();
     m.get_workspace("h").await.unwrap();

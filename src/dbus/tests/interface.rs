@@ -110,6 +110,9 @@ async fn the_served_interfaces_are_the_interface_file() {
 async fn the_proxies_call_every_method_of_the_interface_file() {
     let s = service().await;
     let mut calls = zbus::MessageStream::from(&s.conn);
+    // Read only at the end: room for every call of the test (a full queue would hold up the
+    // service's connection).
+    calls.set_max_queued(std::num::NonZeroUsize::new(4096).unwrap());
     let m = s.manager().await;
     let null = || std::fs::File::open("/dev/null").unwrap();
     let (i, o, e) = (null(), null(), null());
@@ -197,6 +200,130 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
     drop(m.connect_port("h", 8000).await.unwrap());
     let (name, err) = super::error(m.connect_port("h", 0).await.map(drop).unwrap_err());
     assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs", "{err}");
+    // Files: paths relative to the workspace's directory, content streamed both ways, errors
+    // by name with the path.
+    let read = |fd: zbus::OwnedFd| {
+        let mut s = String::new();
+        std::io::Read::read_to_string(
+            &mut std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd)),
+            &mut s,
+        )
+        .unwrap();
+        s
+    };
+    let got = read(m.read_file("h", "a.txt", no_options()).await.unwrap());
+    assert!(
+        got.starts_with("/state/workspaces/") && got.ends_with("/a.txt"),
+        "{got}"
+    );
+    assert_eq!(
+        read(m.read_file("h", "/etc/hosts", no_options()).await.unwrap()),
+        "/etc/hosts"
+    );
+    let content = || {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut &a, b"data").unwrap();
+        b
+    };
+    let c1 = content();
+    m.write_file(
+        "h",
+        "a.txt",
+        zbus::Fd::from(c1.as_fd()),
+        HashMap::from([("mode", Variant::from(0o600u32))]),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (entries, truncated) = m.list_directory("h", ".", no_options()).await.unwrap();
+    assert_eq!((entries.len(), truncated), (2, true));
+    assert_eq!(m.stat_file("h", "/x", no_options()).await.unwrap().0, "/x");
+    m.make_directory("h", "d", HashMap::from([("parents", Variant::from(true))]))
+        .await
+        .unwrap();
+    m.remove_file(
+        "h",
+        "d",
+        HashMap::from([("recursive", Variant::from(true))]),
+    )
+    .await
+    .unwrap();
+    m.move_file(
+        "h",
+        "a",
+        "b",
+        HashMap::from([("replace", Variant::from(true))]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read(m.download("h", "/src", no_options()).await.unwrap()),
+        "/src"
+    );
+    let c2 = content();
+    m.upload("h", "/dst", zbus::Fd::from(c2.as_fd()), no_options())
+        .await
+        .unwrap();
+    assert_eq!(
+        read(m.watch_files("h", "/w", no_options()).await.unwrap()),
+        "/w"
+    );
+    let (name, err) = super::error(
+        m.stat_file("h", "/missing", no_options())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(name, "org.agent.Workspaces.Error.FileNotFound");
+    assert!(
+        matches!(&err, Error::File { path, .. } if path == "/missing"),
+        "{err:?}"
+    );
+    for (e, field) in [
+        (
+            m.stat_file("h", "", no_options()).await.unwrap_err(),
+            "path",
+        ),
+        (
+            m.move_file("h", "a", &"b".repeat(5000), no_options())
+                .await
+                .unwrap_err(),
+            "to",
+        ),
+        (
+            m.list_directory("h", "/", HashMap::from([("depth", Variant::from(0u32))]))
+                .await
+                .unwrap_err(),
+            "depth",
+        ),
+        (
+            m.read_file(
+                "h",
+                "/x",
+                HashMap::from([("recursive", Variant::from(true))]),
+            )
+            .await
+            .map(drop)
+            .unwrap_err(),
+            "recursive",
+        ),
+        (
+            m.write_file(
+                "h",
+                "/x",
+                zbus::Fd::from(c1.as_fd()),
+                HashMap::from([("mode", Variant::from(0o10000u32))]),
+            )
+            .await
+            .unwrap_err(),
+            "mode",
+        ),
+    ] {
+        let (name, err) = super::error(e);
+        assert_eq!(
+            (name.as_str(), err.field()),
+            ("org.freedesktop.DBus.Error.InvalidArgs", Some(field)),
+            "{err}"
+        );
+    }
     assert_eq!(m.list_library().await.unwrap().0, ["a", "b"]);
     assert_eq!(m.list_templates().await.unwrap()[0].0, "tpl");
     assert!(m.get_template("tpl").await.unwrap().contains_key("skills"));
@@ -218,6 +345,33 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
         .unwrap();
     wh.sync().await.unwrap();
     drop(wh.connect_port(3000).await.unwrap());
+    // Every file method on the workspace objects, the container's relative paths below
+    // /workspace.
+    assert_eq!(
+        read(wc.read_file("x", no_options()).await.unwrap()),
+        "/workspace/x"
+    );
+    let c3 = content();
+    wc.write_file("x", zbus::Fd::from(c3.as_fd()), no_options())
+        .await
+        .unwrap();
+    wc.list_directory("/", no_options()).await.unwrap();
+    wc.stat_file("/", no_options()).await.unwrap();
+    wc.make_directory("/d", no_options()).await.unwrap();
+    wc.remove_file("/d", no_options()).await.unwrap();
+    wc.move_file("/a", "/b", no_options()).await.unwrap();
+    drop(wc.download("/", no_options()).await.unwrap());
+    let c4 = content();
+    wc.upload("/", zbus::Fd::from(c4.as_fd()), no_options())
+        .await
+        .unwrap();
+    drop(wc.watch_files("/", no_options()).await.unwrap());
+    assert!(
+        s.fakes
+            .containers
+            .calls()
+            .contains(&"files c Read /workspace/x".to_owned())
+    );
     wh.start_process("true", no_options()).await.unwrap();
     assert_eq!(wh.list_processes().await.unwrap().len(), 1);
     s.fakes.containers.release_build.notify_one();

@@ -99,6 +99,16 @@ impl Executor for HostExecutor {
             .map_err(|e| Error::io("Cannot make a socket pair", e))
     }
 
+    async fn files(
+        &self,
+        workspace: &str,
+        call: crate::core::files::FileCall,
+        cancel: CancellationToken,
+    ) -> Result<crate::core::files::FileOutcome> {
+        let conn = super::files::local(call.req.op)?;
+        super::files::call(conn, call, workspace, &cancel).await
+    }
+
     async fn connect_port(&self, port: u16) -> Result<OwnedFd> {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let failed = |e: io::Error| {

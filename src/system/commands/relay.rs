@@ -343,6 +343,141 @@ fn copy_out(pipe: OwnedFd, caller: &OwnedFd, state: &AtomicU8) {
     }
 }
 
+/// A caller's content (`WriteFile`, `Upload`) into a pipe the service made, which is what the
+/// agent (or the service's own file thread) reads: the caller's descriptor never goes further.
+/// A thread of its own copies (`splice` where the descriptor allows it, plain reads and writes
+/// otherwise), woken and stopped as a command's relays are.
+pub(crate) struct Inflow {
+    worker: Worker,
+    /// Bytes moved so far (a stall is no progress for a while).
+    moved: Arc<std::sync::atomic::AtomicU64>,
+    /// It reached the caller's end of file.
+    whole: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Makes the pipe and starts copying the caller's descriptor into it; the pipe's read end is
+/// for whoever takes the content.
+pub(crate) fn inflow(caller: OwnedFd) -> io::Result<(OwnedFd, Inflow)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    install_wake()?;
+    let (r, w) = pipe()?;
+    super::pipes::grow(&w);
+    let moved = Arc::new(AtomicU64::new(0));
+    let whole = Arc::new(AtomicBool::new(false));
+    let (m, wh) = (moved.clone(), whole.clone());
+    let worker = Worker::spawn("relay-file", move |state| {
+        if copy_all(&caller, &w, state, &m) {
+            wh.store(true, Ordering::SeqCst);
+        }
+    })?;
+    Ok((
+        r,
+        Inflow {
+            worker,
+            moved,
+            whole,
+        },
+    ))
+}
+
+impl Inflow {
+    /// Waits for the content's end: true when it came whole (the caller's end of file), false
+    /// when reading or writing failed, nothing moved for `stall`, or `cancel` fired (then the
+    /// copy is stopped). When this returns, the service holds neither the caller's descriptor
+    /// nor the pipe's write end: whoever reads it sees its end.
+    pub(crate) async fn finish(
+        mut self,
+        cancel: &tokio_util::sync::CancellationToken,
+        stall: Duration,
+    ) -> bool {
+        let Some(mut done) = self.worker.done.take() else {
+            return false;
+        };
+        let mut seen = 0;
+        let mut since = tokio::time::Instant::now();
+        let ended = loop {
+            tokio::select! {
+                _ = &mut done => break true,
+                () = cancel.cancelled() => break false,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let now = self.moved.load(Ordering::SeqCst);
+                    if now != seen {
+                        (seen, since) = (now, tokio::time::Instant::now());
+                    } else if since.elapsed() >= stall {
+                        break false;
+                    }
+                }
+            }
+        };
+        if let Some(thread) = self.worker.thread.take() {
+            if ended {
+                // It has ended (its last act): joining does not block.
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            } else {
+                let state = self.worker.state.clone();
+                stop(thread, state, done, STOP, Duration::ZERO).await;
+            }
+        }
+        ended && self.whole.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies the caller's descriptor into the pipe until its end of file (true), a failure, or
+/// `STOP` (false).
+fn copy_all(
+    caller: &OwnedFd,
+    pipe: &OwnedFd,
+    state: &AtomicU8,
+    moved: &std::sync::atomic::AtomicU64,
+) -> bool {
+    // splice first: no copy through the service where the caller's descriptor allows it.
+    loop {
+        if state.load(Ordering::SeqCst) != RUN {
+            return false;
+        }
+        // SAFETY: splice between two descriptors we hold, at their own positions.
+        let n = unsafe {
+            libc::splice(
+                caller.as_raw_fd(),
+                std::ptr::null_mut(),
+                pipe.as_raw_fd(),
+                std::ptr::null_mut(),
+                1 << 20,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n > 0 {
+            moved.fetch_add(n as u64, Ordering::SeqCst);
+            continue;
+        }
+        if n == 0 {
+            return true;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => wait_ready(caller.as_fd(), libc::POLLIN),
+            // Not something splice takes (a terminal, say): plain reads and writes.
+            Some(libc::EINVAL | libc::ENOSYS) => break,
+            _ => return false,
+        }
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    while state.load(Ordering::SeqCst) == RUN {
+        match read(caller.as_fd(), &mut buf) {
+            Ok(None) => continue,
+            Ok(Some(0)) => return true,
+            Err(_) => return false,
+            Ok(Some(n)) => {
+                if !write_all(pipe.as_fd(), &buf[..n], state) {
+                    return false;
+                }
+                moved.fetch_add(n as u64, Ordering::SeqCst);
+            }
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +494,28 @@ mod tests {
         let null = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         let sink = std::fs::OpenOptions::new().write(true).open("/dev/null");
         relay(null, stdout, OwnedFd::from(sink.unwrap())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_callers_content_comes_whole_or_is_said_not_to() {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        // Whole: to the caller's end of file.
+        let (mut caller, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (read, flow) = inflow(theirs.into()).unwrap();
+        caller.write_all(b"content").unwrap();
+        drop(caller);
+        assert!(flow.finish(&cancel, Duration::from_secs(5)).await);
+        let mut got = Vec::new();
+        std::fs::File::from(read).read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"content");
+        // Not whole: the caller stalls, or the call is cancelled.
+        let (_caller, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (_read, flow) = inflow(theirs.into()).unwrap();
+        assert!(!flow.finish(&cancel, Duration::from_secs(2)).await);
+        let (_caller, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (_read, flow) = inflow(theirs.into()).unwrap();
+        cancel.cancel();
+        assert!(!flow.finish(&cancel, Duration::from_secs(60)).await);
     }
 
     #[tokio::test]

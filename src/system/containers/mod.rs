@@ -511,6 +511,16 @@ impl Containers for NspawnContainers {
         })
     }
 
+    async fn files(
+        &self,
+        ws: &Workspace,
+        call: crate::core::files::FileCall,
+        cancel: CancellationToken,
+    ) -> Result<crate::core::files::FileOutcome> {
+        let (_leader, conn) = self.agent_of(ws).await?;
+        crate::system::commands::files::call(conn, call, &ws.name, &cancel).await
+    }
+
     async fn run_init(
         &self,
         ws: &Workspace,

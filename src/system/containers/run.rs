@@ -12,26 +12,7 @@ impl NspawnContainers {
         req: ExecRequest,
         cancel: &CancellationToken,
     ) -> Result<(Arc<Leader>, Result<ExecOutcome>)> {
-        let mut leader = self.leader(ws).await?;
-        let not_answering = |e: std::io::Error| {
-            Error::JobFailed(format!(
-                "The agent of workspace '{}' does not answer: {e} (StopWorkspace and StartWorkspace restart it)",
-                ws.name
-            ))
-        };
-        let conn = match agent_connection(&leader).await {
-            Ok(conn) => conn,
-            // No one listens on the agent's socket: the agent is gone (killed, crashed), and
-            // the container with it. It is started again, once, and that is logged.
-            Err(e) if agent_gone(&e) => {
-                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
-                      "The agent of workspace {} is gone ({e}); restarting its container", ws.name);
-                self.stop(ws).await?;
-                leader = self.leader(ws).await?;
-                agent_connection(&leader).await.map_err(not_answering)?
-            }
-            Err(e) => return Err(not_answering(e)),
-        };
+        let (leader, conn) = self.agent_of(ws).await?;
         // The working directory is resolved by the agent, inside the container.
         let terminal = agent_terminal(req.terminal, &req.io);
         let request = agent_request(req.command, &req.cwd, req.env, terminal);
@@ -50,6 +31,33 @@ impl NspawnContainers {
         let containment = Containment::Cgroup(leader.payload.clone());
         let outcome = run_contained(command, &containment, cancel).await;
         Ok((leader, outcome))
+    }
+}
+
+impl NspawnContainers {
+    /// The running container's leader and a connection to its agent; a container whose agent
+    /// is gone (killed, crashed: no one listens on its socket) is started again first, once,
+    /// and that is logged.
+    pub(super) async fn agent_of(&self, ws: &Workspace) -> Result<(Arc<Leader>, AgentConnection)> {
+        let mut leader = self.leader(ws).await?;
+        let not_answering = |e: std::io::Error| {
+            Error::JobFailed(format!(
+                "The agent of workspace '{}' does not answer: {e} (StopWorkspace and StartWorkspace restart it)",
+                ws.name
+            ))
+        };
+        let conn = match agent_connection(&leader).await {
+            Ok(conn) => conn,
+            Err(e) if agent_gone(&e) => {
+                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "The agent of workspace {} is gone ({e}); restarting its container", ws.name);
+                self.stop(ws).await?;
+                leader = self.leader(ws).await?;
+                agent_connection(&leader).await.map_err(not_answering)?
+            }
+            Err(e) => return Err(not_answering(e)),
+        };
+        Ok((leader, conn))
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use agent_workspaces_agent::files::{FileReply, FileRequest, MAX_FILE_REPLY};
 use agent_workspaces_agent::{
     ConnectRequest, ExecRequest, IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REPLY, NEXT, RefuseReason,
     Reply, frame_len, recv_with_fds, send_with_fds,
@@ -320,7 +321,17 @@ impl AgentConnection {
         let mut framed = vec![NEXT];
         framed.extend(req.encode());
         let first = self.request(&framed, fds, answer_within).await;
-        let ended = match &first {
+        if self.replace_if_ended(&first).await? {
+            return self.request(&framed, fds, answer_within).await;
+        }
+        first
+    }
+
+    /// A kept connection that the agent ended meanwhile (it ended without an answer: the
+    /// agent never reads a request it does not answer) is replaced by a new one, once: true
+    /// when it was, and the request is to be sent again.
+    async fn replace_if_ended<T>(&mut self, first: &io::Result<Option<T>>) -> io::Result<bool> {
+        let ended = match first {
             Ok(None) => true,
             Err(e) => matches!(
                 e.kind(),
@@ -337,10 +348,52 @@ impl AgentConnection {
                         .clear();
                 }
                 *self = home.connect().await?;
-                self.request(&framed, fds, answer_within).await
+                Ok(true)
             }
-            _ => first,
+            _ => Ok(false),
         }
+    }
+
+    /// Sends a file request with its descriptor (a content pipe's end), and reads the agent's
+    /// answer within `answer_within` (`None`: it closed the connection). A kept connection the
+    /// agent ended meanwhile is replaced, as for a command.
+    pub async fn file_request(
+        &mut self,
+        req: &FileRequest,
+        fd: Option<BorrowedFd<'_>>,
+        answer_within: Duration,
+    ) -> io::Result<Option<FileReply>> {
+        let mut framed = vec![NEXT];
+        framed.extend(req.encode());
+        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        let first = self.file_exchange(&framed, &fds, answer_within).await;
+        if self.replace_if_ended(&first).await? {
+            return self.file_exchange(&framed, &fds, answer_within).await;
+        }
+        first
+    }
+
+    async fn file_exchange(
+        &mut self,
+        framed: &[u8],
+        fds: &[BorrowedFd<'_>],
+        answer_within: Duration,
+    ) -> io::Result<Option<FileReply>> {
+        let from = usize::from(self.reused.is_none());
+        self.send(&framed[from..], fds).await?;
+        self.file_reply(answer_within).await
+    }
+
+    /// The agent's next answer to a file request, within `within`; `None` when it closed the
+    /// connection.
+    pub async fn file_reply(&mut self, within: Duration) -> io::Result<Option<FileReply>> {
+        let frame = tokio::time::timeout(within, self.next_frame(MAX_FILE_REPLY, None))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??;
+        frame
+            .map(|f| FileReply::decode(&f))
+            .transpose()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     /// Sends one request frame, `NEXT` first on a kept connection (`framed` holds both), and
@@ -395,10 +448,22 @@ impl AgentConnection {
     /// The next reply; descriptors that come with it go to `fds` where they are asked for
     /// (`Some`), and are closed (`discard`) where not. No byte past the reply is read: what
     /// follows stays in the socket (a kept connection is stored with it across a restart).
-    async fn next_reply(
+    async fn next_reply(&mut self, fds: Option<&mut Vec<OwnedFd>>) -> io::Result<Option<Reply>> {
+        let frame = self.next_frame(MAX_REPLY, fds).await?;
+        frame
+            .map(|f| Reply::decode(&f))
+            .transpose()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// The next frame's contents (after its length, which must be within `max`); `None` when
+    /// the agent closed the connection first. Read in pieces of 64 KiB at most: nothing is
+    /// allocated for bytes that have not come.
+    async fn next_frame(
         &mut self,
+        max: usize,
         mut fds: Option<&mut Vec<OwnedFd>>,
-    ) -> io::Result<Option<Reply>> {
+    ) -> io::Result<Option<Vec<u8>>> {
         loop {
             let want = if self.pending.len() < 4 {
                 4
@@ -409,18 +474,16 @@ impl AgentConnection {
                     self.pending[2],
                     self.pending[3],
                 ];
-                4 + frame_len(header, MAX_REPLY)
+                4 + frame_len(header, max)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
             };
             if self.pending.len() >= 4 && self.pending.len() == want {
-                let reply = Reply::decode(&self.pending[4..]);
+                let frame = self.pending.split_off(4);
                 self.pending.clear();
-                return reply
-                    .map(Some)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+                return Ok(Some(frame));
             }
             self.stream.readable().await?;
-            let mut buf = vec![0u8; want - self.pending.len()];
+            let mut buf = vec![0u8; (want - self.pending.len()).min(64 * 1024)];
             let mut came = Vec::new();
             let read = self.stream.try_io(Interest::READABLE, || {
                 recv_with_fds(self.stream.as_fd(), &mut buf, &mut came)
