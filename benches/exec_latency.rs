@@ -361,6 +361,7 @@ async fn main() {
         "",
     );
     common::network::figures(&conn, &m, &name, create_ready, &mut fig).await;
+    common::files::figures(&m, &name, &mut fig).await;
     let mut rebuilds = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();

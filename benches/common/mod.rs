@@ -2,6 +2,7 @@
 //! loopback (a dev server's stand-in) and a one-shot GET to it; timing (`timing`); the far
 //! side of the network figures (`network`).
 
+pub mod files;
 pub mod network;
 pub mod timing;
 

@@ -87,8 +87,11 @@ fn add_one(tar: &mut tar::Builder<PipeWriter>, path: &Path, name: &[u8]) -> std:
     let name = Path::new(std::ffi::OsStr::from_bytes(name));
     let t = m.file_type();
     if t.is_dir() {
+        // A directory's name ends with '/', as tar writes it.
         let mut h = header_of(&m, tar::EntryType::Directory);
-        tar.append_data(&mut h, name, std::io::empty())
+        let mut dir = name.as_os_str().to_owned();
+        dir.push("/");
+        tar.append_data(&mut h, dir, std::io::empty())
     } else if t.is_symlink() {
         let target = std::fs::read_link(path)?;
         let mut h = header_of(&m, tar::EntryType::Symlink);
