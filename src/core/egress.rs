@@ -227,16 +227,15 @@ pub fn check(key: &str, list: &[String]) -> Result<Vec<String>> {
         let d = Destination::parse(entry).map_err(|e| Error::invalid(key, e))?;
         // An allow rule that names only addresses no container reaches is a mistake said at
         // once (a wider one, 0.0.0.0/0 say, still leaves them out).
-        if let (Destination::Net { addr, prefix }, "egress_allow") = (&d, key) {
-            if let Some((_, _, what)) = NEVER
+        if let (Destination::Net { addr, prefix }, "egress_allow") = (&d, key)
+            && let Some((_, _, what)) = NEVER
                 .iter()
                 .find(|(n, len, _)| *prefix >= *len && overlaps(*addr, *prefix, *n, *len))
-            {
-                return Err(Error::invalid(
-                    key,
-                    format!("'{d}' is {what}, which no container reaches whatever its rules"),
-                ));
-            }
+        {
+            return Err(Error::invalid(
+                key,
+                format!("'{d}' is {what}, which no container reaches whatever its rules"),
+            ));
         }
         let s = d.to_string();
         if !out.contains(&s) {

@@ -410,19 +410,19 @@ impl ExecParams {
                 ),
             ));
         }
-        if let Some(cwd) = &self.cwd {
-            if cwd.is_empty() || cwd.len() > limits::PATH_MAX || cwd.contains('\0') {
-                return Err(invalid("cwd", "must be a non-empty path"));
-            }
+        if let Some(cwd) = &self.cwd
+            && (cwd.is_empty() || cwd.len() > limits::PATH_MAX || cwd.contains('\0'))
+        {
+            return Err(invalid("cwd", "must be a non-empty path"));
         }
         check_env("env", &self.env)?;
-        if let crate::core::ports::ExecIo::Collect { stdin } = &self.io {
-            if stdin.len() > limits::STDIN_MAX {
-                return Err(invalid(
-                    "stdin",
-                    format!("{} bytes, at most {}", stdin.len(), limits::STDIN_MAX),
-                ));
-            }
+        if let crate::core::ports::ExecIo::Collect { stdin } = &self.io
+            && stdin.len() > limits::STDIN_MAX
+        {
+            return Err(invalid(
+                "stdin",
+                format!("{} bytes, at most {}", stdin.len(), limits::STDIN_MAX),
+            ));
         }
         Ok(timeout)
     }

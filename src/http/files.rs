@@ -249,13 +249,12 @@ pub(super) async fn read(
         e.2,
         (e.1 == "file").then(|| format!("\"{:x}-{:x}\"", e.6, e.2)),
     );
-    if let (Some(tag), Some(inm)) = (&etag, headers.get(header::IF_NONE_MATCH)) {
-        if inm
+    if let (Some(tag), Some(inm)) = (&etag, headers.get(header::IF_NONE_MATCH))
+        && inm
             .to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"))
-        {
-            return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag.clone())]).into_response());
-        }
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag.clone())]).into_response());
     }
     let r = if e.1 == "file" {
         range(&headers, size)

@@ -233,15 +233,15 @@ impl Config {
         if exec.max_concurrent == 0 {
             return Err("exec.max_concurrent must be at least 1".into());
         }
-        if let Some(dir) = &file.host_workspace_dir {
-            if !dir.is_absolute() {
-                return Err("host_workspace_dir must be an absolute path".into());
-            }
+        if let Some(dir) = &file.host_workspace_dir
+            && !dir.is_absolute()
+        {
+            return Err("host_workspace_dir must be an absolute path".into());
         }
-        if let Some(dir) = &file.library_path {
-            if !dir.is_absolute() {
-                return Err("library_path must be an absolute path".into());
-            }
+        if let Some(dir) = &file.library_path
+            && !dir.is_absolute()
+        {
+            return Err("library_path must be an absolute path".into());
         }
         let mut network = NetworkConfig::default();
         if let Some(pool) = file.network.pool {

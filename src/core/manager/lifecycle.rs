@@ -45,11 +45,12 @@ impl Manager {
               workspace_path = %ws.path.display(),
               "Created {} workspace {} ({})", ws.workspace_type.as_str(), ws.name, ws.id);
         self.ports.events.emit(Event::Added { id: ws.id.clone() });
-        if !ws.is_container() && (!ws.skills.is_empty() || !ws.tools.is_empty()) {
-            if let Err(e) = self.install_library(&ws).await {
-                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+        if !ws.is_container()
+            && (!ws.skills.is_empty() || !ws.tools.is_empty())
+            && let Err(e) = self.install_library(&ws).await
+        {
+            warn!(workspace_id = %ws.id, workspace_name = %ws.name,
                       "Cannot install the skills and tools of {}: {e}", ws.name);
-            }
         }
         if build_now {
             // The workspace exists now: a build that cannot start leaves it pending, it does
@@ -215,11 +216,9 @@ impl Manager {
             self.install_library(&ws).await?;
         }
         if let Err(e) = self.ports.store.save(&ws) {
-            if install {
-                if let Err(undo) = self.install_library(&before).await {
-                    warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+            if install && let Err(undo) = self.install_library(&before).await {
+                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
                           "Cannot put back the skills and tools of {}: {undo}", ws.name);
-                }
             }
             return Err(e);
         }

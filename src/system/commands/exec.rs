@@ -489,13 +489,13 @@ pub async fn run_contained(
             &keep.record,
         );
     }
-    if let Some((stdin, data)) = streams.stdin {
-        if let Ok(mut stdin) = pipe::Sender::from_owned_fd(stdin) {
-            // A command that does not read its stdin closes the pipe: that is not an error.
-            tokio::spawn(async move {
-                let _ = stdin.write_all(&data).await;
-            });
-        }
+    if let Some((stdin, data)) = streams.stdin
+        && let Ok(mut stdin) = pipe::Sender::from_owned_fd(stdin)
+    {
+        // A command that does not read its stdin closes the pipe: that is not an error.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&data).await;
+        });
     }
     // The command's end and its output are awaited in this one task: no hand-off between
     // threads stands between the command's exit and the answer.

@@ -165,13 +165,13 @@ pub fn pacman_conf(s: &DistroSettings) -> String {
         "Never"
     };
     let mut conf = format!("[options]\nArchitecture = auto\nSigLevel = {siglevel}\n");
-    if let Some(k) = &s.keyring {
-        if let Some(dir) = k.parent() {
-            conf.push_str(&format!(
-                "GPGDir = {}\n",
-                dir.join("pacman-gnupg").display()
-            ));
-        }
+    if let Some(k) = &s.keyring
+        && let Some(dir) = k.parent()
+    {
+        conf.push_str(&format!(
+            "GPGDir = {}\n",
+            dir.join("pacman-gnupg").display()
+        ));
     }
     for repo in ["core", "extra"] {
         conf.push_str(&format!("\n[{repo}]\nServer = {}\n", s.mirror));

@@ -21,11 +21,11 @@ impl NspawnContainers {
             if let Some(dir) = path.parent() {
                 let _ = fs::create_dir_all(dir);
             }
-            if fs::metadata(&path).is_ok_and(|m| m.len() > LOG_MAX) {
-                if let Ok(old) = fs::read(&path) {
-                    let keep = &old[old.len() - (LOG_MAX / 2) as usize..];
-                    let _ = fs::write(&path, keep);
-                }
+            if fs::metadata(&path).is_ok_and(|m| m.len() > LOG_MAX)
+                && let Ok(old) = fs::read(&path)
+            {
+                let keep = &old[old.len() - (LOG_MAX / 2) as usize..];
+                let _ = fs::write(&path, keep);
             }
             if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path) {
                 let _ = f.write_all(&text);

@@ -664,11 +664,11 @@ mod tests {
                         }
                     }
                     4 => {
-                        if let Ok(d) = tree.dir(&rel, false) {
-                            if let Ok(staged) = d.create_dir(".staged", 0o755) {
-                                let _ = staged.write_file("tool", b"#!/bin/sh\n", 0o755);
-                                let _ = d.replace_with(".staged", name);
-                            }
+                        if let Ok(d) = tree.dir(&rel, false)
+                            && let Ok(staged) = d.create_dir(".staged", 0o755)
+                        {
+                            let _ = staged.write_file("tool", b"#!/bin/sh\n", 0o755);
+                            let _ = d.replace_with(".staged", name);
                         }
                     }
                     5 => {

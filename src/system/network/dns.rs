@@ -246,10 +246,12 @@ async fn ask_tcp(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> {
             s.read_exact(&mut answer).await?;
             std::io::Result::Ok(answer)
         };
-        if let Ok(Ok(answer)) = tokio::time::timeout(UPSTREAM_TIMEOUT, asked).await {
-            if answer.len() >= 2 && query.len() >= 2 && answer[..2] == query[..2] {
-                return Some(answer);
-            }
+        if let Ok(Ok(answer)) = tokio::time::timeout(UPSTREAM_TIMEOUT, asked).await
+            && answer.len() >= 2
+            && query.len() >= 2
+            && answer[..2] == query[..2]
+        {
+            return Some(answer);
         }
     }
     None
