@@ -55,9 +55,17 @@ fn options(keys: Keys, q: &HashMap<String, String>, skip: &[&str]) -> ApiResult<
 }
 
 fn path_of(q: &HashMap<String, String>) -> ApiResult<&str> {
-    q.get("path")
+    let p = q
+        .get("path")
         .map(String::as_str)
-        .ok_or_else(|| ApiError::invalid("path", "is required"))
+        .ok_or_else(|| ApiError::invalid("path", "is required"))?;
+    checked("path", p)
+}
+
+/// A path as the service checks it (no NUL byte, which D-Bus cannot carry either).
+fn checked<'a>(field: &str, p: &'a str) -> ApiResult<&'a str> {
+    crate::core::files::check_path(field, p)?;
+    Ok(p)
 }
 
 pub(super) fn entry_json(e: EntryTuple) -> Value {
@@ -117,7 +125,7 @@ pub(super) async fn remove(
 
 fn member(body: &mut Map<String, Value>, key: &str) -> ApiResult<String> {
     match body.remove(key) {
-        Some(Value::String(s)) => Ok(s),
+        Some(Value::String(s)) => checked(key, &s).map(str::to_owned),
         Some(_) => Err(ApiError::invalid(key, "must be a string")),
         None => Err(ApiError::invalid(key, "is required")),
     }

@@ -170,7 +170,7 @@ test('the files of a workspace: upload, open, download, walk folders, delete', a
   // A text file opens in the page.
   await row.getByRole('button', { name: 'hello.txt', exact: true }).click();
   await expect(files.getByRole('region', { name: 'Contents of hello.txt' })).toHaveText(text);
-  await shot(page, '12-workspace-files');
+  await shot(page, '13-workspace-files');
 
   // Downloaded through fetch with the token: the same bytes, under the file's name.
   const downloading = page.waitForEvent('download');

@@ -609,6 +609,12 @@ async fn files_over_rest_with_curl_range_streamed_upload_archives_and_sse_watch(
         "curl -sS -o /dev/null -w '%{{http_code}}' -H 'If-None-Match: {etag}' {auth} 'http://127.0.0.1:7600{api}/files?path=src/notes.txt'"
     ));
     assert_eq!(code, "304");
+    let (status, body) = curl("GET", &format!("{api}/files?path=a%00b"), Some(TOKEN), "");
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (400, Some("path")),
+        "{body}"
+    );
     let (status, body) = curl(
         "GET",
         &format!("{api}/files?path=src/nothing"),
