@@ -108,4 +108,27 @@ mod policy_tests {
             .collect();
         assert_eq!(allowed, methods);
     }
+
+    /// Every action the service asks polkit about is shipped in the policy file, and the file
+    /// ships no other: polkit refuses an action it does not know.
+    #[test]
+    fn the_policy_file_has_exactly_the_actions_asked_for() {
+        use super::auth::Action;
+        let policy = read("polkit/org.agent.workspaces.policy");
+        let shipped: BTreeSet<&str> = policy
+            .split("<action id=\"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .collect();
+        let asked: BTreeSet<&str> = [
+            Action::Manage,
+            Action::Exec,
+            Action::ExecHost,
+            Action::ReadFiles,
+        ]
+        .into_iter()
+        .map(Action::id)
+        .collect();
+        assert_eq!(shipped, asked);
+    }
 }
