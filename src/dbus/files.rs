@@ -70,28 +70,34 @@ impl Context {
         self.manager.files(&ws.id, call, gone).await
     }
 
-    pub async fn read_file(
+    /// `ReadFile`, `Download`, `WatchFiles`: the caller's end of the pipe the content comes
+    /// on.
+    pub async fn stream_out(
         &self,
         header: &Header<'_>,
         key: &str,
+        op: FileOp,
         path: &str,
         options: Dict,
     ) -> Result<zbus::OwnedFd> {
-        stream(
-            self.file_call(header, key, FileOp::Read, (path, None), None, options)
-                .await?,
-        )
+        match self
+            .file_call(header, key, op, (path, None), None, options)
+            .await?
+        {
+            FileOutcome::Stream(fd) => Ok(zbus::OwnedFd::from(fd)),
+            _ => Err(unexpected()),
+        }
     }
 
-    pub async fn write_file(
+    /// `WriteFile`, `Upload`: the content from the caller's descriptor.
+    pub async fn content_in(
         &self,
         header: &Header<'_>,
         key: &str,
-        path: &str,
-        content: zbus::OwnedFd,
+        op: FileOp,
+        (path, content): (&str, zbus::OwnedFd),
         options: Dict,
     ) -> Result<()> {
-        let op = FileOp::Write;
         self.file_call(header, key, op, (path, None), Some(content), options)
             .await
             .map(drop)
@@ -147,53 +153,6 @@ impl Context {
         self.file_call(header, key, op, paths, None, options)
             .await
             .map(drop)
-    }
-
-    pub async fn download(
-        &self,
-        header: &Header<'_>,
-        key: &str,
-        path: &str,
-        options: Dict,
-    ) -> Result<zbus::OwnedFd> {
-        stream(
-            self.file_call(header, key, FileOp::Download, (path, None), None, options)
-                .await?,
-        )
-    }
-
-    pub async fn upload(
-        &self,
-        header: &Header<'_>,
-        key: &str,
-        path: &str,
-        archive: zbus::OwnedFd,
-        options: Dict,
-    ) -> Result<()> {
-        let op = FileOp::Upload;
-        self.file_call(header, key, op, (path, None), Some(archive), options)
-            .await
-            .map(drop)
-    }
-
-    pub async fn watch_files(
-        &self,
-        header: &Header<'_>,
-        key: &str,
-        path: &str,
-        options: Dict,
-    ) -> Result<zbus::OwnedFd> {
-        stream(
-            self.file_call(header, key, FileOp::Watch, (path, None), None, options)
-                .await?,
-        )
-    }
-}
-
-fn stream(outcome: FileOutcome) -> Result<zbus::OwnedFd> {
-    match outcome {
-        FileOutcome::Stream(fd) => Ok(zbus::OwnedFd::from(fd)),
-        _ => Err(unexpected()),
     }
 }
 

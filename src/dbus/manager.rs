@@ -140,7 +140,9 @@ impl ManagerObject {
         path: &str,
         options: Dict,
     ) -> Result<zbus::OwnedFd> {
-        self.ctx.read_file(&header, workspace, path, options).await
+        self.ctx
+            .stream_out(&header, workspace, FileOp::Read, path, options)
+            .await
     }
 
     /// Writes a file from the caller's descriptor, whole or not at all.
@@ -153,7 +155,7 @@ impl ManagerObject {
         options: Dict,
     ) -> Result<()> {
         self.ctx
-            .write_file(&header, workspace, path, content, options)
+            .content_in(&header, workspace, FileOp::Write, (path, content), options)
             .await
     }
 
@@ -230,7 +232,9 @@ impl ManagerObject {
         path: &str,
         options: Dict,
     ) -> Result<zbus::OwnedFd> {
-        self.ctx.download(&header, workspace, path, options).await
+        self.ctx
+            .stream_out(&header, workspace, FileOp::Download, path, options)
+            .await
     }
 
     /// A tar stream from the caller's descriptor, unpacked into the directory `path`.
@@ -243,7 +247,7 @@ impl ManagerObject {
         options: Dict,
     ) -> Result<()> {
         self.ctx
-            .upload(&header, workspace, path, archive, options)
+            .content_in(&header, workspace, FileOp::Upload, (path, archive), options)
             .await
     }
 
@@ -257,7 +261,7 @@ impl ManagerObject {
         options: Dict,
     ) -> Result<zbus::OwnedFd> {
         self.ctx
-            .watch_files(&header, workspace, path, options)
+            .stream_out(&header, workspace, FileOp::Watch, path, options)
             .await
     }
 

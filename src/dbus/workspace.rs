@@ -68,7 +68,9 @@ impl WorkspaceObject {
         path: &str,
         options: Dict,
     ) -> Result<zbus::OwnedFd> {
-        self.ctx.read_file(&header, &self.id, path, options).await
+        self.ctx
+            .stream_out(&header, &self.id, FileOp::Read, path, options)
+            .await
     }
 
     /// Writes a file from the caller's descriptor, whole or not at all.
@@ -80,7 +82,7 @@ impl WorkspaceObject {
         options: Dict,
     ) -> Result<()> {
         self.ctx
-            .write_file(&header, &self.id, path, content, options)
+            .content_in(&header, &self.id, FileOp::Write, (path, content), options)
             .await
     }
 
@@ -151,7 +153,9 @@ impl WorkspaceObject {
         path: &str,
         options: Dict,
     ) -> Result<zbus::OwnedFd> {
-        self.ctx.download(&header, &self.id, path, options).await
+        self.ctx
+            .stream_out(&header, &self.id, FileOp::Download, path, options)
+            .await
     }
 
     /// A tar stream from the caller's descriptor, unpacked into the directory `path`.
@@ -163,7 +167,7 @@ impl WorkspaceObject {
         options: Dict,
     ) -> Result<()> {
         self.ctx
-            .upload(&header, &self.id, path, archive, options)
+            .content_in(&header, &self.id, FileOp::Upload, (path, archive), options)
             .await
     }
 
@@ -175,7 +179,9 @@ impl WorkspaceObject {
         path: &str,
         options: Dict,
     ) -> Result<zbus::OwnedFd> {
-        self.ctx.watch_files(&header, &self.id, path, options).await
+        self.ctx
+            .stream_out(&header, &self.id, FileOp::Watch, path, options)
+            .await
     }
 
     #[zbus(out_args("process"))]

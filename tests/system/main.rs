@@ -7,6 +7,7 @@ mod cli;
 mod containers;
 mod egress;
 mod far;
+mod file_clients;
 mod files;
 mod host;
 mod hostile;

@@ -261,13 +261,7 @@ pub async fn cat(
         .await
         .map_err(err)?
         .into();
-    tokio::task::spawn_blocking(move || {
-        let mut out = std::io::stdout().lock();
-        std::io::copy(&mut std::fs::File::from(fd), &mut out).and_then(|_| out.flush())
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("cannot write the output: {e}"))
+    to_stdout(fd).await
 }
 
 pub async fn watch(
@@ -282,23 +276,27 @@ pub async fn watch(
         .map_err(err)?
         .into();
     // Lines as they come, until the workspace ends the watch or this is interrupted.
+    to_stdout(fd).await
+}
+
+/// Copies what comes on `fd` to standard output as it comes, to its end.
+async fn to_stdout(fd: OwnedFd) -> Result<(), String> {
     tokio::task::spawn_blocking(move || {
         let mut out = std::io::stdout();
         let mut from = std::fs::File::from(fd);
-        let mut buf = [0u8; 8192];
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             match std::io::Read::read(&mut from, &mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
-                        return;
-                    }
-                }
+                Ok(0) => return Ok(()),
+                Ok(n) => out.write_all(&buf[..n]).and_then(|()| out.flush())?,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     })
     .await
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("cannot copy the output: {e}"))
 }
 
 pub fn flags(who: &FileUser, extra: Vec<(&'static str, Variant<'static>)>) -> Args<'static> {
