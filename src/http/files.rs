@@ -316,27 +316,27 @@ const HOLD_FAILED: Duration = Duration::from_secs(10);
 
 /// Streams the request body into a pipe; the pipe's read end for the service, and what tells
 /// the body failed.
-fn body_into_pipe(
-    body: Body,
-    gunzip: bool,
-) -> ApiResult<(OwnedFd, tokio::sync::oneshot::Receiver<String>)> {
+fn body_into_pipe(body: Body, gunzip: bool) -> ApiResult<(OwnedFd, Failed)> {
     let internal = |e: std::io::Error| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", e.to_string())
     };
     let (r, w) = std::io::pipe().map_err(internal)?;
-    let (failed_tx, failed) = tokio::sync::oneshot::channel();
+    let (failed_tx, failed) = tokio::sync::mpsc::unbounded_channel();
     let w: OwnedFd = w.into();
     if gunzip {
         // The body into a second pipe, unpacked by a thread into the first.
         let (gz_r, gz_w) = std::io::pipe().map_err(internal)?;
         let gz_w: OwnedFd = gz_w.into();
+        let gz_failed = failed_tx.clone();
         std::thread::Builder::new()
             .name("gunzip".into())
             .spawn(move || {
-                let mut dec = flate2::read::GzDecoder::new(gz_r);
+                let mut dec = flate2::read::MultiGzDecoder::new(gz_r);
                 let mut out = std::fs::File::from(w);
-                if std::io::copy(&mut dec, &mut out).is_err() {
-                    // Not gzip, or cut: held, so the service does not take it for whole.
+                if let Err(e) = std::io::copy(&mut dec, &mut out) {
+                    // Not gzip, or cut: said (the call is dropped), and the pipe held, so the
+                    // service does not take it for whole.
+                    let _ = gz_failed.send(format!("the body is not whole gzip: {e}"));
                     std::thread::sleep(HOLD_FAILED);
                 }
             })
@@ -348,7 +348,10 @@ fn body_into_pipe(
     Ok((r.into(), failed))
 }
 
-async fn feed(body: Body, w: OwnedFd, failed: tokio::sync::oneshot::Sender<String>) {
+/// Where a failed body says so.
+type Failed = tokio::sync::mpsc::UnboundedReceiver<String>;
+
+async fn feed(body: Body, w: OwnedFd, failed: tokio::sync::mpsc::UnboundedSender<String>) {
     let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(w) else {
         let _ = failed.send("cannot write to the pipe".into());
         return;
@@ -383,10 +386,10 @@ where
         .await
         .map_err(crate::core::Error::from)?;
     let m = manager_on(&conn).await.map_err(crate::core::Error::from)?;
-    let (read, failed) = body_into_pipe(body, gunzip)?;
+    let (read, mut failed) = body_into_pipe(body, gunzip)?;
     tokio::select! {
         r = call(m, read) => { r?; Ok(StatusCode::NO_CONTENT) }
-        Ok(why) = failed => {
+        Some(why) = failed.recv() => {
             drop(conn);
             Err(ApiError::bad_request(format!("{why}; nothing was written")))
         }

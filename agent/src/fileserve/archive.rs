@@ -25,6 +25,10 @@ use super::tree::make_parents;
 use super::{Failure, Result, checked, refuse, send};
 use crate::files::{FileErrorKind, FileReply, FileRequest, flag};
 
+/// Directories below one another a walk follows at most (each level is a frame of a thread's
+/// stack; `PATH_MAX` alone would allow some 2000).
+pub(crate) const MAX_NESTING: usize = 256;
+
 /// `Download`: ready, then the tar stream into the pipe.
 pub fn download(conn: &mut UnixStream, req: &FileRequest, out: OwnedFd) -> bool {
     let path = match checked(&req.path) {
@@ -93,7 +97,9 @@ fn add_one(tar: &mut tar::Builder<PipeWriter>, path: &Path, name: &[u8]) -> std:
         dir.push("/");
         tar.append_data(&mut h, dir, std::io::empty())
     } else if t.is_symlink() {
-        let target = std::fs::read_link(path)?;
+        let Ok(target) = std::fs::read_link(path) else {
+            return Ok(()); // gone meanwhile: left out
+        };
         let mut h = header_of(&m, tar::EntryType::Symlink);
         tar.append_link(&mut h, name, target)
     } else if t.is_file() {
@@ -104,7 +110,9 @@ fn add_one(tar: &mut tar::Builder<PipeWriter>, path: &Path, name: &[u8]) -> std:
         else {
             return Ok(()); // unreadable, or gone: left out
         };
-        let m = file.metadata()?;
+        let Ok(m) = file.metadata() else {
+            return Ok(());
+        };
         if !m.is_file() {
             return Ok(());
         }
@@ -127,6 +135,13 @@ use std::os::unix::fs::OpenOptionsExt;
 /// Adds the contents of the directory `dir` (named `prefix` in the archive), sorted, never
 /// through a link.
 fn add_tree(tar: &mut tar::Builder<PipeWriter>, dir: &Path, prefix: &[u8]) -> std::io::Result<()> {
+    // Recursion is bounded: a deeper tree ends the archive unfinished (its reader sees it).
+    if prefix.iter().filter(|b| **b == b'/').count() >= MAX_NESTING {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("deeper than {MAX_NESTING} directories"),
+        ));
+    }
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Ok(());
     };
@@ -176,7 +191,8 @@ pub fn unpack(dir: &Path, input: OwnedFd) -> std::result::Result<(), String> {
     };
     let dest = open_dest(&req).map_err(message)?;
     let input = PipeReader::new(input).map_err(|e| e.to_string())?;
-    extract(&dest, &req, input).map_err(message)
+    // What a workspace sends makes no set-user-ID or set-group-ID file on the caller's machine.
+    extract(&dest, &req, input, 0o6000).map_err(message)
 }
 
 /// `Upload`: the directory made if missing (with `PARENTS`), ready, then each entry of the tar
@@ -194,7 +210,7 @@ pub fn upload(conn: &mut UnixStream, req: &FileRequest, input: OwnedFd) -> bool 
     if !send(conn, &FileReply::done()) {
         return false;
     }
-    let result = extract(&dest, req, input);
+    let result = extract(&dest, req, input, 0);
     let whole = verdict(conn);
     let answer = match result {
         Err(f) => f.0,
@@ -356,8 +372,30 @@ fn put_in_place(dir: &OwnedFd, temp: &CString, name: &CString) -> std::io::Resul
     Ok(())
 }
 
-fn extract(dest: &OwnedFd, req: &FileRequest, input: PipeReader) -> Result<()> {
-    let mut archive = tar::Archive::new(input);
+/// A reader that remembers whether it reached its end: an archive that ends without its end
+/// blocks (cut between two entries) reaches it; a whole one stops reading before.
+struct Ends<R> {
+    inner: R,
+    ended: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Read for Ends<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.ended.set(true);
+        }
+        Ok(n)
+    }
+}
+
+/// Unpacks below `dest`; `strip` are mode bits no file made gets.
+fn extract(dest: &OwnedFd, req: &FileRequest, input: PipeReader, strip: u32) -> Result<()> {
+    let ended = std::rc::Rc::new(std::cell::Cell::new(false));
+    let mut archive = tar::Archive::new(Ends {
+        inner: input,
+        ended: ended.clone(),
+    });
     let entries = archive.entries().map_err(|e| Failure::io(&req.path, &e))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| bad_stream(req, &e))?;
@@ -400,7 +438,7 @@ fn extract(dest: &OwnedFd, req: &FileRequest, input: PipeReader) -> Result<()> {
         };
         let dir = parent_of(dest, &parts).map_err(at)?;
         let last = cstring(parts[parts.len() - 1]).map_err(at)?;
-        let mode = entry.header().mode().unwrap_or(0o644) & 0o7777;
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o7777 & !strip;
         match kind {
             tar::EntryType::Directory => {
                 // SAFETY: mkdirat below a directory we hold.
@@ -437,15 +475,27 @@ fn extract(dest: &OwnedFd, req: &FileRequest, input: PipeReader) -> Result<()> {
                 }
                 // SAFETY: just opened.
                 let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                let size = entry.size();
                 let written = std::io::copy(&mut entry, &mut file)
-                    .and_then(|_| {
+                    .and_then(|n| {
+                        // The stream ended inside the entry (the reader gives no error for
+                        // that): nothing of it goes in place.
+                        if n != size {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                format!("the archive ended inside it ({n} of {size} bytes)"),
+                            ));
+                        }
                         use std::os::unix::fs::PermissionsExt;
                         file.set_permissions(std::fs::Permissions::from_mode(mode))
                     })
                     .and_then(|()| {
                         let mtime = entry.header().mtime().unwrap_or(0);
-                        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
-                        file.set_modified(t)
+                        let t = std::time::Duration::from_secs(mtime);
+                        match std::time::UNIX_EPOCH.checked_add(t) {
+                            Some(t) => file.set_modified(t),
+                            None => Ok(()), // beyond what a time holds: left as now
+                        }
                     });
                 if let Err(e) = written {
                     // SAFETY: unlinkat of our own temporary name.
@@ -499,6 +549,14 @@ fn extract(dest: &OwnedFd, req: &FileRequest, input: PipeReader) -> Result<()> {
             tar::EntryType::Fifo => return Err(refused("it is a FIFO")),
             _ => return Err(refused("it is not a file, a directory or a link")),
         }
+    }
+    drop(archive);
+    if ended.get() {
+        return Err(Failure::new(
+            FileErrorKind::Incomplete,
+            &req.path,
+            "the archive ended without its end: entries after the last one written are missing",
+        ));
     }
     Ok(())
 }

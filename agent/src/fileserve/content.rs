@@ -125,6 +125,9 @@ pub(crate) fn temp_name() -> String {
 /// The verdict byte after the content (`COMMIT` or anything else), read without end only as
 /// long as the connection's read timeout.
 pub(crate) fn verdict(conn: &mut UnixStream) -> bool {
+    // The service sends it once its relay has ended, which a stalled caller delays by up to
+    // `STALL` after this side stopped reading (a failed write, a refused entry).
+    let _ = conn.set_read_timeout(Some(io::STALL + std::time::Duration::from_secs(10)));
     let mut b = [0u8; 1];
     matches!(conn.read(&mut b), Ok(1)) && b[0] == COMMIT
 }
@@ -139,7 +142,10 @@ pub(super) fn write(conn: &mut UnixStream, req: &FileRequest, input: OwnedFd) ->
     };
     let input = match PipeReader::new(input) {
         Ok(i) => i,
-        Err(e) => return refuse(conn, Failure::io(&req.path, &e)),
+        Err(e) => {
+            target.abandon();
+            return refuse(conn, Failure::io(&req.path, &e));
+        }
     };
     if !send(conn, &FileReply::done()) {
         target.abandon();

@@ -214,7 +214,7 @@ pub(super) fn move_(req: &FileRequest) -> Result<()> {
             if !req.has(flag::REPLACE) && std::fs::symlink_metadata(to).is_ok() {
                 return Err(Failure::new(FileErrorKind::Exists, &req.target, "exists"));
             }
-            copy_tree(from, to).map_err(|e| Failure::io(&req.target, &e))?;
+            copy_tree(from, to, 0).map_err(|e| Failure::io(&req.target, &e))?;
             let m = std::fs::symlink_metadata(from).map_err(|e| Failure::io(&req.path, &e))?;
             if m.is_dir() {
                 std::fs::remove_dir_all(from)
@@ -234,7 +234,13 @@ pub(super) fn move_(req: &FileRequest) -> Result<()> {
 
 /// Copies a file, a link or a directory tree (never through a link) to `to`, with modes and
 /// times; FIFOs, sockets and devices are refused.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+fn copy_tree(from: &Path, to: &Path, nesting: usize) -> std::io::Result<()> {
+    if nesting > super::archive::MAX_NESTING {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("deeper than {} directories", super::archive::MAX_NESTING),
+        ));
+    }
     let m = std::fs::symlink_metadata(from)?;
     let ft = m.file_type();
     if ft.is_symlink() {
@@ -254,7 +260,7 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
             })?;
         for e in std::fs::read_dir(from)? {
             let e = e?;
-            copy_tree(&e.path(), &to.join(e.file_name()))?;
+            copy_tree(&e.path(), &to.join(e.file_name()), nesting + 1)?;
         }
         std::fs::set_permissions(to, m.permissions())
     } else if ft.is_file() {

@@ -157,7 +157,8 @@ impl Watcher {
                 );
             }
             if m.is_dir() {
-                if self.dirs.len() >= self.limit {
+                let nesting = child.iter().filter(|b| **b == b'/').count();
+                if self.dirs.len() >= self.limit || nesting >= super::archive::MAX_NESTING {
                     self.limited = true;
                     continue;
                 }

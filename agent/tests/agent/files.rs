@@ -459,3 +459,49 @@ fn watch_reports_created_modified_deleted_and_moved_until_its_reader_closes() {
         "{\"event\":\"created\",\"path\":\"new/x\",\"type\":\"file\"}\n"
     );
 }
+
+#[test]
+fn a_cut_archive_puts_nothing_half_in_place_and_unpack_makes_no_setuid_file() {
+    let agent = start_agent();
+    let d = dir(&agent, "cut");
+    std::fs::write(d.join("data.bin"), "the good one").unwrap();
+    let whole = hostile(&[
+        (b"first", tar::EntryType::Regular, b"", b"1"),
+        (b"data.bin", tar::EntryType::Regular, b"", &[7u8; 4000]),
+    ]);
+    // Cut inside data.bin's content: an error, and the old data.bin stays.
+    let cut = &whole[..512 * 3 + 1000];
+    assert!(matches!(upload(&agent, &d, cut), FileReply::Failed { .. }));
+    assert_eq!(std::fs::read(d.join("data.bin")).unwrap(), b"the good one");
+    // Cut between two entries (no end blocks): said, not taken for whole.
+    let between = &whole[..512 * 2];
+    assert_eq!(
+        failed(upload(&agent, &d, between)).0,
+        FileErrorKind::Incomplete
+    );
+    assert_eq!(std::fs::read(d.join("data.bin")).unwrap(), b"the good one");
+    let leftovers: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".aw-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A client unpacking what a workspace sent: no set-user-ID file.
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o4755);
+    h.set_size(1);
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_data(&mut h, "suid", &b"x"[..]).unwrap();
+    let archive = b.into_inner().unwrap();
+    let (r, w) = pipe();
+    let writer = std::thread::spawn(move || std::fs::File::from(w).write_all(&archive).unwrap());
+    let out = dir(&agent, "client");
+    agent_workspaces_agent::fileserve::unpack(&out, r).unwrap();
+    writer.join().unwrap();
+    assert_eq!(
+        std::fs::metadata(out.join("suid")).unwrap().mode() & 0o7777,
+        0o755
+    );
+}

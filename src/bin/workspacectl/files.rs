@@ -165,24 +165,37 @@ async fn copy_from(
     }
 }
 
-/// Writes the content beside `target` and renames it over it once it came whole.
+/// Writes the content beside `target` and renames it over it once it came whole. The
+/// temporary name is new (`O_EXCL`, never through a link: what a workspace unpacked here
+/// before cannot redirect it), and the mode keeps only the permission bits (no set-user-ID
+/// file from a workspace).
 fn write_local(target: &Path, fd: OwnedFd, size: u64, mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let temp = dir.join(format!(
-        ".{}.workspacectl-{}",
-        base_name(&target.to_string_lossy()),
-        std::process::id()
-    ));
     let said = |e: std::io::Error| format!("{}: {e}", target.display());
-    let mut out = std::fs::File::create(&temp).map_err(said)?;
+    let mut random = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .map_err(said)?;
+    let temp = dir.join(format!(
+        ".{}.workspacectl-{:016x}",
+        base_name(&target.to_string_lossy()),
+        u64::from_le_bytes(random)
+    ));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)
+        .map_err(said)?;
     let copied = std::io::copy(&mut std::fs::File::from(fd), &mut out);
     let done = match copied {
         Ok(n) if n == size => out
-            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
             .and_then(|()| std::fs::rename(&temp, target))
             .map_err(said),
         Ok(n) => Err(format!(

@@ -78,11 +78,15 @@ pub async fn call(
         // A refusal stops the relay (dropped with it).
         answer(reply)?;
         let whole = relay.finish(cancel, STALL).await;
-        // The agent reads to the pipe's end, then this: it acts on it before it answers.
-        conn.control(&[if whole { COMMIT } else { ABORT }])
-            .await
-            .map_err(lost)?;
-        let (entries, truncated) = answer(conn.file_reply(ANSWER).await.map_err(lost)?)?;
+        // The agent reads to the pipe's end, then this: it acts on it before it answers. (An
+        // agent that failed first may have answered and gone: its answer is read all the same.)
+        let told = conn.control(&[if whole { COMMIT } else { ABORT }]).await;
+        let reply = conn.file_reply(ANSWER).await;
+        let (entries, truncated) = match (told, reply) {
+            (_, Ok(Some(r))) => answer(Some(r))?,
+            (Err(e), _) => return Err(lost(e)),
+            (Ok(()), r) => answer(r.map_err(lost)?)?,
+        };
         if cancel.is_cancelled() {
             return Err(cancelled());
         }

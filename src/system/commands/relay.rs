@@ -455,7 +455,12 @@ fn copy_all(
         }
         match io::Error::last_os_error().raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) => wait_ready(caller.as_fd(), libc::POLLIN),
+            // A non-blocking caller's descriptor makes the splice non-blocking at both ends:
+            // wait for room in the pipe, then for the caller's data (never a busy loop).
+            Some(libc::EAGAIN) => {
+                wait_ready(pipe.as_fd(), libc::POLLOUT);
+                wait_ready(caller.as_fd(), libc::POLLIN);
+            }
             // Not something splice takes (a terminal, say): plain reads and writes.
             Some(libc::EINVAL | libc::ENOSYS) => break,
             _ => return false,
