@@ -64,6 +64,20 @@ pub type WorkspaceEntry = (String, String, String, String, OwnedObjectPath);
 pub type Dict = HashMap<String, OwnedVariant>;
 
 pub use super::files::EntryTuple;
+
+/// A file entry (`ListDirectory`, `StatFile`) as JSON, for the bridge and the CLI: `target`
+/// only for a link.
+pub fn entry_json(e: &EntryTuple) -> serde_json::Value {
+    let (name, kind, size, mode, uid, gid, mtime_usec, target) = e;
+    let mut v = serde_json::json!({
+        "name": name, "type": kind, "size": size, "mode": mode, "uid": uid, "gid": gid,
+        "mtime_usec": mtime_usec,
+    });
+    if kind == "symlink" {
+        v["target"] = serde_json::Value::String(target.clone());
+    }
+    v
+}
 pub use super::process::ProcessEntry;
 
 /// Both proxies of each interface are generated from one list of methods: `WorkspacesProxy` and

@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use tokio::io::AsyncWriteExt;
 
 use super::*;
-use crate::dbus::client::{EntryTuple, OwnedArgs, args, connect};
+use crate::dbus::client::{OwnedArgs, args, connect, entry_json};
 use crate::dbus::schema::{self, Keys, Type};
 
 type Q = Query<HashMap<String, String>>;
@@ -68,18 +68,6 @@ fn checked<'a>(field: &str, p: &'a str) -> ApiResult<&'a str> {
     Ok(p)
 }
 
-pub(super) fn entry_json(e: EntryTuple) -> Value {
-    let (name, kind, size, mode, uid, gid, mtime_usec, target) = e;
-    let mut v = json!({
-        "name": name, "type": kind, "size": size, "mode": mode, "uid": uid, "gid": gid,
-        "mtime_usec": mtime_usec,
-    });
-    if kind == "symlink" {
-        v["target"] = Value::String(target);
-    }
-    v
-}
-
 /// `GET .../files/list?path=&depth=&limit=`.
 pub(super) async fn list(
     State(state): State<Arc<AppState>>,
@@ -91,7 +79,7 @@ pub(super) async fn list(
         .await?
         .list_directory(&id, path_of(&q)?, args(&o))
         .await?;
-    let entries: Vec<Value> = entries.into_iter().map(entry_json).collect();
+    let entries: Vec<Value> = entries.iter().map(entry_json).collect();
     Ok(Json(json!({ "entries": entries, "truncated": truncated })))
 }
 
@@ -106,7 +94,7 @@ pub(super) async fn stat(
         .await?
         .stat_file(&id, path_of(&q)?, args(&o))
         .await?;
-    Ok(Json(entry_json(e)))
+    Ok(Json(entry_json(&e)))
 }
 
 /// `DELETE .../files?path=&recursive=`.

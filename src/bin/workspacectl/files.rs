@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use agent_workspaces::cli::workspacectl::FileUser;
 use agent_workspaces::dbus::client::interactive::WorkspacesProxy;
-use agent_workspaces::dbus::client::{Args, EntryTuple};
+use agent_workspaces::dbus::client::{Args, EntryTuple, entry_json};
 use agent_workspaces_agent::fileserve;
 use serde_json::json;
 use zbus::Variant;
@@ -18,7 +18,7 @@ fn err(e: zbus::Error) -> String {
     agent_workspaces::core::Error::from(e).to_string()
 }
 
-fn options(who: &FileUser, extra: Vec<(&'static str, Variant<'static>)>) -> Args<'static> {
+pub fn options(who: &FileUser, extra: Vec<(&'static str, Variant<'static>)>) -> Args<'static> {
     let mut o: Args<'static> = extra.into_iter().collect();
     if let Some(u) = &who.user {
         o.insert("user", Variant::from(u.clone()));
@@ -227,12 +227,6 @@ fn entry_line(e: &EntryTuple) -> String {
     format!("{t}{mode:04o} {uid:>6} {gid:>6} {size:>12} {when:>11} {name}{link}")
 }
 
-pub fn entry_json(e: &EntryTuple) -> serde_json::Value {
-    let (name, kind, size, mode, uid, gid, mtime, target) = e;
-    json!({"name": name, "type": kind, "size": size, "mode": mode, "uid": uid, "gid": gid,
-           "mtime_usec": mtime, "target": target})
-}
-
 pub async fn ls(
     m: &WorkspacesProxy<'_>,
     ws: &str,
@@ -310,10 +304,6 @@ async fn to_stdout(fd: OwnedFd) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot copy the output: {e}"))
-}
-
-pub fn flags(who: &FileUser, extra: Vec<(&'static str, Variant<'static>)>) -> Args<'static> {
-    options(who, extra)
 }
 
 #[cfg(test)]

@@ -310,7 +310,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             recursive,
             who,
         } => {
-            let o = files::flags(&who, vec![("recursive", recursive.into())]);
+            let o = files::options(&who, vec![("recursive", recursive.into())]);
             c.m.remove_file(&workspace, &path, o).await.map_err(e)?
         }
         Command::Mkdir {
@@ -319,7 +319,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             parents,
             who,
         } => {
-            let o = files::flags(&who, vec![("parents", parents.into())]);
+            let o = files::options(&who, vec![("parents", parents.into())]);
             c.m.make_directory(&workspace, &path, o).await.map_err(e)?
         }
         Command::Mv {
@@ -329,7 +329,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             force,
             who,
         } => {
-            let o = files::flags(&who, vec![("replace", force.into())]);
+            let o = files::options(&who, vec![("replace", force.into())]);
             c.m.move_file(&workspace, &from, &to, o).await.map_err(e)?
         }
         Command::Watch {

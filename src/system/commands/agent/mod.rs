@@ -387,13 +387,10 @@ impl AgentConnection {
     /// The agent's next answer to a file request, within `within`; `None` when it closed the
     /// connection.
     pub async fn file_reply(&mut self, within: Duration) -> io::Result<Option<FileReply>> {
-        let frame = tokio::time::timeout(within, self.next_frame(MAX_FILE_REPLY, None))
+        let reply = self.next_frame(MAX_FILE_REPLY, None, FileReply::decode);
+        tokio::time::timeout(within, reply)
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))??;
-        frame
-            .map(|f| FileReply::decode(&f))
-            .transpose()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
     }
 
     /// Sends one request frame, `NEXT` first on a kept connection (`framed` holds both), and
@@ -449,21 +446,18 @@ impl AgentConnection {
     /// (`Some`), and are closed (`discard`) where not. No byte past the reply is read: what
     /// follows stays in the socket (a kept connection is stored with it across a restart).
     async fn next_reply(&mut self, fds: Option<&mut Vec<OwnedFd>>) -> io::Result<Option<Reply>> {
-        let frame = self.next_frame(MAX_REPLY, fds).await?;
-        frame
-            .map(|f| Reply::decode(&f))
-            .transpose()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        self.next_frame(MAX_REPLY, fds, Reply::decode).await
     }
 
-    /// The next frame's contents (after its length, which must be within `max`); `None` when
-    /// the agent closed the connection first. Read in pieces of 64 KiB at most: nothing is
+    /// The next frame (its length within `max`), decoded in place by `decode`; `None` when the
+    /// agent closed the connection first. Read in pieces of 64 KiB at most: nothing is
     /// allocated for bytes that have not come.
-    async fn next_frame(
+    async fn next_frame<T>(
         &mut self,
         max: usize,
         mut fds: Option<&mut Vec<OwnedFd>>,
-    ) -> io::Result<Option<Vec<u8>>> {
+        decode: fn(&[u8]) -> Result<T, agent_workspaces_agent::DecodeError>,
+    ) -> io::Result<Option<T>> {
         loop {
             let want = if self.pending.len() < 4 {
                 4
@@ -478,9 +472,11 @@ impl AgentConnection {
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
             };
             if self.pending.len() >= 4 && self.pending.len() == want {
-                let frame = self.pending.split_off(4);
+                let decoded = decode(&self.pending[4..]);
                 self.pending.clear();
-                return Ok(Some(frame));
+                return decoded
+                    .map(Some)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
             }
             self.stream.readable().await?;
             let mut buf = vec![0u8; (want - self.pending.len()).min(64 * 1024)];
