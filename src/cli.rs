@@ -196,6 +196,10 @@ pub mod workspacectl {
         Start { workspace: String },
         /// Stop a container workspace's container; its tree stays.
         Stop { workspace: String },
+        /// Freeze a container's processes (memory kept, no CPU) until it is resumed or used.
+        Pause { workspace: String },
+        /// Thaw a paused container.
+        Resume { workspace: String },
         /// Destroy a workspace: end its commands, remove its files and record.
         Destroy { workspace: String },
         /// Run a command; exits with its exit code (124 on timeout).

@@ -243,6 +243,8 @@ impl Executor for FakeExec {
 pub(crate) struct FakeContainers {
     calls: Mutex<Vec<String>>,
     pub(crate) release_build: tokio::sync::Notify,
+    /// Containers frozen, by name.
+    pub(crate) frozen: Mutex<std::collections::HashMap<String, bool>>,
 }
 impl FakeContainers {
     pub(crate) fn calls(&self) -> Vec<String> {
@@ -283,6 +285,21 @@ impl Containers for FakeContainers {
     async fn stop(&self, ws: &Workspace) -> Result<()> {
         self.call(format!("stop {}", ws.name));
         Ok(())
+    }
+    async fn freeze(&self, ws: &Workspace, freeze: bool) -> Result<()> {
+        let verb = if freeze { "freeze" } else { "thaw" };
+        self.call(format!("{verb} {}", ws.name));
+        self.frozen.lock().unwrap().insert(ws.name.clone(), freeze);
+        Ok(())
+    }
+    async fn is_frozen(&self, ws: &Workspace) -> Result<bool> {
+        Ok(self
+            .frozen
+            .lock()
+            .unwrap()
+            .get(&ws.name)
+            .copied()
+            .unwrap_or(false))
     }
     async fn apply_limits(&self, ws: &Workspace) -> Result<()> {
         self.call(format!("limits {} {:?}", ws.name, ws.limits));

@@ -308,6 +308,12 @@ pub trait Containers: Send + Sync {
     async fn start(&self, ws: &Workspace) -> Result<()>;
     /// Stops the build and container units, if any.
     async fn stop(&self, ws: &Workspace) -> Result<()>;
+    /// Freezes (`true`) or thaws the container's processes with the cgroup freezer (systemd's
+    /// `FreezeUnit`/`ThawUnit`): memory kept, no CPU. Freezing a container that is not running
+    /// is `NotReady`; thawing one that is not frozen does nothing.
+    async fn freeze(&self, ws: &Workspace, freeze: bool) -> Result<()>;
+    /// Whether the container runs frozen.
+    async fn is_frozen(&self, ws: &Workspace) -> Result<bool>;
     /// Gives a running container unit the workspace's current limits (a removed limit becomes
     /// no limit); does nothing when the container is not running.
     async fn apply_limits(&self, ws: &Workspace) -> Result<()>;

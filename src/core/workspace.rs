@@ -40,7 +40,8 @@ impl FromStr for WorkspaceType {
     }
 }
 
-/// Lifecycle: `pending -> building -> ready`, `error` on failure, `destroying` on the way out.
+/// Lifecycle: `pending -> building -> ready`, `error` on failure, `destroying` on the way out;
+/// `ready <-> paused` (a container's processes frozen).
 /// A destroyed workspace has no record, so "destroyed" is never stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -48,6 +49,8 @@ pub enum Status {
     Pending,
     Building,
     Ready,
+    /// Ready, its container's processes frozen (memory kept, no CPU) until it is resumed.
+    Paused,
     Error,
     Destroying,
 }
@@ -58,6 +61,7 @@ impl Status {
             Self::Pending => "pending",
             Self::Building => "building",
             Self::Ready => "ready",
+            Self::Paused => "paused",
             Self::Error => "error",
             Self::Destroying => "destroying",
         }

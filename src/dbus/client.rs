@@ -170,6 +170,10 @@ macro_rules! proxies {
             #[zbus($($flag)?)]
             fn stop_workspace(&self, workspace: &str) -> zbus::Result<()>;
             #[zbus($($flag)?)]
+            fn pause_workspace(&self, workspace: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn resume_workspace(&self, workspace: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
             fn get_init_log(&self, workspace: &str, max_lines: u32) -> zbus::Result<(String, u32)>;
             #[zbus($($flag)?)]
             fn get_debug_info(&self, workspace: &str) -> zbus::Result<Dict>;
@@ -263,6 +267,10 @@ macro_rules! proxies {
             fn start(&self) -> zbus::Result<()>;
             #[zbus($($flag)?)]
             fn stop(&self) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn pause(&self) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn resume(&self) -> zbus::Result<()>;
             #[zbus($($flag)?)]
             fn get_init_log(&self, max_lines: u32) -> zbus::Result<(String, u32)>;
             #[zbus($($flag)?)]

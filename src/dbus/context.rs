@@ -253,6 +253,17 @@ impl Context {
         self.manager.stop(key).await
     }
 
+    pub async fn pause(&self, header: &Header<'_>, key: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, "pause").await?;
+        self.manager.pause(key).await
+    }
+
+    pub async fn resume(&self, header: &Header<'_>, key: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, "resume")
+            .await?;
+        self.manager.resume(key).await
+    }
+
     pub async fn init_log(
         &self,
         header: &Header<'_>,

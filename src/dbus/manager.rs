@@ -297,6 +297,22 @@ impl ManagerObject {
         self.ctx.stop(&header, workspace).await
     }
 
+    async fn pause_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<()> {
+        self.ctx.pause(&header, workspace).await
+    }
+
+    async fn resume_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<()> {
+        self.ctx.resume(&header, workspace).await
+    }
+
     #[zbus(out_args("content", "total_lines"))]
     async fn get_init_log(
         &self,

@@ -238,6 +238,14 @@ impl WorkspaceObject {
         self.ctx.stop(&header, &self.id).await
     }
 
+    async fn pause(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
+        self.ctx.pause(&header, &self.id).await
+    }
+
+    async fn resume(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
+        self.ctx.resume(&header, &self.id).await
+    }
+
     #[zbus(out_args("content", "total_lines"))]
     async fn get_init_log(
         &self,

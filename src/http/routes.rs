@@ -29,6 +29,8 @@ pub(super) fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ),
         ("/api/workspaces/{id}/build", post(build)),
         ("/api/workspaces/{id}/rebuild", post(rebuild)),
+        ("/api/workspaces/{id}/pause", post(pause)),
+        ("/api/workspaces/{id}/resume", post(resume)),
         ("/api/workspaces/{id}/exec", post(exec)),
         (
             "/api/workspaces/{id}/processes",
@@ -228,6 +230,22 @@ pub(super) async fn rebuild(
         StatusCode::ACCEPTED,
         Json(workspace_json(&state, &id).await?),
     ))
+}
+
+pub(super) async fn pause(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    manager(&state).await?.pause_workspace(&id).await?;
+    Ok(Json(workspace_json(&state, &id).await?))
+}
+
+pub(super) async fn resume(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    manager(&state).await?.resume_workspace(&id).await?;
+    Ok(Json(workspace_json(&state, &id).await?))
 }
 
 pub(super) async fn exec(

@@ -322,6 +322,41 @@ impl Systemd {
         Ok(())
     }
 
+    /// Freezes (`true`) or thaws a running unit's processes through the cgroup freezer
+    /// (`FreezeUnit`/`ThawUnit`); systemd answers once the cgroup is frozen or thawed.
+    pub async fn freeze(&self, unit: &str, freeze: bool) -> Result<()> {
+        let call = if freeze {
+            self.manager.freeze_unit(unit.to_owned()).await
+        } else {
+            self.manager.thaw_unit(unit.to_owned()).await
+        };
+        call.map_err(|e| {
+            let verb = if freeze { "freeze" } else { "thaw" };
+            bus_error(&format!("Cannot {verb} {unit}"), e)
+        })
+    }
+
+    /// The unit's `FreezerState` ("running", "frozen", "freezing", "thawing"), or None when
+    /// systemd has no such unit loaded.
+    pub async fn freezer_state(&self, unit: &str) -> Result<Option<String>> {
+        let path = match self.manager.get_unit(unit.to_owned()).await {
+            Ok(p) => p,
+            Err(e) if is_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => {
+                return Ok(None);
+            }
+            Err(e) => return Err(bus_error(&format!("Cannot look up {unit}"), e)),
+        };
+        let u = UnitProxy::builder(&self.conn)
+            .path(path)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| bus_error(unit, e))?;
+        Ok(Some(
+            u.freezer_state().await.map_err(|e| bus_error(unit, e))?,
+        ))
+    }
+
     /// The unit's state, or None when systemd has no such unit loaded.
     pub async fn unit_state(&self, unit: &str) -> Result<Option<UnitState>> {
         let path = match self.manager.get_unit(unit.to_owned()).await {

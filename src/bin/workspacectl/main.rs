@@ -226,6 +226,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Sync { workspace } => c.m.sync_workspace(&workspace).await.map_err(e)?,
         Command::Start { workspace } => c.m.start_workspace(&workspace).await.map_err(e)?,
         Command::Stop { workspace } => c.m.stop_workspace(&workspace).await.map_err(e)?,
+        Command::Pause { workspace } => c.m.pause_workspace(&workspace).await.map_err(e)?,
+        Command::Resume { workspace } => c.m.resume_workspace(&workspace).await.map_err(e)?,
         Command::Exec {
             workspace, command, ..
         }

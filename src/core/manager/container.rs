@@ -207,7 +207,9 @@ impl Manager {
     /// Runs the init script again in the ready container, like `exec`; never changes the
     /// workspace's status.
     pub async fn rerun_init(&self, key: &str, timeout_secs: Option<u32>) -> Result<ExecOutcome> {
-        let ws = self.container(key, "rerun the init script of")?;
+        self.container(key, "rerun the init script of")?;
+        self.wake(key).await?;
+        let ws = self.get(key)?;
         if ws.status != Status::Ready {
             return Err(Error::NotReady {
                 workspace: ws.name,
@@ -236,12 +238,18 @@ impl Manager {
             .await
     }
 
+    /// Starts the container (a paused one is resumed).
     pub async fn start(&self, key: &str) -> Result<()> {
+        self.container(key, "start")?;
+        self.wake(key).await?;
         let ws = self.ready_container(key, "start")?;
         self.ports.containers.start(&ws).await
     }
 
+    /// Stops the container (a paused one is resumed first: it stops `ready`).
     pub async fn stop(&self, key: &str) -> Result<()> {
+        self.container(key, "stop")?;
+        self.wake(key).await?;
         let ws = self.ready_container(key, "stop")?;
         self.ports.containers.stop(&ws).await
     }

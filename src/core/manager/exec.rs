@@ -94,7 +94,9 @@ impl Manager {
     pub(super) fn ready_for_command(&self, key: &str) -> Result<CommandPlace> {
         let reg = self.reg();
         let e = reg.resolve(key)?;
-        if e.ws.status != Status::Ready {
+        // A paused workspace is resumed by `wake` before its place is asked for; one paused
+        // again in between runs the command once it is resumed.
+        if !matches!(e.ws.status, Status::Ready | Status::Paused) {
             return Err(Error::NotReady {
                 workspace: e.ws.name.clone(),
                 status: e.ws.status.to_string(),
@@ -119,6 +121,7 @@ impl Manager {
     ) -> Result<ExecOutcome> {
         let limits = self.limits().exec;
         let timeout_secs = params.validate(&limits)?;
+        self.wake(key).await?;
         let CommandPlace {
             ws,
             running: _running,
@@ -189,6 +192,7 @@ impl Manager {
         if port == 0 {
             return Err(Error::invalid("port", "must be 1 to 65535"));
         }
+        self.wake(key).await?;
         let CommandPlace {
             ws,
             running: _running,

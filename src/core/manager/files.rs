@@ -22,6 +22,7 @@ impl Manager {
         mut call: FileCall,
         caller_gone: CancellationToken,
     ) -> Result<FileOutcome> {
+        self.wake(key).await?;
         let CommandPlace {
             ws,
             running: _running,

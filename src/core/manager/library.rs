@@ -78,7 +78,7 @@ impl Manager {
         let ws = self.get(key)?;
         if !self.library_dir_exists(&ws) {
             // A built container whose /workspace is gone (its own code removed or replaced it).
-            if ws.status == Status::Ready {
+            if matches!(ws.status, Status::Ready | Status::Paused) {
                 return Err(Error::io_msg(format!(
                     "Cannot install skills and tools into workspace '{}': /workspace is not a directory in its tree",
                     ws.name

@@ -12,6 +12,7 @@ mod kept;
 mod library;
 mod lifecycle;
 mod output;
+mod pause;
 mod processes;
 mod recovery;
 mod terminals;

@@ -160,6 +160,7 @@ impl Manager {
         let crate::core::spec::ExecParams {
             command, cwd, env, ..
         } = params;
+        self.wake(key).await?;
         let CommandPlace {
             ws,
             running: _running,

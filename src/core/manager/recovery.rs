@@ -118,7 +118,10 @@ impl Manager {
             .map(|e| e.ws.clone())
             .collect();
         let this = self.clone();
-        tokio::spawn(async move { this.ports.containers.clean_orphans(&known).await });
+        tokio::spawn(async move {
+            this.ports.containers.clean_orphans(&known).await;
+            this.reconcile_paused().await;
+        });
         for (ws, tracker) in pending {
             info!(workspace_id = %ws.id, workspace_name = %ws.name,
                   "Resuming the build of {} after a restart", ws.name);

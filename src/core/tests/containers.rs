@@ -306,3 +306,77 @@ async fn egress_rules_are_checked_saved_and_given_to_the_running_container() {
         fields: vec![Field::Egress]
     }));
 }
+
+#[tokio::test]
+async fn pause_freezes_and_every_use_resumes_first() {
+    let f = fixture();
+    f.manager.create(container("box", "")).await.unwrap();
+    // Not built yet: nothing to pause.
+    assert!(matches!(
+        f.manager.pause("box").await,
+        Err(Error::NotReady { .. })
+    ));
+    f.manager.build("box", false).await.unwrap();
+    f.containers.release_build.notify_one();
+    wait_status(&f, "box", Status::Ready).await;
+    f.manager.pause("box").await.unwrap();
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Paused);
+    assert_eq!(f.containers.calls().last().unwrap(), "freeze box");
+    // Pausing again changes nothing.
+    f.manager.pause("box").await.unwrap();
+    assert_eq!(f.containers.calls().last().unwrap(), "freeze box");
+    // A command thaws the container before it runs.
+    f.manager
+        .exec("box", exec("ls"), CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(
+        f.containers
+            .calls()
+            .ends_with(&["thaw box".into(), "exec box ls in /workspace".into()]),
+        "{:?}",
+        f.containers.calls()
+    );
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Ready);
+    // Resume of a ready workspace does nothing; stop of a paused one thaws it first.
+    f.manager.resume("box").await.unwrap();
+    assert_eq!(
+        f.containers.calls().last().unwrap(),
+        "exec box ls in /workspace"
+    );
+    f.manager.pause("box").await.unwrap();
+    f.manager.stop("box").await.unwrap();
+    assert!(
+        f.containers
+            .calls()
+            .ends_with(&["thaw box".into(), "stop box".into()])
+    );
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Ready);
+    // Every change of status was announced.
+    let statuses = f
+        .events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, Event::Changed { fields, .. } if fields.contains(&Field::Status)))
+        .count();
+    assert!(statuses >= 6, "{statuses}");
+    // Host workspaces have nothing to freeze.
+    assert!(matches!(
+        f.manager.pause("host").await,
+        Err(Error::NotSupported(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_paused_record_whose_container_is_not_frozen_is_ready_after_a_restart() {
+    let first = fixture();
+    let ws = first.manager.create(container("box", "")).await.unwrap();
+    let mut paused = ws.clone();
+    paused.status = Status::Paused;
+    first.store.save(&paused).unwrap();
+    let second = fixture_with(first.store.clone(), ServiceLimits::default());
+    second.manager.reconcile();
+    wait_status(&second, "box", Status::Ready).await;
+}

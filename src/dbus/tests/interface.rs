@@ -139,6 +139,10 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
     m.rebuild_workspace("c").await.unwrap();
     s.wait_status(&c, "ready").await;
     m.start_workspace("c").await.unwrap();
+    m.pause_workspace("c").await.unwrap();
+    s.wait_status(&c, "paused").await;
+    m.resume_workspace("c").await.unwrap();
+    s.wait_status(&c, "ready").await;
     m.stop_workspace("c").await.unwrap();
     m.get_init_log("c", 0).await.unwrap();
     m.get_debug_info("c").await.unwrap();
@@ -379,6 +383,10 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
     s.wait_status(&c, "ready").await;
     wc.build().await.unwrap();
     wc.start().await.unwrap();
+    wc.pause().await.unwrap();
+    s.wait_status(&c, "paused").await;
+    wc.resume().await.unwrap();
+    s.wait_status(&c, "ready").await;
     wc.stop().await.unwrap();
     wc.get_init_log(10).await.unwrap();
     wc.get_debug_info().await.unwrap();

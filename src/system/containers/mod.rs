@@ -429,6 +429,9 @@ impl Containers for NspawnContainers {
 
     async fn stop(&self, ws: &Workspace) -> Result<()> {
         self.forget_leader(&ws.name);
+        // A frozen container is thawed first: its processes could not act on the stop's
+        // SIGTERM, and the stop would wait its whole timeout for them.
+        self.freeze(ws, false).await?;
         self.systemd.stop(&build_unit_name(&ws.name)).await?;
         self.systemd.stop(&unit_name(&ws.name)).await?;
         self.network.detach(&ws.id).await
@@ -436,6 +439,29 @@ impl Containers for NspawnContainers {
 
     async fn apply_egress(&self, ws: &Workspace) -> Result<()> {
         self.set_egress(ws).await
+    }
+
+    async fn freeze(&self, ws: &Workspace, freeze: bool) -> Result<()> {
+        let unit = unit_name(&ws.name);
+        let state = self.systemd.freezer_state(&unit).await?;
+        let active = match self.systemd.unit_state(&unit).await? {
+            Some(s) => s.active_state == "active",
+            None => false,
+        };
+        match (freeze, state.as_deref()) {
+            (true, Some(_)) if active => self.systemd.freeze(&unit, true).await,
+            (true, _) => Err(Error::JobFailed(format!(
+                "Cannot pause workspace '{}': its container is not running (a stopped workspace uses no CPU or memory already)",
+                ws.name
+            ))),
+            (false, Some(s)) if s != "running" => self.systemd.freeze(&unit, false).await,
+            (false, _) => Ok(()),
+        }
+    }
+
+    async fn is_frozen(&self, ws: &Workspace) -> Result<bool> {
+        let state = self.systemd.freezer_state(&unit_name(&ws.name)).await?;
+        Ok(matches!(state.as_deref(), Some("frozen" | "freezing")))
     }
 
     async fn apply_limits(&self, ws: &Workspace) -> Result<()> {
