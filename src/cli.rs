@@ -200,6 +200,31 @@ pub mod workspacectl {
         Pause { workspace: String },
         /// Thaw a paused container.
         Resume { workspace: String },
+        /// Capture a container's tree as a named, read-only snapshot (running or stopped).
+        Snapshot { workspace: String, name: String },
+        /// List a container's snapshots: name, when, bytes of its own.
+        Snapshots { workspace: String },
+        /// Delete a snapshot (its layers stay while a fork uses them).
+        DeleteSnapshot { workspace: String, name: String },
+        /// Make a container's tree its snapshot's again (its processes end first).
+        Restore { workspace: String, snapshot: String },
+        /// A new container workspace whose tree starts as this one's (now, or a snapshot's),
+        /// sharing its layers: ready at once, without a build.
+        Fork {
+            source: String,
+            /// The new workspace's name.
+            name: String,
+            /// Start from this snapshot instead of the source as it is now.
+            #[arg(long)]
+            snapshot: Option<String>,
+            /// internet, private or host (default: the source's).
+            #[arg(long)]
+            network: Option<String>,
+            #[command(flatten)]
+            egress: Egress,
+            #[command(flatten)]
+            limits: Limits,
+        },
         /// Destroy a workspace: end its commands, remove its files and record.
         Destroy { workspace: String },
         /// Run a command; exits with its exit code (124 on timeout).

@@ -18,6 +18,7 @@
 pub mod cli;
 pub mod core;
 pub mod dbus;
+pub mod failpoint;
 pub mod http;
 pub mod system;
 

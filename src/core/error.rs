@@ -35,6 +35,12 @@ pub enum Error {
     NoSuchTool(String),
     #[error("Template '{0}' is not in the Library")]
     NoSuchTemplate(String),
+    /// No snapshot of that name: the message names it and its workspace.
+    #[error("{0}")]
+    NoSuchSnapshot(String),
+    /// A snapshot of that name exists already.
+    #[error("{0}")]
+    SnapshotExists(String),
     /// No such background process (never started, or forgotten): "N in workspace 'NAME'".
     #[error("No process {0}")]
     NoSuchProcess(String),

@@ -245,6 +245,8 @@ pub(crate) struct FakeContainers {
     pub(crate) release_build: tokio::sync::Notify,
     /// Containers frozen, by name.
     pub(crate) frozen: Mutex<std::collections::HashMap<String, bool>>,
+    /// Snapshot names, by workspace name.
+    pub(crate) snapshots: Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 impl FakeContainers {
     pub(crate) fn calls(&self) -> Vec<String> {
@@ -291,6 +293,71 @@ impl Containers for FakeContainers {
         self.call(format!("{verb} {}", ws.name));
         self.frozen.lock().unwrap().insert(ws.name.clone(), freeze);
         Ok(())
+    }
+    async fn snapshot(&self, ws: &Workspace, name: &str) -> Result<()> {
+        self.call(format!("snapshot {} {name}", ws.name));
+        let mut all = self.snapshots.lock().unwrap();
+        let list = all.entry(ws.name.clone()).or_default();
+        if list.iter().any(|s| s == name) {
+            return Err(Error::SnapshotExists(format!("'{name}' exists")));
+        }
+        list.push(name.to_owned());
+        Ok(())
+    }
+    async fn snapshots(&self, ws: &Workspace) -> Result<Vec<SnapshotInfo>> {
+        let all = self.snapshots.lock().unwrap();
+        Ok(all
+            .get(&ws.name)
+            .into_iter()
+            .flatten()
+            .map(|name| SnapshotInfo {
+                name: name.clone(),
+                created_usec: 1,
+                bytes: 4096,
+            })
+            .collect())
+    }
+    async fn delete_snapshot(&self, ws: &Workspace, name: &str) -> Result<()> {
+        self.call(format!("delete_snapshot {} {name}", ws.name));
+        let mut all = self.snapshots.lock().unwrap();
+        let list = all.entry(ws.name.clone()).or_default();
+        let before = list.len();
+        list.retain(|s| s != name);
+        if list.len() == before {
+            return Err(Error::NoSuchSnapshot(format!("no '{name}'")));
+        }
+        Ok(())
+    }
+    async fn restore(&self, ws: &Workspace, name: &str) -> Result<()> {
+        self.call(format!("restore {} {name}", ws.name));
+        let all = self.snapshots.lock().unwrap();
+        if !all
+            .get(&ws.name)
+            .is_some_and(|l| l.iter().any(|s| s == name))
+        {
+            return Err(Error::NoSuchSnapshot(format!("no '{name}'")));
+        }
+        Ok(())
+    }
+    async fn fork_tree(&self, source: &Workspace, snapshot: &str, fork: &Workspace) -> Result<()> {
+        self.call(format!("fork {} {snapshot} {}", source.name, fork.name));
+        if !snapshot.is_empty() {
+            let all = self.snapshots.lock().unwrap();
+            if !all
+                .get(&source.name)
+                .is_some_and(|l| l.iter().any(|s| s == snapshot))
+            {
+                return Err(Error::NoSuchSnapshot(format!("no '{snapshot}'")));
+            }
+        }
+        Ok(())
+    }
+    async fn fork_done(&self, fork: &Workspace) -> Result<()> {
+        self.call(format!("fork_done {}", fork.name));
+        Ok(())
+    }
+    async fn disk_usage(&self, _: &Workspace) -> Result<u64> {
+        Ok(8192)
     }
     async fn is_frozen(&self, ws: &Workspace) -> Result<bool> {
         Ok(self

@@ -85,6 +85,24 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// Checks a snapshot's name: 1 to 64 of `a-z`, `0-9`, `-`, `_`, `.`, starting with a letter or
+/// a digit (a path element and a URL segment as it is).
+pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));
+    if !ok {
+        return Err(format!(
+            "'{}' is not a snapshot name: 1 to 64 of a-z, 0-9, '-', '_' and '.', starting with a letter or digit",
+            name.escape_default()
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 255 bytes.
 pub fn validate_env_name(name: &str) -> Result<(), String> {
     let mut chars = name.chars();

@@ -288,6 +288,15 @@ pub enum DebugValue {
 /// A debug report: key -> value.
 pub type DebugInfo = BTreeMap<String, DebugValue>;
 
+/// A snapshot of a container workspace's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub created_usec: u64,
+    /// The bytes of the layer it made: what it keeps of its own.
+    pub bytes: u64,
+}
+
 /// Container workspaces: trees, units, machines. Every method is given the workspace record.
 #[async_trait]
 pub trait Containers: Send + Sync {
@@ -358,6 +367,24 @@ pub trait Containers: Send + Sync {
     async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo>;
     /// Removes tree, logs and leftovers; the units must be stopped.
     async fn remove(&self, ws: &Workspace) -> Result<()>;
+    /// Captures the tree as the read-only snapshot `name`, while the container runs (frozen
+    /// for the capture) or is stopped. `SnapshotExists` for a name it has.
+    async fn snapshot(&self, ws: &Workspace, name: &str) -> Result<()>;
+    /// Its snapshots, oldest first.
+    async fn snapshots(&self, ws: &Workspace) -> Result<Vec<SnapshotInfo>>;
+    /// Removes a snapshot; its layers stay while a fork uses them. `NoSuchSnapshot`.
+    async fn delete_snapshot(&self, ws: &Workspace, name: &str) -> Result<()>;
+    /// The tree becomes snapshot `name`'s: the container is stopped first (its processes
+    /// end), and started again if it ran.
+    async fn restore(&self, ws: &Workspace, name: &str) -> Result<()>;
+    /// Makes the tree of `fork`, a new workspace, from `source`'s snapshot, or from its state
+    /// now when `snapshot` is empty (the source frozen for the capture if it runs). Nothing
+    /// is left on an error; until `fork_done`, a restart removes it.
+    async fn fork_tree(&self, source: &Workspace, snapshot: &str, fork: &Workspace) -> Result<()>;
+    /// The fork's record is saved: its tree is kept from now on.
+    async fn fork_done(&self, fork: &Workspace) -> Result<()>;
+    /// The bytes of the workspace's own writable layer.
+    async fn disk_usage(&self, ws: &Workspace) -> Result<u64>;
 }
 
 /// What happened, for the transport layers (D-Bus objects and signals). Delivered in order.

@@ -239,4 +239,6 @@ pub enum Field {
     Egress,
     Limits,
     BuildStep,
+    /// Its snapshots (taken, deleted).
+    Snapshots,
 }

@@ -101,6 +101,35 @@ pub fn changes(map: Dict) -> Result<Changes> {
     })
 }
 
+/// `ForkWorkspace`'s spec (`schema::FORK`): the fork's name (required) and what it changes
+/// of its source's settings.
+pub fn fork_spec(map: Dict) -> Result<(String, Changes)> {
+    let mut a = Args::new(map, schema::FORK)?;
+    let name: Option<String> = a.take("name")?;
+    let name =
+        name.ok_or_else(|| Error::invalid("name", "missing: a fork needs a name of its own"))?;
+    Ok((
+        name,
+        Changes {
+            env_vars: a.env("env_vars")?,
+            init_script: a.take("init_script")?,
+            skills: None,
+            tools: None,
+            network: a.take("network")?,
+            egress_allow: a.take("egress_allow")?,
+            egress_deny: a.take("egress_deny")?,
+            memory_max: a.take("memory_max")?,
+            cpu_quota_percent: a.take("cpu_quota_percent")?,
+            tasks_max: a.take("tasks_max")?,
+        },
+    ))
+}
+
+/// `SnapshotWorkspace`'s options (`schema::SNAPSHOT`): none is known yet.
+pub fn snapshot_options(map: Dict) -> Result<()> {
+    Args::new(map, schema::SNAPSHOT).map(|_| ())
+}
+
 /// `Exec` options (`schema::EXEC`).
 pub fn exec_params(command: String, map: Dict) -> Result<ExecParams> {
     let mut a = Args::new(map, schema::EXEC)?;

@@ -172,6 +172,18 @@ macro_rules! proxies {
             #[zbus($($flag)?)]
             fn pause_workspace(&self, workspace: &str) -> zbus::Result<()>;
             #[zbus($($flag)?)]
+            fn snapshot_workspace(&self, workspace: &str, name: &str, options: Args<'_>)
+                -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn list_snapshots(&self, workspace: &str) -> zbus::Result<Vec<(String, u64, u64)>>;
+            #[zbus($($flag)?)]
+            fn delete_snapshot(&self, workspace: &str, name: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn restore_workspace(&self, workspace: &str, snapshot: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn fork_workspace(&self, source: &str, snapshot: &str, spec: Args<'_>)
+                -> zbus::Result<OwnedObjectPath>;
+            #[zbus($($flag)?)]
             fn resume_workspace(&self, workspace: &str) -> zbus::Result<()>;
             #[zbus($($flag)?)]
             fn get_init_log(&self, workspace: &str, max_lines: u32) -> zbus::Result<(String, u32)>;
@@ -270,6 +282,16 @@ macro_rules! proxies {
             #[zbus($($flag)?)]
             fn pause(&self) -> zbus::Result<()>;
             #[zbus($($flag)?)]
+            fn snapshot(&self, name: &str, options: Args<'_>) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn list_snapshots(&self) -> zbus::Result<Vec<(String, u64, u64)>>;
+            #[zbus($($flag)?)]
+            fn delete_snapshot(&self, name: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn restore(&self, snapshot: &str) -> zbus::Result<()>;
+            #[zbus($($flag)?)]
+            fn fork(&self, snapshot: &str, spec: Args<'_>) -> zbus::Result<OwnedObjectPath>;
+            #[zbus($($flag)?)]
             fn resume(&self) -> zbus::Result<()>;
             #[zbus($($flag)?)]
             fn get_init_log(&self, max_lines: u32) -> zbus::Result<(String, u32)>;
@@ -310,6 +332,10 @@ macro_rules! proxies {
             fn path(&self) -> zbus::Result<String>;
             #[zbus(property)]
             fn skills(&self) -> zbus::Result<Vec<String>>;
+            #[zbus(property)]
+            fn snapshots(&self) -> zbus::Result<Vec<String>>;
+            #[zbus(property)]
+            fn disk_usage(&self) -> zbus::Result<u64>;
             #[zbus(property)]
             fn status(&self) -> zbus::Result<String>;
             #[zbus(property)]

@@ -253,6 +253,70 @@ impl Context {
         self.manager.stop(key).await
     }
 
+    pub async fn snapshot(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        name: &str,
+        options: Dict,
+    ) -> Result<()> {
+        args::snapshot_options(options)?;
+        self.authorize(header, key, Action::Manage, "snapshot")
+            .await?;
+        self.manager.snapshot(key, name).await?;
+        self.events.flush().await;
+        Ok(())
+    }
+
+    pub async fn list_snapshots(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        self.authorize(header, key, Action::Manage, "list the snapshots of")
+            .await?;
+        Ok(self
+            .manager
+            .snapshots(key)
+            .await?
+            .into_iter()
+            .map(|s| (s.name, s.created_usec, s.bytes))
+            .collect())
+    }
+
+    pub async fn delete_snapshot(&self, header: &Header<'_>, key: &str, name: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, "delete a snapshot of")
+            .await?;
+        self.manager.delete_snapshot(key, name).await?;
+        self.events.flush().await;
+        Ok(())
+    }
+
+    pub async fn restore(&self, header: &Header<'_>, key: &str, snapshot: &str) -> Result<()> {
+        self.authorize(header, key, Action::Manage, "restore")
+            .await?;
+        self.manager.restore(key, snapshot).await?;
+        self.events.flush().await;
+        Ok(())
+    }
+
+    pub async fn fork(
+        &self,
+        header: &Header<'_>,
+        key: &str,
+        snapshot: &str,
+        spec: Dict,
+    ) -> Result<OwnedObjectPath> {
+        let (name, changes) = args::fork_spec(spec)?;
+        self.authorize(header, key, Action::Manage, "fork").await?;
+        self.auth
+            .check(header, Action::Manage, &name, "create")
+            .await?;
+        let ws = self.manager.fork(key, snapshot, &name, changes).await?;
+        self.events.flush().await;
+        Ok(workspace_path(&ws.id))
+    }
+
     pub async fn pause(&self, header: &Header<'_>, key: &str) -> Result<()> {
         self.authorize(header, key, Action::Manage, "pause").await?;
         self.manager.pause(key).await

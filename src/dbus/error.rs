@@ -45,6 +45,8 @@ fn name_of(e: &Error) -> &str {
         Error::NoSuchTool(_) => "org.agent.Workspaces.Error.NoSuchTool",
         Error::NoSuchTemplate(_) => "org.agent.Workspaces.Error.NoSuchTemplate",
         Error::NoSuchProcess(_) => "org.agent.Workspaces.Error.NoSuchProcess",
+        Error::NoSuchSnapshot(_) => "org.agent.Workspaces.Error.NoSuchSnapshot",
+        Error::SnapshotExists(_) => "org.agent.Workspaces.Error.SnapshotExists",
         Error::Library(_) => "org.agent.Workspaces.Error.LibraryError",
         Error::File { kind, .. } => file_error_name(*kind),
         Error::Bus { name, .. } => name,
@@ -147,6 +149,8 @@ fn from_reply(name: &str, message: String, data: Vec<String>) -> Error {
             Some("NoSuchTool") => Error::NoSuchTool(next(&message)),
             Some("NoSuchTemplate") => Error::NoSuchTemplate(next(&message)),
             Some("NoSuchProcess") => Error::NoSuchProcess(next(&message)),
+            Some("NoSuchSnapshot") => Error::NoSuchSnapshot(message),
+            Some("SnapshotExists") => Error::SnapshotExists(message),
             Some("LibraryError") => Error::Library(message),
             Some(_) if let Some((kind, _)) = FILE_ERRORS.iter().find(|(_, n)| *n == name) => {
                 Error::File {
@@ -188,6 +192,8 @@ impl zbus::DBusError for Error {
             | Error::NoSuchTool(s)
             | Error::NoSuchTemplate(s)
             | Error::NoSuchProcess(s)
+            | Error::NoSuchSnapshot(s)
+            | Error::SnapshotExists(s)
             | Error::Library(s)
             | Error::AccessDenied(s)
             | Error::InteractiveAuthorizationRequired(s) => Some(s),
@@ -280,6 +286,8 @@ mod tests {
             Error::NoSuchTool("t".into()),
             Error::NoSuchTemplate("tpl".into()),
             Error::NoSuchProcess("3 in workspace 'box'".into()),
+            Error::NoSuchSnapshot("No snapshot 'a' of workspace 'box'".into()),
+            Error::SnapshotExists("Workspace 'box' has a snapshot 'a' already".into()),
             Error::Library("malformed".into()),
             Error::File {
                 kind: FileErrorKind::NotRegular,

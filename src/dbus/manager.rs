@@ -297,6 +297,54 @@ impl ManagerObject {
         self.ctx.stop(&header, workspace).await
     }
 
+    async fn snapshot_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        name: &str,
+        options: Dict,
+    ) -> Result<()> {
+        self.ctx.snapshot(&header, workspace, name, options).await
+    }
+
+    #[zbus(out_args("snapshots"))]
+    async fn list_snapshots(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        self.ctx.list_snapshots(&header, workspace).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        name: &str,
+    ) -> Result<()> {
+        self.ctx.delete_snapshot(&header, workspace, name).await
+    }
+
+    async fn restore_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        workspace: &str,
+        snapshot: &str,
+    ) -> Result<()> {
+        self.ctx.restore(&header, workspace, snapshot).await
+    }
+
+    #[zbus(out_args("workspace"))]
+    async fn fork_workspace(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        source: &str,
+        snapshot: &str,
+        spec: Dict,
+    ) -> Result<OwnedObjectPath> {
+        self.ctx.fork(&header, source, snapshot, spec).await
+    }
+
     async fn pause_workspace(
         &self,
         #[zbus(header)] header: Header<'_>,

@@ -172,6 +172,7 @@ async fn apply(conn: &Connection, ctx: &Context, event: Event) -> zbus::Result<(
                         object.egress_deny_changed(emitter).await?;
                     }
                     Field::BuildStep => object.build_step_changed(emitter).await?,
+                    Field::Snapshots => object.snapshots_changed(emitter).await?,
                     Field::Limits => {
                         object.memory_max_changed(emitter).await?;
                         object.c_p_u_quota_percent_changed(emitter).await?;

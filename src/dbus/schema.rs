@@ -213,6 +213,30 @@ pub const CHANGES: Keys = Keys {
     ],
 };
 
+/// `ForkWorkspace`'s and `Fork`'s `spec`; the REST fork body (with `snapshot`). The rest of a
+/// fork's settings are its source's.
+pub const FORK: Keys = Keys {
+    what: "the fork spec",
+    keys: &[
+        key("name", Type::Str),
+        key("env_vars", Type::StrMap),
+        key("init_script", Type::Str),
+        key("network", Type::Str),
+        egress("egress_allow"),
+        egress("egress_deny"),
+        limit("memory_max", Type::U64),
+        limit("cpu_quota_percent", Type::U32),
+        limit("tasks_max", Type::U64),
+    ],
+};
+
+/// `SnapshotWorkspace`'s and `Snapshot`'s `options`: none yet (a dictionary, so options can
+/// come without a new signature).
+pub const SNAPSHOT: Keys = Keys {
+    what: "the snapshot options",
+    keys: &[],
+};
+
 /// `stdin` last: `ExecWithFds` takes the others.
 const EXEC_KEYS: &[Key] = &[
     key("timeout_secs", Type::U32),

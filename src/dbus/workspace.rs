@@ -238,6 +238,41 @@ impl WorkspaceObject {
         self.ctx.stop(&header, &self.id).await
     }
 
+    async fn snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        name: &str,
+        options: Dict,
+    ) -> Result<()> {
+        self.ctx.snapshot(&header, &self.id, name, options).await
+    }
+
+    #[zbus(out_args("snapshots"))]
+    async fn list_snapshots(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        self.ctx.list_snapshots(&header, &self.id).await
+    }
+
+    async fn delete_snapshot(&self, #[zbus(header)] header: Header<'_>, name: &str) -> Result<()> {
+        self.ctx.delete_snapshot(&header, &self.id, name).await
+    }
+
+    async fn restore(&self, #[zbus(header)] header: Header<'_>, snapshot: &str) -> Result<()> {
+        self.ctx.restore(&header, &self.id, snapshot).await
+    }
+
+    #[zbus(out_args("workspace"))]
+    async fn fork(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        snapshot: &str,
+        spec: Dict,
+    ) -> Result<zbus::OwnedObjectPath> {
+        self.ctx.fork(&header, &self.id, snapshot, spec).await
+    }
+
     async fn pause(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
         self.ctx.pause(&header, &self.id).await
     }
@@ -392,5 +427,30 @@ impl WorkspaceObject {
     #[zbus(property)]
     async fn egress_deny(&self) -> zbus::fdo::Result<Vec<String>> {
         Ok(self.ws()?.egress_deny.clone())
+    }
+
+    /// The names of its snapshots, oldest first (none for a host workspace).
+    #[zbus(property)]
+    async fn snapshots(&self) -> zbus::fdo::Result<Vec<String>> {
+        let ws = self.ws()?;
+        if !ws.is_container() {
+            return Ok(Vec::new());
+        }
+        self.ctx
+            .manager
+            .snapshots(&self.id)
+            .await
+            .map(|all| all.into_iter().map(|s| s.name).collect())
+            .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+    }
+
+    /// The bytes of its own writable layer (what it changed over the layers it shares).
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn disk_usage(&self) -> zbus::fdo::Result<u64> {
+        self.ctx
+            .manager
+            .disk_usage(&self.id)
+            .await
+            .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
     }
 }

@@ -86,6 +86,8 @@ pub(super) fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
             "cpu_quota_percent": field("CPUQuotaPercent"),
             "tasks_max": field("TasksMax"),
         },
+        "snapshots": field("Snapshots"),
+        "disk_usage": field("DiskUsage"),
     })
 }
 

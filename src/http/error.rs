@@ -74,9 +74,10 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, code) = match &e {
             Error::InvalidArgs { .. } => (StatusCode::BAD_REQUEST, "invalid_argument"),
-            Error::NoSuchWorkspace(_) | Error::NoSuchProcess(_) => {
+            Error::NoSuchWorkspace(_) | Error::NoSuchProcess(_) | Error::NoSuchSnapshot(_) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
+            Error::SnapshotExists(_) => (StatusCode::CONFLICT, "exists"),
             Error::NoSuchSkill(_) => (StatusCode::BAD_REQUEST, "no_such_skill"),
             Error::NoSuchTool(_) => (StatusCode::BAD_REQUEST, "no_such_tool"),
             Error::NoSuchTemplate(_) => (StatusCode::BAD_REQUEST, "no_such_template"),

@@ -10,6 +10,7 @@ mod ports;
 mod processes;
 mod routes;
 mod server;
+mod snapshots;
 mod stream;
 mod terminal;
 

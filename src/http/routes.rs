@@ -30,6 +30,19 @@ pub(super) fn api_routes() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
         ("/api/workspaces/{id}/build", post(build)),
         ("/api/workspaces/{id}/rebuild", post(rebuild)),
         ("/api/workspaces/{id}/pause", post(pause)),
+        (
+            "/api/workspaces/{id}/snapshots",
+            post(snapshots::take).get(snapshots::list),
+        ),
+        (
+            "/api/workspaces/{id}/snapshots/{name}",
+            axum::routing::delete(snapshots::delete),
+        ),
+        (
+            "/api/workspaces/{id}/snapshots/{name}/restore",
+            post(snapshots::restore),
+        ),
+        ("/api/workspaces/{id}/fork", post(snapshots::fork)),
         ("/api/workspaces/{id}/resume", post(resume)),
         ("/api/workspaces/{id}/exec", post(exec)),
         (

@@ -138,6 +138,19 @@ pub(super) fn request(command: &Command) -> Result<Option<Dict>, String> {
             limits_json(limits, &mut body);
             schema::CHANGES
         }
+        Command::Fork {
+            name,
+            network,
+            egress,
+            limits,
+            ..
+        } => {
+            put(&mut body, "name", Some(name.clone()));
+            put(&mut body, "network", network.clone());
+            egress_json(egress, &mut body);
+            limits_json(limits, &mut body);
+            schema::FORK
+        }
         Command::Exec { timeout, place, .. } => {
             put(&mut body, "timeout_secs", *timeout);
             place_json(place, &mut body)?;

@@ -228,6 +228,46 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Stop { workspace } => c.m.stop_workspace(&workspace).await.map_err(e)?,
         Command::Pause { workspace } => c.m.pause_workspace(&workspace).await.map_err(e)?,
         Command::Resume { workspace } => c.m.resume_workspace(&workspace).await.map_err(e)?,
+        Command::Snapshot { workspace, name } => {
+            c.m.snapshot_workspace(&workspace, &name, args(&dict))
+                .await
+                .map_err(e)?
+        }
+        Command::Snapshots { workspace } => {
+            let all = c.m.list_snapshots(&workspace).await.map_err(e)?;
+            if json_out {
+                let v: Vec<Value> = all
+                    .iter()
+                    .map(|s| json!({"name": s.0, "created_at": s.1, "bytes": s.2}))
+                    .collect();
+                println!("{:#}", Value::Array(v));
+            } else {
+                println!("{:<24} {:<26} BYTES", "NAME", "CREATED");
+                for (name, created, bytes) in &all {
+                    println!("{name:<24} {:<26} {bytes}", usec_time(*created));
+                }
+            }
+        }
+        Command::DeleteSnapshot { workspace, name } => {
+            c.m.delete_snapshot(&workspace, &name).await.map_err(e)?
+        }
+        Command::Restore {
+            workspace,
+            snapshot,
+        } => {
+            c.m.restore_workspace(&workspace, &snapshot)
+                .await
+                .map_err(e)?
+        }
+        Command::Fork {
+            source, snapshot, ..
+        } => {
+            let path =
+                c.m.fork_workspace(&source, snapshot.as_deref().unwrap_or(""), args(&dict))
+                    .await
+                    .map_err(e)?;
+            print_dict(json_out, &c.properties(path).await.map_err(e)?);
+        }
         Command::Exec {
             workspace, command, ..
         }
@@ -381,8 +421,41 @@ async fn main() -> ExitCode {
     }
 }
 
+/// A time in µs since the epoch as `YYYY-MM-DD HH:MM:SS` UTC (days to a civil date as in
+/// Howard Hinnant's `civil_from_days`).
+fn usec_time(usec: u64) -> String {
+    let secs = usec / 1_000_000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn times_are_civil_dates() {
+        assert_eq!(super::usec_time(0), "1970-01-01 00:00:00");
+        // 2026-12-06 19:17:50 UTC
+        assert_eq!(
+            super::usec_time(1_796_584_670_000_000),
+            "2026-12-06 19:17:50"
+        );
+        assert_eq!(super::usec_time(951_782_400_000_000), "2000-02-29 00:00:00");
+    }
+
     use std::collections::BTreeSet;
 
     use super::*;

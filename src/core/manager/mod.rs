@@ -15,6 +15,7 @@ mod output;
 mod pause;
 mod processes;
 mod recovery;
+mod snapshots;
 mod terminals;
 
 pub use exec::{BASE_PATH, command_env};
@@ -138,6 +139,8 @@ pub struct Manager {
     unfinished_destroys: Mutex<Vec<Workspace>>,
     /// Background processes, per workspace id.
     processes: processes::Processes,
+    /// `DiskUsage` as last measured, per workspace id, and when.
+    disk_usage: Mutex<HashMap<String, (std::time::Instant, u64)>>,
 }
 
 fn now_usec() -> u64 {
@@ -158,6 +161,7 @@ impl Manager {
             shutdown: CancellationToken::new(),
             unfinished_destroys: Mutex::default(),
             processes: Mutex::default(),
+            disk_usage: Mutex::default(),
         }
     }
 

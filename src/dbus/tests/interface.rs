@@ -143,6 +143,23 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
     s.wait_status(&c, "paused").await;
     m.resume_workspace("c").await.unwrap();
     s.wait_status(&c, "ready").await;
+    m.snapshot_workspace("c", "s1", no_options()).await.unwrap();
+    assert_eq!(m.list_snapshots("c").await.unwrap()[0].0, "s1");
+    let forked = m
+        .fork_workspace(
+            "c",
+            "s1",
+            HashMap::from([("name", Variant::from("forked"))]),
+        )
+        .await
+        .unwrap();
+    assert!(
+        forked
+            .as_str()
+            .starts_with("/org/agent/Workspaces/workspace/")
+    );
+    m.restore_workspace("c", "s1").await.unwrap();
+    m.delete_snapshot("c", "s1").await.unwrap();
     m.stop_workspace("c").await.unwrap();
     m.get_init_log("c", 0).await.unwrap();
     m.get_debug_info("c").await.unwrap();
@@ -387,6 +404,13 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
     s.wait_status(&c, "paused").await;
     wc.resume().await.unwrap();
     s.wait_status(&c, "ready").await;
+    wc.snapshot("s2", no_options()).await.unwrap();
+    assert_eq!(wc.list_snapshots().await.unwrap()[0].0, "s2");
+    wc.fork("s2", HashMap::from([("name", Variant::from("forked-2"))]))
+        .await
+        .unwrap();
+    wc.restore("s2").await.unwrap();
+    wc.delete_snapshot("s2").await.unwrap();
     wc.stop().await.unwrap();
     wc.get_init_log(10).await.unwrap();
     wc.get_debug_info().await.unwrap();

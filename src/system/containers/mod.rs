@@ -19,6 +19,7 @@ pub mod leader;
 mod networking;
 mod orphans;
 mod run;
+mod state;
 pub mod tree;
 mod units;
 
@@ -50,7 +51,7 @@ use crate::system::commands::exec::{
 use crate::system::network::Networks;
 use build::{BuildPlan, BuildResult};
 use leader::Leader;
-use run::{agent_connection, ended};
+use run::agent_connection;
 use tree::Tree;
 
 /// The service's own files inside a container: `/.agent-workspaces/init`.
@@ -83,6 +84,10 @@ pub struct NspawnContainers {
     output_cap: usize,
     /// Links, addresses, DNS and rules of containers with a network of their own.
     network: Arc<Networks>,
+    /// Per workspace name: held by a start and by a change of the tree's layers while the
+    /// container is stopped (which unmounts and mounts the tree), so neither sees the other
+    /// half done.
+    trees: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -108,6 +113,7 @@ impl NspawnContainers {
             program,
             output_cap,
             network,
+            trees: Default::default(),
         }
     }
 
@@ -351,6 +357,10 @@ impl Containers for NspawnContainers {
         if self.systemd.machine_leader(&ws.name).await?.is_some() {
             return Ok(());
         }
+        let _tree = self.tree_lock(&ws.name).await;
+        if self.systemd.machine_leader(&ws.name).await?.is_some() {
+            return Ok(());
+        }
         let tree = self.tree_path(&ws.name);
         // A layered tree is mounted again after a reboot.
         let path = tree.clone();
@@ -442,26 +452,11 @@ impl Containers for NspawnContainers {
     }
 
     async fn freeze(&self, ws: &Workspace, freeze: bool) -> Result<()> {
-        let unit = unit_name(&ws.name);
-        let state = self.systemd.freezer_state(&unit).await?;
-        let active = match self.systemd.unit_state(&unit).await? {
-            Some(s) => s.active_state == "active",
-            None => false,
-        };
-        match (freeze, state.as_deref()) {
-            (true, Some(_)) if active => self.systemd.freeze(&unit, true).await,
-            (true, _) => Err(Error::JobFailed(format!(
-                "Cannot pause workspace '{}': its container is not running (a stopped workspace uses no CPU or memory already)",
-                ws.name
-            ))),
-            (false, Some(s)) if s != "running" => self.systemd.freeze(&unit, false).await,
-            (false, _) => Ok(()),
-        }
+        self.freeze_unit(ws, freeze).await
     }
 
     async fn is_frozen(&self, ws: &Workspace) -> Result<bool> {
-        let state = self.systemd.freezer_state(&unit_name(&ws.name)).await?;
-        Ok(matches!(state.as_deref(), Some("frozen" | "freezing")))
+        self.unit_frozen(ws).await
     }
 
     async fn apply_limits(&self, ws: &Workspace) -> Result<()> {
@@ -483,42 +478,7 @@ impl Containers for NspawnContainers {
         req: ExecRequest,
         cancel: CancellationToken,
     ) -> Result<ExecOutcome> {
-        // A plain exec (its stdin bytes in, its output collected) that could not be started
-        // because the container was ending just then (its agent killed while a connection to
-        // it still looked open) is started once more, in the container started afresh:
-        // nothing of it ran. (Kept for the retry: a copy of the request, so not for a large
-        // stdin, which every exec would pay for.)
-        let again = match (&req.io, &req.signals, &req.keep) {
-            (ExecIo::Collect { stdin }, None, None) if stdin.len() <= RETRY_STDIN_MAX => {
-                Some(ExecRequest {
-                    workspace_id: req.workspace_id.clone(),
-                    command: req.command.clone(),
-                    env: req.env.clone(),
-                    cwd: req.cwd.clone(),
-                    io: ExecIo::Collect {
-                        stdin: stdin.clone(),
-                    },
-                    timeout: req.timeout,
-                    output_cap: req.output_cap,
-                    signals: None,
-                    terminal: req.terminal,
-                    keep: None,
-                })
-            }
-            _ => None,
-        };
-        let (leader, outcome) = self.exec_once(ws, req, &cancel).await?;
-        match (outcome, again) {
-            (Err(Error::JobFailed(why)), Some(again))
-                if why.starts_with(NOT_STARTED) && ended(&leader).await =>
-            {
-                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
-                      "The container of workspace {} ended as a command was started ({why}); starting both again", ws.name);
-                self.stop(ws).await?;
-                self.exec_once(ws, again, &cancel).await?.1
-            }
-            (outcome, _) => outcome,
-        }
+        self.exec_retried(ws, req, cancel).await
     }
 
     async fn connect_port(&self, ws: &Workspace, port: u16) -> Result<std::os::fd::OwnedFd> {
@@ -626,6 +586,34 @@ impl Containers for NspawnContainers {
 
     async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo> {
         self.debug_report(ws).await
+    }
+
+    async fn snapshot(&self, ws: &Workspace, name: &str) -> Result<()> {
+        self.take_snapshot(ws, name).await
+    }
+
+    async fn snapshots(&self, ws: &Workspace) -> Result<Vec<crate::core::ports::SnapshotInfo>> {
+        self.list_snapshots(ws).await
+    }
+
+    async fn delete_snapshot(&self, ws: &Workspace, name: &str) -> Result<()> {
+        self.remove_snapshot(ws, name).await
+    }
+
+    async fn restore(&self, ws: &Workspace, name: &str) -> Result<()> {
+        self.restore_snapshot(ws, name).await
+    }
+
+    async fn fork_tree(&self, source: &Workspace, snapshot: &str, fork: &Workspace) -> Result<()> {
+        self.make_fork(source, snapshot, fork).await
+    }
+
+    async fn fork_done(&self, fork: &Workspace) -> Result<()> {
+        self.finish_fork(fork).await
+    }
+
+    async fn disk_usage(&self, ws: &Workspace) -> Result<u64> {
+        self.layer_usage(ws).await
     }
 
     async fn remove(&self, ws: &Workspace) -> Result<()> {

@@ -48,6 +48,11 @@ impl NspawnContainers {
 /// hand should not cost a tree).
 fn remove_orphan_trees(machines: &Path, known: &[String]) {
     let is_known = |name: &str| known.iter().any(|k| k == name);
+    // Forks a restart interrupted before their record was saved are undone; layers nothing
+    // uses (a change a crash ended) go.
+    if let Err(e) = layer::finish_forks(machines, known) {
+        warn!("Cannot finish the forks and layers a restart interrupted: {e}");
+    }
     for name in known {
         let tree = machines.join(name);
         if let Err(e) = layer::ensure_mounted(&tree) {
@@ -57,7 +62,7 @@ fn remove_orphan_trees(machines: &Path, known: &[String]) {
     if let Ok(entries) = fs::read_dir(layer::layers_dir(machines)) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !is_known(&name) {
+            if !name.starts_with('.') && !is_known(&name) {
                 warn!(
                     "The layer {} has no workspace record; it is left in place",
                     e.path().display()

@@ -86,3 +86,50 @@ pub(super) fn agent_gone(e: &std::io::Error) -> bool {
         Some(libc::ECONNREFUSED | libc::ENOENT | libc::ESRCH)
     )
 }
+
+impl NspawnContainers {
+    /// `Containers::exec`.
+    pub(super) async fn exec_retried(
+        &self,
+        ws: &Workspace,
+        req: ExecRequest,
+        cancel: CancellationToken,
+    ) -> Result<ExecOutcome> {
+        // A plain exec (its stdin bytes in, its output collected) that could not be started
+        // because the container was ending just then (its agent killed while a connection to
+        // it still looked open) is started once more, in the container started afresh:
+        // nothing of it ran. (Kept for the retry: a copy of the request, so not for a large
+        // stdin, which every exec would pay for.)
+        let again = match (&req.io, &req.signals, &req.keep) {
+            (ExecIo::Collect { stdin }, None, None) if stdin.len() <= RETRY_STDIN_MAX => {
+                Some(ExecRequest {
+                    workspace_id: req.workspace_id.clone(),
+                    command: req.command.clone(),
+                    env: req.env.clone(),
+                    cwd: req.cwd.clone(),
+                    io: ExecIo::Collect {
+                        stdin: stdin.clone(),
+                    },
+                    timeout: req.timeout,
+                    output_cap: req.output_cap,
+                    signals: None,
+                    terminal: req.terminal,
+                    keep: None,
+                })
+            }
+            _ => None,
+        };
+        let (leader, outcome) = self.exec_once(ws, req, &cancel).await?;
+        match (outcome, again) {
+            (Err(Error::JobFailed(why)), Some(again))
+                if why.starts_with(NOT_STARTED) && ended(&leader).await =>
+            {
+                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "The container of workspace {} ended as a command was started ({why}); starting both again", ws.name);
+                self.stop(ws).await?;
+                self.exec_once(ws, again, &cancel).await?.1
+            }
+            (outcome, _) => outcome,
+        }
+    }
+}

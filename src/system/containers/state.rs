@@ -1,0 +1,235 @@
+//! A container's state: its processes frozen (pause, and the instant of a capture), and the
+//! snapshots, restores and forks of its tree (`layer/` does the layers): stopped for a
+//! restore, and no start while a stopped tree's layers change.
+
+use tracing::{info, warn};
+
+use crate::core::ports::SnapshotInfo;
+use crate::system::containers::layer::{self, Refusal};
+
+use super::*;
+
+/// Runs layer work (directory walks, copies) on a blocking thread.
+async fn ws_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(std::io::Error::other(format!(
+            "layer work did not finish: {e}"
+        )))
+    })
+}
+
+/// A layer change's outcome as the service's error: refusals by their own names.
+fn layered<T>(r: std::io::Result<T>, ws: &Workspace, verb: &str) -> Result<T> {
+    r.map_err(|e| match Refusal::of(&e) {
+        Some(Refusal::NoSnapshot(n)) => {
+            Error::NoSuchSnapshot(format!("Workspace '{}' has no snapshot '{n}'", ws.name))
+        }
+        Some(Refusal::Exists(n)) => Error::SnapshotExists(format!(
+            "Workspace '{}' has a snapshot named '{n}' already",
+            ws.name
+        )),
+        Some(r @ Refusal::TooDeep(_)) => {
+            Error::LimitsExceeded(format!("Cannot {verb} workspace '{}': {r}", ws.name))
+        }
+        Some(r @ Refusal::NotLayered(_)) => {
+            Error::NotSupported(format!("Cannot {verb} workspace '{}': {r}", ws.name))
+        }
+        None => Error::io(format!("Cannot {verb} workspace '{}'", ws.name), e),
+    })
+}
+
+fn now_usec() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl NspawnContainers {
+    /// Freezes or thaws the container unit (see `Containers::freeze`).
+    pub(super) async fn freeze_unit(&self, ws: &Workspace, freeze: bool) -> Result<()> {
+        let unit = unit_name(&ws.name);
+        let state = self.systemd.freezer_state(&unit).await?;
+        let active = match self.systemd.unit_state(&unit).await? {
+            Some(s) => s.active_state == "active",
+            None => false,
+        };
+        match (freeze, state.as_deref()) {
+            (true, Some(_)) if active => self.systemd.freeze(&unit, true).await,
+            (true, _) => Err(Error::JobFailed(format!(
+                "Cannot pause workspace '{}': its container is not running (a stopped workspace uses no CPU or memory already)",
+                ws.name
+            ))),
+            (false, Some(s)) if s != "running" => self.systemd.freeze(&unit, false).await,
+            (false, _) => Ok(()),
+        }
+    }
+
+    pub(super) async fn unit_frozen(&self, ws: &Workspace) -> Result<bool> {
+        let state = self.systemd.freezer_state(&unit_name(&ws.name)).await?;
+        Ok(matches!(state.as_deref(), Some("frozen" | "freezing")))
+    }
+
+    pub(super) async fn finish_fork(&self, fork: &Workspace) -> Result<()> {
+        let tree = self.tree_path(&fork.name);
+        layered(
+            ws_blocking(move || layer::fork_done(&tree)).await,
+            fork,
+            "fork",
+        )
+    }
+
+    pub(super) async fn layer_usage(&self, ws: &Workspace) -> Result<u64> {
+        let tree = self.tree_path(&ws.name);
+        layered(
+            ws_blocking(move || layer::disk_usage(&tree)).await,
+            ws,
+            "measure",
+        )
+    }
+
+    /// The lock of a workspace's tree (see `trees`).
+    pub(super) async fn tree_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .trees
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Whether the container runs; if it does and is not frozen already, it is frozen, and
+    /// the returned guard is true: the caller thaws it.
+    async fn hold_still(&self, ws: &Workspace) -> Result<(bool, bool)> {
+        if self.systemd.machine_leader(&ws.name).await?.is_none() {
+            return Ok((false, false));
+        }
+        if self.is_frozen(ws).await? {
+            return Ok((true, false));
+        }
+        self.systemd.freeze(&unit_name(&ws.name), true).await?;
+        Ok((true, true))
+    }
+
+    async fn let_go(&self, ws: &Workspace, froze: bool) {
+        if froze && let Err(e) = self.systemd.freeze(&unit_name(&ws.name), false).await {
+            warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                  "Cannot thaw {} after a snapshot: {e}", ws.name);
+        }
+    }
+
+    pub(super) async fn take_snapshot(&self, ws: &Workspace, name: &str) -> Result<()> {
+        let _tree = self.tree_lock(&ws.name).await;
+        let (running, froze) = self.hold_still(ws).await?;
+        let tree = self.tree_path(&ws.name);
+        let (n, now) = (name.to_owned(), now_usec());
+        let started = std::time::Instant::now();
+        let made = ws_blocking(move || layer::snapshot(&tree, &n, running, now)).await;
+        self.let_go(ws, froze).await;
+        layered(made, ws, "snapshot")?;
+        info!(workspace_id = %ws.id, workspace_name = %ws.name,
+              "Took snapshot {name} of workspace {} in {:.3} s ({})", ws.name,
+              started.elapsed().as_secs_f64(),
+              if running { "running: its writable layer copied" } else { "stopped" });
+        Ok(())
+    }
+
+    pub(super) async fn list_snapshots(&self, ws: &Workspace) -> Result<Vec<SnapshotInfo>> {
+        let tree = self.tree_path(&ws.name);
+        let all = layered(
+            ws_blocking(move || layer::snapshots(&tree)).await,
+            ws,
+            "list the snapshots of",
+        )?;
+        Ok(all
+            .into_iter()
+            .map(|s| SnapshotInfo {
+                name: s.name,
+                created_usec: s.created_usec,
+                bytes: s.bytes,
+            })
+            .collect())
+    }
+
+    pub(super) async fn remove_snapshot(&self, ws: &Workspace, name: &str) -> Result<()> {
+        let tree = self.tree_path(&ws.name);
+        let n = name.to_owned();
+        layered(
+            ws_blocking(move || layer::delete_snapshot(&tree, &n)).await,
+            ws,
+            "delete a snapshot of",
+        )
+    }
+
+    pub(super) async fn restore_snapshot(&self, ws: &Workspace, name: &str) -> Result<()> {
+        let running = self.systemd.machine_leader(&ws.name).await?.is_some();
+        // Refused before anything stops when there is no such snapshot.
+        if !self
+            .list_snapshots(ws)
+            .await?
+            .iter()
+            .any(|s| s.name == name)
+        {
+            return Err(Error::NoSuchSnapshot(format!(
+                "Workspace '{}' has no snapshot '{name}'",
+                ws.name
+            )));
+        }
+        {
+            // No start while the tree changes; one that came before the lock is stopped here.
+            let _tree = self.tree_lock(&ws.name).await;
+            if self.systemd.machine_leader(&ws.name).await?.is_some() {
+                self.stop(ws).await?;
+            }
+            let tree = self.tree_path(&ws.name);
+            let n = name.to_owned();
+            layered(
+                ws_blocking(move || layer::restore(&tree, &n)).await,
+                ws,
+                "restore",
+            )?;
+        }
+        info!(workspace_id = %ws.id, workspace_name = %ws.name,
+              "Restored workspace {} to its snapshot {name}", ws.name);
+        if running {
+            self.start(ws).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn make_fork(
+        &self,
+        source: &Workspace,
+        snapshot: &str,
+        fork: &Workspace,
+    ) -> Result<()> {
+        self.check_name_free(&fork.name).await?;
+        let _tree = self.tree_lock(&source.name).await;
+        let (running, froze) = if snapshot.is_empty() {
+            self.hold_still(source).await?
+        } else {
+            (false, false)
+        };
+        let (from, to) = (self.tree_path(&source.name), self.tree_path(&fork.name));
+        let snap = (!snapshot.is_empty()).then(|| snapshot.to_owned());
+        let made = ws_blocking(move || layer::fork(&from, snap.as_deref(), running, &to)).await;
+        self.let_go(source, froze).await;
+        layered(made, source, "fork")?;
+        // Its own host name and machine id, like a tree built afresh.
+        let to = self.tree_path(&fork.name);
+        let name = fork.name.clone();
+        let configured = ws_blocking(move || {
+            let r = build::configure(&to, &name);
+            if r.is_err() {
+                let _ = layer::remove(&to);
+            }
+            r
+        })
+        .await;
+        layered(configured, fork, "configure the fork")?;
+        Ok(())
+    }
+}
