@@ -230,7 +230,9 @@ async fn a_container_is_confined_like_systemds_own_containers() {
         "the tree is an overlay"
     );
     let layer = format!("/var/lib/machines/.agent-workspaces-layers/{name}");
-    let base = std::fs::read_to_string(format!("{layer}/base")).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{layer}/state")).unwrap()).unwrap();
+    let base = state["base"].as_str().unwrap().to_owned();
     assert_eq!(std::fs::metadata(&base).unwrap().uid(), 0);
     assert_eq!(
         std::fs::metadata(format!("{base}/etc/passwd"))
@@ -244,12 +246,24 @@ async fn a_container_is_confined_like_systemds_own_containers() {
         "the base is never written"
     );
     assert_eq!(
-        std::fs::read_to_string(format!("{layer}/upper/etc/aw-layer-probe")).unwrap(),
+        std::fs::read_to_string(format!(
+            "/var/lib/machines/.agent-workspaces-layers/.shared/{}/tree/etc/aw-layer-probe",
+            state["upper"].as_str().unwrap()
+        ))
+        .unwrap(),
         "planted\n",
         "what the container writes is in its layer"
     );
     m.destroy_workspace(&name).await.unwrap();
     assert!(!Path::new(&layer).exists(), "destroy removes the layer");
+    assert!(
+        !Path::new(&format!(
+            "/var/lib/machines/.agent-workspaces-layers/.shared/{}",
+            state["upper"].as_str().unwrap()
+        ))
+        .exists(),
+        "and its writable layer"
+    );
     assert!(!Path::new(&tree).exists());
     assert!(
         !std::fs::read_to_string("/proc/self/mountinfo")

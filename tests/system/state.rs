@@ -280,3 +280,193 @@ async fn twenty_forks_of_one_workspace_at_once() {
         m.destroy_workspace(n).await.unwrap();
     }
 }
+
+/// The service's failpoint (see `src/failpoint.rs`): set, or cleared with `None`, and the
+/// service restarted with it.
+fn failpoint(point: Option<&str>) {
+    let dropin = format!("/run/systemd/system/{UNIT}.d/failpoint.conf");
+    match point {
+        Some(p) => {
+            std::fs::create_dir_all(format!("/run/systemd/system/{UNIT}.d")).unwrap();
+            std::fs::write(
+                &dropin,
+                format!("[Service]\nEnvironment=AGENT_WORKSPACES_FAILPOINT={p}\n"),
+            )
+            .unwrap();
+        }
+        None => {
+            let _ = std::fs::remove_file(&dropin);
+        }
+    }
+    systemctl("daemon-reload");
+    restart_service();
+}
+
+/// Every layer in `.shared` is named by a state, every layer a state names is there, and no
+/// layer is half made: what a start-up after a crash must leave.
+fn layers_consistent() -> Result<(), String> {
+    let mut named = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(LAYERS).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if e.path().join("forking").exists() {
+            return Err(format!("{name} is still marked as a fork under way"));
+        }
+        if e.path().join("state").exists() {
+            named.extend(layers_of(&name));
+        }
+    }
+    let present: std::collections::BTreeSet<String> =
+        std::fs::read_dir(format!("{LAYERS}/.shared"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+    if named == present {
+        Ok(())
+    } else {
+        Err(format!("named {named:?}, present {present:?}"))
+    }
+}
+
+#[tokio::test]
+async fn a_kill_at_each_step_leaves_the_old_state_or_the_new() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let src = ready_container_named(&conn, "crash").await;
+    run(&m, &src, "echo one > a").await;
+    m.snapshot_workspace(&src, "s0", no_options())
+        .await
+        .unwrap();
+    run(&m, &src, "echo two > a").await;
+    // (failpoint, the source runs, the call); after the crash `a` reads "one" or "two".
+    type Call = fn(
+        &agent_workspaces::dbus::client::WorkspacesProxy<'static>,
+        &str,
+        &str,
+    ) -> futures_util::future::BoxFuture<'static, zbus::Result<()>>;
+    fn snap(
+        m: &agent_workspaces::dbus::client::WorkspacesProxy<'static>,
+        src: &str,
+        _: &str,
+    ) -> futures_util::future::BoxFuture<'static, zbus::Result<()>> {
+        let (m, src) = (m.clone(), src.to_owned());
+        Box::pin(async move { m.snapshot_workspace(&src, "s1", no_options()).await })
+    }
+    fn restore(
+        m: &agent_workspaces::dbus::client::WorkspacesProxy<'static>,
+        src: &str,
+        _: &str,
+    ) -> futures_util::future::BoxFuture<'static, zbus::Result<()>> {
+        let (m, src) = (m.clone(), src.to_owned());
+        Box::pin(async move { m.restore_workspace(&src, "s0").await })
+    }
+    fn fork_now(
+        m: &agent_workspaces::dbus::client::WorkspacesProxy<'static>,
+        src: &str,
+        f: &str,
+    ) -> futures_util::future::BoxFuture<'static, zbus::Result<()>> {
+        let (m, src, f) = (m.clone(), src.to_owned(), f.to_owned());
+        Box::pin(async move { m.fork_workspace(&src, "", fork_spec(&f)).await.map(|_| ()) })
+    }
+    fn fork_s0(
+        m: &agent_workspaces::dbus::client::WorkspacesProxy<'static>,
+        src: &str,
+        f: &str,
+    ) -> futures_util::future::BoxFuture<'static, zbus::Result<()>> {
+        let (m, src, f) = (m.clone(), src.to_owned(), f.to_owned());
+        Box::pin(async move {
+            m.fork_workspace(&src, "s0", fork_spec(&f))
+                .await
+                .map(|_| ())
+        })
+    }
+    let steps: [(&str, bool, Call); 12] = [
+        ("snapshot-copied", true, snap),
+        ("snapshot-published", true, snap),
+        ("snapshot-unmounted", false, snap),
+        ("snapshot-committed", false, snap),
+        ("restore-unmounted", true, restore),
+        ("restore-published", true, restore),
+        ("restore-committed", true, restore),
+        ("fork-copied", true, fork_now),
+        ("fork-source-rebased", false, fork_now),
+        ("fork-committed", true, fork_s0),
+        ("fork-tree-made", true, fork_s0),
+        ("fork-saved", true, fork_s0),
+    ];
+    for (point, running, call) in steps {
+        if running {
+            m.start_workspace(&src).await.unwrap();
+        } else {
+            m.stop_workspace(&src).await.unwrap();
+        }
+        let f = unique("crashfork");
+        failpoint(Some(point));
+        let m2 = manager(&bus().await).await;
+        let r = call(&m2, &src, &f).await;
+        assert!(
+            r.is_err(),
+            "{point}: the service was to die in the call, it answered"
+        );
+        failpoint(None);
+        let m = manager(&bus().await).await;
+        // The start-up's reconciliation runs in the background: until it is done.
+        let mut last = Err(String::new());
+        for _ in 0..100 {
+            last = layers_consistent();
+            if last.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(last, Ok(()), "{point}: the layers after the restart");
+        let a = run(&m, &src, "cat a").await;
+        assert!(
+            a == "one\n" || a == "two\n",
+            "{point}: the source reads {a:?}"
+        );
+        let snapshots: Vec<String> = m
+            .list_snapshots(&src)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        assert!(
+            snapshots.iter().any(|s| s == "s0"),
+            "{point}: {snapshots:?}"
+        );
+        // A fork is whole and works, or it is not there at all.
+        let listed = m.list_workspaces().await.unwrap().iter().any(|w| w.1 == f);
+        let tree = std::path::Path::new("/var/lib/machines").join(&f);
+        if listed {
+            let fa = run(&m, &f, "cat a").await;
+            assert!(
+                fa == "one\n" || fa == "two\n",
+                "{point}: the fork reads {fa:?}"
+            );
+            m.destroy_workspace(&f).await.unwrap();
+        } else {
+            assert!(
+                !tree.exists(),
+                "{point}: a fork without a record left {}",
+                tree.display()
+            );
+            assert!(
+                !std::path::Path::new(&format!("{LAYERS}/{f}")).exists(),
+                "{point}"
+            );
+        }
+        // Leave the source as each step expects it: "two" again, no s1.
+        if snapshots.iter().any(|s| s == "s1") {
+            m.delete_snapshot(&src, "s1").await.unwrap();
+        }
+        run(&m, &src, "echo two > a").await;
+    }
+    m.destroy_workspace(&src).await.unwrap();
+    assert_eq!(layers_consistent(), Ok(()));
+}

@@ -59,18 +59,30 @@ impl Manager {
     }
 
     /// At start-up: a workspace recorded `paused` whose container is not frozen any more (it
-    /// stopped, the machine rebooted) is `ready`.
+    /// stopped, the machine rebooted) is `ready`; a `ready` one found frozen (the service
+    /// ended while it held it still for a snapshot) is thawed.
     pub(super) async fn reconcile_paused(&self) {
-        let paused: Vec<_> = self
+        let containers: Vec<_> = self
             .list()
             .into_iter()
-            .filter(|w| w.status == Status::Paused)
+            .filter(|w| w.is_container() && matches!(w.status, Status::Paused | Status::Ready))
             .collect();
-        for ws in paused {
-            if !self.ports.containers.is_frozen(&ws).await.unwrap_or(false) {
-                info!(workspace_id = %ws.id, workspace_name = %ws.name,
-                      "Workspace {} was paused, and its container is not frozen any more: ready", ws.name);
-                self.set_status(&ws.id, Status::Ready, "", Some(Status::Paused));
+        for ws in containers {
+            let frozen = self.ports.containers.is_frozen(&ws).await.unwrap_or(false);
+            match (ws.status, frozen) {
+                (Status::Paused, false) => {
+                    info!(workspace_id = %ws.id, workspace_name = %ws.name,
+                          "Workspace {} was paused, and its container is not frozen any more: ready", ws.name);
+                    self.set_status(&ws.id, Status::Ready, "", Some(Status::Paused));
+                }
+                (Status::Ready, true) => {
+                    info!(workspace_id = %ws.id, workspace_name = %ws.name,
+                          "Workspace {} is ready, and its container was left frozen: thawing it", ws.name);
+                    if let Err(e) = self.ports.containers.freeze(&ws, false).await {
+                        tracing::warn!(workspace_id = %ws.id, "Cannot thaw {}: {e}", ws.name);
+                    }
+                }
+                _ => {}
             }
         }
     }

@@ -313,6 +313,12 @@ pub fn ensure_mounted(tree: &Path) -> io::Result<()> {
     if !has_layer(tree) || is_mounted(tree) {
         return Ok(());
     }
+    // Two callers at once (the start-up's pass over every tree, a command starting its
+    // container) mount it once.
+    let _held = lock(&layers_of(tree))?;
+    if is_mounted(tree) {
+        return Ok(());
+    }
     let dir = layer_dir(tree);
     let Some(state) = read_state(&dir)? else {
         return Ok(());

@@ -53,11 +53,14 @@ pub(super) fn mount(layers: &Path, dir: &Path, st: &State, tree: &Path) -> io::R
     // Each lower layer is cloned, idmapped, to a mount point of its own in `dir` (short
     // names: the options must fit in a page), then the overlay takes its own clones of them.
     let mut points = Vec::with_capacity(lowers.len());
+    // Names of this mount's own, so no other mount of the tree takes them away.
+    let mut tag = [0u8; 4];
+    let _ = getrandom(&mut tag);
+    let tag = u32::from_ne_bytes(tag);
     let cloned = (|| {
         for (i, (layer, from)) in lowers.iter().enumerate() {
-            let point = dir.join(format!("l{i}"));
-            let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
-            fs::create_dir_all(&point)?;
+            let point = dir.join(format!("l{tag:08x}.{i}"));
+            fs::create_dir(&point)?;
             points.push(point.clone());
             clone_to(layer, &point, *from, st.range)?;
         }
