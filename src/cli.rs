@@ -457,5 +457,11 @@ pub mod workspacectl {
         /// Processes and threads (TasksMax=).
         #[arg(long, value_name = "N")]
         pub tasks_max: Option<u64>,
+        /// Pause the container after this long unused (0: never).
+        #[arg(long, value_name = "SECS")]
+        pub idle_pause_secs: Option<u32>,
+        /// Stop the container after this long unused (0: never).
+        #[arg(long, value_name = "SECS")]
+        pub idle_stop_secs: Option<u32>,
     }
 }

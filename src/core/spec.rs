@@ -39,6 +39,8 @@ pub struct CreateSpec {
     pub memory_max: Option<u64>,
     pub cpu_quota_percent: Option<u32>,
     pub tasks_max: Option<u64>,
+    pub idle_pause_secs: Option<u32>,
+    pub idle_stop_secs: Option<u32>,
 }
 
 /// `UpdateWorkspace` input: only the keys present change.
@@ -57,6 +59,8 @@ pub struct Changes {
     pub memory_max: Option<u64>,
     pub cpu_quota_percent: Option<u32>,
     pub tasks_max: Option<u64>,
+    pub idle_pause_secs: Option<u32>,
+    pub idle_stop_secs: Option<u32>,
 }
 
 /// `Exec` input.
@@ -179,6 +183,8 @@ impl CreateSpec {
             memory_max: self.memory_max,
             cpu_quota_percent: self.cpu_quota_percent,
             tasks_max: self.tasks_max,
+            idle_pause_secs: self.idle_pause_secs,
+            idle_stop_secs: self.idle_stop_secs,
         };
         let egress_allow = check_egress("egress_allow", self.egress_allow.as_deref())?;
         let egress_deny = check_egress("egress_deny", self.egress_deny.as_deref())?;
@@ -190,6 +196,8 @@ impl CreateSpec {
                 ("memory_max", limits.memory_max.is_some()),
                 ("cpu_quota_percent", limits.cpu_quota_percent.is_some()),
                 ("tasks_max", limits.tasks_max.is_some()),
+                ("idle_pause_secs", limits.idle_pause_secs.is_some()),
+                ("idle_stop_secs", limits.idle_stop_secs.is_some()),
                 ("build_on_create", self.build_on_create.is_some()),
             ] {
                 if set {
@@ -266,6 +274,8 @@ impl Changes {
             ("memory_max", self.memory_max.is_some()),
             ("cpu_quota_percent", self.cpu_quota_percent.is_some()),
             ("tasks_max", self.tasks_max.is_some()),
+            ("idle_pause_secs", self.idle_pause_secs.is_some()),
+            ("idle_stop_secs", self.idle_stop_secs.is_some()),
         ]
         .into_iter()
         .filter_map(|(k, set)| set.then_some(k))
@@ -292,6 +302,9 @@ impl Changes {
             memory_max: changed(self.memory_max, limits.memory_max),
             cpu_quota_percent: changed(self.cpu_quota_percent, limits.cpu_quota_percent),
             tasks_max: changed(self.tasks_max, limits.tasks_max),
+            // 0 is a value here (never), not a removal.
+            idle_pause_secs: self.idle_pause_secs.or(limits.idle_pause_secs),
+            idle_stop_secs: self.idle_stop_secs.or(limits.idle_stop_secs),
         }
     }
 
@@ -337,6 +350,16 @@ impl Changes {
 pub struct ServiceLimits {
     pub exec: ExecLimits,
     pub builds: BuildLimits,
+    pub idle: IdleLimits,
+}
+
+/// How long a container workspace may sit idle (no command, process, file call or port
+/// connection) before it is paused, or stopped, unless its own limits say otherwise; 0:
+/// never (`[container] idle_pause_secs`, `idle_stop_secs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdleLimits {
+    pub pause_secs: u32,
+    pub stop_secs: u32,
 }
 
 /// Limits on commands (`[exec]`).

@@ -85,6 +85,8 @@ pub fn merge(t: &Template, request: CreateSpec) -> CreateSpec {
             .cpu_quota_percent
             .or(t.cpu_quota_percent.filter(|_| container)),
         tasks_max: request.tasks_max.or(t.tasks_max.filter(|_| container)),
+        idle_pause_secs: request.idle_pause_secs,
+        idle_stop_secs: request.idle_stop_secs,
         workspace_type,
     }
 }

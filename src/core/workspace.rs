@@ -166,12 +166,17 @@ impl FromStr for Network {
     }
 }
 
-/// Resource limits of a container, applied as unit properties.
+/// Resource limits of a container, applied as unit properties, and how long it may sit idle
+/// before it is paused or stopped (none: the service's default; 0: never).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub memory_max: Option<u64>,
     pub cpu_quota_percent: Option<u32>,
     pub tasks_max: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_pause_secs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_stop_secs: Option<u32>,
 }
 
 /// One workspace, as stored and as served.

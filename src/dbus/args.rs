@@ -82,6 +82,8 @@ pub fn create_spec(map: Dict) -> Result<CreateSpec> {
         memory_max: a.take("memory_max")?,
         cpu_quota_percent: a.take("cpu_quota_percent")?,
         tasks_max: a.take("tasks_max")?,
+        idle_pause_secs: a.take("idle_pause_secs")?,
+        idle_stop_secs: a.take("idle_stop_secs")?,
     })
 }
 
@@ -98,6 +100,8 @@ pub fn changes(map: Dict) -> Result<Changes> {
         memory_max: a.take("memory_max")?,
         cpu_quota_percent: a.take("cpu_quota_percent")?,
         tasks_max: a.take("tasks_max")?,
+        idle_pause_secs: a.take("idle_pause_secs")?,
+        idle_stop_secs: a.take("idle_stop_secs")?,
     })
 }
 
@@ -121,6 +125,8 @@ pub fn fork_spec(map: Dict) -> Result<(String, Changes)> {
             memory_max: a.take("memory_max")?,
             cpu_quota_percent: a.take("cpu_quota_percent")?,
             tasks_max: a.take("tasks_max")?,
+            idle_pause_secs: a.take("idle_pause_secs")?,
+            idle_stop_secs: a.take("idle_stop_secs")?,
         },
     ))
 }

@@ -317,6 +317,10 @@ macro_rules! proxies {
             #[zbus(property)]
             fn id(&self) -> zbus::Result<String>;
             #[zbus(property)]
+            fn idle_pause_secs(&self) -> zbus::Result<u32>;
+            #[zbus(property)]
+            fn idle_stop_secs(&self) -> zbus::Result<u32>;
+            #[zbus(property)]
             fn machine_name(&self) -> zbus::Result<String>;
             #[zbus(property)]
             fn memory_max(&self) -> zbus::Result<u64>;

@@ -174,6 +174,8 @@ async fn apply(conn: &Connection, ctx: &Context, event: Event) -> zbus::Result<(
                     Field::BuildStep => object.build_step_changed(emitter).await?,
                     Field::Snapshots => object.snapshots_changed(emitter).await?,
                     Field::Limits => {
+                        object.idle_pause_secs_changed(emitter).await?;
+                        object.idle_stop_secs_changed(emitter).await?;
                         object.memory_max_changed(emitter).await?;
                         object.c_p_u_quota_percent_changed(emitter).await?;
                         object.tasks_max_changed(emitter).await?;

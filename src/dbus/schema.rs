@@ -193,6 +193,8 @@ pub const CREATE: Keys = Keys {
         limit("memory_max", Type::U64),
         limit("cpu_quota_percent", Type::U32),
         limit("tasks_max", Type::U64),
+        limit("idle_pause_secs", Type::U32),
+        limit("idle_stop_secs", Type::U32),
     ],
 };
 
@@ -210,6 +212,8 @@ pub const CHANGES: Keys = Keys {
         limit("memory_max", Type::U64),
         limit("cpu_quota_percent", Type::U32),
         limit("tasks_max", Type::U64),
+        limit("idle_pause_secs", Type::U32),
+        limit("idle_stop_secs", Type::U32),
     ],
 };
 
@@ -227,6 +231,8 @@ pub const FORK: Keys = Keys {
         limit("memory_max", Type::U64),
         limit("cpu_quota_percent", Type::U32),
         limit("tasks_max", Type::U64),
+        limit("idle_pause_secs", Type::U32),
+        limit("idle_stop_secs", Type::U32),
     ],
 };
 

@@ -407,6 +407,31 @@ impl WorkspaceObject {
         Ok(self.ws()?.limits.tasks_max.unwrap_or(0))
     }
 
+    /// Seconds without use before the container is paused (its own, or the service's
+    /// default; 0: never).
+    #[zbus(property)]
+    async fn idle_pause_secs(&self) -> zbus::fdo::Result<u32> {
+        let ws = self.ws()?;
+        let default = self.ctx.manager.limits().idle.pause_secs;
+        Ok(if ws.is_container() {
+            ws.limits.idle_pause_secs.unwrap_or(default)
+        } else {
+            0
+        })
+    }
+
+    /// Seconds without use before the container is stopped (as `IdlePauseSecs`).
+    #[zbus(property)]
+    async fn idle_stop_secs(&self) -> zbus::fdo::Result<u32> {
+        let ws = self.ws()?;
+        let default = self.ctx.manager.limits().idle.stop_secs;
+        Ok(if ws.is_container() {
+            ws.limits.idle_stop_secs.unwrap_or(default)
+        } else {
+            0
+        })
+    }
+
     #[zbus(property)]
     async fn network(&self) -> zbus::fdo::Result<String> {
         let ws = self.ws()?;

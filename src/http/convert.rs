@@ -85,6 +85,8 @@ pub(super) fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
             "memory_max": field("MemoryMax"),
             "cpu_quota_percent": field("CPUQuotaPercent"),
             "tasks_max": field("TasksMax"),
+            "idle_pause_secs": field("IdlePauseSecs"),
+            "idle_stop_secs": field("IdleStopSecs"),
         },
         "snapshots": field("Snapshots"),
         "disk_usage": field("DiskUsage"),

@@ -109,6 +109,8 @@ struct ContainerSection {
     max_concurrent_builds: Option<u32>,
     build_timeout_secs: Option<u32>,
     init_timeout_secs: Option<u32>,
+    idle_pause_secs: Option<u32>,
+    idle_stop_secs: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -173,6 +175,10 @@ impl Config {
                     .into(),
             );
         }
+        let idle = crate::core::spec::IdleLimits {
+            pause_secs: file.container.idle_pause_secs.unwrap_or(0),
+            stop_secs: file.container.idle_stop_secs.unwrap_or(0),
+        };
         let mut container = ContainerConfig::default();
         let c = file.container;
         for (dir, field) in [
@@ -257,7 +263,7 @@ impl Config {
             network,
             library_path: file.library_path,
             host_workspace_dir: file.host_workspace_dir,
-            limits: ServiceLimits { exec, builds },
+            limits: ServiceLimits { exec, builds, idle },
             exec_containment: e.isolation.unwrap_or(ContainmentMode::Cgroup),
             container,
         })

@@ -470,3 +470,56 @@ async fn a_kill_at_each_step_leaves_the_old_state_or_the_new() {
     m.destroy_workspace(&src).await.unwrap();
     assert_eq!(layers_consistent(), Ok(()));
 }
+
+#[tokio::test]
+async fn an_idle_container_pauses_then_stops_and_comes_back_on_use() {
+    require_test_host();
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = ready_container_named(&conn, "idle").await;
+    let ws = workspace(&conn, &m.get_workspace(&name).await.unwrap()).await;
+    m.update_workspace(
+        &name,
+        spec(vec![
+            ("idle_pause_secs", zbus::Variant::from(2u32)),
+            ("idle_stop_secs", zbus::Variant::from(8u32)),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ws.idle_pause_secs().await.unwrap(), 2);
+    run(&m, &name, "true").await;
+    let status = |want: &'static str| {
+        let ws = ws.clone();
+        async move {
+            for _ in 0..100 {
+                if ws.status().await.unwrap() == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    assert!(status("paused").await, "paused after 2 s unused");
+    assert_eq!(
+        systemctl(&format!(
+            "show -p FreezerState --value agent-workspace-{name}.service"
+        ))
+        .trim(),
+        "frozen"
+    );
+    // A command resumes it; then, unused again, it is paused and then stopped.
+    assert_eq!(run(&m, &name, "echo back").await, "back\n");
+    assert_eq!(ws.status().await.unwrap(), "ready");
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let active = sh(&format!(
+        "systemctl is-active agent-workspace-{name}.service"
+    ));
+    assert_eq!(active.stdout.trim(), "inactive", "stopped after 8 s unused");
+    assert_eq!(ws.status().await.unwrap(), "ready");
+    // The next command starts it again, its files where they were.
+    run(&m, &name, "echo kept > f").await;
+    assert_eq!(run(&m, &name, "cat f").await, "kept\n");
+    m.destroy_workspace(&name).await.unwrap();
+}

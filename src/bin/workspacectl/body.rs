@@ -75,6 +75,8 @@ fn limits_json(l: &Limits, body: &mut Map<String, Value>) {
     put(&mut limits, "memory_max", l.memory_max);
     put(&mut limits, "cpu_quota_percent", l.cpu_quota_percent);
     put(&mut limits, "tasks_max", l.tasks_max);
+    put(&mut limits, "idle_pause_secs", l.idle_pause_secs);
+    put(&mut limits, "idle_stop_secs", l.idle_stop_secs);
     if limits.is_empty() {
         return;
     }

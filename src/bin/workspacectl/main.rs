@@ -498,6 +498,10 @@ mod tests {
             "50",
             "--tasks-max",
             "10",
+            "--idle-pause-secs",
+            "300",
+            "--idle-stop-secs",
+            "0",
             "--egress-allow",
             "*.debian.org",
             "--egress-allow",
@@ -544,6 +548,23 @@ mod tests {
         argv.extend(contents);
         argv.extend(limits);
         assert_eq!(keys(&dict(&argv).unwrap()), all(schema::CHANGES));
+
+        let mut argv = vec![
+            "workspacectl",
+            "fork",
+            "box",
+            "box-2",
+            "--snapshot",
+            "s1",
+            "--network",
+            "private",
+        ];
+        argv.extend(limits.iter().filter(|a| {
+            !a.starts_with("--egress") && !a.contains('.') && !a.contains('/') && !a.is_empty()
+        }));
+        let d = dict(&argv).unwrap();
+        assert_eq!(String::try_from(d["name"].clone()).unwrap(), "box-2");
+        assert_eq!(u32::try_from(d["idle_pause_secs"].clone()).unwrap(), 300);
 
         let d = dict(&[
             "workspacectl",

@@ -243,7 +243,16 @@ impl Manager {
         self.container(key, "start")?;
         self.wake(key).await?;
         let ws = self.ready_container(key, "start")?;
-        self.ports.containers.start(&ws).await
+        self.ports.containers.start(&ws).await?;
+        self.mark_used(&ws.id, true);
+        Ok(())
+    }
+
+    /// The workspace's container was started (`true`: idle from now) or stopped.
+    pub(super) fn mark_used(&self, id: &str, running: bool) {
+        if let Some(e) = self.reg().by_id.get(id) {
+            e.used(running.then(tokio::time::Instant::now));
+        }
     }
 
     /// Stops the container (a paused one is resumed first: it stops `ready`).
@@ -251,7 +260,9 @@ impl Manager {
         self.container(key, "stop")?;
         self.wake(key).await?;
         let ws = self.ready_container(key, "stop")?;
-        self.ports.containers.stop(&ws).await
+        self.ports.containers.stop(&ws).await?;
+        self.mark_used(&ws.id, false);
+        Ok(())
     }
 
     pub async fn init_log(&self, key: &str, max_lines: u32) -> Result<(String, u32)> {

@@ -102,6 +102,7 @@ impl Manager {
                 status: e.ws.status.to_string(),
             });
         }
+        e.used(Some(tokio::time::Instant::now()));
         Ok(CommandPlace {
             ws: e.ws.clone(),
             running: e.execs.token(),

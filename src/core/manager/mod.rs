@@ -92,6 +92,9 @@ struct Entry {
     /// Ends its background processes (destroy; not the service's shutdown where processes
     /// are kept across a restart).
     processes: CancellationToken,
+    /// When it was last used (a command, a process, a file call, a port connection), for
+    /// the idle pause and stop; none while its container is not known to run.
+    last_used: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Entry {
@@ -102,7 +105,23 @@ impl Entry {
             execs: TaskTracker::new(),
             cancel: shutdown.child_token(),
             processes: CancellationToken::new(),
+            last_used: Mutex::new(None),
         }
+    }
+
+    /// Marks it used now (`Some`), or not running (`None`).
+    fn used(&self, at: Option<tokio::time::Instant>) {
+        *self
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = at;
+    }
+
+    fn last_used(&self) -> Option<tokio::time::Instant> {
+        *self
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -1,13 +1,27 @@
 //! Paused workspaces: a container's processes frozen by the cgroup freezer (their memory kept,
 //! no CPU), `paused` until `ResumeWorkspace` or the next use of the workspace (a command, a
-//! background process, a terminal, a file call, a port connection) thaws them.
+//! background process, a terminal, a file call, a port connection) thaws them. Idle ones
+//! (none of those for `idle_pause_secs`, `idle_stop_secs`) are paused, or stopped, by
+//! themselves, looked at once a second.
 
-use tracing::info;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tracing::{info, warn};
 
 use crate::core::error::{Error, Result};
 use crate::core::workspace::Status;
 
 use super::*;
+
+/// What an idle workspace is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    Pause,
+    Stop,
+}
 
 impl Manager {
     /// Freezes a running container workspace: `paused`. A paused one stays so.
@@ -85,5 +99,71 @@ impl Manager {
                 _ => {}
             }
         }
+    }
+
+    /// Pauses or stops container workspaces idle for longer than their limits (or the
+    /// service's defaults) allow, until the service stops. A workspace with a command or a
+    /// background process running is in use: its idle time starts when the last one ends.
+    pub async fn watch_idle(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.shutdown.cancelled() => return,
+            }
+            for (id, due) in self.idle_due(Instant::now()) {
+                let done = match due {
+                    Idle::Pause => self.pause(&id).await,
+                    Idle::Stop => self.stop(&id).await,
+                };
+                let ws = self.get(&id).map(|w| w.name).unwrap_or_default();
+                let failed = done.is_err();
+                match done {
+                    Ok(()) => info!(workspace_id = %id, workspace_name = %ws,
+                                    "Workspace {ws} was idle: {}",
+                                    if due == Idle::Pause { "paused" } else { "stopped" }),
+                    Err(e) => warn!(workspace_id = %id, workspace_name = %ws,
+                                    "Workspace {ws} was idle, and could not be {}: {e}",
+                                    if due == Idle::Pause { "paused" } else { "stopped" }),
+                }
+                // Stopped, or not running (a pause it refused): nothing to watch until it
+                // is used again.
+                if due == Idle::Stop || failed {
+                    self.mark_used(&id, false);
+                }
+            }
+        }
+    }
+
+    /// The workspaces due a pause or a stop at `now`; those in use are marked used.
+    fn idle_due(&self, now: Instant) -> Vec<(String, Idle)> {
+        let defaults = self.limits().idle;
+        let reg = self.reg();
+        reg.by_id
+            .values()
+            .filter(|e| e.ws.is_container())
+            .filter_map(|e| {
+                let pause = e.ws.limits.idle_pause_secs.unwrap_or(defaults.pause_secs);
+                let stop = e.ws.limits.idle_stop_secs.unwrap_or(defaults.stop_secs);
+                if pause == 0 && stop == 0 {
+                    return None;
+                }
+                let last = e.last_used()?;
+                if !e.execs.is_empty() {
+                    e.used(Some(now));
+                    return None;
+                }
+                let idle = now.saturating_duration_since(last);
+                let after = |secs: u32| secs > 0 && idle >= Duration::from_secs(secs.into());
+                match e.ws.status {
+                    Status::Ready | Status::Paused if after(stop) => {
+                        Some((e.ws.id.clone(), Idle::Stop))
+                    }
+                    Status::Ready if after(pause) => Some((e.ws.id.clone(), Idle::Pause)),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 }

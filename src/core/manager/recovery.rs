@@ -118,10 +118,17 @@ impl Manager {
             .map(|e| e.ws.clone())
             .collect();
         let this = self.clone();
+        // Containers running now are idle from now on.
+        for e in self.reg().by_id.values() {
+            if e.ws.is_container() && matches!(e.ws.status, Status::Ready | Status::Paused) {
+                e.used(Some(tokio::time::Instant::now()));
+            }
+        }
         tokio::spawn(async move {
             this.ports.containers.clean_orphans(&known).await;
             this.reconcile_paused().await;
         });
+        tokio::spawn(self.clone().watch_idle());
         for (ws, tracker) in pending {
             info!(workspace_id = %ws.id, workspace_name = %ws.name,
                   "Resuming the build of {} after a restart", ws.name);

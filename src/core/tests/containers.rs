@@ -228,6 +228,7 @@ async fn limits_and_network_change_on_containers_only() {
         memory_max: None,
         cpu_quota_percent: Some(50),
         tasks_max: Some(100),
+        ..Default::default()
     };
     assert_eq!((ws.network, ws.limits), (Network::Private, want));
     assert_eq!(f.store.0.lock().unwrap()[&ws.id].limits, want, "saved");
@@ -379,4 +380,45 @@ async fn a_paused_record_whose_container_is_not_frozen_is_ready_after_a_restart(
     let second = fixture_with(first.store.clone(), ServiceLimits::default());
     second.manager.reconcile();
     wait_status(&second, "box", Status::Ready).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_container_pauses_then_stops_and_use_resets_its_clock() {
+    let f = fixture();
+    f.manager.create(container("box", "")).await.unwrap();
+    f.manager.build("box", false).await.unwrap();
+    f.containers.release_build.notify_one();
+    wait_status(&f, "box", Status::Ready).await;
+    let changes = Changes {
+        idle_pause_secs: Some(5),
+        idle_stop_secs: Some(20),
+        ..Default::default()
+    };
+    f.manager.update("box", changes).await.unwrap();
+    tokio::spawn(f.manager.clone().watch_idle());
+    f.manager
+        .exec("box", exec("true"), CancellationToken::new())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Ready);
+    // Used again: the clock starts over.
+    f.manager
+        .exec("box", exec("true"), CancellationToken::new())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Ready);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Paused);
+    tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+    let calls = f.containers.calls();
+    assert!(
+        calls.ends_with(&["thaw box".into(), "stop box".into()]),
+        "{calls:?}"
+    );
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Ready);
+    // Stopped: nothing more until it is used.
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    assert_eq!(f.containers.calls().len(), calls.len());
 }

@@ -167,6 +167,7 @@ mod tests {
                 memory_max: Some(1 << 30),
                 cpu_quota_percent: Some(150),
                 tasks_max: None,
+                ..Default::default()
             },
             build_step: String::new(),
         }

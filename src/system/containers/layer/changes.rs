@@ -397,3 +397,77 @@ pub fn finish_forks(machines: &Path, known: &[String]) -> io::Result<()> {
     }
     collect(&layers, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tree from before snapshots: `<name>/upper`, `<name>/work`, `<name>/base`.
+    fn legacy(layers: &Path) -> PathBuf {
+        let dir = layers.join("box");
+        fs::create_dir_all(dir.join("upper/etc")).unwrap();
+        fs::write(dir.join("upper/etc/mine"), b"kept").unwrap();
+        fs::create_dir_all(dir.join("work/work")).unwrap();
+        fs::write(dir.join("base"), b"/var/cache/base.tree").unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_tree_from_before_snapshots_is_taken_into_shared_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layers = tmp.path();
+        let dir = legacy(layers);
+        let mut st = read_state(&dir).unwrap().unwrap();
+        assert_eq!(st.upper, None);
+        assert_eq!(st.base, Path::new("/var/cache/base.tree"));
+        take_legacy(layers, &dir, &mut st).unwrap();
+        let id = st.upper.clone().unwrap();
+        assert_eq!(
+            fs::read(shared(layers, &id).join("tree/etc/mine")).unwrap(),
+            b"kept"
+        );
+        assert!(shared(layers, &id).join("work/work").is_dir());
+        assert!(!dir.join("upper").exists() && !dir.join("base").exists());
+        assert_eq!(
+            read_state(&dir).unwrap().unwrap(),
+            st,
+            "the state is committed"
+        );
+        assert!(!dir.join(INTENT).exists());
+    }
+
+    #[test]
+    fn a_move_a_crash_ended_half_way_is_finished_when_the_state_is_next_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layers = tmp.path();
+        let dir = legacy(layers);
+        let st = read_state(&dir).unwrap().unwrap();
+        let target = shared(layers, "l1");
+        fs::create_dir_all(&target).unwrap();
+        let new = State {
+            upper: Some("l1".into()),
+            ..st
+        };
+        let intent = Intent {
+            moves: vec![
+                (dir.join("upper"), target.join("tree")),
+                (dir.join("work"), target.join("work")),
+            ],
+            state: new.clone(),
+        };
+        write_json(&dir.join(INTENT), &intent).unwrap();
+        // The first move was made, then the process ended.
+        fs::rename(dir.join("upper"), target.join("tree")).unwrap();
+        // Until then, a collection counts the layer the intent names as used.
+        assert!(used_layers(layers).unwrap().contains("l1"));
+        assert_eq!(read_state(&dir).unwrap().unwrap(), new);
+        assert!(target.join("work/work").is_dir() && !dir.join("work").exists());
+        assert_eq!(fs::read(target.join("tree/etc/mine")).unwrap(), b"kept");
+        collect(layers, true).unwrap();
+        assert!(target.is_dir(), "a layer a state names is kept");
+        fs::create_dir_all(shared(layers, "stray.tmp")).unwrap();
+        fs::create_dir_all(shared(layers, "unnamed")).unwrap();
+        collect(layers, true).unwrap();
+        assert!(!shared(layers, "stray.tmp").exists() && !shared(layers, "unnamed").exists());
+    }
+}
