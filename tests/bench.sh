@@ -1,13 +1,16 @@
 #!/bin/bash
-# `make bench`: boots the test host, installs the service, and runs benches/exec_latency.rs
-# inside it. Prints latency figures and ratios against baselines measured in the same run.
+# `make bench`: boots the test host, installs the service, and runs benches/exec_latency.rs and
+# benches/workspace_state.rs inside it. Prints latency figures and ratios against baselines measured in the same run.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 testhost=tests/testhost/testhost.sh
-bin=$(cargo bench --locked --bench exec_latency --no-run 2>&1 |
-      sed -n 's/^ *Executable .*(\(.*\))$/\1/p' | tail -1)
-[ -x "$bin" ] || { echo "no benchmark binary" >&2; exit 1; }
+bench_bin() {
+  cargo bench --locked --bench "$1" --no-run 2>&1 | sed -n 's/^ *Executable .*(\(.*\))$/\1/p' | tail -1
+}
+bin=$(bench_bin exec_latency)
+state_bin=$(bench_bin workspace_state)
+[ -x "$bin" ] && [ -x "$state_bin" ] || { echo "no benchmark binary" >&2; exit 1; }
 "$testhost" up >/dev/null
 "$testhost" install >/dev/null
 tests/testhost/configure-service.sh
@@ -17,9 +20,23 @@ config=/proc/$config/root/etc/agent-workspaces/config.toml
 sed -i 's/^\[container\]$/[container]\nmax_concurrent_builds = 20/' "$config"
 printf '\n[exec]\nmax_concurrent = 256\n' >>"$config"
 "$testhost" run -- systemctl try-restart agent-workspaced
+# Each running container's systemd-nspawn holds a system-bus connection as root: the density
+# figure needs more than dbus-daemon's 256 per user (README, "Install on a systemd host").
+"$testhost" run -- sh -c 'cat > /etc/dbus-1/system.d/zz-agent-workspaces-density.conf <<EOF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <limit name="max_connections_per_user">4096</limit>
+  <limit name="max_completed_connections">8192</limit>
+</busconfig>
+EOF
+systemctl reload dbus'
 # The REST bridge, set up as an operator would (its user, a token, the socket).
 "$testhost" run -- sh -c 'systemd-sysusers &&
   head -c 24 /dev/urandom | base64 > /etc/agent-workspaces/api-token &&
   chmod 600 /etc/agent-workspaces/api-token &&
   systemctl restart agent-workspaces-http.socket'
 "$testhost" run -- "$repo/$bin"
+# Workspace state: snapshots, forks, restore, pause, and how many idle containers run at once
+# (BENCH_DENSITY, 500 unless set).
+"$testhost" run ${BENCH_DENSITY:+-E BENCH_DENSITY=$BENCH_DENSITY} -- "$repo/$state_bin"

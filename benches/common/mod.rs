@@ -143,3 +143,40 @@ pub async fn start_time(
     }
     timing::median(starts)
 }
+
+/// A unit's memory use: its `MemoryCurrent`, or where the memory controller is not available
+/// (no accounting), the proportional set size (Pss) of its processes, from their smaps.
+pub fn unit_memory(unit: &str) -> Option<(u64, &'static str)> {
+    let show = |p: &str| {
+        std::process::Command::new("systemctl")
+            .args(["show", "-p", p, "--value", unit])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    if let Ok(bytes) = show("MemoryCurrent").parse() {
+        return Some((bytes, "MemoryCurrent"));
+    }
+    let cgroup = show("ControlGroup");
+    let mut procs = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from(format!("/sys/fs/cgroup{cgroup}"))];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            }
+        }
+        let list = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+        procs.extend(list.lines().map(str::to_owned));
+    }
+    let pss: u64 = procs
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .sum();
+    (!procs.is_empty()).then_some((pss * 1024, "Pss of its processes"))
+}
