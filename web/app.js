@@ -808,7 +808,73 @@ async function workspacePage(main, r, token) {
   h('label', { for: 'edit-egress_allow' }, 'Reachable only'), allowRules,
   h('label', { for: 'edit-egress_deny' }, 'Never reachable'), denyRules,
   h('button', { type: 'submit' }, 'Save egress rules'), egressResult);
+  // Snapshots: taken, listed, restored, forked (one click: the fork's name is filled in), deleted.
+  const snapshotName = h('input', { id: 'snapshot-name', type: 'text', autocomplete: 'off',
+    spellcheck: 'false', placeholder: 'good-state', 'aria-describedby': 'snapshot-hint' });
+  const forkName = h('input', { id: 'fork-name', type: 'text', autocomplete: 'off', spellcheck: 'false' });
+  const snapshotList = h('div', { id: 'snapshots' });
+  const snapshotResult = h('div', { role: 'status' });
+  const fork = async (snapshot) => {
+    snapshotResult.replaceChildren();
+    try {
+      const made = await api('POST', `${base}/fork`, snapshot ? { name: forkName.value, snapshot }
+        : { name: forkName.value });
+      announce(`Forked workspace ${made.name}`);
+      location.hash = `#/workspaces/${encodeURIComponent(made.id)}`;
+    } catch (err) {
+      showError(snapshotResult, err);
+    }
+  };
+  const snapshotSection = h('section', { 'aria-labelledby': 'snapshots-heading' },
+    h('h2', { id: 'snapshots-heading' }, 'Snapshots'),
+    h('form', { class: 'toolbar', id: 'snapshot-form', onsubmit: async (e) => {
+      e.preventDefault();
+      snapshotResult.replaceChildren();
+      try {
+        const s = await api('POST', `${base}/snapshots`, { name: snapshotName.value });
+        announce(`Snapshot ${s.name} taken`);
+        snapshotName.value = '';
+        await refresh();
+      } catch (err) {
+        showError(snapshotResult, err);
+      }
+    } },
+    h('label', { for: 'snapshot-name' }, 'Snapshot name'), snapshotName,
+    h('button', { type: 'submit' }, 'Take snapshot')),
+    h('p', { class: 'hint', id: 'snapshot-hint' },
+      'A running workspace is frozen while its own files are copied; a stopped one is captured at once.'),
+    h('div', { class: 'toolbar' },
+      h('label', { for: 'fork-name' }, 'Name of a fork'), forkName,
+      h('button', { type: 'button', id: 'fork-now', onclick: () => fork('') }, 'Fork as it is now')),
+    snapshotList, snapshotResult);
+  let shownSnapshots = null;
+  const loadSnapshots = async (ws) => {
+    const key = JSON.stringify(ws.snapshots || []);
+    if (key === shownSnapshots) return;
+    shownSnapshots = key;
+    const list = await api('GET', `${base}/snapshots`);
+    snapshotList.replaceChildren(list.length === 0 ? h('p', {}, 'No snapshots.')
+      : h('table', { 'aria-label': 'Snapshots' },
+        h('thead', {}, h('tr', {}, ['Name', 'Taken', 'Size', 'Actions']
+          .map((t) => h('th', { scope: 'col' }, t)))),
+        h('tbody', {}, list.map((s) => h('tr', {},
+          h('td', {}, s.name),
+          h('td', {}, new Date(s.created_at / 1000).toLocaleString()),
+          h('td', {}, formatSize(s.bytes)),
+          h('td', {},
+            h('button', { type: 'button', 'aria-label': `Fork from snapshot ${s.name}`,
+              onclick: () => fork(s.name) }, 'Fork'),
+            h('button', { type: 'button', 'aria-label': `Restore snapshot ${s.name}`,
+              onclick: async () => {
+                if (!(await confirmDialog(`Restore ${ws.name} to snapshot ${s.name}? Its processes end.`, 'Restore'))) return;
+                act(`Restored snapshot ${s.name}`, () => api('POST', `${base}/snapshots/${encodeURIComponent(s.name)}/restore`));
+              } }, 'Restore'),
+            h('button', { type: 'button', class: 'danger', 'aria-label': `Delete snapshot ${s.name}`,
+              onclick: () => act(`Deleted snapshot ${s.name}`,
+                () => api('DELETE', `${base}/snapshots/${encodeURIComponent(s.name)}`)) }, 'Delete')))))));
+  };
   const containerSections = h('div', { hidden: true },
+    snapshotSection,
     h('h2', { id: 'egress-heading', hidden: true }, 'Egress rules'), egressForm,
     h('h2', {}, 'Init log'), initLog,
     h('h2', {}, 'Debug report'),
@@ -931,6 +997,12 @@ async function workspacePage(main, r, token) {
         ? h('button', { type: 'button', disabled: busy,
           onclick: () => act('Rebuild started', () => api('POST', `${base}/rebuild`)) }, 'Rebuild') : null,
       container && ws.status === 'ready'
+        ? h('button', { type: 'button', onclick: () => act('Paused',
+          () => api('POST', `${base}/pause`)) }, 'Pause') : null,
+      container && ws.status === 'paused'
+        ? h('button', { type: 'button', class: 'primary', onclick: () => act('Resumed',
+          () => api('POST', `${base}/resume`)) }, 'Resume') : null,
+      container && ws.status === 'ready'
         ? h('button', { type: 'button', onclick: () => act('Init script ran again', async () => {
           const res = await api('POST', `${base}/rerun-init`);
           out.replaceChildren(h('p', { class: 'exit', role: 'status' }, `Init script: exit code ${res.exit_code}`),
@@ -963,14 +1035,22 @@ async function workspacePage(main, r, token) {
         renderActions(ws);
         if (last) announce(`Status: ${ws.status}`);
       }
-      files.setReady(ws.status === 'ready');
-      if (ws.status === 'ready') {
+      // A file call or a command resumes a paused workspace.
+      const usable = ws.status === 'ready' || ws.status === 'paused';
+      files.setReady(usable);
+      if (usable) {
         const list = await api('GET', `${base}/processes`);
         if (token !== pageToken) return;
         renderProcesses(list);
       }
       const container = ws.workspace_type === 'container';
       containerSections.hidden = !container;
+      snapshotSection.hidden = !usable;
+      if (container && usable) {
+        if (!forkName.value) forkName.value = `${ws.name}-fork-${Math.random().toString(16).slice(2, 6)}`;
+        await loadSnapshots(ws);
+        if (token !== pageToken) return;
+      }
       const internet = ws.network === 'internet';
       egressForm.hidden = !internet;
       egressForm.previousSibling.hidden = !internet;

@@ -249,7 +249,7 @@ test('a container from a template: build, watch it reach ready, run a command', 
   await expect(page.locator('#ws-status')).toHaveText(/building|ready/);
   await expect(page.locator('#ws-status')).toHaveText('ready', { timeout: 9 * 60 * 1000 });
   await expect(page.getByLabel('Init log')).toContainText('== init script finished: exit code 0');
-  await expect(page.getByRole('group', { name: 'Actions' })).toHaveText(/^\s*Rebuild\s*Re-run init\s*Destroy\s*$/);
+  await expect(page.getByRole('group', { name: 'Actions' })).toHaveText(/^\s*Rebuild\s*Pause\s*Re-run init\s*Destroy\s*$/);
 
   // Output streams in while the command runs.
   await run(page, 'cat /workspace/template-env; ls /workspace/.opencode/tool; sleep 3; echo done');
@@ -278,6 +278,37 @@ test('a container from a template: build, watch it reach ready, run a command', 
   await page.getByRole('button', { name: 'Save egress rules' }).click();
   await expect(page.locator('#egress-form')).toContainText('link-local');
   await expect(page.locator('.props')).toContainText('*.debian.org, 192.0.2.0/24');
+
+  // Pause and resume.
+  await page.getByRole('button', { name: 'Pause' }).click();
+  await expect(page.locator('#ws-status')).toHaveText('paused');
+  await page.getByRole('button', { name: 'Resume' }).click();
+  await expect(page.locator('#ws-status')).toHaveText('ready');
+
+  // A snapshot, a change, a restore; then a fork of the snapshot in one click.
+  await run(page, 'echo before > /workspace/state');
+  await expect(page.locator('#exec-output .exit')).toHaveText('Exit code 0');
+  await page.getByLabel('Snapshot name').fill('good');
+  await page.getByRole('button', { name: 'Take snapshot' }).click();
+  const snapshots = page.getByRole('table', { name: 'Snapshots' });
+  await expect(snapshots.getByRole('row', { name: /good/ })).toBeVisible();
+  await run(page, 'echo after > /workspace/state');
+  await expect(page.locator('#exec-output .exit')).toHaveText('Exit code 0');
+  await shot(page, '14-workspace-snapshots');
+  await page.getByRole('button', { name: 'Restore snapshot good' }).click();
+  const restore = page.getByRole('dialog', { name: /Restore .* to snapshot good/ });
+  await restore.getByRole('button', { name: 'Restore' }).click();
+  await run(page, 'cat /workspace/state');
+  await expect(page.locator('#exec-output pre.stdout')).toHaveText('before\n');
+  const forkName = await page.getByLabel('Name of a fork').inputValue();
+  await page.getByRole('button', { name: 'Fork from snapshot good' }).click();
+  await expect(page.getByRole('heading', { level: 1, name: forkName })).toBeVisible();
+  await expect(page.locator('#ws-status')).toHaveText('ready');
+  await run(page, 'cat /workspace/state; hostname');
+  await expect(page.locator('#exec-output pre.stdout')).toHaveText(`before\n${forkName}\n`);
+  await destroy(page, forkName);
+  await page.getByRole('link', { name, exact: true }).click();
+  await expect(page.getByRole('heading', { level: 1, name })).toBeVisible();
 
   await destroy(page, name);
 });
