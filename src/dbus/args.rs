@@ -89,11 +89,22 @@ pub fn create_spec(map: Dict) -> Result<CreateSpec> {
 
 pub fn changes(map: Dict) -> Result<Changes> {
     let mut a = Args::new(map, schema::CHANGES)?;
+    let skills = a.take("skills")?;
+    let tools = a.take("tools")?;
+    Ok(Changes {
+        skills,
+        tools,
+        ..settings(&mut a)?
+    })
+}
+
+/// The keys `UpdateWorkspace` and `ForkWorkspace` share: all the changes but the Library's.
+fn settings(a: &mut Args) -> Result<Changes> {
     Ok(Changes {
         env_vars: a.env("env_vars")?,
         init_script: a.take("init_script")?,
-        skills: a.take("skills")?,
-        tools: a.take("tools")?,
+        skills: None,
+        tools: None,
         network: a.take("network")?,
         egress_allow: a.take("egress_allow")?,
         egress_deny: a.take("egress_deny")?,
@@ -112,23 +123,7 @@ pub fn fork_spec(map: Dict) -> Result<(String, Changes)> {
     let name: Option<String> = a.take("name")?;
     let name =
         name.ok_or_else(|| Error::invalid("name", "missing: a fork needs a name of its own"))?;
-    Ok((
-        name,
-        Changes {
-            env_vars: a.env("env_vars")?,
-            init_script: a.take("init_script")?,
-            skills: None,
-            tools: None,
-            network: a.take("network")?,
-            egress_allow: a.take("egress_allow")?,
-            egress_deny: a.take("egress_deny")?,
-            memory_max: a.take("memory_max")?,
-            cpu_quota_percent: a.take("cpu_quota_percent")?,
-            tasks_max: a.take("tasks_max")?,
-            idle_pause_secs: a.take("idle_pause_secs")?,
-            idle_stop_secs: a.take("idle_stop_secs")?,
-        },
-    ))
+    Ok((name, settings(&mut a)?))
 }
 
 /// `SnapshotWorkspace`'s options (`schema::SNAPSHOT`): none is known yet.

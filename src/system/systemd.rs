@@ -339,12 +339,8 @@ impl Systemd {
     /// The unit's `FreezerState` ("running", "frozen", "freezing", "thawing"), or None when
     /// systemd has no such unit loaded.
     pub async fn freezer_state(&self, unit: &str) -> Result<Option<String>> {
-        let path = match self.manager.get_unit(unit.to_owned()).await {
-            Ok(p) => p,
-            Err(e) if is_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => {
-                return Ok(None);
-            }
-            Err(e) => return Err(bus_error(&format!("Cannot look up {unit}"), e)),
+        let Some(path) = self.unit_path(unit).await? else {
+            return Ok(None);
         };
         let u = UnitProxy::builder(&self.conn)
             .path(path)
@@ -357,14 +353,19 @@ impl Systemd {
         ))
     }
 
+    /// The object path of a loaded unit, or None when systemd has no such unit loaded.
+    async fn unit_path(&self, unit: &str) -> Result<Option<OwnedObjectPath>> {
+        match self.manager.get_unit(unit.to_owned()).await {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if is_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => Ok(None),
+            Err(e) => Err(bus_error(&format!("Cannot look up {unit}"), e)),
+        }
+    }
+
     /// The unit's state, or None when systemd has no such unit loaded.
     pub async fn unit_state(&self, unit: &str) -> Result<Option<UnitState>> {
-        let path = match self.manager.get_unit(unit.to_owned()).await {
-            Ok(p) => p,
-            Err(e) if is_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => {
-                return Ok(None);
-            }
-            Err(e) => return Err(bus_error(&format!("Cannot look up {unit}"), e)),
+        let Some(path) = self.unit_path(unit).await? else {
+            return Ok(None);
         };
         let u = UnitProxy::builder(&self.conn)
             .path(path.clone())

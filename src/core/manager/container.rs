@@ -135,6 +135,8 @@ impl Manager {
         match result {
             Ok(()) => {
                 self.finish_build(&ws.id, Status::Ready, "");
+                // A rebuild starts from the base: the snapshots went with the old layers.
+                self.snapshots_changed(&ws.id);
                 info!(workspace_id = %ws.id, workspace_name = %ws.name,
                       "Container workspace {} is ready", ws.name);
             }

@@ -44,7 +44,7 @@ impl Manager {
         Ok(ws)
     }
 
-    fn snapshots_changed(&self, id: &str) {
+    pub(super) fn snapshots_changed(&self, id: &str) {
         self.ports.events.emit(Event::Changed {
             id: id.to_owned(),
             fields: vec![Field::Snapshots],
