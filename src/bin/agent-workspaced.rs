@@ -143,6 +143,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
     ));
     manager.load().map_err(|e| e.to_string())?;
     manager.reconcile();
+    manager.settle_frozen().await;
     manager.recover_processes();
     dbus::serve(&conn, manager.clone(), events, receiver)
         .await

@@ -192,7 +192,8 @@ async fn the_rest_bridge_serves_the_documented_calls() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["limits"],
-        serde_json::json!({"memory_max": 536870912u64, "cpu_quota_percent": 0, "tasks_max": 200})
+        serde_json::json!({"memory_max": 536870912u64, "cpu_quota_percent": 0, "tasks_max": 200,
+                           "idle_pause_secs": 0, "idle_stop_secs": 0})
     );
     assert_eq!(body["env_var_names"], serde_json::json!(["NEW"]));
     assert_eq!(

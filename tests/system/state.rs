@@ -407,10 +407,24 @@ async fn a_kill_at_each_step_leaves_the_old_state_or_the_new() {
         let f = unique("crashfork");
         failpoint(Some(point));
         let m2 = manager(&bus().await).await;
+        let said = format!("failpoint {point}: killing the service");
+        let deaths = || {
+            journal(&format!("-u {UNIT}"))
+                .iter()
+                .filter(|e| e["MESSAGE"].as_str() == Some(said.as_str()))
+                .count()
+        };
+        let before = deaths();
         let r = call(&m2, &src, &f).await;
         assert!(
             r.is_err(),
             "{point}: the service was to die in the call, it answered"
+        );
+        // It died there, not of an error before it.
+        assert_eq!(
+            deaths(),
+            before + 1,
+            "{point}: the call failed otherwise: {r:?}"
         );
         failpoint(None);
         let m = manager(&bus().await).await;
@@ -502,12 +516,14 @@ async fn an_idle_container_pauses_then_stops_and_comes_back_on_use() {
         }
     };
     assert!(status("paused").await, "paused after 2 s unused");
-    assert_eq!(
-        systemctl(&format!(
-            "show -p FreezerState --value agent-workspace-{name}.service"
-        ))
-        .trim(),
-        "frozen"
+    let unit = format!("agent-workspace-{name}.service");
+    let cgroup = systemctl(&format!("show -p ControlGroup --value {unit}"));
+    let events = std::fs::read_to_string(format!("/sys/fs/cgroup{}/cgroup.events", cgroup.trim()))
+        .unwrap_or_default();
+    assert!(
+        events.contains("frozen 1"),
+        "{unit}: cgroup.events {events:?}, FreezerState {}",
+        systemctl(&format!("show -p FreezerState --value {unit}")).trim()
     );
     // A command resumes it; then, unused again, it is paused and then stopped.
     assert_eq!(run(&m, &name, "echo back").await, "back\n");

@@ -78,10 +78,12 @@ impl Manager {
         Ok(())
     }
 
-    /// At start-up: a workspace recorded `paused` whose container is not frozen any more (it
-    /// stopped, the machine rebooted) is `ready`; a `ready` one found frozen (the service
-    /// ended while it held it still for a snapshot) is thawed.
-    pub(super) async fn reconcile_paused(&self) {
+    /// At start-up, before serving (after `load`): a workspace recorded `paused` whose
+    /// container is not frozen any more (it stopped, the machine rebooted) is `ready`; a
+    /// `ready` one found frozen (the service ended while it held it still for a snapshot) is
+    /// thawed. Before serving, so no command meets a container left frozen, and no pause made
+    /// meanwhile is undone.
+    pub async fn settle_frozen(&self) {
         let containers: Vec<_> = self
             .list()
             .into_iter()
@@ -89,7 +91,11 @@ impl Manager {
             .collect();
         for ws in containers {
             let frozen = self.ports.containers.is_frozen(&ws).await.unwrap_or(false);
-            match (ws.status, frozen) {
+            // As it is now: the idle watch may have paused it meanwhile.
+            let Ok(status) = self.get(&ws.id).map(|w| w.status) else {
+                continue;
+            };
+            match (status, frozen) {
                 (Status::Paused, false) => {
                     info!(workspace_id = %ws.id, workspace_name = %ws.name,
                           "Workspace {} was paused, and its container is not frozen any more: ready", ws.name);

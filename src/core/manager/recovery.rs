@@ -124,10 +124,7 @@ impl Manager {
                 e.used(Some(tokio::time::Instant::now()));
             }
         }
-        tokio::spawn(async move {
-            this.ports.containers.clean_orphans(&known).await;
-            this.reconcile_paused().await;
-        });
+        tokio::spawn(async move { this.ports.containers.clean_orphans(&known).await });
         tokio::spawn(self.clone().watch_idle());
         for (ws, tracker) in pending {
             info!(workspace_id = %ws.id, workspace_name = %ws.name,

@@ -379,7 +379,8 @@ async fn a_paused_record_whose_container_is_not_frozen_is_ready_after_a_restart(
     first.store.save(&paused).unwrap();
     let second = fixture_with(first.store.clone(), ServiceLimits::default());
     second.manager.reconcile();
-    wait_status(&second, "box", Status::Ready).await;
+    second.manager.settle_frozen().await;
+    assert_eq!(second.manager.get("box").unwrap().status, Status::Ready);
 }
 
 #[tokio::test(start_paused = true)]

@@ -56,7 +56,23 @@ impl NspawnContainers {
             None => false,
         };
         match (freeze, state.as_deref()) {
-            (true, Some(_)) if active => self.systemd.freeze(&unit, true).await,
+            (true, Some(_)) if active => {
+                // systemd answers FreezeUnit once the cgroup is frozen; it is checked all the
+                // same, and asked again, since a pause that did not hold costs CPU unseen.
+                for _ in 0..3 {
+                    self.systemd.freeze(&unit, true).await?;
+                    if self.unit_frozen(ws).await? {
+                        return Ok(());
+                    }
+                    warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                          "{unit} is not frozen after FreezeUnit; asking again");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(Error::JobFailed(format!(
+                    "Cannot pause workspace '{}': systemd did not freeze {unit}",
+                    ws.name
+                )))
+            }
             (true, _) => Err(Error::JobFailed(format!(
                 "Cannot pause workspace '{}': its container is not running (a stopped workspace uses no CPU or memory already)",
                 ws.name

@@ -328,7 +328,7 @@ pub fn fork(source: &Path, snapshot: Option<&str>, running: bool, tree: &Path) -
             return Err(too_deep(lowers.len()));
         }
         fs::create_dir(&dir)?;
-        fs::write(dir.join(FORKING), b"")?;
+        fs::write(dir.join(FORKING), token())?;
         let range = pick_range(&layers);
         let mode = fs::metadata(upper_paths(&layers, &source_dir, &st).0)?.mode() & 0o7777;
         let (id, tmp) = new_upper(&layers, range, mode)?;
@@ -384,7 +384,11 @@ pub fn finish_forks(machines: &Path, known: &[String]) -> io::Result<()> {
     let layers = layers_dir(machines);
     for e in fs::read_dir(&layers).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !e.path().join(FORKING).exists() {
+        let Ok(mark) = fs::read_to_string(e.path().join(FORKING)) else {
+            continue;
+        };
+        // A fork this process is making now (the clean-up runs while it serves).
+        if name.starts_with('.') || mark == token() {
             continue;
         }
         let tree = machines.join(&name);
@@ -465,9 +469,14 @@ mod tests {
         assert_eq!(fs::read(target.join("tree/etc/mine")).unwrap(), b"kept");
         collect(layers, true).unwrap();
         assert!(target.is_dir(), "a layer a state names is kept");
-        fs::create_dir_all(shared(layers, "stray.tmp")).unwrap();
+        fs::create_dir_all(shared(layers, "stray.1-2.tmp")).unwrap();
+        fs::create_dir_all(shared(layers, &tmp_name("mine"))).unwrap();
         fs::create_dir_all(shared(layers, "unnamed")).unwrap();
         collect(layers, true).unwrap();
-        assert!(!shared(layers, "stray.tmp").exists() && !shared(layers, "unnamed").exists());
+        assert!(!shared(layers, "stray.1-2.tmp").exists() && !shared(layers, "unnamed").exists());
+        assert!(
+            shared(layers, &tmp_name("mine")).exists(),
+            "a layer this process is making is left to it"
+        );
     }
 }

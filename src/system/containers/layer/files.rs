@@ -14,7 +14,7 @@ use super::*;
 /// publishes it under the lock.
 pub(super) fn copy_layer(layers: &Path, from: &Path, range: u32) -> io::Result<(String, PathBuf)> {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let tmp = shared(layers, &format!("{id}.tmp"));
+    let tmp = shared(layers, &tmp_name(&id));
     fs::create_dir_all(layers.join(SHARED))?;
     fs::create_dir(&tmp)?;
     let copied = (|| {

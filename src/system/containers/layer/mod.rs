@@ -65,6 +65,27 @@ const FORKING: &str = "forking";
 /// with a message that says how to go on (a rebuild, or a fork of a shallower snapshot).
 pub const MAX_LOWERS: usize = 64;
 
+/// This process, as the marks it leaves say it: its PID and start time (a PID alone could be
+/// another's after a restart). A start-up's clean-up leaves what a live process of its own is
+/// making (a fork under way, a layer half copied) to that process.
+pub(super) fn token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        // Field 22 of /proc/self/stat, counted after the command's closing parenthesis.
+        let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let start = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+            .unwrap_or("0");
+        format!("{}-{start}", std::process::id())
+    })
+}
+
+/// The name a layer is made under before it is whole: its id, and the process making it.
+pub(super) fn tmp_name(id: &str) -> String {
+    format!("{id}.{}.tmp", token())
+}
+
 /// Held while states are replaced and while unused layers are looked for, by every process
 /// that does either (the service; a build unit): a layer made by one change is never taken
 /// for garbage by another's collection. A `flock` of `<layers>/.lock`, let go when dropped.
@@ -245,7 +266,7 @@ fn check_range(range: u32, what: &Path) -> io::Result<()> {
 /// lets the lock go).
 fn new_upper(layers: &Path, range: u32, mode: u32) -> io::Result<(String, PathBuf)> {
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let tmp = shared(layers, &format!("{id}.tmp"));
+    let tmp = shared(layers, &tmp_name(&id));
     fs::create_dir_all(tmp.parent().unwrap_or(layers))?;
     fs::create_dir(&tmp)?;
     let tree = tmp.join("tree");
@@ -361,7 +382,8 @@ pub fn collect(layers: &Path, startup: bool) -> io::Result<()> {
     for e in entries.flatten() {
         let id = e.file_name().to_string_lossy().into_owned();
         let unused = match id.strip_suffix(".tmp") {
-            Some(_) => startup,
+            // Half made by a process a crash ended; one this process is making is its own.
+            Some(rest) => startup && !rest.ends_with(&format!(".{}", token())),
             None => !used.contains(&id),
         };
         if unused {
