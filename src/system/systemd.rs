@@ -336,23 +336,6 @@ impl Systemd {
         })
     }
 
-    /// The unit's `FreezerState` ("running", "frozen", "freezing", "thawing"), or None when
-    /// systemd has no such unit loaded.
-    pub async fn freezer_state(&self, unit: &str) -> Result<Option<String>> {
-        let Some(path) = self.unit_path(unit).await? else {
-            return Ok(None);
-        };
-        let u = UnitProxy::builder(&self.conn)
-            .path(path)
-            .cache_properties(CacheProperties::No)
-            .build()
-            .await
-            .map_err(|e| bus_error(unit, e))?;
-        Ok(Some(
-            u.freezer_state().await.map_err(|e| bus_error(unit, e))?,
-        ))
-    }
-
     /// The object path of a loaded unit, or None when systemd has no such unit loaded.
     async fn unit_path(&self, unit: &str) -> Result<Option<OwnedObjectPath>> {
         match self.manager.get_unit(unit.to_owned()).await {

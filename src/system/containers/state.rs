@@ -48,43 +48,70 @@ fn now_usec() -> u64 {
 
 impl NspawnContainers {
     /// Freezes or thaws the container unit (see `Containers::freeze`).
+    /// Freezes or thaws the container unit (see `Containers::freeze`). What counts is the
+    /// kernel's word (`cgroup.events` of the unit's cgroup), not systemd's `FreezerState`: the
+    /// system tests saw the two disagree (a unit frozen by a service killed mid-snapshot,
+    /// then a daemon-reload: `FreezerState=running` over a frozen cgroup, and `ThawUnit` a
+    /// no-op), so each request is checked and, where systemd did nothing, made again.
     pub(super) async fn freeze_unit(&self, ws: &Workspace, freeze: bool) -> Result<()> {
         let unit = unit_name(&ws.name);
-        let state = self.systemd.freezer_state(&unit).await?;
         let active = match self.systemd.unit_state(&unit).await? {
             Some(s) => s.active_state == "active",
             None => false,
         };
-        match (freeze, state.as_deref()) {
-            (true, Some(_)) if active => {
-                // systemd answers FreezeUnit once the cgroup is frozen; it is checked all the
-                // same, and asked again, since a pause that did not hold costs CPU unseen.
-                for _ in 0..3 {
-                    self.systemd.freeze(&unit, true).await?;
-                    if self.unit_frozen(ws).await? {
-                        return Ok(());
-                    }
-                    warn!(workspace_id = %ws.id, workspace_name = %ws.name,
-                          "{unit} is not frozen after FreezeUnit; asking again");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
+        if !active {
+            return if freeze {
                 Err(Error::JobFailed(format!(
-                    "Cannot pause workspace '{}': systemd did not freeze {unit}",
+                    "Cannot pause workspace '{}': its container is not running (a stopped workspace uses no CPU or memory already)",
                     ws.name
                 )))
-            }
-            (true, _) => Err(Error::JobFailed(format!(
-                "Cannot pause workspace '{}': its container is not running (a stopped workspace uses no CPU or memory already)",
-                ws.name
-            ))),
-            (false, Some(s)) if s != "running" => self.systemd.freeze(&unit, false).await,
-            (false, _) => Ok(()),
+            } else {
+                Ok(())
+            };
         }
+        for attempt in 0..3 {
+            if self.unit_frozen(ws).await? == freeze {
+                return Ok(());
+            }
+            if attempt > 0 {
+                warn!(workspace_id = %ws.id, workspace_name = %ws.name,
+                      "{unit} is {} after {}; asking again", if freeze { "not frozen" } else { "still frozen" },
+                      if freeze { "FreezeUnit" } else { "ThawUnit" });
+                // systemd's own state may say it is done already: the other request first
+                // puts it back in step.
+                let _ = self.systemd.freeze(&unit, !freeze).await;
+            }
+            self.systemd.freeze(&unit, freeze).await?;
+        }
+        if self.unit_frozen(ws).await? == freeze {
+            return Ok(());
+        }
+        Err(Error::JobFailed(format!(
+            "Cannot {} workspace '{}': systemd did not {} {unit}",
+            if freeze { "pause" } else { "resume" },
+            ws.name,
+            if freeze { "freeze" } else { "thaw" }
+        )))
     }
 
+    /// Whether the unit's cgroup is frozen (or being frozen), as the kernel says.
     pub(super) async fn unit_frozen(&self, ws: &Workspace) -> Result<bool> {
-        let state = self.systemd.freezer_state(&unit_name(&ws.name)).await?;
-        Ok(matches!(state.as_deref(), Some("frozen" | "freezing")))
+        let unit = unit_name(&ws.name);
+        let cgroup = match self.systemd.unit_state(&unit).await? {
+            Some(s) if !s.control_group.is_empty() => s.control_group,
+            _ => return Ok(false),
+        };
+        let cgroup = cgroup.trim_start_matches('/').to_owned();
+        let events = tokio::task::spawn_blocking(move || {
+            std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(cgroup).join("cgroup.events"))
+        })
+        .await
+        .map_err(|e| Error::io_msg(format!("Cannot read the freezer state of {unit}: {e}")))?;
+        match events {
+            Ok(text) => Ok(text.lines().any(|l| l.trim() == "frozen 1")),
+            // No such cgroup any more: not running, so not frozen.
+            Err(_) => Ok(false),
+        }
     }
 
     pub(super) async fn finish_fork(&self, fork: &Workspace) -> Result<()> {
