@@ -103,7 +103,11 @@ impl NspawnContainers {
         };
         let cgroup = cgroup.trim_start_matches('/').to_owned();
         let events = tokio::task::spawn_blocking(move || {
-            std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(cgroup).join("cgroup.events"))
+            std::fs::read_to_string(
+                Path::new("/sys/fs/cgroup")
+                    .join(cgroup)
+                    .join("cgroup.events"),
+            )
         })
         .await
         .map_err(|e| Error::io_msg(format!("Cannot read the freezer state of {unit}: {e}")))?;
