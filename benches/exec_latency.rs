@@ -52,19 +52,10 @@ async fn run_ok(argv: Vec<String>) {
     assert!(s.success(), "{argv:?} failed");
 }
 
-/// Creates a debian-bookworm container workspace and waits until it is ready; returns the time.
+/// Creates a debian-bookworm container workspace (the default network) and waits until it
+/// is ready; returns the time.
 async fn build_container(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, name: &str) -> Duration {
-    use zbus::Variant;
-    let t = Instant::now();
-    let spec: HashMap<&str, Variant<'_>> = HashMap::from([
-        ("name", Variant::from(name)),
-        ("workspace_type", Variant::from("container")),
-        ("distro", Variant::from("debian-bookworm")),
-        ("build_on_create", Variant::from(true)),
-    ]);
-    let path = m.create_workspace(spec).await.expect("create container");
-    wait_ready(conn, path).await;
-    t.elapsed()
+    common::build_container(conn, m, name, &[]).await
 }
 
 #[tokio::main]

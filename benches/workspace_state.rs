@@ -16,7 +16,7 @@ use zbus::Variant;
 #[allow(dead_code)]
 mod common;
 use common::timing::{Bound, Figures, median, report};
-use common::{unit_memory, wait_ready};
+use common::unit_memory;
 
 fn args<'a>(items: &[(&'a str, Variant<'a>)]) -> HashMap<&'a str, Variant<'a>> {
     items
@@ -67,14 +67,7 @@ async fn main() {
     println!("workspace state (debian-bookworm containers, base tree cached)");
 
     let name = format!("state-{pid}");
-    let spec = args(&[
-        ("name", Variant::from(name.as_str())),
-        ("workspace_type", Variant::from("container")),
-        ("distro", Variant::from("debian-bookworm")),
-        ("build_on_create", Variant::from(true)),
-        ("network", Variant::from("private")),
-    ]);
-    wait_ready(&conn, m.create_workspace(spec).await.expect("create")).await;
+    common::build_container(&conn, &m, &name, &[("network", Variant::from("private"))]).await;
     run(&m, &name, "true").await;
     let start = common::start_time(&m, &name).await;
     println!(
@@ -240,14 +233,7 @@ async fn density(conn: &zbus::Connection, m: &WorkspacesProxy<'_>, fig: &mut Fig
         .unwrap_or(500);
     println!("\ndensity: up to {want} idle containers at once");
     let source = format!("dense-{pid}");
-    let spec = args(&[
-        ("name", Variant::from(source.as_str())),
-        ("workspace_type", Variant::from("container")),
-        ("distro", Variant::from("debian-bookworm")),
-        ("build_on_create", Variant::from(true)),
-        ("network", Variant::from("private")),
-    ]);
-    wait_ready(conn, m.create_workspace(spec).await.expect("create")).await;
+    common::build_container(conn, m, &source, &[("network", Variant::from("private"))]).await;
     m.stop_workspace(&source).await.expect("stop");
     m.snapshot_workspace(&source, "base", HashMap::new())
         .await

@@ -180,3 +180,27 @@ pub fn unit_memory(unit: &str) -> Option<(u64, &'static str)> {
         .sum();
     (!procs.is_empty()).then_some((pss * 1024, "Pss of its processes"))
 }
+
+/// Creates a debian-bookworm container workspace (with `extra` spec keys) and waits until it
+/// is ready; returns the time.
+pub async fn build_container(
+    conn: &zbus::Connection,
+    m: &agent_workspaces::dbus::client::WorkspacesProxy<'_>,
+    name: &str,
+    extra: &[(&str, zbus::Variant<'_>)],
+) -> std::time::Duration {
+    use zbus::Variant;
+    let t = std::time::Instant::now();
+    let mut spec: std::collections::HashMap<&str, Variant<'_>> = std::collections::HashMap::from([
+        ("name", Variant::from(name)),
+        ("workspace_type", Variant::from("container")),
+        ("distro", Variant::from("debian-bookworm")),
+        ("build_on_create", Variant::from(true)),
+    ]);
+    for (k, v) in extra {
+        spec.insert(k, v.try_clone().expect("a plain value"));
+    }
+    let path = m.create_workspace(spec).await.expect("create container");
+    wait_ready(conn, path).await;
+    t.elapsed()
+}

@@ -147,7 +147,7 @@ impl ProcessObject {
     async fn open_pty(&self, #[zbus(header)] header: Header<'_>) -> Result<zbus::OwnedFd> {
         self.authorize(&header, "open the terminal of a process in")
             .await?;
-        self.ctx.manager.wake_for_use(&self.workspace_id).await?;
+        self.ctx.manager.wake(&self.workspace_id).await?;
         let fd = self
             .ctx
             .manager
@@ -158,7 +158,7 @@ impl ProcessObject {
     /// Writes to the process's stdin; an empty array closes it (on a terminal: types Ctrl-D).
     async fn write_input(&self, #[zbus(header)] header: Header<'_>, data: Vec<u8>) -> Result<()> {
         self.authorize(&header, "write to a process in").await?;
-        self.ctx.manager.wake_for_use(&self.workspace_id).await?;
+        self.ctx.manager.wake(&self.workspace_id).await?;
         self.ctx
             .manager
             .write_input(&self.workspace_id, self.process, &data)
@@ -168,7 +168,7 @@ impl ProcessObject {
     /// Sends a signal to every process of its tree.
     async fn signal(&self, #[zbus(header)] header: Header<'_>, signal: i32) -> Result<()> {
         self.authorize(&header, "signal a process in").await?;
-        self.ctx.manager.wake_for_use(&self.workspace_id).await?;
+        self.ctx.manager.wake(&self.workspace_id).await?;
         self.ctx
             .manager
             .signal_process(&self.workspace_id, self.process, signal)

@@ -53,16 +53,12 @@ impl Manager {
         self.wake(&ws.id).await
     }
 
-    /// Resumes the workspace if it is paused: a process's terminal attached, typed into or
-    /// signalled is a use.
-    pub async fn wake_for_use(&self, key: &str) -> Result<()> {
-        self.wake(key).await
-    }
-
-    /// Resumes the workspace if it is paused, before it is used. Never called while holding a
-    /// place among its commands (a destroy holds the operation lock while it waits for them).
-    pub(super) async fn wake(&self, key: &str) -> Result<()> {
-        if self.get(key)?.status != Status::Paused {
+    /// Resumes the workspace if it is paused, before it is used (a command, a file call, a
+    /// port connection; a process's terminal attached, typed into or signalled). Never called
+    /// while holding a place among its commands (a destroy holds the operation lock while it
+    /// waits for them). On every command's path: the common case is one registry look-up.
+    pub async fn wake(&self, key: &str) -> Result<()> {
+        if self.reg().resolve(key)?.ws.status != Status::Paused {
             return Ok(());
         }
         let (id, ops) = self.ops_lock(key)?;

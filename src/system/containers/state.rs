@@ -55,22 +55,19 @@ impl NspawnContainers {
     /// no-op), so each request is checked and, where systemd did nothing, made again.
     pub(super) async fn freeze_unit(&self, ws: &Workspace, freeze: bool) -> Result<()> {
         let unit = unit_name(&ws.name);
-        let active = match self.systemd.unit_state(&unit).await? {
-            Some(s) => s.active_state == "active",
-            None => false,
-        };
-        if !active {
-            return if freeze {
-                Err(Error::JobFailed(format!(
+        // One look-up of the unit: whether it runs, and its cgroup, read each time below.
+        let cgroup = match self.systemd.unit_state(&unit).await? {
+            Some(s) if s.active_state == "active" => s.control_group,
+            _ if freeze => {
+                return Err(Error::JobFailed(format!(
                     "Cannot pause workspace '{}': its container is not running (a stopped workspace uses no CPU or memory already)",
                     ws.name
-                )))
-            } else {
-                Ok(())
-            };
-        }
+                )));
+            }
+            _ => return Ok(()),
+        };
         for attempt in 0..3 {
-            if self.unit_frozen(ws).await? == freeze {
+            if cgroup_frozen(&cgroup).await == freeze {
                 return Ok(());
             }
             if attempt > 0 {
@@ -83,7 +80,7 @@ impl NspawnContainers {
             }
             self.systemd.freeze(&unit, freeze).await?;
         }
-        if self.unit_frozen(ws).await? == freeze {
+        if cgroup_frozen(&cgroup).await == freeze {
             return Ok(());
         }
         Err(Error::JobFailed(format!(
@@ -94,28 +91,12 @@ impl NspawnContainers {
         )))
     }
 
-    /// Whether the unit's cgroup is frozen (or being frozen), as the kernel says.
+    /// Whether the unit's cgroup is frozen, as the kernel says.
     pub(super) async fn unit_frozen(&self, ws: &Workspace) -> Result<bool> {
-        let unit = unit_name(&ws.name);
-        let cgroup = match self.systemd.unit_state(&unit).await? {
-            Some(s) if !s.control_group.is_empty() => s.control_group,
-            _ => return Ok(false),
-        };
-        let cgroup = cgroup.trim_start_matches('/').to_owned();
-        let events = tokio::task::spawn_blocking(move || {
-            std::fs::read_to_string(
-                Path::new("/sys/fs/cgroup")
-                    .join(cgroup)
-                    .join("cgroup.events"),
-            )
+        Ok(match self.systemd.unit_state(&unit_name(&ws.name)).await? {
+            Some(s) => cgroup_frozen(&s.control_group).await,
+            None => false,
         })
-        .await
-        .map_err(|e| Error::io_msg(format!("Cannot read the freezer state of {unit}: {e}")))?;
-        match events {
-            Ok(text) => Ok(text.lines().any(|l| l.trim() == "frozen 1")),
-            // No such cgroup any more: not running, so not frozen.
-            Err(_) => Ok(false),
-        }
     }
 
     pub(super) async fn finish_fork(&self, fork: &Workspace) -> Result<()> {
@@ -186,19 +167,11 @@ impl NspawnContainers {
 
     pub(super) async fn list_snapshots(&self, ws: &Workspace) -> Result<Vec<SnapshotInfo>> {
         let tree = self.tree_path(&ws.name);
-        let all = layered(
+        layered(
             ws_blocking(move || layer::snapshots(&tree)).await,
             ws,
             "list the snapshots of",
-        )?;
-        Ok(all
-            .into_iter()
-            .map(|s| SnapshotInfo {
-                name: s.name,
-                created_usec: s.created_usec,
-                bytes: s.bytes,
-            })
-            .collect())
+        )
     }
 
     pub(super) async fn remove_snapshot(&self, ws: &Workspace, name: &str) -> Result<()> {
@@ -279,4 +252,19 @@ impl NspawnContainers {
         layered(configured, fork, "configure the fork")?;
         Ok(())
     }
+}
+
+/// Whether the cgroup (a unit's `ControlGroup`) is frozen: `frozen 1` in its `cgroup.events`.
+/// No such cgroup (the unit ended, or none given): not frozen.
+async fn cgroup_frozen(cgroup: &str) -> bool {
+    let cgroup = cgroup.trim_start_matches('/');
+    if cgroup.is_empty() {
+        return false;
+    }
+    let events = Path::new("/sys/fs/cgroup")
+        .join(cgroup)
+        .join("cgroup.events");
+    tokio::fs::read_to_string(events)
+        .await
+        .is_ok_and(|text| text.lines().any(|l| l.trim() == "frozen 1"))
 }

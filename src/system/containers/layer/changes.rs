@@ -6,15 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::*;
-
-/// A snapshot as its workspace lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotInfo {
-    pub name: String,
-    pub created_usec: u64,
-    /// The bytes of the layer it made (what it keeps that its workspace may have changed).
-    pub bytes: u64,
-}
+use crate::core::ports::SnapshotInfo;
 
 /// Why a change of layers was refused (inside the `io::Error` it returns).
 #[derive(Debug)]
