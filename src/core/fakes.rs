@@ -247,6 +247,8 @@ pub(crate) struct FakeContainers {
     pub(crate) frozen: Mutex<std::collections::HashMap<String, bool>>,
     /// Snapshot names, by workspace name.
     pub(crate) snapshots: Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Whether a lent connection is open (any workspace).
+    pub(crate) connection_open: std::sync::atomic::AtomicBool,
 }
 impl FakeContainers {
     pub(crate) fn calls(&self) -> Vec<String> {
@@ -395,6 +397,10 @@ impl Containers for FakeContainers {
     }
     async fn connect_port(&self, _ws: &Workspace, _port: u16) -> Result<std::os::fd::OwnedFd> {
         fake_connection()
+    }
+    async fn lent_connections_open(&self, _ws: &Workspace) -> bool {
+        self.connection_open
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
     async fn files(
         &self,

@@ -323,6 +323,9 @@ pub trait Containers: Send + Sync {
     async fn freeze(&self, ws: &Workspace, freeze: bool) -> Result<()>;
     /// Whether the container runs frozen.
     async fn is_frozen(&self, ws: &Workspace) -> Result<bool>;
+    /// Whether a connection `connect_port` lent is still open (its caller holds it): a
+    /// workspace with one is in use however long ago it was made.
+    async fn lent_connections_open(&self, ws: &Workspace) -> bool;
     /// Gives a running container unit the workspace's current limits (a removed limit becomes
     /// no limit); does nothing when the container is not running.
     async fn apply_limits(&self, ws: &Workspace) -> Result<()>;
@@ -414,6 +417,11 @@ pub enum Event {
     ProcessRemoved {
         id: String,
         process: u32,
+    },
+    /// Workspace `id`'s tree became its snapshot `snapshot`'s.
+    Restored {
+        id: String,
+        snapshot: String,
     },
 }
 

@@ -340,6 +340,9 @@ macro_rules! proxies {
             fn snapshots(&self) -> zbus::Result<Vec<String>>;
             #[zbus(property)]
             fn disk_usage(&self) -> zbus::Result<u64>;
+
+            #[zbus(signal)]
+            fn restored(&self, snapshot: String) -> zbus::Result<()>;
             #[zbus(property)]
             fn status(&self) -> zbus::Result<String>;
             #[zbus(property)]

@@ -143,6 +143,13 @@ async fn apply(conn: &Connection, ctx: &Context, event: Event) -> zbus::Result<(
             object.ended_at_changed(emitter).await?;
             ProcessObject::process_exited(emitter, info.exit_code).await?;
         }
+        Event::Restored { id, snapshot } => {
+            let iface = conn
+                .object_server()
+                .interface::<_, WorkspaceObject>(workspace_path(&id))
+                .await?;
+            WorkspaceObject::restored(iface.signal_emitter(), &snapshot).await?;
+        }
         Event::ProcessRemoved { id, process } => {
             conn.object_server()
                 .remove::<ProcessObject, _>(process_path(&id, process))

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
 use zbus::{OwnedVariant, interface};
 
 use super::args::Dict;
@@ -478,4 +479,9 @@ impl WorkspaceObject {
             .await
             .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
     }
+
+    /// Its tree became snapshot `snapshot`'s (`RestoreWorkspace`, `Restore`): its files
+    /// changed all at once, and its processes ended.
+    #[zbus(signal)]
+    pub async fn restored(emitter: &SignalEmitter<'_>, snapshot: &str) -> zbus::Result<()>;
 }

@@ -21,6 +21,7 @@ mod ports;
 mod processes;
 mod rest;
 mod service;
+mod snapshots;
 mod state;
 mod support;
 mod survival;

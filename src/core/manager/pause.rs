@@ -111,16 +111,38 @@ impl Manager {
 
     /// Pauses or stops container workspaces idle for longer than their limits (or the
     /// service's defaults) allow, until the service stops. A workspace with a command or a
-    /// background process running is in use: its idle time starts when the last one ends.
+    /// background process running, or a port connection open, is in use: its idle time
+    /// starts when the last one ends.
     pub async fn watch_idle(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Workspaces found with a lent connection open: looked at each second (not only when
+        // due), so their idle time starts within a second of the last one's close.
+        let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = self.shutdown.cancelled() => return,
             }
+            for id in held.clone() {
+                match self.get(&id) {
+                    Ok(ws) if self.ports.containers.lent_connections_open(&ws).await => {
+                        self.mark_used(&id, true);
+                    }
+                    _ => {
+                        held.remove(&id);
+                    }
+                }
+            }
             for (id, due) in self.idle_due(Instant::now()) {
+                // A connection lent to a caller and still open is a use that goes on.
+                if let Ok(ws) = self.get(&id)
+                    && self.ports.containers.lent_connections_open(&ws).await
+                {
+                    self.mark_used(&id, true);
+                    held.insert(id);
+                    continue;
+                }
                 let done = match due {
                     Idle::Pause => self.pause(&id).await,
                     Idle::Stop => self.stop(&id).await,

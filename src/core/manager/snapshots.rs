@@ -93,6 +93,10 @@ impl Manager {
         if ws.status == Status::Paused {
             self.set_status(&id, Status::Ready, "", Some(Status::Paused));
         }
+        self.ports.events.emit(Event::Restored {
+            id,
+            snapshot: name.to_owned(),
+        });
         Ok(())
     }
 

@@ -423,3 +423,32 @@ async fn an_idle_container_pauses_then_stops_and_use_resets_its_clock() {
     tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     assert_eq!(f.containers.calls().len(), calls.len());
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_open_port_connection_keeps_a_container_from_idling() {
+    let f = fixture();
+    f.manager.create(container("box", "")).await.unwrap();
+    f.manager.build("box", false).await.unwrap();
+    f.containers.release_build.notify_one();
+    wait_status(&f, "box", Status::Ready).await;
+    let changes = Changes {
+        idle_pause_secs: Some(5),
+        ..Default::default()
+    };
+    f.manager.update("box", changes).await.unwrap();
+    tokio::spawn(f.manager.clone().watch_idle());
+    let _conn = f.manager.connect_port("box", 8080).await.unwrap();
+    f.containers
+        .connection_open
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Ready);
+    // Closed: idle from then on.
+    f.containers
+        .connection_open
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Ready);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(f.manager.get("box").unwrap().status, Status::Paused);
+}

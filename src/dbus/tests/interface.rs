@@ -158,7 +158,14 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
             .as_str()
             .starts_with("/org/agent/Workspaces/workspace/")
     );
+    let restored_on = s.workspace(&c).await;
+    let mut restored = restored_on.receive_restored().await.unwrap();
     m.restore_workspace("c", "s1").await.unwrap();
+    let said = tokio::time::timeout(std::time::Duration::from_secs(10), restored.next())
+        .await
+        .expect("a Restored signal")
+        .unwrap();
+    assert_eq!(said.args().unwrap().snapshot, "s1");
     m.delete_snapshot("c", "s1").await.unwrap();
     m.stop_workspace("c").await.unwrap();
     m.get_init_log("c", 0).await.unwrap();

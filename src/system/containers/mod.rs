@@ -16,6 +16,7 @@ pub mod distro;
 mod init_log;
 pub mod layer;
 pub mod leader;
+mod lent;
 mod networking;
 mod orphans;
 mod run;
@@ -88,6 +89,12 @@ pub struct NspawnContainers {
     /// container is stopped (which unmounts and mounts the tree), so neither sees the other
     /// half done.
     trees: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The workspaces whose layers are being flattened in the background (one at a time
+    /// each; see `state.rs`).
+    flattening: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The connections `connect_port` lent, by workspace name: their sockets' inodes, looked
+    /// for in the container's TCP tables to tell whether a caller still holds one (`lent.rs`).
+    lent: std::sync::Mutex<HashMap<String, Vec<u64>>>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -114,6 +121,8 @@ impl NspawnContainers {
             output_cap,
             network,
             trees: Default::default(),
+            flattening: Default::default(),
+            lent: Default::default(),
         }
     }
 
@@ -489,12 +498,18 @@ impl Containers for NspawnContainers {
                 ws.name
             ))
         })?;
-        conn.connect_port(port).await.map_err(|e| {
+        let fd = conn.connect_port(port).await.map_err(|e| {
             Error::JobFailed(format!(
                 "Cannot connect to port {port} in workspace '{}': {e}",
                 ws.name
             ))
-        })
+        })?;
+        self.lend(ws, &fd);
+        Ok(fd)
+    }
+
+    async fn lent_connections_open(&self, ws: &Workspace) -> bool {
+        self.lent_open(ws).await
     }
 
     async fn files(

@@ -162,7 +162,43 @@ impl NspawnContainers {
               "Took snapshot {name} of workspace {} in {:.3} s ({})", ws.name,
               started.elapsed().as_secs_f64(),
               if running { "running: its writable layer copied" } else { "stopped" });
+        self.flatten_later(ws);
         Ok(())
+    }
+
+    /// Past `layer::FLATTEN_AT` read-only layers, the tree's stack is flattened in the
+    /// background (a blocking task; one at a time per workspace); the journal says what it
+    /// did, or why it could not (the stack then stays as deep as it was).
+    fn flatten_later(&self, ws: &Workspace) {
+        let tree = self.tree_path(&ws.name);
+        if !matches!(layer::depth(&tree), Ok(d) if d > layer::FLATTEN_AT) {
+            return;
+        }
+        let busy = self.flattening.clone();
+        if !busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(ws.name.clone())
+        {
+            return;
+        }
+        let (id, name) = (ws.id.clone(), ws.name.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let done = ws_blocking(move || layer::flatten_if_deep(&tree)).await;
+            busy.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&name);
+            match done {
+                Ok(Some(f)) => info!(workspace_id = %id, workspace_name = %name,
+                    "Flattened the layers of workspace {name} from {} to {} in {:.3} s",
+                    f.before, f.after, started.elapsed().as_secs_f64()),
+                Ok(None) => {}
+                Err(e) => warn!(workspace_id = %id, workspace_name = %name,
+                    "Cannot flatten the layers of workspace {name}: {e}; its stack stays as it was (past {} layers snapshots and forks are refused)",
+                    layer::MAX_LOWERS),
+            }
+        });
     }
 
     pub(super) async fn list_snapshots(&self, ws: &Workspace) -> Result<Vec<SnapshotInfo>> {
@@ -214,6 +250,7 @@ impl NspawnContainers {
         }
         info!(workspace_id = %ws.id, workspace_name = %ws.name,
               "Restored workspace {} to its snapshot {name}", ws.name);
+        self.flatten_later(ws);
         if running {
             self.start(ws).await?;
         }
@@ -250,6 +287,8 @@ impl NspawnContainers {
         })
         .await;
         layered(configured, fork, "configure the fork")?;
+        self.flatten_later(source);
+        self.flatten_later(fork);
         Ok(())
     }
 }

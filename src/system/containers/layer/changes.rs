@@ -64,7 +64,7 @@ fn too_deep(layers: usize) -> io::Error {
 }
 
 /// The stack of `tree`, which must be layered.
-fn stack(tree: &Path) -> io::Result<State> {
+pub(super) fn stack(tree: &Path) -> io::Result<State> {
     read_state(&layer_dir(tree))?.ok_or_else(|| not_layered(tree))
 }
 
@@ -144,6 +144,7 @@ pub fn snapshot(tree: &Path, name: &str, running: bool, now_usec: u64) -> io::Re
     }
     unmount(tree)?;
     crate::failpoint::hit("snapshot-unmounted");
+    st.retired.clear();
     let old = rebase(&layers, &dir, &mut st)?;
     st.snapshots.push(Snapshot {
         name: name.to_owned(),
@@ -229,7 +230,7 @@ pub fn delete_snapshot(tree: &Path, name: &str) -> io::Result<()> {
 pub fn restore(tree: &Path, name: &str) -> io::Result<()> {
     let dir = layer_dir(tree);
     let layers = layers_of(tree);
-    let (st, legacy) = {
+    {
         let _held = lock(&layers)?;
         let mut st = stack(tree)?;
         let snap = st
@@ -248,17 +249,17 @@ pub fn restore(tree: &Path, name: &str) -> io::Result<()> {
         let legacy = st.upper.is_none();
         st.upper = Some(id);
         st.lowers = snap.layers;
+        st.retired.clear();
         write_json(&dir.join(STATE), &st)?;
         crate::failpoint::hit("restore-committed");
-        (st, legacy)
-    };
-    if legacy {
-        let _ = fs::remove_file(dir.join("base"));
-        for d in ["upper", "work"] {
-            let _ = fs::remove_dir_all(dir.join(d));
+        if legacy {
+            let _ = fs::remove_file(dir.join("base"));
+            for d in ["upper", "work"] {
+                let _ = fs::remove_dir_all(dir.join(d));
+            }
         }
+        mount(&layers, &dir, &st, tree)?;
     }
-    mount(&layers, &dir, &st, tree)?;
     collect(&layers, false)
 }
 
@@ -309,6 +310,7 @@ pub fn fork(source: &Path, snapshot: Option<&str>, running: bool, tree: &Path) -
                     return Err(too_deep(st.lowers.len() + 1));
                 }
                 unmount(source)?;
+                st.retired.clear();
                 let old = rebase(&layers, &source_dir, &mut st)?;
                 write_json(&source_dir.join(STATE), &st)?;
                 crate::failpoint::hit("fork-source-rebased");
@@ -331,13 +333,19 @@ pub fn fork(source: &Path, snapshot: Option<&str>, running: bool, tree: &Path) -
             upper: Some(id),
             lowers,
             snapshots: Vec::new(),
+            retired: Vec::new(),
         };
         write_json(&dir.join(STATE), &forked)?;
         crate::failpoint::hit("fork-committed");
-        Ok((st, forked))
+        // Both mounted under the lock (see `create`).
+        if !is_mounted(source) {
+            mount(&layers, &source_dir, &st, source)?;
+        }
+        fs::create_dir(tree)?;
+        mount(&layers, &dir, &forked, tree)
     })();
-    let (source_state, forked) = match made {
-        Ok(m) => m,
+    match made {
+        Ok(()) => Ok(()),
         Err(e) => {
             if let Some((_, tmp)) = copied {
                 let _ = fs::remove_dir_all(tmp);
@@ -345,20 +353,10 @@ pub fn fork(source: &Path, snapshot: Option<&str>, running: bool, tree: &Path) -
             if !is_mounted(source) {
                 let _ = ensure_mounted(source);
             }
-            let _ = fs::remove_dir_all(&dir);
-            let _ = collect(&layers, false);
-            return Err(e);
+            let _ = remove(tree);
+            Err(e)
         }
-    };
-    if !is_mounted(source) {
-        mount(&layers, &source_dir, &source_state, source)?;
     }
-    let mounted = fs::create_dir(tree).and_then(|()| mount(&layers, &dir, &forked, tree));
-    if let Err(e) = mounted {
-        let _ = remove(tree);
-        return Err(e);
-    }
-    Ok(())
 }
 
 /// The fork's record is saved: it is a workspace like any other.

@@ -37,12 +37,15 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod at;
 mod changes;
 mod files;
+mod flatten;
 mod mount;
 
 pub use changes::*;
 use files::{copy_layer, disk_usage_of};
+pub use flatten::*;
 use mount::mount;
 
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
@@ -123,6 +126,10 @@ struct State {
     lowers: Vec<String>,
     #[serde(default)]
     snapshots: Vec<Snapshot>,
+    /// Layers a flatten replaced that the tree's mount still reads: named (so kept) until
+    /// the tree is next mounted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    retired: Vec<String>,
 }
 
 /// What a layer says of itself.
@@ -231,6 +238,7 @@ fn read_state(dir: &Path) -> io::Result<Option<State>> {
         upper: None,
         lowers: Vec::new(),
         snapshots: Vec::new(),
+        retired: Vec::new(),
     }))
 }
 
@@ -305,21 +313,21 @@ pub fn create(base: &Path, tree: &Path) -> io::Result<()> {
         fs::set_permissions(&layers, fs::Permissions::from_mode(0o700))?;
         fs::create_dir(&dir)?;
         let root_mode = fs::metadata(base)?.mode() & 0o7777;
-        let state = {
-            let _held = lock(&layers)?;
-            let range = pick_range(&layers);
-            let (id, tmp) = new_upper(&layers, range, root_mode)?;
-            publish(&layers, &id, &tmp)?;
-            let state = State {
-                base: base.to_path_buf(),
-                range,
-                upper: Some(id),
-                lowers: Vec::new(),
-                snapshots: Vec::new(),
-            };
-            write_json(&dir.join(STATE), &state)?;
-            state
+        // Mounted under the lock, like every mount of a stack: a flatten's commit, under it
+        // too, knows from `is_mounted` whether a mount reads the layers it replaces.
+        let _held = lock(&layers)?;
+        let range = pick_range(&layers);
+        let (id, tmp) = new_upper(&layers, range, root_mode)?;
+        publish(&layers, &id, &tmp)?;
+        let state = State {
+            base: base.to_path_buf(),
+            range,
+            upper: Some(id),
+            lowers: Vec::new(),
+            snapshots: Vec::new(),
+            retired: Vec::new(),
         };
+        write_json(&dir.join(STATE), &state)?;
         fs::create_dir(tree)?;
         mount(&layers, &dir, &state, tree)
     })();
@@ -341,11 +349,19 @@ pub fn ensure_mounted(tree: &Path) -> io::Result<()> {
         return Ok(());
     }
     let dir = layer_dir(tree);
-    let Some(state) = read_state(&dir)? else {
+    let Some(mut state) = read_state(&dir)? else {
         return Ok(());
     };
     fs::create_dir_all(tree)?;
-    mount(&layers_of(tree), &dir, &state, tree)
+    mount(&layers_of(tree), &dir, &state, tree)?;
+    // Nothing reads the layers a flatten retired any more.
+    if !state.retired.is_empty() && state.upper.is_some() {
+        state.retired.clear();
+        write_json(&dir.join(STATE), &state)?;
+        drop(_held);
+        collect(&layers_of(tree), false)?;
+    }
+    Ok(())
 }
 
 /// Unmounts the tree and removes it and its layer directory; the layers nothing else uses
@@ -407,6 +423,7 @@ fn used_layers(layers: &Path) -> io::Result<std::collections::HashSet<String>> {
         for st in states {
             used.extend(st.upper.iter().cloned());
             used.extend(st.lowers.iter().cloned());
+            used.extend(st.retired.iter().cloned());
             for s in st.snapshots {
                 used.extend(s.layers);
             }

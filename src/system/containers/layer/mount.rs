@@ -69,7 +69,9 @@ pub(super) fn mount(layers: &Path, dir: &Path, st: &State, tree: &Path) -> io::R
     let mounted = cloned.and_then(|()| {
         let lowerdir: Vec<String> = points.iter().map(|p| p.display().to_string()).collect();
         let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
+            // No redirected directories and no metadata-only copies: every layer holds
+            // whole entries, which is what a flatten merges (`flatten.rs`).
+            "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off",
             lowerdir.join(":"),
             upper.display(),
             work.display()

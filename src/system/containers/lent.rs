@@ -1,0 +1,128 @@
+//! Connections lent to callers (`ConnectPort`): whether a caller still holds one, so an open
+//! connection to a dev server keeps its workspace from idling.
+//!
+//! The service keeps no descriptor of a lent connection (one would keep the connection open
+//! after its caller closed it): it keeps the socket's inode, and looks for it in the TCP
+//! tables of the container's network namespace (`/proc/<leader>/net/tcp`, `tcp6`), which list
+//! each socket with the inode of its file while a descriptor of it is open anywhere (a socket
+//! closed on every side is gone, or shown with inode 0 while it finishes). Only the cached
+//! leader of a running container is looked at: the check never starts a container.
+
+use std::os::fd::AsFd;
+
+use super::*;
+
+impl NspawnContainers {
+    /// Remembers a connection lent for the workspace.
+    pub(super) fn lend(&self, ws: &Workspace, fd: &impl AsFd) {
+        let Ok(st) = nix::sys::stat::fstat(fd.as_fd()) else {
+            return;
+        };
+        self.lent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(ws.name.clone())
+            .or_default()
+            .push(st.st_ino);
+    }
+
+    /// Whether a connection lent for the workspace is open still; those closed are forgotten.
+    pub(super) async fn lent_open(&self, ws: &Workspace) -> bool {
+        let lent = self
+            .lent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&ws.name)
+            .cloned()
+            .unwrap_or_default();
+        if lent.is_empty() {
+            return false;
+        }
+        let Ok(leader) = self.running_leader(&ws.name) else {
+            // Its leader is being looked up (a command starting): in use.
+            return true;
+        };
+        let open = match &leader {
+            Some(l) => {
+                let pid = l.pid;
+                let tables = tokio::task::spawn_blocking(move || {
+                    ["tcp", "tcp6"]
+                        .iter()
+                        .filter_map(|t| {
+                            std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok()
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+                // Read from the leader's namespace only if the PID was still its.
+                if l.alive() {
+                    let listed: Vec<u64> = tables.iter().flat_map(|t| socket_inodes(t)).collect();
+                    lent.iter()
+                        .copied()
+                        .filter(|i| listed.contains(i))
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            None => Vec::new(),
+        };
+        let mut all = self
+            .lent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = all.entry(ws.name.clone()).or_default();
+        // Those lent since the look are kept: they are open.
+        now.retain(|i| open.contains(i) || !lent.contains(i));
+        if now.is_empty() {
+            all.remove(&ws.name);
+        }
+        !open.is_empty()
+    }
+
+    /// The cached leader of the workspace's running container, if there is one (never starts
+    /// it, unlike `leader`); an error while `leader` is looking it up.
+    fn running_leader(&self, name: &str) -> std::result::Result<Option<Arc<Leader>>, ()> {
+        let Some(slot) = self
+            .leaders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let cached = slot.try_lock().map_err(|_| ())?;
+        Ok(cached.as_ref().filter(|l| l.alive()).cloned())
+    }
+}
+
+/// The inodes of the sockets a `/proc/net/tcp` (or `tcp6`) table lists (0, a socket no
+/// descriptor holds any more, left out).
+fn socket_inodes(table: &str) -> impl Iterator<Item = u64> + '_ {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(9)?.parse::<u64>().ok())
+        .filter(|&i| i != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inodes_of_a_tcp_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 424242 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:1F90 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000  1000        0 515151 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:D2F4 0100007F:1F90 06 00000000:00000000 03:000016A1 00000000     0        0 0 3 0000000000000000
+";
+        assert_eq!(
+            socket_inodes(table).collect::<Vec<_>>(),
+            vec![424242, 515151]
+        );
+        assert_eq!(socket_inodes("").count(), 0);
+    }
+}
