@@ -1,6 +1,7 @@
 #!/bin/bash
 # `make bench`: boots the test host, installs the service, and runs benches/exec_latency.rs and
-# benches/workspace_state.rs inside it. Prints latency figures and ratios against baselines measured in the same run.
+# benches/workspace_state.rs inside it, then benches/running_snapshot.rs on this machine. Prints
+# latency figures and ratios against baselines measured in the same run.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -10,7 +11,8 @@ bench_bin() {
 }
 bin=$(bench_bin exec_latency)
 state_bin=$(bench_bin workspace_state)
-[ -x "$bin" ] && [ -x "$state_bin" ] || { echo "no benchmark binary" >&2; exit 1; }
+snap_bin=$(bench_bin running_snapshot)
+[ -x "$bin" ] && [ -x "$state_bin" ] && [ -x "$snap_bin" ] || { echo "no benchmark binary" >&2; exit 1; }
 "$testhost" up >/dev/null
 "$testhost" install >/dev/null
 tests/testhost/configure-service.sh
@@ -40,3 +42,8 @@ systemctl reload dbus'
 # Workspace state: snapshots, forks, restore, pause, and how many idle containers run at once
 # (BENCH_DENSITY, 500 unless set).
 "$testhost" run ${BENCH_DENSITY:+-E BENCH_DENSITY=$BENCH_DENSITY} -- "$repo/$state_bin"
+# A running workspace's snapshot, the layer step, on ext4 and on an xfs with reflinks (an image
+# loop-mounted in a mount namespace of the bench's own, released with it): on this machine,
+# since none of it needs systemd.
+command -v mkfs.xfs >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q xfsprogs >/dev/null
+"$repo/$snap_bin"
