@@ -20,8 +20,13 @@ pub(super) async fn run(
 
 /// The layers a workspace's stack names (its state file).
 fn layers_of(name: &str) -> Vec<String> {
+    layers_of_in(LAYERS, name)
+}
+
+/// The same, in the layers directory `layers`.
+fn layers_of_in(layers: &str, name: &str) -> Vec<String> {
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(format!("{LAYERS}/{name}/state")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(format!("{layers}/{name}/state")).unwrap()).unwrap();
     let mut ids: Vec<String> = state["lowers"]
         .as_array()
         .unwrap()
@@ -236,8 +241,13 @@ fn failpoint(point: Option<&str>) {
 /// Every layer in `.shared` is named by a state, every layer a state names is there, and no
 /// layer is half made: what a start-up after a crash must leave.
 fn layers_consistent() -> Result<(), String> {
+    layers_consistent_in(LAYERS)
+}
+
+/// The same, in the layers directory `layers`.
+fn layers_consistent_in(layers: &str) -> Result<(), String> {
     let mut named = std::collections::BTreeSet::new();
-    for e in std::fs::read_dir(LAYERS).unwrap().flatten() {
+    for e in std::fs::read_dir(layers).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') {
             continue;
@@ -246,11 +256,11 @@ fn layers_consistent() -> Result<(), String> {
             return Err(format!("{name} is still marked as a fork under way"));
         }
         if e.path().join("state").exists() {
-            named.extend(layers_of(&name));
+            named.extend(layers_of_in(layers, &name));
         }
     }
     let present: std::collections::BTreeSet<String> =
-        std::fs::read_dir(format!("{LAYERS}/.shared"))
+        std::fs::read_dir(format!("{layers}/.shared"))
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -418,8 +428,13 @@ async fn a_kill_at_each_step_leaves_the_old_state_or_the_new() {
 
 /// The state's read-only layers and the layers a flatten retired.
 fn stack_of(name: &str) -> (Vec<String>, Vec<String>) {
+    stack_of_in(LAYERS, name)
+}
+
+/// The same, in the layers directory `layers`.
+fn stack_of_in(layers: &str, name: &str) -> (Vec<String>, Vec<String>) {
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(format!("{LAYERS}/{name}/state")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(format!("{layers}/{name}/state")).unwrap()).unwrap();
     let ids = |key: &str| -> Vec<String> {
         state[key]
             .as_array()
@@ -549,4 +564,131 @@ async fn a_deep_stack_is_flattened_in_the_background_and_reads_the_same() {
     m.destroy_workspace(&fork).await.unwrap();
     m.destroy_workspace(&name).await.unwrap();
     layers_consistent().unwrap();
+}
+
+/// The service's trees on a file system of their own (`machines_dir`), until dropped.
+struct MachinesDir {
+    dir: String,
+    original: String,
+}
+
+impl MachinesDir {
+    /// A tmpfs of the test host with `inodes` inodes at most, mounted at `dir`.
+    fn small_tmpfs(dir: &str, inodes: u64) -> Self {
+        let config = "/etc/agent-workspaces/config.toml";
+        let original = std::fs::read_to_string(config).unwrap_or_default();
+        std::fs::create_dir_all(dir).unwrap();
+        ok(&format!(
+            "mount -t tmpfs -o size=1g,nr_inodes={inodes},mode=0755 aw-small {dir}"
+        ));
+        std::fs::write(
+            config,
+            original.replace(
+                "[container]\n",
+                &format!("[container]\nmachines_dir = \"{dir}\"\n"),
+            ),
+        )
+        .unwrap();
+        restart_service();
+        Self {
+            dir: dir.to_owned(),
+            original,
+        }
+    }
+}
+
+impl Drop for MachinesDir {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/etc/agent-workspaces/config.toml", &self.original);
+        let _ = sh(&format!("systemctl restart {UNIT}"));
+        let _ = sh(&format!("umount -l {}", self.dir));
+    }
+}
+
+/// Files made in `dir` until the file system says it is full (no inode left); their paths.
+fn fill_inodes(dir: &str) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut made = Vec::new();
+    loop {
+        let path = format!("{dir}/{}", made.len());
+        match std::fs::File::create(&path) {
+            Ok(_) => made.push(path),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(28), "{path}: {e}");
+                return made;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_during_a_flatten_leaves_the_stack_as_it_was() {
+    require_test_host();
+    let small = MachinesDir::small_tmpfs("/var/lib/aw-small-machines", 200_000);
+    let layers = format!("{}/.agent-workspaces-layers", small.dir);
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = ready_container_named(&conn, "full").await;
+    assert!(
+        std::path::Path::new(&format!("{layers}/{name}/state")).is_file(),
+        "a layered tree on the tmpfs"
+    );
+    let flatten_at = agent_workspaces::system::containers::layer::FLATTEN_AT;
+    // As deep as a stack gets without a flatten, each layer with directories of its own.
+    for i in 0..flatten_at {
+        run(
+            &m,
+            &name,
+            &format!("mkdir -p d{i}/a/b/c && echo {i} > d{i}/a/b/c/f"),
+        )
+        .await;
+        m.stop_workspace(&name).await.unwrap();
+        m.snapshot_workspace(&name, &format!("s{i}"), no_options())
+            .await
+            .unwrap();
+    }
+    run(&m, &name, "echo last > last").await;
+    m.stop_workspace(&name).await.unwrap();
+    // The file system full but for 30 inodes: the next snapshot (a new layer, and the mount
+    // points of its layers while they are mounted) fits; the flatten it starts (a directory
+    // for each of the 60 and more its layers hold) does not.
+    let mut filler = fill_inodes(&format!("{}/filler", small.dir));
+    for path in filler.split_off(filler.len() - 30) {
+        std::fs::remove_file(path).unwrap();
+    }
+    m.snapshot_workspace(&name, "full", no_options())
+        .await
+        .unwrap();
+    let said = wait_for("the flatten's failure", Duration::from_secs(60), || {
+        journal(&format!("WORKSPACE_NAME={name}"))
+            .iter()
+            .filter_map(|e| e["MESSAGE"].as_str().map(str::to_owned))
+            .find(|m| m.starts_with(&format!("Cannot flatten the layers of workspace {name}")))
+    });
+    assert!(said.contains("No space left on device"), "{said}");
+    assert_eq!(
+        stack_of_in(&layers, &name).0.len(),
+        flatten_at + 1,
+        "the stack as it was"
+    );
+    assert_eq!(layers_consistent_in(&layers), Ok(()), "nothing half made");
+    // Room again: the next snapshot's flatten goes through, and the tree reads the same.
+    for path in filler {
+        std::fs::remove_file(path).unwrap();
+    }
+    run(&m, &name, "echo more > more").await;
+    m.stop_workspace(&name).await.unwrap();
+    m.snapshot_workspace(&name, "room", no_options())
+        .await
+        .unwrap();
+    wait_for("the flatten", Duration::from_secs(60), || {
+        (stack_of_in(&layers, &name).0.len() == 1).then_some(())
+    });
+    assert_eq!(
+        run(&m, &name, "cat d3/a/b/c/f d15/a/b/c/f last more").await,
+        "3\n15\nlast\nmore\n"
+    );
+    m.destroy_workspace(&name).await.unwrap();
+    assert_eq!(layers_consistent_in(&layers), Ok(()));
+    drop(small);
 }
