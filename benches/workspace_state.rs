@@ -85,12 +85,17 @@ async fn main() {
             mb / 8 + 1
         )
     };
-    // Sizes in turn, round after round: each round's stack is as deep for both.
+    // Sizes in turn, round after round: each round's stack is as deep for both. Each waits
+    // the same 3 s after its stop: right after writing 1 GB the machine's caches are churned
+    // (measured: the snapshot's mount alone took 2 ms after 10 MB and 5 to 9 ms after 1 GB; with
+    // both left to settle, the two were alike), and that is the write's cost, not the
+    // snapshot's.
     let mut times: HashMap<u64, Vec<Duration>> = HashMap::new();
     for i in 0..5 {
         for mb in [10u64, 1024] {
             run(&m, &name, &fill(mb)).await;
             m.stop_workspace(&name).await.expect("stop");
+            tokio::time::sleep(Duration::from_secs(3)).await;
             let t = snapshot_time(&m, &name, &format!("s{mb}-{i}")).await;
             times
                 .entry(mb)
