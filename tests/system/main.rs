@@ -9,6 +9,7 @@ mod egress;
 mod far;
 mod file_clients;
 mod files;
+mod flatten;
 mod host;
 mod hostile;
 mod lent;

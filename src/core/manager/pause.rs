@@ -126,7 +126,10 @@ impl Manager {
             }
             for id in held.clone() {
                 match self.get(&id) {
-                    Ok(ws) if self.ports.containers.lent_connections_open(&ws).await => {
+                    Ok(ws)
+                        if ws.status == Status::Ready
+                            && self.ports.containers.lent_connections_open(&ws).await =>
+                    {
                         self.mark_used(&id, true);
                     }
                     _ => {
@@ -135,8 +138,10 @@ impl Manager {
                 }
             }
             for (id, due) in self.idle_due(Instant::now()) {
-                // A connection lent to a caller and still open is a use that goes on.
+                // A connection lent to a caller and still open is a use that goes on (not to
+                // a paused container: nothing goes through it until it is resumed).
                 if let Ok(ws) = self.get(&id)
+                    && ws.status == Status::Ready
                     && self.ports.containers.lent_connections_open(&ws).await
                 {
                     self.mark_used(&id, true);

@@ -1,5 +1,11 @@
-//! Connections lent to callers (`ConnectPort`): whether a caller still holds one, so an open
-//! connection to a dev server keeps its workspace from idling.
+//! Connections lent to callers (`ConnectPort`): made here, and whether a caller still holds
+//! one, so an open connection to a dev server keeps its workspace from idling.
+//!
+//! The connection is made by the service itself, from a thread that enters the container's
+//! network namespace (through the leader's pidfd: no PID reused by another process) and
+//! connects to its loopback, not by the container's agent: nothing inside ever holds the
+//! socket, so a container cannot keep a connection open (and itself from idling) after its
+//! caller closed it.
 //!
 //! The service keeps no descriptor of a lent connection (one would keep the connection open
 //! after its caller closed it): it keeps the socket's inode, and looks for it in the TCP
@@ -8,22 +14,57 @@
 //! closed on every side is gone, or shown with inode 0 while it finishes). Only the cached
 //! leader of a running container is looked at: the check never starts a container.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use super::*;
 
+/// A TCP connection to `port` on the loopback of the leader's network namespace (the
+/// container's own, or the host's for a container on the host network), 5 s at most.
+pub(super) async fn connect_inside(leader: &Leader, port: u16) -> std::io::Result<OwnedFd> {
+    let pidfd = leader.pidfd().try_clone_to_owned()?;
+    tokio::task::spawn_blocking(move || {
+        // A thread of its own, which ends after: a namespace entered stays with the thread.
+        std::thread::spawn(move || {
+            nix::sched::setns(&pidfd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let stream =
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+            Ok(OwnedFd::from(stream))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread failed")))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+}
+
+/// Connections remembered per workspace (the newest): a caller that connects per request
+/// and closes each does not grow the list without bound between looks.
+const KEPT: usize = 256;
+
 impl NspawnContainers {
+    /// Its container stopped or removed: its connections went with it.
+    pub(super) fn forget_lent(&self, name: &str) {
+        self.lent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+    }
+
     /// Remembers a connection lent for the workspace.
     pub(super) fn lend(&self, ws: &Workspace, fd: &impl AsFd) {
         let Ok(st) = nix::sys::stat::fstat(fd.as_fd()) else {
             return;
         };
-        self.lent
+        let mut all = self
+            .lent
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(ws.name.clone())
-            .or_default()
-            .push(st.st_ino);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let kept = all.entry(ws.name.clone()).or_default();
+        kept.push(st.st_ino);
+        if kept.len() > KEPT {
+            kept.drain(..kept.len() - KEPT);
+        }
     }
 
     /// Whether a connection lent for the workspace is open still; those closed are forgotten.
@@ -57,7 +98,8 @@ impl NspawnContainers {
                 .unwrap_or_default();
                 // Read from the leader's namespace only if the PID was still its.
                 if l.alive() {
-                    let listed: Vec<u64> = tables.iter().flat_map(|t| socket_inodes(t)).collect();
+                    let listed: std::collections::HashSet<u64> =
+                        tables.iter().flat_map(|t| socket_inodes(t)).collect();
                     lent.iter()
                         .copied()
                         .filter(|i| listed.contains(i))

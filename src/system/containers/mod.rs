@@ -91,10 +91,17 @@ pub struct NspawnContainers {
     trees: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The workspaces whose layers are being flattened in the background (one at a time
     /// each; see `state.rs`).
-    flattening: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    flattening: Arc<std::sync::Mutex<Flattening>>,
     /// The connections `connect_port` lent, by workspace name: their sockets' inodes, looked
     /// for in the container's TCP tables to tell whether a caller still holds one (`lent.rs`).
     lent: std::sync::Mutex<HashMap<String, Vec<u64>>>,
+}
+
+/// Flattens under way, and the depth a workspace's next try waits for after one failed.
+#[derive(Default)]
+struct Flattening {
+    running: std::collections::HashSet<String>,
+    floor: HashMap<String, usize>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -448,6 +455,7 @@ impl Containers for NspawnContainers {
 
     async fn stop(&self, ws: &Workspace) -> Result<()> {
         self.forget_leader(&ws.name);
+        self.forget_lent(&ws.name);
         // A frozen container is thawed first: its processes could not act on the stop's
         // SIGTERM, and the stop would wait its whole timeout for them.
         self.freeze(ws, false).await?;
@@ -492,13 +500,7 @@ impl Containers for NspawnContainers {
 
     async fn connect_port(&self, ws: &Workspace, port: u16) -> Result<std::os::fd::OwnedFd> {
         let leader = self.leader(ws).await?;
-        let mut conn = agent_connection(&leader).await.map_err(|e| {
-            Error::JobFailed(format!(
-                "The agent of workspace '{}' does not answer: {e}",
-                ws.name
-            ))
-        })?;
-        let fd = conn.connect_port(port).await.map_err(|e| {
+        let fd = lent::connect_inside(&leader, port).await.map_err(|e| {
             Error::JobFailed(format!(
                 "Cannot connect to port {port} in workspace '{}': {e}",
                 ws.name
@@ -632,6 +634,7 @@ impl Containers for NspawnContainers {
     }
 
     async fn remove(&self, ws: &Workspace) -> Result<()> {
+        self.forget_lent(&ws.name);
         self.network.detach(&ws.id).await?;
         let tree = self.tree_path(&ws.name);
         let mut partial = tree.clone().into_os_string();

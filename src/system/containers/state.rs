@@ -168,35 +168,60 @@ impl NspawnContainers {
 
     /// Past `layer::FLATTEN_AT` read-only layers, the tree's stack is flattened in the
     /// background (a blocking task; one at a time per workspace); the journal says what it
-    /// did, or why it could not (the stack then stays as deep as it was).
+    /// did, or why it could not (the stack then stays as deep as it was, and the next try
+    /// waits until it is deeper, by `FLATTEN_RETRY` layers unless the disk was full: a
+    /// failure that would come again, a file with too many links, is not paid for at every
+    /// snapshot).
     fn flatten_later(&self, ws: &Workspace) {
+        const FLATTEN_RETRY: usize = 8;
         let tree = self.tree_path(&ws.name);
-        if !matches!(layer::depth(&tree), Ok(d) if d > layer::FLATTEN_AT) {
-            return;
-        }
+        let floor = {
+            let mut busy = self
+                .flattening
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if busy.running.contains(&ws.name) {
+                return;
+            }
+            busy.running.insert(ws.name.clone());
+            busy.floor.get(&ws.name).copied().unwrap_or(0)
+        };
         let busy = self.flattening.clone();
-        if !busy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(ws.name.clone())
-        {
-            return;
-        }
         let (id, name) = (ws.id.clone(), ws.name.clone());
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let done = ws_blocking(move || layer::flatten_if_deep(&tree)).await;
-            busy.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&name);
+            let done = ws_blocking(move || {
+                let r = layer::flatten_if_deep(&tree, floor);
+                Ok((r, layer::depth(&tree).unwrap_or(0)))
+            })
+            .await;
+            let mut b = busy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            b.running.remove(&name);
             match done {
-                Ok(Some(f)) => info!(workspace_id = %id, workspace_name = %name,
+                Ok((Ok(Some(f)), _)) => {
+                    b.floor.remove(&name);
+                    info!(workspace_id = %id, workspace_name = %name,
                     "Flattened the layers of workspace {name} from {} to {} in {:.3} s",
-                    f.before, f.after, started.elapsed().as_secs_f64()),
-                Ok(None) => {}
+                    f.before, f.after, started.elapsed().as_secs_f64());
+                }
+                Ok((Ok(None), _)) => {}
+                Ok((Err(e), depth)) => {
+                    // A full disk may have room at the next snapshot; anything else would fail
+                    // again the same way.
+                    let next = if e.kind() == std::io::ErrorKind::StorageFull {
+                        depth
+                    } else {
+                        depth + FLATTEN_RETRY
+                    };
+                    b.floor.insert(name.clone(), next);
+                    warn!(workspace_id = %id, workspace_name = %name,
+                    "Cannot flatten the layers of workspace {name}: {e}; its stack stays as it was ({depth} layers; tried again past {next}; past {} snapshots and forks are refused)",
+                    layer::MAX_LOWERS);
+                }
                 Err(e) => warn!(workspace_id = %id, workspace_name = %name,
-                    "Cannot flatten the layers of workspace {name}: {e}; its stack stays as it was (past {} layers snapshots and forks are refused)",
-                    layer::MAX_LOWERS),
+                    "Cannot flatten the layers of workspace {name}: {e}"),
             }
         });
     }

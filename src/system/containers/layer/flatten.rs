@@ -25,7 +25,7 @@
 //! commit leaves a `.tmp` layer the next start-up removes.
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
+use std::ffi::CStr;
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -53,10 +53,10 @@ pub fn depth(tree: &Path) -> io::Result<usize> {
     Ok(read_state(&layer_dir(tree))?.map_or(0, |st| st.lowers.len()))
 }
 
-/// Flattens the tree's stack if it is deeper than `FLATTEN_AT`: see the module's note.
-/// None: nothing to do (shallow enough, or no run of two layers of one range).
-pub fn flatten_if_deep(tree: &Path) -> io::Result<Option<Flattened>> {
-    if depth(tree)? <= FLATTEN_AT {
+/// Flattens the tree's stack if it is deeper than `FLATTEN_AT` and than `floor`: see the
+/// module's note. None: nothing to do (shallow enough, or no run of two layers of one range).
+pub fn flatten_if_deep(tree: &Path, floor: usize) -> io::Result<Option<Flattened>> {
+    if depth(tree)? <= FLATTEN_AT.max(floor) {
         return Ok(None);
     }
     flatten(tree)
@@ -146,7 +146,10 @@ pub fn flatten(tree: &Path) -> io::Result<Option<Flattened>> {
     })();
     match committed {
         Ok(f) => {
-            collect(&layers, false)?;
+            // Done: what is left unnamed goes now, or at the next collection.
+            if let Err(e) = collect(&layers, false) {
+                tracing::warn!("Cannot remove the layers a flatten replaced yet: {e}");
+            }
             Ok(Some(f))
         }
         Err(e) => {
@@ -252,55 +255,77 @@ fn merge(
     }
 }
 
-/// Whether any of the trees `under` has an entry (not a whiteout) at `path`: what a whiteout
-/// of the run might still have to hide. An entry that cannot be reached (a link or a file on
-/// the way) is not there; an error is taken as there (a whiteout too many hides nothing).
-fn under_has(under: &[OwnedFd], path: &Path) -> bool {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return true;
-    };
-    let Ok(name) = CString::new(name.as_bytes()) else {
-        return true;
-    };
-    under
-        .iter()
-        .any(|root| match open_beneath(root.as_fd(), parent) {
-            Ok(d) => match stat_at(d.as_fd(), &name) {
-                Ok(Some(st)) => !is_whiteout(&st),
-                Ok(None) => false,
-                Err(_) => true,
-            },
-            Err(e) => {
-                !matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
-                ) && !matches!(e.kind(), io::ErrorKind::NotFound)
+/// The directories of the trees `under` (given as their open directories at the same path, in
+/// order) that show through below it at `name`, as overlayfs looks down: a directory shows
+/// and the look goes on, unless it is opaque; a whiteout or a file ends it. Indices into `dirs`.
+fn showing_below(dirs: &[(usize, OwnedFd)], name: &CStr, path: &Path) -> io::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for (i, d) in dirs {
+        match stat_at(d.as_fd(), name)? {
+            None => continue,
+            Some(st) if is_dir(&st) => {
+                out.push(*i);
+                if opaque(open_sub(d.as_fd(), name)?.as_fd(), path)? {
+                    break;
+                }
             }
-        })
+            Some(_) => break,
+        }
+    }
+    Ok(out)
 }
 
+/// Whether a whiteout of `name` still hides something: what overlayfs would find below the
+/// run there (the first of `dirs` that has the name) is an entry, not a whiteout.
+fn hides_something(dirs: &[(usize, OwnedFd)], name: &CStr) -> io::Result<bool> {
+    for (_, d) in dirs {
+        if let Some(st) = stat_at(d.as_fd(), name)? {
+            return Ok(!is_whiteout(&st));
+        }
+    }
+    Ok(false)
+}
+
+/// Directories of one union (a directory with more names) or in all (more directories) that a
+/// flatten refuses: a container could make millions, and the merge keeps them in memory.
+const MAX_NAMES_PER_DIRECTORY: usize = 1 << 20;
+const MAX_DIRECTORIES: usize = 1 << 21;
+
 /// The merge itself: `roots` (top first) into the empty directory `out_root`. Iterative (a
-/// stack of directories still to merge, each with the layers that show through it and
-/// whether it is opaque), so no descriptor is held across levels.
+/// stack of directories still to merge, each with the layers of the run that show through it
+/// and the trees under the run that do), so no descriptor is held across levels.
 ///
-/// A whiteout is kept only where it still hides something: in a directory that is not
-/// opaque, over an entry of the trees `under`. One that hid an entry of the run hides it by
-/// that entry's absence; and overlayfs lists the whiteouts of a directory no lower layer has
-/// as if they were entries.
+/// A whiteout is kept only where it still hides something under the run: one that hid an
+/// entry of the run hides it by that entry's absence; one in a directory nothing under the
+/// run shows through would be listed by overlayfs as an entry (it filters whiteouts only in
+/// directories it merges).
 fn merge_trees(roots: &[OwnedFd], under: &[OwnedFd], out_root: BorrowedFd<'_>) -> io::Result<()> {
     let root_stat = copy_dir_meta(roots[0].as_fd(), out_root, false)?;
     let mut times = vec![(PathBuf::new(), root_stat)];
-    let mut todo: Vec<(PathBuf, Vec<usize>, bool)> =
-        vec![(PathBuf::new(), (0..roots.len()).collect(), false)];
-    while let Some((rel, chain, opaque_here)) = todo.pop() {
+    let mut todo: Vec<(PathBuf, Vec<usize>, Vec<usize>)> = vec![(
+        PathBuf::new(),
+        (0..roots.len()).collect(),
+        (0..under.len()).collect(),
+    )];
+    while let Some((rel, chain, showing)) = todo.pop() {
         let dirs = chain
             .iter()
             .map(|&i| open_beneath(roots[i].as_fd(), &rel))
+            .collect::<io::Result<Vec<_>>>()?;
+        let below = showing
+            .iter()
+            .map(|&i| open_beneath(under[i].as_fd(), &rel).map(|d| (i, d)))
             .collect::<io::Result<Vec<_>>>()?;
         let out = open_beneath(out_root, &rel)?;
         let mut all = BTreeSet::new();
         for d in &dirs {
             all.extend(names(d.as_fd())?);
+            if all.len() > MAX_NAMES_PER_DIRECTORY {
+                return Err(other(format!(
+                    "{}: more than {MAX_NAMES_PER_DIRECTORY} names in one directory",
+                    rel.display()
+                )));
+            }
         }
         for name in all {
             let mut top = None;
@@ -312,7 +337,7 @@ fn merge_trees(roots: &[OwnedFd], under: &[OwnedFd], out_root: BorrowedFd<'_>) -
             }
             let Some((k, st)) = top else { continue };
             let path = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-            if is_whiteout(&st) && (opaque_here || !under_has(under, &path)) {
+            if is_whiteout(&st) && !hides_something(&below, &name)? {
                 continue;
             }
             if !is_dir(&st) {
@@ -349,6 +374,12 @@ fn merge_trees(roots: &[OwnedFd], under: &[OwnedFd], out_root: BorrowedFd<'_>) -
                     Some(_) => stopped = true,
                 }
             }
+            // Nothing under the run shows through an opaque directory.
+            let sub_showing = if stopped {
+                Vec::new()
+            } else {
+                showing_below(&below, &name, &path)?
+            };
             nix::sys::stat::mkdirat(
                 out.as_fd(),
                 name.as_c_str(),
@@ -362,8 +393,13 @@ fn merge_trees(roots: &[OwnedFd], under: &[OwnedFd], out_root: BorrowedFd<'_>) -
             })?;
             let made = open_sub(out.as_fd(), &name)?;
             let st = copy_dir_meta(src.as_fd(), made.as_fd(), stopped)?;
+            if times.len() >= MAX_DIRECTORIES {
+                return Err(other(format!(
+                    "more than {MAX_DIRECTORIES} directories to merge"
+                )));
+            }
             times.push((path.clone(), st));
-            todo.push((path, sub, stopped));
+            todo.push((path, sub, sub_showing));
         }
     }
     // Last: making entries in a directory changes its times.

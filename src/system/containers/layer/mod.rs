@@ -64,6 +64,10 @@ const STATE: &str = "state";
 const INTENT: &str = "intent";
 /// A fork whose record is not saved yet: removed at start-up if it has none.
 const FORKING: &str = "forking";
+/// What is being removed: renamed here under the lock (fast), deleted after it is let go, so
+/// no commit waits for the unlinking of a big layer (a running snapshot holds its container
+/// frozen while it waits for the lock).
+const TRASH: &str = ".trash";
 /// Read-only layers a tree may stack over its base. A snapshot or fork past it is refused
 /// with a message that says how to go on (a rebuild, or a fork of a shallower snapshot).
 pub const MAX_LOWERS: usize = 64;
@@ -368,13 +372,43 @@ pub fn ensure_mounted(tree: &Path) -> io::Result<()> {
 /// go with it. Nothing there: nothing to do.
 pub fn remove(tree: &Path) -> io::Result<()> {
     unmount(tree)?;
-    for dir in [tree.to_path_buf(), layer_dir(tree)] {
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+    match fs::remove_dir_all(tree) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let layers = layers_of(tree);
+    let dir = layer_dir(tree);
+    if dir.exists() {
+        // Under the lock: a flatten's commit either wrote its state before (and the layers it
+        // names are collected below) or finds none and drops its layer.
+        let trashed = {
+            let _held = lock(&layers)?;
+            to_trash(&layers, &dir)?
+        };
+        empty_trash(std::slice::from_ref(&trashed));
+    }
+    collect(&layers, false)
+}
+
+/// Renames `path` into the trash (the lock held); where it went.
+fn to_trash(layers: &Path, path: &Path) -> io::Result<PathBuf> {
+    let trash = layers.join(TRASH);
+    fs::create_dir_all(&trash)?;
+    let to = trash.join(tmp_name(&uuid::Uuid::new_v4().simple().to_string()));
+    fs::rename(path, &to)?;
+    Ok(to)
+}
+
+/// Deletes what was put in the trash (the lock let go). What a crash leaves there goes at the
+/// next start-up; an error leaves it for then too.
+fn empty_trash(paths: &[PathBuf]) {
+    for p in paths {
+        if let Err(e) = fs::remove_dir_all(p)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!("Cannot remove {}: {e}", p.display());
         }
     }
-    collect(&layers_of(tree), false)
 }
 
 fn unmount(tree: &Path) -> io::Result<()> {
@@ -388,24 +422,48 @@ fn unmount(tree: &Path) -> io::Result<()> {
 /// read stops the collection (nothing is removed on a guess). `startup`: layers left half
 /// made (`.tmp`) by a change a crash ended go too.
 pub fn collect(layers: &Path, startup: bool) -> io::Result<()> {
-    let _held = lock(layers)?;
-    let entries = match fs::read_dir(layers.join(SHARED)) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let used = used_layers(layers)?;
-    for e in entries.flatten() {
-        let id = e.file_name().to_string_lossy().into_owned();
-        let unused = match id.strip_suffix(".tmp") {
-            // Half made by a process a crash ended; one this process is making is its own.
-            Some(rest) => startup && !rest.ends_with(&format!(".{}", token())),
-            None => !used.contains(&id),
-        };
-        if unused {
-            fs::remove_dir_all(e.path())?;
+    let mut trashed = Vec::new();
+    if startup {
+        // Left by a process a crash ended (this one's own are being emptied by it).
+        for e in fs::read_dir(layers.join(TRASH))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if !e
+                .file_name()
+                .to_string_lossy()
+                .ends_with(&format!(".{}.tmp", token()))
+            {
+                trashed.push(e.path());
+            }
         }
     }
+    {
+        let _held = lock(layers)?;
+        let entries = match fs::read_dir(layers.join(SHARED)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                drop(_held);
+                empty_trash(&trashed);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let used = used_layers(layers)?;
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let unused = match id.strip_suffix(".tmp") {
+                // Half made by a process a crash ended; one this process is making is its own.
+                Some(rest) => startup && !rest.ends_with(&format!(".{}", token())),
+                None => !used.contains(&id),
+            };
+            if unused {
+                trashed.push(to_trash(layers, &e.path())?);
+            }
+        }
+    }
+    empty_trash(&trashed);
     Ok(())
 }
 

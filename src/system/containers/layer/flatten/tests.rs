@@ -69,6 +69,7 @@ fn stack_of_three(top: &Path) -> PathBuf {
     put(&base, "etc/gone", "base gone");
     put(&base, "opt/d/old", "base old");
     put(&base, "usr/file", "base usr");
+    put(&base, "w/b/x", "base x, under b's opaque w");
     let a = layer(&layers, "a");
     put(&a, "a/one", "a one");
     put(&a, "a/dir/x", "a x");
@@ -85,10 +86,16 @@ fn stack_of_three(top: &Path) -> PathBuf {
     whiteout(&b, "a/h2");
     put(&b, "b/two", "b two");
     fs::set_permissions(b.join("b"), fs::Permissions::from_mode(0o750)).unwrap();
+    make_opaque(&b, "w");
+    put(&b, "w/b/x", "b x");
     make_opaque(&b, "q");
     put(&b, "q/f", "b f");
     put(&a, "q/old", "hidden by b's opaque q");
     let c = layer(&layers, "c");
+    // c's w/b merges with b's, whose opaque w hides the base's: c's whiteout of w/b/x hides
+    // b's x only, and once merged nothing under the run shows through w.
+    fs::create_dir_all(c.join("w/b")).unwrap();
+    whiteout(&c, "w/b/x");
     whiteout(&c, "q/f");
     put(&c, "q/g", "c g");
     make_opaque(&c, "a/dir");
@@ -228,6 +235,8 @@ fn a_flattened_run_shows_what_the_run_showed() {
         assert_eq!(kind(t(&f).join("etc/gone")), Some(0o020000));
         assert_eq!(kind(t(&f).join("a/h2")), None);
         assert_eq!(kind(t(&f).join("q/f")), None);
+        assert_eq!(kind(t(&f).join("w/b/x")), None, "nothing under w shows");
+        assert!(before.contains_key("w/b") && !before.contains_key("w/b/x"));
         // No data copied: the merged layer's files are the layers' own.
         let ino = |p: PathBuf| fs::symlink_metadata(p).unwrap().ino();
         assert_eq!(ino(t(&f).join("a/one")), ino(t("b").join("a/one")));
