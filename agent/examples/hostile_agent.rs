@@ -68,7 +68,7 @@ fn serve(mut conn: UnixStream) {
         };
         let req = match req {
             Request::Exec(req) => req,
-            Request::Connect(_) | Request::File(_) => return,
+            Request::File(_) => return,
         };
         let Ok::<[OwnedFd; 3], _>([stdin, stdout, stderr]) = got.try_into() else {
             return;

@@ -18,8 +18,9 @@
 //! `NEXT` is followed by the next request frame (with its descriptors); `KEEP` (sent by the
 //! service after `Started`) asks it to hold the connection open until the service closes it;
 //! an end of the connection, or anything else, ends it. A connection that was refused, that
-//! ran a command on a terminal, or that asked for a port (`ConnectRequest`), ends after its
-//! answer.
+//! ran a command on a terminal, ends after its answer. (A port's connection is not the
+//! agent's to make: the service connects from a thread in the container's network namespace,
+//! so no socket it lends to a caller passes through, or stays in, the container.)
 //!
 //! A frame is a little-endian `u32` length of what follows, one byte of kind, then the body.
 //! Byte strings are a `u32` length and the bytes. Every decoder here treats its input as
@@ -68,13 +69,9 @@ const KIND_EXEC: u8 = 1;
 const KIND_EXEC_TERMINAL: u8 = 2;
 /// An exec on a terminal the agent makes (`Terminal::Make`), its size after the request.
 const KIND_EXEC_MAKE_TERMINAL: u8 = 4;
-/// Connect to a TCP port on the container's loopback and hand the connection over.
-const KIND_CONNECT: u8 = 3;
 const KIND_STARTED: u8 = 1;
 const KIND_EXITED: u8 = 2;
 const KIND_REFUSED: u8 = 3;
-/// The connection asked for: the descriptor comes with this reply.
-const KIND_CONNECTED: u8 = 4;
 
 /// Run `command` with the container's shell (`/bin/bash -c`, `/bin/sh -c` without bash).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,18 +109,10 @@ pub fn resize_message(cols: u16, rows: u16) -> [u8; 5] {
     [RESIZE, c0, c1, r0, r1]
 }
 
-/// Connect to `127.0.0.1:port` as seen inside the container (its own network, or the host's
-/// for a container on the host network) and send the connected socket back (`Connected`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectRequest {
-    pub port: u16,
-}
-
 /// Any request the agent takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Exec(ExecRequest),
-    Connect(ConnectRequest),
     /// A workspace's files (`files`).
     File(files::FileRequest),
 }
@@ -132,33 +121,9 @@ impl Request {
     /// Decodes a frame's contents (after its length), whatever its kind.
     pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
         match frame.first() {
-            Some(&KIND_CONNECT) => ConnectRequest::decode(frame).map(Request::Connect),
             Some(&files::KIND_FILE) => files::FileRequest::decode(frame).map(Request::File),
             _ => ExecRequest::decode(frame).map(Request::Exec),
         }
-    }
-}
-
-impl ConnectRequest {
-    /// The whole frame, header included.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::new();
-        body.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        body.extend_from_slice(&u32::from(self.port).to_le_bytes());
-        frame(KIND_CONNECT, &body)
-    }
-
-    pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader(frame);
-        if r.u8()? != KIND_CONNECT {
-            return Err(DecodeError("unknown request kind"));
-        }
-        if r.u32()? != PROTOCOL_VERSION {
-            return Err(DecodeError("unsupported protocol version"));
-        }
-        let port = u16::try_from(r.u32()?).map_err(|_| DecodeError("port out of range"))?;
-        r.end()?;
-        Ok(Self { port })
     }
 }
 
@@ -170,8 +135,6 @@ pub enum RefuseReason {
     Spawn,
     /// The request was malformed or carried the wrong descriptors.
     BadRequest,
-    /// Nothing accepts connections on the port (or it could not be reached).
-    Connect,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,8 +143,6 @@ pub enum Reply {
     Started { pid: u32 },
     /// The shell exited: its exit status, or 128+N for death by signal N.
     Exited { code: i32 },
-    /// The connection asked for (`ConnectRequest`): its descriptor comes with this reply.
-    Connected,
     Refused {
         reason: RefuseReason,
         message: String,
@@ -337,13 +298,11 @@ impl Reply {
         match self {
             Reply::Started { pid } => frame(KIND_STARTED, &pid.to_le_bytes()),
             Reply::Exited { code } => frame(KIND_EXITED, &code.to_le_bytes()),
-            Reply::Connected => frame(KIND_CONNECTED, &[]),
             Reply::Refused { reason, message } => {
                 let mut body = vec![match reason {
                     RefuseReason::Cwd => 1,
                     RefuseReason::Spawn => 2,
                     RefuseReason::BadRequest => 3,
-                    RefuseReason::Connect => 4,
                 }];
                 let m = message.as_bytes();
                 put_bytes(&mut body, &m[..m.len().min(MAX_REPLY / 2)]);
@@ -360,13 +319,11 @@ impl Reply {
             KIND_EXITED => Reply::Exited {
                 code: r.u32()? as i32,
             },
-            KIND_CONNECTED => Reply::Connected,
             KIND_REFUSED => {
                 let reason = match r.u8()? {
                     1 => RefuseReason::Cwd,
                     2 => RefuseReason::Spawn,
                     3 => RefuseReason::BadRequest,
-                    4 => RefuseReason::Connect,
                     _ => return Err(DecodeError("unknown refusal reason")),
                 };
                 let message = String::from_utf8_lossy(r.bytes()?).into_owned();
@@ -557,24 +514,11 @@ mod tests {
             ExecRequest::decode(&old[4..]),
             Err(DecodeError("unsupported protocol version"))
         );
-        let c = ConnectRequest { port: 9222 };
-        assert_eq!(
-            Request::decode(&c.encode()[4..]).unwrap(),
-            Request::Connect(c)
-        );
         assert_eq!(
             Request::decode(&r.encode()[4..]).unwrap(),
             Request::Exec(r.clone())
         );
-        let mut big = c.encode();
-        big[9..13].copy_from_slice(&70_000u32.to_le_bytes());
-        assert!(Request::decode(&big[4..]).is_err(), "a port above 65535");
         for reply in [
-            Reply::Connected,
-            Reply::Refused {
-                reason: RefuseReason::Connect,
-                message: "Connection refused".into(),
-            },
             Reply::Started { pid: 42 },
             Reply::Exited { code: -1 },
             Reply::Exited { code: 137 },

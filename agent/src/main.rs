@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use agent_workspaces_agent::{
     IDLE_CONNECTION_TIMEOUT, KEEP, NEXT, RefuseReason, Reply, Request, SOCKET, Terminal, direct,
-    fileserve, read_request, recv_with_fds, send_with_fds, spawn,
+    fileserve, read_request, recv_with_fds, spawn,
 };
 
 mod join;
@@ -200,10 +200,6 @@ fn serve_one(conn: &mut UnixStream, fds: Vec<OwnedFd>, child_nofile: libc::rlim_
     };
     let req = match req {
         Request::Exec(req) => req,
-        Request::Connect(c) => {
-            connect(conn, c.port);
-            return false;
-        }
         // The workspace's files, in this agent's own view of them.
         Request::File(f) => return fileserve::serve(conn, f, fds),
     };
@@ -325,28 +321,6 @@ fn hold_open(conn: &mut UnixStream) {
     let _ = conn.set_read_timeout(None);
     let mut byte = [0u8; 1];
     while matches!(conn.read(&mut byte), Ok(1..)) {}
-}
-
-/// How long a connection to a port inside may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Connects to the port on this container's loopback and sends the connection back.
-fn connect(conn: &mut UnixStream, port: u16) {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    match std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-        Ok(tcp) => {
-            let frame = Reply::Connected.encode();
-            // One small frame: sent whole with its descriptor, or not at all.
-            if let Ok(n) = send_with_fds(conn.as_fd(), &frame, &[tcp.as_fd()]) {
-                let _ = conn.write_all(&frame[n..]);
-            }
-        }
-        Err(e) => refuse(
-            conn,
-            RefuseReason::Connect,
-            format!("cannot connect to port {port} inside: {e}"),
-        ),
-    }
 }
 
 /// Kills and reaps a command nobody will learn the end of.

@@ -439,30 +439,6 @@ fn a_connection_serves_commands_in_a_row_until_its_client_ends_it() {
         );
         assert_eq!(read_all(out), format!("{i}\n"));
     }
-    // A port asked for after NEXT: the connection comes with the answer, and the connection
-    // ends after it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut frame = vec![NEXT];
-    frame.extend(
-        agent_workspaces_agent::ConnectRequest {
-            port: port.local_addr().unwrap().port(),
-        }
-        .encode(),
-    );
-    conn.write_all(&frame).unwrap();
-    let mut answer = vec![0u8; 64];
-    let mut fds = Vec::new();
-    let n = agent_workspaces_agent::recv_with_fds(conn.as_fd(), &mut answer, &mut fds).unwrap();
-    assert_eq!(
-        Reply::decode(&answer[4..n]).unwrap(),
-        Reply::Connected,
-        "{:?}",
-        &answer[..n]
-    );
-    assert_eq!(fds.len(), 1);
-    port.accept().unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(conn.read(&mut [0u8; 1]).unwrap(), 0);
     let mut conn = UnixStream::connect(&agent.socket).unwrap();
     drop(send_request(&mut conn, &[], "true"));
     assert!(matches!(read_reply(&mut conn), Some(Reply::Started { .. })));

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use super::snapshots::{
-    LAYERS, failpoint, fork_spec, layers_consistent, layers_consistent_in, run,
+    LAYERS, deaths_at, failpoint, fork_spec, layers_consistent, layers_consistent_in, run,
+    wait_consistent,
 };
 use super::*;
 
@@ -62,32 +63,17 @@ async fn a_deep_stack_is_flattened_in_the_background_and_reads_the_same() {
             continue;
         };
         failpoint(Some(point));
-        let said = format!("failpoint {point}: killing the service");
-        let deaths = || {
-            journal(&format!("-u {UNIT}"))
-                .iter()
-                .filter(|e| e["MESSAGE"].as_str() == Some(said.as_str()))
-                .count()
-        };
-        let before = deaths();
+        let before = deaths_at(point);
         // Committed before the flatten starts: the reply may come before the kill or not.
         let _ = manager(&bus().await)
             .await
             .snapshot_workspace(&name, &format!("s{i}"), no_options())
             .await;
         wait_for(point, Duration::from_secs(60), || {
-            (deaths() > before).then_some(())
+            (deaths_at(point) > before).then_some(())
         });
         failpoint(None);
-        let mut last = Err(String::new());
-        for _ in 0..100 {
-            last = layers_consistent();
-            if last.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        assert_eq!(last, Ok(()), "{point}: the layers after the restart");
+        wait_consistent(LAYERS, point).await;
         assert_eq!(
             stack_of(&name).0.len(),
             i + 1,

@@ -272,6 +272,29 @@ pub(super) fn layers_consistent_in(layers: &str) -> Result<(), String> {
     }
 }
 
+/// How many times this boot's journal says the service was killed at failpoint `point`.
+pub(super) fn deaths_at(point: &str) -> usize {
+    let said = format!("failpoint {point}: killing the service");
+    journal(&format!("-u {UNIT}"))
+        .iter()
+        .filter(|e| e["MESSAGE"].as_str() == Some(said.as_str()))
+        .count()
+}
+
+/// Waits (20 s at most) until the layers in `layers` are consistent: the start-up's clean-up
+/// after the kill at `point` runs in the background.
+pub(super) async fn wait_consistent(layers: &str, point: &str) {
+    let mut last = Err(String::new());
+    for _ in 0..100 {
+        last = layers_consistent_in(layers);
+        if last.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, Ok(()), "{point}: the layers after the restart");
+}
+
 #[tokio::test]
 async fn a_kill_at_each_step_leaves_the_old_state_or_the_new() {
     require_test_host();
@@ -348,14 +371,7 @@ async fn a_kill_at_each_step_leaves_the_old_state_or_the_new() {
         let f = unique("crashfork");
         failpoint(Some(point));
         let m2 = manager(&bus().await).await;
-        let said = format!("failpoint {point}: killing the service");
-        let deaths = || {
-            journal(&format!("-u {UNIT}"))
-                .iter()
-                .filter(|e| e["MESSAGE"].as_str() == Some(said.as_str()))
-                .count()
-        };
-        let before = deaths();
+        let before = deaths_at(point);
         let r = call(&m2, &src, &f).await;
         assert!(
             r.is_err(),
@@ -363,22 +379,13 @@ async fn a_kill_at_each_step_leaves_the_old_state_or_the_new() {
         );
         // It died there, not of an error before it.
         assert_eq!(
-            deaths(),
+            deaths_at(point),
             before + 1,
             "{point}: the call failed otherwise: {r:?}"
         );
         failpoint(None);
         let m = manager(&bus().await).await;
-        // The start-up's reconciliation runs in the background: until it is done.
-        let mut last = Err(String::new());
-        for _ in 0..100 {
-            last = layers_consistent();
-            if last.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        assert_eq!(last, Ok(()), "{point}: the layers after the restart");
+        wait_consistent(LAYERS, point).await;
         let a = run(&m, &src, "cat a").await;
         assert!(
             a == "one\n" || a == "two\n",

@@ -5,14 +5,33 @@ use std::time::Duration;
 use super::snapshots::run;
 use super::*;
 
-/// The container unit's cgroup CPU time, in microseconds.
-fn cpu_usage_usec(name: &str) -> u64 {
+/// A file of the container unit's cgroup.
+fn cgroup_file(name: &str, file: &str) -> String {
     let cgroup = systemctl(&format!(
         "show -p ControlGroup --value agent-workspace-{name}.service"
     ));
-    let stat =
-        std::fs::read_to_string(format!("/sys/fs/cgroup{}/cpu.stat", cgroup.trim())).unwrap();
-    stat.lines()
+    std::fs::read_to_string(format!("/sys/fs/cgroup{}/{file}", cgroup.trim())).unwrap_or_default()
+}
+
+/// Whether the kernel has the container's cgroup frozen (its `cgroup.events`; systemd's own
+/// `FreezerState` has been seen to disagree, and to lag on a loaded machine). Panics, saying
+/// what it saw, when not.
+fn assert_frozen(name: &str) {
+    let events = cgroup_file(name, "cgroup.events");
+    assert!(
+        events.contains("frozen 1"),
+        "{name}: cgroup.events {events:?}, FreezerState {}",
+        systemctl(&format!(
+            "show -p FreezerState --value agent-workspace-{name}.service"
+        ))
+        .trim()
+    );
+}
+
+/// The container unit's cgroup CPU time, in microseconds.
+fn cpu_usage_usec(name: &str) -> u64 {
+    cgroup_file(name, "cpu.stat")
+        .lines()
         .find_map(|l| l.strip_prefix("usage_usec "))
         .unwrap()
         .trim()
@@ -39,13 +58,7 @@ async fn a_paused_container_uses_no_cpu_and_the_next_exec_resumes_it() {
 
     m.pause_workspace(&name).await.unwrap();
     assert_eq!(ws.status().await.unwrap(), "paused");
-    assert_eq!(
-        systemctl(&format!(
-            "show -p FreezerState --value agent-workspace-{name}.service"
-        ))
-        .trim(),
-        "frozen"
-    );
+    assert_frozen(&name);
     let frozen = cpu_usage_usec(&name);
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
@@ -109,15 +122,7 @@ async fn an_idle_container_pauses_then_stops_and_comes_back_on_use() {
         }
     };
     assert!(status("paused").await, "paused after 2 s unused");
-    let unit = format!("agent-workspace-{name}.service");
-    let cgroup = systemctl(&format!("show -p ControlGroup --value {unit}"));
-    let events = std::fs::read_to_string(format!("/sys/fs/cgroup{}/cgroup.events", cgroup.trim()))
-        .unwrap_or_default();
-    assert!(
-        events.contains("frozen 1"),
-        "{unit}: cgroup.events {events:?}, FreezerState {}",
-        systemctl(&format!("show -p FreezerState --value {unit}")).trim()
-    );
+    assert_frozen(&name);
     // A command resumes it; then, unused again, it is paused and then stopped.
     let used = std::time::Instant::now();
     assert_eq!(run(&m, &name, "echo back").await, "back\n");

@@ -125,26 +125,12 @@ impl Manager {
                 () = self.shutdown.cancelled() => return,
             }
             for id in held.clone() {
-                match self.get(&id) {
-                    Ok(ws)
-                        if ws.status == Status::Ready
-                            && self.ports.containers.lent_connections_open(&ws).await =>
-                    {
-                        self.mark_used(&id, true);
-                    }
-                    _ => {
-                        held.remove(&id);
-                    }
+                if !self.held_open(&id).await {
+                    held.remove(&id);
                 }
             }
             for (id, due) in self.idle_due(Instant::now()) {
-                // A connection lent to a caller and still open is a use that goes on (not to
-                // a paused container: nothing goes through it until it is resumed).
-                if let Ok(ws) = self.get(&id)
-                    && ws.status == Status::Ready
-                    && self.ports.containers.lent_connections_open(&ws).await
-                {
-                    self.mark_used(&id, true);
+                if self.held_open(&id).await {
                     held.insert(id);
                     continue;
                 }
@@ -169,6 +155,21 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Whether a connection lent to a caller is still open (a use that goes on; not for a
+    /// paused container: nothing goes through it until it is resumed); if so, marked used.
+    async fn held_open(&self, id: &str) -> bool {
+        let open = match self.get(id) {
+            Ok(ws) if ws.status == Status::Ready => {
+                self.ports.containers.lent_connections_open(&ws).await
+            }
+            _ => false,
+        };
+        if open {
+            self.mark_used(id, true);
+        }
+        open
     }
 
     /// The workspaces due a pause or a stop at `now`; those in use are marked used.

@@ -383,20 +383,27 @@ async fn a_paused_record_whose_container_is_not_frozen_is_ready_after_a_restart(
     assert_eq!(second.manager.get("box").unwrap().status, Status::Ready);
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_idle_container_pauses_then_stops_and_use_resets_its_clock() {
+/// A built container `box` that pauses after `pause` seconds unused (and stops after `stop`),
+/// with the idle watch running.
+async fn idle_box(pause: u32, stop: Option<u32>) -> Fixture {
     let f = fixture();
     f.manager.create(container("box", "")).await.unwrap();
     f.manager.build("box", false).await.unwrap();
     f.containers.release_build.notify_one();
     wait_status(&f, "box", Status::Ready).await;
     let changes = Changes {
-        idle_pause_secs: Some(5),
-        idle_stop_secs: Some(20),
+        idle_pause_secs: Some(pause),
+        idle_stop_secs: stop,
         ..Default::default()
     };
     f.manager.update("box", changes).await.unwrap();
     tokio::spawn(f.manager.clone().watch_idle());
+    f
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_container_pauses_then_stops_and_use_resets_its_clock() {
+    let f = idle_box(5, Some(20)).await;
     f.manager
         .exec("box", exec("true"), CancellationToken::new())
         .await
@@ -426,17 +433,7 @@ async fn an_idle_container_pauses_then_stops_and_use_resets_its_clock() {
 
 #[tokio::test(start_paused = true)]
 async fn an_open_port_connection_keeps_a_container_from_idling() {
-    let f = fixture();
-    f.manager.create(container("box", "")).await.unwrap();
-    f.manager.build("box", false).await.unwrap();
-    f.containers.release_build.notify_one();
-    wait_status(&f, "box", Status::Ready).await;
-    let changes = Changes {
-        idle_pause_secs: Some(5),
-        ..Default::default()
-    };
-    f.manager.update("box", changes).await.unwrap();
-    tokio::spawn(f.manager.clone().watch_idle());
+    let f = idle_box(5, None).await;
     let _conn = f.manager.connect_port("box", 8080).await.unwrap();
     f.containers
         .connection_open

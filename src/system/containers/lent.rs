@@ -22,20 +22,20 @@ use super::*;
 /// container's own, or the host's for a container on the host network), 5 s at most.
 pub(super) async fn connect_inside(leader: &Leader, port: u16) -> std::io::Result<OwnedFd> {
     let pidfd = leader.pidfd().try_clone_to_owned()?;
-    tokio::task::spawn_blocking(move || {
-        // A thread of its own, which ends after: a namespace entered stays with the thread.
-        std::thread::spawn(move || {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A thread of its own, which ends after: a namespace entered stays with the thread.
+    std::thread::spawn(move || {
+        let connected = (|| {
             nix::sched::setns(&pidfd, nix::sched::CloneFlags::CLONE_NEWNET)?;
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             let stream =
                 std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
             Ok(OwnedFd::from(stream))
-        })
-        .join()
+        })();
+        let _ = tx.send(connected);
+    });
+    rx.await
         .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread failed")))
-    })
-    .await
-    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
 
 /// Connections remembered per workspace (the newest): a caller that connects per request

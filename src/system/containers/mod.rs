@@ -91,17 +91,10 @@ pub struct NspawnContainers {
     trees: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The workspaces whose layers are being flattened in the background (one at a time
     /// each; see `state.rs`).
-    flattening: Arc<std::sync::Mutex<Flattening>>,
+    flattening: Arc<std::sync::Mutex<state::Flattening>>,
     /// The connections `connect_port` lent, by workspace name: their sockets' inodes, looked
     /// for in the container's TCP tables to tell whether a caller still holds one (`lent.rs`).
     lent: std::sync::Mutex<HashMap<String, Vec<u64>>>,
-}
-
-/// Flattens under way, and the depth a workspace's next try waits for after one failed.
-#[derive(Default)]
-struct Flattening {
-    running: std::collections::HashSet<String>,
-    floor: HashMap<String, usize>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -635,6 +628,7 @@ impl Containers for NspawnContainers {
 
     async fn remove(&self, ws: &Workspace) -> Result<()> {
         self.forget_lent(&ws.name);
+        self.forget_flatten(&ws.name);
         self.network.detach(&ws.id).await?;
         let tree = self.tree_path(&ws.name);
         let mut partial = tree.clone().into_os_string();

@@ -40,6 +40,13 @@ fn layered<T>(r: std::io::Result<T>, ws: &Workspace, verb: &str) -> Result<T> {
     })
 }
 
+/// Flattens under way, and the depth a workspace's next try waits for after one failed.
+#[derive(Default)]
+pub(super) struct Flattening {
+    running: std::collections::HashSet<String>,
+    floor: HashMap<String, usize>,
+}
+
 fn now_usec() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -47,7 +54,6 @@ fn now_usec() -> u64 {
 }
 
 impl NspawnContainers {
-    /// Freezes or thaws the container unit (see `Containers::freeze`).
     /// Freezes or thaws the container unit (see `Containers::freeze`). What counts is the
     /// kernel's word (`cgroup.events` of the unit's cgroup), not systemd's `FreezerState`: the
     /// system tests saw the two disagree (a unit frozen by a service killed mid-snapshot,
@@ -166,6 +172,15 @@ impl NspawnContainers {
         Ok(())
     }
 
+    /// The workspace is gone: one made later under its name starts with no flatten floor.
+    pub(super) fn forget_flatten(&self, name: &str) {
+        self.flattening
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .floor
+            .remove(name);
+    }
+
     /// Past `layer::FLATTEN_AT` read-only layers, the tree's stack is flattened in the
     /// background (a blocking task; one at a time per workspace); the journal says what it
     /// did, or why it could not (the stack then stays as deep as it was, and the next try
@@ -192,7 +207,13 @@ impl NspawnContainers {
             let started = std::time::Instant::now();
             let done = ws_blocking(move || {
                 let r = layer::flatten_if_deep(&tree, floor);
-                Ok((r, layer::depth(&tree).unwrap_or(0)))
+                // How deep it stayed, for the next try's floor.
+                let depth = if r.is_err() {
+                    layer::depth(&tree).unwrap_or(0)
+                } else {
+                    0
+                };
+                Ok((r, depth))
             })
             .await;
             let mut b = busy

@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 
 use agent_workspaces_agent::files::{FileReply, FileRequest, MAX_FILE_REPLY};
 use agent_workspaces_agent::{
-    ConnectRequest, ExecRequest, IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REPLY, NEXT, RefuseReason,
-    Reply, frame_len, recv_with_fds, send_with_fds,
+    ExecRequest, IDLE_CONNECTION_TIMEOUT, KEEP, MAX_REPLY, NEXT, Reply, frame_len, recv_with_fds,
+    send_with_fds,
 };
-use rustix::fs::{self as rfs, FileType};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 
@@ -245,9 +244,9 @@ impl AgentConnection {
         home.connect().await
     }
 
-    /// A connection on `stream`, which takes no descriptor but the ones asked for.
+    /// A connection on `stream`, which takes no descriptor from the agent.
     fn on(stream: UnixStream, reused: Option<Instant>, home: Option<Arc<AgentHome>>) -> Self {
-        pass_rights(&stream, false);
+        refuse_rights(&stream);
         Self {
             stream,
             reused,
@@ -387,7 +386,7 @@ impl AgentConnection {
     /// The agent's next answer to a file request, within `within`; `None` when it closed the
     /// connection.
     pub async fn file_reply(&mut self, within: Duration) -> io::Result<Option<FileReply>> {
-        let reply = self.next_frame(MAX_FILE_REPLY, None, FileReply::decode);
+        let reply = self.next_frame(MAX_FILE_REPLY, FileReply::decode);
         tokio::time::timeout(within, reply)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer"))?
@@ -438,15 +437,11 @@ impl AgentConnection {
 
     /// The agent's next reply; `None` when it closed the connection. Cancel-safe: what came
     /// of a reply stays for the next call.
+    /// No reply brings a descriptor: any that come are closed (`discard`). No byte past the
+    /// reply is read: what follows stays in the socket (a kept connection is stored with it
+    /// across a restart).
     pub async fn reply(&mut self) -> io::Result<Option<Reply>> {
-        self.next_reply(None).await
-    }
-
-    /// The next reply; descriptors that come with it go to `fds` where they are asked for
-    /// (`Some`), and are closed (`discard`) where not. No byte past the reply is read: what
-    /// follows stays in the socket (a kept connection is stored with it across a restart).
-    async fn next_reply(&mut self, fds: Option<&mut Vec<OwnedFd>>) -> io::Result<Option<Reply>> {
-        self.next_frame(MAX_REPLY, fds, Reply::decode).await
+        self.next_frame(MAX_REPLY, Reply::decode).await
     }
 
     /// The next frame (its length within `max`), decoded in place by `decode`; `None` when the
@@ -455,7 +450,6 @@ impl AgentConnection {
     async fn next_frame<T>(
         &mut self,
         max: usize,
-        mut fds: Option<&mut Vec<OwnedFd>>,
         decode: fn(&[u8]) -> Result<T, agent_workspaces_agent::DecodeError>,
     ) -> io::Result<Option<T>> {
         loop {
@@ -484,10 +478,7 @@ impl AgentConnection {
             let read = self.stream.try_io(Interest::READABLE, || {
                 recv_with_fds(self.stream.as_fd(), &mut buf, &mut came)
             });
-            match fds.as_deref_mut() {
-                Some(fds) => fds.append(&mut came),
-                None => discard(came),
-            }
+            discard(came);
             match read {
                 Ok(0) if self.pending.is_empty() => return Ok(None),
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -497,59 +488,6 @@ impl AgentConnection {
             }
         }
     }
-
-    /// Asks the agent for a TCP connection to `port` on the container's loopback; the
-    /// connected socket it sends back (checked to be a stream socket: the agent is not
-    /// trusted).
-    pub async fn connect_port(&mut self, port: u16) -> io::Result<OwnedFd> {
-        let mut frame = ConnectRequest { port }.encode();
-        if self.reused.is_some() {
-            // A kept connection: the request follows NEXT (and the agent ends the connection
-            // after its answer).
-            frame.insert(0, NEXT);
-        }
-        self.home = None;
-        // This answer, and only this one, brings a descriptor.
-        pass_rights(&self.stream, true);
-        tokio::time::timeout(SEND_TIMEOUT, self.stream.write_all(&frame))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not read"))??;
-        let mut fds = Vec::new();
-        // The agent connects with a timeout of its own (5 s); a little more for the answer.
-        let reply = tokio::time::timeout(Duration::from_secs(8), self.next_reply(Some(&mut fds)))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the agent does not answer"));
-        let mut fds = fds.into_iter();
-        let connection = fds.next();
-        discard(fds.collect());
-        let reply = reply??.ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-        match reply {
-            Reply::Connected => {
-                let fd = connection.ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "no connection came with the answer",
-                    )
-                })?;
-                if !is_stream_socket(&fd) {
-                    discard(vec![fd]);
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "the agent answered with something that is not a connection",
-                    ));
-                }
-                Ok(fd)
-            }
-            Reply::Refused {
-                reason: RefuseReason::Connect,
-                message,
-            } => Err(io::Error::new(io::ErrorKind::ConnectionRefused, message)),
-            other => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected reply {other:?}"),
-            )),
-        }
-    }
 }
 
 /// `SO_PASSRIGHTS` (Linux 6.16): whether a socket takes descriptors passed to it. Off, the
@@ -557,8 +495,8 @@ impl AgentConnection {
 /// choosing (a socket whose close lingers, say) on its event loop's threads.
 const SO_PASSRIGHTS: libc::c_int = 83;
 
-fn pass_rights(stream: &UnixStream, on: bool) {
-    let value = libc::c_int::from(on);
+fn refuse_rights(stream: &UnixStream) {
+    let value: libc::c_int = 0;
     // SAFETY: setsockopt from a local of the size given. An older kernel refuses the option;
     // then descriptors still come, and `discard` closes them off the event loop.
     unsafe {
@@ -606,29 +544,6 @@ fn discard(fds: Vec<OwnedFd>) {
         Ok(runtime) => drop(runtime.spawn_blocking(close)),
         Err(_) => close(),
     }
-}
-
-/// A connected stream socket (what a TCP connection is).
-fn is_stream_socket(fd: &OwnedFd) -> bool {
-    let Ok(st) = rfs::fstat(fd) else {
-        return false;
-    };
-    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
-        return false;
-    }
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt into a local of the size given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut ty).cast(),
-            &mut len,
-        )
-    };
-    r == 0 && ty == libc::SOCK_STREAM
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::*;
 use agent_workspaces_agent::{ExecRequest, Reply};
+use rustix::fs as rfs;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream as StdStream};
 
@@ -36,13 +37,6 @@ fn fake_agent(listener: UnixListener, serves_next: bool) -> Arc<std::sync::atomi
                 }
                 let mut body = vec![0u8; u32::from_le_bytes(header) as usize];
                 conn.read_exact(&mut body).unwrap();
-                if ConnectRequest::decode(&body).is_ok() {
-                    let (tcp, _) = StdStream::pair().unwrap();
-                    let frame = Reply::Connected.encode();
-                    let n = send_with_fds(conn.as_fd(), &frame, &[tcp.as_fd()]).unwrap();
-                    conn.write_all(&frame[n..]).unwrap();
-                    break;
-                }
                 let mut out = Reply::Started { pid: 1 }.encode();
                 out.extend(Reply::Exited { code: 0 }.encode());
                 conn.write_all(&out).unwrap();
@@ -146,23 +140,6 @@ async fn a_kept_connection_that_ends_before_it_answers_is_replaced_by_a_new_one(
     assert!(conn.reused.is_none());
     assert!(!home.reuse.load(Ordering::SeqCst));
     served.join().unwrap();
-}
-
-#[tokio::test]
-async fn a_port_request_on_a_kept_connection_follows_next() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("agent.sock");
-    let accepted = fake_agent(UnixListener::bind(&path).unwrap(), true);
-    let home = home_at(&path);
-    run_one(&home).await;
-    let mut conn = home.take_idle().expect("kept");
-    let fd = conn.connect_port(8080).await.unwrap();
-    assert!(is_stream_socket(&fd));
-    // It served the command and the port: one connection, not kept after the port.
-    assert_eq!(accepted.load(Ordering::SeqCst), 1);
-    conn.recycle();
-    assert!(home.idle.lock().unwrap().is_empty());
-    assert!(home.reuse.load(Ordering::SeqCst));
 }
 
 #[tokio::test]
