@@ -46,6 +46,7 @@ install: build
 	install -Dm755 target/release/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaced
 	install -Dm755 target/release/agent-workspaces-http $(DESTDIR)$(libexecdir)/agent-workspaces-http
 	install -Dm755 target/release/workspacectl $(DESTDIR)$(bindir)/workspacectl
+	install -Dm755 target/release/agent-workspaces-mcp $(DESTDIR)$(bindir)/agent-workspaces-mcp
 	install -Dm755 $(AGENT) $(DESTDIR)$(libexecdir)/agent-workspaces-agent
 	install -d $(DESTDIR)$(mandir)/man1 $(DESTDIR)$(mandir)/man8 $(DESTDIR)$(sysconfdir)/agent-workspaces
 	install -m644 target/docs/man/*.1.gz $(DESTDIR)$(mandir)/man1/
@@ -68,7 +69,8 @@ install: build
 uninstall:
 	rm -f $(DESTDIR)$(libexecdir)/agent-workspaced $(DESTDIR)$(libexecdir)/agent-workspaces-http \
 		$(DESTDIR)$(libexecdir)/agent-workspaces-agent \
-		$(DESTDIR)$(bindir)/workspacectl \
+		$(DESTDIR)$(bindir)/workspacectl $(DESTDIR)$(bindir)/agent-workspaces-mcp \
+		$(DESTDIR)$(mandir)/man1/agent-workspaces-mcp.1.gz \
 		$(DESTDIR)$(prefix)/lib/sysusers.d/agent-workspaces-http.conf \
 		$(DESTDIR)$(datadir)/polkit-1/rules.d/50-agent-workspaces-http.rules \
 		$(DESTDIR)$(systemdsystemunitdir)/agent-workspaces-http.service \

@@ -3,7 +3,7 @@
 //!
 //!   cargo run --example docs -- OUT
 //!   OUT/man/workspacectl.1, workspacectl-SUBCOMMAND.1, agent-workspaced.8,
-//!   agent-workspaces-http.8; OUT/completions/workspacectl.bash, _workspacectl, workspacectl.fish
+//!   agent-workspaces-http.8, agent-workspaces-mcp.1; OUT/completions/workspacectl.bash, _workspacectl, workspacectl.fish
 
 use std::path::Path;
 
@@ -35,6 +35,7 @@ fn main() -> std::io::Result<()> {
 
     man(cli::daemon::Args::command(), "8", &man_dir)?;
     man(cli::http::Args::command(), "8", &man_dir)?;
+    man(cli::mcp::Args::command(), "1", &man_dir)?;
     let ctl = cli::workspacectl::Cli::command();
     man(ctl.clone(), "1", &man_dir)?;
     // One page per subcommand, as git and systemd's tools do: their options in full.

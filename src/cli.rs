@@ -1,4 +1,4 @@
-//! The command lines of the three programs, defined once: the programs parse them, and
+//! The command lines of the four programs, defined once: the programs parse them, and
 //! `examples/docs.rs` (`make docs`) renders their manual pages and `workspacectl`'s shell
 //! completions from the same definitions.
 
@@ -106,6 +106,70 @@ pub mod http {
         /// Port proxy: connections open at once to the ports of one workspace (then 429).
         #[arg(long, env = "AGENT_WORKSPACES_PORT_CONNECTIONS_PER_WORKSPACE", value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100000))]
         pub port_connections_per_workspace: u64,
+        /// Configuration file: its [mcp] section limits the MCP server at /mcp (which serves
+        /// container workspaces only unless it says allow_host = true).
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        pub config: PathBuf,
+        /// Do not serve MCP at /mcp.
+        #[arg(long)]
+        pub no_mcp: bool,
+    }
+}
+
+/// agent-workspaces-mcp(1).
+pub mod mcp {
+    use super::*;
+
+    #[derive(Parser)]
+    #[command(
+        name = "agent-workspaces-mcp",
+        version,
+        about = "MCP server for agent workspaces, over stdio",
+        long_about = "An MCP (Model Context Protocol) server that gives an AI agent tools to use \
+            agent workspaces: list, create and destroy them, run commands, start background \
+            processes, read and write files, snapshot, fork, pause and resume; and resources \
+            (workspaces://list, workspace://NAME, workspace://NAME/init-log, \
+            workspace://NAME/debug) with change notifications. An agent starts it from its MCP \
+            configuration and speaks MCP on its standard input and output. It is a client of \
+            org.agent.Workspaces on the system bus as the user it runs as, whom polkit \
+            authorizes; the options below narrow what it may touch further (they override the \
+            [mcp] section of the configuration file key by key). Every tool call is logged to \
+            the journal with MCP_TOOL=, WORKSPACE_NAME=, CALLER_UID= and OUTCOME=.\n\n\
+            The REST bridge serves the same tools over Streamable HTTP at /mcp. See also \
+            agent-workspaces-http(8), workspacectl(1)."
+    )]
+    pub struct Args {
+        /// Only this workspace (repeat for more): listed, reachable, and the only names
+        /// create_workspace and fork_workspace may use.
+        #[arg(long = "workspace", value_name = "NAME")]
+        pub workspaces: Vec<String>,
+        /// Container workspaces only: host workspaces (no isolation) are neither listed nor
+        /// reachable, and create_workspace makes containers.
+        #[arg(long, conflicts_with = "allow_host")]
+        pub containers_only: bool,
+        /// Host workspaces are reachable (the default over stdio, unless [mcp] allow_host =
+        /// false).
+        #[arg(long)]
+        pub allow_host: bool,
+        /// Only these tools (comma-separated names, e.g. exec,read_file,write_file).
+        #[arg(long, value_delimiter = ',', value_name = "TOOLS")]
+        pub tools: Vec<String>,
+        /// Largest timeout one exec may ask, and the timeout of one that asks none.
+        #[arg(long, value_name = "SECONDS")]
+        pub max_timeout_secs: Option<u32>,
+        /// Largest output (bytes per stream) one call may ask; what is longer comes back as its
+        /// head and tail with a note.
+        #[arg(long, value_name = "BYTES")]
+        pub max_output_bytes: Option<u32>,
+        /// Configuration file whose [mcp] section sets the defaults of these options.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        pub config: PathBuf,
+        /// D-Bus address of the service's bus instead of the system bus.
+        #[arg(long)]
+        pub bus_address: Option<String>,
+        /// Where logs (the audit of each tool call) go; never standard output.
+        #[arg(long, value_enum, default_value = "auto")]
+        pub log_target: logging::Target,
     }
 }
 

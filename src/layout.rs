@@ -83,8 +83,13 @@ fn the_bridge_reaches_the_service_only_over_dbus() {
         "src/http is a D-Bus client of the service; it decides nothing itself",
     );
     assert_none_use(
+        "src/mcp",
+        &["crate::system", "core::manager", "core::Manager", "axum", "crate::http"],
+        "src/mcp is a D-Bus client of the service, as the bridge is; the bridge serves it",
+    );
+    assert_none_use(
         "src/dbus",
-        &["axum", "hyper", "crate::http"],
+        &["axum", "hyper", "crate::http", "rmcp", "crate::mcp"],
         "src/dbus knows nothing of HTTP",
     );
 }

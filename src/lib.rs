@@ -20,6 +20,7 @@ pub mod core;
 pub mod dbus;
 pub mod failpoint;
 pub mod http;
+pub mod mcp;
 pub mod system;
 
 #[cfg(test)]

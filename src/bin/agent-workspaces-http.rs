@@ -14,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 use agent_workspaces::http::{AppState, PortLimits, PortProxy, serve};
+use agent_workspaces::mcp;
 use agent_workspaces::system::logging;
 use std::time::Duration;
 
@@ -89,7 +90,20 @@ async fn run(args: Args) -> Result<(), String> {
         let _ = term.recv().await;
     };
     let bus_address = args.bus_address.clone();
+    let mcp = if args.no_mcp {
+        None
+    } else {
+        let section = mcp::Section::load(&args.config)?;
+        let policy = mcp::Policy::new(section, mcp::Transport::Http, &mcp::tools::names())
+            .map_err(|e| format!("{}: [mcp]: {e}", args.config.display()))?;
+        Some(Arc::new(mcp::Shared {
+            bus: mcp::Bus::new(conn.clone(), bus_address.clone()),
+            policy,
+            caller: mcp::Caller::Token(agent_workspaces::http::TOKEN_NAME.into()),
+        }))
+    };
     let state = AppState {
+        mcp,
         conn,
         bus_address,
         token,

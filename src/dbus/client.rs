@@ -63,6 +63,45 @@ pub type WorkspaceEntry = (String, String, String, String, OwnedObjectPath);
 /// A dictionary in a reply: `a{sv}`.
 pub type Dict = HashMap<String, OwnedVariant>;
 
+/// A workspace object's properties as JSON: the REST bridge's workspace object, and MCP's.
+pub fn workspace_json(all: &HashMap<String, OwnedVariant>) -> serde_json::Value {
+    let field = |k: &str| {
+        all.get(k)
+            .map(|v| variant_json(v))
+            .unwrap_or(serde_json::Value::Null)
+    };
+    serde_json::json!({
+        "id": field("Id"),
+        "name": field("Name"),
+        "workspace_type": field("Type"),
+        "status": field("Status"),
+        "error_message": field("ErrorMessage"),
+        "build_step": field("BuildStep"),
+        "path": field("Path"),
+        "distro": field("Distro"),
+        "env_var_names": field("EnvVarNames"),
+        "skills": field("Skills"),
+        "tools": field("Tools"),
+        "template": field("Template"),
+        "created_at": field("CreatedAt"),
+        "machine_name": field("MachineName"),
+        "network": field("Network"),
+        "egress": {
+            "allow": field("EgressAllow"),
+            "deny": field("EgressDeny"),
+        },
+        "limits": {
+            "memory_max": field("MemoryMax"),
+            "cpu_quota_percent": field("CPUQuotaPercent"),
+            "tasks_max": field("TasksMax"),
+            "idle_pause_secs": field("IdlePauseSecs"),
+            "idle_stop_secs": field("IdleStopSecs"),
+        },
+        "snapshots": field("Snapshots"),
+        "disk_usage": field("DiskUsage"),
+    })
+}
+
 pub use super::files::EntryTuple;
 
 /// A file entry (`ListDirectory`, `StatFile`) as JSON, for the bridge and the CLI: `target`

@@ -62,7 +62,7 @@ pub async fn serve_with(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 #[cfg(test)]
 mod policy_tests {

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use serde_json::{Map, Value, json};
 use zbus::OwnedVariant;
 
-use crate::dbus::client::{WorkspacesProxy, variant_json};
+use crate::dbus::client::WorkspacesProxy;
 
 use super::*;
 
@@ -60,37 +60,7 @@ pub(super) async fn workspace_json(state: &AppState, key: &str) -> ApiResult<Val
 
 /// The REST form of a workspace object's properties.
 pub(super) fn workspace_from(all: &HashMap<String, OwnedVariant>) -> Value {
-    let field = |k: &str| all.get(k).map(|v| variant_json(v)).unwrap_or(Value::Null);
-    json!({
-        "id": field("Id"),
-        "name": field("Name"),
-        "workspace_type": field("Type"),
-        "status": field("Status"),
-        "error_message": field("ErrorMessage"),
-        "build_step": field("BuildStep"),
-        "path": field("Path"),
-        "distro": field("Distro"),
-        "env_var_names": field("EnvVarNames"),
-        "skills": field("Skills"),
-        "tools": field("Tools"),
-        "template": field("Template"),
-        "created_at": field("CreatedAt"),
-        "machine_name": field("MachineName"),
-        "network": field("Network"),
-        "egress": {
-            "allow": field("EgressAllow"),
-            "deny": field("EgressDeny"),
-        },
-        "limits": {
-            "memory_max": field("MemoryMax"),
-            "cpu_quota_percent": field("CPUQuotaPercent"),
-            "tasks_max": field("TasksMax"),
-            "idle_pause_secs": field("IdlePauseSecs"),
-            "idle_stop_secs": field("IdleStopSecs"),
-        },
-        "snapshots": field("Snapshots"),
-        "disk_usage": field("DiskUsage"),
-    })
+    crate::dbus::client::workspace_json(all)
 }
 
 pub(super) fn exec_json(reply: crate::dbus::client::ExecReply) -> Json<Value> {

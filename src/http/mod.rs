@@ -2,6 +2,8 @@
 //! in the service. The only module that knows HTTP. Every route calls one D-Bus method; errors
 //! come back as `{"error": {"code", "message", "field"}}` with a status that fits the error.
 
+use std::sync::Arc;
+
 mod convert;
 mod error;
 mod files;
@@ -31,7 +33,14 @@ pub struct AppState {
     pub token: String,
     /// The port proxy's limits and its open connections.
     pub ports: PortProxy,
+    /// MCP at `/mcp` (none: not served): the bus, the operator's `[mcp]` policy, the token's
+    /// name as the caller.
+    pub mcp: Option<Arc<crate::mcp::Shared>>,
 }
+
+/// The name of the bridge's one token, as the audit of MCP calls names the caller: the
+/// systemd credential it is loaded as.
+pub const TOKEN_NAME: &str = "api-token";
 
 #[cfg(test)]
 mod tests;

@@ -110,6 +110,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         // The token is checked first: nothing of an unauthorized request's body is read.
         .layer(from_fn(read_body))
         .layer(from_fn_with_state(state.clone(), require_token));
+    let api = match &state.mcp {
+        Some(shared) => api.merge(mcp(shared.clone(), state.clone())),
+        None => api,
+    };
     let pages = PAGES
         .iter()
         .fold(Router::new(), |r, &(path, content_type, body)| {
@@ -128,6 +132,26 @@ pub fn app(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::map_response(method_not_allowed))
         .layer(from_fn(limit_head))
         .with_state(state)
+}
+
+/// MCP over Streamable HTTP at `/mcp`, behind the token: one MCP session (its own
+/// subscriptions) per client session, all sharing the bridge's bus connection and policy.
+fn mcp(shared: Arc<crate::mcp::Shared>, state: Arc<AppState>) -> Router<Arc<AppState>> {
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    let service = StreamableHttpService::new(
+        move || Ok(crate::mcp::Server::new(shared.clone())),
+        Arc::new(LocalSessionManager::default()),
+        // The token is the check: a browser page cannot send it, so a rebound host name
+        // gains nothing, and the bridge may be reached by any name its operator gives it.
+        StreamableHttpServerConfig::default()
+            .disable_allowed_hosts()
+            .with_max_request_body_bytes(super::BODY_LIMIT),
+    );
+    Router::new()
+        .nest_service("/mcp", service)
+        .layer(from_fn_with_state(state, require_token))
 }
 
 /// axum answers a method a route does not take with an empty 405: give it the documented

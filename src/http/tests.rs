@@ -58,11 +58,22 @@ async fn test_app() -> (Router, String, zbus::Connection) {
     // Serving objects makes the peer answer every call (with UnknownObject).
     let _ = server.object_server();
     let token = "t".repeat(16);
+    let mcp = crate::mcp::Shared {
+        bus: crate::mcp::Bus::new(conn.clone(), None),
+        policy: crate::mcp::Policy::new(
+            crate::mcp::Section::default(),
+            crate::mcp::Transport::Http,
+            &crate::mcp::tools::names(),
+        )
+        .unwrap(),
+        caller: crate::mcp::Caller::Token(TOKEN_NAME.into()),
+    };
     let state = AppState {
         conn,
         bus_address: None,
         token: token.clone(),
         ports: PortProxy::new(PortLimits::default()),
+        mcp: Some(Arc::new(mcp)),
     };
     (app(Arc::new(state)), token, server)
 }
@@ -103,6 +114,43 @@ async fn pages_need_no_token_and_load_nothing_from_elsewhere() {
     // The API itself still needs the token.
     let r = app.oneshot(get("/api/templates")).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn mcp_is_served_behind_the_token() {
+    use axum::body::Body;
+    use tower::ServiceExt;
+    let (app, token, _peer) = test_app().await;
+    let initialize = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let post = |auth: Option<&str>| {
+        let mut r = axum::http::Request::post("/mcp")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream")
+            .header(header::HOST, "workspaces.example");
+        if let Some(a) = auth {
+            r = r.header(header::AUTHORIZATION, a);
+        }
+        r.body(Body::from(initialize)).unwrap()
+    };
+    let r = app.clone().oneshot(post(None)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = app
+        .clone()
+        .oneshot(post(Some("Bearer wrong-token-wrong")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = app
+        .oneshot(post(Some(&format!("Bearer {token}"))))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains(r#""name":"agent-workspaces""#) && body.contains("2025-11-25"),
+        "{body}"
+    );
 }
 
 /// The request bodies of the OpenAPI document are the schema's dictionaries: the same

@@ -91,6 +91,11 @@ struct File {
     distro: BTreeMap<String, DistroSection>,
     #[serde(default)]
     network: NetworkSection,
+    /// `[mcp]`: read by the MCP servers (`agent-workspaces-mcp`, the bridge's `/mcp`); checked
+    /// here too, so a mistake in it is found when the service reloads.
+    #[serde(default)]
+    #[allow(dead_code)]
+    mcp: crate::mcp::Section,
 }
 
 #[derive(Deserialize, Default)]
@@ -282,6 +287,13 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mcp_section_is_checked_here_too() {
+        Config::parse("[mcp]\nworkspaces = [\"box\"]\nallow_host = false\n").unwrap();
+        let e = Config::parse("[mcp]\nallow_hosts = true\n").unwrap_err();
+        assert!(e.contains("allow_hosts"), "{e}");
+    }
 
     #[test]
     fn empty_file_is_the_defaults() {

@@ -35,13 +35,13 @@ pub(super) struct Asked {
 
 /// Answers by action (allowed unless told otherwise) and records every request.
 #[derive(Default)]
-pub(super) struct FakeAuthority {
+pub(crate) struct FakeAuthority {
     pub(super) answers: Mutex<HashMap<&'static str, Decision>>,
     pub(super) asked: Mutex<Vec<Asked>>,
 }
 
 impl FakeAuthority {
-    pub(super) fn answer(&self, action: Action, decision: Decision) {
+    pub(crate) fn answer(&self, action: Action, decision: Decision) {
         self.answers.lock().unwrap().insert(action.id(), decision);
     }
 
@@ -68,22 +68,22 @@ impl Authority for FakeAuthority {
 }
 
 /// The service on a private bus, and a client connection to it.
-pub(super) struct Service {
-    pub(super) address: String,
-    pub(super) fakes: Fakes,
-    pub(super) authority: Arc<FakeAuthority>,
+pub(crate) struct Service {
+    pub(crate) address: String,
+    pub(crate) fakes: Fakes,
+    pub(crate) authority: Arc<FakeAuthority>,
     /// The service's own connection.
-    pub(super) conn: Connection,
-    pub(super) client: Connection,
-    pub(super) _dir: tempfile::TempDir,
+    pub(crate) conn: Connection,
+    pub(crate) client: Connection,
+    pub(crate) _dir: tempfile::TempDir,
 }
 
-pub(super) async fn service() -> Service {
+pub(crate) async fn service() -> Service {
     service_with(false).await
 }
 
 /// The service; with `remember`, its authority's "yes" answers are reused as polkit's are.
-pub(super) async fn service_with(remember: bool) -> Service {
+pub(crate) async fn service_with(remember: bool) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("bus");
     let mut bus = busd::bus::Bus::for_address(Some(&format!("unix:path={}", socket.display())))
@@ -122,7 +122,7 @@ pub(super) async fn service_with(remember: bool) -> Service {
     }
 }
 
-pub(super) async fn connect(address: &str) -> Connection {
+pub(crate) async fn connect(address: &str) -> Connection {
     zbus::connection::Builder::address(address)
         .build()
         .await
@@ -130,7 +130,7 @@ pub(super) async fn connect(address: &str) -> Connection {
 }
 
 impl Service {
-    pub(super) async fn manager(&self) -> WorkspacesProxy<'static> {
+    pub(crate) async fn manager(&self) -> WorkspacesProxy<'static> {
         WorkspacesProxy::new(&self.client).await.unwrap()
     }
 
@@ -143,7 +143,7 @@ impl Service {
     }
 
     /// Creates a workspace from `(key, value)` pairs; its object path.
-    pub(super) async fn create(
+    pub(crate) async fn create(
         &self,
         spec: Vec<(&str, Variant<'_>)>,
     ) -> zbus::Result<OwnedObjectPath> {
@@ -151,7 +151,7 @@ impl Service {
         self.manager().await.create_workspace(spec).await
     }
 
-    pub(super) async fn wait_status(&self, path: &OwnedObjectPath, want: &str) {
+    pub(crate) async fn wait_status(&self, path: &OwnedObjectPath, want: &str) {
         let ws = self.workspace(path).await;
         let mut changes = ws.receive_status_changed().await;
         loop {
@@ -164,7 +164,7 @@ impl Service {
     }
 }
 
-pub(super) fn container(name: &str) -> Vec<(&str, Variant<'_>)> {
+pub(crate) fn container(name: &str) -> Vec<(&str, Variant<'_>)> {
     vec![
         ("name", Variant::from(name)),
         ("workspace_type", Variant::from("container")),

@@ -1,0 +1,158 @@
+//! The MCP server's side of the bus: its connections, the workspaces it resolves, and the
+//! service's errors in words.
+//!
+//! A call that may be cancelled (exec, a file read) runs on a connection of its own, leased
+//! from a small pool and given back when the call ends: cancelling drops the connection, and the
+//! service ends what it was doing for a caller that left the bus (as for any client). So a
+//! cancel costs a new connection; a call that ends costs none.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use zbus::OwnedVariant;
+
+use crate::dbus::client::{WorkspacesProxy, connect};
+use crate::dbus::{BUS_NAME, MANAGER_PATH};
+
+/// Spare connections kept for the next calls.
+const SPARE: usize = 8;
+
+pub struct Bus {
+    address: Option<String>,
+    /// For calls that are not cancelled (and the signals).
+    shared: zbus::Connection,
+    spare: Mutex<Vec<zbus::Connection>>,
+    /// Ids of workspaces seen, with their name and type (neither ever changes for an id).
+    known: Mutex<HashMap<String, (String, String)>>,
+}
+
+/// A workspace as the server checked it: calls go to its id, so the one checked is the one
+/// touched even if its name is taken again meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub id: String,
+    pub name: String,
+    pub workspace_type: String,
+    pub path: zbus::OwnedObjectPath,
+}
+
+/// A connection of one call; `give_back` returns it to the pool, dropping it closes it.
+pub struct Lease(pub zbus::Connection);
+
+impl Bus {
+    pub fn new(shared: zbus::Connection, address: Option<String>) -> Self {
+        Self {
+            address,
+            shared,
+            spare: Mutex::new(Vec::new()),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn shared(&self) -> &zbus::Connection {
+        &self.shared
+    }
+
+    pub async fn lease(&self) -> zbus::Result<Lease> {
+        let spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match spare {
+            Some(c) => Ok(Lease(c)),
+            None => Ok(Lease(connect(self.address.as_deref()).await?)),
+        }
+    }
+
+    pub fn give_back(&self, lease: Lease) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < SPARE {
+            spare.push(lease.0);
+        }
+    }
+
+    pub async fn manager(&self) -> zbus::Result<WorkspacesProxy<'static>> {
+        manager_on(&self.shared).await
+    }
+
+    /// The workspace `key` (name or id) names now.
+    pub async fn resolve(&self, key: &str) -> zbus::Result<Resolved> {
+        let path = self.manager().await?.get_workspace(key).await?;
+        let escaped = path.as_str().rsplit('/').next().unwrap_or_default();
+        let id = crate::core::names::bus_label_unescape(escaped).unwrap_or_default();
+        let seen = self
+            .known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        let (name, workspace_type) = match seen {
+            Some(k) => k,
+            None => {
+                let all = self.properties(&path).await?;
+                let s = |k: &str| {
+                    all.get(k)
+                        .and_then(|v| String::try_from(v.try_clone().ok()?).ok())
+                        .unwrap_or_default()
+                };
+                let k = (s("Name"), s("Type"));
+                self.known
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(id.clone(), k.clone());
+                k
+            }
+        };
+        Ok(Resolved {
+            id,
+            name,
+            workspace_type,
+            path,
+        })
+    }
+
+    /// Every property of the workspace object at `path`.
+    pub async fn properties(
+        &self,
+        path: &zbus::OwnedObjectPath,
+    ) -> zbus::Result<HashMap<String, OwnedVariant>> {
+        let props = zbus::fdo::PropertiesProxy::builder(&self.shared)
+            .destination(BUS_NAME)
+            .path(path.clone())
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        Ok(props
+            .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+                WORKSPACE_IFACE,
+            ))
+            .await?)
+    }
+}
+
+pub const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
+
+/// A proxy of the manager that caches nothing (building it costs no bus call).
+pub async fn manager_on(conn: &zbus::Connection) -> zbus::Result<WorkspacesProxy<'static>> {
+    WorkspacesProxy::builder(conn)
+        .destination(BUS_NAME)
+        .path(MANAGER_PATH)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+/// A failed call, as the model reads it: the service's error name (last part) and its message.
+pub fn failure(e: zbus::Error) -> (String, String) {
+    let code = match &e {
+        zbus::Error::MethodError(name, _, _) => name
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+        _ => "BusError".to_owned(),
+    };
+    (code, crate::core::Error::from(e).to_string())
+}

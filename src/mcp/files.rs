@@ -1,0 +1,303 @@
+//! The tool calls on files and background processes.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zbus::Variant;
+
+use super::bus::Resolved;
+use super::calls::Call;
+use super::output::HeadTail;
+use super::{Done, ToolError};
+use crate::dbus::client::{ProcessProxy, args, entry_json};
+
+/// The longest `wait_secs` of `read_process_output`.
+const MAX_WAIT_SECS: u32 = 60;
+
+pub async fn run(call: &mut Call<'_>, tool: &'static str) -> Result<Done, ToolError> {
+    let ws = call.workspace_arg().await?;
+    let m = call.shared.bus.manager().await.map_err(ToolError::bus)?;
+    match tool {
+        "start_process" => {
+            let command = call.take_str("command")?;
+            let options = call.options(tool)?;
+            let path = m
+                .start_process(&ws.id, &command, args(&options))
+                .await
+                .map_err(ToolError::bus)?;
+            let id = path.as_str().rsplit('/').next().unwrap_or_default();
+            Ok(Done::json(
+                json!({"workspace": ws.name, "process": id, "command": command}),
+            ))
+        }
+        "list_processes" => {
+            let all = m.list_processes(&ws.id).await.map_err(ToolError::bus)?;
+            let list: Vec<Value> = all
+                .into_iter()
+                .map(|(id, command, running, exit_code)| {
+                    let mut p = json!({"process": id, "command": command, "running": running});
+                    if !running {
+                        p["exit_code"] = json!(exit_code);
+                    }
+                    p
+                })
+                .collect();
+            Ok(Done::json(json!({"workspace": ws.name, "processes": list})))
+        }
+        "read_process_output" => read_output(call, &ws).await,
+        "write_process_input" => {
+            let p = process(call, &ws).await?;
+            let input = call.take_str("input")?;
+            p.write_input(input.as_bytes())
+                .await
+                .map_err(ToolError::bus)?;
+            Ok(Done::json(json!({"written_bytes": input.len()})))
+        }
+        "signal_process" => {
+            let p = process(call, &ws).await?;
+            let name = call
+                .take_opt_str("signal")?
+                .unwrap_or_else(|| "TERM".into());
+            let number = signal_number(&name)?;
+            p.signal(number).await.map_err(ToolError::bus)?;
+            Ok(Done::json(json!({"signal": name, "number": number})))
+        }
+        "read_file" => read_file(call, &ws).await,
+        "write_file" => write_file(call, &ws).await,
+        "list_directory" => {
+            let path = call.take_str("path")?;
+            let options = call.options(tool)?;
+            let (entries, truncated) = m
+                .list_directory(&ws.id, &path, args(&options))
+                .await
+                .map_err(ToolError::bus)?;
+            let entries: Vec<Value> = entries.iter().map(entry_json).collect();
+            Ok(Done::json(
+                json!({"path": path, "entries": entries, "truncated": truncated}),
+            ))
+        }
+        "stat_file" => {
+            let path = call.take_str("path")?;
+            let options = call.options(tool)?;
+            let entry = m
+                .stat_file(&ws.id, &path, args(&options))
+                .await
+                .map_err(ToolError::bus)?;
+            Ok(Done::json(entry_json(&entry)))
+        }
+        "make_directory" | "remove_file" => {
+            let path = call.take_str("path")?;
+            let options = call.options(tool)?;
+            if tool == "make_directory" {
+                m.make_directory(&ws.id, &path, args(&options)).await
+            } else {
+                m.remove_file(&ws.id, &path, args(&options)).await
+            }
+            .map_err(ToolError::bus)?;
+            Ok(Done::json(json!({"path": path})))
+        }
+        "move_file" => {
+            let from = call.take_str("from")?;
+            let to = call.take_str("to")?;
+            let options = call.options(tool)?;
+            m.move_file(&ws.id, &from, &to, args(&options))
+                .await
+                .map_err(ToolError::bus)?;
+            Ok(Done::json(json!({"from": from, "to": to})))
+        }
+        other => Err(ToolError::internal(format!("no call for tool '{other}'"))),
+    }
+}
+
+/// The process the `process` argument names, checked to exist.
+async fn process(call: &mut Call<'_>, ws: &Resolved) -> Result<ProcessProxy<'static>, ToolError> {
+    let n = call.take_str("process")?;
+    if n.is_empty() || n.len() > 10 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ToolError::invalid(
+            "process: must be a process id (a number) as start_process gave it",
+        ));
+    }
+    let p = ProcessProxy::builder(call.shared.bus.shared())
+        .path(format!("{}/process/{n}", ws.path.as_str()))
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .map_err(ToolError::bus)?;
+    if p.id().await.is_err() {
+        return Err(ToolError {
+            code: "NoSuchProcess".into(),
+            ..ToolError::invalid(format!(
+                "workspace '{}' has no process {n} (list_processes lists them)",
+                ws.name
+            ))
+        });
+    }
+    Ok(p)
+}
+
+fn signal_number(name: &str) -> Result<i32, ToolError> {
+    if let Ok(n) = name.parse::<i32>() {
+        return Ok(n);
+    }
+    let upper = name.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| ToolError::invalid(format!("signal: '{name}' is not a signal name")))
+}
+
+async fn read_output(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError> {
+    let p = process(call, ws).await?;
+    let offset = call.take_u64("offset")?.unwrap_or(0);
+    let wait = call.take_u32("wait_secs")?.unwrap_or(0).min(MAX_WAIT_SECS);
+    let limit = call
+        .shared
+        .policy
+        .output_bytes(call.take_u32("max_output_bytes")?)
+        .map_err(ToolError::refused)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.into());
+    let ct = call.context.ct.clone();
+    let max = u32::try_from(limit).unwrap_or(u32::MAX);
+    loop {
+        let (data, next, ended) = p.read_output(offset, max).await.map_err(ToolError::bus)?;
+        if !data.is_empty() || ended || tokio::time::Instant::now() >= deadline {
+            let running = p.running().await.unwrap_or(false);
+            let mut v = json!({
+                "output": String::from_utf8_lossy(&data),
+                "next_offset": next,
+                "running": running,
+                "ended": ended,
+            });
+            if !running {
+                v["exit_code"] = json!(p.exit_code().await.unwrap_or(-1));
+            }
+            if next > offset + data.len() as u64 {
+                v["skipped_bytes"] = json!(next - offset - data.len() as u64);
+            }
+            return Ok(Done::json(v));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = ct.cancelled() => return Err(ToolError::cancelled()),
+        }
+    }
+}
+
+async fn read_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError> {
+    let path = call.take_str("path")?;
+    let limit = call
+        .shared
+        .policy
+        .output_bytes(call.take_u32("max_output_bytes")?)
+        .map_err(ToolError::refused)?;
+    let mut options = call.options("read_file")?;
+    let offset = options
+        .get("offset")
+        .and_then(|v| u64::try_from(v.try_clone().ok()?).ok())
+        .unwrap_or(0);
+    let asked = options
+        .get("length")
+        .and_then(|v| u64::try_from(v.try_clone().ok()?).ok());
+    // One byte more than is shown says whether the file goes on.
+    let length = asked.unwrap_or(u64::MAX).min(limit as u64 + 1);
+    options.insert("length".into(), Variant::from(length));
+    let lease = call.shared.bus.lease().await.map_err(ToolError::bus)?;
+    let read = async {
+        let m = super::bus::manager_on(&lease.0)
+            .await
+            .map_err(ToolError::bus)?;
+        let fd = m
+            .read_file(&ws.id, &path, args(&options))
+            .await
+            .map_err(ToolError::bus)?;
+        let mut pipe =
+            tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(fd))
+                .map_err(|e| ToolError::internal(format!("cannot read the file's pipe: {e}")))?;
+        let mut data = Vec::new();
+        (&mut pipe)
+            .take(length)
+            .read_to_end(&mut data)
+            .await
+            .map_err(|e| ToolError::internal(format!("reading the file: {e}")))?;
+        Ok::<_, ToolError>(data)
+    };
+    let data = tokio::select! {
+        r = read => r?,
+        () = call.context.ct.cancelled() => {
+            let _ = lease.0.close().await;
+            return Err(ToolError::cancelled());
+        }
+    };
+    call.shared.bus.give_back(lease);
+    let more = data.len() > limit;
+    let shown = &data[..data.len().min(limit)];
+    let mut kept = HeadTail::new(limit.max(1));
+    kept.push(shown);
+    let text = kept.finish("the file").text;
+    let binary = std::str::from_utf8(shown).is_err() && !more;
+    let mut v = json!({
+        "path": path,
+        "offset": offset,
+        "bytes": shown.len(),
+        "content": text,
+        "more": more,
+    });
+    let mut note = String::new();
+    if more {
+        v["next_offset"] = json!(offset + shown.len() as u64);
+        note = format!(
+            "\n[... the file goes on: read on with offset {} ...]",
+            offset + shown.len() as u64
+        );
+    }
+    if binary {
+        note.push_str("\n[the file is not valid UTF-8: bytes that are not were replaced]");
+    }
+    Ok(Done {
+        text: Some(format!("{text}{note}")),
+        value: v,
+    })
+}
+
+async fn write_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError> {
+    let path = call.take_str("path")?;
+    let content = call.take_str("content")?;
+    let mut options = call.options("write_file")?;
+    options.insert("size".into(), Variant::from(content.len() as u64));
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| ToolError::internal(format!("cannot make a pipe: {e}")))?;
+    let mut w = tokio::net::unix::pipe::Sender::from_owned_fd(w)
+        .map_err(|e| ToolError::internal(format!("cannot write a pipe: {e}")))?;
+    let bytes = content.into_bytes();
+    let n = bytes.len();
+    let feed = tokio::spawn(async move {
+        let _ = w.write_all(&bytes).await;
+    });
+    let m = call.shared.bus.manager().await.map_err(ToolError::bus)?;
+    let done = m
+        .write_file(&ws.id, &path, zbus::Fd::from(r.as_fd()), args(&options))
+        .await;
+    drop(r);
+    feed.abort();
+    done.map_err(ToolError::bus)?;
+    Ok(Done::json(json!({"path": path, "written_bytes": n})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(signal_number("TERM").unwrap(), 15);
+        assert_eq!(signal_number("sigkill").unwrap(), 9);
+        assert_eq!(signal_number("2").unwrap(), 2);
+        assert!(signal_number("NOPE").is_err());
+    }
+}

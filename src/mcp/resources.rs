@@ -1,0 +1,306 @@
+//! Resources: `workspaces://list` (the workspaces this server may use), and per workspace
+//! `workspace://NAME` (its record), `workspace://NAME/init-log` and `workspace://NAME/debug`.
+//! A client that subscribes to one is told when it changes: the service's signals
+//! (`WorkspaceNew`, `WorkspaceRemoved`, each workspace's `PropertiesChanged`) are followed
+//! from the first subscription of a session to its end.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::StreamExt;
+use rmcp::model::{
+    ListResourceTemplatesResult, ListResourcesResult, ReadResourceResult, Resource,
+    ResourceContents, ResourceTemplate, ResourceUpdatedNotificationParam,
+};
+use rmcp::service::Peer;
+use rmcp::{ErrorData, RoleServer};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use super::calls::dict_json;
+use super::output::HeadTail;
+use super::{Shared, ToolError};
+use crate::dbus::client::workspace_json;
+use crate::dbus::{BUS_NAME, MANAGER_PATH};
+
+pub const LIST: &str = "workspaces://list";
+const PREFIX: &str = "workspace://";
+
+/// What a URI names.
+#[derive(Debug, PartialEq, Eq)]
+enum Named<'a> {
+    List,
+    Record(&'a str),
+    InitLog(&'a str),
+    Debug(&'a str),
+}
+
+fn parse(uri: &str) -> Option<Named<'_>> {
+    if uri == LIST {
+        return Some(Named::List);
+    }
+    let rest = uri.strip_prefix(PREFIX)?;
+    let (name, what) = rest.split_once('/').unwrap_or((rest, ""));
+    if name.is_empty() {
+        return None;
+    }
+    match what {
+        "" => Some(Named::Record(name)),
+        "init-log" => Some(Named::InitLog(name)),
+        "debug" => Some(Named::Debug(name)),
+        _ => None,
+    }
+}
+
+fn not_found(uri: &str, why: impl std::fmt::Display) -> ErrorData {
+    ErrorData::resource_not_found(format!("{uri}: {why}"), None)
+}
+
+/// The workspaces the policy lets this server show, as the list tool and resource give them.
+pub async fn shown(shared: &Shared) -> Result<Vec<Value>, ToolError> {
+    let m = shared.bus.manager().await.map_err(ToolError::bus)?;
+    let all = m.list_workspaces().await.map_err(ToolError::bus)?;
+    Ok(all
+        .into_iter()
+        .filter(|(_, name, ty, _, _)| shared.policy.check_workspace(name, ty).is_ok())
+        .map(|(id, name, ty, status, _)| {
+            json!({"name": name, "id": id, "workspace_type": ty, "status": status})
+        })
+        .collect())
+}
+
+pub async fn list(shared: &Shared) -> Result<ListResourcesResult, ErrorData> {
+    let shown = shown(shared)
+        .await
+        .map_err(|e| ErrorData::internal_error(e.message, None))?;
+    let mut all = vec![
+        Resource::new(LIST, "workspaces")
+            .with_description("The workspaces this server may use: name, type, status.")
+            .with_mime_type("application/json"),
+    ];
+    for w in &shown {
+        let name = w["name"].as_str().unwrap_or_default();
+        all.push(
+            Resource::new(format!("{PREFIX}{name}"), format!("workspace {name}"))
+                .with_description("The workspace's record: status, error, settings.")
+                .with_mime_type("application/json"),
+        );
+        if w["workspace_type"] == "container" {
+            all.push(
+                Resource::new(
+                    format!("{PREFIX}{name}/init-log"),
+                    format!("{name} init log"),
+                )
+                .with_description("The build's and the init script's output.")
+                .with_mime_type("text/plain"),
+            );
+        }
+    }
+    Ok(ListResourcesResult::with_all_items(all))
+}
+
+pub fn templates() -> ListResourceTemplatesResult {
+    ListResourceTemplatesResult::with_all_items(vec![
+        ResourceTemplate::new("workspace://{name}", "workspace")
+            .with_description("A workspace's record (JSON).")
+            .with_mime_type("application/json"),
+        ResourceTemplate::new("workspace://{name}/init-log", "init log")
+            .with_description("A container workspace's init log: the build and the init script.")
+            .with_mime_type("text/plain"),
+        ResourceTemplate::new("workspace://{name}/debug", "debug report")
+            .with_description(
+                "A workspace's debug report: its unit, machine, tree and last errors (JSON).",
+            )
+            .with_mime_type("application/json"),
+    ])
+}
+
+fn json_contents(uri: &str, v: &Value) -> ReadResourceResult {
+    ReadResourceResult::new(vec![
+        ResourceContents::text(serde_json::to_string_pretty(v).unwrap_or_default(), uri)
+            .with_mime_type("application/json"),
+    ])
+}
+
+pub async fn read(shared: &Shared, uri: &str) -> Result<ReadResourceResult, ErrorData> {
+    let named = parse(uri).ok_or_else(|| not_found(uri, "no such resource"))?;
+    let name = match named {
+        Named::List => {
+            let shown = shown(shared)
+                .await
+                .map_err(|e| ErrorData::internal_error(e.message, None))?;
+            return Ok(json_contents(uri, &json!({"workspaces": shown})));
+        }
+        Named::Record(n) | Named::InitLog(n) | Named::Debug(n) => n,
+    };
+    let ws = shared
+        .bus
+        .resolve(name)
+        .await
+        .map_err(|e| not_found(uri, ToolError::bus(e).message))?;
+    shared
+        .policy
+        .check_workspace(&ws.name, &ws.workspace_type)
+        .map_err(|r| not_found(uri, r))?;
+    let failed = |e: zbus::Error| ErrorData::internal_error(ToolError::bus(e).message, None);
+    match named {
+        Named::Record(_) => {
+            let props = shared.bus.properties(&ws.path).await.map_err(failed)?;
+            Ok(json_contents(uri, &workspace_json(&props)))
+        }
+        Named::InitLog(_) => {
+            let m = shared.bus.manager().await.map_err(failed)?;
+            let (log, _) = m.get_init_log(&ws.id, 0).await.map_err(failed)?;
+            let mut kept = HeadTail::new(shared.policy.max_output_bytes as usize);
+            kept.push(log.as_bytes());
+            Ok(ReadResourceResult::new(vec![ResourceContents::text(
+                kept.finish("the init log").text,
+                uri,
+            )]))
+        }
+        Named::Debug(_) => {
+            let m = shared.bus.manager().await.map_err(failed)?;
+            let d = m.get_debug_info(&ws.id).await.map_err(failed)?;
+            Ok(json_contents(uri, &dict_json(&d)))
+        }
+        Named::List => unreachable!("answered above"),
+    }
+}
+
+/// A session's subscriptions, and the task that follows the service's signals for them.
+pub struct Subscriptions {
+    shared: Arc<Shared>,
+    uris: Arc<Mutex<BTreeSet<String>>>,
+    follower: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Subscriptions {
+    fn drop(&mut self) {
+        if let Some(t) = self
+            .follower
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            t.abort();
+        }
+    }
+}
+
+impl Subscriptions {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            uris: Arc::default(),
+            follower: Mutex::new(None),
+        }
+    }
+
+    pub async fn subscribe(&self, uri: String, peer: Peer<RoleServer>) -> Result<(), ErrorData> {
+        // Only what this server may show: reading it is the check.
+        read(&self.shared, &uri).await?;
+        self.uris
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(uri);
+        let mut follower = self.follower.lock().unwrap_or_else(PoisonError::into_inner);
+        if follower.as_ref().is_none_or(JoinHandle::is_finished) {
+            let stream = signals(self.shared.bus.shared().clone());
+            let (shared, uris) = (self.shared.clone(), self.uris.clone());
+            *follower = Some(tokio::spawn(follow(stream, shared, uris, peer)));
+        }
+        Ok(())
+    }
+
+    pub fn unsubscribe(&self, uri: &str) {
+        self.uris
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(uri);
+    }
+}
+
+/// Every signal the service sends below its manager's path.
+async fn signals(conn: zbus::Connection) -> zbus::Result<zbus::MessageStream> {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(BUS_NAME)
+        .path_namespace(MANAGER_PATH)
+        .build()?;
+    zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(256)).await
+}
+
+async fn follow(
+    stream: impl Future<Output = zbus::Result<zbus::MessageStream>>,
+    shared: Arc<Shared>,
+    uris: Arc<Mutex<BTreeSet<String>>>,
+    peer: Peer<RoleServer>,
+) {
+    let Ok(mut stream) = stream.await else {
+        return;
+    };
+    while let Some(Ok(msg)) = stream.next().await {
+        let header = msg.header();
+        let member = header.member().map(|m| m.to_string()).unwrap_or_default();
+        let path = header.path().map(|p| p.to_string()).unwrap_or_default();
+        let mut changed: Vec<String> = Vec::new();
+        match member.as_str() {
+            "WorkspaceNew" | "WorkspaceRemoved" => {
+                changed.push(LIST.into());
+                let _ = peer.notify_resource_list_changed().await;
+            }
+            "PropertiesChanged" | "Restored" => {
+                let Some(id) = path
+                    .strip_prefix(&format!("{MANAGER_PATH}/workspace/"))
+                    .filter(|rest| !rest.contains('/'))
+                    .and_then(crate::core::names::bus_label_unescape)
+                else {
+                    continue;
+                };
+                let Ok(ws) = shared.bus.resolve(&id).await else {
+                    continue;
+                };
+                let base = format!("{PREFIX}{}", ws.name);
+                changed.extend([
+                    base.clone(),
+                    format!("{base}/init-log"),
+                    format!("{base}/debug"),
+                    LIST.into(),
+                ]);
+            }
+            _ => continue,
+        }
+        let subscribed: Vec<String> = {
+            let uris = uris.lock().unwrap_or_else(PoisonError::into_inner);
+            changed.into_iter().filter(|u| uris.contains(u)).collect()
+        };
+        for uri in subscribed {
+            if peer
+                .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri))
+                .await
+                .is_err()
+            {
+                return; // the session ended
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_name_a_workspace_and_what_of_it() {
+        assert_eq!(parse("workspaces://list"), Some(Named::List));
+        assert_eq!(parse("workspace://box"), Some(Named::Record("box")));
+        assert_eq!(
+            parse("workspace://box/init-log"),
+            Some(Named::InitLog("box"))
+        );
+        assert_eq!(parse("workspace://box/debug"), Some(Named::Debug("box")));
+        assert_eq!(parse("workspace://box/etc/passwd"), None);
+        assert_eq!(parse("workspace://"), None);
+        assert_eq!(parse("file:///etc/passwd"), None);
+    }
+}
