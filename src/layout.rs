@@ -84,7 +84,13 @@ fn the_bridge_reaches_the_service_only_over_dbus() {
     );
     assert_none_use(
         "src/mcp",
-        &["crate::system", "core::manager", "core::Manager", "axum", "crate::http"],
+        &[
+            "crate::system",
+            "core::manager",
+            "core::Manager",
+            "axum",
+            "crate::http",
+        ],
         "src/mcp is a D-Bus client of the service, as the bridge is; the bridge serves it",
     );
     assert_none_use(

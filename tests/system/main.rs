@@ -15,6 +15,7 @@ mod hostile;
 mod lent;
 mod library;
 mod load;
+mod mcp;
 mod network;
 mod ownership;
 mod polkit;

@@ -16,6 +16,9 @@ mkdir -p "$artifacts"
 [ "$(id -u)" = 0 ] || { echo "system tests need root (they boot a test host)" >&2; exit 1; }
 
 cargo build --release --locked
+# The MCP tests drive the server with the official Python SDK, installed in the test host from
+# wheels fetched here.
+tests/system/mcp-wheels.sh
 # The hostile agent of tests/system/hostile.rs, static as the real one (it runs in containers).
 triple=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \

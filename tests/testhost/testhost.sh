@@ -30,8 +30,8 @@ set -euo pipefail
 # Configuration
 
 SUITE=bookworm
-ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,systemd-container,polkitd,libpam-systemd,iproute2,procps,debootstrap,zstd,ca-certificates,psmisc,curl,nftables
-ROOTFS_FORMAT=1 # bump to rebuild cached trees and tarballs (changes to customize_rootfs do that anyway)
+ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,systemd-container,polkitd,libpam-systemd,iproute2,procps,debootstrap,zstd,ca-certificates,psmisc,curl,nftables,python3,python3-venv
+ROOTFS_FORMAT=2 # bump to rebuild cached trees and tarballs (changes to customize_rootfs do that anyway)
 HOST_PACKAGES=(systemd-container debootstrap zstd dbus)
 BOOT_TIMEOUT=180 # seconds until the test host must be ready
 STOP_TIMEOUT=20  # seconds for a graceful poweroff before SIGKILL
