@@ -1,6 +1,6 @@
 #!/bin/bash
-# `make bench`: boots the test host, installs the service, and runs benches/exec_latency.rs and
-# benches/workspace_state.rs inside it, then benches/running_snapshot.rs on this machine. Prints
+# `make bench`: boots the test host, installs the service, and runs benches/exec_latency.rs,
+# benches/mcp_exec.rs and benches/workspace_state.rs inside it, then benches/running_snapshot.rs on this machine. Prints
 # latency figures and ratios against baselines measured in the same run.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,7 +12,9 @@ bench_bin() {
 bin=$(bench_bin exec_latency)
 state_bin=$(bench_bin workspace_state)
 snap_bin=$(bench_bin running_snapshot)
-[ -x "$bin" ] && [ -x "$state_bin" ] && [ -x "$snap_bin" ] || { echo "no benchmark binary" >&2; exit 1; }
+mcp_bin=$(bench_bin mcp_exec)
+[ -x "$bin" ] && [ -x "$state_bin" ] && [ -x "$snap_bin" ] && [ -x "$mcp_bin" ] ||
+  { echo "no benchmark binary" >&2; exit 1; }
 "$testhost" up >/dev/null
 "$testhost" install >/dev/null
 tests/testhost/configure-service.sh
@@ -39,6 +41,8 @@ systemctl reload dbus'
   chmod 600 /etc/agent-workspaces/api-token &&
   systemctl restart agent-workspaces-http.socket'
 "$testhost" run -- "$repo/$bin"
+# MCP: agent-workspaces-mcp's exec round trip (stdio, the SDK's client) against D-Bus Exec.
+"$testhost" run -- "$repo/$mcp_bin"
 # Workspace state: snapshots, forks, restore, pause, and how many idle containers run at once
 # (BENCH_DENSITY, 500 unless set).
 "$testhost" run ${BENCH_DENSITY:+-E BENCH_DENSITY=$BENCH_DENSITY} -- "$repo/$state_bin"

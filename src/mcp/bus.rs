@@ -24,7 +24,12 @@ pub struct Bus {
     spare: Mutex<Vec<zbus::Connection>>,
     /// Ids of workspaces seen, with their name and type (neither ever changes for an id).
     known: Mutex<HashMap<String, (String, String)>>,
+    /// What names (and ids) resolved to last, for `resolve_cached`.
+    named: Mutex<HashMap<String, Resolved>>,
 }
+
+/// Entries each cache holds at most (then it starts again).
+const CACHED: usize = 4096;
 
 /// A workspace as the server checked it: calls go to its id, so the one checked is the one
 /// touched even if its name is taken again meanwhile.
@@ -46,6 +51,7 @@ impl Bus {
             shared,
             spare: Mutex::new(Vec::new()),
             known: Mutex::new(HashMap::new()),
+            named: Mutex::new(HashMap::new()),
         }
     }
 
@@ -97,10 +103,11 @@ impl Bus {
                         .unwrap_or_default()
                 };
                 let k = (s("Name"), s("Type"));
-                self.known
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(id.clone(), k.clone());
+                let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+                if known.len() >= CACHED {
+                    known.clear();
+                }
+                known.insert(id.clone(), k.clone());
                 k
             }
         };
@@ -110,6 +117,37 @@ impl Bus {
             workspace_type,
             path,
         })
+    }
+
+    /// `resolve`, answered from what `key` resolved to last when there is that: no bus call.
+    /// The answer may be stale only in naming a workspace destroyed since (ids are never
+    /// reused, so it never names another): a call to it fails with `NoSuchWorkspace`, and the
+    /// caller then `forget`s the key and resolves it afresh. The second value says whether it
+    /// came from the cache.
+    pub async fn resolve_cached(&self, key: &str) -> zbus::Result<(Resolved, bool)> {
+        let cached = self
+            .named
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned();
+        if let Some(r) = cached {
+            return Ok((r, true));
+        }
+        let r = self.resolve(key).await?;
+        let mut named = self.named.lock().unwrap_or_else(PoisonError::into_inner);
+        if named.len() >= CACHED {
+            named.clear();
+        }
+        named.insert(key.to_owned(), r.clone());
+        Ok((r, false))
+    }
+
+    pub fn forget(&self, key: &str) {
+        self.named
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
     }
 
     /// Every property of the workspace object at `path`.

@@ -340,7 +340,8 @@ impl Call<'_> {
     }
 
     async fn exec(&mut self) -> Result<Done, ToolError> {
-        let ws = self.workspace_arg().await?;
+        let key = self.take_str("workspace")?;
+        self.note(&key);
         let command = self.take_str("command")?;
         let limit = self
             .shared
@@ -357,19 +358,31 @@ impl Call<'_> {
             .timeout(asked)
             .map_err(ToolError::refused)?;
         options.insert("timeout_secs".into(), Variant::from(timeout));
-        let ran = exec::run(
-            &self.shared.bus,
-            &ws,
-            &command,
-            options,
-            limit,
-            &self.context.ct,
-        )
-        .await?;
-        Ok(Done {
-            value: ran.json(timeout),
-            text: Some(ran.text(timeout)),
-        })
+        // The hot path: the workspace as resolved last (checked all the same); one destroyed
+        // since fails before anything runs, and is resolved afresh.
+        let bus = &self.shared.bus;
+        let (mut ws, mut cached) = bus.resolve_cached(&key).await.map_err(ToolError::bus)?;
+        loop {
+            self.note(&ws.name);
+            self.shared
+                .policy
+                .check_workspace(&ws.name, &ws.workspace_type)
+                .map_err(ToolError::refused)?;
+            let ran = exec::run(bus, &ws, &command, options.clone(), limit, &self.context.ct).await;
+            match ran {
+                Err(e) if cached && e.code == "NoSuchWorkspace" => {
+                    bus.forget(&key);
+                    (ws, cached) = bus.resolve_cached(&key).await.map_err(ToolError::bus)?;
+                }
+                Err(e) => return Err(e),
+                Ok(ran) => {
+                    return Ok(Done {
+                        value: ran.json(timeout),
+                        text: Some(ran.text(timeout)),
+                    });
+                }
+            }
+        }
     }
 }
 

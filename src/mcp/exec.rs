@@ -25,6 +25,17 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), ToolError> {
         .map_err(|e| ToolError::internal(format!("cannot make a pipe: {e}")))
 }
 
+/// `/dev/null`, opened once: a command given no input reads it.
+fn dev_null() -> Result<OwnedFd, ToolError> {
+    static NULL: std::sync::OnceLock<std::io::Result<std::fs::File>> = std::sync::OnceLock::new();
+    let null = NULL.get_or_init(|| std::fs::File::open("/dev/null"));
+    match null {
+        Ok(f) => f.try_clone().map(OwnedFd::from),
+        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+    }
+    .map_err(|e| ToolError::internal(format!("/dev/null: {e}")))
+}
+
 /// Reads `fd` into a head and tail of `limit` bytes until its end or `stop` (then `true`: the
 /// pipe was still open).
 fn reader(
@@ -111,9 +122,7 @@ pub async fn run(
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let in_r: OwnedFd = match stdin {
-        None => std::fs::File::open("/dev/null")
-            .map_err(|e| ToolError::internal(format!("/dev/null: {e}")))?
-            .into(),
+        None => dev_null()?,
         Some(data) => {
             let (r, w) = pipe()?;
             let mut w = tokio::net::unix::pipe::Sender::from_owned_fd(w)

@@ -4,14 +4,14 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use zbus::Variant;
 
 use super::bus::Resolved;
 use super::calls::Call;
 use super::output::HeadTail;
 use super::{Done, ToolError};
-use crate::dbus::client::{ProcessProxy, args, entry_json};
+use crate::dbus::client::{OwnedArgs, ProcessProxy, args, entry_json};
 
 /// The longest `wait_secs` of `read_process_output`.
 const MAX_WAIT_SECS: u32 = 60;
@@ -107,6 +107,8 @@ pub async fn run(call: &mut Call<'_>, tool: &'static str) -> Result<Done, ToolEr
                 .map_err(ToolError::bus)?;
             Ok(Done::json(json!({"from": from, "to": to})))
         }
+        "copy_files" => copy(call, &ws).await,
+        "watch_files" => watch(call, &ws).await,
         other => Err(ToolError::internal(format!("no call for tool '{other}'"))),
     }
 }
@@ -287,6 +289,95 @@ async fn write_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolErro
     feed.abort();
     done.map_err(ToolError::bus)?;
     Ok(Done::json(json!({"path": path, "written_bytes": n})))
+}
+
+/// Download from one workspace straight into Upload of another: the archive's pipe passes
+/// through this server untouched.
+async fn copy(call: &mut Call<'_>, from: &Resolved) -> Result<Done, ToolError> {
+    let path = call.take_str("path")?;
+    let to_key = call.take_str("to_workspace")?;
+    let to_path = call.take_str("to_path")?;
+    let to = call
+        .shared
+        .bus
+        .resolve(&to_key)
+        .await
+        .map_err(ToolError::bus)?;
+    call.shared
+        .policy
+        .check_workspace(&to.name, &to.workspace_type)
+        .map_err(ToolError::refused)?;
+    let lease = call.shared.bus.lease().await.map_err(ToolError::bus)?;
+    let copied = async {
+        let m = super::bus::manager_on(&lease.0).await?;
+        let archive = m.download(&from.id, &path, args(&OwnedArgs::new())).await?;
+        m.upload(
+            &to.id,
+            &to_path,
+            zbus::Fd::from(archive.as_fd()),
+            args(&OwnedArgs::new()),
+        )
+        .await
+    };
+    let r = tokio::select! {
+        r = copied => r,
+        () = call.context.ct.cancelled() => {
+            let _ = lease.0.close().await;
+            return Err(ToolError::cancelled());
+        }
+    };
+    call.shared.bus.give_back(lease);
+    r.map_err(ToolError::bus)?;
+    Ok(Done::json(json!({
+        "from": {"workspace": from.name, "path": path},
+        "to": {"workspace": to.name, "path": to_path},
+    })))
+}
+
+/// How long more changes are gathered after the first.
+const GATHER: Duration = Duration::from_millis(200);
+
+async fn watch(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError> {
+    let path = call.take_str("path")?;
+    let wait = call.take_u32("wait_secs")?.unwrap_or(10).min(MAX_WAIT_SECS);
+    let max = call.take_u32("max_events")?.unwrap_or(100).clamp(1, 1000) as usize;
+    let lease = call.shared.bus.lease().await.map_err(ToolError::bus)?;
+    let m = super::bus::manager_on(&lease.0)
+        .await
+        .map_err(ToolError::bus)?;
+    let fd = m
+        .watch_files(&ws.id, &path, args(&OwnedArgs::new()))
+        .await
+        .map_err(ToolError::bus)?;
+    call.shared.bus.give_back(lease);
+    // Closing the pipe ends the watch.
+    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(fd))
+        .map_err(|e| ToolError::internal(format!("cannot read the watch: {e}")))?;
+    let mut lines = tokio::io::BufReader::new(pipe).lines();
+    let mut events: Vec<Value> = Vec::new();
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(wait.into());
+    let ct = call.context.ct.clone();
+    while events.len() < max {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(l)) => {
+                    if events.is_empty() {
+                        deadline = tokio::time::Instant::now() + GATHER;
+                    }
+                    events.push(serde_json::from_str(&l).unwrap_or(Value::String(l)));
+                }
+                // The watch ended (the workspace stopped, say): what came is the answer.
+                Ok(None) | Err(_) => break,
+            },
+            () = tokio::time::sleep_until(deadline) => break,
+            () = ct.cancelled() => return Err(ToolError::cancelled()),
+        }
+    }
+    Ok(Done::json(json!({
+        "path": path,
+        "changes": events,
+        "waited_secs": wait,
+    })))
 }
 
 #[cfg(test)]

@@ -296,6 +296,52 @@ pub const TOOLS: &[Spec] = &[
         destructive: true,
     },
     Spec {
+        name: "copy_files",
+        title: "Copy files between workspaces",
+        description: "Copies a file or a directory (with everything in it) from one workspace \
+            to another, or within one: to_path is the directory it is put in (made where \
+            missing). Use it to bring results from a fork back, or to share files. Files, \
+            directories and links are copied; devices, FIFOs and sockets are left out.",
+        args: &[
+            WORKSPACE,
+            PATH,
+            arg(
+                "to_workspace",
+                Type::Str,
+                "The workspace to copy into (the same one to copy within it).",
+            ),
+            arg("to_path", Type::Str, "The directory to put it in."),
+        ],
+        options: None,
+        read_only: false,
+        destructive: true,
+    },
+    Spec {
+        name: "watch_files",
+        title: "Wait for file changes",
+        description: "Waits up to wait_secs for something to change below a directory (or to \
+            a file) of a workspace, then returns what changed: created, modified, deleted and \
+            moved paths, relative to it. Use it to wait for a build's output or a log file \
+            instead of polling.",
+        args: &[
+            WORKSPACE,
+            PATH,
+            opt(
+                "wait_secs",
+                Type::U32,
+                "Seconds to wait for a first change (default 10, at most 60).",
+            ),
+            opt(
+                "max_events",
+                Type::U32,
+                "Changes to return at most (default 100, at most 1000).",
+            ),
+        ],
+        options: None,
+        read_only: true,
+        destructive: false,
+    },
+    Spec {
         name: "snapshot_workspace",
         title: "Snapshot a workspace",
         description: "Takes a snapshot of a container workspace's files under a name: a point \

@@ -436,3 +436,44 @@ async fn a_cancelled_call_ends_its_command() {
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_copied_between_workspaces_and_changes_awaited() {
+    require_test_host();
+    let conn = bus().await;
+    let a = ready_container_named(&conn, "mcp-copy-a").await;
+    let b = ready_container_named(&conn, "mcp-copy-b").await;
+    let steps = drive(
+        &format!("stdio {SERVER} --containers-only"),
+        json!([
+            {"op": "call", "tool": "write_file",
+             "args": {"workspace": a, "path": "out/result.txt", "content": "42\n", "create_parents": true}},
+            {"op": "call", "tool": "copy_files",
+             "args": {"workspace": a, "path": "out", "to_workspace": b, "to_path": "from-a"}},
+            {"op": "call", "tool": "exec", "args": {"workspace": b, "command": "cat from-a/result.txt"}},
+            {"op": "call", "tool": "make_directory", "args": {"workspace": b, "path": "watched"}},
+            {"op": "call", "tool": "start_process",
+             "args": {"workspace": b, "command": "sleep 1; echo hi > watched/new.txt"}},
+            {"op": "call", "tool": "watch_files", "args": {"workspace": b, "path": "watched", "wait_secs": 20}},
+            {"op": "call", "tool": "copy_files",
+             "args": {"workspace": a, "path": "out", "to_workspace": "host", "to_path": "x"}},
+        ]),
+    );
+    content(&steps[1]);
+    assert_eq!(content(&steps[2])["to"]["workspace"], b.as_str());
+    assert_eq!(content(&steps[3])["stdout"], "42\n");
+    let changes = content(&steps[6]);
+    assert!(
+        changes["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["path"] == "new.txt" && c["event"] == "created"),
+        "{changes}"
+    );
+    // A copy into a workspace the server may not use is refused like any other use of it.
+    assert!(refusal(&steps[7]).contains("container workspaces only"));
+    for w in [&a, &b] {
+        manager(&conn).await.destroy_workspace(w).await.unwrap();
+    }
+}
