@@ -94,12 +94,16 @@ async fn run(args: Args) -> Result<(), String> {
         None
     } else {
         let section = mcp::Section::load(&args.config)?;
-        let policy = mcp::Policy::new(section, mcp::Transport::Http, &mcp::tools::names())
+        let known = mcp::tools::names();
+        let tokens = mcp::policy::http_tokens(&section, &known)
+            .map_err(|e| format!("{}: {e}", args.config.display()))?;
+        let policy = mcp::Policy::new(section, mcp::Transport::Http, &known)
             .map_err(|e| format!("{}: [mcp]: {e}", args.config.display()))?;
         Some(Arc::new(mcp::Shared {
             bus: mcp::Bus::new(conn.clone(), bus_address.clone()),
             policy,
             caller: mcp::Caller::Token(agent_workspaces::http::TOKEN_NAME.into()),
+            tokens,
         }))
     };
     let state = AppState {

@@ -42,6 +42,7 @@ fn policy(args: &Args) -> Result<Policy, String> {
         tools: (!args.tools.is_empty()).then(|| args.tools.clone()),
         max_timeout_secs: args.max_timeout_secs,
         max_output_bytes: args.max_output_bytes,
+        tokens: None,
     };
     Policy::new(file.overridden_by(flags), Transport::Stdio, &tools::names())
 }
@@ -55,6 +56,7 @@ async fn run(args: Args) -> Result<(), String> {
         bus: Bus::new(conn, args.bus_address.clone()),
         policy,
         caller: Caller::this_process(),
+        tokens: Vec::new(),
     });
     let service = Server::new(shared)
         .serve(rmcp::transport::stdio())

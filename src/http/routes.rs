@@ -151,7 +151,7 @@ fn mcp(shared: Arc<crate::mcp::Shared>, state: Arc<AppState>) -> Router<Arc<AppS
     );
     Router::new()
         .nest_service("/mcp", service)
-        .layer(from_fn_with_state(state, require_token))
+        .layer(from_fn_with_state(state, require_mcp_token))
 }
 
 /// axum answers a method a route does not take with an empty 405: give it the documented

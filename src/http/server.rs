@@ -38,6 +38,45 @@ pub(super) async fn require_token(
     }
 }
 
+/// `/mcp`'s check: the API token, or one of the MCP-only tokens of `[mcp.tokens]` (which open
+/// `/mcp` and nothing else). The token's name goes with the request, for the MCP server's
+/// limits and audit.
+pub(super) async fn require_mcp_token(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::as_bytes)
+        .unwrap_or_default();
+    let name = if !given.is_empty() && bool::from(given.ct_eq(state.token.as_bytes())) {
+        Some(super::TOKEN_NAME.to_owned())
+    } else {
+        state
+            .mcp
+            .as_ref()
+            .and_then(|m| m.mcp_token(given))
+            .filter(|_| !given.is_empty())
+            .map(|t| t.name.clone())
+    };
+    match name {
+        Some(name) => {
+            request.extensions_mut().insert(crate::mcp::TokenName(name));
+            next.run(request).await
+        }
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid 'Authorization: Bearer <token>' header is required",
+        )
+        .into_response(),
+    }
+}
+
 /// The token a browser's WebSocket gives, which cannot set `Authorization`: offered as the
 /// subprotocol `bearer.<the token in hex>` (beside `agent-workspaces.terminal`, the one the
 /// server selects), as Kubernetes takes its bearer token. Hex, because a subprotocol is a

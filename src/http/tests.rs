@@ -42,6 +42,17 @@ fn errors_map_to_statuses_and_invalid_args_name_the_field() {
     );
 }
 
+/// An MCP-only token of the test app (`[mcp.tokens.agent-1]`).
+const MCP_TOKEN: &str = "mcp-only-token-0123456789";
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The router over a peer-to-peer bus with nobody behind it: handlers run and their calls
 /// fail, which is all these tests need. Keep the returned peer alive.
 async fn test_app() -> (Router, String, zbus::Connection) {
@@ -67,6 +78,15 @@ async fn test_app() -> (Router, String, zbus::Connection) {
         )
         .unwrap(),
         caller: crate::mcp::Caller::Token(TOKEN_NAME.into()),
+        tokens: crate::mcp::policy::http_tokens(
+            &toml::from_str::<crate::mcp::Section>(&format!(
+                "[tokens.agent-1]\nsha256 = \"{}\"\nworkspaces = [\"box\"]\n",
+                sha256_hex(MCP_TOKEN)
+            ))
+            .unwrap(),
+            &crate::mcp::tools::names(),
+        )
+        .unwrap(),
     };
     let state = AppState {
         conn,
@@ -139,6 +159,19 @@ async fn mcp_is_served_behind_the_token() {
         .oneshot(post(Some("Bearer wrong-token-wrong")))
         .await
         .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // An MCP-only token opens /mcp, and nothing else of the bridge.
+    let r = app
+        .clone()
+        .oneshot(post(Some(&format!("Bearer {MCP_TOKEN}"))))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let get = axum::http::Request::get("/api/templates")
+        .header(header::AUTHORIZATION, format!("Bearer {MCP_TOKEN}"))
+        .body(Body::empty())
+        .unwrap();
+    let r = app.clone().oneshot(get).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let r = app
         .oneshot(post(Some(&format!("Bearer {token}"))))

@@ -11,11 +11,13 @@ use serde_json::{Map, Value, json};
 use zbus::Variant;
 
 use super::bus::Resolved;
-use super::{Done, Shared, ToolError, exec, files, tools};
+use super::{Done, Policy, Shared, ToolError, exec, files, tools};
 use crate::dbus::client::{OwnedArgs, args, variant_json, workspace_json};
 
 pub struct Call<'a> {
     pub shared: &'a Shared,
+    /// The operator's limits for this caller.
+    pub policy: &'a Policy,
     pub args: Map<String, Value>,
     pub context: &'a RequestContext<RoleServer>,
     /// The workspace the call is about, for the audit (set as soon as it is known).
@@ -24,6 +26,16 @@ pub struct Call<'a> {
 
 impl Call<'_> {
     pub async fn run(mut self, tool: &'static str) -> Result<Done, ToolError> {
+        // An argument the tool's schema does not name is refused, whatever the tool reads.
+        let schema = tools::spec(tool).map(tools::Spec::input_schema);
+        if let Some(props) = schema.as_ref().and_then(|s| s["properties"].as_object())
+            && let Some(k) = self.args.keys().find(|k| !props.contains_key(*k))
+        {
+            return Err(ToolError::invalid(format!(
+                "{k}: unknown argument of {tool}; its arguments: {}",
+                props.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
         match tool {
             "list_workspaces" => self.list().await,
             "get_workspace" => {
@@ -167,8 +179,7 @@ impl Call<'_> {
             .await
             .map_err(ToolError::bus)?;
         self.note(&ws.name);
-        self.shared
-            .policy
+        self.policy
             .check_workspace(&ws.name, &ws.workspace_type)
             .map_err(ToolError::refused)?;
         Ok(ws)
@@ -193,7 +204,7 @@ impl Call<'_> {
 
     async fn list(&mut self) -> Result<Done, ToolError> {
         self.options("list_workspaces")?;
-        let shown = super::resources::shown(self.shared).await?;
+        let shown = super::resources::shown(self.shared, self.policy).await?;
         Ok(Done::json(json!({"workspaces": shown})))
     }
 
@@ -206,7 +217,7 @@ impl Call<'_> {
             None => return Err(ToolError::invalid("name: is required")),
         };
         self.note(&name);
-        let p = &self.shared.policy;
+        let p = &self.policy;
         // A server that serves containers only makes containers unless told otherwise.
         let ty = match spec.get("workspace_type") {
             Some(v) => String::try_from(v.try_clone().map_err(|_| ToolError::invalid("type"))?)
@@ -322,8 +333,7 @@ impl Call<'_> {
             .get("name")
             .and_then(|v| String::try_from(v.try_clone().ok()?).ok())
             .ok_or_else(|| ToolError::invalid("name: is required (the fork's name)"))?;
-        self.shared
-            .policy
+        self.policy
             .check_workspace(&name, "container")
             .map_err(ToolError::refused)?;
         let m = self.shared.bus.manager().await.map_err(ToolError::bus)?;
@@ -364,8 +374,7 @@ impl Call<'_> {
         let (mut ws, mut cached) = bus.resolve_cached(&key).await.map_err(ToolError::bus)?;
         loop {
             self.note(&ws.name);
-            self.shared
-                .policy
+            self.policy
                 .check_workspace(&ws.name, &ws.workspace_type)
                 .map_err(ToolError::refused)?;
             let ran = exec::run(bus, &ws, &command, options.clone(), limit, &self.context.ct).await;

@@ -303,8 +303,7 @@ async fn copy(call: &mut Call<'_>, from: &Resolved) -> Result<Done, ToolError> {
         .resolve(&to_key)
         .await
         .map_err(ToolError::bus)?;
-    call.shared
-        .policy
+    call.policy
         .check_workspace(&to.name, &to.workspace_type)
         .map_err(ToolError::refused)?;
     let lease = call.shared.bus.lease().await.map_err(ToolError::bus)?;

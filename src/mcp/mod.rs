@@ -37,8 +37,51 @@ pub use policy::{Policy, Section, Transport};
 /// What every session of one server shares: the bus, the operator's policy, who calls.
 pub struct Shared {
     pub bus: Bus,
+    /// The limits of `caller` (and over HTTP, of the bridge's API token).
     pub policy: Policy,
     pub caller: Caller,
+    /// Over HTTP: the MCP-only tokens, each with its own limits.
+    pub tokens: Vec<policy::HttpToken>,
+}
+
+/// Put in an HTTP request's extensions by the bridge once its token is checked: the name of
+/// the token it carried (`api-token`, or an MCP-only token's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenName(pub String);
+
+impl Shared {
+    /// The MCP-only token `given` is, if any: its SHA-256 compared with each in constant time.
+    pub fn mcp_token(&self, given: &[u8]) -> Option<&policy::HttpToken> {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let hash = sha2::Sha256::digest(given);
+        let mut found = None;
+        for t in &self.tokens {
+            if bool::from(hash.as_slice().ct_eq(&t.sha256)) {
+                found = Some(t);
+            }
+        }
+        found
+    }
+
+    /// The limits and the identity of the caller of one request: the token the bridge found
+    /// on it (over HTTP), or this server's own.
+    fn who(&self, extensions: &rmcp::model::Extensions) -> (&Policy, Caller) {
+        let name = extensions
+            .get::<http::request::Parts>()
+            .and_then(|p| p.extensions.get::<TokenName>());
+        match name {
+            None => (&self.policy, self.caller.clone()),
+            Some(TokenName(name)) => {
+                let policy = self
+                    .tokens
+                    .iter()
+                    .find(|t| &t.name == name)
+                    .map_or(&self.policy, |t| &t.policy);
+                (policy, Caller::Token(name.clone()))
+            }
+        }
+    }
 }
 
 /// One MCP session's handler (stdio has one; HTTP one per client session).
@@ -203,12 +246,13 @@ impl ServerHandler for Server {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
+        let (policy, _) = self.shared.who(&context.extensions);
         Ok(ListToolsResult::with_all_items(
             tools::TOOLS
                 .iter()
-                .filter(|t| self.shared.policy.tool_allowed(t.name))
+                .filter(|t| policy.tool_allowed(t.name))
                 .map(tools::Spec::tool)
                 .collect(),
         ))
@@ -228,11 +272,13 @@ impl ServerHandler for Server {
             ));
         };
         let workspace = Mutex::new(None::<String>);
-        let r = match self.shared.policy.check_tool(spec.name) {
+        let (policy, caller) = self.shared.who(&context.extensions);
+        let r = match policy.check_tool(spec.name) {
             Err(refusal) => Err(ToolError::refused(refusal)),
             Ok(()) => {
                 let call = calls::Call {
                     shared: &self.shared,
+                    policy,
                     args: request.arguments.unwrap_or_default(),
                     context: &context,
                     workspace: &workspace,
@@ -245,7 +291,7 @@ impl ServerHandler for Server {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         audit::record(
-            &self.shared.caller,
+            &caller,
             spec.name,
             ws.as_deref(),
             r.as_ref().err(),
@@ -257,9 +303,10 @@ impl ServerHandler for Server {
     async fn list_resources(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        resources::list(&self.shared).await
+        let (policy, _) = self.shared.who(&context.extensions);
+        resources::list(&self.shared, policy).await
     }
 
     async fn list_resource_templates(
@@ -273,9 +320,10 @@ impl ServerHandler for Server {
     async fn read_resource(
         &self,
         request: ReadResourceRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
-        resources::read(&self.shared, &request.uri)
+        let (policy, _) = self.shared.who(&context.extensions);
+        resources::read(&self.shared, policy, &request.uri)
             .await
             .map(Into::into)
     }
@@ -285,8 +333,9 @@ impl ServerHandler for Server {
         request: SubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
+        let (policy, _) = self.shared.who(&context.extensions);
         self.subscriptions
-            .subscribe(request.uri, context.peer.clone())
+            .subscribe(policy, request.uri, context.peer.clone())
             .await
     }
 

@@ -3,7 +3,7 @@
 //! section of the configuration file and by the command line (which wins). Every refusal says
 //! what was refused, why, and which setting decides it. Pure: the server asks, this answers.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -42,6 +42,93 @@ pub struct Section {
     pub max_timeout_secs: Option<u32>,
     /// Largest `max_output_bytes` one call may ask (per stream).
     pub max_output_bytes: Option<u32>,
+    /// `[mcp.tokens.NAME]`: tokens of the bridge's `/mcp` alone (their holders reach nothing
+    /// else of the bridge), each with its limits over this section's.
+    pub tokens: Option<BTreeMap<String, TokenSection>>,
+}
+
+/// `[mcp.tokens.NAME]`: an MCP-only token, given as the SHA-256 of its text (so the file that
+/// names it holds no secret), and its limits, each over `[mcp]`'s.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSection {
+    /// Hex SHA-256 of the token: `printf %s "$TOKEN" | sha256sum`.
+    pub sha256: String,
+    pub workspaces: Option<Vec<String>>,
+    pub allow_host: Option<bool>,
+    pub tools: Option<Vec<String>>,
+    pub max_timeout_secs: Option<u32>,
+    pub max_output_bytes: Option<u32>,
+}
+
+impl TokenSection {
+    fn limits(&self) -> Section {
+        Section {
+            workspaces: self.workspaces.clone(),
+            allow_host: self.allow_host,
+            tools: self.tools.clone(),
+            max_timeout_secs: self.max_timeout_secs,
+            max_output_bytes: self.max_output_bytes,
+            tokens: None,
+        }
+    }
+}
+
+/// An MCP-only token of the bridge: its name (the caller, in the audit), its hash and limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpToken {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub policy: Policy,
+}
+
+/// The MCP-only tokens `[mcp.tokens]` names, each with `[mcp]` under its own limits.
+pub fn http_tokens(section: &Section, known: &[&str]) -> Result<Vec<HttpToken>, String> {
+    let mut out = Vec::new();
+    for (name, t) in section.tokens.iter().flatten() {
+        let ok_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !ok_name || name == "api-token" {
+            return Err(format!(
+                "[mcp.tokens.{name}]: a token's name is 1 to 64 of a-z 0-9 - _, and not api-token"
+            ));
+        }
+        let hex = t.sha256.trim().to_ascii_lowercase();
+        let mut sha256 = [0u8; 32];
+        let valid = hex.len() == 64
+            && hex
+                .as_bytes()
+                .chunks(2)
+                .zip(sha256.iter_mut())
+                .all(|(pair, b)| {
+                    std::str::from_utf8(pair)
+                        .ok()
+                        .and_then(|p| u8::from_str_radix(p, 16).ok())
+                        .map(|v| *b = v)
+                        .is_some()
+                });
+        if !valid {
+            return Err(format!(
+                "[mcp.tokens.{name}] sha256: must be 64 hex digits (printf %s \"$TOKEN\" | sha256sum)"
+            ));
+        }
+        let limits = Section {
+            tokens: None,
+            ..section.clone()
+        }
+        .overridden_by(t.limits());
+        let policy = Policy::new(limits, Transport::Http, known)
+            .map_err(|e| format!("[mcp.tokens.{name}]: {e}"))?;
+        out.push(HttpToken {
+            name: name.clone(),
+            sha256,
+            policy,
+        });
+    }
+    Ok(out)
 }
 
 impl Section {
@@ -70,6 +157,7 @@ impl Section {
             tools: over.tools.or(self.tools),
             max_timeout_secs: over.max_timeout_secs.or(self.max_timeout_secs),
             max_output_bytes: over.max_output_bytes.or(self.max_output_bytes),
+            tokens: over.tokens.or(self.tokens),
         }
     }
 }
@@ -326,6 +414,46 @@ mod tests {
                 KNOWN
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn mcp_tokens_have_their_own_limits_over_the_sections() {
+        let text = "[mcp]\nallow_host = false\nmax_timeout_secs = 60\n\
+            [mcp.tokens.agent-1]\nsha256 = \"9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08\"\n\
+            workspaces = [\"box\"]\n";
+        let section: Section = toml::from_str::<toml::Table>(text).unwrap()["mcp"]
+            .clone()
+            .try_into()
+            .unwrap();
+        let tokens = http_tokens(&section, KNOWN).unwrap();
+        assert_eq!(tokens.len(), 1);
+        let t = &tokens[0];
+        assert_eq!(t.name, "agent-1");
+        assert_eq!(t.sha256[..2], [0x9f, 0x86]);
+        assert_eq!(t.policy.max_timeout_secs, 60, "the section's own");
+        assert!(!t.policy.allow_host);
+        assert!(
+            t.policy.check_workspace("web", "container").is_err(),
+            "its own"
+        );
+        let bad = |body: &str| {
+            let text = format!("[mcp.tokens.x]\n{body}\n");
+            let section: Section = toml::from_str::<toml::Table>(&text).unwrap()["mcp"]
+                .clone()
+                .try_into()
+                .unwrap();
+            http_tokens(&section, KNOWN).unwrap_err()
+        };
+        assert!(bad("sha256 = \"abc\"").contains("64 hex digits"));
+        assert!(bad("sha256 = \"zz\"").contains("64 hex digits"));
+        let mut named = section.clone();
+        let t = named.tokens.as_mut().unwrap().remove("agent-1").unwrap();
+        named.tokens.as_mut().unwrap().insert("api-token".into(), t);
+        assert!(
+            http_tokens(&named, KNOWN)
+                .unwrap_err()
+                .contains("not api-token")
         );
     }
 

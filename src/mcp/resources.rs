@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::calls::dict_json;
 use super::output::HeadTail;
-use super::{Shared, ToolError};
+use super::{Policy, Shared, ToolError};
 use crate::dbus::client::workspace_json;
 use crate::dbus::{BUS_NAME, MANAGER_PATH};
 
@@ -57,20 +57,20 @@ fn not_found(uri: &str, why: impl std::fmt::Display) -> ErrorData {
 }
 
 /// The workspaces the policy lets this server show, as the list tool and resource give them.
-pub async fn shown(shared: &Shared) -> Result<Vec<Value>, ToolError> {
+pub async fn shown(shared: &Shared, policy: &Policy) -> Result<Vec<Value>, ToolError> {
     let m = shared.bus.manager().await.map_err(ToolError::bus)?;
     let all = m.list_workspaces().await.map_err(ToolError::bus)?;
     Ok(all
         .into_iter()
-        .filter(|(_, name, ty, _, _)| shared.policy.check_workspace(name, ty).is_ok())
+        .filter(|(_, name, ty, _, _)| policy.check_workspace(name, ty).is_ok())
         .map(|(id, name, ty, status, _)| {
             json!({"name": name, "id": id, "workspace_type": ty, "status": status})
         })
         .collect())
 }
 
-pub async fn list(shared: &Shared) -> Result<ListResourcesResult, ErrorData> {
-    let shown = shown(shared)
+pub async fn list(shared: &Shared, policy: &Policy) -> Result<ListResourcesResult, ErrorData> {
+    let shown = shown(shared, policy)
         .await
         .map_err(|e| ErrorData::internal_error(e.message, None))?;
     let mut all = vec![
@@ -122,11 +122,15 @@ fn json_contents(uri: &str, v: &Value) -> ReadResourceResult {
     ])
 }
 
-pub async fn read(shared: &Shared, uri: &str) -> Result<ReadResourceResult, ErrorData> {
+pub async fn read(
+    shared: &Shared,
+    policy: &Policy,
+    uri: &str,
+) -> Result<ReadResourceResult, ErrorData> {
     let named = parse(uri).ok_or_else(|| not_found(uri, "no such resource"))?;
     let name = match named {
         Named::List => {
-            let shown = shown(shared)
+            let shown = shown(shared, policy)
                 .await
                 .map_err(|e| ErrorData::internal_error(e.message, None))?;
             return Ok(json_contents(uri, &json!({"workspaces": shown})));
@@ -138,8 +142,7 @@ pub async fn read(shared: &Shared, uri: &str) -> Result<ReadResourceResult, Erro
         .resolve(name)
         .await
         .map_err(|e| not_found(uri, ToolError::bus(e).message))?;
-    shared
-        .policy
+    policy
         .check_workspace(&ws.name, &ws.workspace_type)
         .map_err(|r| not_found(uri, r))?;
     let failed = |e: zbus::Error| ErrorData::internal_error(ToolError::bus(e).message, None);
@@ -151,7 +154,7 @@ pub async fn read(shared: &Shared, uri: &str) -> Result<ReadResourceResult, Erro
         Named::InitLog(_) => {
             let m = shared.bus.manager().await.map_err(failed)?;
             let (log, _) = m.get_init_log(&ws.id, 0).await.map_err(failed)?;
-            let mut kept = HeadTail::new(shared.policy.max_output_bytes as usize);
+            let mut kept = HeadTail::new(policy.max_output_bytes as usize);
             kept.push(log.as_bytes());
             Ok(ReadResourceResult::new(vec![ResourceContents::text(
                 kept.finish("the init log").text,
@@ -196,9 +199,14 @@ impl Subscriptions {
         }
     }
 
-    pub async fn subscribe(&self, uri: String, peer: Peer<RoleServer>) -> Result<(), ErrorData> {
-        // Only what this server may show: reading it is the check.
-        read(&self.shared, &uri).await?;
+    pub async fn subscribe(
+        &self,
+        policy: &Policy,
+        uri: String,
+        peer: Peer<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        // Only what this caller may be shown: reading it is the check.
+        read(&self.shared, policy, &uri).await?;
         self.uris
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -23,6 +23,7 @@ async fn server(
         bus: Bus::new(conn, Some(svc.address.clone())),
         policy: Policy::new(section, transport, &tools::names()).unwrap(),
         caller: Caller::Uid(1000),
+        tokens: Vec::new(),
     });
     let (near, far) = tokio::io::duplex(1 << 20);
     tokio::spawn(async move {
@@ -182,6 +183,17 @@ async fn exec_runs_with_the_capped_timeout_and_refuses_more() {
     assert_eq!(value["error"]["outcome"], "refused");
     assert!(
         text.contains("timeout_secs 31 is over this MCP server's limit of 30 s"),
+        "{text}"
+    );
+    // A tool without options refuses what its schema does not name.
+    let (error, _, text) = call(
+        &client,
+        "list_processes",
+        json!({"workspace": "host", "all": true}),
+    )
+    .await;
+    assert!(
+        error && text.contains("all: unknown argument of list_processes"),
         "{text}"
     );
     // Options the service does not know are refused by its own schema, naming them.

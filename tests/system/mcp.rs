@@ -477,3 +477,86 @@ async fn files_are_copied_between_workspaces_and_changes_awaited() {
         manager(&conn).await.destroy_workspace(w).await.unwrap();
     }
 }
+
+/// `[mcp.tokens.NAME]` written into the configuration for one test, the file as it was after.
+struct McpTokens {
+    original: String,
+}
+
+const CONFIG: &str = "/etc/agent-workspaces/config.toml";
+
+impl McpTokens {
+    fn add(section: &str) -> Self {
+        let original = std::fs::read_to_string(CONFIG).unwrap_or_default();
+        std::fs::write(CONFIG, format!("{original}\n{section}\n")).unwrap();
+        // The bridge reads the configuration when it starts: the next connection starts it.
+        systemctl("stop agent-workspaces-http.service");
+        Self { original }
+    }
+}
+
+impl Drop for McpTokens {
+    fn drop(&mut self) {
+        let _ = std::fs::write(CONFIG, &self.original);
+        systemctl("stop agent-workspaces-http.service");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_token_opens_mcp_alone_under_its_own_limits() {
+    require_test_host();
+    bridge_socket_up();
+    let conn = bus().await;
+    let mine = ready_container_named(&conn, "mcp-mine").await;
+    let theirs = ready_container_named(&conn, "mcp-theirs").await;
+    let token = "agent-one-token-0123456789abcdef";
+    let hash = ok(&format!("printf %s {token} | sha256sum | cut -d' ' -f1"));
+    let _tokens = McpTokens::add(&format!(
+        "[mcp.tokens.agent-one]\nsha256 = \"{}\"\nworkspaces = [\"{mine}\"]\ntools = [\"list_workspaces\", \"exec\"]\n",
+        hash.trim()
+    ));
+    let url = "http://127.0.0.1:7600/mcp";
+    let steps = drive(
+        &format!("http {url} {token}"),
+        json!([
+            {"op": "list_tools"},
+            {"op": "call", "tool": "list_workspaces"},
+            {"op": "call", "tool": "exec", "args": {"workspace": mine, "command": "echo mine"}},
+            {"op": "call", "tool": "exec", "args": {"workspace": theirs, "command": "echo theirs"}},
+        ]),
+    );
+    let tools: Vec<&str> = steps[1]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tools, ["list_workspaces", "exec"]);
+    let shown: Vec<&str> = content(&steps[2])["workspaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, [mine.as_str()]);
+    assert_eq!(content(&steps[3])["stdout"], "mine\n");
+    assert!(refusal(&steps[4]).contains(&format!("'{theirs}' is not among")));
+    // The token opens nothing of the REST API.
+    let (status, body) = super::rest::curl("GET", "/api/workspaces", Some(token), "");
+    assert_eq!(status, 401, "{body}");
+    // The API token still reaches both through /mcp (the [mcp] section alone applies to it).
+    let steps = drive(
+        &format!("http {url} {TOKEN}"),
+        json!([{"op": "call", "tool": "exec", "args": {"workspace": theirs, "command": "echo theirs"}}]),
+    );
+    assert_eq!(content(&steps[1])["stdout"], "theirs\n");
+    let entries = journal(&format!(
+        "MESSAGE_ID={} WORKSPACE_NAME={theirs} TOKEN_NAME=agent-one",
+        agent_workspaces::mcp::audit::MCP_TOOL_CALLED
+    ));
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["OUTCOME"], "refused");
+    for w in [&mine, &theirs] {
+        manager(&conn).await.destroy_workspace(w).await.unwrap();
+    }
+}
