@@ -140,9 +140,20 @@ fn mcp(shared: Arc<crate::mcp::Shared>, state: Arc<AppState>) -> Router<Arc<AppS
     use rmcp::transport::streamable_http_server::{
         StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
     };
+    // A session ends after this long without an event of its own; a call waiting quietly
+    // (an exec up to the largest timeout, a first build) must not outlive it.
+    let longest = std::iter::once(&shared.policy)
+        .chain(shared.tokens.iter().map(|t| &t.policy))
+        .map(|p| p.max_timeout_secs)
+        .max()
+        .unwrap_or(0)
+        .max(3600);
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config.keep_alive =
+        Some(std::time::Duration::from_secs(u64::from(longest) + 300));
     let service = StreamableHttpService::new(
         move || Ok(crate::mcp::Server::new(shared.clone())),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(sessions),
         // The token is the check: a browser page cannot send it, so a rebound host name
         // gains nothing, and the bridge may be reached by any name its operator gives it.
         StreamableHttpServerConfig::default()

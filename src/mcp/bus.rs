@@ -59,6 +59,12 @@ impl Bus {
         &self.shared
     }
 
+    /// A connection of its own (a subscription's signals: a reader that falls behind holds up
+    /// only its own connection).
+    pub async fn own(&self) -> zbus::Result<zbus::Connection> {
+        connect(self.address.as_deref()).await
+    }
+
     pub async fn lease(&self) -> zbus::Result<Lease> {
         let spare = self
             .spare
@@ -82,11 +88,28 @@ impl Bus {
         manager_on(&self.shared).await
     }
 
+    /// Remembers the name and type of workspace `id` (as `ListWorkspaces` gave them).
+    pub fn remember(&self, id: &str, name: &str, workspace_type: &str) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        if known.len() >= CACHED {
+            known.clear();
+        }
+        known.insert(id.to_owned(), (name.to_owned(), workspace_type.to_owned()));
+    }
+
+    /// The name and type of the workspace with id `id`, if this server has seen it.
+    pub fn known(&self, id: &str) -> Option<(String, String)> {
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
     /// The workspace `key` (name or id) names now.
     pub async fn resolve(&self, key: &str) -> zbus::Result<Resolved> {
         let path = self.manager().await?.get_workspace(key).await?;
-        let escaped = path.as_str().rsplit('/').next().unwrap_or_default();
-        let id = crate::core::names::bus_label_unescape(escaped).unwrap_or_default();
+        let id = id_of(&path);
         let seen = self
             .known
             .lock()
@@ -169,6 +192,12 @@ impl Bus {
     }
 }
 
+/// The id of the workspace object at `path` (its last element, bus-label escaped).
+pub fn id_of(path: &zbus::OwnedObjectPath) -> String {
+    let escaped = path.as_str().rsplit('/').next().unwrap_or_default();
+    crate::core::names::bus_label_unescape(escaped).unwrap_or_default()
+}
+
 pub const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
 
 /// A proxy of the manager that caches nothing (building it costs no bus call).
@@ -183,14 +212,11 @@ pub async fn manager_on(conn: &zbus::Connection) -> zbus::Result<WorkspacesProxy
 
 /// A failed call, as the model reads it: the service's error name (last part) and its message.
 pub fn failure(e: zbus::Error) -> (String, String) {
-    let code = match &e {
-        zbus::Error::MethodError(name, _, _) => name
-            .as_str()
-            .rsplit('.')
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
+    let name = match &e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        zbus::Error::FDO(f) => zbus::DBusError::name(f.as_ref()).to_string(),
         _ => "BusError".to_owned(),
     };
+    let code = name.rsplit('.').next().unwrap_or_default().to_owned();
     (code, crate::core::Error::from(e).to_string())
 }

@@ -234,13 +234,15 @@ impl Call<'_> {
             spec.insert("build_on_create".into(), Variant::from(true));
         }
         let m = self.shared.bus.manager().await.map_err(ToolError::bus)?;
-        m.create_workspace(args(&spec))
+        let path = m
+            .create_workspace(args(&spec))
             .await
             .map_err(ToolError::bus)?;
+        // The one this call made (by its id), whatever takes its name meanwhile.
         let ws = self
             .shared
             .bus
-            .resolve(&name)
+            .resolve(&super::bus::id_of(&path))
             .await
             .map_err(ToolError::bus)?;
         if ws.workspace_type != "container" || !wait {
@@ -309,13 +311,18 @@ impl Call<'_> {
                     return Err(ToolError::internal("the service's signals ended"));
                 },
                 () = ct.cancelled() => {
-                    if let Ok(m) = self.shared.bus.manager().await {
-                        let _ = m.destroy_workspace(&ws.id).await;
-                    }
+                    let destroyed = match self.shared.bus.manager().await {
+                        Ok(m) => m.destroy_workspace(&ws.id).await,
+                        Err(e) => Err(e),
+                    };
+                    let what = match destroyed {
+                        Ok(()) => "is destroyed".to_owned(),
+                        Err(e) => format!("could not be destroyed: {}", ToolError::bus(e).message),
+                    };
                     return Err(ToolError {
                         message: format!(
                             "the call was cancelled; workspace '{}', whose build it was \
-                             waiting for, is destroyed",
+                             waiting for, {what}",
                             ws.name
                         ),
                         ..ToolError::cancelled()
@@ -337,13 +344,14 @@ impl Call<'_> {
             .check_workspace(&name, "container")
             .map_err(ToolError::refused)?;
         let m = self.shared.bus.manager().await.map_err(ToolError::bus)?;
-        m.fork_workspace(&source.id, &snapshot, args(&spec))
+        let path = m
+            .fork_workspace(&source.id, &snapshot, args(&spec))
             .await
             .map_err(ToolError::bus)?;
         let fork = self
             .shared
             .bus
-            .resolve(&name)
+            .resolve(&super::bus::id_of(&path))
             .await
             .map_err(ToolError::bus)?;
         self.record(&fork).await.map(Done::json)
@@ -354,7 +362,6 @@ impl Call<'_> {
         self.note(&key);
         let command = self.take_str("command")?;
         let limit = self
-            .shared
             .policy
             .output_bytes(self.take_u32("max_output_bytes")?)
             .map_err(ToolError::refused)?;
@@ -362,11 +369,7 @@ impl Call<'_> {
         let asked = options
             .get("timeout_secs")
             .and_then(|v| u32::try_from(v.try_clone().ok()?).ok());
-        let timeout = self
-            .shared
-            .policy
-            .timeout(asked)
-            .map_err(ToolError::refused)?;
+        let timeout = self.policy.timeout(asked).map_err(ToolError::refused)?;
         options.insert("timeout_secs".into(), Variant::from(timeout));
         // The hot path: the workspace as resolved last (checked all the same); one destroyed
         // since fails before anything runs, and is resolved afresh.

@@ -9,7 +9,6 @@ use zbus::Variant;
 
 use super::bus::Resolved;
 use super::calls::Call;
-use super::output::HeadTail;
 use super::{Done, ToolError};
 use crate::dbus::client::{OwnedArgs, ProcessProxy, args, entry_json};
 
@@ -127,7 +126,15 @@ async fn process(call: &mut Call<'_>, ws: &Resolved) -> Result<ProcessProxy<'sta
         .build()
         .await
         .map_err(ToolError::bus)?;
-    if p.id().await.is_err() {
+    if let Err(e) = p.id().await {
+        let e = ToolError::bus(e);
+        // An object that is not there answers UnknownObject (or knows no such method).
+        if !matches!(
+            e.code.as_str(),
+            "UnknownObject" | "UnknownMethod" | "UnknownInterface" | "UnknownProperty"
+        ) {
+            return Err(e);
+        }
         return Err(ToolError {
             code: "NoSuchProcess".into(),
             ..ToolError::invalid(format!(
@@ -159,7 +166,6 @@ async fn read_output(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolErr
     let offset = call.take_u64("offset")?.unwrap_or(0);
     let wait = call.take_u32("wait_secs")?.unwrap_or(0).min(MAX_WAIT_SECS);
     let limit = call
-        .shared
         .policy
         .output_bytes(call.take_u32("max_output_bytes")?)
         .map_err(ToolError::refused)?;
@@ -168,10 +174,13 @@ async fn read_output(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolErr
     let max = u32::try_from(limit).unwrap_or(u32::MAX);
     loop {
         let (data, next, ended) = p.read_output(offset, max).await.map_err(ToolError::bus)?;
+        // A character cut at the end is left for the next read (the output goes on).
+        let kept = whole_characters(&data, !ended).len();
+        let (data, next) = (&data[..kept], next - (data.len() - kept) as u64);
         if !data.is_empty() || ended || tokio::time::Instant::now() >= deadline {
             let running = p.running().await.unwrap_or(false);
             let mut v = json!({
-                "output": String::from_utf8_lossy(&data),
+                "output": String::from_utf8_lossy(data),
                 "next_offset": next,
                 "running": running,
                 "ended": ended,
@@ -194,7 +203,6 @@ async fn read_output(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolErr
 async fn read_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError> {
     let path = call.take_str("path")?;
     let limit = call
-        .shared
         .policy
         .output_bytes(call.take_u32("max_output_bytes")?)
         .map_err(ToolError::refused)?;
@@ -206,8 +214,9 @@ async fn read_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError
     let asked = options
         .get("length")
         .and_then(|v| u64::try_from(v.try_clone().ok()?).ok());
-    // One byte more than is shown says whether the file goes on.
-    let length = asked.unwrap_or(u64::MAX).min(limit as u64 + 1);
+    // The page: what was asked, within the bound; one byte more says whether the file goes on.
+    let page = asked.unwrap_or(u64::MAX).min(limit as u64) as usize;
+    let length = page as u64 + 1;
     options.insert("length".into(), Variant::from(length));
     let lease = call.shared.bus.lease().await.map_err(ToolError::bus)?;
     let read = async {
@@ -237,12 +246,10 @@ async fn read_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError
         }
     };
     call.shared.bus.give_back(lease);
-    let more = data.len() > limit;
-    let shown = &data[..data.len().min(limit)];
-    let mut kept = HeadTail::new(limit.max(1));
-    kept.push(shown);
-    let text = kept.finish("the file").text;
-    let binary = std::str::from_utf8(shown).is_err() && !more;
+    let more = data.len() > page;
+    let shown = whole_characters(&data[..data.len().min(page)], more);
+    let text = String::from_utf8_lossy(shown).into_owned();
+    let next = offset + shown.len() as u64;
     let mut v = json!({
         "path": path,
         "offset": offset,
@@ -252,19 +259,28 @@ async fn read_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError
     });
     let mut note = String::new();
     if more {
-        v["next_offset"] = json!(offset + shown.len() as u64);
-        note = format!(
-            "\n[... the file goes on: read on with offset {} ...]",
-            offset + shown.len() as u64
-        );
+        v["next_offset"] = json!(next);
+        note = format!("\n[... the file goes on: read on with offset {next} ...]");
     }
-    if binary {
-        note.push_str("\n[the file is not valid UTF-8: bytes that are not were replaced]");
+    if std::str::from_utf8(shown).is_err() {
+        v["replaced_invalid_utf8"] = json!(true);
+        note.push_str("\n[the file is not valid UTF-8 text: bytes that are not were replaced]");
     }
     Ok(Done {
         text: Some(format!("{text}{note}")),
         value: v,
     })
+}
+
+/// `data` without a character cut at its end when more follows (the next read starts with
+/// it); bytes that are no UTF-8 anyway are kept as they are.
+fn whole_characters(data: &[u8], more: bool) -> &[u8] {
+    match std::str::from_utf8(data) {
+        Err(e) if more && e.error_len().is_none() && e.valid_up_to() > 0 => {
+            &data[..e.valid_up_to()]
+        }
+        _ => data,
+    }
 }
 
 async fn write_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError> {
@@ -382,6 +398,24 @@ async fn watch(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_character_cut_at_a_page_end_waits_for_the_next_page() {
+        let text = "aé".as_bytes(); // 'a', then two bytes
+        assert_eq!(whole_characters(&text[..2], true), b"a");
+        assert_eq!(
+            whole_characters(&text[..2], false),
+            &text[..2],
+            "the end: as it is"
+        );
+        assert_eq!(whole_characters(text, true), text);
+        let binary = [0xffu8, 0xfe, 0x00];
+        assert_eq!(
+            whole_characters(&binary, true),
+            &binary,
+            "no text: as it is"
+        );
+    }
 
     #[test]
     fn signals_by_name_or_number() {

@@ -17,7 +17,8 @@ pub mod policy;
 mod resources;
 pub mod tools;
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use rmcp::model::{
@@ -64,21 +65,20 @@ impl Shared {
         found
     }
 
-    /// The limits and the identity of the caller of one request: the token the bridge found
-    /// on it (over HTTP), or this server's own.
-    fn who(&self, extensions: &rmcp::model::Extensions) -> (&Policy, Caller) {
-        let name = extensions
-            .get::<http::request::Parts>()
-            .and_then(|p| p.extensions.get::<TokenName>());
-        match name {
-            None => (&self.policy, self.caller.clone()),
-            Some(TokenName(name)) => {
-                let policy = self
-                    .tokens
-                    .iter()
-                    .find(|t| &t.name == name)
-                    .map_or(&self.policy, |t| &t.policy);
-                (policy, Caller::Token(name.clone()))
+    /// The limits and the identity of a caller: the token the bridge found on its request
+    /// (over HTTP), or this server's own. A name no token has gets nothing.
+    fn who(&self, token: Option<&str>) -> (Cow<'_, Policy>, Caller) {
+        match token {
+            None => (Cow::Borrowed(&self.policy), self.caller.clone()),
+            Some(name) => {
+                let policy = match self.tokens.iter().find(|t| t.name == name) {
+                    Some(t) => Cow::Borrowed(&t.policy),
+                    None if self.caller == Caller::Token(name.to_owned()) => {
+                        Cow::Borrowed(&self.policy)
+                    }
+                    None => Cow::Owned(Policy::nothing()),
+                };
+                (policy, Caller::Token(name.to_owned()))
             }
         }
     }
@@ -89,6 +89,9 @@ impl Shared {
 pub struct Server {
     shared: Arc<Shared>,
     subscriptions: Arc<resources::Subscriptions>,
+    /// Over HTTP, the token that opened the session: a request of it with another token gets
+    /// nothing (a session id is no credential).
+    opened_by: Arc<OnceLock<Option<String>>>,
 }
 
 impl Server {
@@ -96,7 +99,22 @@ impl Server {
         Self {
             subscriptions: Arc::new(resources::Subscriptions::new(shared.clone())),
             shared,
+            opened_by: Arc::default(),
         }
+    }
+
+    /// The limits and identity of the caller of one request.
+    fn who(&self, extensions: &rmcp::model::Extensions) -> (Cow<'_, Policy>, Caller) {
+        let token = extensions
+            .get::<http::request::Parts>()
+            .and_then(|p| p.extensions.get::<TokenName>())
+            .map(|t| t.0.clone());
+        let opened_by = self.opened_by.get_or_init(|| token.clone());
+        let (policy, caller) = self.shared.who(token.as_deref());
+        if *opened_by != token {
+            return (Cow::Owned(Policy::nothing()), caller);
+        }
+        (policy, caller)
     }
 }
 
@@ -248,7 +266,7 @@ impl ServerHandler for Server {
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let (policy, _) = self.shared.who(&context.extensions);
+        let (policy, _) = self.who(&context.extensions);
         Ok(ListToolsResult::with_all_items(
             tools::TOOLS
                 .iter()
@@ -272,13 +290,13 @@ impl ServerHandler for Server {
             ));
         };
         let workspace = Mutex::new(None::<String>);
-        let (policy, caller) = self.shared.who(&context.extensions);
+        let (policy, caller) = self.who(&context.extensions);
         let r = match policy.check_tool(spec.name) {
             Err(refusal) => Err(ToolError::refused(refusal)),
             Ok(()) => {
                 let call = calls::Call {
                     shared: &self.shared,
-                    policy,
+                    policy: &policy,
                     args: request.arguments.unwrap_or_default(),
                     context: &context,
                     workspace: &workspace,
@@ -305,8 +323,8 @@ impl ServerHandler for Server {
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        let (policy, _) = self.shared.who(&context.extensions);
-        resources::list(&self.shared, policy).await
+        let (policy, _) = self.who(&context.extensions);
+        resources::list(&self.shared, &policy).await
     }
 
     async fn list_resource_templates(
@@ -322,8 +340,8 @@ impl ServerHandler for Server {
         request: ReadResourceRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
-        let (policy, _) = self.shared.who(&context.extensions);
-        resources::read(&self.shared, policy, &request.uri)
+        let (policy, _) = self.who(&context.extensions);
+        resources::read(&self.shared, &policy, &request.uri)
             .await
             .map(Into::into)
     }
@@ -333,9 +351,9 @@ impl ServerHandler for Server {
         request: SubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
-        let (policy, _) = self.shared.who(&context.extensions);
+        let (policy, _) = self.who(&context.extensions);
         self.subscriptions
-            .subscribe(policy, request.uri, context.peer.clone())
+            .subscribe(&policy, request.uri, context.peer.clone())
             .await
     }
 

@@ -38,7 +38,8 @@ impl HeadTail {
         let now = room.min(data.len());
         self.head.extend_from_slice(&data[..now]);
         data = &data[now..];
-        let keep = self.limit / 2;
+        // The tail's share of the bound: the half the head does not take.
+        let keep = self.limit - self.limit / 2;
         if data.len() >= keep {
             self.tail.clear();
             self.tail.extend(&data[data.len() - keep..]);
@@ -65,9 +66,10 @@ impl HeadTail {
         let mut tail: Vec<u8> = self.head[half..].to_vec();
         tail.extend(self.tail);
         let tail = &tail[tail.len().saturating_sub(keep_tail)..];
-        let omitted = self.total - (half + tail.len()) as u64;
         let head = trim_end_to_char(&self.head[..half]);
         let tail = trim_start_to_char(tail);
+        // What is shown and what is said to be left out add up to the whole.
+        let omitted = self.total - (head.len() + tail.len()) as u64;
         Bounded {
             text: format!(
                 "{}\n[... {omitted} bytes of {what} left out: {} bytes in all, the first {} and \
@@ -148,6 +150,35 @@ mod tests {
     }
 
     #[test]
+    fn any_bound_odd_or_even_keeps_the_true_head_and_tail() {
+        // A reference: the first half and the last half of everything.
+        let all: Vec<u8> = (0..997u32).map(|i| b'a' + (i * 7 % 26) as u8).collect();
+        for limit in [2usize, 3, 11, 50, 51, 100, 101] {
+            for chunk in [1usize, 2, 5, 64, 997] {
+                let mut h = HeadTail::new(limit);
+                for c in all.chunks(chunk) {
+                    h.push(c);
+                }
+                let b = h.finish("stdout");
+                let (head, rest) = b.text.split_once("\n[... ").unwrap();
+                let tail = rest.split_once(" ...]\n").unwrap().1;
+                let (half, keep) = (limit / 2, limit - limit / 2);
+                assert_eq!(
+                    head.as_bytes(),
+                    &all[..half],
+                    "limit {limit}, chunks {chunk}"
+                );
+                assert_eq!(
+                    tail.as_bytes(),
+                    &all[all.len() - keep..],
+                    "limit {limit}, chunks {chunk}"
+                );
+                assert_eq!(b.omitted_bytes, (all.len() - limit) as u64);
+            }
+        }
+    }
+
+    #[test]
     fn no_character_is_cut_in_two() {
         let text = "é".repeat(100); // 200 bytes
         let b = bounded(51, &[text.as_bytes()]);
@@ -161,5 +192,14 @@ mod tests {
         // 25 bytes of head hold 12 characters and a half; 26 of tail, 13 whole.
         assert_eq!(head, "é".repeat(12));
         assert_eq!(tail, "é".repeat(13));
+        assert_eq!(
+            b.omitted_bytes,
+            200 - 24 - 26,
+            "what is shown and left out add up"
+        );
+        // Four-byte characters, an odd bound: no replacement character either end.
+        let text = "😀".repeat(50);
+        let b = bounded(23, &[text.as_bytes()]);
+        assert!(!b.text.contains('\u{fffd}'), "{}", b.text);
     }
 }

@@ -218,6 +218,17 @@ impl Policy {
         })
     }
 
+    /// Nothing at all: no tool, no workspace (a caller the server cannot place).
+    pub fn nothing() -> Self {
+        Self {
+            workspaces: Some(BTreeSet::new()),
+            allow_host: false,
+            tools: Some(BTreeSet::new()),
+            max_timeout_secs: 1,
+            max_output_bytes: MIN_OUTPUT_BYTES,
+        }
+    }
+
     pub fn tool_allowed(&self, tool: &str) -> bool {
         self.tools.as_ref().is_none_or(|t| t.contains(tool))
     }

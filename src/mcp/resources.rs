@@ -60,6 +60,9 @@ fn not_found(uri: &str, why: impl std::fmt::Display) -> ErrorData {
 pub async fn shown(shared: &Shared, policy: &Policy) -> Result<Vec<Value>, ToolError> {
     let m = shared.bus.manager().await.map_err(ToolError::bus)?;
     let all = m.list_workspaces().await.map_err(ToolError::bus)?;
+    for (id, name, ty, _, _) in &all {
+        shared.bus.remember(id, name, ty);
+    }
     Ok(all
         .into_iter()
         .filter(|(_, name, ty, _, _)| policy.check_workspace(name, ty).is_ok())
@@ -190,6 +193,9 @@ impl Drop for Subscriptions {
     }
 }
 
+/// How long one notification may wait for a client that does not read: then it is dropped.
+const NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Subscriptions {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self {
@@ -213,9 +219,13 @@ impl Subscriptions {
             .insert(uri);
         let mut follower = self.follower.lock().unwrap_or_else(PoisonError::into_inner);
         if follower.as_ref().is_none_or(JoinHandle::is_finished) {
-            let stream = signals(self.shared.bus.shared().clone());
-            let (shared, uris) = (self.shared.clone(), self.uris.clone());
-            *follower = Some(tokio::spawn(follow(stream, shared, uris, peer)));
+            let follow = Follower {
+                shared: self.shared.clone(),
+                policy: policy.clone(),
+                uris: self.uris.clone(),
+                peer,
+            };
+            *follower = Some(tokio::spawn(follow.run()));
         }
         Ok(())
     }
@@ -228,6 +238,102 @@ impl Subscriptions {
     }
 }
 
+/// Follows the service's signals for one session, on a connection of its own, and tells the
+/// client of the changes it subscribed to and may see.
+struct Follower {
+    shared: Arc<Shared>,
+    /// The limits of the caller that subscribed first.
+    policy: Policy,
+    uris: Arc<Mutex<BTreeSet<String>>>,
+    peer: Peer<RoleServer>,
+}
+
+impl Follower {
+    async fn run(self) {
+        let Ok(conn) = self.shared.bus.own().await else {
+            return;
+        };
+        let Ok(mut stream) = signals(conn).await else {
+            return;
+        };
+        while let Some(Ok(msg)) = stream.next().await {
+            let header = msg.header();
+            let member = header.member().map(|m| m.to_string()).unwrap_or_default();
+            let changed = match member.as_str() {
+                "WorkspaceNew" | "WorkspaceRemoved" => {
+                    let Ok((id, _)) = msg.body().deserialize::<(String, zbus::OwnedObjectPath)>()
+                    else {
+                        continue;
+                    };
+                    if self.hidden(&id).await {
+                        continue;
+                    }
+                    let _ =
+                        tokio::time::timeout(NOTIFY_WAIT, self.peer.notify_resource_list_changed())
+                            .await;
+                    vec![LIST.to_owned()]
+                }
+                "PropertiesChanged" | "Restored" => {
+                    let path = header.path().map(|p| p.to_string()).unwrap_or_default();
+                    let Some(id) = path
+                        .strip_prefix(&format!("{MANAGER_PATH}/workspace/"))
+                        .filter(|rest| !rest.contains('/'))
+                        .and_then(crate::core::names::bus_label_unescape)
+                    else {
+                        continue;
+                    };
+                    let Some((name, _)) = self.visible(&id).await else {
+                        continue;
+                    };
+                    let base = format!("{PREFIX}{name}");
+                    vec![
+                        format!("{base}/init-log"),
+                        format!("{base}/debug"),
+                        base,
+                        LIST.to_owned(),
+                    ]
+                }
+                _ => continue,
+            };
+            let subscribed: Vec<String> = {
+                let uris = self.uris.lock().unwrap_or_else(PoisonError::into_inner);
+                changed.into_iter().filter(|u| uris.contains(u)).collect()
+            };
+            for uri in subscribed {
+                let sent = tokio::time::timeout(
+                    NOTIFY_WAIT,
+                    self.peer
+                        .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri)),
+                )
+                .await;
+                if let Ok(Err(_)) = sent {
+                    return; // the session ended
+                }
+            }
+        }
+    }
+
+    /// The name and type of workspace `id` when this caller may see it (from what the server
+    /// has seen, else asked once).
+    async fn visible(&self, id: &str) -> Option<(String, String)> {
+        let (name, ty) = match self.shared.bus.known(id) {
+            Some(k) => k,
+            None => {
+                let ws = self.shared.bus.resolve(id).await.ok()?;
+                (ws.name, ws.workspace_type)
+            }
+        };
+        self.policy.check_workspace(&name, &ty).ok()?;
+        Some((name, ty))
+    }
+
+    /// Whether a workspace that came or went is one this caller may not see (one never seen
+    /// and gone already is not told of).
+    async fn hidden(&self, id: &str) -> bool {
+        self.visible(id).await.is_none()
+    }
+}
+
 /// Every signal the service sends below its manager's path.
 async fn signals(conn: zbus::Connection) -> zbus::Result<zbus::MessageStream> {
     let rule = zbus::MatchRule::builder()
@@ -236,62 +342,6 @@ async fn signals(conn: zbus::Connection) -> zbus::Result<zbus::MessageStream> {
         .path_namespace(MANAGER_PATH)
         .build()?;
     zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(256)).await
-}
-
-async fn follow(
-    stream: impl Future<Output = zbus::Result<zbus::MessageStream>>,
-    shared: Arc<Shared>,
-    uris: Arc<Mutex<BTreeSet<String>>>,
-    peer: Peer<RoleServer>,
-) {
-    let Ok(mut stream) = stream.await else {
-        return;
-    };
-    while let Some(Ok(msg)) = stream.next().await {
-        let header = msg.header();
-        let member = header.member().map(|m| m.to_string()).unwrap_or_default();
-        let path = header.path().map(|p| p.to_string()).unwrap_or_default();
-        let mut changed: Vec<String> = Vec::new();
-        match member.as_str() {
-            "WorkspaceNew" | "WorkspaceRemoved" => {
-                changed.push(LIST.into());
-                let _ = peer.notify_resource_list_changed().await;
-            }
-            "PropertiesChanged" | "Restored" => {
-                let Some(id) = path
-                    .strip_prefix(&format!("{MANAGER_PATH}/workspace/"))
-                    .filter(|rest| !rest.contains('/'))
-                    .and_then(crate::core::names::bus_label_unescape)
-                else {
-                    continue;
-                };
-                let Ok(ws) = shared.bus.resolve(&id).await else {
-                    continue;
-                };
-                let base = format!("{PREFIX}{}", ws.name);
-                changed.extend([
-                    base.clone(),
-                    format!("{base}/init-log"),
-                    format!("{base}/debug"),
-                    LIST.into(),
-                ]);
-            }
-            _ => continue,
-        }
-        let subscribed: Vec<String> = {
-            let uris = uris.lock().unwrap_or_else(PoisonError::into_inner);
-            changed.into_iter().filter(|u| uris.contains(u)).collect()
-        };
-        for uri in subscribed {
-            if peer
-                .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri))
-                .await
-                .is_err()
-            {
-                return; // the session ended
-            }
-        }
-    }
 }
 
 #[cfg(test)]

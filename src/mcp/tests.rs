@@ -278,3 +278,47 @@ async fn resources_name_the_workspaces_the_server_may_show() {
         .unwrap_err();
     assert!(e.to_string().contains("container workspaces only"), "{e}");
 }
+
+#[tokio::test]
+async fn each_http_request_is_served_under_its_own_tokens_limits() {
+    let svc = service().await;
+    let conn = connect(&svc.address).await;
+    let section: Section = toml::from_str(&format!(
+        "allow_host = true\n[tokens.agent-1]\nsha256 = \"{}\"\nworkspaces = [\"box\"]\n",
+        "ab".repeat(32)
+    ))
+    .unwrap();
+    let tokens = policy::http_tokens(&section, &tools::names()).unwrap();
+    let shared = Arc::new(Shared {
+        bus: Bus::new(conn, Some(svc.address.clone())),
+        policy: Policy::new(section, Transport::Http, &tools::names()).unwrap(),
+        caller: Caller::Token("api-token".into()),
+        tokens,
+    });
+    let request = |token: Option<&str>| {
+        let mut parts = http::Request::new(()).into_parts().0;
+        if let Some(t) = token {
+            parts.extensions.insert(TokenName(t.to_owned()));
+        }
+        let mut ext = rmcp::model::Extensions::new();
+        ext.insert(parts);
+        ext
+    };
+    let server = Server::new(shared.clone());
+    let (policy, caller) = server.who(&request(Some("agent-1")));
+    assert_eq!(caller, Caller::Token("agent-1".into()));
+    assert!(policy.check_workspace("web", "container").is_err());
+    policy.check_workspace("box", "container").unwrap();
+    // The session was opened by agent-1: a request of it with another token gets nothing.
+    let (policy, _) = server.who(&request(Some("api-token")));
+    assert!(!policy.tool_allowed("list_workspaces"));
+    // The API token, in a session of its own: [mcp]'s limits.
+    let server = Server::new(shared.clone());
+    let (policy, caller) = server.who(&request(Some("api-token")));
+    assert_eq!(caller, Caller::Token("api-token".into()));
+    policy.check_workspace("web", "host").unwrap();
+    // A name no token has (the bridge never sets one): nothing.
+    let server = Server::new(shared);
+    let (policy, _) = server.who(&request(Some("nobody")));
+    assert!(!policy.tool_allowed("exec"));
+}

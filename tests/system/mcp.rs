@@ -457,6 +457,11 @@ async fn files_are_copied_between_workspaces_and_changes_awaited() {
             {"op": "call", "tool": "watch_files", "args": {"workspace": b, "path": "watched", "wait_secs": 20}},
             {"op": "call", "tool": "copy_files",
              "args": {"workspace": a, "path": "out", "to_workspace": "host", "to_path": "x"}},
+            // Paged: a character cut at a page's end waits for the next page.
+            {"op": "call", "tool": "write_file", "args": {"workspace": a, "path": "h.txt", "content": "héllo"}},
+            {"op": "call", "tool": "read_file", "args": {"workspace": a, "path": "h.txt", "length": 2}},
+            {"op": "call", "tool": "read_file",
+             "args": {"workspace": a, "path": "h.txt", "offset": "$9.next_offset", "length": 100}},
         ]),
     );
     content(&steps[1]);
@@ -473,6 +478,13 @@ async fn files_are_copied_between_workspaces_and_changes_awaited() {
     );
     // A copy into a workspace the server may not use is refused like any other use of it.
     assert!(refusal(&steps[7]).contains("container workspaces only"));
+    let first = content(&steps[9]);
+    assert_eq!(first["content"], "h", "{first}");
+    assert_eq!(first["more"], true, "{first}");
+    assert_eq!(first["next_offset"], 1, "{first}");
+    let rest = content(&steps[10]);
+    assert_eq!(rest["content"], "éllo", "{rest}");
+    assert_eq!(rest["more"], false, "{rest}");
     for w in [&a, &b] {
         manager(&conn).await.destroy_workspace(w).await.unwrap();
     }
@@ -512,7 +524,7 @@ async fn an_mcp_token_opens_mcp_alone_under_its_own_limits() {
     let token = "agent-one-token-0123456789abcdef";
     let hash = ok(&format!("printf %s {token} | sha256sum | cut -d' ' -f1"));
     let _tokens = McpTokens::add(&format!(
-        "[mcp.tokens.agent-one]\nsha256 = \"{}\"\nworkspaces = [\"{mine}\"]\ntools = [\"list_workspaces\", \"exec\"]\n",
+        "[mcp.tokens.agent-one]\nsha256 = \"{}\"\nworkspaces = [\"{mine}\"]\ntools = [\"list_workspaces\", \"exec\"]\nmax_timeout_secs = 5\n",
         hash.trim()
     ));
     let url = "http://127.0.0.1:7600/mcp";
@@ -523,7 +535,14 @@ async fn an_mcp_token_opens_mcp_alone_under_its_own_limits() {
             {"op": "call", "tool": "list_workspaces"},
             {"op": "call", "tool": "exec", "args": {"workspace": mine, "command": "echo mine"}},
             {"op": "call", "tool": "exec", "args": {"workspace": theirs, "command": "echo theirs"}},
+            {"op": "call", "tool": "exec", "args": {"workspace": mine, "command": "true", "timeout_secs": 10}},
         ]),
+    );
+    // The token's own cap, not [mcp]'s.
+    assert!(
+        refusal(&steps[5]).contains("timeout_secs 10 is over this MCP server's limit of 5 s"),
+        "{}",
+        steps[5]
     );
     let tools: Vec<&str> = steps[1]["tools"]
         .as_array()
