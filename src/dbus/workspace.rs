@@ -435,12 +435,9 @@ impl WorkspaceObject {
 
     #[zbus(property)]
     async fn network(&self) -> zbus::fdo::Result<String> {
-        let ws = self.ws()?;
-        Ok(if ws.is_container() {
-            ws.network.as_str().to_owned()
-        } else {
-            String::new()
-        })
+        // A host workspace's commands run in the host's own network: `host`, as a container
+        // given that network says.
+        Ok(self.ws()?.network.as_str().to_owned())
     }
 
     /// Egress rules: with entries, only what they name is reachable (`internet` network).

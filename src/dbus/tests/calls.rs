@@ -234,3 +234,17 @@ async fn a_caller_that_leaves_the_bus_ends_its_commands() {
     .await;
     assert!(matches!(destroyed, Ok(Ok(()))), "{destroyed:?}");
 }
+
+#[tokio::test]
+async fn a_host_workspace_says_its_network_is_the_hosts() {
+    let svc = service().await;
+    let host = svc.manager().await.get_workspace("host").await.unwrap();
+    assert_eq!(svc.workspace(&host).await.network().await.unwrap(), "host");
+    let path = svc
+        .create(vec![("name", Variant::from("plain"))])
+        .await
+        .unwrap();
+    assert_eq!(svc.workspace(&path).await.network().await.unwrap(), "host");
+    let path = svc.create(container("boxed")).await.unwrap();
+    assert_eq!(svc.workspace(&path).await.network().await.unwrap(), "internet");
+}
