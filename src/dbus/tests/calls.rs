@@ -246,5 +246,8 @@ async fn a_host_workspace_says_its_network_is_the_hosts() {
         .unwrap();
     assert_eq!(svc.workspace(&path).await.network().await.unwrap(), "host");
     let path = svc.create(container("boxed")).await.unwrap();
-    assert_eq!(svc.workspace(&path).await.network().await.unwrap(), "internet");
+    assert_eq!(
+        svc.workspace(&path).await.network().await.unwrap(),
+        "internet"
+    );
 }
