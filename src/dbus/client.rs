@@ -12,6 +12,72 @@ pub async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
     }
 }
 
+/// The interface of a workspace object.
+pub const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
+
+/// A proxy of the manager that caches no properties: building it costs no bus call (a caching
+/// proxy would add a match rule and a GetAll to every request).
+pub async fn manager_on(conn: &zbus::Connection) -> zbus::Result<WorkspacesProxy<'static>> {
+    WorkspacesProxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+/// Every property of the workspace object at `path`, in one `GetAll`.
+pub async fn workspace_properties(
+    conn: &zbus::Connection,
+    path: &OwnedObjectPath,
+) -> zbus::Result<HashMap<String, OwnedVariant>> {
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination(super::BUS_NAME)
+        .path(path.clone())
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    Ok(props
+        .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+            WORKSPACE_IFACE,
+        ))
+        .await?)
+}
+
+/// The id of the workspace whose object is at `path` (its last element, bus-label escaped).
+pub fn workspace_id_of(path: &OwnedObjectPath) -> String {
+    let escaped = path.as_str().rsplit('/').next().unwrap_or_default();
+    crate::core::names::bus_label_unescape(escaped).unwrap_or_default()
+}
+
+/// A dictionary of a reply (the debug report) as JSON.
+pub fn dict_json(d: &Dict) -> serde_json::Value {
+    serde_json::Value::Object(
+        d.iter()
+            .map(|(k, v)| (k.clone(), variant_json(v)))
+            .collect(),
+    )
+}
+
+/// A pipe (its ends closed on exec), for what goes to the service as a descriptor.
+pub fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let (r, w) = std::io::pipe()?;
+    Ok((r.into(), w.into()))
+}
+
+/// A command's standard input for `ExecWithFds`: `/dev/null`, or a pipe that `data` is written
+/// into by a task (a command that does not read it closes the pipe: not an error).
+pub fn command_input(data: Option<Vec<u8>>) -> std::io::Result<std::os::fd::OwnedFd> {
+    use tokio::io::AsyncWriteExt;
+    let Some(data) = data else {
+        return Ok(std::fs::File::open("/dev/null")?.into());
+    };
+    let (r, w) = pipe()?;
+    let mut w = tokio::net::unix::pipe::Sender::from_owned_fd(w)?;
+    tokio::spawn(async move {
+        let _ = w.write_all(&data).await;
+    });
+    Ok(r)
+}
+
 /// What a terminal runs where no command is given (`workspacectl shell`, the REST terminal):
 /// bash's login shell where there is bash, sh's elsewhere.
 pub const LOGIN_SHELL: &str = "command -v bash >/dev/null && exec bash -l; exec sh -l";

@@ -16,14 +16,7 @@ pub(super) async fn manager(state: &AppState) -> ApiResult<WorkspacesProxy<'stat
     Ok(manager_on(&state.conn).await?)
 }
 
-/// A proxy of the manager that caches no properties: building it costs no bus call (a caching
-/// proxy would add a match rule and a GetAll to every request).
-pub(super) async fn manager_on(conn: &zbus::Connection) -> zbus::Result<WorkspacesProxy<'static>> {
-    WorkspacesProxy::builder(conn)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-}
+pub(super) use crate::dbus::client::manager_on;
 
 /// A request body as JSON, whatever Content-Type the client sent (curl -d sends a form type).
 pub(super) fn body_json(bytes: Bytes) -> ApiResult<Map<String, Value>> {
@@ -39,22 +32,12 @@ pub(super) fn body_json(bytes: Bytes) -> ApiResult<Map<String, Value>> {
     }
 }
 
-pub(super) const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
+pub(super) use crate::dbus::client::WORKSPACE_IFACE;
 
 /// The workspace as JSON, from its object's properties.
 pub(super) async fn workspace_json(state: &AppState, key: &str) -> ApiResult<Value> {
     let path = manager(state).await?.get_workspace(key).await?;
-    let props = zbus::fdo::PropertiesProxy::builder(&state.conn)
-        .destination(crate::dbus::BUS_NAME)
-        .path(path)
-        .build()
-        .await?;
-    let all = props
-        .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
-            WORKSPACE_IFACE,
-        ))
-        .await
-        .map_err(zbus::Error::from)?;
+    let all = crate::dbus::client::workspace_properties(&state.conn, &path).await?;
     Ok(workspace_from(&all))
 }
 

@@ -10,10 +10,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tracing::info;
 
-use crate::dbus::client::{args, variant_json};
+use crate::dbus::client::args;
 use crate::dbus::schema;
 
 use super::*;
@@ -193,8 +193,7 @@ pub(super) async fn create(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let spec = schema::CREATE.from_json(body_json(body)?)?;
     let path = manager(&state).await?.create_workspace(args(&spec)).await?;
-    let id = path.as_str().rsplit('/').next().unwrap_or_default();
-    let id = crate::core::names::bus_label_unescape(id).unwrap_or_default();
+    let id = crate::dbus::client::workspace_id_of(&path);
     info!(workspace_id = %id, "REST: created workspace");
     Ok((
         StatusCode::CREATED,
@@ -355,11 +354,7 @@ pub(super) async fn debug(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let info = manager(&state).await?.get_debug_info(&id).await?;
-    let map: Map<String, Value> = info
-        .iter()
-        .map(|(k, v)| (k.clone(), variant_json(v)))
-        .collect();
-    Ok(Json(Value::Object(map)))
+    Ok(Json(crate::dbus::client::dict_json(&info)))
 }
 
 pub(super) async fn rerun_init(

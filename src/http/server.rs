@@ -13,28 +13,44 @@ use tracing::warn;
 
 use super::*;
 
+/// The token of `Authorization: Bearer TOKEN`, if the request has one.
+fn bearer(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::as_bytes)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether `given` is the API token (compared in constant time).
+fn is_api_token(state: &AppState, given: &[u8]) -> bool {
+    !given.is_empty() && bool::from(given.ct_eq(state.token.as_bytes()))
+}
+
+fn unauthorized() -> Response {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid 'Authorization: Bearer <token>' header is required",
+    )
+    .into_response()
+}
+
 pub(super) async fn require_token(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.as_bytes().to_vec())
+    let given = bearer(&headers)
+        .map(<[u8]>::to_vec)
         .or_else(|| websocket_token(&headers))
         .unwrap_or_default();
-    if bool::from(given.ct_eq(state.token.as_bytes())) && !given.is_empty() {
+    if is_api_token(&state, &given) {
         next.run(request).await
     } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid 'Authorization: Bearer <token>' header is required",
-        )
-        .into_response()
+        unauthorized()
     }
 }
 
@@ -47,34 +63,20 @@ pub(super) async fn require_mcp_token(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::as_bytes)
-        .unwrap_or_default();
-    let name = if !given.is_empty() && bool::from(given.ct_eq(state.token.as_bytes())) {
+    let Some(given) = bearer(&headers) else {
+        return unauthorized();
+    };
+    let name = if is_api_token(&state, given) {
         Some(super::TOKEN_NAME.to_owned())
     } else {
-        state
-            .mcp
-            .as_ref()
-            .and_then(|m| m.mcp_token(given))
-            .filter(|_| !given.is_empty())
-            .map(|t| t.name.clone())
+        let mcp = state.mcp.as_ref();
+        mcp.and_then(|m| m.mcp_token(given)).map(|t| t.name.clone())
     };
-    match name {
-        Some(name) => {
-            request.extensions_mut().insert(crate::mcp::TokenName(name));
-            next.run(request).await
-        }
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid 'Authorization: Bearer <token>' header is required",
-        )
-        .into_response(),
-    }
+    let Some(name) = name else {
+        return unauthorized();
+    };
+    request.extensions_mut().insert(crate::mcp::TokenName(name));
+    next.run(request).await
 }
 
 /// The token a browser's WebSocket gives, which cannot set `Authorization`: offered as the

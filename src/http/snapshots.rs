@@ -88,8 +88,7 @@ pub(super) async fn fork(
         .await?
         .fork_workspace(&id, &snapshot, args(&spec))
         .await?;
-    let new = path.as_str().rsplit('/').next().unwrap_or_default();
-    let new = crate::core::names::bus_label_unescape(new).unwrap_or_default();
+    let new = crate::dbus::client::workspace_id_of(&path);
     Ok((
         StatusCode::CREATED,
         Json(workspace_json(&state, &new).await?),

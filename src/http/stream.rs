@@ -32,7 +32,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +41,7 @@ use zbus::Variant;
 
 use super::{ApiError, ApiResult, AppState};
 use crate::dbus::client::args;
-use crate::dbus::client::{ExecFdsReply, connect};
+use crate::dbus::client::{ExecFdsReply, command_input, connect, pipe};
 
 /// How long the response waits for the call's verdict before it commits to a stream.
 pub const VERDICT_WAIT: Duration = Duration::from_millis(250);
@@ -83,11 +83,6 @@ impl Verdict {
     }
 }
 
-/// A pipe whose ends are closed on exec.
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
-}
-
 fn internal(e: std::io::Error) -> ApiError {
     warn!("Cannot set up the pipes of a streaming exec: {e}");
     ApiError::new(
@@ -106,18 +101,7 @@ pub(super) async fn exec(
 ) -> ApiResult<Response> {
     let (out_r, out_w) = pipe().map_err(internal)?;
     let (err_r, err_w) = pipe().map_err(internal)?;
-    let in_r: OwnedFd = match stdin {
-        None => std::fs::File::open("/dev/null").map_err(internal)?.into(),
-        Some(data) => {
-            let (r, w) = pipe().map_err(internal)?;
-            let mut w = tokio::net::unix::pipe::Sender::from_owned_fd(w).map_err(internal)?;
-            // A command that does not read its stdin closes the pipe: not an error.
-            tokio::spawn(async move {
-                let _ = w.write_all(&data).await;
-            });
-            r
-        }
-    };
+    let in_r: OwnedFd = command_input(stdin).map_err(internal)?;
     let conn = connect(state.bus_address.as_deref()).await?;
     let mut call = Call(tokio::spawn(async move {
         let proxy = super::manager_on(&conn).await?;

@@ -11,8 +11,8 @@ use std::sync::{Mutex, PoisonError};
 
 use zbus::OwnedVariant;
 
-use crate::dbus::client::{WorkspacesProxy, connect};
-use crate::dbus::{BUS_NAME, MANAGER_PATH};
+use crate::dbus::client::{WorkspacesProxy, connect, workspace_properties};
+pub use crate::dbus::client::{manager_on, workspace_id_of as id_of};
 
 /// Spare connections kept for the next calls.
 const SPARE: usize = 8;
@@ -178,36 +178,8 @@ impl Bus {
         &self,
         path: &zbus::OwnedObjectPath,
     ) -> zbus::Result<HashMap<String, OwnedVariant>> {
-        let props = zbus::fdo::PropertiesProxy::builder(&self.shared)
-            .destination(BUS_NAME)
-            .path(path.clone())
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await?;
-        Ok(props
-            .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
-                WORKSPACE_IFACE,
-            ))
-            .await?)
+        workspace_properties(&self.shared, path).await
     }
-}
-
-/// The id of the workspace object at `path` (its last element, bus-label escaped).
-pub fn id_of(path: &zbus::OwnedObjectPath) -> String {
-    let escaped = path.as_str().rsplit('/').next().unwrap_or_default();
-    crate::core::names::bus_label_unescape(escaped).unwrap_or_default()
-}
-
-pub const WORKSPACE_IFACE: &str = "org.agent.Workspaces.Workspace";
-
-/// A proxy of the manager that caches nothing (building it costs no bus call).
-pub async fn manager_on(conn: &zbus::Connection) -> zbus::Result<WorkspacesProxy<'static>> {
-    WorkspacesProxy::builder(conn)
-        .destination(BUS_NAME)
-        .path(MANAGER_PATH)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
 }
 
 /// A failed call, as the model reads it: the service's error name (last part) and its message.

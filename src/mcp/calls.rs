@@ -12,7 +12,7 @@ use zbus::Variant;
 
 use super::bus::Resolved;
 use super::{Done, Policy, Shared, ToolError, exec, files, tools};
-use crate::dbus::client::{OwnedArgs, args, variant_json, workspace_json};
+use crate::dbus::client::{OwnedArgs, args, workspace_json};
 
 pub struct Call<'a> {
     pub shared: &'a Shared,
@@ -27,13 +27,17 @@ pub struct Call<'a> {
 impl Call<'_> {
     pub async fn run(mut self, tool: &'static str) -> Result<Done, ToolError> {
         // An argument the tool's schema does not name is refused, whatever the tool reads.
-        let schema = tools::spec(tool).map(tools::Spec::input_schema);
-        if let Some(props) = schema.as_ref().and_then(|s| s["properties"].as_object())
-            && let Some(k) = self.args.keys().find(|k| !props.contains_key(*k))
+        if let Some(spec) = tools::spec(tool)
+            && let Some(k) = self
+                .args
+                .keys()
+                .find(|k| !spec.argument_names().any(|n| n == k.as_str()))
         {
+            let mut names: Vec<&str> = spec.argument_names().collect();
+            names.sort_unstable();
             return Err(ToolError::invalid(format!(
                 "{k}: unknown argument of {tool}; its arguments: {}",
-                props.keys().cloned().collect::<Vec<_>>().join(", ")
+                names.join(", ")
             )));
         }
         match tool {
@@ -145,6 +149,12 @@ impl Call<'_> {
             Some(Value::Bool(b)) => Ok(Some(b)),
             Some(_) => Err(ToolError::invalid(format!("{name}: must be true or false"))),
         }
+    }
+
+    /// The output bound of this call: its `max_output_bytes`, within the caller's cap.
+    pub fn output_limit(&mut self) -> Result<usize, ToolError> {
+        let asked = self.take_u32("max_output_bytes")?;
+        self.policy.output_bytes(asked).map_err(ToolError::refused)
     }
 
     /// What is left of the arguments, as the tool's option dictionary (its left-out keys
@@ -361,10 +371,7 @@ impl Call<'_> {
         let key = self.take_str("workspace")?;
         self.note(&key);
         let command = self.take_str("command")?;
-        let limit = self
-            .policy
-            .output_bytes(self.take_u32("max_output_bytes")?)
-            .map_err(ToolError::refused)?;
+        let limit = self.output_limit()?;
         let mut options = self.options("exec")?;
         let asked = options
             .get("timeout_secs")
@@ -396,13 +403,4 @@ impl Call<'_> {
             }
         }
     }
-}
-
-/// A D-Bus dictionary as JSON (the debug report).
-pub fn dict_json(d: &crate::dbus::client::Dict) -> Value {
-    Value::Object(
-        d.iter()
-            .map(|(k, v)| (k.clone(), variant_json(v)))
-            .collect(),
-    )
 }

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::ToolError;
@@ -21,19 +21,7 @@ const AFTER_ANSWER: Duration = Duration::from_secs(2);
 const CHUNK: usize = 64 * 1024;
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), ToolError> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| ToolError::internal(format!("cannot make a pipe: {e}")))
-}
-
-/// `/dev/null`, opened once: a command given no input reads it.
-fn dev_null() -> Result<OwnedFd, ToolError> {
-    static NULL: std::sync::OnceLock<std::io::Result<std::fs::File>> = std::sync::OnceLock::new();
-    let null = NULL.get_or_init(|| std::fs::File::open("/dev/null"));
-    match null {
-        Ok(f) => f.try_clone().map(OwnedFd::from),
-        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-    }
-    .map_err(|e| ToolError::internal(format!("/dev/null: {e}")))
+    crate::dbus::client::pipe().map_err(|e| ToolError::internal(format!("cannot make a pipe: {e}")))
 }
 
 /// Reads `fd` into a head and tail of `limit` bytes until its end or `stop` (then `true`: the
@@ -121,19 +109,8 @@ pub async fn run(
         .and_then(|v| Vec::<u8>::try_from(v).ok());
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let in_r: OwnedFd = match stdin {
-        None => dev_null()?,
-        Some(data) => {
-            let (r, w) = pipe()?;
-            let mut w = tokio::net::unix::pipe::Sender::from_owned_fd(w)
-                .map_err(|e| ToolError::internal(format!("cannot write a pipe: {e}")))?;
-            // A command that does not read its input closes the pipe: not an error.
-            tokio::spawn(async move {
-                let _ = w.write_all(&data).await;
-            });
-            r
-        }
-    };
+    let in_r = crate::dbus::client::command_input(stdin)
+        .map_err(|e| ToolError::internal(format!("the command's input: {e}")))?;
     let stop = CancellationToken::new();
     let _stop_readers = stop.clone().drop_guard();
     let out = reader(out_r, limit, stop.clone())?;

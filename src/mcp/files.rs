@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use zbus::Variant;
 
 use super::bus::Resolved;
@@ -165,10 +165,7 @@ async fn read_output(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolErr
     let p = process(call, ws).await?;
     let offset = call.take_u64("offset")?.unwrap_or(0);
     let wait = call.take_u32("wait_secs")?.unwrap_or(0).min(MAX_WAIT_SECS);
-    let limit = call
-        .policy
-        .output_bytes(call.take_u32("max_output_bytes")?)
-        .map_err(ToolError::refused)?;
+    let limit = call.output_limit()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.into());
     let ct = call.context.ct.clone();
     let max = u32::try_from(limit).unwrap_or(u32::MAX);
@@ -202,10 +199,7 @@ async fn read_output(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolErr
 
 async fn read_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError> {
     let path = call.take_str("path")?;
-    let limit = call
-        .policy
-        .output_bytes(call.take_u32("max_output_bytes")?)
-        .map_err(ToolError::refused)?;
+    let limit = call.output_limit()?;
     let mut options = call.options("read_file")?;
     let offset = options
         .get("offset")
@@ -238,11 +232,24 @@ async fn read_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolError
             .map_err(|e| ToolError::internal(format!("reading the file: {e}")))?;
         Ok::<_, ToolError>(data)
     };
+    // What serves the file (a container's agent) may hold the pipe open and send nothing:
+    // the read has the caller's longest timeout, then the call is given up.
+    let patience = Duration::from_secs(call.policy.max_timeout_secs.into());
     let data = tokio::select! {
         r = read => r?,
         () = call.context.ct.cancelled() => {
             let _ = lease.0.close().await;
             return Err(ToolError::cancelled());
+        }
+        () = tokio::time::sleep(patience) => {
+            let _ = lease.0.close().await;
+            return Err(ToolError {
+                code: "TimedOut".into(),
+                ..ToolError::internal(format!(
+                    "{path}: its content did not come within {} s",
+                    patience.as_secs()
+                ))
+            });
         }
     };
     call.shared.bus.give_back(lease);
@@ -288,21 +295,15 @@ async fn write_file(call: &mut Call<'_>, ws: &Resolved) -> Result<Done, ToolErro
     let content = call.take_str("content")?;
     let mut options = call.options("write_file")?;
     options.insert("size".into(), Variant::from(content.len() as u64));
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| ToolError::internal(format!("cannot make a pipe: {e}")))?;
-    let mut w = tokio::net::unix::pipe::Sender::from_owned_fd(w)
-        .map_err(|e| ToolError::internal(format!("cannot write a pipe: {e}")))?;
-    let bytes = content.into_bytes();
-    let n = bytes.len();
-    let feed = tokio::spawn(async move {
-        let _ = w.write_all(&bytes).await;
-    });
+    let n = content.len();
+    // Fed by a task of its own until the service has read it all (or stops reading).
+    let r = crate::dbus::client::command_input(Some(content.into_bytes()))
+        .map_err(|e| ToolError::internal(format!("the content's pipe: {e}")))?;
     let m = call.shared.bus.manager().await.map_err(ToolError::bus)?;
     let done = m
         .write_file(&ws.id, &path, zbus::Fd::from(r.as_fd()), args(&options))
         .await;
     drop(r);
-    feed.abort();
     done.map_err(ToolError::bus)?;
     Ok(Done::json(json!({"path": path, "written_bytes": n})))
 }

@@ -17,10 +17,9 @@ use rmcp::{ErrorData, RoleServer};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use super::calls::dict_json;
 use super::output::HeadTail;
 use super::{Policy, Shared, ToolError};
-use crate::dbus::client::workspace_json;
+use crate::dbus::client::{dict_json, workspace_json};
 use crate::dbus::{BUS_NAME, MANAGER_PATH};
 
 pub const LIST: &str = "workspaces://list";

@@ -490,6 +490,20 @@ fn key_schema(k: &Key, place: Json) -> Value {
 }
 
 impl Spec {
+    /// The top-level argument names its input schema has (its own arguments, the option
+    /// keys it takes, and `limits`/`egress` where it has keys there).
+    pub fn argument_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        let options = self.options.iter().flat_map(|(keys, except)| {
+            let members = keys
+                .keys
+                .iter()
+                .filter(|k| k.json == Json::Member && !except.contains(&k.name))
+                .map(|k| k.name);
+            members.chain(keys.nested().into_iter().filter_map(Json::object))
+        });
+        self.args.iter().map(|a| a.name).chain(options)
+    }
+
     /// The JSON Schema of the tool's arguments.
     pub fn input_schema(&self) -> Arc<Map<String, Value>> {
         let mut props = Map::new();
@@ -578,6 +592,20 @@ mod tests {
             for a in t.args {
                 assert!(keys.get(a.name).is_none(), "{}: {}", t.name, a.name);
             }
+        }
+        // What a call is checked against is what the schema lists.
+        for t in TOOLS {
+            let schema = t.input_schema();
+            let mut listed: Vec<&str> = schema["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let mut named: Vec<&str> = t.argument_names().collect();
+            listed.sort_unstable();
+            named.sort_unstable();
+            assert_eq!(listed, named, "{}", t.name);
         }
         let create = spec("create_workspace").unwrap().input_schema();
         assert_eq!(

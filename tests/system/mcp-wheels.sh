@@ -12,6 +12,8 @@ if ls "$dir"/mcp-"$MCP_VERSION"-*.whl >/dev/null 2>&1 && [ -f "$dir/.complete" ]
 fi
 if ! python3 -m pip --version >/dev/null 2>&1; then
   echo "installing python3-pip (to download the MCP SDK's wheels)" >&2
+  # A fresh machine may have no package lists yet.
+  apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pip >/dev/null
 fi
 rm -rf "$dir"

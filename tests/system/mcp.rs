@@ -59,6 +59,16 @@ fn content(step: &Value) -> &Value {
     &r["structuredContent"]
 }
 
+/// The names of the tools a `list_tools` step saw, in order.
+fn tool_names(step: &Value) -> Vec<&str> {
+    step["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect()
+}
+
 /// The text of an error result.
 fn refusal(step: &Value) -> String {
     assert_eq!(step["result"]["isError"], true, "{step}");
@@ -86,9 +96,7 @@ fn session_steps(name: &str, fork: &str) -> Value {
          "args": {"workspace": name, "command": "for i in 1 2 3; do echo line$i; sleep 0.2; done"}},
         {"op": "call", "tool": "read_process_output",
          "args": {"workspace": name, "process": "$7.process", "wait_secs": 10}},
-        {"op": "sleep", "secs": 1.5},
-        {"op": "call", "tool": "read_process_output",
-         "args": {"workspace": name, "process": "$7.process", "offset": "$8.next_offset", "wait_secs": 10}},
+        {"op": "read_all", "workspace": name, "process": "$7.process", "timeout": 60},
         {"op": "call", "tool": "list_processes", "args": {"workspace": name}},
         {"op": "call", "tool": "snapshot_workspace", "args": {"workspace": name, "name": "planned"}},
         {"op": "call", "tool": "fork_workspace",
@@ -171,22 +179,19 @@ fn check_session(steps: &[Value], name: &str, fork: &str) {
 
     let started = content(&steps[7]);
     let process = started["process"].as_str().unwrap().to_owned();
-    // Its output, read as it comes: the first lines, then the rest from where they ended.
+    // Its output, read as it comes: the first read waits for the first line; reading on from
+    // each next_offset until the end gives all of it once, and its exit code.
     let first = content(&steps[8]);
     assert!(
         first["output"].as_str().unwrap().starts_with("line1\n"),
         "{first}"
     );
-    let rest = content(&steps[10]);
-    let all = format!(
-        "{}{}",
-        first["output"].as_str().unwrap(),
-        rest["output"].as_str().unwrap()
-    );
-    assert_eq!(all, "line1\nline2\nline3\n", "{first} {rest}");
-    assert_eq!(rest["running"], false, "{rest}");
-    assert_eq!(rest["exit_code"], 0, "{rest}");
-    let processes = content(&steps[11]);
+    assert!(steps[9].get("exception").is_none(), "{}", steps[9]);
+    assert_eq!(steps[9]["output"], "line1\nline2\nline3\n", "{}", steps[9]);
+    let last = steps[9]["reads"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["running"], false, "{last}");
+    assert_eq!(last["exit_code"], 0, "{last}");
+    let processes = content(&steps[10]);
     assert!(
         processes["processes"]
             .as_array()
@@ -196,27 +201,27 @@ fn check_session(steps: &[Value], name: &str, fork: &str) {
         "{processes}"
     );
 
-    assert_eq!(content(&steps[12])["snapshot"], "planned");
-    let forked = content(&steps[13]);
+    assert_eq!(content(&steps[11])["snapshot"], "planned");
+    let forked = content(&steps[12]);
     assert_eq!(forked["name"], fork, "{forked}");
-    assert_eq!(content(&steps[14])["stdout"], "step one\nstep two\n");
+    assert_eq!(content(&steps[13])["stdout"], "step one\nstep two\n");
 
-    let record = &steps[15]["result"]["contents"][0];
+    let record = &steps[14]["result"]["contents"][0];
     let record: Value = serde_json::from_str(record["text"].as_str().unwrap()).unwrap();
     assert_eq!(record["name"], name);
-    let log = steps[16]["result"]["contents"][0]["text"].as_str().unwrap();
-    assert!(!log.is_empty(), "{}", steps[16]);
+    let log = steps[15]["result"]["contents"][0]["text"].as_str().unwrap();
+    assert!(!log.is_empty(), "{}", steps[15]);
 
-    assert!(steps[17].get("exception").is_none(), "{}", steps[17]);
-    assert_eq!(content(&steps[18])["status"], "paused");
-    let updates = steps[19]["updates"].as_array().unwrap();
+    assert!(steps[16].get("exception").is_none(), "{}", steps[16]);
+    assert_eq!(content(&steps[17])["status"], "paused");
+    let updates = steps[18]["updates"].as_array().unwrap();
     assert!(
         updates.iter().any(|u| u == &format!("workspace://{name}")),
         "no update of the paused workspace: {}",
-        steps[19]
+        steps[18]
     );
-    assert_eq!(content(&steps[20])["destroyed"], fork);
-    assert_eq!(content(&steps[21])["destroyed"], name);
+    assert_eq!(content(&steps[19])["destroyed"], fork);
+    assert_eq!(content(&steps[20])["destroyed"], name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,12 +343,7 @@ async fn the_operators_limits_refuse_and_bound_what_a_call_asks() {
             {"op": "call", "tool": "write_file", "args": {"workspace": name, "path": "x", "content": ""}},
         ]),
     );
-    let tools: Vec<&str> = steps[1]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
+    let tools = tool_names(&steps[1]);
     assert_eq!(tools, ["list_workspaces", "exec", "read_file"]);
     let shown = content(&steps[2]);
     assert_eq!(
@@ -453,7 +453,7 @@ async fn files_are_copied_between_workspaces_and_changes_awaited() {
             {"op": "call", "tool": "exec", "args": {"workspace": b, "command": "cat from-a/result.txt"}},
             {"op": "call", "tool": "make_directory", "args": {"workspace": b, "path": "watched"}},
             {"op": "call", "tool": "start_process",
-             "args": {"workspace": b, "command": "sleep 1; echo hi > watched/new.txt"}},
+             "args": {"workspace": b, "command": "sleep 3; echo hi > watched/new.txt"}},
             {"op": "call", "tool": "watch_files", "args": {"workspace": b, "path": "watched", "wait_secs": 20}},
             {"op": "call", "tool": "copy_files",
              "args": {"workspace": a, "path": "out", "to_workspace": "host", "to_path": "x"}},
@@ -544,12 +544,7 @@ async fn an_mcp_token_opens_mcp_alone_under_its_own_limits() {
         "{}",
         steps[5]
     );
-    let tools: Vec<&str> = steps[1]["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
+    let tools = tool_names(&steps[1]);
     assert_eq!(tools, ["list_workspaces", "exec"]);
     let shown: Vec<&str> = content(&steps[2])["workspaces"]
         .as_array()

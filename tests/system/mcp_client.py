@@ -12,6 +12,9 @@ prints one JSON document: what each step saw. A step is an object:
     {"op": "list_resources"}
     {"op": "subscribe", "uri": URI}
     {"op": "updates", "uri": URI, "timeout": SECONDS}   (waits for an update of URI)
+    {"op": "read_all", "workspace": W, "process": P, "timeout": SECONDS}
+        (read_process_output from offset 0, each read from the last one's next_offset, until
+        the process has ended and all its output is read)
     {"op": "sleep", "secs": N}
 
 A call with "timeout" is abandoned after it (the SDK then sends notifications/cancelled).
@@ -98,6 +101,21 @@ async def run_steps(read, write, steps):
                             updated = anyio.Event()
                             await updated.wait()
                     seen["updates"] = list(updates)
+                elif op == "read_all":
+                    args = resolve({"workspace": step["workspace"], "process": step["process"]}, out)
+                    text, offset, reads = "", 0, []
+                    with anyio.fail_after(step.get("timeout", 60)):
+                        while True:
+                            r = await session.call_tool(
+                                "read_process_output", {**args, "offset": offset, "wait_secs": 10}
+                            )
+                            got = r.structured_content
+                            reads.append(got)
+                            text += got["output"]
+                            offset = got["next_offset"]
+                            if got["ended"]:
+                                break
+                    seen["output"], seen["reads"] = text, reads
                 elif op == "sleep":
                     await anyio.sleep(step["secs"])
             except Exception as e:  # what went wrong is the test's to judge
