@@ -96,7 +96,7 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         warn!("Cannot raise the descriptor limit (commands at once are fewer): {e}");
     }
     let store = FileStore::open(state_dir.join("records")).map_err(|e| e.to_string())?;
-    let conn = agent_workspaces::dbus::client::connect(args.bus_address.as_deref())
+    let conn = agent_workspaces::dbus::client::bus(args.bus_address.as_deref())
         .await
         .map_err(|e| format!("Cannot connect to the bus: {e}"))?;
     let systemd = Systemd::new(&conn)
@@ -145,7 +145,10 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
     manager.reconcile();
     manager.settle_frozen().await;
     manager.recover_processes();
-    dbus::serve(&conn, manager.clone(), events, receiver)
+    let error_data = dbus::ErrorData::kept(state_dir.join("error-data.json"), &conn)
+        .await
+        .map_err(|e| format!("Cannot ask the bus for its id: {e}"))?;
+    dbus::serve(&conn, manager.clone(), events, receiver, error_data)
         .await
         .map_err(|e| format!("Cannot serve the D-Bus objects: {e}"))?;
     match conn

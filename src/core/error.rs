@@ -109,24 +109,10 @@ impl Error {
         }
     }
 
-    /// The `InvalidArgs` whose text (`Display`) is `message`: the inverse of its format, for
-    /// an error that arrives as text only (zbus keeps only the message of the standard
-    /// `org.freedesktop.DBus.Error.InvalidArgs`). A field never holds a quote, so the first
-    /// `': ` ends it.
-    pub fn invalid_from_text(message: &str) -> Self {
-        match message
-            .strip_prefix("Invalid '")
-            .and_then(|rest| rest.split_once("': "))
-        {
-            Some((field, reason)) if !field.contains('\'') => Self::invalid(field, reason),
-            _ => Self::invalid("", message),
-        }
-    }
-
-    /// The key an `InvalidArgs` is about.
+    /// The key an `InvalidArgs` is about (none when a D-Bus error arrived without it).
     pub fn field(&self) -> Option<&str> {
         match self {
-            Self::InvalidArgs { field, .. } => Some(field),
+            Self::InvalidArgs { field, .. } if !field.is_empty() => Some(field),
             _ => None,
         }
     }
@@ -183,22 +169,5 @@ mod tests {
         let source = std::error::Error::source(&io).expect("the io::Error is kept");
         assert!(source.to_string().contains("No space left"));
         assert_eq!(Error::io_msg("Cannot join").to_string(), "Cannot join");
-    }
-
-    #[test]
-    fn the_text_of_invalid_args_decodes_to_the_same_error() {
-        for e in [
-            Error::invalid("name", "must be a DNS label: 'Bad Name'"),
-            Error::invalid("limits.memory_max", "must be a non-negative integer"),
-            Error::invalid("cwd", "/workspace/x': y is not a directory"),
-        ] {
-            assert_eq!(Error::invalid_from_text(&e.to_string()), e);
-        }
-        // Text that is not in the format keeps the message whole, with no field.
-        let plain = Error::invalid_from_text("Type mismatch");
-        assert_eq!(
-            (plain.field(), plain.to_string().as_str()),
-            (Some(""), "Type mismatch")
-        );
     }
 }

@@ -5,11 +5,24 @@ use std::collections::HashMap;
 use zbus::{OwnedObjectPath, OwnedVariant, Variant, proxy};
 
 /// Connects to the system bus, or to `address` when given (tests, private buses).
-pub async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
+pub async fn bus(address: Option<&str>) -> zbus::Result<zbus::Connection> {
     match address {
         Some(a) => zbus::connection::Builder::address(a).build().await,
         None => zbus::Connection::system().await,
     }
+}
+
+/// A connection of a client of the service (`bus`) whose errors from the service carry their
+/// data (`SetErrorData`), so `Error::from` gives back the variant the service sent, the key of
+/// an `InvalidArgs` with it. The service is started if it is not running; one that cannot be
+/// reached now still answers later calls, with their errors' messages.
+pub async fn connect(address: Option<&str>) -> zbus::Result<zbus::Connection> {
+    let conn = bus(address).await?;
+    let asked = async { manager_on(&conn).await?.set_error_data(true).await };
+    if let Err(e) = asked.await {
+        tracing::debug!("Errors from the service will carry their message only: {e}");
+    }
+    Ok(conn)
 }
 
 /// The interface of a workspace object.
@@ -301,6 +314,8 @@ macro_rules! proxies {
             fn list_library(&self) -> zbus::Result<(Vec<String>, Vec<String>)>;
             fn list_templates(&self) -> zbus::Result<Vec<(String, String, String)>>;
             fn get_template(&self, name: &str) -> zbus::Result<Dict>;
+
+            fn set_error_data(&self, enable: bool) -> zbus::Result<()>;
 
             #[zbus(property)]
             fn version(&self) -> zbus::Result<String>;

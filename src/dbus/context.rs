@@ -13,14 +13,15 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 use super::args::{self, Dict};
 use super::auth::{Action, Authorizer};
 use super::client::{ExecFdsReply, ExecReply};
-use super::error::{Error, Result};
+use super::error::{Answer, Error, ForCaller, Result};
+use super::error_data::ErrorData;
 use super::objects::{EventQueue, workspace_path};
 use crate::core::Manager;
 use crate::core::ports::ExecIo;
 use crate::core::spec::ExecParams;
 use crate::core::workspace::WorkspaceType;
 
-/// Cancels what a caller started when it leaves the bus.
+/// Cancels what a caller started when it leaves the bus, and forgets its wish for error data.
 #[derive(Clone, Default)]
 pub struct Disconnects {
     tokens: Arc<Mutex<HashMap<String, CancellationToken>>>,
@@ -28,7 +29,7 @@ pub struct Disconnects {
 
 impl Disconnects {
     /// Watches `NameOwnerChanged` for unique names that lose their owner.
-    pub async fn watch(conn: &Connection) -> zbus::Result<Self> {
+    pub async fn watch(conn: &Connection, error_data: ErrorData) -> zbus::Result<Self> {
         let this = Self::default();
         let proxy = zbus::fdo::DBusProxy::new(conn).await?;
         let mut lost = proxy
@@ -40,6 +41,7 @@ impl Disconnects {
                 let Ok(args) = signal.args() else { continue };
                 let name = args.name().to_string();
                 if name.starts_with(':') {
+                    error_data.forget(&name);
                     let token = tokens
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -69,9 +71,23 @@ pub struct Context {
     pub auth: Authorizer,
     pub disconnects: Disconnects,
     pub events: EventQueue,
+    pub error_data: ErrorData,
 }
 
 impl Context {
+    /// A method's result as its caller gets it (`error.rs`).
+    pub async fn answer<T>(&self, result: impl Future<Output = Result<T>>) -> Answer<T> {
+        result.await.for_caller(self)
+    }
+
+    /// `SetErrorData`: whether the caller's errors carry their data after the message.
+    pub fn set_error_data(&self, header: &Header<'_>, on: bool) -> Result<()> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| Error::invalid("sender", "the call names no sender"))?;
+        self.error_data.set(sender.as_str(), on)
+    }
+
     /// Looks the workspace up and checks that the caller may run `verb` on it.
     async fn authorize(
         &self,

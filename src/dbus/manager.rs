@@ -10,7 +10,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, interface};
 
 use super::args::Dict;
 use super::context::Context;
-use super::error::Result;
+use super::error::{Answer as Result, ForCaller};
 use super::files::EntryTuple;
 use super::process::ProcessEntry;
 use crate::core::files::FileOp;
@@ -36,7 +36,7 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         spec: Dict,
     ) -> Result<OwnedObjectPath> {
-        self.ctx.create(&header, spec).await
+        self.ctx.create(&header, spec).await.for_caller(&self.ctx)
     }
 
     #[zbus(out_args("workspaces"))]
@@ -46,7 +46,7 @@ impl ManagerObject {
 
     #[zbus(out_args("path"))]
     async fn get_workspace(&self, workspace: &str) -> Result<OwnedObjectPath> {
-        self.ctx.get(workspace)
+        self.ctx.get(workspace).for_caller(&self.ctx)
     }
 
     async fn update_workspace(
@@ -55,7 +55,10 @@ impl ManagerObject {
         workspace: &str,
         changes: Dict,
     ) -> Result<()> {
-        self.ctx.update(&header, workspace, changes).await
+        self.ctx
+            .update(&header, workspace, changes)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn destroy_workspace(
@@ -63,7 +66,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.destroy(&header, workspace).await
+        self.ctx
+            .destroy(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]
@@ -74,7 +80,10 @@ impl ManagerObject {
         command: String,
         options: Dict,
     ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
-        self.ctx.exec(&header, workspace, command, options).await
+        self.ctx
+            .exec(&header, workspace, command, options)
+            .await
+            .for_caller(&self.ctx)
     }
 
     /// `Exec` with the caller's own descriptors as the command's stdin, stdout and stderr:
@@ -94,6 +103,7 @@ impl ManagerObject {
         self.ctx
             .exec_with_fds(&header, workspace, command, stdin, stdout, stderr, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     /// Starts a command that outlives the call; its object's path.
@@ -108,6 +118,7 @@ impl ManagerObject {
         self.ctx
             .start_process(&header, workspace, command, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("processes"))]
@@ -116,7 +127,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<Vec<ProcessEntry>> {
-        self.ctx.list_processes(&header, workspace).await
+        self.ctx
+            .list_processes(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     /// A TCP connection to a port inside the workspace.
@@ -127,7 +141,10 @@ impl ManagerObject {
         workspace: &str,
         port: u16,
     ) -> Result<zbus::OwnedFd> {
-        self.ctx.connect_port(&header, workspace, port).await
+        self.ctx
+            .connect_port(&header, workspace, port)
+            .await
+            .for_caller(&self.ctx)
     }
 
     /// A file's content, from `offset` for `length` bytes (options), on a pipe the caller
@@ -143,6 +160,7 @@ impl ManagerObject {
         self.ctx
             .stream_out(&header, workspace, FileOp::Read, path, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     /// Writes a file from the caller's descriptor, whole or not at all.
@@ -157,6 +175,7 @@ impl ManagerObject {
         self.ctx
             .content_in(&header, workspace, FileOp::Write, (path, content), options)
             .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("entries", "truncated"))]
@@ -170,6 +189,7 @@ impl ManagerObject {
         self.ctx
             .list_directory(&header, workspace, path, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("entry"))]
@@ -180,7 +200,10 @@ impl ManagerObject {
         path: &str,
         options: Dict,
     ) -> Result<EntryTuple> {
-        self.ctx.stat_file(&header, workspace, path, options).await
+        self.ctx
+            .stat_file(&header, workspace, path, options)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn make_directory(
@@ -190,9 +213,13 @@ impl ManagerObject {
         path: &str,
         options: Dict,
     ) -> Result<()> {
-        let op = FileOp::MakeDirectory;
         self.ctx
-            .change_files(&header, workspace, op, (path, None), options)
+            .answer(async {
+                let op = FileOp::MakeDirectory;
+                self.ctx
+                    .change_files(&header, workspace, op, (path, None), options)
+                    .await
+            })
             .await
     }
 
@@ -203,9 +230,13 @@ impl ManagerObject {
         path: &str,
         options: Dict,
     ) -> Result<()> {
-        let op = FileOp::Remove;
         self.ctx
-            .change_files(&header, workspace, op, (path, None), options)
+            .answer(async {
+                let op = FileOp::Remove;
+                self.ctx
+                    .change_files(&header, workspace, op, (path, None), options)
+                    .await
+            })
             .await
     }
 
@@ -217,9 +248,13 @@ impl ManagerObject {
         to: &str,
         options: Dict,
     ) -> Result<()> {
-        let op = FileOp::Move;
         self.ctx
-            .change_files(&header, workspace, op, (from, Some(to)), options)
+            .answer(async {
+                let op = FileOp::Move;
+                self.ctx
+                    .change_files(&header, workspace, op, (from, Some(to)), options)
+                    .await
+            })
             .await
     }
 
@@ -235,6 +270,7 @@ impl ManagerObject {
         self.ctx
             .stream_out(&header, workspace, FileOp::Download, path, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     /// A tar stream from the caller's descriptor, unpacked into the directory `path`.
@@ -249,6 +285,7 @@ impl ManagerObject {
         self.ctx
             .content_in(&header, workspace, FileOp::Upload, (path, archive), options)
             .await
+            .for_caller(&self.ctx)
     }
 
     /// Changes below `path`, as lines of JSON on a pipe, until the caller closes it.
@@ -263,6 +300,7 @@ impl ManagerObject {
         self.ctx
             .stream_out(&header, workspace, FileOp::Watch, path, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     async fn build_workspace(
@@ -270,7 +308,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.build(&header, workspace, false).await
+        self.ctx
+            .build(&header, workspace, false)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn rebuild_workspace(
@@ -278,7 +319,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.build(&header, workspace, true).await
+        self.ctx
+            .build(&header, workspace, true)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn start_workspace(
@@ -286,7 +330,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.start(&header, workspace).await
+        self.ctx
+            .start(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn stop_workspace(
@@ -294,7 +341,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.stop(&header, workspace).await
+        self.ctx
+            .stop(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn snapshot_workspace(
@@ -304,7 +354,10 @@ impl ManagerObject {
         name: &str,
         options: Dict,
     ) -> Result<()> {
-        self.ctx.snapshot(&header, workspace, name, options).await
+        self.ctx
+            .snapshot(&header, workspace, name, options)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("snapshots"))]
@@ -313,7 +366,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<Vec<(String, u64, u64)>> {
-        self.ctx.list_snapshots(&header, workspace).await
+        self.ctx
+            .list_snapshots(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn delete_snapshot(
@@ -322,7 +378,10 @@ impl ManagerObject {
         workspace: &str,
         name: &str,
     ) -> Result<()> {
-        self.ctx.delete_snapshot(&header, workspace, name).await
+        self.ctx
+            .delete_snapshot(&header, workspace, name)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn restore_workspace(
@@ -331,7 +390,10 @@ impl ManagerObject {
         workspace: &str,
         snapshot: &str,
     ) -> Result<()> {
-        self.ctx.restore(&header, workspace, snapshot).await
+        self.ctx
+            .restore(&header, workspace, snapshot)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("workspace"))]
@@ -342,7 +404,10 @@ impl ManagerObject {
         snapshot: &str,
         spec: Dict,
     ) -> Result<OwnedObjectPath> {
-        self.ctx.fork(&header, source, snapshot, spec).await
+        self.ctx
+            .fork(&header, source, snapshot, spec)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn pause_workspace(
@@ -350,7 +415,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.pause(&header, workspace).await
+        self.ctx
+            .pause(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn resume_workspace(
@@ -358,7 +426,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.resume(&header, workspace).await
+        self.ctx
+            .resume(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("content", "total_lines"))]
@@ -368,7 +439,10 @@ impl ManagerObject {
         workspace: &str,
         max_lines: u32,
     ) -> Result<(String, u32)> {
-        self.ctx.init_log(&header, workspace, max_lines).await
+        self.ctx
+            .init_log(&header, workspace, max_lines)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("info"))]
@@ -377,7 +451,10 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<HashMap<String, OwnedVariant>> {
-        self.ctx.debug_info(&header, workspace).await
+        self.ctx
+            .debug_info(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]
@@ -387,7 +464,10 @@ impl ManagerObject {
         workspace: &str,
         options: Dict,
     ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
-        self.ctx.rerun_init(&header, workspace, options).await
+        self.ctx
+            .rerun_init(&header, workspace, options)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn sync_workspace(
@@ -395,23 +475,35 @@ impl ManagerObject {
         #[zbus(header)] header: Header<'_>,
         workspace: &str,
     ) -> Result<()> {
-        self.ctx.sync(&header, workspace).await
+        self.ctx
+            .sync(&header, workspace)
+            .await
+            .for_caller(&self.ctx)
     }
 
     /// The Library's skills and tools, by name (what `skills` and `tools` may name).
     #[zbus(out_args("skills", "tools"))]
     async fn list_library(&self) -> Result<(Vec<String>, Vec<String>)> {
-        self.ctx.list_library().await
+        self.ctx.list_library().await.for_caller(&self.ctx)
     }
 
     #[zbus(out_args("templates"))]
     async fn list_templates(&self) -> Result<Vec<(String, String, String)>> {
-        self.ctx.list_templates().await
+        self.ctx.list_templates().await.for_caller(&self.ctx)
     }
 
     #[zbus(out_args("template"))]
     async fn get_template(&self, name: &str) -> Result<HashMap<String, OwnedVariant>> {
-        self.ctx.get_template(name).await
+        self.ctx.get_template(name).await.for_caller(&self.ctx)
+    }
+
+    /// Whether the caller's errors carry their data after the message (the key of an
+    /// `InvalidArgs`, say) from now on, until it leaves the bus. Without, an error's body is
+    /// its message alone, which every client library reads.
+    async fn set_error_data(&self, #[zbus(header)] header: Header<'_>, enable: bool) -> Result<()> {
+        self.ctx
+            .set_error_data(&header, enable)
+            .for_caller(&self.ctx)
     }
 
     #[zbus(property)]

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod client;
 pub mod context;
 pub mod error;
+pub mod error_data;
 pub mod files;
 pub mod manager;
 pub mod objects;
@@ -22,18 +23,21 @@ pub use manager::{BUS_NAME, MANAGER_PATH};
 
 use crate::core::Manager;
 use context::{Context, Disconnects};
+pub use error_data::ErrorData;
 use objects::{EventQueue, EventReceiver};
 
 /// Serves the manager, the ObjectManager and one object per workspace on `conn`, and keeps
 /// them in step with `manager`. Does not request the bus name.
+/// `error_data` keeps which callers want their errors' data (`error_data.rs`).
 pub async fn serve(
     conn: &Connection,
     manager: Arc<Manager>,
     events: EventQueue,
     receiver: EventReceiver,
+    error_data: ErrorData,
 ) -> zbus::Result<()> {
     let auth = auth::Authorizer::polkit(conn).await?;
-    serve_with(conn, manager, events, receiver, auth).await
+    serve_with(conn, manager, events, receiver, auth, error_data).await
 }
 
 /// `serve`, with the authorizer given (the contract tests give a fake one).
@@ -43,12 +47,14 @@ pub async fn serve_with(
     events: EventQueue,
     receiver: EventReceiver,
     auth: auth::Authorizer,
+    error_data: ErrorData,
 ) -> zbus::Result<()> {
     let ctx = Context {
         manager,
         auth,
-        disconnects: Disconnects::watch(conn).await?,
+        disconnects: Disconnects::watch(conn, error_data.clone()).await?,
         events: events.clone(),
+        error_data,
     };
     let server = conn.object_server();
     server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;

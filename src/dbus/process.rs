@@ -11,7 +11,7 @@ use zbus::{OwnedObjectPath, interface};
 
 use super::args::{self, Dict};
 use super::context::Context;
-use super::error::Result;
+use super::error::{Answer as Result, Result as CoreResult};
 use super::objects::workspace_path;
 use crate::core::manager::ProcessInfo;
 use crate::core::ports::WindowSize;
@@ -38,7 +38,7 @@ impl Context {
         key: &str,
         command: String,
         options: Dict,
-    ) -> Result<OwnedObjectPath> {
+    ) -> CoreResult<OwnedObjectPath> {
         let o = args::process_options(options)?;
         let id = self
             .authorize_exec(header, key, "start a process in")
@@ -57,7 +57,7 @@ impl Context {
         header: &Header<'_>,
         key: &str,
         port: u16,
-    ) -> Result<zbus::OwnedFd> {
+    ) -> CoreResult<zbus::OwnedFd> {
         let id = self
             .authorize_exec(header, key, "connect to a port of")
             .await?;
@@ -69,7 +69,7 @@ impl Context {
         &self,
         header: &Header<'_>,
         key: &str,
-    ) -> Result<Vec<ProcessEntry>> {
+    ) -> CoreResult<Vec<ProcessEntry>> {
         let id = self
             .authorize_exec(header, key, "list the processes of")
             .await?;
@@ -104,7 +104,7 @@ impl ProcessObject {
             .map_err(|e| zbus::fdo::Error::UnknownObject(e.to_string()))
     }
 
-    async fn authorize(&self, header: &Header<'_>, verb: &str) -> Result<()> {
+    async fn authorize(&self, header: &Header<'_>, verb: &str) -> CoreResult<()> {
         self.ctx
             .authorize_exec(header, &self.workspace_id, verb)
             .await
@@ -124,20 +124,30 @@ impl ProcessObject {
         offset: u64,
         max_bytes: u32,
     ) -> Result<(Vec<u8>, u64, bool)> {
-        self.authorize(&header, "read the output of a process in")
-            .await?;
         self.ctx
-            .manager
-            .read_output(&self.workspace_id, self.process, offset, max_bytes)
+            .answer(async {
+                self.authorize(&header, "read the output of a process in")
+                    .await?;
+                self.ctx
+                    .manager
+                    .read_output(&self.workspace_id, self.process, offset, max_bytes)
+            })
+            .await
     }
 
     /// Sets the size of the process's terminal (`InvalidArgs` for a process without one).
     async fn resize(&self, #[zbus(header)] header: Header<'_>, cols: u16, rows: u16) -> Result<()> {
-        self.authorize(&header, "resize the terminal of a process in")
-            .await?;
         self.ctx
-            .manager
-            .resize_process(&self.workspace_id, self.process, WindowSize { cols, rows })
+            .answer(async {
+                self.authorize(&header, "resize the terminal of a process in")
+                    .await?;
+                self.ctx.manager.resize_process(
+                    &self.workspace_id,
+                    self.process,
+                    WindowSize { cols, rows },
+                )
+            })
+            .await
     }
 
     /// Attaches the caller to the process's terminal: a socket carrying the terminal's output
@@ -145,33 +155,45 @@ impl ProcessObject {
     /// taking what the caller types.
     #[zbus(out_args("pty"))]
     async fn open_pty(&self, #[zbus(header)] header: Header<'_>) -> Result<zbus::OwnedFd> {
-        self.authorize(&header, "open the terminal of a process in")
-            .await?;
-        self.ctx.manager.wake(&self.workspace_id).await?;
-        let fd = self
-            .ctx
-            .manager
-            .open_pty(&self.workspace_id, self.process)?;
-        Ok(zbus::OwnedFd::from(fd))
+        self.ctx
+            .answer(async {
+                self.authorize(&header, "open the terminal of a process in")
+                    .await?;
+                self.ctx.manager.wake(&self.workspace_id).await?;
+                let fd = self
+                    .ctx
+                    .manager
+                    .open_pty(&self.workspace_id, self.process)?;
+                Ok(zbus::OwnedFd::from(fd))
+            })
+            .await
     }
 
     /// Writes to the process's stdin; an empty array closes it (on a terminal: types Ctrl-D).
     async fn write_input(&self, #[zbus(header)] header: Header<'_>, data: Vec<u8>) -> Result<()> {
-        self.authorize(&header, "write to a process in").await?;
-        self.ctx.manager.wake(&self.workspace_id).await?;
         self.ctx
-            .manager
-            .write_input(&self.workspace_id, self.process, &data)
+            .answer(async {
+                self.authorize(&header, "write to a process in").await?;
+                self.ctx.manager.wake(&self.workspace_id).await?;
+                self.ctx
+                    .manager
+                    .write_input(&self.workspace_id, self.process, &data)
+                    .await
+            })
             .await
     }
 
     /// Sends a signal to every process of its tree.
     async fn signal(&self, #[zbus(header)] header: Header<'_>, signal: i32) -> Result<()> {
-        self.authorize(&header, "signal a process in").await?;
-        self.ctx.manager.wake(&self.workspace_id).await?;
         self.ctx
-            .manager
-            .signal_process(&self.workspace_id, self.process, signal)
+            .answer(async {
+                self.authorize(&header, "signal a process in").await?;
+                self.ctx.manager.wake(&self.workspace_id).await?;
+                self.ctx
+                    .manager
+                    .signal_process(&self.workspace_id, self.process, signal)
+            })
+            .await
     }
 
     /// Waits up to `timeout_secs` (at most 3600) for the process to end.
@@ -181,20 +203,24 @@ impl ProcessObject {
         #[zbus(header)] header: Header<'_>,
         timeout_secs: u32,
     ) -> Result<(i32, bool)> {
-        self.authorize(&header, "wait for a process in").await?;
-        if timeout_secs > MAX_WAIT_SECS {
-            return Err(crate::core::Error::invalid(
-                "timeout_secs",
-                format!("at most {MAX_WAIT_SECS}"),
-            ));
-        }
         self.ctx
-            .manager
-            .wait_process(
-                &self.workspace_id,
-                self.process,
-                Duration::from_secs(timeout_secs.into()),
-            )
+            .answer(async {
+                self.authorize(&header, "wait for a process in").await?;
+                if timeout_secs > MAX_WAIT_SECS {
+                    return Err(crate::core::Error::invalid(
+                        "timeout_secs",
+                        format!("at most {MAX_WAIT_SECS}"),
+                    ));
+                }
+                self.ctx
+                    .manager
+                    .wait_process(
+                        &self.workspace_id,
+                        self.process,
+                        Duration::from_secs(timeout_secs.into()),
+                    )
+                    .await
+            })
             .await
     }
 

@@ -10,7 +10,7 @@ use zbus::{OwnedVariant, interface};
 
 use super::args::Dict;
 use super::context::Context;
-use super::error::Result;
+use super::error::{Answer as Result, ForCaller};
 use super::files::EntryTuple;
 use crate::core::files::FileOp;
 use crate::core::workspace::Workspace;
@@ -42,7 +42,10 @@ impl WorkspaceObject {
         command: String,
         options: Dict,
     ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
-        self.ctx.exec(&header, &self.id, command, options).await
+        self.ctx
+            .exec(&header, &self.id, command, options)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("exit_code", "timed_out", "info"))]
@@ -58,6 +61,7 @@ impl WorkspaceObject {
         self.ctx
             .exec_with_fds(&header, &self.id, command, stdin, stdout, stderr, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     /// A file's content, from `offset` for `length` bytes (options), on a pipe the caller
@@ -72,6 +76,7 @@ impl WorkspaceObject {
         self.ctx
             .stream_out(&header, &self.id, FileOp::Read, path, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     /// Writes a file from the caller's descriptor, whole or not at all.
@@ -85,6 +90,7 @@ impl WorkspaceObject {
         self.ctx
             .content_in(&header, &self.id, FileOp::Write, (path, content), options)
             .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("entries", "truncated"))]
@@ -97,6 +103,7 @@ impl WorkspaceObject {
         self.ctx
             .list_directory(&header, &self.id, path, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("entry"))]
@@ -106,7 +113,10 @@ impl WorkspaceObject {
         path: &str,
         options: Dict,
     ) -> Result<EntryTuple> {
-        self.ctx.stat_file(&header, &self.id, path, options).await
+        self.ctx
+            .stat_file(&header, &self.id, path, options)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn make_directory(
@@ -115,9 +125,13 @@ impl WorkspaceObject {
         path: &str,
         options: Dict,
     ) -> Result<()> {
-        let op = FileOp::MakeDirectory;
         self.ctx
-            .change_files(&header, &self.id, op, (path, None), options)
+            .answer(async {
+                let op = FileOp::MakeDirectory;
+                self.ctx
+                    .change_files(&header, &self.id, op, (path, None), options)
+                    .await
+            })
             .await
     }
 
@@ -127,9 +141,13 @@ impl WorkspaceObject {
         path: &str,
         options: Dict,
     ) -> Result<()> {
-        let op = FileOp::Remove;
         self.ctx
-            .change_files(&header, &self.id, op, (path, None), options)
+            .answer(async {
+                let op = FileOp::Remove;
+                self.ctx
+                    .change_files(&header, &self.id, op, (path, None), options)
+                    .await
+            })
             .await
     }
 
@@ -140,9 +158,13 @@ impl WorkspaceObject {
         to: &str,
         options: Dict,
     ) -> Result<()> {
-        let op = FileOp::Move;
         self.ctx
-            .change_files(&header, &self.id, op, (from, Some(to)), options)
+            .answer(async {
+                let op = FileOp::Move;
+                self.ctx
+                    .change_files(&header, &self.id, op, (from, Some(to)), options)
+                    .await
+            })
             .await
     }
 
@@ -157,6 +179,7 @@ impl WorkspaceObject {
         self.ctx
             .stream_out(&header, &self.id, FileOp::Download, path, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     /// A tar stream from the caller's descriptor, unpacked into the directory `path`.
@@ -170,6 +193,7 @@ impl WorkspaceObject {
         self.ctx
             .content_in(&header, &self.id, FileOp::Upload, (path, archive), options)
             .await
+            .for_caller(&self.ctx)
     }
 
     /// Changes below `path`, as lines of JSON on a pipe, until the caller closes it.
@@ -183,6 +207,7 @@ impl WorkspaceObject {
         self.ctx
             .stream_out(&header, &self.id, FileOp::Watch, path, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("process"))]
@@ -195,6 +220,7 @@ impl WorkspaceObject {
         self.ctx
             .start_process(&header, &self.id, command, options)
             .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("processes"))]
@@ -202,7 +228,10 @@ impl WorkspaceObject {
         &self,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<Vec<super::process::ProcessEntry>> {
-        self.ctx.list_processes(&header, &self.id).await
+        self.ctx
+            .list_processes(&header, &self.id)
+            .await
+            .for_caller(&self.ctx)
     }
 
     /// A TCP connection to a port inside the workspace.
@@ -212,31 +241,49 @@ impl WorkspaceObject {
         #[zbus(header)] header: Header<'_>,
         port: u16,
     ) -> Result<zbus::OwnedFd> {
-        self.ctx.connect_port(&header, &self.id, port).await
+        self.ctx
+            .connect_port(&header, &self.id, port)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn update(&self, #[zbus(header)] header: Header<'_>, changes: Dict) -> Result<()> {
-        self.ctx.update(&header, &self.id, changes).await
+        self.ctx
+            .update(&header, &self.id, changes)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn destroy(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.destroy(&header, &self.id).await
+        self.ctx
+            .destroy(&header, &self.id)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn build(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.build(&header, &self.id, false).await
+        self.ctx
+            .build(&header, &self.id, false)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn rebuild(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.build(&header, &self.id, true).await
+        self.ctx
+            .build(&header, &self.id, true)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn start(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.start(&header, &self.id).await
+        self.ctx
+            .start(&header, &self.id)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn stop(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.stop(&header, &self.id).await
+        self.ctx.stop(&header, &self.id).await.for_caller(&self.ctx)
     }
 
     async fn snapshot(
@@ -245,7 +292,10 @@ impl WorkspaceObject {
         name: &str,
         options: Dict,
     ) -> Result<()> {
-        self.ctx.snapshot(&header, &self.id, name, options).await
+        self.ctx
+            .snapshot(&header, &self.id, name, options)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("snapshots"))]
@@ -253,15 +303,24 @@ impl WorkspaceObject {
         &self,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<Vec<(String, u64, u64)>> {
-        self.ctx.list_snapshots(&header, &self.id).await
+        self.ctx
+            .list_snapshots(&header, &self.id)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn delete_snapshot(&self, #[zbus(header)] header: Header<'_>, name: &str) -> Result<()> {
-        self.ctx.delete_snapshot(&header, &self.id, name).await
+        self.ctx
+            .delete_snapshot(&header, &self.id, name)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn restore(&self, #[zbus(header)] header: Header<'_>, snapshot: &str) -> Result<()> {
-        self.ctx.restore(&header, &self.id, snapshot).await
+        self.ctx
+            .restore(&header, &self.id, snapshot)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("workspace"))]
@@ -271,15 +330,24 @@ impl WorkspaceObject {
         snapshot: &str,
         spec: Dict,
     ) -> Result<zbus::OwnedObjectPath> {
-        self.ctx.fork(&header, &self.id, snapshot, spec).await
+        self.ctx
+            .fork(&header, &self.id, snapshot, spec)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn pause(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.pause(&header, &self.id).await
+        self.ctx
+            .pause(&header, &self.id)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn resume(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.resume(&header, &self.id).await
+        self.ctx
+            .resume(&header, &self.id)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("content", "total_lines"))]
@@ -288,7 +356,10 @@ impl WorkspaceObject {
         #[zbus(header)] header: Header<'_>,
         max_lines: u32,
     ) -> Result<(String, u32)> {
-        self.ctx.init_log(&header, &self.id, max_lines).await
+        self.ctx
+            .init_log(&header, &self.id, max_lines)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("info"))]
@@ -296,7 +367,10 @@ impl WorkspaceObject {
         &self,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<HashMap<String, OwnedVariant>> {
-        self.ctx.debug_info(&header, &self.id).await
+        self.ctx
+            .debug_info(&header, &self.id)
+            .await
+            .for_caller(&self.ctx)
     }
 
     #[zbus(out_args("exit_code", "stdout", "stderr", "timed_out", "info"))]
@@ -305,11 +379,14 @@ impl WorkspaceObject {
         #[zbus(header)] header: Header<'_>,
         options: Dict,
     ) -> Result<(i32, Vec<u8>, Vec<u8>, bool, HashMap<String, OwnedVariant>)> {
-        self.ctx.rerun_init(&header, &self.id, options).await
+        self.ctx
+            .rerun_init(&header, &self.id, options)
+            .await
+            .for_caller(&self.ctx)
     }
 
     async fn sync(&self, #[zbus(header)] header: Header<'_>) -> Result<()> {
-        self.ctx.sync(&header, &self.id).await
+        self.ctx.sync(&header, &self.id).await.for_caller(&self.ctx)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]

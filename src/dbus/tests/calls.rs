@@ -66,13 +66,105 @@ async fn errors_arrive_by_name_with_their_data() {
     assert_eq!(e, Error::NoSuchTemplate("nope".into()));
 }
 
+/// The reply to `UpdateWorkspace("host", {skills: [nosuch]})` on `conn`, as the bus delivered
+/// it: its error name, body signature and strings.
+async fn raw_update_error(
+    conn: &zbus::Connection,
+    changes: Vec<(&str, Variant<'_>)>,
+) -> (String, String, Vec<String>) {
+    let mut replies = zbus::MessageStream::from(conn);
+    let changes: HashMap<&str, Variant<'_>> = changes.into_iter().collect();
+    let call = zbus::Message::method_call(MANAGER_PATH, "UpdateWorkspace")
+        .destination(BUS_NAME)
+        .interface(BUS_NAME)
+        .build(&("host", changes))
+        .unwrap();
+    let serial = call.primary_header().serial_num();
+    conn.send(&call).await.unwrap();
+    loop {
+        let m = replies.next().await.unwrap().unwrap();
+        if m.header().reply_serial() == Some(serial) {
+            let name = m.header().error_name().unwrap().to_string();
+            let body = m.body();
+            let signature = body
+                .signature()
+                .to_string()
+                .trim_start_matches('(')
+                .trim_end_matches(')')
+                .to_owned();
+            let strings = match signature.as_str() {
+                "s" => vec![body.deserialize::<String>().unwrap()],
+                "ss" => {
+                    let (a, b) = body.deserialize::<(String, String)>().unwrap();
+                    vec![a, b]
+                }
+                "sss" => {
+                    let (a, b, c) = body.deserialize::<(String, String, String)>().unwrap();
+                    vec![a, b, c]
+                }
+                other => panic!("body {other}"),
+            };
+            return (name, signature, strings);
+        }
+    }
+}
+
+/// A caller gets each error's message alone, as every client library reads it, until it asks
+/// for the data, and again once it stops.
+#[tokio::test]
+async fn errors_carry_their_data_only_for_a_caller_that_asked() {
+    let s = service().await;
+    let plain = crate::dbus::client::bus(Some(&s.address)).await.unwrap();
+    let skill = || vec![("skills", Variant::from(vec!["nosuch"]))];
+    let key = || vec![("colour", Variant::from("red"))];
+    let message = "Skill 'nosuch' is not in the Library";
+    assert_eq!(
+        raw_update_error(&plain, skill()).await,
+        (
+            "org.agent.Workspaces.Error.NoSuchSkill".into(),
+            "s".into(),
+            vec![message.into()]
+        )
+    );
+    let (name, signature, strings) = raw_update_error(&plain, key()).await;
+    assert_eq!(
+        (name.as_str(), signature.as_str()),
+        ("org.freedesktop.DBus.Error.InvalidArgs", "s")
+    );
+    assert!(
+        strings[0].starts_with("Invalid 'colour': unknown key"),
+        "{strings:?}"
+    );
+
+    let m = WorkspacesProxy::new(&plain).await.unwrap();
+    m.set_error_data(true).await.unwrap();
+    assert_eq!(
+        raw_update_error(&plain, skill()).await,
+        (
+            "org.agent.Workspaces.Error.NoSuchSkill".into(),
+            "ss".into(),
+            vec![message.into(), "nosuch".into()]
+        )
+    );
+    let (name, signature, strings) = raw_update_error(&plain, key()).await;
+    assert_eq!(
+        (name.as_str(), signature.as_str()),
+        ("org.agent.Workspaces.Error.InvalidArgs", "sss")
+    );
+    assert_eq!(strings[1], "colour");
+    assert!(strings[2].starts_with("unknown key"), "{strings:?}");
+
+    m.set_error_data(false).await.unwrap();
+    assert_eq!(raw_update_error(&plain, skill()).await.1, "s");
+}
+
 #[tokio::test]
 async fn bad_arguments_are_invalid_args_naming_the_key() {
     let s = service().await;
     let m = s.manager().await;
     let invalid = |e: zbus::Error| {
         let (name, e) = error(e);
-        assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs", "{e}");
+        assert_eq!(name, "org.agent.Workspaces.Error.InvalidArgs", "{e}");
         e.field().map(str::to_owned).unwrap_or_default()
     };
     let e = s.create(vec![("colour", Variant::from("red"))]).await;

@@ -223,11 +223,11 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
         .unwrap_err(),
     ] {
         let (name, e) = super::error(e);
-        assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs", "{e}");
+        assert_eq!(name, "org.agent.Workspaces.Error.InvalidArgs", "{e}");
     }
     drop(m.connect_port("h", 8000).await.unwrap());
     let (name, err) = super::error(m.connect_port("h", 0).await.map(drop).unwrap_err());
-    assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs", "{err}");
+    assert_eq!(name, "org.agent.Workspaces.Error.InvalidArgs", "{err}");
     // Files: paths relative to the workspace's directory, content streamed both ways, errors
     // by name with the path.
     let read = |fd: zbus::OwnedFd| {
@@ -348,10 +348,11 @@ async fn the_proxies_call_every_method_of_the_interface_file() {
         let (name, err) = super::error(e);
         assert_eq!(
             (name.as_str(), err.field()),
-            ("org.freedesktop.DBus.Error.InvalidArgs", Some(field)),
+            ("org.agent.Workspaces.Error.InvalidArgs", Some(field)),
             "{err}"
         );
     }
+    m.set_error_data(true).await.unwrap();
     assert_eq!(m.list_library().await.unwrap().0, ["a", "b"]);
     assert_eq!(m.list_templates().await.unwrap()[0].0, "tpl");
     assert!(m.get_template("tpl").await.unwrap().contains_key("skills"));

@@ -92,7 +92,9 @@ pub(crate) async fn service_with(remember: bool) -> Service {
     let address = bus.address().to_string();
     tokio::spawn(async move { bus.run().await });
 
-    let conn = connect(&address).await;
+    let conn = crate::dbus::client::bus(Some(&address))
+        .await
+        .expect("connect to the private bus");
     let fakes = Fakes::default();
     let (events, receiver) = EventQueue::new();
     let manager = fakes.manager(Arc::new(events.clone()), ServiceLimits::default());
@@ -107,6 +109,7 @@ pub(crate) async fn service_with(remember: bool) -> Service {
         } else {
             Authorizer::new(authority.clone())
         },
+        crate::dbus::ErrorData::default(),
     )
     .await
     .expect("serve");
@@ -122,9 +125,9 @@ pub(crate) async fn service_with(remember: bool) -> Service {
     }
 }
 
+/// A client's connection, asking for its errors' data as the service's clients do.
 pub(crate) async fn connect(address: &str) -> Connection {
-    zbus::connection::Builder::address(address)
-        .build()
+    crate::dbus::client::connect(Some(address))
         .await
         .expect("connect to the private bus")
 }
