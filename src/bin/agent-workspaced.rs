@@ -173,6 +173,20 @@ async fn run(args: Args, config: Config) -> Result<(), String> {
         NotifyState::Ready,
         NotifyState::Status(format!("Serving {BUS_NAME}")),
     ]);
+    // Said once, at start: without copy-on-write trees every create costs a whole unpack.
+    let probing = containers.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Some(reason) = probing.probe_copy_on_write() {
+            let fix = agent_workspaces::system::containers::layer::COPY_ON_WRITE_FIX;
+            warn!(
+                message_id = messages::COPY_ON_WRITE_OFF,
+                reason = reason.as_str(),
+                fix,
+                "Copy-on-write container trees are off: {reason}. Every create unpacks the whole \
+                 base (about a second, instead of a twentieth). To turn them on, {fix}"
+            );
+        }
+    });
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;

@@ -6,6 +6,7 @@ mod boundary;
 mod cli;
 mod containers;
 mod egress;
+mod errors;
 mod far;
 mod file_clients;
 mod files;
@@ -27,5 +28,6 @@ mod snapshots;
 mod state;
 mod support;
 mod survival;
+mod trees;
 
 use support::*;

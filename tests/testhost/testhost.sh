@@ -30,7 +30,7 @@ set -euo pipefail
 # Configuration
 
 SUITE=bookworm
-ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,systemd-container,polkitd,libpam-systemd,iproute2,procps,debootstrap,zstd,ca-certificates,psmisc,curl,nftables,python3,python3-venv
+ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,systemd-container,polkitd,libpam-systemd,iproute2,procps,debootstrap,zstd,ca-certificates,psmisc,curl,nftables,python3,python3-venv,python3-gi,python3-dbus,libglib2.0-bin
 ROOTFS_FORMAT=2 # bump to rebuild cached trees and tarballs (changes to customize_rootfs do that anyway)
 HOST_PACKAGES=(systemd-container debootstrap zstd dbus)
 BOOT_TIMEOUT=180 # seconds until the test host must be ready

@@ -12,6 +12,29 @@ use crate::system::containers::layer;
 use super::*;
 
 impl NspawnContainers {
+    /// Tries once whether copy-on-write trees can be made with the configured directories
+    /// (`layer::probe`: a mount and an unmount, on a tree and a base of its own); why not, in
+    /// words, where they cannot. Blocking.
+    pub fn probe_copy_on_write(&self) -> Option<String> {
+        let (machines, cache) = {
+            let c = self.config();
+            (c.machines_dir.clone(), c.cache_dir.clone())
+        };
+        let off = layer::probe(&machines, &cache).err();
+        *self
+            .copy_on_write_off
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = off.clone();
+        off
+    }
+
+    pub(super) fn copy_on_write_off(&self) -> Option<String> {
+        self.copy_on_write_off
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub(super) async fn debug_report(&self, ws: &Workspace) -> Result<DebugInfo> {
         use DebugValue::{Bool, List, Str, U64};
         let path = self.tree_path(&ws.name);
@@ -21,7 +44,20 @@ impl NspawnContainers {
         // planted there (links, FIFOs, devices, huge files) costs an empty field, not a hang.
         let tree = self.tree(ws).ok();
         info.insert("tree_exists".into(), Bool(tree.is_some()));
-        info.insert("tree_layered".into(), Bool(layer::is_mounted(&path)));
+        let layered = layer::is_mounted(&path);
+        info.insert("tree_layered".into(), Bool(layered));
+        if tree.is_some() && !layered {
+            let why = match self.copy_on_write_off() {
+                Some(reason) => format!(
+                    "copy-on-write trees are off here: {reason}; to turn them on, {}",
+                    layer::COPY_ON_WRITE_FIX
+                ),
+                None => "a full tree, made while copy-on-write trees were not available; a \
+                    rebuild makes it copy-on-write"
+                    .into(),
+            };
+            info.insert("tree_layered_reason".into(), Str(why));
+        }
         info.insert(
             "init_script_present".into(),
             Bool(!ws.init_script.is_empty()),

@@ -95,6 +95,8 @@ pub struct NspawnContainers {
     /// The connections `connect_port` lent, by workspace name: their sockets' inodes, looked
     /// for in the container's TCP tables to tell whether a caller still holds one (`lent.rs`).
     lent: std::sync::Mutex<HashMap<String, Vec<u64>>>,
+    /// Why copy-on-write trees cannot be made here, when they cannot (`probe_copy_on_write`).
+    copy_on_write_off: std::sync::Mutex<Option<String>>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -123,6 +125,7 @@ impl NspawnContainers {
             trees: Default::default(),
             flattening: Default::default(),
             lent: Default::default(),
+            copy_on_write_off: Default::default(),
         }
     }
 

@@ -42,11 +42,13 @@ mod changes;
 mod files;
 mod flatten;
 mod mount;
+mod probe;
 
 pub use changes::*;
 use files::{copy_layer, disk_usage_of};
 pub use flatten::*;
 use mount::mount;
+pub use probe::{FIX as COPY_ON_WRITE_FIX, probe};
 
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 /// The size of a container's id range, as nspawn's.
