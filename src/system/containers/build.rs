@@ -108,7 +108,7 @@ impl Builder<'_> {
             self.make_base(&bases, &key, &base)?;
         }
         // Copy-on-write where the file system allows: a layer over the base, unpacked once.
-        let base_tree = self.base_tree(&bases, &key, &base)?;
+        let (base_tree, _base_held) = self.base_tree(&bases, &key, &base)?;
         self.step(
             "unpack",
             &format!(
@@ -161,15 +161,20 @@ impl Builder<'_> {
     /// The base unpacked, once for all workspaces of this distro and settings, into
     /// `<key>.tree` (never written afterwards: it is the lower layer of their trees). Builds
     /// that need it at once wait for the first to unpack it.
-    fn base_tree(&mut self, bases: &Path, key: &str, base: &Path) -> Result<PathBuf, Failure> {
+    /// The base unpacked (once), and its lock: held until the tree's stack names the base (or
+    /// a full tree is unpacked instead), so a reclaim never takes a base a build has chosen.
+    fn base_tree(
+        &mut self,
+        bases: &Path,
+        key: &str,
+        base: &Path,
+    ) -> Result<(PathBuf, File), Failure> {
         let dir = bases.join(format!("{key}.tree"));
-        let lock = File::create(bases.join(format!("{key}.lock"))).map_err(|e| fail("base", e))?;
-        // SAFETY: flock on an open descriptor; released when `lock` is closed.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            return Err(fail("base", std::io::Error::last_os_error()));
-        }
+        let lock = layer::base_lock(bases, key, true)
+            .map_err(|e| fail("base", e))?
+            .ok_or_else(|| fail("base", "the base's lock was not taken"))?;
         if dir.is_dir() {
-            return Ok(dir);
+            return Ok((dir, lock));
         }
         self.step("base", &format!("unpacking {} once", base.display()));
         let partial = with_suffix(&dir, ".partial");
@@ -178,7 +183,7 @@ impl Builder<'_> {
         }
         self.untar("base", base, &partial)?;
         fs::rename(&partial, &dir).map_err(|e| fail("base", e))?;
-        Ok(dir)
+        Ok((dir, lock))
     }
 
     fn make_base(&mut self, bases: &Path, key: &str, base: &Path) -> Result<(), Failure> {

@@ -656,6 +656,7 @@ impl Containers for NspawnContainers {
         let (plan, result) = self.plan_paths(ws);
         let _ = fs::remove_file(plan);
         let _ = fs::remove_file(result);
+        self.reclaim_bases().await;
         Ok(())
     }
 }

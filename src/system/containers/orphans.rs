@@ -1,8 +1,9 @@
-//! At start-up: trees, half-built trees and units of ours that no workspace record owns.
+//! At start-up: trees, half-built trees and units of ours that no workspace record owns; at
+//! start-up and after each destroy, unpacked bases no tree uses any more.
 
 use std::fs;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::system::containers::layer;
 use crate::system::containers::tree::Tree;
@@ -39,6 +40,37 @@ impl NspawnContainers {
                 }
             }
             Err(e) => warn!("Cannot look for leftover units: {e}"),
+        }
+        self.reclaim_bases().await;
+    }
+
+    /// Removes the unpacked bases in the cache that no tree's stack names and no build holds
+    /// (`layer::reclaim_bases`), and says how much space that gave back.
+    pub(super) async fn reclaim_bases(&self) {
+        let (machines, bases) = {
+            let c = self.config();
+            (c.machines_dir.clone(), c.cache_dir.join("base"))
+        };
+        let done = tokio::task::spawn_blocking(move || {
+            layer::reclaim_bases(&machines, &bases, || {
+                crate::failpoint::hit("reclaim-renamed");
+            })
+        })
+        .await;
+        match done {
+            Ok(Ok(done)) if !done.bases.is_empty() => {
+                let names: Vec<String> =
+                    done.bases.iter().map(|p| p.display().to_string()).collect();
+                info!(
+                    reclaimed_bytes = done.bytes,
+                    "Reclaimed {} MiB of unpacked base trees no workspace uses: {}",
+                    done.bytes.div_ceil(1 << 20),
+                    names.join(", ")
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("Cannot reclaim unused base trees: {e}"),
+            Err(e) => warn!("Cannot reclaim unused base trees: {e}"),
         }
     }
 }

@@ -43,12 +43,14 @@ mod files;
 mod flatten;
 mod mount;
 mod probe;
+mod reclaim;
 
 pub use changes::*;
 use files::{copy_layer, disk_usage_of};
 pub use flatten::*;
 use mount::mount;
 pub use probe::{FIX as COPY_ON_WRITE_FIX, probe};
+pub use reclaim::{Reclaimed, base_lock, reclaim_bases};
 
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 /// The size of a container's id range, as nspawn's.
