@@ -106,6 +106,11 @@ pub mod http {
         /// Port proxy: connections open at once to the ports of one workspace (then 429).
         #[arg(long, env = "AGENT_WORKSPACES_PORT_CONNECTIONS_PER_WORKSPACE", value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100000))]
         pub port_connections_per_workspace: u64,
+        /// Port proxy: seconds a connection to a port, its answer read, is kept for a next
+        /// request (at most 8 per workspace; 0: a new connection for each request). Below the
+        /// keep-alive of common dev servers (Node's is 5 s).
+        #[arg(long, env = "AGENT_WORKSPACES_PORT_KEEP", value_name = "SECONDS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(0..=3600))]
+        pub port_keep: u64,
         /// Configuration file: its [mcp] section limits the MCP server at /mcp (which serves
         /// container workspaces only unless it says allow_host = true).
         #[arg(long, default_value = config::DEFAULT_PATH)]

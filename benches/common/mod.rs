@@ -72,7 +72,7 @@ impl RestClient {
 }
 
 /// A minimal HTTP server on the loopback (what a dev server in a host workspace would be):
-/// `ok` to every request, one per connection.
+/// `ok` to every request, keeping the connection for the next unless asked to close it.
 pub async fn tiny_http_server() -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -83,16 +83,54 @@ pub async fn tiny_http_server() -> u16 {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    )
-                    .await;
+                while let Ok(n) = stream.read(&mut buf).await
+                    && n > 0
+                {
+                    let close = buf[..n]
+                        .windows(17)
+                        .any(|w| w.eq_ignore_ascii_case(b"connection: close"));
+                    let answer: &[u8] = if close {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    if stream.write_all(answer).await.is_err() || close {
+                        break;
+                    }
+                }
             });
         }
     });
     port
+}
+
+/// GET / on the loopback port over a connection kept from the one before.
+pub struct KeptGet(tokio::net::TcpStream);
+
+impl KeptGet {
+    pub async fn new(port: u16) -> Self {
+        Self(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        )
+    }
+
+    pub async fn get(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.0
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("send");
+        let mut answer = [0u8; 256];
+        let mut got = 0;
+        while !answer[..got].ends_with(b"ok") {
+            let n = self.0.read(&mut answer[got..]).await.expect("answer");
+            assert!(n > 0, "closed");
+            got += n;
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+    }
 }
 
 /// GET / on the loopback port over a fresh connection (as the proxy reaches the server).

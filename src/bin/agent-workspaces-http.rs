@@ -116,9 +116,14 @@ async fn run(args: Args) -> Result<(), String> {
             first_byte: Duration::from_secs(args.port_response_timeout),
             idle: Duration::from_secs(args.port_idle_timeout),
             per_workspace: args.port_connections_per_workspace,
+            keep: Duration::from_secs(args.port_keep),
         }),
     };
-    serve(listener, Arc::new(state), shutdown)
+    let state = Arc::new(state);
+    tokio::spawn(agent_workspaces::http::cut_kept_on_status_changes(
+        state.clone(),
+    ));
+    serve(listener, state, shutdown)
         .await
         .map_err(|e| e.to_string())
 }

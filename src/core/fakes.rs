@@ -437,7 +437,7 @@ impl Containers for FakeContainers {
         Ok((String::new(), 0))
     }
     async fn append_log(&self, _: &Workspace, _: &str) {}
-    async fn clean_orphans(&self, known: &[Workspace]) {
+    async fn clean_orphans(&self, known: &[Workspace], _taken: crate::core::ports::NameTaken) {
         let names: Vec<&str> = known.iter().map(|w| w.name.as_str()).collect();
         self.call(format!("clean_orphans {}", names.join(",")));
     }

@@ -297,6 +297,9 @@ pub struct SnapshotInfo {
     pub bytes: u64,
 }
 
+/// Whether a workspace of this name exists, or is being created, now (`clean_orphans`).
+pub type NameTaken = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Container workspaces: trees, units, machines. Every method is given the workspace record.
 #[async_trait]
 pub trait Containers: Send + Sync {
@@ -365,7 +368,10 @@ pub trait Containers: Send + Sync {
     /// container workspaces), and removes what is clearly the service's own leftover
     /// (half-built trees, units it started, links of no running container); takes up the
     /// networks of running containers.
-    async fn clean_orphans(&self, known: &[Workspace]);
+    /// `taken` says whether a workspace of a name exists, or is being created, now: what
+    /// looks left over is checked against it when it is acted on, since workspaces are
+    /// created while this runs.
+    async fn clean_orphans(&self, known: &[Workspace], taken: NameTaken);
     /// What the tree, the units and machined say about this container.
     async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo>;
     /// Removes tree, logs and leftovers; the units must be stopped.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 mod convert;
 mod error;
 mod files;
+mod kept;
 mod pages;
 mod ports;
 mod processes;
@@ -17,6 +18,7 @@ mod stream;
 mod terminal;
 
 pub use error::ApiError;
+pub use kept::cut_kept_on_status_changes;
 pub use pages::OPENAPI;
 pub use ports::{PortLimits, PortProxy};
 pub use routes::app;

@@ -1,8 +1,9 @@
 //! The port proxy: `/api/workspaces/{id}/ports/{port}/{path}` reaches `/{path}` on `port`
 //! inside the workspace (a dev server, a browser's DevTools), behind the same token, on
-//! either network, without opening the host's network. Each request gets a connection from
-//! `ConnectPort` (made inside a container by its agent) and is sent on as HTTP/1.1; a
-//! WebSocket (or any upgrade) is joined through once both sides have switched.
+//! either network, without opening the host's network. A request goes on as HTTP/1.1 over a
+//! connection kept from an earlier one to the same port when there is one (`Kept`), else over
+//! a new one from `ConnectPort` (made inside a container by its agent); a WebSocket (or any
+//! upgrade) always gets a new one and is joined through once both sides have switched.
 //!
 //! What the workspace serves is not trusted to end: reaching the port, the answer's first
 //! byte and every pause of a connection have a limit (`PortLimits`, set on the command line),
@@ -22,6 +23,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::Response;
 use hyper_util::rt::TokioIo;
 
+use super::kept::Kept;
 use super::*;
 
 /// Headers that belong to one hop and are not sent on (RFC 9110, 7.6.1), besides those the
@@ -59,6 +61,8 @@ pub struct PortLimits {
     pub idle: Duration,
     /// Connections open at once to one workspace's ports.
     pub per_workspace: u64,
+    /// How long a connection waits, unused, to be reused for a next request.
+    pub keep: Duration,
 }
 
 impl Default for PortLimits {
@@ -68,14 +72,16 @@ impl Default for PortLimits {
             first_byte: Duration::from_secs(60),
             idle: Duration::from_secs(300),
             per_workspace: 64,
+            keep: Duration::from_secs(4),
         }
     }
 }
 
-/// The port proxy's state: its limits and the connections open to each workspace.
+/// The port proxy's state: its limits, the connections open to each workspace and those kept.
 pub struct PortProxy {
     limits: PortLimits,
-    open: Arc<Mutex<HashMap<String, u64>>>,
+    pub(super) open: Arc<Mutex<HashMap<String, u64>>>,
+    pub(super) kept: Kept,
 }
 
 impl PortProxy {
@@ -83,11 +89,12 @@ impl PortProxy {
         Self {
             limits,
             open: Arc::default(),
+            kept: Kept::default(),
         }
     }
 
     /// A place for one more connection to `workspace`'s ports, held until it is dropped.
-    fn take(&self, workspace: &str) -> ApiResult<Arc<Place>> {
+    pub(super) fn take(&self, workspace: &str) -> ApiResult<Arc<Place>> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let n = open.entry(workspace.to_owned()).or_default();
         if *n >= self.limits.per_workspace {
@@ -109,7 +116,7 @@ impl PortProxy {
 }
 
 /// One connection's place among a workspace's: given back when the last holder drops it.
-struct Place {
+pub(super) struct Place {
     open: Arc<Mutex<HashMap<String, u64>>>,
     workspace: String,
 }
@@ -130,7 +137,7 @@ impl Drop for Place {
 /// holds its workspace's place while it lives, and until it is closed. It is closed off the
 /// event loop: the workspace's side may have set `SO_LINGER` on it (it came from inside), and
 /// closing the last copy of such a socket waits for its peer.
-struct Idle<T: Send + 'static> {
+pub(super) struct Idle<T: Send + 'static> {
     inner: Option<T>,
     limit: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
@@ -147,7 +154,7 @@ impl<T: Send + 'static> Drop for Idle<T> {
 }
 
 impl<T: Send + 'static> Idle<T> {
-    fn new(inner: T, limit: Duration, place: Arc<Place>) -> Self {
+    pub(super) fn new(inner: T, limit: Duration, place: Arc<Place>) -> Self {
         Self {
             inner: Some(inner),
             limit,
@@ -290,37 +297,6 @@ pub(super) async fn proxy(
         .map_err(|e| ApiError::invalid("path", e))?;
 
     let limits = state.ports.limits;
-    let place = state.ports.take(&id)?;
-    let reach = async {
-        let fd = manager(&state)
-            .await?
-            .connect_port(&id, port)
-            .await
-            .map_err(|e| match crate::core::Error::from(e) {
-                crate::core::Error::JobFailed(m) => bad_gateway(m),
-                other => other.into(),
-            })?;
-        let tcp = std::net::TcpStream::from(std::os::fd::OwnedFd::from(fd));
-        let tcp = tcp
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpStream::from_std(tcp))
-            .map_err(bad_gateway)?;
-        let tcp = Idle::new(tcp, limits.idle, place);
-        hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(bad_gateway)
-    };
-    let (mut sender, conn) =
-        tokio::time::timeout(limits.connect, reach)
-            .await
-            .map_err(|_| {
-                gateway_timeout(format!(
-                    "port {port} in workspace '{id}' was not reached within {} s",
-                    limits.connect.as_secs()
-                ))
-            })??;
-    tokio::spawn(conn.with_upgrades());
-
     let upgrade = request.headers().contains_key(header::UPGRADE);
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
@@ -335,18 +311,87 @@ pub(super) async fn proxy(
     if let Ok(v) = HeaderValue::from_str(&prefix) {
         parts.headers.insert("x-forwarded-prefix", v);
     }
-    let mut response = tokio::time::timeout(
-        limits.first_byte,
-        sender.send_request(Request::from_parts(parts, body)),
-    )
-    .await
-    .map_err(|_| {
+    let no_answer = || {
         gateway_timeout(format!(
             "the server on port {port} in workspace '{id}' did not answer within {} s",
             limits.first_byte.as_secs()
         ))
-    })?
-    .map_err(bad_gateway)?;
+    };
+    // A request without a body that a kept connection lost on its way (the server closed the
+    // connection as it was sent) is sent again on a new one.
+    let again = (!upgrade
+        && matches!(
+            parts.method,
+            axum::http::Method::GET | axum::http::Method::HEAD
+        )
+        && hyper::body::Body::size_hint(&body).exact() == Some(0))
+    .then(|| parts.clone());
+    let mut pending = Some(Request::from_parts(parts, body));
+    let key = (id.clone(), port);
+
+    // A kept connection first (never for an upgrade, which takes its connection away); a
+    // request one could not take (closed meanwhile) goes to the next, then to a new one.
+    let mut answered = None;
+    while !upgrade && let Some(mut sender) = state.ports.kept.take(&key, limits.keep) {
+        let Some(request) = pending.take() else {
+            break;
+        };
+        match tokio::time::timeout(limits.first_byte, sender.try_send_request(request)).await {
+            Err(_) => return Err(no_answer()),
+            Ok(Ok(response)) => {
+                answered = Some((sender, response));
+                break;
+            }
+            Ok(Err(mut e)) => {
+                pending = Some(match (e.take_message(), &again) {
+                    (Some(unsent), _) => unsent,
+                    (None, Some(head)) => Request::from_parts(head.clone(), Body::empty()),
+                    (None, None) => return Err(bad_gateway(e.into_error())),
+                });
+            }
+        }
+    }
+    let (sender, mut response) = match answered {
+        Some(answered) => answered,
+        None => {
+            let place = state.ports.take(&id)?;
+            let reach = async {
+                let fd = manager(&state)
+                    .await?
+                    .connect_port(&id, port)
+                    .await
+                    .map_err(|e| match crate::core::Error::from(e) {
+                        crate::core::Error::JobFailed(m) => bad_gateway(m),
+                        other => other.into(),
+                    })?;
+                let tcp = std::net::TcpStream::from(std::os::fd::OwnedFd::from(fd));
+                let tcp = tcp
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(tcp))
+                    .map_err(bad_gateway)?;
+                let tcp = Idle::new(tcp, limits.idle, place);
+                hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(bad_gateway)
+            };
+            let (mut sender, conn) =
+                tokio::time::timeout(limits.connect, reach)
+                    .await
+                    .map_err(|_| {
+                        gateway_timeout(format!(
+                            "port {port} in workspace '{id}' was not reached within {} s",
+                            limits.connect.as_secs()
+                        ))
+                    })??;
+            tokio::spawn(conn.with_upgrades());
+            let request = pending.take().expect("sent on no kept connection");
+            let response = tokio::time::timeout(limits.first_byte, sender.send_request(request))
+                .await
+                .map_err(|_| no_answer())?
+                .map_err(bad_gateway)?;
+            (sender, response)
+        }
+    };
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_side) = client_side
@@ -363,6 +408,13 @@ pub(super) async fn proxy(
         });
     } else {
         strip_hop_by_hop(response.headers_mut(), false);
+        if !upgrade && !limits.keep.is_zero() {
+            // Kept for the next request once this answer has been read whole.
+            state
+                .ports
+                .kept
+                .give_back(key, sender, limits.idle, limits.keep);
+        }
     }
     // A redirect to a path of the server inside stays below the prefix.
     if let Some(location) = response

@@ -125,11 +125,18 @@ async fn a_default_container_has_the_internet_and_nothing_of_the_host() {
         assert!(t.contains(&format!("\"{}\"", link_of(id))), "{t}");
     }
     restart_service();
+    // Back means restarted by systemd: a killed process may take a moment to be gone, and
+    // until then it is still "active".
+    let restarts = || ok(&format!("systemctl show -p NRestarts --value {UNIT}"));
+    let before = restarts();
     systemctl(&format!("kill --signal=SIGKILL {UNIT}"));
     wait_for(
         "the service back after kill -9",
         Duration::from_secs(20),
-        || (sh(&format!("systemctl is-active {UNIT}")).stdout.trim() == "active").then_some(()),
+        || {
+            let active = sh(&format!("systemctl is-active {UNIT}")).stdout;
+            (active.trim() == "active" && restarts() != before).then_some(())
+        },
     );
     let t = table();
     assert!(t.contains(&format!("\"{}\"", link_of(&id_a))), "{t}");

@@ -177,3 +177,82 @@ async fn the_port_proxy_reaches_inside_a_private_network_container() {
     assert_eq!(status, 502);
     m.destroy_workspace(&name).await.unwrap();
 }
+
+/// A keep-alive server on the test host's loopback: answers every request on a connection
+/// with the number of that connection and how many have been closed so far.
+async fn serve_keep_alive() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let closed = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = closed.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            n += 1;
+            let closed = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                while let Ok(got) = stream.read(&mut buf).await
+                    && got > 0
+                {
+                    let body = format!("connection {n}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, closed)
+}
+
+/// Requests to one port reuse a connection kept from the one before, instead of a new one
+/// (and a `ConnectPort`) each; a kept connection is closed when it has waited its time and
+/// when a workspace's status changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_port_proxy_keeps_connections_alive_and_cuts_them() {
+    use std::sync::atomic::Ordering;
+    require_test_host();
+    bridge_socket_up();
+    let (port, closed) = serve_keep_alive().await;
+    let path = format!("/api/workspaces/host/ports/{port}/");
+    let get = || {
+        let (status, body) = curl("GET", &path, Some(TOKEN), "");
+        assert_eq!(status, 200, "{body}");
+        body.as_str().unwrap().to_owned()
+    };
+    for _ in 0..5 {
+        assert_eq!(get(), "connection 1", "one connection for every request");
+    }
+    // Unused for longer than it is kept (4 s): closed, and the next request opens another.
+    wait_for(
+        "the kept connection closed",
+        Duration::from_secs(10),
+        || (closed.load(Ordering::SeqCst) == 1).then_some(()),
+    );
+    assert_eq!(get(), "connection 2");
+    assert_eq!(get(), "connection 2");
+    // A workspace's status changes (a build begins): every kept connection is closed.
+    let conn = bus().await;
+    let m = manager(&conn).await;
+    let name = unique("cut");
+    m.create_workspace(container_spec(&name, vec![]))
+        .await
+        .unwrap();
+    m.build_workspace(&name).await.unwrap();
+    wait_for("the kept connection cut", Duration::from_secs(3), || {
+        (closed.load(Ordering::SeqCst) == 2).then_some(())
+    });
+    assert_eq!(get(), "connection 3");
+    assert_eq!(
+        wait_built(&conn, &name, Duration::from_secs(1200)).await,
+        "ready"
+    );
+    m.destroy_workspace(&name).await.unwrap();
+}

@@ -124,7 +124,10 @@ impl Manager {
                 e.used(Some(tokio::time::Instant::now()));
             }
         }
-        tokio::spawn(async move { this.ports.containers.clean_orphans(&known).await });
+        let live = self.clone();
+        let taken: crate::core::ports::NameTaken =
+            Arc::new(move |name| live.reg().name_taken(name));
+        tokio::spawn(async move { this.ports.containers.clean_orphans(&known, taken).await });
         tokio::spawn(self.clone().watch_idle());
         for (ws, tracker) in pending {
             info!(workspace_id = %ws.id, workspace_name = %ws.name,

@@ -591,10 +591,10 @@ impl Containers for NspawnContainers {
         self.append_to_log(ws, format!("{line}\n").as_bytes()).await;
     }
 
-    async fn clean_orphans(&self, known: &[Workspace]) {
+    async fn clean_orphans(&self, known: &[Workspace], taken: crate::core::ports::NameTaken) {
         self.reconcile_networks(known).await;
         let names: Vec<String> = known.iter().map(|w| w.name.clone()).collect();
-        self.remove_orphans(&names).await
+        self.remove_orphans(&names, taken).await
     }
 
     async fn debug_info(&self, ws: &Workspace) -> Result<DebugInfo> {

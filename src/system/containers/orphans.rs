@@ -5,18 +5,23 @@ use std::fs;
 
 use tracing::{info, warn};
 
+use crate::core::ports::NameTaken;
 use crate::system::containers::layer;
 use crate::system::containers::tree::Tree;
 
 use super::*;
 
 impl NspawnContainers {
-    pub(super) async fn remove_orphans(&self, known: &[String]) {
-        let is_known = |name: &str| known.iter().any(|k| k == name);
+    /// `known`: the workspaces at start; `taken`, asked when something looks left over: a
+    /// workspace created since (its build unit, its half-built tree) is not left over.
+    pub(super) async fn remove_orphans(&self, known: &[String], taken: NameTaken) {
+        let is_known = |name: &str| known.iter().any(|k| k == name) || taken(name);
         // A directory scan and whole trees removed: on a blocking thread.
         let machines = self.config().machines_dir.clone();
         let names = known.to_vec();
-        let _ = tokio::task::spawn_blocking(move || remove_orphan_trees(&machines, &names)).await;
+        let live = taken.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_orphan_trees(&machines, &names, &live))
+            .await;
         match self
             .systemd
             .units_matching("agent-workspace-*.service")
@@ -78,8 +83,8 @@ impl NspawnContainers {
 /// Mounts the layered trees of known workspaces again (after a reboot); removes half-built
 /// trees of ours without a record; names the finished ones (left in place: a record lost by
 /// hand should not cost a tree).
-fn remove_orphan_trees(machines: &Path, known: &[String]) {
-    let is_known = |name: &str| known.iter().any(|k| k == name);
+fn remove_orphan_trees(machines: &Path, known: &[String], taken: &NameTaken) {
+    let is_known = |name: &str| known.iter().any(|k| k == name) || taken(name);
     // Forks a restart interrupted before their record was saved are undone; layers nothing
     // uses (a change a crash ended) go.
     if let Err(e) = layer::finish_forks(machines, known) {
