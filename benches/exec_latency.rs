@@ -251,6 +251,14 @@ async fn main() {
         "GET / on a loopback port (connection kept)",
         time_async(|| async { kept.lock().await.get().await }).await,
     );
+    let floor = report(
+        "GET /api/openapi.json from the bridge (its floor)",
+        time_async(|| async {
+            assert_eq!(rest.get("/api/openapi.json").await, 200);
+        })
+        .await,
+    );
+    fig.set("bridge_floor_p50_ms", floor.p50 * 1e3);
     let path = format!("/api/workspaces/host/ports/{port}/");
     let proxied = report(
         "GET through the bridge's port proxy",

@@ -367,6 +367,7 @@ pub(super) async fn proxy(
                 let tcp = std::net::TcpStream::from(std::os::fd::OwnedFd::from(fd));
                 let tcp = tcp
                     .set_nonblocking(true)
+                    .and_then(|()| tcp.set_nodelay(true))
                     .and_then(|()| tokio::net::TcpStream::from_std(tcp))
                     .map_err(bad_gateway)?;
                 let tcp = Idle::new(tcp, limits.idle, place);

@@ -171,6 +171,8 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Answers go out as they are written (a proxied answer's head, then its body).
+        let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let conn = http
             .serve_connection(TokioIo::new(stream), service)

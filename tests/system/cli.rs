@@ -283,3 +283,22 @@ async fn workspacectl_runs_lists_follows_and_kills_background_processes() {
     );
     ok(&format!("workspacectl destroy {name}"));
 }
+
+/// What is typed before `workspacectl shell` has reached the workspace (type-ahead) reaches the
+/// shell there, as at a local terminal (through a real pseudo-terminal: `typeahead.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspacectl_shell_keeps_what_is_typed_ahead() {
+    require_test_host();
+    let repo = std::env::var("TESTHOST_REPO").expect("run by testhost.sh");
+    for mode in ["line", "line", "partial", "partial"] {
+        let out = ok(&format!(
+            "python3 {repo}/tests/system/typeahead.py {mode} workspacectl shell host"
+        ));
+        let shown: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let shown = shown["output"].as_str().unwrap();
+        assert!(
+            shown.contains("TYPED42"),
+            "the line typed ahead ({mode}) did not run: {shown:?}"
+        );
+    }
+}
