@@ -25,13 +25,18 @@ use crate::core::workspace::WorkspaceType;
 #[derive(Clone, Default)]
 pub struct Disconnects {
     tokens: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    /// The bus, asked whether a caller is still on it.
+    bus: Option<zbus::fdo::DBusProxy<'static>>,
 }
 
 impl Disconnects {
     /// Watches `NameOwnerChanged` for unique names that lose their owner.
     pub async fn watch(conn: &Connection, error_data: ErrorData) -> zbus::Result<Self> {
-        let this = Self::default();
         let proxy = zbus::fdo::DBusProxy::new(conn).await?;
+        let this = Self {
+            tokens: Arc::default(),
+            bus: Some(proxy.clone()),
+        };
         let mut lost = proxy
             .receive_name_owner_changed_with_args(&[(2, "")])
             .await?;
@@ -53,6 +58,14 @@ impl Disconnects {
             }
         });
         Ok(this)
+    }
+
+    /// Whether `name` is on the bus now (yes when it cannot be asked).
+    pub(super) async fn connected(&self, name: &str) -> bool {
+        let (Some(bus), Ok(name)) = (&self.bus, zbus::names::BusName::try_from(name)) else {
+            return true;
+        };
+        bus.name_has_owner(name).await.unwrap_or(true)
     }
 
     pub(super) fn token_for(&self, sender: &str) -> CancellationToken {
@@ -81,11 +94,25 @@ impl Context {
     }
 
     /// `SetErrorData`: whether the caller's errors carry their data after the message.
-    pub fn set_error_data(&self, header: &Header<'_>, on: bool) -> Result<()> {
+    /// A caller that left the bus before its call was served may have had its leaving seen
+    /// first: it is looked up on the bus after it is listed, and forgotten if gone; a full list
+    /// first drops the callers no longer on the bus.
+    pub async fn set_error_data(&self, header: &Header<'_>, on: bool) -> Result<()> {
         let sender = header
             .sender()
             .ok_or_else(|| Error::invalid("sender", "the call names no sender"))?;
-        self.error_data.set(sender.as_str(), on)
+        if on && self.error_data.is_full() {
+            for name in self.error_data.callers() {
+                if !self.disconnects.connected(&name).await {
+                    self.error_data.forget(&name);
+                }
+            }
+        }
+        self.error_data.set(sender.as_str(), on)?;
+        if on && !self.disconnects.connected(sender.as_str()).await {
+            self.error_data.forget(sender.as_str());
+        }
+        Ok(())
     }
 
     /// Looks the workspace up and checks that the caller may run `verb` on it.

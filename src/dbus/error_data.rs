@@ -105,6 +105,16 @@ impl ErrorData {
         Ok(())
     }
 
+    /// Whether no other caller can be listed.
+    pub fn is_full(&self) -> bool {
+        self.lock().callers.len() >= MAX_CALLERS
+    }
+
+    /// The callers listed now.
+    pub fn callers(&self) -> Vec<String> {
+        self.lock().callers.iter().cloned().collect()
+    }
+
     /// A caller that left the bus.
     pub fn forget(&self, sender: &str) {
         let mut inner = self.lock();

@@ -502,8 +502,8 @@ impl ManagerObject {
     /// its message alone, which every client library reads.
     async fn set_error_data(&self, #[zbus(header)] header: Header<'_>, enable: bool) -> Result<()> {
         self.ctx
-            .set_error_data(&header, enable)
-            .for_caller(&self.ctx)
+            .answer(self.ctx.set_error_data(&header, enable))
+            .await
     }
 
     #[zbus(property)]

@@ -19,7 +19,7 @@ pub(super) type Sender = hyper::client::conn::http1::SendRequest<Body>;
 /// the URL names it and the port; each closed after `PortLimits::keep`, all of them when any
 /// workspace's status changes (it stopped, paused, was rebuilt: `cut_on_status_changes`).
 #[derive(Clone, Default)]
-pub(super) struct Kept(Arc<Mutex<KeptMap>>);
+pub(super) struct Kept(Arc<Mutex<KeptMap>>, Arc<std::sync::atomic::AtomicU64>);
 
 /// By the workspace as the URL names it and the port: since when each waits, and it.
 type KeptMap = HashMap<(String, u16), Vec<(tokio::time::Instant, Sender)>>;
@@ -62,12 +62,17 @@ impl Kept {
         keep: Duration,
     ) {
         let this = self.clone();
+        // A connection from before a cut (a status change) is not kept after it.
+        let cuts = self.1.load(std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             if !matches!(tokio::time::timeout(wait, sender.ready()).await, Ok(Ok(()))) {
                 return;
             }
             {
                 let mut kept = this.lock();
+                if this.1.load(std::sync::atomic::Ordering::SeqCst) != cuts {
+                    return;
+                }
                 let of_workspace: usize = kept
                     .iter()
                     .filter(|((w, _), _)| *w == key.0)
@@ -104,7 +109,11 @@ impl Kept {
 
     /// Closes every kept connection.
     pub(super) fn cut_all(&self) {
-        let all = std::mem::take(&mut *self.lock());
+        let all = {
+            let mut kept = self.lock();
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::mem::take(&mut *kept)
+        };
         drop(all);
     }
 }
@@ -132,7 +141,11 @@ pub async fn cut_kept_on_status_changes(state: Arc<AppState>) {
             return;
         }
     };
-    while let Some(Ok(m)) = changes.next().await {
+    while let Some(m) = changes.next().await {
+        // A message the stream could not read is skipped; the stream goes on.
+        let Ok(m) = m else {
+            continue;
+        };
         let body = m.body();
         let Ok((_, changed, _)) =
             body.deserialize::<(String, HashMap<String, zbus::OwnedVariant>, Vec<String>)>()

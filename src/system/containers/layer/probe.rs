@@ -54,7 +54,11 @@ pub fn probe(machines_dir: &Path, cache_dir: &Path) -> Result<(), String> {
 }
 
 fn try_layers(machines_dir: &Path, bases: &Path, base: &Path, tree: &Path) -> Result<(), String> {
+    let point = layers_of(tree).join(format!("{TREE}.point"));
     let made = (|| {
+        // What a probe killed half-way left: its clone's mount point, its tree, its base.
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir(&point);
         let _ = remove(tree);
         let _ = fs::remove_dir_all(base);
         fs::create_dir_all(base.join("etc"))?;
@@ -74,7 +78,6 @@ fn try_layers(machines_dir: &Path, bases: &Path, base: &Path, tree: &Path) -> Re
         ));
     }
     // The base's idmapped clone, as each tree's bottom layer is.
-    let point = layers_of(tree).join(format!("{TREE}.point"));
     let cloned = fs::create_dir_all(&point).and_then(|()| clone_to(base, &point, 0, PICK_MIN));
     let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
     let _ = fs::remove_dir(&point);

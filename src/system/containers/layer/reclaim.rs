@@ -15,9 +15,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use super::files::disk_usage_of;
-use super::{INTENT, Intent, STATE, State, layers_dir, read_json};
+use super::{INTENT, Intent, STATE, State, layers_dir, lock, read_json};
 
 /// An unpacked base, beside its archive in the cache's `base/`.
 const TREE: &str = ".tree";
@@ -93,6 +94,9 @@ fn used_bases(machines: &Path) -> io::Result<Used> {
 /// no build holds; finishes reclaims a kill ended. `between` runs after each rename (the
 /// crash tests' failpoint).
 pub fn reclaim_bases(machines: &Path, bases: &Path, between: impl Fn()) -> io::Result<Reclaimed> {
+    // One reclaim at a time in this process (a destroy's and the start-up's may meet).
+    static ONE: Mutex<()> = Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(PoisonError::into_inner);
     let mut done = Reclaimed::default();
     let entries = match fs::read_dir(bases) {
         Ok(e) => e,
@@ -105,7 +109,7 @@ pub fn reclaim_bases(machines: &Path, bases: &Path, between: impl Fn()) -> io::R
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(RECLAIM) {
             done.bytes += disk_usage_of(&e.path());
-            fs::remove_dir_all(e.path())?;
+            remove_all(&e.path())?;
             done.bases.push(e.path());
         } else if let Some(key) = name.strip_suffix(TREE)
             && e.file_type()?.is_dir()
@@ -120,9 +124,12 @@ pub fn reclaim_bases(machines: &Path, bases: &Path, between: impl Fn()) -> io::R
             continue;
         }
         // A build choosing this base holds its lock until its stack names it.
-        let Some(lock) = base_lock(bases, &key, false)? else {
+        let Some(base_held) = base_lock(bases, &key, false)? else {
             continue;
         };
+        // Looked at again, and renamed, under the layers' lock too: a fork names its source's
+        // base under that lock, without the base's.
+        let layers_held = lock(&layers_dir(machines))?;
         let (paths, inodes) = used_bases(machines)?;
         if is_used(&tree, &paths, &inodes) || !tree.is_dir() {
             continue;
@@ -130,13 +137,22 @@ pub fn reclaim_bases(machines: &Path, bases: &Path, between: impl Fn()) -> io::R
         let bytes = disk_usage_of(&tree);
         let gone = bases.join(format!("{key}{RECLAIM}"));
         fs::rename(&tree, &gone)?;
-        drop(lock);
+        drop(layers_held);
+        drop(base_held);
         between();
-        fs::remove_dir_all(&gone)?;
+        remove_all(&gone)?;
         done.bytes += bytes;
         done.bases.push(tree);
     }
     Ok(done)
+}
+
+/// Removes a directory tree; one already gone is removed.
+fn remove_all(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn is_used(tree: &Path, paths: &HashSet<PathBuf>, inodes: &HashSet<(u64, u64)>) -> bool {
