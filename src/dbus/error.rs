@@ -451,36 +451,19 @@ mod tests {
 
     /// The reply to `Fail(i)`, as the bus delivered it.
     async fn raw_reply(conn: &zbus::Connection, dest: &str, i: u32) -> Message {
-        use futures_util::StreamExt;
-        let mut replies = zbus::MessageStream::from(conn);
         let call = Message::method_call("/t", "Fail")
             .destination(dest)
             .interface("org.agent.Test")
             .build(&(i,))
             .unwrap();
-        let serial = call.primary_header().serial_num();
-        conn.send(&call).await.unwrap();
-        loop {
-            let m = replies.next().await.unwrap().unwrap();
-            if m.header().reply_serial() == Some(serial) {
-                return m;
-            }
-        }
+        crate::dbus::tests::reply_to(conn, call).await
     }
 
     /// Through a real bus: a caller that did not ask gets a body of one string, the message;
     /// one that asked gets the same variant back, its data whole.
     #[tokio::test]
     async fn every_variant_reaches_both_kinds_of_caller() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut bus = busd::bus::Bus::for_address(Some(&format!(
-            "unix:path={}",
-            dir.path().join("bus").display()
-        )))
-        .await
-        .unwrap();
-        let address = bus.address().to_string();
-        tokio::spawn(async move { bus.run().await });
+        let (_dir, address) = crate::dbus::tests::private_bus().await;
         let wanted = ErrorData::default();
         let connect = || super::super::client::bus(Some(&address));
         let server = connect().await.unwrap();

@@ -185,15 +185,7 @@ mod tests {
     /// theirs; a list from another bus (a reboot) is dropped.
     #[tokio::test]
     async fn a_restart_keeps_the_wishes_of_callers_still_connected() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut bus = busd::bus::Bus::for_address(Some(&format!(
-            "unix:path={}",
-            dir.path().join("bus").display()
-        )))
-        .await
-        .unwrap();
-        let address = bus.address().to_string();
-        tokio::spawn(async move { bus.run().await });
+        let (dir, address) = crate::dbus::tests::private_bus().await;
         let connect = || super::super::client::bus(Some(&address));
         let (service, stays, leaves) = (
             connect().await.unwrap(),

@@ -72,41 +72,34 @@ async fn raw_update_error(
     conn: &zbus::Connection,
     changes: Vec<(&str, Variant<'_>)>,
 ) -> (String, String, Vec<String>) {
-    let mut replies = zbus::MessageStream::from(conn);
     let changes: HashMap<&str, Variant<'_>> = changes.into_iter().collect();
     let call = zbus::Message::method_call(MANAGER_PATH, "UpdateWorkspace")
         .destination(BUS_NAME)
         .interface(BUS_NAME)
         .build(&("host", changes))
         .unwrap();
-    let serial = call.primary_header().serial_num();
-    conn.send(&call).await.unwrap();
-    loop {
-        let m = replies.next().await.unwrap().unwrap();
-        if m.header().reply_serial() == Some(serial) {
-            let name = m.header().error_name().unwrap().to_string();
-            let body = m.body();
-            let signature = body
-                .signature()
-                .to_string()
-                .trim_start_matches('(')
-                .trim_end_matches(')')
-                .to_owned();
-            let strings = match signature.as_str() {
-                "s" => vec![body.deserialize::<String>().unwrap()],
-                "ss" => {
-                    let (a, b) = body.deserialize::<(String, String)>().unwrap();
-                    vec![a, b]
-                }
-                "sss" => {
-                    let (a, b, c) = body.deserialize::<(String, String, String)>().unwrap();
-                    vec![a, b, c]
-                }
-                other => panic!("body {other}"),
-            };
-            return (name, signature, strings);
+    let m = reply_to(conn, call).await;
+    let name = m.header().error_name().unwrap().to_string();
+    let body = m.body();
+    let signature = body
+        .signature()
+        .to_string()
+        .trim_start_matches('(')
+        .trim_end_matches(')')
+        .to_owned();
+    let strings = match signature.as_str() {
+        "s" => vec![body.deserialize::<String>().unwrap()],
+        "ss" => {
+            let (a, b) = body.deserialize::<(String, String)>().unwrap();
+            vec![a, b]
         }
-    }
+        "sss" => {
+            let (a, b, c) = body.deserialize::<(String, String, String)>().unwrap();
+            vec![a, b, c]
+        }
+        other => panic!("body {other}"),
+    };
+    (name, signature, strings)
 }
 
 /// A caller gets each error's message alone, as every client library reads it, until it asks

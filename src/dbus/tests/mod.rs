@@ -78,12 +78,9 @@ pub(crate) struct Service {
     pub(crate) _dir: tempfile::TempDir,
 }
 
-pub(crate) async fn service() -> Service {
-    service_with(false).await
-}
-
-/// The service; with `remember`, its authority's "yes" answers are reused as polkit's are.
-pub(crate) async fn service_with(remember: bool) -> Service {
+/// A private bus (busd, in this process) in a directory of its own: the directory, kept as
+/// long as the bus is used, and the bus's address.
+pub(crate) async fn private_bus() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("bus");
     let mut bus = busd::bus::Bus::for_address(Some(&format!("unix:path={}", socket.display())))
@@ -91,6 +88,31 @@ pub(crate) async fn service_with(remember: bool) -> Service {
         .expect("a private bus");
     let address = bus.address().to_string();
     tokio::spawn(async move { bus.run().await });
+    (dir, address)
+}
+
+/// The reply to `call`, sent on `conn`, as the bus delivered it (zbus's proxies keep only the
+/// message of a standard error name).
+pub(crate) async fn reply_to(conn: &zbus::Connection, call: zbus::Message) -> zbus::Message {
+    use futures_util::StreamExt;
+    let mut replies = zbus::MessageStream::from(conn);
+    let serial = call.primary_header().serial_num();
+    conn.send(&call).await.unwrap();
+    loop {
+        let m = replies.next().await.unwrap().unwrap();
+        if m.header().reply_serial() == Some(serial) {
+            return m;
+        }
+    }
+}
+
+pub(crate) async fn service() -> Service {
+    service_with(false).await
+}
+
+/// The service; with `remember`, its authority's "yes" answers are reused as polkit's are.
+pub(crate) async fn service_with(remember: bool) -> Service {
+    let (dir, address) = private_bus().await;
 
     let conn = crate::dbus::client::bus(Some(&address))
         .await
